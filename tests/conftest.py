@@ -1,0 +1,21 @@
+"""Shared test helpers: where the golden fixtures live, and a skip when they are absent."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("VIDARTRAIN_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
+
+# Fixtures were generated with 2 threads; CPU conv kernels depend on the thread count.
+torch.set_num_threads(2)
+
+
+def fixture_path(*parts: str) -> Path:
+    """Path of a golden fixture file; skips the calling test with the reason when it is absent."""
+    path = FIXTURES.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"golden fixture {path} is absent (expected ../shared/fixtures beside the repo, "
+                    f"or set VIDARTRAIN_FIXTURES)")
+    return path
