@@ -1,0 +1,135 @@
+"""YAML configs: the design note's files load, overrides are typed, and errors say what is wrong."""
+from pathlib import Path
+
+import pytest
+
+from vidartrain.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_design_note_configs_load_unchanged():
+    stage1 = load_config(CONFIGS / "vidar_finetune.yaml")
+    assert stage1.model.model_class == "WanModel"
+    assert stage1.training.num_steps == 14000 and stage1.training.lr == 2.0e-5
+    assert stage1.training.warmup == 200 and stage1.training.freeze == ["t5", "vae"]
+    assert stage1.global_batch_size == 128
+    assert stage1.output.save_path == "checkpoints/vidar/vidar.pt"
+
+    stage2 = load_config(CONFIGS / "vidarc_causal.yaml")
+    assert stage2.model.model_class == "WanModelCausal"
+    assert stage2.model.pt_dir == "checkpoints/vidar/vidar.pt"
+    assert stage2.loss.embodiment_aware and stage2.loss.eta == 3.0
+    assert stage2.self_forcing.chunk_size == 16 and stage2.self_forcing.kv_cache_length == 64
+
+    h200 = load_config(CONFIGS / "vidarc_2xh200.yaml")
+    assert h200.training.batch_size == 16 and h200.training.gradient_accumulation == 8
+    assert h200.global_batch_size == 128
+    assert h200.chunk_size == 8  # model.chunk_size overrides the base's self_forcing.chunk_size
+    assert h200.model.model_class == "WanModelCausal"  # from its base, vidarc_causal.yaml
+    assert h200.distributed.sharding_strategy == "FULL_SHARD"
+
+    idm = load_config(CONFIGS / "idm.yaml")
+    assert idm.loss.type == "idm" and idm.training.lr == 5.0e-4 and idm.training.warmup == 6000
+
+
+def test_every_shipped_config_loads():
+    paths = sorted(CONFIGS.rglob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        load_config(path)
+
+
+def test_unknown_key_names_path_and_suggests(tmp_path):
+    path = write(tmp_path, "training:\n  lrr: 1.0e-5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "`training.lrr`" in str(err.value)
+    assert "did you mean `training.lr`?" in str(err.value)
+
+
+def test_unknown_section_suggests(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key `trainig`; did you mean `training`\?"):
+        load_config(write(tmp_path, "trainig:\n  lr: 1.0\n"))
+
+
+def test_wrong_type_names_path_value_and_type(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "training:\n  num_steps: ten\n"))
+    message = str(err.value)
+    assert "`training.num_steps`" in message and "'ten'" in message and "an integer" in message
+
+
+def test_bool_is_not_an_int(tmp_path):
+    with pytest.raises(ConfigError, match="training.num_steps"):
+        load_config(write(tmp_path, "training:\n  num_steps: true\n"))
+
+
+def test_literal_choices_listed(tmp_path):
+    with pytest.raises(ConfigError, match="expected one of 'ground_truth', 'self_generated', 'mixed'"):
+        load_config(write(tmp_path, "self_forcing:\n  context_mode: teacher\n"))
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("training.lr=0", "`training.lr` = 0.0: must be > 0"),
+    ("training.lr=-1e-5", "`training.lr` = -1e-05: must be > 0"),
+    ("self_forcing.chunk_size=0", "`self_forcing.chunk_size` = 0: must be >= 1"),
+    ("data.num_frames=80", "`data.num_frames` = 80: must be 4n+1"),
+    ("data.height=700", "`data.height` = 700: must be a positive multiple of 32"),
+    ("data.width=650", "`data.width` = 650: must be a positive multiple of 32"),
+    ("training.warmup=20000", "`training.warmup` = 20000 exceeds `training.num_steps` = 14000"),
+    ("loss.eta=-1", "`loss.eta` = -1.0: must be >= 0"),
+    ("data.cfg_prob=1.5", "`data.cfg_prob` = 1.5: must be a probability"),
+    ("training.freeze=[t5,dit]", "only t5, vae and idm can be frozen"),
+])
+def test_impossible_values_say_which_and_why(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "vidar_finetune.yaml", [override])
+    assert fragment in str(err.value)
+
+
+def test_causal_chunk_must_fit_sample_and_cache():
+    with pytest.raises(ConfigError, match="only 21 latent frames"):
+        load_config(CONFIGS / "vidarc_causal.yaml", ["self_forcing.chunk_size=22"])
+    with pytest.raises(ConfigError, match="exceeds `self_forcing.kv_cache_length` = 8"):
+        load_config(CONFIGS / "vidarc_causal.yaml", ["self_forcing.kv_cache_length=8"])
+
+
+def test_overrides_are_typed():
+    config = load_config(CONFIGS / "vidar_finetune.yaml",
+                         ["training.lr=1e-4", "training.num_steps=500", "data.shards=/data/shards",
+                          "training.betas=[0.9, 0.95]", "model.gradient_checkpointing=false"])
+    assert config.training.lr == 1e-4 and isinstance(config.training.lr, float)
+    assert config.training.num_steps == 500
+    assert config.data.shards == "/data/shards"
+    assert config.training.betas == (0.9, 0.95)
+    assert config.model.gradient_checkpointing is False
+
+
+def test_malformed_override_is_rejected():
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(CONFIGS / "vidar_finetune.yaml", ["training.lr"])
+    with pytest.raises(ConfigError, match="key must be section.key"):
+        load_config(CONFIGS / "vidar_finetune.yaml", ["lr=1"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "training: [unclosed\n"))
+
+
+def test_base_chain_merges_sections(tmp_path):
+    write(tmp_path, "training:\n  lr: 1.0e-4\n  num_steps: 100\n  warmup: 10\n", "base.yaml")
+    config = load_config(write(tmp_path, "base: base.yaml\ntraining:\n  num_steps: 50\n"))
+    assert config.training.lr == 1e-4 and config.training.num_steps == 50
+    write(tmp_path, "base: loop.yaml\n", "loop.yaml")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")

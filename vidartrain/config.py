@@ -1,0 +1,376 @@
+"""Training configuration: plain dataclasses, loaded from YAML, with `--set section.key=value` overrides.
+
+Every error is raised here, before any model is built or any GPU time is spent:
+unknown keys (with the closest valid name), wrong types (path, value, expected type) and
+impossible values (which, and why).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before training starts."""
+
+
+@dataclass
+class ModelConfig:
+    ckpt_dir: str | None = None  # Wan2.2-TI2V-5B layout: config.json, DiT safetensors, VAE, T5, tokenizer
+    pt_dir: str | None = None  # fine-tuned DiT state dict applied on top (vidar.pt for stage 2)
+    model_class: Literal["WanModel", "WanModelCausal"] = "WanModel"
+    gradient_checkpointing: bool = True  # per-block activation checkpointing of the DiT
+    chunk_size: int | None = None  # design-note alias of self_forcing.chunk_size (wins when set)
+    vae_config: dict[str, Any] | None = None  # WanVAE constructor overrides (tiny debug checkpoints)
+    t5_config: dict[str, Any] | None = None  # UMT5Encoder constructor overrides (tiny debug checkpoints)
+    idm_path: str | None = None  # idm.pt for the embodiment-aware loss (None: masks come from shards)
+    attention: Literal["auto", "sdpa", "flex"] = "auto"  # causal attention backend
+
+
+@dataclass
+class TrainingConfig:
+    num_steps: int = 14000
+    # Global batch (samples per optimizer step). When gradient_accumulation is given too, batch_size is
+    # the batch of one micro-step over all ranks and the global batch is batch_size * gradient_accumulation
+    # (the design note's 2xH200 file: batch_size 16 = 8 per GPU, accumulation 8 -> 128).
+    batch_size: int = 128
+    gradient_accumulation: int | None = None
+    lr: float = 2.0e-5
+    warmup: int = 200
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1.0e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    freeze: list[str] = field(default_factory=lambda: ["t5", "vae"])
+    seed: int = 42
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 3
+    val_every: int = 0  # 0 disables periodic validation
+    val_batches: int = 4
+    max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
+
+
+@dataclass
+class LossConfig:
+    type: Literal["flow_matching", "causal_flow_matching", "idm"] = "flow_matching"
+    embodiment_aware: bool = False
+    eta: float = 3.0  # Eq. 7 weight (1 + eta * U)
+    shift: float = 5.0  # Wan's sigma shift: sigma' = s*sigma / (1 + (s-1)*sigma)
+    mask_weight: float = 3.0e-3  # Eq. 4 lambda on the IDM soft mask
+
+
+@dataclass
+class SelfForcingConfig:
+    causal: bool = False
+    chunk_size: int = 16  # latent frames per stage-2 sample
+    kv_cache_length: int = 64  # cache capacity in latent frames
+    context_mode: Literal["ground_truth", "self_generated", "mixed"] = "ground_truth"
+    self_generated_prob: float = 0.5  # 'mixed': probability of a self-generated context
+    denoising_steps: int = 4  # few-step sampler that produces self-generated context
+    closed_loop: bool = False  # train on the deployed schedule (generate 4, pop, re-prefill real)
+    rollout_bound: int = 60  # video frames in the window before clear + re-prefill
+    rollout_prefill_num: int = 33  # real video frames re-prefilled after a window reset
+    sink_frames: int = 0
+
+
+@dataclass
+class DataConfig:
+    shards: str | None = None  # directory with index.json and the training shards
+    val_shards: str | None = None
+    num_frames: int = 81
+    height: int = 736
+    width: int = 640
+    fps: int = 10
+    cfg_prob: float = 0.1  # text dropout for classifier-free guidance
+    num_workers: int = 2
+    shuffle_buffer: int = 64
+    seed: int = 0
+
+
+@dataclass
+class OutputConfig:
+    save_path: str = "checkpoints/vidar/vidar.pt"  # exported 16-bit DiT (or IDM) state dict
+    output_dir: str = "outputs/run"  # DeepSpeed checkpoints, TensorBoard events, logs
+
+
+@dataclass
+class DistributedConfig:
+    ds_config: str | None = None  # DeepSpeed JSON profile (ds_configs/*.json); the CLI flag wins
+    zero_stage: int | None = None
+    # The design note's FSDP words, translated onto DeepSpeed (see vidartrain.distributed.ds_config).
+    use_fsdp: bool | None = None
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"] | None = None
+    mixed_precision: Literal["bf16", "fp16", "fp32", "no"] | None = None
+    activation_checkpointing: bool | None = None
+    cpu_offload: bool | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    self_forcing: SelfForcingConfig = field(default_factory=SelfForcingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    @property
+    def global_batch_size(self) -> int:
+        accumulation = self.training.gradient_accumulation or 1
+        return self.training.batch_size * accumulation
+
+    @property
+    def chunk_size(self) -> int:
+        return self.model.chunk_size or self.self_forcing.chunk_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `section.key=value` overrides, type-check and validate it."""
+    path = Path(path)
+    raw = read_yaml_with_base(path, seen=())
+    for override in overrides or []:
+        apply_override(raw, override)
+    try:
+        config = build_dataclass(Config, raw, prefix="")
+        validate(config)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return config
+
+
+def read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """Read a YAML mapping; a top-level `base: other.yaml` (relative to this file) is read first and
+    this file's sections are merged over it key by key."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `base` chain loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: `base` = {base!r}: expected the path of another YAML config")
+    merged = read_yaml_with_base(path.parent / base, seen + (path.resolve(),))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a plain (YAML-shaped) dictionary."""
+    config = build_dataclass(Config, raw, prefix="")
+    validate(config)
+    return config
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `section.key=value` override; the value is parsed as YAML (typed later)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    dotted, text = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {override!r}: key must be section.key (e.g. training.lr=1e-5)")
+    section, key = parts
+    value = yaml.safe_load(text) if text.strip() else None
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"override {override!r}: section {section!r} in the file is not a mapping")
+    target[key] = value
+
+
+def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
+    """Instantiate dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    where = prefix.rstrip(".") or "top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown key `{path}`{did_you_mean(key, names, prefix)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = build_dataclass(hint, value, prefix=f"{path}.")
+        else:
+            kwargs[key] = coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def did_you_mean(key: str, names: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean `{prefix}{close[0]}`?"
+    return f"; valid keys here: {', '.join(names)}"
+
+
+def coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check `value` against a type hint; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, option, path)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"`{path}` = {value!r}: expected one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise type_error(path, value, f"a list of {args[0].__name__}")
+        return [coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise type_error(path, value, f"a list of {len(args)} numbers")
+        return tuple(coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise type_error(path, value, "a mapping")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise type_error(path, value, "a boolean (true/false)")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise type_error(path, value, "an integer")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            value = parse_float_literal(value, path)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise type_error(path, value, "a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise type_error(path, value, "a string")
+        return value
+    raise ConfigError(f"`{path}`: unsupported type {hint!r} in the config schema")
+
+
+def parse_float_literal(text: str, path: str) -> float:
+    """PyYAML reads `1e-5` (no dot) as a string; accept it as the number the user meant."""
+    try:
+        return float(text)
+    except ValueError:
+        raise type_error(path, text, "a number") from None
+
+
+def type_error(path: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"`{path}` = {value!r} ({type(value).__name__}): expected {expected}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation of values
+
+
+def validate(config: Config) -> None:
+    """Reject impossible values, naming the key and the reason."""
+    problems = list(value_problems(config))
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def value_problems(config: Config) -> typing.Iterator[str]:
+    t, loss, sf, data = config.training, config.loss, config.self_forcing, config.data
+    positive = {
+        "training.num_steps": t.num_steps, "training.batch_size": t.batch_size,
+        "training.lr": t.lr, "training.eps": t.eps, "training.log_every": t.log_every,
+        "training.save_every": t.save_every, "training.keep_last": t.keep_last,
+        "training.max_nonfinite_steps": t.max_nonfinite_steps, "loss.shift": loss.shift,
+        "data.fps": data.fps, "self_forcing.kv_cache_length": sf.kv_cache_length,
+        "self_forcing.denoising_steps": sf.denoising_steps, "self_forcing.rollout_bound": sf.rollout_bound,
+        "self_forcing.rollout_prefill_num": sf.rollout_prefill_num,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            yield f"`{key}` = {value}: must be > 0"
+    non_negative = {
+        "training.warmup": t.warmup, "training.weight_decay": t.weight_decay, "training.min_lr": t.min_lr,
+        "training.grad_clip": t.grad_clip, "training.val_every": t.val_every,
+        "loss.eta": loss.eta, "loss.mask_weight": loss.mask_weight,
+        "data.num_workers": data.num_workers, "data.shuffle_buffer": data.shuffle_buffer,
+        "self_forcing.sink_frames": sf.sink_frames,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            yield f"`{key}` = {value}: must be >= 0"
+    if t.gradient_accumulation is not None and t.gradient_accumulation < 1:
+        yield f"`training.gradient_accumulation` = {t.gradient_accumulation}: must be >= 1"
+    if t.warmup > t.num_steps:
+        yield f"`training.warmup` = {t.warmup} exceeds `training.num_steps` = {t.num_steps}"
+    if t.min_lr > t.lr:
+        yield f"`training.min_lr` = {t.min_lr} exceeds `training.lr` = {t.lr}"
+    for i, beta in enumerate(t.betas):
+        if not 0.0 <= beta < 1.0:
+            yield f"`training.betas[{i}]` = {beta}: must be in [0, 1)"
+    unknown_frozen = sorted(set(t.freeze) - {"t5", "vae", "idm"})
+    if unknown_frozen:
+        yield f"`training.freeze` names {unknown_frozen}: only t5, vae and idm can be frozen"
+    if not 0.0 <= data.cfg_prob <= 1.0:
+        yield f"`data.cfg_prob` = {data.cfg_prob}: must be a probability in [0, 1]"
+    if not 0.0 <= sf.self_generated_prob <= 1.0:
+        yield f"`self_forcing.self_generated_prob` = {sf.self_generated_prob}: must be in [0, 1]"
+    if data.num_frames < 1 or (data.num_frames - 1) % 4 != 0:
+        yield (f"`data.num_frames` = {data.num_frames}: must be 4n+1 (the VAE keeps frame 0 and "
+               f"compresses each further group of 4), e.g. 81")
+    for key, value in (("data.height", data.height), ("data.width", data.width)):
+        if value <= 0 or value % 32 != 0:
+            yield (f"`{key}` = {value}: must be a positive multiple of 32 "
+                   f"(VAE stride 16 x DiT patch 2), e.g. 736x640")
+    chunk_key = "model.chunk_size" if config.model.chunk_size is not None else "self_forcing.chunk_size"
+    if config.chunk_size < 1:
+        yield f"`{chunk_key}` = {config.chunk_size}: must be >= 1"
+    causal = config.model.model_class == "WanModelCausal" or sf.causal
+    if causal:
+        latent_frames = (data.num_frames - 1) // 4 + 1
+        if config.chunk_size > latent_frames:
+            yield (f"`{chunk_key}` = {config.chunk_size} latent frames, but `data.num_frames` = "
+                   f"{data.num_frames} gives only {latent_frames} latent frames per sample")
+        if config.chunk_size > sf.kv_cache_length:
+            yield (f"`{chunk_key}` = {config.chunk_size} exceeds `self_forcing.kv_cache_length` = "
+                   f"{sf.kv_cache_length}")
+        if sf.rollout_prefill_num > sf.rollout_bound:
+            yield (f"`self_forcing.rollout_prefill_num` = {sf.rollout_prefill_num} exceeds "
+                   f"`self_forcing.rollout_bound` = {sf.rollout_bound}")
+    if loss.type == "causal_flow_matching" and config.model.model_class != "WanModelCausal":
+        yield (f"`loss.type` = causal_flow_matching needs `model.model_class` = WanModelCausal, "
+               f"got {config.model.model_class}")

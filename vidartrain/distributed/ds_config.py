@@ -1,0 +1,163 @@
+"""DeepSpeed JSON profiles: loading, the YAML's FSDP words mapped onto ZeRO, and batch arithmetic.
+
+A profile (ds_configs/*.json) holds what depends on the hardware: micro-batch, accumulation, ZeRO
+knobs. The YAML holds the rest. Where both speak about the same thing and disagree, the YAML wins and
+a warning names both values.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from vidartrain.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+ZERO_STAGE_OF_SHARDING = {"FULL_SHARD": 3, "SHARD_GRAD_OP": 2, "NO_SHARD": 0}
+
+
+def load_profile(path: str | Path) -> dict[str, Any]:
+    """Read a DeepSpeed JSON profile with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed profile {path} does not exist (profiles live in ds_configs/)")
+    try:
+        profile = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"DeepSpeed profile {path}: not valid JSON: {err}") from err
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "zero_optimization"):
+        if key not in profile:
+            raise ConfigError(f"DeepSpeed profile {path}: missing `{key}`")
+    return profile
+
+
+def profile_world_size(profile: dict[str, Any]) -> int | None:
+    """The world size a profile is written for: train_batch / (micro * accumulation), if it says."""
+    if "train_batch_size" not in profile:
+        return None
+    per_rank = profile["train_micro_batch_size_per_gpu"] * profile["gradient_accumulation_steps"]
+    return profile["train_batch_size"] // per_rank
+
+
+def build_deepspeed_config(config: Config, profile: dict[str, Any], world_size: int) -> tuple[dict[str, Any], list[str]]:
+    """Merge the YAML config into a copy of the profile for `world_size` ranks.
+
+    Returns the DeepSpeed config dict and the warnings issued (also logged).
+    """
+    ds = copy.deepcopy(profile)
+    ds.pop("_comment", None)
+    warnings: list[str] = []
+    apply_zero_stage(config, ds, warnings)
+    apply_cpu_offload(config, ds, warnings)
+    apply_precision(config, ds, warnings)
+    apply_activation_checkpointing(config, warnings)
+    apply_batch_sizes(config, ds, world_size, warnings)
+    ds["gradient_clipping"] = config.training.grad_clip
+    for message in warnings:
+        log.warning(message)
+    return ds, warnings
+
+
+def disagree(warnings: list[str], yaml_key: str, yaml_value: Any, json_key: str, json_value: Any) -> None:
+    warnings.append(f"YAML `{yaml_key}` = {yaml_value!r} disagrees with DeepSpeed profile "
+                    f"`{json_key}` = {json_value!r}; using the YAML value")
+
+
+def yaml_zero_stage(config: Config) -> tuple[str, Any, int] | None:
+    """The ZeRO stage the YAML asks for, with the key and value that asked; None if it is silent."""
+    dist = config.distributed
+    if dist.zero_stage is not None:
+        return "distributed.zero_stage", dist.zero_stage, dist.zero_stage
+    if dist.use_fsdp is False:
+        return "distributed.use_fsdp", False, 0
+    if dist.sharding_strategy is not None:
+        return "distributed.sharding_strategy", dist.sharding_strategy, ZERO_STAGE_OF_SHARDING[dist.sharding_strategy]
+    if dist.use_fsdp:
+        return "distributed.use_fsdp", True, 3  # FSDP's default strategy is FULL_SHARD
+    return None
+
+
+def apply_zero_stage(config: Config, ds: dict[str, Any], warnings: list[str]) -> None:
+    asked = yaml_zero_stage(config)
+    if asked is None:
+        return
+    key, value, stage = asked
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"`{key}` = {value!r}: ZeRO stage must be 0, 1, 2 or 3")
+    current = ds["zero_optimization"].get("stage", 0)
+    if current != stage:
+        disagree(warnings, key, value, "zero_optimization.stage", current)
+        ds["zero_optimization"]["stage"] = stage
+
+
+def apply_cpu_offload(config: Config, ds: dict[str, Any], warnings: list[str]) -> None:
+    wanted = config.distributed.cpu_offload
+    if wanted is None:
+        return
+    zero = ds["zero_optimization"]
+    current = "offload_optimizer" in zero
+    if wanted != current:
+        disagree(warnings, "distributed.cpu_offload", wanted, "zero_optimization.offload_optimizer", zero.get("offload_optimizer"))
+    if wanted:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if zero.get("stage", 0) == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    else:
+        zero.pop("offload_optimizer", None)
+        zero.pop("offload_param", None)
+
+
+def apply_precision(config: Config, ds: dict[str, Any], warnings: list[str]) -> None:
+    wanted = config.distributed.mixed_precision
+    if wanted is None:
+        return
+    current = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+    normalised = "fp32" if wanted == "no" else wanted
+    if normalised != current:
+        disagree(warnings, "distributed.mixed_precision", wanted, "bf16/fp16.enabled", current)
+    ds["bf16"] = {"enabled": normalised == "bf16"}
+    ds["fp16"] = {"enabled": normalised == "fp16"}
+
+
+def apply_activation_checkpointing(config: Config, warnings: list[str]) -> None:
+    """The FSDP word and the model switch name the same thing: per-block checkpointing of the DiT."""
+    wanted = config.distributed.activation_checkpointing
+    if wanted is None or wanted == config.model.gradient_checkpointing:
+        return
+    warnings.append(f"YAML `distributed.activation_checkpointing` = {wanted!r} disagrees with "
+                    f"`model.gradient_checkpointing` = {config.model.gradient_checkpointing!r}; "
+                    f"using {wanted!r}")
+    config.model.gradient_checkpointing = wanted
+
+
+def apply_batch_sizes(config: Config, ds: dict[str, Any], world_size: int, warnings: list[str]) -> None:
+    """Check global batch = micro x accumulation x world size, with the numbers in the error."""
+    micro = ds["train_micro_batch_size_per_gpu"]
+    accumulation = ds["gradient_accumulation_steps"]
+    training = config.training
+    if training.gradient_accumulation is not None:
+        # The YAML fixes the per-step batch over all ranks and the accumulation itself.
+        if training.batch_size % world_size:
+            raise ConfigError(f"`training.batch_size` = {training.batch_size} (one micro-step over all ranks) "
+                              f"is not divisible by the world size {world_size}")
+        yaml_micro = training.batch_size // world_size
+        if yaml_micro != micro:
+            disagree(warnings, "training.batch_size / world size", yaml_micro, "train_micro_batch_size_per_gpu", micro)
+            micro = yaml_micro
+        if training.gradient_accumulation != accumulation:
+            disagree(warnings, "training.gradient_accumulation", training.gradient_accumulation,
+                     "gradient_accumulation_steps", accumulation)
+            accumulation = training.gradient_accumulation
+    global_batch = config.global_batch_size
+    if micro * accumulation * world_size != global_batch:
+        raise ConfigError(
+            f"batch mismatch: the YAML asks for a global batch of {global_batch}, but micro-batch {micro} "
+            f"x gradient accumulation {accumulation} x world size {world_size} = "
+            f"{micro * accumulation * world_size}. Use the profile written for this world size, or set "
+            f"training.batch_size / training.gradient_accumulation to match")
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = accumulation
+    ds["train_batch_size"] = global_batch
