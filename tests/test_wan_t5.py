@@ -1,4 +1,4 @@
-"""umT5 encoder parity with upstream Wan2.2 (golden fixtures) and the prompt -> embedding wrapper."""
+"""umT5 encoder: parity with upstream Wan2.2 (golden fixtures); the prompt -> embedding wrapper."""
 import copy
 import json
 
@@ -34,7 +34,8 @@ def run_with_intermediates(model: UMT5Encoder, ids: torch.Tensor, mask: torch.Te
     captured = {}
     modules = {"token_embedding": model.token_embedding,
                **{f"blocks.{i}": block for i, block in enumerate(model.blocks)}}
-    hooks = [module.register_forward_hook(lambda _m, _i, out, name=name: captured.update({name: out}))
+    hooks = [module.register_forward_hook(
+                 lambda _m, _i, out, name=name: captured.update({name: out}))
              for name, module in modules.items()]
     with torch.no_grad():
         out = model(ids, mask)
@@ -46,7 +47,8 @@ def run_with_intermediates(model: UMT5Encoder, ids: torch.Tensor, mask: torch.Te
 @pytest.mark.parametrize("case", ["short", "long"])
 def test_float32_parity_with_upstream(case):
     io = load_file(fixture_path("wan_reference", "t5_tiny_io.safetensors"))
-    out, intermediates = run_with_intermediates(fixture_encoder(), io[f"{case}.ids"], io[f"{case}.mask"])
+    ids, mask = io[f"{case}.ids"], io[f"{case}.mask"]
+    out, intermediates = run_with_intermediates(fixture_encoder(), ids, mask)
     assert out.shape == io[f"{case}.out"].shape
     # Observed: short 6.0e-7, long 8.3e-7 (intermediates <= 6e-8).
     assert (out - io[f"{case}.out"]).abs().max().item() <= 1e-5
@@ -133,7 +135,8 @@ def test_load_checkpoint_is_bitwise_and_frozen(tmp_path):
 def test_clean_prompt_matches_upstream_whitespace_cleaning():
     assert clean_prompt("  pick\tup \n\n the  cube  ") == "pick up the cube"
     assert clean_prompt("salt &amp;amp; pepper") == "salt & pepper"  # html-unescaped twice
-    assert clean_prompt("the robot\u2019s \ufb01nger") == "the robot's finger"  # ftfy quotes, ligature
+    # ftfy: curly apostrophe -> straight, "fi" ligature -> two letters
+    assert clean_prompt("the robot\u2019s \ufb01nger") == "the robot's finger"
 
 
 def write_tiny_checkpoint_dir(root):

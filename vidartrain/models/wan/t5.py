@@ -1,4 +1,4 @@
-"""umT5 encoder (the text encoder of Wan2.2): a T5 v1.1 encoder with per-block relative position bias.
+"""umT5 encoder, the text encoder of Wan2.2: T5 v1.1 encoder blocks with per-block position bias.
 
 Structure and parameter names follow upstream Wan2.2 ``wan/modules/t5.py`` (``T5Encoder``), so the
 published ``models_t5_umt5-xxl-enc-bf16.pth`` (242 tensors) loads strictly:
@@ -63,7 +63,7 @@ class T5RelativePositionBias(nn.Module):
         return direction_offset + torch.where(distance < max_exact, distance, log_bucket)
 
     def forward(self, length: int) -> torch.Tensor:
-        """Bias of shape [1, num_heads, length, length] for self-attention over ``length`` tokens."""
+        """Bias [1, num_heads, length, length] for self-attention over ``length`` tokens."""
         positions = torch.arange(length, device=self.embedding.weight.device)
         relative_position = positions[None, :] - positions[:, None]  # key - query
         bias = self.embedding(self.bucket(relative_position))  # [Lq, Lk, heads]
@@ -90,7 +90,7 @@ class T5Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """x: [B, L, dim]; bias: [B or 1, heads, L, L] (position bias plus key mask)."""
-        q, k, v = self.split_heads(self.q(x)), self.split_heads(self.k(x)), self.split_heads(self.v(x))
+        q, k, v = (self.split_heads(proj(x)) for proj in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
         return self.dropout(self.o(out.transpose(1, 2).flatten(2)))
 
@@ -130,7 +130,7 @@ class T5EncoderBlock(nn.Module):
 
 
 class UMT5Encoder(nn.Module):
-    """umT5 encoder; defaults are umT5-XXL (5,680,910,336 parameters). Upstream name: ``T5Encoder``."""
+    """umT5 encoder (upstream ``T5Encoder``); defaults are umT5-XXL, 5,680,910,336 parameters."""
 
     def __init__(self, vocab: int = 256384, dim: int = 4096, dim_attn: int = 4096,
                  dim_ffn: int = 10240, num_heads: int = 64, num_layers: int = 24,
@@ -158,10 +158,12 @@ class UMT5Encoder(nn.Module):
         if mask is None:
             mask = torch.ones_like(ids)
         elif mask.shape != ids.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} differs from ids shape {tuple(ids.shape)}")
+            raise ValueError(f"mask shape {tuple(mask.shape)} differs from ids shape "
+                             f"{tuple(ids.shape)}")
         x = self.dropout(self.token_embedding(ids))
         key_mask_bias = self.key_mask_bias(mask, x.dtype)
-        shared_position_bias = None if self.pos_embedding is None else self.pos_embedding(ids.size(1))
+        shared_position_bias = (None if self.pos_embedding is None
+                                else self.pos_embedding(ids.size(1)))
         for block in self.blocks:
             x = block(x, key_mask_bias, shared_position_bias)
         return self.dropout(self.norm(x))
@@ -169,7 +171,7 @@ class UMT5Encoder(nn.Module):
 
 def check_state_dict_matches(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
                              source: str) -> None:
-    """Raise a KeyError/ValueError naming the offending keys unless names and shapes match exactly."""
+    """Raise KeyError/ValueError naming the offending keys unless names and shapes match exactly."""
     expected = model.state_dict()
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())

@@ -53,12 +53,12 @@ class UMT5Tokenizer:
         pad_id = self.tokenizer.token_to_id(pad_token)
         eos_id = self.tokenizer.token_to_id(eos_token)
         if pad_id is None or eos_id is None:
-            raise ValueError(f"{tokenizer_file}: vocabulary lacks the pad token {pad_token!r} or the "
-                             f"eos token {eos_token!r} (umT5 uses '<pad>' = 0 and '</s>' = 1)")
+            raise ValueError(f"{tokenizer_file}: vocabulary lacks the pad token {pad_token!r} or "
+                             f"the eos token {eos_token!r} (umT5 uses '<pad>' = 0 and '</s>' = 1)")
         # umT5's post-processor appends </s>; a file without it would silently change embeddings.
         if self.tokenizer.encode("", add_special_tokens=True).ids != [eos_id]:
             raise ValueError(f"{tokenizer_file}: post_processor does not append {eos_token!r} "
-                             f"(umT5 expects 'ids </s>', a TemplateProcessing with single '$A </s>')")
+                             f"(umT5 expects 'ids </s>': TemplateProcessing, single '$A </s>')")
         self.pad_id = pad_id
         self.tokenizer.enable_truncation(max_length=text_len, stride=0, strategy="longest_first",
                                          direction="right")
