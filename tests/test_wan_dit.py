@@ -1,0 +1,239 @@
+"""WanModel (Wan2.2 TI2V-5B DiT): parity with the upstream golden outputs, batching, bf16,
+activation checkpointing, real-size facts on the meta device."""
+import json
+import re
+
+import pytest
+import torch
+from conftest import fixture_path
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from vidartrain.models.wan.model import (WanModel, group_timesteps, num_tokens, recompute_in_backward,
+                                         rope_axis_dims)
+
+ATOL = 1e-5
+BF16_TOLERANCE = 0.02  # max |bf16 - f32| / max |f32|; measured 2.6e-3 (autocast), 3.3e-3 (bf16 weights)
+
+
+def tiny_config() -> dict:
+    with safe_open(fixture_path("wan_reference", "dit_tiny_weights.safetensors"), "pt") as f:
+        return json.loads(f.metadata()["config"])
+
+
+def write_published_layout(directory, config: dict, state: dict) -> None:
+    """config.json (with diffusers bookkeeping keys) + 2 shards + index, as published."""
+    keys = list(state)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    weight_map = {}
+    for name, shard_keys in shards.items():
+        save_file({k: state[k].contiguous() for k in shard_keys}, directory / name)
+        weight_map.update({k: name for k in shard_keys})
+    (directory / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    (directory / "config.json").write_text(json.dumps({"_class_name": "WanModel", "_diffusers_version": "0.33.1",
+                                                       **config}))
+
+
+@pytest.fixture(scope="module")
+def io():
+    return load_file(fixture_path("wan_reference", "dit_tiny_io.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    state = load_file(fixture_path("wan_reference", "dit_tiny_weights.safetensors"))
+    directory = tmp_path_factory.mktemp("dit_tiny")
+    write_published_layout(directory, tiny_config(), state)
+    model = WanModel.from_pretrained(directory, dtype=torch.float32, device="cpu")
+    return model.eval().requires_grad_(False)
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def test_call_a_list_input_per_token_t_matches_upstream(model, io):
+    out = model([io["x.0"], io["x.1"]], io["A.t"], [io["context.0"], io["context.1"]], seq_len=18)
+    assert [o.shape for o in out] == [io["A.out.0"].shape, io["A.out.1"].shape]
+    errors = [max_error(out[i], io[f"A.out.{i}"]) for i in range(2)]
+    assert max(errors) <= ATOL, errors  # observed 3.6e-7, 4.8e-7
+
+
+def test_call_a_intermediates_match_upstream(model, io):
+    captured = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            captured.setdefault(name, []).append(output[0] if isinstance(output, tuple) else output)
+        return hook
+
+    names = ["patch_embedding", "text_embedding", "time_embedding", "time_projection",
+             "blocks.0", "blocks.1", "head"]
+    handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+    try:
+        model([io["x.0"], io["x.1"]], io["A.t"], [io["context.0"], io["context.1"]], seq_len=18)
+    finally:
+        for h in handles:
+            h.remove()
+    for i in range(2):
+        assert max_error(captured["patch_embedding"][i], io[f"A.inter.patch_embedding.{i}"]) <= ATOL
+    assert max_error(captured["text_embedding"][0], io["A.inter.text_embedding"]) <= ATOL
+    # Modulation is computed once per latent frame (6 tokens here); expand to tokens to compare.
+    per_token = {name: captured[name][0].repeat_interleave(6, dim=1)
+                 for name in ["time_embedding", "time_projection"]}
+    per_token.update({name: captured[name][0] for name in ["blocks.0", "blocks.1", "head"]})
+    for name, ours in per_token.items():
+        reference = io[f"A.inter.{name}"]
+        assert ours.shape == reference.shape, name
+        # Sample 1 has 12 tokens; rows 12..17 are padding that upstream computes and discards.
+        error = max(max_error(ours[0], reference[0]), max_error(ours[1, :12], reference[1, :12]))
+        assert error <= ATOL, (name, error)
+
+
+def test_call_b_one_timestep_per_sample_matches_upstream(model, io):
+    for b in range(2):
+        upstream_style = model([io[f"x.{b}"]], io["B.t"][b:b + 1], [io[f"context.{b}"]], seq_len=18)[0]
+        batched = model(io[f"x.{b}"][None], io["B.t"][b:b + 1], io[f"context.{b}"][None])[0]
+        assert max_error(upstream_style, io[f"B.out.{b}"]) <= ATOL
+        assert max_error(batched, io[f"B.out.{b}"]) <= ATOL
+
+
+def test_batch_of_two_with_per_sample_t_equals_two_single_calls(model, io):
+    x = torch.stack([io["x.0"], torch.randn_like(io["x.0"])])
+    context = [io["context.0"], io["context.1"]]
+    t = io["B.t"]
+    together = model(x, t, context)
+    assert together.shape == (2, 48, 3, 4, 6)
+    for b in range(2):
+        alone = model(x[b:b + 1], t[b:b + 1], [context[b]])
+        assert max_error(together[b], alone[0]) <= ATOL
+
+
+def test_timestep_shapes_give_the_same_velocity(model, io):
+    x = io["x.0"][None]
+    per_frame = torch.tensor([[0.0, 700.0, 700.0]])
+    per_token = per_frame.repeat_interleave(6, dim=1)
+    padded_context = torch.cat([io["context.0"], torch.zeros(16 - 7, 32)])[None]
+    a = model(x, per_frame, [io["context.0"]])
+    b = model(x, per_token, padded_context)
+    assert max_error(a, b) <= ATOL
+    assert max_error(a[0], io["A.out.0"]) <= ATOL
+
+
+def test_group_timesteps_detects_per_frame_and_keeps_per_token():
+    grid = (2, 1, 3)
+    assert group_timesteps(torch.tensor([5.0, 6.0]), 2, grid).tolist() == [[5.0], [6.0]]
+    constant = torch.tensor([[0.0] * 3 + [9.0] * 3])
+    assert group_timesteps(constant, 1, grid).tolist() == [[0.0, 9.0]]
+    varying = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
+    assert group_timesteps(varying, 1, grid).shape == (1, 6)
+    with pytest.raises(ValueError, match=r"t must be \[B\]"):
+        group_timesteps(torch.zeros(1, 5), 1, grid)
+
+
+def test_token_wise_modulation_equals_frame_wise(model, io):
+    """Force one modulation group per token (what a t varying inside a frame gets) with the
+    frame-constant timesteps of call A: same numbers as the per-frame path and as upstream."""
+    x = io["x.0"][None]
+    tokens, grid = model.embed_video(x)
+    e, e0 = model.embed_time(io["A.t"][:1])
+    assert e0.shape == (1, 18, 6, 96)
+    hidden, _ = model.run_blocks(tokens, e0, model.embed_text([io["context.0"]]), model.rope(grid))
+    out = model.unpatchify(model.head(hidden, e), grid)
+    assert max_error(out[0], io["A.out.0"]) <= ATOL
+
+
+def test_timestep_varying_inside_a_frame_changes_only_through_its_token(model, io):
+    x = io["x.0"][None]
+    t = torch.full((1, 18), 700.0)
+    t[0, :6] = 0.0
+    reference = model(x, t, [io["context.0"]])
+    t[0, 7] = 3.0
+    changed = model(x, t, [io["context.0"]])
+    assert max_error(changed, reference) > 1e-4
+
+
+def test_bf16_forward_within_documented_tolerance(model, io):
+    x = torch.stack([io["x.0"], io["x.0"].flip(2)])
+    t = torch.tensor([[0.0, 700.0, 700.0], [0.0, 300.0, 300.0]])
+    context = [io["context.0"], io["context.1"]]
+    reference = model(x, t, context)
+    scale = reference.abs().max().item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = model(x, t, context)
+    bf16_model = WanModel(**tiny_config()).to(torch.bfloat16)
+    bf16_model.load_state_dict(model.state_dict())
+    bf16_params = bf16_model.eval()(x, t, context)
+    for out in (autocast, bf16_params):
+        assert out.dtype == torch.float32 and out.shape == x.shape
+        relative = max_error(out, reference) / scale
+        assert relative <= BF16_TOLERANCE, relative
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(io):
+    torch.manual_seed(0)
+    model = WanModel(**tiny_config())
+    model.load_state_dict(load_file(fixture_path("wan_reference", "dit_tiny_weights.safetensors")))
+    x = torch.stack([io["x.0"], io["x.0"].roll(1, 3)])
+    t = torch.tensor([[0.0, 500.0, 500.0], [0.0, 900.0, 900.0]])
+    target = torch.randn_like(x)
+
+    def gradients(checkpointing: bool) -> dict:
+        model.zero_grad()
+        model.enable_gradient_checkpointing(checkpointing)
+        loss = (model(x, t, [io["context.0"], io["context.1"]]) - target).pow(2).mean()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, loss.item()
+
+    plain, loss_plain = gradients(False)
+    checkpointed, loss_checkpointed = gradients(True)
+    assert loss_plain == loss_checkpointed
+    assert len(plain) == 69 and all(g.abs().sum() > 0 for g in plain.values())
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_recompute_in_backward_gradients_match_autograd():
+    def fn(a, b, c):
+        return torch.nn.functional.layer_norm(a, a.shape[-1:]) * (1 + b) + c.sin()
+
+    inputs = [torch.randn(3, 5, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    assert torch.autograd.gradcheck(lambda *xs: recompute_in_backward(fn, *xs), inputs)
+    partial = [inputs[0], inputs[1].detach(), inputs[2]]
+    out = recompute_in_backward(fn, *partial)
+    grads = torch.autograd.grad(out.sum(), [inputs[0], inputs[2]])
+    expected = torch.autograd.grad(fn(*partial).sum(), [inputs[0], inputs[2]])
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_real_size_parameters_on_meta_device():
+    with torch.device("meta"):
+        model = WanModel()
+    state = model.state_dict()
+    assert len(state) == 825
+    assert sum(p.numel() for p in model.parameters()) == 4_999_787_712
+    table = fixture_path("wan_reference", "real_size_keys.md").read_text()
+    dit_section = table.split("## DiT")[1].split("## VAE")[0]
+    listed = dict(re.findall(r"\| `([\w.]+)` \| ([\dx]+) \|", dit_section))
+    assert len(listed) == 42  # keys outside the blocks + block 0 (repeated for 30 blocks)
+    for key, shape in listed.items():
+        assert list(state[key].shape) == [int(s) for s in shape.split("x")], key
+
+
+def test_geometry_of_an_81_frame_736x640_sample():
+    assert num_tokens(81, 736, 640) == 21 * 23 * 20 == 9660
+    assert rope_axis_dims(128) == (44, 42, 42)
+    with pytest.raises(ValueError, match="4k\\+1"):
+        num_tokens(80, 736, 640)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        num_tokens(81, 720, 640)
+
+
+def test_bad_inputs_are_refused(model, io):
+    with pytest.raises(ValueError, match=r"x must be \[B, 48, F, H, W\]"):
+        model(torch.zeros(1, 16, 1, 4, 6), torch.zeros(1), [io["context.0"]])
+    with pytest.raises(ValueError, match=r"context\[0\] must be \[L <= 16, 32\]"):
+        model(io["x.0"][None], torch.zeros(1), [torch.zeros(17, 32)])

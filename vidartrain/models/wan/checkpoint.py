@@ -1,0 +1,144 @@
+"""Reading the published Wan2.2 DiT checkpoints and the Vidar / Vidarc fine-tuned state dicts.
+
+Published layout (e.g. the Wan-AI/Wan2.2-TI2V-5B repository):
+    config.json                                          constructor arguments (+ diffusers "_" keys)
+    diffusion_pytorch_model.safetensors                  single file, or
+    diffusion_pytorch_model-0000i-of-0000n.safetensors   shards listed in
+    diffusion_pytorch_model.safetensors.index.json       {"weight_map": {key: shard file}}
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def read_model_config(ckpt_dir: str | Path, model_class: type[nn.Module]) -> dict:
+    """Constructor arguments from `config.json`; diffusers bookkeeping keys ("_class_name", ...)
+    are dropped, absent keys keep the constructor defaults, unknown keys are an error."""
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a checkpoint directory needs {CONFIG_FILE}")
+    config = json.loads(path.read_text())
+    accepted = set(inspect.signature(model_class.__init__).parameters) - {"self"}
+    config = {key: value for key, value in config.items() if not key.startswith("_")}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown} (expected a subset of {sorted(accepted)})")
+    return config
+
+
+def weight_files(ckpt_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: the shards named by the index, or the
+    single file."""
+    ckpt_dir = Path(ckpt_dir)
+    index_path = ckpt_dir / WEIGHTS_INDEX_FILE
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path}: expected a non-empty 'weight_map' object")
+        files = [ckpt_dir / name for name in sorted(set(weight_map.values()))]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index_path} lists shards that do not exist: {absent}")
+        return files
+    if (ckpt_dir / WEIGHTS_FILE).is_file():
+        return [ckpt_dir / WEIGHTS_FILE]
+    raise FileNotFoundError(f"{ckpt_dir}: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} found")
+
+
+def build_from_checkpoint_dir(model_class: type[nn.Module], ckpt_dir: str | Path,
+                              dtype: torch.dtype = torch.bfloat16,
+                              device: torch.device | str = "cpu") -> nn.Module:
+    """Build `model_class` on the meta device and assign the checkpoint tensors in place, one shard
+    at a time, converted to `dtype` on `device`. Peak memory is the model plus nothing of note:
+    there is never a second full copy. Every key must be present once with the expected shape."""
+    config = read_model_config(ckpt_dir, model_class)
+    with torch.device("meta"):
+        model = model_class(**config)
+    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    loaded: dict[str, Path] = {}
+    for path in weight_files(ckpt_dir):
+        shard = {}
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                if key not in expected:
+                    raise KeyError(f"{path}: unexpected key {key!r}, not a parameter of "
+                                   f"{model_class.__name__}({config})")
+                if key in loaded:
+                    raise KeyError(f"{path}: key {key!r} was already read from {loaded[key]}")
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != expected[key]:
+                    raise ValueError(f"{path}: key {key!r} has shape {list(shape)}, the model built from "
+                                     f"{CONFIG_FILE} expects {list(expected[key])}")
+                shard[key] = f.get_tensor(key).to(dtype)
+                loaded[key] = path
+        model.load_state_dict(shard, strict=False, assign=True)
+    missing = [key for key in expected if key not in loaded]
+    if missing:
+        raise KeyError(f"{ckpt_dir}: {len(missing)} parameters missing from the checkpoint, "
+                       f"first {missing[:5]}")
+    return model
+
+
+class FinetuneLoadResult(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a torch.save file (memory-mapped, weights only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"fine-tuned weights {path} not found")
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict (a dict of name -> tensor), got {type(state).__name__}")
+    return state
+
+
+def load_finetuned(model: nn.Module, path: str | Path) -> FinetuneLoadResult:
+    """Apply a vidar.pt / vidarc.pt style state dict like the published code does
+    (`load_state_dict(sd, strict=False)`), but report missing and unexpected keys, and refuse a
+    file whose keys match none of the model's or whose shapes differ."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    matched = [key for key in state if key in own]
+    if not matched:
+        raise ValueError(f"{path}: none of its {len(state)} keys is a parameter of {type(model).__name__} "
+                         f"(file has e.g. {list(state)[:3]}, model has e.g. {list(own)[:3]})")
+    for key in matched:
+        if state[key].shape != own[key].shape:
+            raise ValueError(f"{path}: key {key!r} has shape {list(state[key].shape)}, "
+                             f"the model's is {list(own[key].shape)}")
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        logger.warning("%s: %d model parameters not in the file, kept as they were (first %s)",
+                       path, len(result.missing_keys), result.missing_keys[:5])
+    if result.unexpected_keys:
+        logger.warning("%s: %d keys ignored, not parameters of the model (first %s)",
+                       path, len(result.unexpected_keys), result.unexpected_keys[:5])
+    return FinetuneLoadResult(list(result.missing_keys), list(result.unexpected_keys))
+
+
+def download_checkpoints(repo_id: str, local_dir: str | Path,
+                         allow_patterns: list[str] | None = None) -> Path:
+    """Fetch a published repository (e.g. "Wan-AI/Wan2.2-TI2V-5B") into `local_dir` with
+    huggingface_hub; files already there are not downloaded again."""
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(repo_id=repo_id, local_dir=str(local_dir), allow_patterns=allow_patterns))
