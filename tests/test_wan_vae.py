@@ -107,6 +107,8 @@ def test_encode_output_shape_and_input_errors(model):
         model.encode(torch.zeros(1, 3, 5, 40, 32))
     with pytest.raises(ValueError, match=r"\[B, 3, T, H, W\]"):
         model.encode(torch.zeros(1, 4, 5, 32, 32))
+    with pytest.raises(TypeError, match="floating point"):
+        model.encode(torch.zeros(1, 3, 5, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"\[B, 48, T, h, w\]"):
         model.decode(torch.zeros(1, 16, 2, 2, 2))
 
@@ -220,5 +222,5 @@ def test_from_pretrained_names_mismatched_keys(tmp_path, tiny_weights):
 def test_from_pretrained_rejects_non_state_dict(tmp_path):
     path = tmp_path / "wrapped.pth"
     torch.save({"model": {"conv1.weight": torch.zeros(1)}}, path)
-    with pytest.raises(ValueError, match="expected a state_dict"):
+    with pytest.raises(ValueError, match="expected a state dict"):
         WanVAE.from_pretrained(path, **tiny_config())

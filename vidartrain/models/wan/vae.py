@@ -17,14 +17,14 @@ strictly.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
-from safetensors.torch import load_file
 
+from vidartrain.models.wan.checkpoint import read_state_dict
 from vidartrain.models.wan.t5 import check_state_dict_matches
 
 VAE_STRIDE = (4, 16, 16)  # (time, height, width) of the real Wan2.2 VAE
@@ -75,7 +75,7 @@ def latent_shape(num_frames: int, height: int, width: int, *,
 
 
 class CausalConv3d(nn.Conv3d):
-    """Conv3d padded in time on the past side only, so output frame t never sees input frames after t.
+    """Conv3d padded in time on the past side only: output frame t never sees input after t.
 
     With a cache, the frames of the previous chunk stand in for the zero padding, which makes a
     chunked pass identical to one pass over the whole stream.
@@ -115,7 +115,7 @@ class RMSNorm(nn.Module):
         return F.normalize(x, dim=1) * self.scale * self.gamma
 
 
-def frames_as_images(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def frames_as_images(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Apply a 2D `layer` to every frame of a video [B, C, T, H, W]."""
     frames = x.shape[2]
     images = layer(rearrange(x, "b c t h w -> (b t) c h w"))
@@ -339,24 +339,13 @@ class Decoder3d(nn.Module):
 
 def patchify(video: torch.Tensor) -> torch.Tensor:
     """[B, C, T, H, W] -> [B, C*4, T, H/2, W/2]; channel order (c, pw, ph) as upstream."""
-    return rearrange(video, "b c t (h ph) (w pw) -> b (c pw ph) t h w", ph=PATCH_SIZE, pw=PATCH_SIZE)
+    return rearrange(video, "b c t (h ph) (w pw) -> b (c pw ph) t h w",
+                     ph=PATCH_SIZE, pw=PATCH_SIZE)
 
 
 def unpatchify(x: torch.Tensor) -> torch.Tensor:
     """Inverse of `patchify`."""
     return rearrange(x, "b (c pw ph) t h w -> b c t (h ph) (w pw)", ph=PATCH_SIZE, pw=PATCH_SIZE)
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a `.pth` (weights only) or `.safetensors` checkpoint, on the CPU."""
-    if path.suffix == ".safetensors":
-        return load_file(path, device="cpu")
-    state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    if not isinstance(state_dict, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
-        raise ValueError(f"{path}: expected a state_dict (a dict of name -> tensor), "
-                         f"got {type(state_dict).__name__}")
-    return state_dict
 
 
 class WanVAE(nn.Module):
@@ -376,13 +365,15 @@ class WanVAE(nn.Module):
         if len(attn_scales) != 0:
             raise ValueError(f"attn_scales={list(attn_scales)}: the Wan VAE has attention only in "
                              f"its middle blocks (upstream accepts and ignores attn_scales)")
-        if len(temperal_downsample) != len(dim_mult) - 1 or sum(map(bool, temperal_downsample)) != 2:
+        num_temporal = sum(map(bool, temperal_downsample))
+        if len(temperal_downsample) != len(dim_mult) - 1 or num_temporal != 2:
             raise ValueError(
                 f"temperal_downsample={list(temperal_downsample)}: expected {len(dim_mult) - 1} "
                 f"flags (one per downsampling level of dim_mult={list(dim_mult)}) with exactly two "
                 f"True, since encode feeds the frames after the first in chunks of 4")
         self.z_dim = z_dim
-        self.stride = (4, PATCH_SIZE * 2 ** (len(dim_mult) - 1), PATCH_SIZE * 2 ** (len(dim_mult) - 1))
+        spatial_stride = PATCH_SIZE * 2 ** (len(dim_mult) - 1)
+        self.stride = (2 ** num_temporal, spatial_stride, spatial_stride)
         self.encoder = Encoder3d(dim, z_dim * 2, dim_mult, num_res_blocks, temperal_downsample,
                                  dropout)
         self.conv1 = CausalConv3d(z_dim * 2, z_dim * 2, 1)
@@ -417,6 +408,8 @@ class WanVAE(nn.Module):
         """
         if video.dim() != 5 or video.shape[1] != 3:
             raise ValueError(f"video must be [B, 3, T, H, W], got shape {tuple(video.shape)}")
+        if not video.is_floating_point():
+            raise TypeError(f"video must be floating point in [-1, 1], got {video.dtype}")
         latent_shape(*video.shape[2:], stride=self.stride, channels=self.z_dim)
         x = patchify(video.to(self.conv1.weight.dtype))
         chunks = [x[:, :, :FIRST_CHUNK_FRAMES],
@@ -437,7 +430,8 @@ class WanVAE(nn.Module):
         Clamped to [-1, 1] as upstream's wrapper does; `clamp=False` gives the raw decoder output.
         """
         if z.dim() != 5 or z.shape[1] != self.z_dim:
-            raise ValueError(f"latents must be [B, {self.z_dim}, T, h, w], got shape {tuple(z.shape)}")
+            raise ValueError(f"latents must be [B, {self.z_dim}, T, h, w], "
+                             f"got shape {tuple(z.shape)}")
         if z.shape[2] < 1:
             raise ValueError("latents have no frames")
         z = (z.float() / self._latent_stat(self.latents_inv_std, z.device)
