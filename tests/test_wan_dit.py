@@ -237,3 +237,15 @@ def test_bad_inputs_are_refused(model, io):
         model(torch.zeros(1, 16, 1, 4, 6), torch.zeros(1), [io["context.0"]])
     with pytest.raises(ValueError, match=r"context\[0\] must be \[L <= 16, 32\]"):
         model(io["x.0"][None], torch.zeros(1), [torch.zeros(17, 32)])
+
+
+def test_block_memory_benchmark_counts_about_40_dim_plus_2_ffn_bytes_per_token():
+    """Per token a block keeps 3 float32 residuals (12 dim bytes), 14 bf16 [dim] activations
+    (28) and the bf16 FFN input of ffn.2 (2 ffn_dim): 40 dim + 2 ffn_dim bytes, plus RoPE
+    tables and softmax statistics (upstream's block keeps over twice that)."""
+    from benchmarks.block_memory import measure_block_memory
+    dim, ffn_dim = 256, 1195
+    result = measure_block_memory(dim=dim, ffn_dim=ffn_dim, num_heads=2, grid_hw=(23, 20), text_len=16)
+    per_token_bytes = result["mib_per_token"] * 2**20
+    assert 40 * dim + 2 * ffn_dim <= per_token_bytes <= 1.1 * (40 * dim + 2 * ffn_dim)
+    assert result["tokens"] == {1: 460, 2: 920} and result["sample_tokens"] == 9660

@@ -1,0 +1,86 @@
+"""Bytes one DiT block keeps for backward, at the real TI2V-5B width, under CPU bf16 autocast.
+
+Counts the tensors that autograd saves (torch.autograd.graph.saved_tensors_hooks), each storage
+once, leaving out parameters and their autocast casts. Measured for 1 and 2 latent frames of a
+736x640 sample (460 and 920 tokens, one timestep per frame); the difference gives the cost per
+token, extrapolated to the 9,660 tokens of an 81-frame sample. Upstream's block, counted the same
+way, keeps 0.338 MiB per token (3.19 GiB per block per sample).
+
+    python -m benchmarks.block_memory [--dim 3072 --ffn-dim 14336 --num-heads 24]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from vidartrain.models.wan.model import WanAttentionBlock, num_tokens, rope_for_grid
+
+UPSTREAM_MIB_PER_TOKEN = 0.338
+TARGET_MIB_PER_TOKEN = UPSTREAM_MIB_PER_TOKEN / 2
+MIB = 2**20
+
+
+def saved_bytes(block: WanAttentionBlock, frames: int, grid_hw: tuple[int, int], text_len: int) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in one block forward."""
+    height, width = grid_hw
+    length = frames * height * width
+    x = torch.randn(1, length, block.dim, requires_grad=True)
+    e = torch.randn(1, frames, 6, block.dim, requires_grad=True)
+    context = torch.randn(1, text_len, block.dim, dtype=torch.bfloat16, requires_grad=True)
+    rope = rope_for_grid(torch.arange(frames), height, width, block.dim // block.num_heads)
+    parameter_shapes = {tuple(p.shape) for p in block.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tuple(tensor.shape) not in parameter_shapes:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        block(x, e, context, rope)
+    return sum(storages.values())
+
+
+def measure_block_memory(dim: int = 3072, ffn_dim: int = 14336, num_heads: int = 24,
+                         grid_hw: tuple[int, int] = (23, 20), text_len: int = 512) -> dict:
+    """Saved bytes for 1 and 2 latent frames, the per-token slope and its 81-frame extrapolation."""
+    torch.manual_seed(0)
+    block = WanAttentionBlock(dim, ffn_dim, num_heads, qk_norm=True, cross_attn_norm=True)
+    frame_tokens = grid_hw[0] * grid_hw[1]
+    one, two = (saved_bytes(block, frames, grid_hw, text_len) for frames in (1, 2))
+    per_token = (two - one) / frame_tokens
+    sample_tokens = num_tokens(81, grid_hw[0] * 32, grid_hw[1] * 32)
+    return {
+        "tokens": {1: frame_tokens, 2: 2 * frame_tokens},
+        "saved_bytes": {1: one, 2: two},
+        "mib_per_token": per_token / MIB,
+        "sample_tokens": sample_tokens,
+        "gib_per_block_per_sample": per_token * sample_tokens / 2**30,
+        "upstream_mib_per_token": UPSTREAM_MIB_PER_TOKEN,
+        "target_mib_per_token": TARGET_MIB_PER_TOKEN,
+    }
+
+
+def print_table(result: dict) -> None:
+    print(f"{'latent frames':>14} {'tokens':>7} {'saved MiB':>10}")
+    for frames, tokens in result["tokens"].items():
+        print(f"{frames:>14} {tokens:>7} {result['saved_bytes'][frames] / MIB:>10.1f}")
+    print(f"per token: {result['mib_per_token']:.4f} MiB (upstream {result['upstream_mib_per_token']:.3f}, "
+          f"target <= {result['target_mib_per_token']:.3f}); "
+          f"{result['sample_tokens']} tokens: {result['gib_per_block_per_sample']:.2f} GiB per block per sample")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dim", type=int, default=3072)
+    parser.add_argument("--ffn-dim", type=int, default=14336)
+    parser.add_argument("--num-heads", type=int, default=24)
+    args = parser.parse_args()
+    print_table(measure_block_memory(args.dim, args.ffn_dim, args.num_heads))
+
+
+if __name__ == "__main__":
+    main()
