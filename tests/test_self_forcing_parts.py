@@ -1,0 +1,97 @@
+"""Stage-2 pieces that need no model: window preparation, few-step sampler, closed-loop schedule."""
+import pytest
+import torch
+
+from vidartrain.losses import shift_sigma
+from vidartrain.trainers.self_forcing import (RolloutEvent, closed_loop_schedule, euler_sample,
+                                              latent_frames_of, prepare_causal_window, sampling_sigmas,
+                                              video_frames_of)
+
+
+def test_window_keeps_context_clean_and_noises_each_frame_on_its_own():
+    latents = torch.randn(2, 4, 6, 2, 2)
+    mask = torch.rand(2, 6, 2, 2)
+    window = prepare_causal_window(latents, chunk_size=4, shift=3.0, generator=torch.Generator().manual_seed(0),
+                                   mask=mask)
+    assert window.clean.shape == (2, 4, 4, 2, 2) and window.sigmas.shape == (2, 4)
+    torch.testing.assert_close(window.clean, latents[:, :, window.start:window.start + 4])
+    torch.testing.assert_close(window.mask, mask[:, window.start:window.start + 4])
+    assert torch.all(window.sigmas[:, 0] == 0) and torch.all(window.sigmas[:, 1:] > 0)
+    assert window.sigmas[:, 1:].unique().numel() == 6  # independent per sample and frame
+    assert torch.equal(window.noisy[:, :, 0], window.clean[:, :, 0])
+    sigma = window.sigmas[1, 2]
+    torch.testing.assert_close(window.noisy[1, :, 2], (1 - sigma) * window.clean[1, :, 2] + sigma * window.noise[1, :, 2])
+    torch.testing.assert_close(window.target, window.noise - window.clean)
+    assert window.loss_mask.flatten().tolist() == [0.0, 1.0, 1.0, 1.0]
+    torch.testing.assert_close(window.timesteps, window.sigmas * 1000)
+
+
+def test_window_draws_are_reproducible_and_cover_every_start():
+    latents = torch.randn(1, 2, 5, 2, 2)
+    first = prepare_causal_window(latents, 3, 3.0, torch.Generator().manual_seed(7))
+    again = prepare_causal_window(latents, 3, 3.0, torch.Generator().manual_seed(7))
+    assert first.start == again.start and torch.equal(first.noisy, again.noisy)
+    generator = torch.Generator().manual_seed(1)
+    starts = {prepare_causal_window(latents, 3, 3.0, generator).start for _ in range(40)}
+    assert starts == {0, 1, 2}
+
+
+def test_window_rejects_what_cannot_work():
+    with pytest.raises(ValueError, match="fewer than self_forcing.chunk_size"):
+        prepare_causal_window(torch.randn(1, 2, 2, 2, 2), 3, 3.0, torch.Generator())
+    with pytest.raises(ValueError, match="does not match the latent grid"):
+        prepare_causal_window(torch.randn(1, 2, 4, 2, 2), 3, 3.0, torch.Generator(), mask=torch.rand(1, 4, 4, 4))
+    with pytest.raises(ValueError, match="num_context_frames"):
+        prepare_causal_window(torch.randn(1, 2, 4, 2, 2), 3, 3.0, torch.Generator(), num_context_frames=3)
+
+
+def test_euler_sampler_with_the_true_velocity_lands_on_the_data():
+    # For a single data point x_1 the exact velocity at x is (x - x_1) / sigma; Euler is then exact.
+    data = torch.randn(2, 3)
+    noise = torch.randn(2, 3)
+    sigmas = sampling_sigmas(4, shift=5.0)
+    assert sigmas[0] == 1 and sigmas[-1] == 0 and sigmas.shape == (5,)
+    torch.testing.assert_close(sigmas, shift_sigma(torch.linspace(1, 0, 5), 5.0))
+    calls = []
+
+    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        calls.append(sigma)
+        return (x - data) / sigma
+
+    torch.testing.assert_close(euler_sample(velocity, noise, sigmas), data)
+    assert calls == pytest.approx(sigmas[:-1].tolist())
+    # One step from sigma 1 with v = x_0 - x_1 gives x_1 exactly.
+    torch.testing.assert_close(euler_sample(lambda x, s: noise - data, noise, [1.0, 0.0]), data)
+
+
+def test_video_latent_frame_conversion():
+    assert [latent_frames_of(n) for n in (1, 5, 33, 60, 61, 81)] == [1, 2, 9, 16, 16, 21]
+    assert [video_frames_of(k) for k in (1, 2, 9, 21)] == [1, 5, 33, 81]
+
+
+def test_closed_loop_schedule_follows_the_deployed_controller():
+    # Deployed values: rollout_bound 60, rollout_prefill_num 33 (9 latent frames), chunks of 4.
+    events = closed_loop_schedule(21, rollout_bound=60, rollout_prefill_num=33)
+    compact = [(e.kind, e.frames.start, e.frames.stop, e.position) for e in events if e.kind != "reset"]
+    assert compact == [
+        ("prefill", 0, 1, 0),
+        ("predict", 1, 5, 1), ("prefill", 1, 5, 1),      # window 1 + 16 = 17 video frames
+        ("predict", 5, 9, 5), ("prefill", 5, 9, 5),      # 33
+        ("predict", 9, 13, 9), ("prefill", 9, 13, 9),    # 49; next 49 + 16 = 65 > 60: reset
+        ("prefill", 4, 13, 0),                           # the last 33 real video frames
+        ("predict", 13, 17, 9), ("prefill", 13, 17, 9),  # 33 + 16 = 49
+        ("prefill", 8, 17, 0),                           # 49 + 16 > 60: reset again
+        ("predict", 17, 21, 9), ("prefill", 17, 21, 9),
+    ]
+    assert [e.kind for e in events].count("reset") == 3  # the initial one and two window resets
+    predicted = [i for e in events if e.kind == "predict" for i in e.frames]
+    assert predicted == list(range(1, 21))  # every frame but the first is predicted exactly once
+
+
+def test_closed_loop_schedule_short_window_and_errors():
+    events = closed_loop_schedule(3, rollout_bound=60, rollout_prefill_num=33)
+    assert events[-2:] == [RolloutEvent("predict", range(1, 3), 1), RolloutEvent("prefill", range(1, 3), 1)]
+    with pytest.raises(ValueError, match="exceeds rollout_bound"):
+        closed_loop_schedule(5, rollout_bound=10, rollout_prefill_num=33)
+    with pytest.raises(ValueError, match="at least 2 latent frames"):
+        closed_loop_schedule(1, rollout_bound=60, rollout_prefill_num=33)
