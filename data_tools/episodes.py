@@ -1,0 +1,233 @@
+"""Finding episode folders and validating each one before it is written to a shard.
+
+An episode folder holds `video.mp4` (or one video per camera), `actions.npy` of shape (T, 14) and
+`instruction.txt`. `load_episode` either returns a `ValidEpisode` ready to be written, with video
+and actions on the same 10 fps timeline, or raises `EpisodeError` with one of `SKIP_REASONS`.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vidartrain.data.observation import compose_observation
+from vidartrain.data.transforms import resample_indices
+from vidartrain.data.video import VideoReadError, encode_mp4, open_video, read_frames, video_info
+
+SKIP_REASONS = (
+    "empty_episode",        # a folder with none of the episode files
+    "missing_file",         # some files, not all (or a manifest entry without a folder)
+    "video_unreadable",     # zero bytes, truncated, not a video, unknown frame rate
+    "video_too_short",      # fewer than 2 frames (after resampling)
+    "actions_invalid",      # non-finite, wrong rank or width, non-numeric or pickled object
+    "length_mismatch",      # frames and action rows differ by more than one
+    "instruction_invalid",  # empty or not UTF-8
+)
+DECODE_CHUNK = 32
+NPY_MAGIC = b"\x93NUMPY"
+
+
+class EpisodeError(Exception):
+    """An episode that cannot be used; `reason` is one of SKIP_REASONS, `detail` says why."""
+
+    def __init__(self, reason: str, detail: str):
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class EpisodeLayout:
+    """File names inside an episode folder and what the converter does with the video."""
+
+    video: str = "video.mp4"
+    actions: str = "actions.npy"
+    instruction: str = "instruction.txt"
+    # head, left wrist, right wrist videos composed into the unified observation frame
+    cameras: tuple[str, str, str] | None = None
+    action_dim: int = 14
+    fps: int = 10
+    reencode: bool = False
+    qp: int = 20  # x264 constant quantiser when re-encoding (lower = better, larger)
+
+    def video_files(self) -> tuple[str, ...]:
+        return self.cameras if self.cameras is not None else (self.video,)
+
+    def files(self) -> tuple[str, ...]:
+        return (*self.video_files(), self.actions, self.instruction)
+
+
+@dataclass
+class ValidEpisode:
+    name: str
+    video: bytes          # mp4 on the `fps` timeline (the original bytes, or re-encoded)
+    video_fps: float      # frame rate of the stored mp4
+    frames: int           # usable frames on the `fps` timeline; equals len(actions)
+    fps: int
+    source_fps: float     # frame rate of the source video
+    source: str           # source files, relative to the episodes directory
+    actions: np.ndarray   # float32 [frames, action_dim]
+    instruction: str
+    reencoded: bool
+
+    def metadata(self) -> dict:
+        return {"episode": self.name, "frames": self.frames, "fps": self.fps, "video_fps": self.video_fps,
+                "source_fps": self.source_fps, "source": self.source, "reencoded": self.reencoded}
+
+
+def discover_episodes(episodes_dir: Path, manifest: Path | None = None) -> list[str]:
+    """Episode folder names, from the manifest when there is one, else every subfolder, sorted.
+
+    A manifest is a JSON list of names, or {"episodes": [...]} whose items are names or objects
+    with an "episode", "name" or "path" field.
+    """
+    if manifest is None and (episodes_dir / "manifest.json").exists():
+        manifest = episodes_dir / "manifest.json"
+    if manifest is None:
+        return sorted(p.name for p in episodes_dir.iterdir() if p.is_dir())
+    try:
+        listing = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"manifest {manifest}: cannot read JSON: {error}") from error
+    entries = listing.get("episodes") if isinstance(listing, dict) else listing
+    if not isinstance(entries, list):
+        raise ValueError(f"manifest {manifest}: expected a list of episodes or {{\"episodes\": [...]}}")
+    names = []
+    for position, entry in enumerate(entries):
+        if isinstance(entry, dict):
+            entry = entry.get("episode", entry.get("name", entry.get("path")))
+        if not isinstance(entry, str) or not entry:
+            raise ValueError(f"manifest {manifest}: entry {position} has no episode name")
+        names.append(entry)
+    return names
+
+
+def read_instruction(path: Path) -> str:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise EpisodeError("instruction_invalid", f"{path.name} is not UTF-8 ({error})") from error
+    if not text.strip():
+        raise EpisodeError("instruction_invalid", f"{path.name} is empty")
+    return text.strip()
+
+
+def read_actions(path: Path, action_dim: int) -> np.ndarray:
+    with open(path, "rb") as stream:
+        if stream.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            raise EpisodeError("actions_invalid", f"{path.name} is not a .npy file (no NumPy header)")
+    try:
+        actions = np.load(path, allow_pickle=False)
+    except ValueError as error:  # numpy's refusal to unpickle an object array
+        raise EpisodeError("actions_invalid", f"{path.name} holds a pickled object array ({error})") from error
+    except (OSError, EOFError) as error:
+        raise EpisodeError("actions_invalid", f"{path.name} is not a .npy array ({error})") from error
+    if not isinstance(actions, np.ndarray) or actions.dtype.kind not in "iuf":
+        kind = actions.dtype if isinstance(actions, np.ndarray) else type(actions).__name__
+        raise EpisodeError("actions_invalid", f"{path.name} has non-numeric dtype {kind}")
+    if actions.ndim != 2 or actions.shape[1] != action_dim:
+        raise EpisodeError("actions_invalid",
+                           f"{path.name} has shape {actions.shape}, expected (T, {action_dim})")
+    if not np.isfinite(actions).all():
+        bad = int((~np.isfinite(actions)).any(axis=1).sum())
+        raise EpisodeError("actions_invalid", f"{path.name} has non-finite values in {bad} rows")
+    return actions.astype(np.float32)
+
+
+def decode_on_timeline(path: Path, data: bytes, fps: int, keep_frames: bool) -> tuple[np.ndarray | None, int, float]:
+    """Decode every frame (so a broken stream is caught here, not in training) and resample to `fps`.
+
+    Returns (frames on the fps timeline, their count, source frame rate). The frames are kept only
+    when asked or when the frame rate differs (the video must then be re-encoded); otherwise they
+    are None, so a long episode is checked chunk by chunk without holding it in memory.
+    """
+    try:
+        reader = open_video(data)
+        info = video_info(reader)
+    except VideoReadError as error:
+        raise EpisodeError("video_unreadable", f"{path.name}: {error}") from error
+    if not np.isfinite(info.fps) or info.fps <= 0:
+        raise EpisodeError("video_unreadable", f"{path.name}: unknown frame rate ({info.fps})")
+    if info.num_frames < 2:
+        raise EpisodeError("video_too_short", f"{path.name} has {info.num_frames} frame(s), need at least 2")
+    timeline = resample_indices(info.num_frames, info.fps, fps)
+    if len(timeline) < 2:
+        raise EpisodeError("video_too_short", f"{path.name} has {len(timeline)} frame(s) at {fps} fps "
+                                              f"({info.num_frames} at {info.fps:g} fps), need at least 2")
+    keep_frames = keep_frames or info.fps != fps
+    kept = []
+    try:
+        for start in range(0, info.num_frames, DECODE_CHUNK):
+            chunk = read_frames(reader, np.arange(start, min(start + DECODE_CHUNK, info.num_frames)))
+            if keep_frames:
+                kept.append(chunk)
+    except VideoReadError as error:
+        raise EpisodeError("video_unreadable", f"{path.name}: {error}") from error
+    frames = np.concatenate(kept)[timeline] if keep_frames else None
+    return frames, len(timeline), info.fps
+
+
+def align_lengths(name: str, counts: dict[str, int]) -> int:
+    """Frame counts that agree to within one are trimmed to the shortest; anything else is a mismatch."""
+    if max(counts.values()) - min(counts.values()) > 1:
+        described = ", ".join(f"{source} {count}" for source, count in counts.items())
+        raise EpisodeError("length_mismatch", f"{name}: lengths differ by more than one ({described})")
+    return min(counts.values())
+
+
+def check_files(folder: Path, layout: EpisodeLayout) -> None:
+    if not folder.is_dir():
+        raise EpisodeError("missing_file", f"episode folder {folder} does not exist")
+    present = [name for name in layout.files() if (folder / name).is_file()]
+    if not present:
+        raise EpisodeError("empty_episode", f"none of {', '.join(layout.files())} in {folder.name}")
+    missing = [name for name in layout.files() if name not in present]
+    if missing:
+        raise EpisodeError("missing_file", f"{folder.name} lacks {', '.join(missing)}")
+
+
+def load_episode(episodes_dir: Path, name: str, layout: EpisodeLayout) -> ValidEpisode:
+    """Validate one episode and put video and actions on the same `layout.fps` timeline."""
+    folder = episodes_dir / name
+    check_files(folder, layout)
+    instruction = read_instruction(folder / layout.instruction)
+    actions = read_actions(folder / layout.actions, layout.action_dim)
+    videos = {file: (folder / file).read_bytes() for file in layout.video_files()}
+    composing = layout.cameras is not None
+    decoded = {}
+    for file, data in videos.items():
+        if len(data) == 0:
+            raise EpisodeError("video_unreadable", f"{file} is empty (0 bytes)")
+        decoded[file] = decode_on_timeline(Path(file), data, layout.fps, keep_frames=composing or layout.reencode)
+    source_fps = {file: fps for file, (_, _, fps) in decoded.items()}
+    if len(set(source_fps.values())) != 1:
+        raise EpisodeError("video_unreadable", f"cameras have different frame rates: {source_fps}")
+    counts = {file: count for file, (_, count, _) in decoded.items()}
+    length = align_lengths(name, {**counts, layout.actions: len(actions)})
+    if length < 2:
+        raise EpisodeError("video_too_short", f"{name}: {length} usable frame(s) after trimming, need at least 2")
+    (fps_of_source,) = set(source_fps.values())
+    reencode = composing or layout.reencode or fps_of_source != layout.fps
+    if composing:
+        video = encode_mp4(compose_observation(*(decoded[file][0][:length] for file in layout.cameras)),
+                           layout.fps, qp=layout.qp)
+    elif reencode:
+        video = encode_mp4(decoded[layout.video][0][:length], layout.fps, qp=layout.qp)
+    else:
+        video = videos[layout.video]
+    return ValidEpisode(
+        name=name, video=video, video_fps=float(layout.fps) if reencode else fps_of_source, frames=length,
+        fps=layout.fps, source_fps=fps_of_source,
+        source=",".join(f"{name}/{file}" for file in layout.video_files()),
+        actions=actions[:length], instruction=instruction, reencoded=reencode)
+
+
+def actions_to_npy(actions: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, actions, allow_pickle=False)
+    return buffer.getvalue()

@@ -1,0 +1,135 @@
+"""Re-verify a shard directory and print what it holds.
+
+    python -m data_tools.inspect data/shards [--no-decode]
+
+Checks every shard's size and sha256 against index.json and (unless --no-decode) that every
+sample's members are all there and its video decodes to at least the recorded number of frames.
+Exits non-zero when anything does not match.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from vidartrain.data.dataset import SampleRef, read_sample_bytes
+from vidartrain.data.shard_index import file_sha256, read_index
+from vidartrain.data.video import VideoReadError, open_video, read_frames
+
+RAW_MEMBERS = ("mp4", "actions.npy", "txt", "json")
+
+
+@dataclass
+class Report:
+    episodes: int = 0
+    samples: int = 0
+    frames: int = 0
+    shards: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def check_shard_file(directory: Path, shard: dict) -> str | None:
+    path = directory / shard["name"]
+    if not path.is_file():
+        return f"{path}: missing"
+    if path.stat().st_size != shard["bytes"]:
+        return f"{path}: {path.stat().st_size} bytes, index.json says {shard['bytes']}"
+    if file_sha256(path) != shard["sha256"]:
+        return f"{path}: sha256 does not match index.json"
+    return None
+
+
+def check_samples(directory: Path, shard: dict) -> list[str]:
+    """Every sample has its members and a video that decodes to its recorded frame count."""
+    refs = [SampleRef(str(directory / shard["name"]), e["offset"], e["size"], e["key"], e["frames"])
+            for e in shard["entries"]]
+    problems = []
+    samples = wds.DataPipeline(lambda: read_sample_bytes(refs), tar_file_expander, group_by_keys)
+    for ref, sample in zip(refs, samples):
+        where = f"{ref.shard}: sample {ref.key}"
+        if sample["__key__"] != ref.key:
+            problems.append(f"{where}: found key {sample['__key__']} at its offset")
+            continue
+        missing = [member for member in RAW_MEMBERS if member not in sample]
+        if missing:
+            problems.append(f"{where}: lacks members {missing}")
+            continue
+        try:
+            reader = open_video(sample["mp4"])
+            for start in range(0, len(reader), 64):
+                read_frames(reader, np.arange(start, min(start + 64, len(reader))))
+        except VideoReadError as error:
+            problems.append(f"{where}: video does not decode ({error})")
+            continue
+        if len(reader) < ref.frames:
+            problems.append(f"{where}: video has {len(reader)} frames, index.json says {ref.frames}")
+    return problems
+
+
+def inspect_split(directory: Path, decode: bool) -> tuple[dict | None, Report]:
+    report = Report()
+    try:
+        index = read_index(directory)
+    except (FileNotFoundError, ValueError) as error:
+        report.problems.append(str(error))
+        return None, report
+    for shard in index["shards"]:
+        report.shards += 1
+        report.bytes += shard["bytes"]
+        report.samples += shard["samples"]
+        problem = check_shard_file(directory, shard)
+        if problem:
+            report.problems.append(problem)
+        elif decode:
+            report.problems.extend(check_samples(directory, shard))
+    report.episodes = len(index["episodes"])
+    report.frames = sum(episode["frames"] for episode in index["episodes"])
+    return index, report
+
+
+def describe(name: str, report: Report, fps: int) -> str:
+    hours = report.frames / fps / 3600
+    return (f"{name:5s}: {report.episodes} episodes, {report.samples} samples, {report.frames} frames "
+            f"({hours:.2f} h at {fps} fps), {report.shards} shards, {report.bytes:,} bytes")
+
+
+def inspect(shards_dir: Path, decode: bool = True) -> tuple[str, list[str]]:
+    """(summary text, problems) for a shard directory and its validation split."""
+    index, train = inspect_split(shards_dir, decode)
+    if index is None:
+        return f"{shards_dir}: unreadable", train.problems
+    fps = index["settings"]["layout"]["fps"]
+    lines = [describe("train", train, fps)]
+    problems = list(train.problems)
+    if index.get("val"):
+        _, val = inspect_split(shards_dir / index["val"], decode)
+        lines.append(describe("val", val, fps))
+        problems += val.problems
+    reasons = Counter(skip["reason"] for skip in index["skipped"])
+    lines.append(f"skipped: {sum(reasons.values())}" + "".join(f"\n  {reason}: {count}"
+                                                              for reason, count in sorted(reasons.items())))
+    return "\n".join(lines), problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vidar-inspect", description=__doc__.split("\n")[0])
+    parser.add_argument("shards", type=Path, help="directory with index.json")
+    parser.add_argument("--no-decode", action="store_true", help="check checksums only, do not decode videos")
+    args = parser.parse_args(argv)
+    text, problems = inspect(args.shards, decode=not args.no_decode)
+    print(text)
+    for problem in problems:
+        print(f"PROBLEM {problem}", file=sys.stderr)
+    print("OK" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

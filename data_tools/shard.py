@@ -1,0 +1,403 @@
+"""Convert episode folders into WebDataset tar shards plus an index.json.
+
+    python -m data_tools.shard --episodes data/episodes --out data/shards [--val-fraction 0.05]
+
+One sample per episode (key = episode name; members mp4, actions.npy, txt, json). Every episode is
+validated first (see data_tools.episodes); bad ones are skipped and listed in index.json with their
+reason. Same input and options give byte-identical shards. Each shard is written under a temporary
+name, fsynced and renamed, and index.json is rewritten after every shard, so a run started again
+after an interruption keeps the finished shards whose checksums still match and carries on from
+there. The validation split (a deterministic choice of whole episodes) goes to out/val/.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import webdataset as wds
+
+from data_tools.episodes import (EpisodeError, EpisodeLayout, ValidEpisode, actions_to_npy, discover_episodes,
+                                 load_episode)
+from vidartrain.data.shard_index import INDEX_FILE, INDEX_FORMAT, file_sha256
+
+VAL_DIR = "val"
+
+
+@dataclass(frozen=True)
+class ConversionSettings:
+    """Everything that decides the bytes of the shards; recorded in index.json and compared on resume."""
+
+    layout: EpisodeLayout = field(default_factory=EpisodeLayout)
+    max_samples: int = 1000
+    max_bytes: int = 1 << 30
+    val_fraction: float = 0.0
+    split_seed: int = 0
+
+    def as_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+@dataclass
+class EpisodeResult:
+    name: str
+    position: int
+    samples: list[dict] = field(default_factory=list)   # tar members per sample, "__key__" included
+    entries: list[dict] = field(default_factory=list)   # per sample: what the loader needs to know
+    metadata: dict | None = None
+    skip: tuple[str, str] | None = None                 # (reason, detail) of a skipped episode
+
+
+class StrictStop(Exception):
+    """--strict: the first bad episode ends the run."""
+
+
+def assign_splits(names: list[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """'train' or 'val' per episode: the episodes with the smallest seeded hashes go to val.
+
+    Depends only on the names, the fraction and the seed (not on which episodes turn out valid),
+    so growing a dataset moves few episodes between splits.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    ranked = sorted(names, key=lambda name: hashlib.sha256(f"{seed}:{name}".encode()).hexdigest())
+    count = round(val_fraction * len(names))
+    if val_fraction > 0 and count == 0 and len(names) > 1:
+        count = 1
+    val = set(ranked[:count])
+    return {name: "val" if name in val else "train" for name in names}
+
+
+def raw_samples(episode: ValidEpisode) -> tuple[list[dict], list[dict]]:
+    """One sample per episode: the video as stored plus its actions, instruction and metadata."""
+    metadata = episode.metadata()
+    sample = {"__key__": sample_key(episode.name), "mp4": episode.video,
+              "actions.npy": actions_to_npy(episode.actions), "txt": episode.instruction.encode("utf-8"),
+              "json": json.dumps(metadata, sort_keys=True).encode("utf-8")}
+    return [sample], [{"key": sample["__key__"], "frames": episode.frames}]
+
+
+def sample_key(name: str) -> str:
+    # webdataset splits member names at the first dot, so a key must not contain one
+    return name.replace(".", "_")
+
+
+def convert_episode(task: tuple[Path, str, int, ConversionSettings]) -> EpisodeResult:
+    """Validate one episode and build its samples (runs in a worker process)."""
+    episodes_dir, name, position, settings = task
+    try:
+        episode = load_episode(episodes_dir, name, settings.layout)
+    except EpisodeError as error:
+        return EpisodeResult(name, position, skip=(error.reason, error.detail))
+    samples, entries = raw_samples(episode)
+    return EpisodeResult(name, position, samples, entries, episode.metadata())
+
+
+def ordered_results(function: Callable, tasks: Iterable, workers: int) -> Iterator:
+    """function(task) for every task, in task order, with at most 2 x workers results in flight."""
+    if workers <= 1:
+        yield from map(function, tasks)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    pending: deque = deque()
+    try:
+        for task in tasks:
+            pending.append(pool.submit(function, task))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+class ShardSequence:
+    """Writes shard-000000.tar, shard-000001.tar, ... in one directory, one complete shard at a time."""
+
+    def __init__(self, directory: Path, max_samples: int, max_bytes: int, next_number: int):
+        self.directory, self.max_samples, self.max_bytes = directory, max_samples, max_bytes
+        self.next_number = next_number
+        self.stream = self.writer = None
+        self.entries: list[dict] = []
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.next_number:06d}.tar"
+
+    @property
+    def temporary(self) -> Path:
+        return self.directory / f".{self.name}.tmp"
+
+    def add(self, sample: dict, entry: dict) -> str:
+        """Append a sample to the open shard (opening one if needed); returns the shard's name."""
+        if self.writer is None:
+            self.stream = open(self.temporary, "wb")
+            # fixed owner and mtime: the tar bytes depend on the samples only
+            self.writer = wds.TarWriter(self.stream, user="", group="", mtime=0, encoder=False)
+        offset = self.writer.tarstream.offset
+        self.writer.write(sample)
+        self.entries.append({**entry, "offset": offset, "size": self.writer.tarstream.offset - offset})
+        return self.name
+
+    def full(self) -> bool:
+        return self.writer is not None and (len(self.entries) >= self.max_samples
+                                            or self.writer.tarstream.offset >= self.max_bytes)
+
+    def close(self) -> dict | None:
+        """Finish the open shard: fsync, checksum, rename to its final name; its index entry."""
+        if self.writer is None:
+            return None
+        self.writer.close()
+        self.stream.flush()
+        os.fsync(self.stream.fileno())
+        self.stream.close()
+        final = self.directory / self.name
+        shard = {"name": self.name, "samples": len(self.entries), "bytes": self.temporary.stat().st_size,
+                 "sha256": file_sha256(self.temporary), "entries": self.entries}
+        os.replace(self.temporary, final)
+        self.next_number += 1
+        self.stream = self.writer = None
+        self.entries = []
+        return shard
+
+    def abandon(self) -> None:
+        """Drop a half-written shard (interrupted or stopped run)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.stream.close()
+            self.temporary.unlink(missing_ok=True)
+            self.stream = self.writer = None
+            self.entries = []
+
+
+class Progress:
+    """A single stderr line: done/total, episodes per second, ETA, skipped count."""
+
+    def __init__(self, label: str, total: int, every_s: float = 0.5):
+        self.label, self.total, self.every_s = label, total, every_s
+        self.stream = sys.stderr
+        self.start = self.last = time.monotonic()
+        self.done = self.skipped = 0
+
+    def update(self, skipped: bool) -> None:
+        self.done += 1
+        self.skipped += skipped
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            self.draw(now)
+
+    def draw(self, now: float) -> None:
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "--:--:--"
+        self.stream.write(f"\r[{self.label}] {self.done}/{self.total} episodes  {rate:6.2f} ep/s  "
+                          f"ETA {eta_text}  skipped {self.skipped}")
+        if self.done == self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def empty_index(split: str, settings: ConversionSettings, episodes_dir: Path) -> dict:
+    return {"format": INDEX_FORMAT, "complete": False, "split": split, "mode": "raw",
+            "settings": settings.as_dict(), "episodes_dir": str(episodes_dir),
+            "shards": [], "episodes": [], "skipped": [], "val": None}
+
+
+def write_index(directory: Path, index: dict) -> None:
+    write_atomically(directory / INDEX_FILE, json.dumps(index, indent=1, sort_keys=True).encode("utf-8"))
+
+
+def resume_index(directory: Path, split: str, settings: ConversionSettings, episodes_dir: Path,
+                 overwrite: bool) -> dict:
+    """The index to continue from: finished shards whose files still match their checksums.
+
+    The first shard that is missing or altered, and everything after it, is written again.
+    """
+    path = directory / INDEX_FILE
+    if overwrite or not path.exists():
+        return empty_index(split, settings, episodes_dir)
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    if previous.get("settings") != settings.as_dict():
+        raise SystemExit(f"{directory} holds shards made with other settings ({path}); "
+                         f"use a new --out directory or --overwrite")
+    kept = []
+    for shard in previous["shards"]:
+        file = directory / shard["name"]
+        if not file.is_file() or file.stat().st_size != shard["bytes"] or file_sha256(file) != shard["sha256"]:
+            print(f"{file} is missing or does not match its checksum: writing it again", file=sys.stderr)
+            break
+        kept.append(shard)
+    done = kept[-1]["episodes_end"] if kept else 0
+    index = empty_index(split, settings, episodes_dir)
+    index["shards"] = kept
+    index["episodes"] = [e for e in previous["episodes"] if e["position"] < done]
+    index["skipped"] = [s for s in previous["skipped"] if s.get("split", split) == split and s["position"] < done]
+    return index
+
+
+def convert_split(split: str, names: list[str], directory: Path, episodes_dir: Path, settings: ConversionSettings,
+                  workers: int, strict: bool, overwrite: bool) -> dict:
+    """Write one split's shards and index.json (complete) into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    index = resume_index(directory, split, settings, episodes_dir, overwrite)
+    write_index(directory, index)
+    start = index["shards"][-1]["episodes_end"] if index["shards"] else 0
+    shards = ShardSequence(directory, settings.max_samples, settings.max_bytes, len(index["shards"]))
+    progress = Progress(split, len(names) - start)
+    tasks = ((episodes_dir, name, position, settings) for position, name in enumerate(names) if position >= start)
+    if start:
+        print(f"[{split}] resuming after {len(index['shards'])} finished shard(s), at episode {start}",
+              file=sys.stderr)
+
+    def finish_shard(episodes_end: int) -> None:
+        shard = shards.close()
+        if shard is not None:
+            index["shards"].append({**shard, "episodes_end": episodes_end})
+            write_index(directory, index)
+
+    try:
+        for result in ordered_results(convert_episode, tasks, workers):
+            progress.update(skipped=result.skip is not None)
+            if result.skip is not None:
+                reason, detail = result.skip
+                index["skipped"].append({"episode": result.name, "position": result.position, "split": split,
+                                         "reason": reason, "detail": detail})
+                if strict:
+                    raise StrictStop(f"episode {result.name}: {reason}: {detail}")
+                continue
+            used = [shards.add(sample, entry) for sample, entry in zip(result.samples, result.entries)]
+            index["episodes"].append({**result.metadata, "position": result.position, "split": split,
+                                      "samples": len(used), "shards": sorted(set(used))})
+            if shards.full():
+                finish_shard(result.position + 1)
+        finish_shard(len(names))
+    finally:
+        shards.abandon()
+    remove_stale_shards(directory, {shard["name"] for shard in index["shards"]})
+    index["complete"] = True
+    write_index(directory, index)
+    return index
+
+
+def remove_stale_shards(directory: Path, keep: set[str]) -> None:
+    """Shards left by an earlier, longer run (e.g. before --overwrite) are not part of this dataset."""
+    for file in directory.glob("shard-*.tar"):
+        if file.name not in keep:
+            file.unlink()
+
+
+def convert(episodes_dir: Path, out: Path, settings: ConversionSettings, workers: int = 1, strict: bool = False,
+            overwrite: bool = False, manifest: Path | None = None) -> dict:
+    """Convert every episode; returns the top-level index (train split, every skipped episode)."""
+    if not episodes_dir.is_dir():
+        raise SystemExit(f"--episodes {episodes_dir} is not a directory")
+    names = discover_episodes(episodes_dir, manifest)
+    if not names:
+        raise SystemExit(f"no episode folders found in {episodes_dir}")
+    if overwrite and out.exists():
+        for stale in [*out.glob("shard-*.tar"), out / INDEX_FILE]:
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(out / VAL_DIR, ignore_errors=True)
+    splits = assign_splits(names, settings.val_fraction, settings.split_seed)
+    val_names = [name for name in names if splits[name] == "val"]
+    train = convert_split("train", [n for n in names if splits[n] == "train"], out, episodes_dir, settings,
+                          workers, strict, overwrite)
+    val_episodes = 0
+    if val_names:
+        val = convert_split("val", val_names, out / VAL_DIR, episodes_dir, settings, workers, strict, overwrite)
+        train["val"] = VAL_DIR
+        train["skipped"] = train["skipped"] + val["skipped"]
+        val_episodes = len(val["episodes"])
+    train["totals"] = {"input_episodes": len(names), "train_episodes": len(train["episodes"]),
+                       "val_episodes": val_episodes, "skipped": len(train["skipped"])}
+    write_index(out, train)
+    return train
+
+
+def summary(index: dict) -> str:
+    reasons = Counter(skip["reason"] for skip in index["skipped"])
+    skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items())) or "none"
+    samples = sum(shard["samples"] for shard in index["shards"])
+    totals = index["totals"]
+    return (f"{totals['train_episodes']} train episodes ({samples} samples in {len(index['shards'])} shards), "
+            f"{totals['val_episodes']} val episodes; skipped: {skipped}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vidar-shard", description=__doc__.split("\n")[0])
+    parser.add_argument("--episodes", type=Path, required=True, help="directory of episode folders")
+    parser.add_argument("--out", type=Path, required=True, help="output directory for shards and index.json")
+    parser.add_argument("--manifest", type=Path, default=None,
+                        help="JSON list of episodes (default: EPISODES/manifest.json if present, else all folders)")
+    parser.add_argument("--samples-per-shard", type=int, default=1000, help="close a shard at this many samples")
+    parser.add_argument("--bytes-per-shard", type=int, default=1 << 30,
+                        help="close a shard once it reaches this many bytes (default 1 GiB)")
+    parser.add_argument("--workers", type=int, default=1, help="processes validating and encoding episodes")
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="fraction of episodes for the validation split, written to OUT/val/")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/val assignment")
+    parser.add_argument("--video", choices=("keep", "reencode"), default="keep",
+                        help="store the mp4 as is, or re-encode it (H.264, --qp). Videos at another frame "
+                             "rate than --fps, and composed cameras, are always re-encoded")
+    parser.add_argument("--qp", type=int, default=20, help="x264 constant quantiser when re-encoding (default 20)")
+    parser.add_argument("--fps", type=int, default=10, help="frame rate of the stored timeline (default 10)")
+    parser.add_argument("--action-dim", type=int, default=14, help="columns of actions.npy (default 14)")
+    parser.add_argument("--cameras", default=None,
+                        help="compose the observation from three videos: HEAD,LEFT_WRIST,RIGHT_WRIST file "
+                             "names inside each episode (e.g. head.mp4,left_wrist.mp4,right_wrist.mp4)")
+    parser.add_argument("--strict", action="store_true", help="stop with an error at the first bad episode")
+    parser.add_argument("--overwrite", action="store_true", help="discard shards already in --out")
+    return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> ConversionSettings:
+    cameras = None
+    if args.cameras:
+        cameras = tuple(part.strip() for part in args.cameras.split(","))
+        if len(cameras) != 3 or not all(cameras):
+            raise SystemExit(f"--cameras expects three comma-separated file names, got {args.cameras!r}")
+    if args.samples_per_shard < 1 or args.bytes_per_shard < 1:
+        raise SystemExit("--samples-per-shard and --bytes-per-shard must be positive")
+    layout = EpisodeLayout(cameras=cameras, action_dim=args.action_dim, fps=args.fps,
+                           reencode=args.video == "reencode", qp=args.qp)
+    return ConversionSettings(layout=layout, max_samples=args.samples_per_shard, max_bytes=args.bytes_per_shard,
+                              val_fraction=args.val_fraction, split_seed=args.split_seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = settings_from_args(args)
+    try:
+        index = convert(args.episodes, args.out, settings, args.workers, args.strict, args.overwrite, args.manifest)
+    except StrictStop as stop:
+        print(f"\nvidar-shard --strict: {stop}", file=sys.stderr)
+        return 1
+    print(summary(index), file=sys.stderr)
+    if index["totals"]["train_episodes"] + index["totals"]["val_episodes"] == 0:
+        print("vidar-shard: no valid episode remains", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Synthetic episodes and the validation every episode passes before it is written to a shard."""
+import json
+
+import numpy as np
+import pytest
+
+from data_tools.episodes import (SKIP_REASONS, EpisodeError, EpisodeLayout, discover_episodes, load_episode)
+from data_tools.synth import (DEFECTS, random_actions, render_frames, synthetic_episode, write_defective_episode,
+                              write_episode, write_synthetic_episodes)
+from vidartrain.data.observation import compose_observation
+from vidartrain.data.transforms import resample_indices
+from vidartrain.data.video import decode_all_frames, encode_mp4
+
+LAYOUT = EpisodeLayout()
+
+
+def test_synthetic_episodes_are_real_videos_and_deterministic(tmp_path):
+    first = write_synthetic_episodes(tmp_path / "a", 2, frames=12, height=48, width=64, seed=3)
+    second = write_synthetic_episodes(tmp_path / "b", 2, frames=12, height=48, width=64, seed=3)
+    other = write_synthetic_episodes(tmp_path / "c", 1, frames=12, height=48, width=64, seed=4)
+    for a, b in zip(first, second):
+        for name in ("video.mp4", "actions.npy", "instruction.txt"):
+            assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert (first[0] / "actions.npy").read_bytes() != (other[0] / "actions.npy").read_bytes()
+    frames, info = decode_all_frames((first[0] / "video.mp4").read_bytes())
+    assert frames.shape == (12, 48, 64, 3) and info.fps == 10
+    assert np.load(first[0] / "actions.npy").shape == (12, 14)
+
+
+def test_shapes_follow_the_actions():
+    actions = random_actions(np.random.default_rng(0), 6)
+    frames = render_frames(actions, 60, 80, np.array([100, 100, 100], np.uint8))
+    for frame, action in zip(frames, actions):
+        rows, cols = np.nonzero((frame == (220, 60, 40)).all(-1))
+        assert abs(cols.mean() - (action[0] + 1) / 2 * 79) < 1.0
+        assert abs(rows.mean() - (action[1] + 1) / 2 * 59) < 1.0
+
+
+def test_valid_episode_keeps_the_video_bytes(tmp_path):
+    (folder,) = write_synthetic_episodes(tmp_path, 1, frames=10, height=48, width=64)
+    episode = load_episode(tmp_path, folder.name, LAYOUT)
+    assert episode.video == (folder / "video.mp4").read_bytes()
+    assert episode.frames == 10 and episode.actions.shape == (10, 14) and not episode.reencoded
+    assert episode.instruction == (folder / "instruction.txt").read_text().strip()
+
+
+@pytest.mark.parametrize("kind", sorted(DEFECTS))
+def test_every_defect_is_skipped_with_its_reason(tmp_path, kind):
+    expected = write_defective_episode(kind, tmp_path / "bad")
+    with pytest.raises(EpisodeError) as caught:
+        load_episode(tmp_path, "bad", LAYOUT)
+    assert caught.value.reason == expected
+    assert caught.value.detail
+
+
+def test_every_reason_has_a_defect():
+    assert set(DEFECTS.values()) == set(SKIP_REASONS)
+
+
+def test_manifest_entry_without_folder_is_missing_file(tmp_path):
+    write_synthetic_episodes(tmp_path, 1, frames=8, height=32, width=32)
+    (tmp_path / "manifest.json").write_text(json.dumps({"episodes": [{"episode": "ep_0000"}, "ep_0042"]}))
+    assert discover_episodes(tmp_path) == ["ep_0000", "ep_0042"]
+    with pytest.raises(EpisodeError) as caught:
+        load_episode(tmp_path, "ep_0042", LAYOUT)
+    assert caught.value.reason == "missing_file"
+
+
+def test_bad_manifest_names_the_file(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"episodes": [3]}))
+    with pytest.raises(ValueError, match="manifest.json: entry 0"):
+        discover_episodes(tmp_path)
+
+
+@pytest.mark.parametrize("extra_rows", [-1, 0, 1])
+def test_lengths_within_one_are_trimmed(tmp_path, extra_rows):
+    video, actions, text = synthetic_episode(np.random.default_rng(1), 12, 32, 32)
+    write_episode(tmp_path / "ep", video, random_actions(np.random.default_rng(2), 12 + extra_rows), text)
+    episode = load_episode(tmp_path, "ep", LAYOUT)
+    assert episode.frames == min(12, 12 + extra_rows) == len(episode.actions)
+
+
+def test_length_off_by_two_is_a_mismatch(tmp_path):
+    video, actions, text = synthetic_episode(np.random.default_rng(1), 12, 32, 32)
+    write_episode(tmp_path / "ep", video, actions[:10], text)
+    with pytest.raises(EpisodeError, match="length_mismatch"):
+        load_episode(tmp_path, "ep", LAYOUT)
+
+
+def test_two_frames_at_30fps_are_too_short_at_10fps(tmp_path):
+    video, actions, text = synthetic_episode(np.random.default_rng(1), 2, 32, 32)
+    write_episode(tmp_path / "ep", video, actions[:1], text, fps=30)
+    with pytest.raises(EpisodeError) as caught:
+        load_episode(tmp_path, "ep", LAYOUT)
+    assert caught.value.reason == "video_too_short"
+
+
+def test_other_frame_rate_is_resampled_and_recorded(tmp_path):
+    video, actions30, text = synthetic_episode(np.random.default_rng(1), 30, 32, 32)
+    actions10 = actions30[::3]
+    write_episode(tmp_path / "ep", video, actions10, text, fps=30)
+    episode = load_episode(tmp_path, "ep", LAYOUT)
+    assert episode.reencoded and episode.source_fps == 30 and episode.video_fps == 10
+    stored, info = decode_all_frames(episode.video)
+    assert info.fps == 10 and len(stored) == episode.frames == 10
+    np.testing.assert_array_equal(episode.actions, actions10)
+    # the stored frames are frames 0, 3, 6, ... of the source (up to H.264 loss)
+    source, _ = decode_all_frames((tmp_path / "ep" / "video.mp4").read_bytes())
+    assert np.abs(stored.astype(int) - source[::3].astype(int)).mean() < 3
+
+
+def test_resample_indices():
+    np.testing.assert_array_equal(resample_indices(90, 30, 10), np.arange(0, 90, 3))
+    np.testing.assert_array_equal(resample_indices(4, 5, 10), [0, 0, 1, 1, 2, 2, 3])
+    np.testing.assert_array_equal(resample_indices(7, 10, 10), np.arange(7))
+    assert len(resample_indices(25, 25, 10)) == 10
+
+
+def test_reencode_option(tmp_path):
+    (folder,) = write_synthetic_episodes(tmp_path, 1, frames=10, height=48, width=64)
+    episode = load_episode(tmp_path, folder.name, EpisodeLayout(reencode=True, qp=30))
+    assert episode.reencoded and episode.video != (folder / "video.mp4").read_bytes()
+    assert decode_all_frames(episode.video)[0].shape == (10, 48, 64, 3)
+
+
+def test_compose_observation_geometry():
+    head = np.full((2, 480, 640, 3), 10, np.uint8)
+    left = np.full((2, 480, 640, 3), 100, np.uint8)
+    right = np.full((2, 480, 640, 3), 200, np.uint8)
+    frame = compose_observation(head, left, right)
+    assert frame.shape == (2, 720, 640, 3)
+    assert (frame[:, :480] == 10).all()
+    assert (frame[:, 480:, :320] == 100).all() and (frame[:, 480:, 320:] == 200).all()
+    with pytest.raises(ValueError, match="different frame counts"):
+        compose_observation(head, left[:1], right)
+
+
+def test_cameras_are_composed_into_one_video(tmp_path):
+    write_synthetic_episodes(tmp_path, 1, frames=6, height=48, width=64, cameras=True)
+    layout = EpisodeLayout(cameras=("head.mp4", "left_wrist.mp4", "right_wrist.mp4"))
+    episode = load_episode(tmp_path, "ep_0000", layout)
+    frames, _ = decode_all_frames(episode.video)
+    assert frames.shape == (6, 72, 64, 3)
+    head, _ = decode_all_frames((tmp_path / "ep_0000" / "head.mp4").read_bytes())
+    assert np.abs(frames[:, :48].astype(int) - head.astype(int)).mean() < 3
+    (tmp_path / "ep_0000" / "right_wrist.mp4").unlink()
+    with pytest.raises(EpisodeError, match="missing_file"):
+        load_episode(tmp_path, "ep_0000", layout)
+
+
+def test_encode_rejects_odd_sizes():
+    with pytest.raises(ValueError, match="even"):
+        encode_mp4(np.zeros((2, 31, 32, 3), np.uint8), 10)

@@ -1,0 +1,179 @@
+"""The converter (episodes -> WebDataset shards + index.json) and the inspection tool."""
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from data_tools import inspect as inspect_tool
+from data_tools import shard as shard_tool
+from data_tools.synth import DEFECTS, write_defective_episode, write_episode, synthetic_episode, write_synthetic_episodes
+
+GOOD = 6
+
+
+@pytest.fixture(scope="module")
+def mixed_episodes(tmp_path_factory):
+    """Six good episodes (one at 30 fps) and one episode of every defect kind."""
+    root = tmp_path_factory.mktemp("episodes")
+    write_synthetic_episodes(root, GOOD - 1, frames=12, height=48, width=64, seed=0)
+    video, actions, text = synthetic_episode(np.random.default_rng(9), 36, 48, 64)
+    write_episode(root / "ep_fast", video, actions[:12], text, fps=30)
+    for kind in DEFECTS:
+        write_defective_episode(kind, root / f"bad_{kind}", frames=8, height=48, width=64)
+    return root
+
+
+def run(episodes, out, *extra):
+    return shard_tool.main(["--episodes", str(episodes), "--out", str(out), *map(str, extra)])
+
+
+def test_mixed_directory_converts_good_and_reports_each_bad(mixed_episodes, tmp_path):
+    assert run(mixed_episodes, tmp_path / "out", "--samples-per-shard", 4) == 0
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["complete"] and index["mode"] == "raw"
+    assert sorted(e["episode"] for e in index["episodes"]) == sorted([f"ep_{i:04d}" for i in range(GOOD - 1)]
+                                                                     + ["ep_fast"])
+    reasons = {skip["episode"]: skip["reason"] for skip in index["skipped"]}
+    assert reasons == {f"bad_{kind}": reason for kind, reason in DEFECTS.items()}
+    assert all(set(skip) >= {"episode", "reason", "detail"} and skip["detail"] for skip in index["skipped"])
+    assert [s["samples"] for s in index["shards"]] == [4, 2]
+    fast = next(e for e in index["episodes"] if e["episode"] == "ep_fast")
+    assert fast["source_fps"] == 30 and fast["fps"] == 10 and fast["frames"] == 12 and fast["reencoded"]
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        members = tar.getmembers()
+    assert {m.name.split(".", 1)[1] for m in members} == {"mp4", "actions.npy", "txt", "json"}
+    assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" for m in members)
+    first = index["shards"][0]
+    assert first["entries"][0]["offset"] == 0 and first["entries"][1]["offset"] == first["entries"][0]["size"]
+    assert not list((tmp_path / "out").glob(".*tmp"))
+
+
+def test_same_input_gives_byte_identical_shards(mixed_episodes, tmp_path):
+    run(mixed_episodes, tmp_path / "a", "--samples-per-shard", 3)
+    run(mixed_episodes, tmp_path / "b", "--samples-per-shard", 3, "--workers", 2)
+    names = sorted(p.name for p in (tmp_path / "a").glob("shard-*.tar"))
+    assert names == sorted(p.name for p in (tmp_path / "b").glob("shard-*.tar")) and len(names) == 2
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_bytes_per_shard(mixed_episodes, tmp_path):
+    run(mixed_episodes, tmp_path / "out", "--bytes-per-shard", 1)
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert [s["samples"] for s in index["shards"]] == [1] * GOOD
+
+
+def test_interrupted_run_resumes_without_redoing_finished_shards(mixed_episodes, tmp_path, monkeypatch):
+    run(mixed_episodes, tmp_path / "reference", "--samples-per-shard", 2)
+    out = tmp_path / "out"
+    original_add, calls = shard_tool.ShardSequence.add, []
+
+    def add_then_crash(self, sample, entry):
+        calls.append(sample["__key__"])
+        if len(calls) == 4:  # two shards of two finished, the third half written
+            raise KeyboardInterrupt
+        return original_add(self, sample, entry)
+
+    monkeypatch.setattr(shard_tool.ShardSequence, "add", add_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(mixed_episodes, out, "--samples-per-shard", 2)
+    monkeypatch.setattr(shard_tool.ShardSequence, "add", original_add)
+    index = json.loads((out / "index.json").read_text())
+    assert not index["complete"] and [s["name"] for s in index["shards"]] == ["shard-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-000000.tar"]  # no half shard
+    # shard 0 stays; damage is detected by checksum and that shard is written again
+    (out / "shard-000001.tar").write_bytes(b"stale")
+    kept = (out / "shard-000000.tar").stat()
+    assert run(mixed_episodes, out, "--samples-per-shard", 2) == 0
+    assert (out / "shard-000000.tar").stat().st_ino == kept.st_ino
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == kept.st_mtime_ns
+    for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar"):
+        assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
+    final = json.loads((out / "index.json").read_text())
+    reference = json.loads((tmp_path / "reference" / "index.json").read_text())
+    for field in ("shards", "episodes", "skipped", "complete"):
+        assert final[field] == reference[field]
+
+
+def test_corrupted_finished_shard_is_rewritten(mixed_episodes, tmp_path):
+    out = tmp_path / "out"
+    run(mixed_episodes, out, "--samples-per-shard", 4)
+    good = (out / "shard-000001.tar").read_bytes()
+    (out / "shard-000001.tar").write_bytes(good[:-1] + b"X")
+    run(mixed_episodes, out, "--samples-per-shard", 4)
+    assert (out / "shard-000001.tar").read_bytes() == good
+
+
+def test_other_settings_in_same_out_dir_are_refused(mixed_episodes, tmp_path):
+    run(mixed_episodes, tmp_path / "out", "--samples-per-shard", 4)
+    with pytest.raises(SystemExit, match="other settings"):
+        run(mixed_episodes, tmp_path / "out", "--samples-per-shard", 3)
+    assert run(mixed_episodes, tmp_path / "out", "--samples-per-shard", 3, "--overwrite") == 0
+    assert len(list((tmp_path / "out").glob("shard-*.tar"))) == 2
+
+
+def test_strict_stops_at_first_bad_episode(mixed_episodes, tmp_path, capsys):
+    assert run(mixed_episodes, tmp_path / "out", "--strict") == 1
+    assert "bad_actions_inf" in capsys.readouterr().err
+    assert not json.loads((tmp_path / "out" / "index.json").read_text())["complete"]
+
+
+def test_nothing_valid_exits_non_zero(tmp_path):
+    write_defective_episode("video_truncated", tmp_path / "episodes" / "bad")
+    assert run(tmp_path / "episodes", tmp_path / "out") == 1
+    skipped = json.loads((tmp_path / "out" / "index.json").read_text())["skipped"]
+    assert [(s["episode"], s["reason"]) for s in skipped] == [("bad", "video_unreadable")]
+
+
+def test_val_split_is_deterministic_and_disjoint(mixed_episodes, tmp_path):
+    run(mixed_episodes, tmp_path / "out", "--val-fraction", 0.3)
+    train = json.loads((tmp_path / "out" / "index.json").read_text())
+    val = json.loads((tmp_path / "out" / "val" / "index.json").read_text())
+    assert train["val"] == "val" and val["complete"] and val["split"] == "val"
+    train_names = {e["episode"] for e in train["episodes"]}
+    val_names = {e["episode"] for e in val["episodes"]}
+    assert not train_names & val_names and len(train_names | val_names) == GOOD and val_names
+    assert len(train["skipped"]) == len(DEFECTS)  # the top-level index lists both splits' skips
+    names = sorted(p.name for p in mixed_episodes.iterdir())
+    assert shard_tool.assign_splits(names, 0.3, 0) == shard_tool.assign_splits(names, 0.3, 0)
+    assert shard_tool.assign_splits(names, 0.3, 0) != shard_tool.assign_splits(names, 0.3, 1)
+
+
+def test_progress_line(mixed_episodes, tmp_path, capsys):
+    run(mixed_episodes, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert f"[train] {GOOD + len(DEFECTS)}/{GOOD + len(DEFECTS)} episodes" in err and "ep/s" in err and "ETA" in err
+
+
+def test_inspect_reports_and_verifies(mixed_episodes, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(mixed_episodes, out, "--samples-per-shard", 4, "--val-fraction", 0.2)
+    capsys.readouterr()
+    assert inspect_tool.main([str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "train: 5 episodes" in text and "val  : 1 episodes" in text and "OK" in text
+    assert f"skipped: {len(DEFECTS)}" in text and "actions_invalid: 7" in text
+    shard = out / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert inspect_tool.main([str(out), "--no-decode"]) == 1
+    assert "sha256 does not match" in capsys.readouterr().err
+
+
+def test_inspect_catches_undecodable_video_behind_a_valid_checksum(mixed_episodes, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(mixed_episodes, out)
+    index = json.loads((out / "index.json").read_text())
+    shard = out / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    entry = index["shards"][0]["entries"][0]
+    with tarfile.open(shard) as tar:
+        video = next(m for m in tar.getmembers() if m.name == f"{entry['key']}.mp4")
+    data[video.offset_data: video.offset_data + video.size] = bytes(video.size)  # zero the mp4 in place
+    shard.write_bytes(bytes(data))
+    index["shards"][0]["sha256"] = shard_tool.file_sha256(shard)
+    (out / "index.json").write_text(json.dumps(index))
+    assert inspect_tool.main([str(out)]) == 1
+    assert "video does not decode" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+"""index.json: what a shard directory holds, written by data_tools.shard and read by the loader.
+
+{
+  "format": "vidartrain-shards/1", "complete": true, "split": "train", "mode": "raw" | "latents",
+  "settings": {...conversion options...},
+  "shards": [{"name": "shard-000000.tar", "samples": 2, "bytes": 20480, "sha256": "...",
+              "episodes_end": 3,   # input episodes consumed once this shard was closed (resume)
+              "entries": [{"key": "ep_0000", "offset": 0, "size": 9728, "frames": 40}, ...]}],
+  "episodes": [{"episode": "ep_0000", "position": 0, "shard": "shard-000000.tar", "frames": 40,
+                "fps": 10, "source_fps": 10.0, "source": "ep_0000/video.mp4", ...}],
+  "skipped": [{"episode": "ep_0002", "position": 2, "reason": "length_mismatch", "detail": "..."}],
+  "val": "val" | null          # sub-directory with the validation split's own index.json
+}
+
+`offset` and `size` locate a sample's tar members inside its shard, so a reader can fetch exactly
+the samples assigned to it with one ranged read each.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+INDEX_FILE = "index.json"
+INDEX_FORMAT = "vidartrain-shards/1"
+TEXT_EMBEDDINGS_FILE = "text_embeddings.safetensors"
+
+
+def file_sha256(path: Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_index(shards_dir: str | Path, require_complete: bool = True) -> dict:
+    """The parsed index.json of a shard directory, with a clear error for anything unusable."""
+    path = Path(shards_dir) / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {shards_dir} a directory made by `vidar-shard`?")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        found = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise ValueError(f"{path}: field 'format' is {found!r}, expected {INDEX_FORMAT!r}")
+    for field in ("shards", "episodes", "skipped", "settings", "mode"):
+        if field not in index:
+            raise ValueError(f"{path}: missing field {field!r}")
+    if require_complete and not index.get("complete", False):
+        raise ValueError(f"{path}: the conversion did not finish (\"complete\": false); run vidar-shard again "
+                         f"with the same options to finish it")
+    return index
