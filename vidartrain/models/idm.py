@@ -223,10 +223,6 @@ class IDM(nn.Module):
         self.register_buffer("train_mean", torch.tensor(action_mean, dtype=torch.float32))
         self.register_buffer("train_std", torch.tensor(action_std, dtype=torch.float32))
 
-    @property
-    def num_actions(self) -> int:
-        return self.train_mean.numel()
-
     def forward(self, images: torch.Tensor, return_mask: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Actions of preprocessed frames (see `preprocess_frames`), and the soft mask [B, 1, H, W]
