@@ -1,0 +1,312 @@
+"""Deterministic, resumable streaming of WebDataset shards made by `vidar-shard`.
+
+Order. Each epoch has one global order of all samples: a permutation seeded by (seed, epoch) of the
+samples listed in index.json. Every rank takes an interleaved slice of what remains of that order
+(rank r: positions r, r + W, r + 2W, ...; equal counts, the few left over are dropped), cuts its
+slice into micro-batches, and hands batch c of the run to DataLoader worker c mod num_workers,
+which is the order in which torch's DataLoader collects them. So the batch rank r gets at step s is
+a function of (seed, s, r, world size) alone, and resuming is moving the start of the slice: a
+resumed run yields exactly the batches the uninterrupted run would have yielded next.
+
+Reading. Index.json records where each sample's tar members sit inside its shard; a worker reads
+just its samples (one ranged read each) and expands them with webdataset's tar stages. Per-sample
+randomness (clip window, text dropout) is seeded by (seed, epoch, sample key), so it does not
+depend on which worker decodes the sample.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from vidartrain.data.shard_index import read_index
+from vidartrain.data.transforms import resample_indices, video_to_model_input, window_start
+from vidartrain.data.video import open_video, read_frames
+
+MODES = ("clips", "frames")
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample's tar members are: shard file, byte offset and size."""
+
+    shard: str
+    offset: int
+    size: int
+    key: str
+    frames: int  # on the dataset's timeline (index.json settings fps)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """What a training sample looks like once decoded."""
+
+    num_frames: int = 81
+    height: int = 736
+    width: int = 640
+    fps: int = 10
+    cfg_prob: float = 0.1
+    mode: str = "clips"          # "clips": video clips; "frames": single (frame, action) pairs for the IDM
+    frames_per_sample: int = 1   # "frames" mode: pairs drawn from each episode
+
+
+def sample_refs(index: dict, shards_dir: str | Path, spec: ClipSpec) -> tuple[list[SampleRef], list[str]]:
+    """Samples of a shard directory long enough for `spec`, and the keys of those that are not."""
+    if index["mode"] != "raw":
+        raise ValueError(f"{Path(shards_dir) / 'index.json'}: mode {index['mode']!r} is not supported here")
+    dataset_fps = index["settings"]["layout"]["fps"]
+    needed = spec.num_frames if spec.mode == "clips" else 1
+    refs, too_short = [], []
+    for shard in index["shards"]:
+        path = str(Path(shards_dir) / shard["name"])
+        for entry in shard["entries"]:
+            if len(resample_indices(entry["frames"], dataset_fps, spec.fps)) < needed:
+                too_short.append(entry["key"])
+            else:
+                refs.append(SampleRef(path, entry["offset"], entry["size"], entry["key"], entry["frames"]))
+    return refs, too_short
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(num_samples)
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+def rank_slice(order: np.ndarray, consumed: int, rank: int, world_size: int) -> np.ndarray:
+    """Rank's share of what remains of the epoch's order after `consumed` samples (all ranks together)."""
+    remaining = order[consumed:]
+    per_rank = len(remaining) // world_size
+    return remaining[rank::world_size][:per_rank]
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    digest = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+    return np.random.default_rng([seed, epoch, digest])
+
+
+def read_sample_bytes(refs: list[SampleRef]) -> Iterator[dict]:
+    """webdataset source stage: one in-memory tar stream per sample, read with a single ranged read."""
+    for ref in refs:
+        with open(ref.shard, "rb") as stream:
+            stream.seek(ref.offset)
+            data = stream.read(ref.size)
+        if len(data) != ref.size:
+            raise OSError(f"{ref.shard}: sample {ref.key} should span bytes {ref.offset}..{ref.offset + ref.size}, "
+                          f"the file ends first (shard truncated? run vidar-inspect)")
+        yield {"url": f"{ref.shard}@{ref.offset}", "stream": io.BytesIO(data)}
+
+
+def require_members(sample: dict, names: tuple[str, ...]) -> None:
+    missing = [name for name in names if name not in sample]
+    if missing:
+        raise KeyError(f"sample {sample.get('__key__')} from {sample.get('__url__')} lacks members {missing}")
+
+
+class SampleDecoder:
+    """Raw sample (mp4, actions.npy, txt, json) -> tensors, with seeded window and text dropout."""
+
+    def __init__(self, spec: ClipSpec, seed: int, dataset_fps: int):
+        self.spec, self.seed, self.dataset_fps = spec, seed, dataset_fps
+
+    def timelines(self, sample: dict) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+        """(video reader, actions, stored-frame index per dataset tick, dataset tick per loader tick)."""
+        require_members(sample, ("mp4", "actions.npy", "txt", "json"))
+        meta = json.loads(sample["json"])
+        actions = np.load(io.BytesIO(sample["actions.npy"]), allow_pickle=False)
+        reader = open_video(sample["mp4"])
+        video_map = resample_indices(len(reader), meta["video_fps"], self.dataset_fps)[: meta["frames"]]
+        length = min(len(video_map), len(actions))
+        return reader, actions, video_map, resample_indices(length, self.dataset_fps, self.spec.fps)
+
+    def clip(self, sample: dict, epoch: int) -> dict:
+        spec = self.spec
+        reader, actions, video_map, ticks = self.timelines(sample)
+        rng = sample_rng(self.seed, epoch, sample["__key__"])
+        start = window_start(rng, len(ticks), spec.num_frames)
+        chosen = ticks[start: start + spec.num_frames]
+        dropped = bool(rng.random() < spec.cfg_prob)
+        text = sample["txt"].decode("utf-8")
+        return {"__key__": sample["__key__"],
+                "video": video_to_model_input(read_frames(reader, video_map[chosen]), spec.height, spec.width),
+                "actions": torch.from_numpy(actions[chosen].astype(np.float32)),
+                "text": "" if dropped else text, "text_dropped": dropped}
+
+    def frame_pairs(self, sample: dict, epoch: int) -> list[dict]:
+        reader, actions, video_map, ticks = self.timelines(sample)
+        rng = sample_rng(self.seed, epoch, sample["__key__"])
+        chosen = np.sort(rng.choice(len(ticks), size=self.spec.frames_per_sample,
+                                    replace=len(ticks) < self.spec.frames_per_sample))
+        frames = video_to_model_input(read_frames(reader, video_map[ticks[chosen]]), self.spec.height,
+                                      self.spec.width)  # [3, n, H, W]
+        return [{"__key__": f"{sample['__key__']}/{int(ticks[i])}", "frame": frames[:, n],
+                 "action": torch.from_numpy(actions[ticks[i]].astype(np.float32))}
+                for n, i in enumerate(chosen)]
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors, keep strings (and variable-length tensors) as lists, booleans as a bool tensor."""
+    batch: dict[str, Any] = {}
+    for name in samples[0]:
+        values = [sample[name] for sample in samples]
+        if isinstance(values[0], bool):
+            batch[name] = torch.tensor(values, dtype=torch.bool)
+        elif isinstance(values[0], torch.Tensor) and len({v.shape for v in values}) == 1:
+            batch[name] = torch.stack(values)
+        else:
+            batch[name] = values
+    return batch
+
+
+class ShardStream(IterableDataset):
+    """Batches for one rank, from position (start_epoch, start_consumed) on; see the module docstring."""
+
+    def __init__(self, refs: list[SampleRef], spec: ClipSpec, dataset_fps: int, micro_batch_size: int, seed: int,
+                 rank: int, world_size: int, shuffle: bool, drop_last: bool, epochs: int | None):
+        if spec.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {spec.mode!r}")
+        if spec.mode == "frames" and micro_batch_size % spec.frames_per_sample:
+            raise ValueError(f"micro_batch_size {micro_batch_size} must be a multiple of frames_per_sample "
+                             f"{spec.frames_per_sample} (each episode gives that many pairs to one batch)")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.refs, self.spec, self.seed = refs, spec, seed
+        self.rank, self.world_size, self.shuffle, self.drop_last, self.epochs = rank, world_size, shuffle, drop_last, epochs
+        self.micro_batch_size = micro_batch_size
+        self.samples_per_batch = micro_batch_size // spec.frames_per_sample if spec.mode == "frames" else micro_batch_size
+        self.decoder = SampleDecoder(spec, seed, dataset_fps)
+        self.start_epoch, self.start_consumed = 0, 0
+
+    def batches_in_epoch(self, epoch: int, consumed: int) -> list[np.ndarray]:
+        """Sample indices of each of this rank's remaining batches in the epoch."""
+        positions = rank_slice(epoch_order(len(self.refs), self.seed, epoch, self.shuffle), consumed,
+                               self.rank, self.world_size)
+        cut = range(0, len(positions), self.samples_per_batch)
+        batches = [positions[i: i + self.samples_per_batch] for i in cut]
+        if self.drop_last and batches and len(batches[-1]) < self.samples_per_batch:
+            batches.pop()
+        return batches
+
+    def schedule(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(epoch, sample indices) of every batch from the start position on, in the order they are yielded."""
+        epoch, consumed = self.start_epoch, self.start_consumed
+        while self.epochs is None or epoch < self.epochs:
+            batches = self.batches_in_epoch(epoch, consumed)
+            if not batches and consumed == 0:
+                raise ValueError(f"{len(self.refs)} samples cannot fill one batch of {self.samples_per_batch} "
+                                 f"on each of {self.world_size} ranks")
+            for batch in batches:
+                yield epoch, batch
+            epoch, consumed = epoch + 1, 0
+
+    def worker_batches(self) -> Iterator[tuple[int, np.ndarray]]:
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        for count, item in enumerate(self.schedule()):
+            if count % num_workers == worker_id:
+                yield item
+
+    def __iter__(self) -> Iterator[dict]:
+        for epoch, batch in self.worker_batches():
+            pipeline = wds.DataPipeline(
+                lambda: read_sample_bytes([self.refs[i] for i in batch]),
+                tar_file_expander,
+                group_by_keys,
+                wds.map(lambda sample: self.decode(sample, epoch)),
+            )
+            samples = [item for decoded in pipeline for item in decoded]
+            yield collate(samples)
+
+    def decode(self, sample: dict, epoch: int) -> list[dict]:
+        if self.spec.mode == "frames":
+            return self.decoder.frame_pairs(sample, epoch)
+        return [self.decoder.clip(sample, epoch)]
+
+
+def distributed_position() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else from the launcher's environment."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class ShardLoader:
+    """Iterable of batches for one rank with a resumable position (state_dict / load_state_dict).
+
+    Training (shuffle=True, epochs=None) runs forever, epoch after epoch; the position counts the
+    batches the caller actually received, not those prefetched by workers.
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int, too_short: list[str]):
+        self.stream, self.num_workers, self.too_short = stream, num_workers, too_short
+        self.epoch, self.consumed = 0, 0
+
+    def __iter__(self) -> Iterator[dict]:
+        self.stream.start_epoch, self.stream.start_consumed = self.epoch, self.consumed
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                            prefetch_factor=2 if self.num_workers else None, persistent_workers=False)
+        remaining_in_epoch = len(self.stream.batches_in_epoch(self.epoch, self.consumed))
+        per_step = self.stream.samples_per_batch * self.stream.world_size
+        for batch in loader:
+            self.consumed += per_step
+            remaining_in_epoch -= 1
+            if remaining_in_epoch == 0:
+                self.epoch, self.consumed = self.epoch + 1, 0
+                remaining_in_epoch = len(self.stream.batches_in_epoch(self.epoch, 0))
+            yield batch
+
+    def batches_per_epoch(self) -> int:
+        return len(self.stream.batches_in_epoch(self.epoch, 0))
+
+    def state_dict(self) -> dict:
+        stream = self.stream
+        return {"epoch": self.epoch, "samples_consumed": self.consumed,
+                "samples_consumed_per_rank": self.consumed // stream.world_size,
+                "seed": stream.seed, "world_size": stream.world_size, "num_samples": len(stream.refs),
+                "samples_per_batch": stream.samples_per_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where `state` stopped. The world size may differ: the rest of the epoch's order
+        is re-sliced over the new ranks, still without repeating or skipping a sample."""
+        stream = self.stream
+        for name, expected in (("seed", stream.seed), ("num_samples", len(stream.refs))):
+            if state[name] != expected:
+                raise ValueError(f"data loader state has {name} {state[name]}, this loader has {expected}: "
+                                 f"resuming would not continue the same sequence")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["samples_consumed"])
+
+
+def build_loader(shards_dir: str | Path, config: Any, micro_batch_size: int, *, rank: int | None = None,
+                 world_size: int | None = None, train: bool = True, epochs: int | None = None,
+                 mode: str = "clips", frames_per_sample: int = 1) -> ShardLoader:
+    """Loader over a shard directory, configured by a DataConfig-like object.
+
+    `config` needs num_frames, height, width, fps, cfg_prob, num_workers and seed. Training loaders
+    shuffle, drop the incomplete last batch and repeat forever (unless `epochs`); evaluation loaders
+    (train=False) read every sample once, in order, with no text dropout.
+    """
+    if rank is None or world_size is None:
+        rank, world_size = distributed_position()
+    spec = ClipSpec(num_frames=config.num_frames, height=config.height, width=config.width, fps=config.fps,
+                    cfg_prob=config.cfg_prob if train else 0.0, mode=mode, frames_per_sample=frames_per_sample)
+    index = read_index(shards_dir)
+    refs, too_short = sample_refs(index, shards_dir, spec)
+    if too_short:
+        warnings.warn(f"{shards_dir}: {len(too_short)} samples have fewer than {spec.num_frames} frames at "
+                      f"{spec.fps} fps and are left out (e.g. {too_short[:3]})", stacklevel=2)
+    if not refs:
+        raise ValueError(f"{shards_dir}: no sample has {spec.num_frames} frames at {spec.fps} fps")
+    stream = ShardStream(refs, spec, index["settings"]["layout"]["fps"], micro_batch_size, config.seed, rank, world_size,
+                         shuffle=train, drop_last=train, epochs=epochs if train else 1)
+    return ShardLoader(stream, config.num_workers, too_short)
