@@ -1,0 +1,79 @@
+"""The memory and time planner: geometry, FLOPs, DeepSpeed's model-state accounting, verdicts."""
+from pathlib import Path
+
+import pytest
+
+from vidartrain.config import load_config
+from vidartrain.distributed.ds_config import load_profile
+from vidartrain.plan import (GIB, DitShape, attended_pairs, dit_parameters, forward_flops, latent_grid, main,
+                             make_plan, measure_activation_model, model_state_gib)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_real_geometry_and_flops_match_design_facts():
+    frames, h, w = latent_grid(81, 736, 640)
+    assert (frames, h, w) == (21, 23, 20) and frames * h * w == 9660
+    flops = forward_flops(DitShape(), 9660, attended_pairs(21, 460, "dense"), 21)
+    total = sum(flops.values())
+    assert total == pytest.approx(1.22e14, rel=0.02)
+    assert flops["linear"] / total == pytest.approx(0.69, abs=0.015)
+    assert flops["self_attention"] / total == pytest.approx(0.28, abs=0.015)
+
+
+def test_block_sparse_pair_counts():
+    assert attended_pairs(3, 2, "dense") == 36
+    assert attended_pairs(3, 2, "causal") == (1 + 2 + 3) * 4
+    # [clean | noisy]: clean i sees clean <= i (6 frame pairs); noisy i sees clean < i and itself (3 + 3)
+    assert attended_pairs(3, 2, "teacher_forcing") == (6 + 3 + 3) * 4
+
+
+def test_parameter_count_and_deepspeed_model_states():
+    params, largest = dit_parameters(DitShape())
+    assert params == 4_999_787_712
+    assert largest == 18432 * 3072 + 18432  # time_projection.1
+    parts = model_state_gib(params, largest, stage=3, world=8, offload=False)
+    assert parts["parameters"] * GIB == pytest.approx(2 * params / 8)
+    assert parts["optimizer"] * GIB == pytest.approx(12 * params / 8)
+    replicated = model_state_gib(params, largest, stage=0, world=8, offload=False)
+    assert replicated["parameters"] * GIB == pytest.approx(2 * params)
+
+
+def test_activation_model_is_measured_from_our_block():
+    model = measure_activation_model(256, 1024, 4)
+    assert model.checkpointed_block == 4 * 256  # float32 residual stream kept per checkpointed block
+    assert 20 * 256 < model.block < 120 * 256  # bytes/token of one block, between loose physical bounds
+    assert model.per_token(30, checkpointing=True) < model.per_token(30, checkpointing=False) / 3
+
+
+def test_2xh200_micro_batch_8_verdicts_with_and_without_checkpointing():
+    config = load_config(REPO / "configs/vidarc_2xh200.yaml", ["model.chunk_size=21"])
+    profile = load_profile(REPO / "ds_configs/zero3_2xh200.json")
+    with_ckpt = make_plan(config, "zero3_2xh200", profile, "h200", 2, checkpointing=True)
+    without = make_plan(config, "zero3_2xh200", profile, "h200", 2, checkpointing=False)
+    assert with_ckpt.micro_batch == 8 and with_ckpt.tokens_per_sample == 2 * 9660
+    assert without.memory_gib["activations"] > 5 * with_ckpt.memory_gib["activations"]
+    assert not without.fits and without.max_micro_batch < 8
+    assert with_ckpt.total_gib == pytest.approx(sum(with_ckpt.memory_gib.values()))
+    assert "GiB per GPU" in with_ckpt.verdict()
+
+
+def test_a100_time_for_4k_steps():
+    config = load_config(REPO / "configs/vidarc_causal.yaml")
+    plan = make_plan(config, "zero3_8xa100_80g", load_profile(REPO / "ds_configs/zero3_8xa100_80g.json"),
+                     "a100-80g", 8)
+    per_sample = sum(plan.flops_per_sample.values()) * 4  # forward, backward (2x), recompute
+    expected = per_sample * 128 / 8 / (0.4 * 312e12)
+    assert plan.step_seconds == pytest.approx(expected, rel=1e-6)
+    assert plan.run_hours == pytest.approx(expected * 4000 / 3600, rel=1e-6)
+
+
+def test_cli_prints_plan_and_rejects_bad_config(capsys, tmp_path):
+    assert main(["--config", str(REPO / "configs/vidarc_2xh200.yaml"), "--ds-config",
+                 str(REPO / "ds_configs/zero3_2xh200.json"), "--gpu", "h200", "--checkpointing", "on"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict:" in out and "largest micro-batch" in out and "h for 4,000 steps" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  lrr: 1\n")
+    assert main(["--config", str(bad), "--ds-config", str(REPO / "ds_configs/zero3_2xh200.json")]) == 2
+    assert "did you mean `training.lr`" in capsys.readouterr().err

@@ -1,0 +1,406 @@
+"""Memory and time planner: will this config fit on this hardware, and how long will it take?
+
+    python -m vidartrain.plan --config configs/vidarc_2xh200.yaml --ds-config ds_configs/zero3_2xh200.json
+
+Per-GPU memory = model states (DeepSpeed's own ZeRO estimator) + activations (our DiT block's real
+saved tensors, measured at the real width on a few tokens and scaled per token) + KV cache of rollouts
++ frozen encoders + allocator headroom. Time = training FLOPs per step / (MFU x peak bf16 FLOP/s).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vidartrain.config import Config, ConfigError, load_config
+from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile, profile_world_size
+
+GIB = 1024**3
+VAE_STRIDE = (4, 16, 16)
+PATCH = (1, 2, 2)
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory_gib: float
+    bf16_tflops: float  # dense peak
+
+
+GPUS = {
+    "h100": Gpu("H100-80G SXM", 80.0, 989.0),
+    "a100-80g": Gpu("A100-80G SXM", 80.0, 312.0),
+    "h200": Gpu("H200 (141 GB)", 141.0, 989.0),
+}
+
+# The design note's hardware table: (profile, gpu, world size, its expected time in hours).
+HARDWARE_TABLE = [
+    ("zero3_64xh100", "h100", 64, 2.0),
+    ("zero3_8xh100", "h100", 8, 16.0),
+    ("zero3_8xa100_80g", "a100-80g", 8, 24.0),
+    ("zero3_2xh200", "h200", 2, 48.0),
+]
+
+# Frozen encoders in bf16 (parameter counts of the published models).
+FROZEN_PARAMS = {"t5": 5_680_910_336, "vae": 704_688_668, "idm": 92_784_694}
+CUDA_CONTEXT_GIB = 1.5  # CUDA context + NCCL buffers, measured typically 1-2 GiB
+FRAGMENTATION = 0.05  # share of device memory the caching allocator loses to fragmentation
+
+
+@dataclass(frozen=True)
+class DitShape:
+    dim: int = 3072
+    ffn_dim: int = 14336
+    num_heads: int = 24
+    num_layers: int = 30
+    text_len: int = 512
+    text_dim: int = 4096
+    in_dim: int = 48
+    freq_dim: int = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry and FLOPs
+
+
+def latent_grid(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """Latent frames and token grid of a video: VAE stride (4, 16, 16), then the DiT's 2x2 patch."""
+    frames = (num_frames - 1) // VAE_STRIDE[0] + 1
+    return frames, height // VAE_STRIDE[1] // PATCH[1], width // VAE_STRIDE[2] // PATCH[2]
+
+
+def tokens_per_frame(height: int, width: int) -> int:
+    _, h, w = latent_grid(1, height, width)
+    return h * w
+
+
+def attended_pairs(frames: int, per_frame: int, layout: str) -> int:
+    """Query-key pairs self-attention computes: dense, block-causal, or one-pass teacher forcing
+    ([clean | noisy]: clean frame i sees clean <= i; noisy frame i sees clean < i and itself)."""
+    if layout == "dense":
+        return (frames * per_frame) ** 2
+    causal = frames * (frames + 1) // 2 * per_frame**2
+    if layout == "causal":
+        return causal
+    if layout == "teacher_forcing":
+        noisy = (frames * (frames - 1) // 2 + frames) * per_frame**2
+        return causal + noisy
+    raise ValueError(f"unknown attention layout {layout!r}")
+
+
+def forward_flops(shape: DitShape, tokens: int, pairs: int, frames: int) -> dict[str, float]:
+    """Forward FLOPs of one sample (2 per multiply-add), split as the planner reports them."""
+    d, f, n = shape.dim, shape.ffn_dim, shape.num_layers
+    per_block_linear = 2 * tokens * (4 * d * d + 2 * d * d + 2 * d * f) + 2 * shape.text_len * 2 * d * d
+    linear = n * per_block_linear
+    embeddings = 2 * tokens * d * (shape.in_dim * 4 + 4 * shape.in_dim)  # patch embedding + head
+    embeddings += 2 * shape.text_len * (shape.text_dim * d + d * d)
+    embeddings += 2 * frames * (shape.freq_dim * d + d * d + 6 * d * d)  # time MLPs, once per frame
+    self_attention = n * 2 * 2 * pairs * d  # QK^T and AV
+    cross_attention = n * 2 * 2 * tokens * shape.text_len * d
+    return {"linear": float(linear + embeddings), "self_attention": float(self_attention),
+            "cross_attention": float(cross_attention)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation memory: our block's saved tensors, measured
+
+
+def saved_bytes(fn: Any, params: set[int]) -> int:
+    """Bytes of the unique storages autograd saves while running `fn()`, parameters excluded."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """Bytes per token of saved activations, measured on our model at the real width."""
+    block: float  # one transformer block, without checkpointing
+    outside_blocks: float  # patch embedding, head and the rest, once per forward
+    checkpointed_block: float  # what a checkpointed block keeps: its input residual stream
+
+    def per_token(self, num_layers: int, checkpointing: bool) -> float:
+        # While a block runs backward, the gradients of its intermediates are alive too: about as
+        # large as what it saved (calibrated against CPU peak memory, benchmarks/plan_calibration.py).
+        backward_workspace = self.block
+        if checkpointing:  # every block keeps its input; one block at a time is recomputed in full
+            return num_layers * self.checkpointed_block + self.block + backward_workspace + self.outside_blocks
+        return num_layers * self.block + backward_workspace + self.outside_blocks
+
+
+@functools.lru_cache(maxsize=8)
+def measure_activation_model(dim: int, ffn_dim: int, num_heads: int, text_len: int = 64) -> ActivationModel:
+    """Run a one-block WanModel of the given width under CPU bf16 autocast with per-frame timesteps,
+    at 2 and 4 latent frames of 4x4 tokens, and count what autograd saves. Slopes between the two
+    sizes cancel what does not grow with tokens (autocast's weight casts, the text embedding)."""
+    from vidartrain.models.wan.model import WanModel
+
+    torch.manual_seed(0)
+    model = WanModel(dim=dim, ffn_dim=ffn_dim, num_heads=num_heads, num_layers=1, text_len=text_len,
+                     text_dim=64, freq_dim=64)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    context = torch.randn(1, text_len, 64)
+    t = torch.full((1,), 500.0)
+    with_block, without_block, residual_bytes = [], [], 0
+    for frames in (2, 4):
+        x = torch.randn(1, model.in_dim, frames, 8, 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with_block.append(saved_bytes(lambda: model(x, t, context), params))
+            blocks, model.blocks = model.blocks, torch.nn.ModuleList()
+            try:
+                without_block.append(saved_bytes(lambda: model(x, t, context), params))
+            finally:
+                model.blocks = blocks
+            residual_bytes = model.embed_video(x)[0].element_size()
+    tokens = 2 * 16  # token difference between 4 and 2 frames of 4x4 tokens
+    outside = (without_block[1] - without_block[0]) / tokens
+    block = (with_block[1] - with_block[0]) / tokens - outside
+    return ActivationModel(block=block, outside_blocks=outside, checkpointed_block=residual_bytes * dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Plan:
+    profile: str
+    gpu: str
+    world_size: int
+    micro_batch: int
+    accumulation: int
+    tokens_per_sample: int
+    checkpointing: bool
+    memory_gib: dict[str, float]
+    total_gib: float
+    device_gib: float
+    fits: bool
+    margin_gib: float
+    max_micro_batch: int
+    flops_per_sample: dict[str, float]
+    step_seconds: float
+    run_hours: float
+    num_steps: int
+    mfu: float
+
+    def verdict(self) -> str:
+        word = "fits" if self.fits else "does NOT fit"
+        return (f"{word}: {self.total_gib:.1f} of {self.device_gib:.0f} GiB per GPU "
+                f"(margin {self.margin_gib:+.1f} GiB); largest micro-batch that fits: {self.max_micro_batch}")
+
+
+def sample_layout(config: Config) -> tuple[int, int, str]:
+    """(latent frames, tokens per frame, attention layout) of one training sample."""
+    data = config.data
+    frames, h, w = latent_grid(data.num_frames, data.height, data.width)
+    causal = config.model.model_class == "WanModelCausal"
+    if causal:
+        return config.chunk_size, h * w, "teacher_forcing"
+    return frames, h * w, "dense"
+
+
+def sequence_tokens(frames: int, per_frame: int, layout: str) -> int:
+    return frames * per_frame * (2 if layout == "teacher_forcing" else 1)
+
+
+def model_state_gib(params: int, largest_layer: int, stage: int, world: int, offload: bool) -> dict[str, float]:
+    """Parameters, gradients and optimizer states per GPU in DeepSpeed's accounting: bf16 parameters
+    (2 bytes), fp32 gradient partitions (4), fp32 master weights + Adam moments (12); ZeRO-1 shards
+    the optimizer, ZeRO-2 also the gradients, ZeRO-3 also the parameters. For ZeRO-3 the total is
+    DeepSpeed's own estimator, which adds the largest layer gathered in full."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    def per_gpu(bytes_per_param: int, sharded_from_stage: int) -> float:
+        return bytes_per_param * params / (world if stage >= sharded_from_stage else 1)
+
+    parts = {"parameters": per_gpu(2, 3), "gradients": per_gpu(4, 2), "optimizer": per_gpu(12, 1),
+             "gathered_layer": 0.0}
+    if offload:  # offload_optimizer keeps gradients and optimizer on the CPU; ZeRO-3 also the parameters
+        parts["gradients"] = parts["optimizer"] = 0.0
+        if stage == 3:
+            parts["parameters"] = 0.0
+    if stage == 3:
+        _, gpu_bytes, largest = estimate_zero3_model_states_mem_needs(
+            params, largest_layer, num_gpus_per_node=min(world, 8), num_nodes=max(1, world // 8),
+            cpu_offload=offload, cpu_offload_params=offload)
+        parts["gathered_layer"] = float(largest)
+        if abs(sum(parts.values()) - gpu_bytes) > world:
+            raise RuntimeError(f"planner disagrees with DeepSpeed's ZeRO-3 estimator: {sum(parts.values())} vs {gpu_bytes}")
+    return {name: value / GIB for name, value in parts.items()}
+
+
+def kv_cache_gib(config: Config, shape: DitShape, per_frame: int, micro: int) -> float:
+    """Self-generated rollouts keep K and V of every layer for the cached frames (bf16)."""
+    if config.model.model_class != "WanModelCausal" or config.self_forcing.context_mode == "ground_truth":
+        return 0.0
+    frames = min(config.self_forcing.kv_cache_length, config.chunk_size)
+    return micro * frames * per_frame * shape.num_layers * 2 * shape.dim * 2 / GIB
+
+
+def frozen_gib(config: Config, precomputed: bool) -> float:
+    if precomputed:
+        return 0.0
+    names = ["t5", "vae"] + (["idm"] if config.loss.embodiment_aware else [])
+    return sum(FROZEN_PARAMS[n] for n in names) * 2 / GIB
+
+
+def activation_gib(shape: DitShape, tokens: int, micro: int, checkpointing: bool) -> float:
+    model = measure_activation_model(shape.dim, shape.ffn_dim, shape.num_heads)
+    return micro * tokens * model.per_token(shape.num_layers, checkpointing) / GIB
+
+
+def dit_parameters(shape: DitShape) -> tuple[int, int]:
+    """(total parameters, largest single layer) of the DiT, counted on the meta device."""
+    from vidartrain.models.wan.model import WanModel
+
+    with torch.device("meta"):
+        model = WanModel(dim=shape.dim, ffn_dim=shape.ffn_dim, num_heads=shape.num_heads,
+                         num_layers=shape.num_layers, text_len=shape.text_len, text_dim=shape.text_dim)
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return total, largest
+
+
+def make_plan(config: Config, profile_name: str, profile: dict[str, Any], gpu_key: str, world_size: int,
+              mfu: float = 0.4, checkpointing: bool | None = None, precomputed: bool = False,
+              shape: DitShape = DitShape()) -> Plan:
+    ds, _ = build_deepspeed_config(config, profile, world_size)
+    gpu = GPUS[gpu_key]
+    micro, accumulation = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    checkpointing = config.model.gradient_checkpointing if checkpointing is None else checkpointing
+    frames, per_frame, layout = sample_layout(config)
+    tokens = sequence_tokens(frames, per_frame, layout)
+    params, largest = dit_parameters(shape)
+    zero = ds["zero_optimization"]
+    offload = "offload_optimizer" in zero
+
+    def memory_for(m: int) -> dict[str, float]:
+        parts = model_state_gib(params, largest, zero.get("stage", 0), world_size, offload)
+        parts["activations"] = activation_gib(shape, tokens, m, checkpointing)
+        parts["kv_cache"] = kv_cache_gib(config, shape, per_frame, m)
+        parts["frozen_encoders"] = frozen_gib(config, precomputed)
+        parts["headroom"] = CUDA_CONTEXT_GIB + FRAGMENTATION * gpu.memory_gib
+        return parts
+
+    memory = memory_for(micro)
+    total = sum(memory.values())
+    max_micro = 0
+    while sum(memory_for(max_micro + 1).values()) <= gpu.memory_gib and max_micro < 1024:
+        max_micro += 1
+    pairs = attended_pairs(frames if layout != "teacher_forcing" else frames, per_frame, layout)
+    flops = forward_flops(shape, tokens, pairs, frames)
+    passes = 3 + (1 if checkpointing else 0)  # forward + backward (2x), + recompute
+    step_flops = sum(flops.values()) * passes * micro * accumulation
+    step_seconds = step_flops / (mfu * gpu.bf16_tflops * 1e12)
+    return Plan(profile=profile_name, gpu=gpu.name, world_size=world_size, micro_batch=micro,
+                accumulation=accumulation, tokens_per_sample=tokens, checkpointing=checkpointing,
+                memory_gib=memory, total_gib=total, device_gib=gpu.memory_gib, fits=total <= gpu.memory_gib,
+                margin_gib=gpu.memory_gib - total, max_micro_batch=max_micro, flops_per_sample=flops,
+                step_seconds=step_seconds, run_hours=step_seconds * config.training.num_steps / 3600,
+                num_steps=config.training.num_steps, mfu=mfu)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [f"{plan.profile} on {plan.world_size} x {plan.gpu}: micro-batch {plan.micro_batch} x accumulation "
+             f"{plan.accumulation}, {plan.tokens_per_sample:,} tokens per sample, activation checkpointing "
+             f"{'on' if plan.checkpointing else 'off'}",
+             "  memory per GPU (GiB):"]
+    for name, gib in plan.memory_gib.items():
+        lines.append(f"    {name:<16} {gib:8.2f}")
+    lines.append(f"    {'total':<16} {plan.total_gib:8.2f}  of {plan.device_gib:.0f}")
+    lines.append(f"  verdict: {plan.verdict()}")
+    total_flops = sum(plan.flops_per_sample.values())
+    shares = ", ".join(f"{k} {v / total_flops:.0%}" for k, v in plan.flops_per_sample.items())
+    lines.append(f"  forward FLOPs per sample: {total_flops:.3g} ({shares})")
+    lines.append(f"  time at {plan.mfu:.0%} MFU: {plan.step_seconds:.1f} s per step, "
+                 f"{plan.run_hours:.1f} h for {plan.num_steps:,} steps")
+    return "\n".join(lines)
+
+
+def hardware_table(config: Config, mfu: float = 0.4, precomputed: bool = False) -> list[dict[str, Any]]:
+    """The planner beside the design note's hardware table, for every GPU profile."""
+    repo = Path(__file__).resolve().parents[1]
+    rows = []
+    for name, gpu, world, note_hours in HARDWARE_TABLE:
+        profile = load_profile(repo / "ds_configs" / f"{name}.json")
+        for checkpointing in (True, False):
+            plan = make_plan(config, name, profile, gpu, world, mfu, checkpointing, precomputed)
+            rows.append({"profile": name, "gpus": f"{world}x {GPUS[gpu].name}", "checkpointing": checkpointing,
+                         "micro_batch": plan.micro_batch, "total_gib": round(plan.total_gib, 1),
+                         "device_gib": plan.device_gib, "fits": plan.fits,
+                         "max_micro_batch": plan.max_micro_batch, "step_s": round(plan.step_seconds, 1),
+                         "hours": round(plan.run_hours, 1), "design_note_hours": note_hours})
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    header = ("| profile | GPUs | act. ckpt | micro | GiB/GPU | fits | max micro | s/step | hours | "
+              "design note |\n|---|---|---|---|---|---|---|---|---|---|")
+    body = [f"| {r['profile']} | {r['gpus']} | {'on' if r['checkpointing'] else 'off'} | {r['micro_batch']} | "
+            f"{r['total_gib']} / {r['device_gib']:.0f} | {'yes' if r['fits'] else 'no'} | {r['max_micro_batch']} | "
+            f"{r['step_s']} | {r['hours']} | ~{r['design_note_hours']:.0f} h |" for r in rows]
+    return "\n".join([header, *body])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vidar-plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML training config")
+    parser.add_argument("--ds-config", help="DeepSpeed JSON profile (default: distributed.ds_config)")
+    parser.add_argument("--world-size", type=int, help="number of GPUs (default: the profile's own)")
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+    parser.add_argument("--precomputed", action="store_true", help="shards hold latents/embeddings/masks")
+    parser.add_argument("--checkpointing", choices=["on", "off", "both"], default="both")
+    parser.add_argument("--table", action="store_true", help="every GPU profile beside the design note's table")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.set)
+        if args.table:
+            rows = hardware_table(config, args.mfu, args.precomputed)
+            print(json.dumps(rows, indent=2) if args.json else markdown_table(rows))
+            return 0
+        profile_path = args.ds_config or config.distributed.ds_config
+        if not profile_path:
+            raise ConfigError("no DeepSpeed profile: pass --ds-config or set distributed.ds_config")
+        profile = load_profile(profile_path)
+        world = args.world_size or profile_world_size(profile)
+        if not world:
+            raise ConfigError(f"{profile_path} has no train_batch_size to infer its world size: pass --world-size")
+        modes = {"on": [True], "off": [False], "both": [True, False]}[args.checkpointing]
+        plans = [make_plan(config, Path(profile_path).stem, profile, args.gpu, world, args.mfu, c, args.precomputed)
+                 for c in modes]
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([asdict(p) for p in plans], indent=2))
+    else:
+        print("\n\n".join(format_plan(p) for p in plans))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
