@@ -1,0 +1,95 @@
+"""Train one stage from a YAML config and a DeepSpeed JSON profile.
+
+    deepspeed --num_gpus 2 launch/train.py --config configs/debug/tiny_vidar.yaml \\
+        --ds-config ds_configs/cpu_debug.json [--output_dir DIR] [--set training.lr=1e-4] \\
+        [--resume auto|PATH] [--max_steps N]
+    torchrun --nproc_per_node 8 launch/train.py --config … --ds-config …      (same flags)
+
+The stage follows from the config: loss.type flow_matching -> Vidar (stage 1),
+causal_flow_matching -> Vidarc self-forcing (stage 2), idm -> the inverse dynamics model.
+A bad config or profile fails here, before any model is built.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by deepspeed / torchrun: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vidartrain.config import Config, ConfigError, load_config  # noqa: E402
+from vidartrain.distributed.ds_config import load_profile  # noqa: E402
+from vidartrain.trainers.base import RunOptions, Stage, Trainer  # noqa: E402
+
+# loss.type -> (module, class) of the stage that trains it
+STAGES = {
+    "flow_matching": ("vidartrain.trainers.vidar_trainer", "VidarStage"),
+    "causal_flow_matching": ("vidartrain.trainers.self_forcing", "SelfForcingStage"),
+    "idm": ("vidartrain.trainers.idm_trainer", "IdmStage"),
+}
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML training config (configs/*.yaml)")
+    parser.add_argument("--ds-config", "--ds_config", dest="ds_config", default=None,
+                        help="DeepSpeed JSON profile (ds_configs/*.json); default: distributed.ds_config of the YAML")
+    parser.add_argument("--output_dir", "--output-dir", dest="output_dir", default=None,
+                        help="checkpoints, TensorBoard events and metrics.jsonl (default: output.output_dir)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (repeatable), e.g. --set training.lr=1e-5")
+    parser.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint in the output "
+                        "dir, if any) or a checkpoint folder / universal checkpoint folder")
+    parser.add_argument("--max_steps", "--max-steps", dest="max_steps", type=int, default=None,
+                        help="stop after this step (with a checkpoint); default training.num_steps")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return parser
+
+
+def stage_for(config: Config) -> Stage:
+    module_name, class_name = STAGES[config.loss.type]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"`loss.type` = {config.loss.type}: its trainer {module_name} is not available ({err})") from err
+    return getattr(module, class_name)()
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging()
+    config = load_config(args.config, args.overrides)
+    ds_config = args.ds_config or config.distributed.ds_config
+    if ds_config is None:
+        raise ConfigError("no DeepSpeed profile: pass --ds-config ds_configs/<profile>.json "
+                          "or set distributed.ds_config in the YAML")
+    load_profile(ds_config)
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise ConfigError(f"--max_steps {args.max_steps}: must be > 0")
+    stage = stage_for(config)
+    options = RunOptions(ds_config=ds_config, output_dir=args.output_dir, resume=args.resume,
+                         max_steps=args.max_steps)
+    Trainer(config, stage, options).train()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Export of trained weights as 16-bit state dicts with the model's own (upstream) key names.
+
+Two sources, both DeepSpeed's own machinery:
+- a live ZeRO-3 engine: `gather_16bit_state_dict` all-gathers each parameter with
+  `deepspeed.zero.GatheredParameters` and keeps a bf16 CPU copy on rank 0;
+- a saved DeepSpeed checkpoint (any ZeRO stage): `deepspeed.utils.zero_to_fp32` rebuilds the fp32
+  master weights offline, without a process group, which are then cast to bf16.
+
+    python -m vidartrain.distributed.export OUTPUT/checkpoints[/step_00000030] --out vidar.pt
+
+writes vidar.pt (torch.save of the state dict) and vidar.safetensors, each atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from safetensors.torch import save_file
+from torch import nn
+
+from vidartrain.distributed.checkpointing import TAG_PATTERN, is_complete, latest_complete
+
+EXPORT_DTYPE = torch.bfloat16
+
+
+def gather_16bit_state_dict(module: nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """Full bf16 state dict of a (possibly ZeRO-3 partitioned) module on rank 0; {} on other ranks.
+
+    Collective: every rank must call it. Parameters are gathered one at a time, so no rank ever
+    holds more than one full tensor beyond its own partition (rank 0 keeps the bf16 copies)."""
+    state: dict[str, torch.Tensor] = {}
+    parameters = dict(module.named_parameters())
+    for name, param in parameters.items():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank == 0:
+                state[name] = param.detach().to("cpu", EXPORT_DTYPE, copy=True)
+    if rank == 0:
+        # Persistent buffers are not partitioned by ZeRO; state_dict() names exactly the persistent ones.
+        for name, value in module.state_dict().items():
+            if name not in parameters:
+                state[name] = value.detach().to("cpu", copy=True)
+    return state
+
+
+def write_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path) -> tuple[Path, Path]:
+    """Write `path` (torch.save, loadable by upstream `load_state_dict(torch.load(p), strict=False)`)
+    and the same tensors as `path` with suffix .safetensors; each file appears whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    contiguous = {name: tensor.contiguous() for name, tensor in state_dict.items()}
+    safetensors_path = path.with_suffix(".safetensors")
+    for target, write in ((path, lambda tmp: torch.save(contiguous, tmp)),
+                          (safetensors_path, lambda tmp: save_file(contiguous, tmp))):
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        write(tmp)
+        os.replace(tmp, target)
+    return path, safetensors_path
+
+
+def state_dict_from_checkpoint(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """bf16 state dict from a DeepSpeed checkpoint folder (step_XXXXXXXX) or a checkpoints directory
+    (its latest complete checkpoint)."""
+    checkpoint = Path(checkpoint)
+    if TAG_PATTERN.match(checkpoint.name):
+        if not is_complete(checkpoint):
+            raise ValueError(f"{checkpoint}: incomplete checkpoint (no COMPLETE marker), refusing to export it")
+        root, tag = checkpoint.parent, checkpoint.name
+    else:
+        root, tag = checkpoint, latest_complete(checkpoint)
+        if tag is None:
+            raise FileNotFoundError(f"{checkpoint}: no complete checkpoint (step_XXXXXXXX/COMPLETE) in it")
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    return {name: tensor.to(EXPORT_DTYPE) if tensor.is_floating_point() else tensor
+            for name, tensor in fp32.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export a DeepSpeed checkpoint as a bf16 state dict "
+                                                 "(.pt and .safetensors) with upstream key names.")
+    parser.add_argument("checkpoint", help="checkpoint folder (…/checkpoints/step_XXXXXXXX) or checkpoints directory")
+    parser.add_argument("--out", required=True, help="output .pt path (a .safetensors is written beside it)")
+    args = parser.parse_args(argv)
+    state_dict = state_dict_from_checkpoint(args.checkpoint)
+    pt_path, st_path = write_state_dict(state_dict, args.out)
+    count = sum(t.numel() for t in state_dict.values())
+    print(f"exported {len(state_dict)} tensors ({count:,} values) to {pt_path} and {st_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

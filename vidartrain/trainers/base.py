@@ -1,0 +1,405 @@
+"""The DeepSpeed training engine every stage runs on.
+
+A stage (Vidar stage 1, Vidarc self-forcing, the IDM) says *what* is trained; `Trainer` says *how*:
+engine, optimizer, schedule, accumulation, checkpoints, monitoring. The trainer drives a `Stage`:
+
+    class MyStage(Stage):
+        name = "vidar"
+        def build_model(self, config) -> nn.Module
+            # The trainable module, handed to deepspeed.initialize. Built identically on every rank
+            # (the trainer seeds torch with the same seed first): ZeRO-3 keeps each rank's own slice
+            # of the parameters it is given, so ranks must agree on them.
+        def load_frozen(self, config, device) -> None
+            # Frozen helpers (VAE, umT5, IDM) in bf16, requires_grad False, outside the optimizer;
+            # nothing when the shards hold pre-encoded tensors.
+        def build_loader(self, config, split, micro_batch_size, rank, world_size) -> ResumableLoader
+            # split "train" (infinite, shuffled) or "val" (held-out shards, one pass; None if the
+            # config has none). Batches are dicts with "__key__": list[str].
+        def training_loss(self, module, batch, generator) -> (loss, metrics)
+            # loss: 0-dim float tensor of this micro-batch. generator: torch.Generator seeded by
+            # (seed, step, micro-batch, rank) - all noise must come from it, which makes resumed
+            # runs bit-identical. metrics: name -> tensor([sum, count]) summed over micro-batches
+            # and ranks, logged as sum / count (e.g. loss per sigma bucket).
+        def tokens_in(self, batch) -> int          # DiT tokens of the batch, for tokens/s
+        def export(self, state_dict, path) -> None  # write the final weights (rank 0 only)
+
+The model never sees DeepSpeed; the trainer never sees tar files.
+
+ZeRO-3 construction: "load, then partition". Every rank builds the model in bf16 on the CPU (the
+real checkpoint is read from memory-mapped safetensors straight into bf16 tensors, so a node's
+ranks share the page cache and nothing exists in fp32), and `deepspeed.initialize` partitions the
+parameters, one at a time, onto the device. The fp32 master weights and Adam moments exist only as
+each rank's 1/world slice inside DeepSpeed's optimizer.
+
+Gradient accumulation draws a fresh micro-batch from the loader for every micro-step
+(metrics.jsonl records every sample key of every step, so this is checked). The accumulation
+boundary is set explicitly so that a step with a non-finite loss on any rank can be dropped whole:
+its gradients are discarded, the weights and the learning-rate schedule stay where they were, and
+the step is counted; `training.max_nonfinite_steps` such steps in a row stop the run with a
+checkpoint.
+
+Checkpoints: output_dir/checkpoints/step_XXXXXXXX, written by `engine.save_checkpoint` on all
+ranks (ZeRO shards, optimizer, LR scheduler, client_state = step, loader position, RNG states).
+A checkpoint counts only once every rank has finished writing: then rank 0 writes its COMPLETE
+marker and atomically replaces `latest`. `--resume auto` only ever picks complete checkpoints.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from torch import nn
+
+from vidartrain.config import Config
+from vidartrain.distributed.checkpointing import (
+    CheckpointRef, checkpoints_dir, mark_complete, prune_checkpoints, resolve_resume, tag_for_step)
+from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile
+from vidartrain.distributed.export import gather_16bit_state_dict
+from vidartrain.trainers.monitoring import TrainingMonitor, peak_memory_bytes
+
+log = logging.getLogger(__name__)
+
+class ResumableLoader(Protocol):
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Stage:
+    """What one training stage provides; see the module docstring for the contract."""
+
+    name: str = "stage"
+
+    def build_model(self, config: Config) -> nn.Module:
+        raise NotImplementedError
+
+    def load_frozen(self, config: Config, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def build_loader(self, config: Config, split: str, micro_batch_size: int, rank: int,
+                     world_size: int) -> ResumableLoader | None:
+        raise NotImplementedError
+
+    def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def tokens_in(self, batch: dict[str, Any]) -> int:
+        raise NotImplementedError
+
+    def export(self, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class RunOptions:
+    """What the command line adds to the YAML config."""
+
+    ds_config: str
+    output_dir: str | None = None  # None: config.output.output_dir
+    resume: str | None = None  # None, "auto" or a checkpoint path
+    max_steps: int | None = None  # stop (with a checkpoint) after this step; None: training.num_steps
+    export: bool = True  # write config.output.save_path when training reaches num_steps
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss."""
+
+
+def init_distributed() -> None:
+    """Process group from the launcher's environment (deepspeed, torchrun or SLURM): nccl on GPUs,
+    gloo on CPU (DeepSpeed picks the accelerator's backend)."""
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+TRAIN_STREAM, VALIDATION_STREAM = 0, 1
+
+
+def micro_batch_generator(seed: int, stream: int, step: int, micro: int, rank: int,
+                          device: torch.device) -> torch.Generator:
+    """The random stream of one micro-batch on one rank: a function of where it is in the run only,
+    so a resumed run draws exactly the noise an uninterrupted one would."""
+    generator = torch.Generator(device=device)
+    entropy = [seed, stream, step, micro, rank]
+    generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
+    return generator
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based): linear warmup over
+    `warmup` steps, then constant or cosine down to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(parameters: Any, config: Config) -> torch.optim.Optimizer:
+    t = config.training
+    return torch.optim.AdamW(parameters, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    t = config.training
+    min_ratio = t.min_lr / t.lr
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, t.warmup, t.num_steps, t.lr_schedule, min_ratio))
+
+
+class Trainer:
+    """Runs one stage on a DeepSpeed engine; `train()` is the whole loop, top to bottom."""
+
+    def __init__(self, config: Config, stage: Stage, options: RunOptions):
+        self.config, self.stage, self.options = config, stage, options
+        self.output_dir = Path(options.output_dir or config.output.output_dir)
+        self.max_steps = options.max_steps or config.training.num_steps
+        # Everything that can be wrong with the configuration fails here, before any model exists.
+        profile = load_profile(options.ds_config)
+        init_distributed()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.ds_config, _ = build_deepspeed_config(config, profile, self.world_size)
+        self.resume_from: CheckpointRef | None = resolve_resume(options.resume, checkpoints_dir(self.output_dir))
+        if self.resume_from is not None and self.resume_from.universal:
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        self.device = torch.device(get_accelerator().device_name())
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.stop_requested = False
+        self.last_saved_step: int | None = None
+
+        seed_everything(config.training.seed)  # same on every rank: ZeRO-3 keeps each rank's slice
+        model = stage.build_model(config)
+        if config.model.gradient_checkpointing:
+            model.enable_gradient_checkpointing(True)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=trainable, config=self.ds_config,
+            optimizer=lambda params: build_optimizer(params, config),
+            lr_scheduler=lambda optimizer: build_scheduler(optimizer, config))
+        seed_everything(config.training.seed + self.rank)
+        stage.load_frozen(config, self.device)
+
+        self.micro_batch_size = self.engine.train_micro_batch_size_per_gpu()
+        self.accumulation = self.engine.gradient_accumulation_steps()
+        self.train_loader = stage.build_loader(config, "train", self.micro_batch_size, self.rank, self.world_size)
+        self.validates = bool(config.training.val_every) and stage.build_loader(
+            config, "val", self.micro_batch_size, self.rank, self.world_size) is not None
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
+        self.monitor = TrainingMonitor(self.output_dir, enabled=self.rank == 0, start_step=self.step,
+                                       total_steps=self.max_steps)
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+
+    def train(self) -> int:
+        """Train to `max_steps` (or until preempted); returns the last completed step."""
+        previous_handler = signal.signal(signal.SIGTERM, self.request_stop)
+        batches = iter(self.train_loader)
+        try:
+            while self.step < self.max_steps:
+                record = self.train_step(batches)
+                self.step += 1
+                self.after_step(record)
+                if self.stop_requested:
+                    log.warning("SIGTERM received: saving a checkpoint at step %d and exiting", self.step)
+                    self.save_checkpoint()
+                    return self.step
+            if self.last_saved_step != self.step:
+                self.save_checkpoint()
+            if self.options.export and self.step >= self.config.training.num_steps:
+                self.export(Path(self.config.output.save_path))
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            self.monitor.close()
+        return self.step
+
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        """One optimizer step: `accumulation` micro-batches, each a new batch from the loader."""
+        engine, stage = self.engine, self.stage
+        engine.train()
+        data_wait = compute = 0.0
+        keys: list[str] = []
+        tokens = 0
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        metrics: dict[str, torch.Tensor] = {}
+        finite = True
+        for micro in range(self.accumulation):
+            start = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - start
+            keys.extend(batch["__key__"])
+            tokens += stage.tokens_in(batch)
+            if not finite:
+                continue  # the step is dropped; still consume its data so positions stay aligned
+            start = time.perf_counter()
+            engine.set_gradient_accumulation_boundary(micro == self.accumulation - 1)
+            generator = micro_batch_generator(self.config.training.seed, TRAIN_STREAM, self.step, micro,
+                                              self.rank, self.device)
+            loss, micro_metrics = stage.training_loss(engine, batch, generator)
+            # One all-reduce tells every rank both the mean loss and whether any rank went non-finite
+            # (every rank must then skip backward, or ZeRO-3's collectives would hang).
+            global_loss = loss.detach().double().reshape(1).cpu().to(self.device)
+            dist.all_reduce(global_loss)
+            if not torch.isfinite(global_loss).all():
+                finite = False
+                compute += time.perf_counter() - start
+                continue
+            engine.backward(loss)
+            loss_sum += global_loss.cpu()[0]
+            for name, value in micro_metrics.items():
+                metrics[name] = metrics.get(name, 0) + value.detach().double().cpu()
+            compute += time.perf_counter() - start
+        start = time.perf_counter()
+        if finite:
+            engine.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            engine.optimizer.zero_grad()  # drop the gradients of the micro-batches before the bad one
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+        compute += time.perf_counter() - start
+        return {"finite": finite, "loss": float(loss_sum) / (self.world_size * self.accumulation),
+                "metrics": self.reduce_metrics(metrics), "keys": self.gather_keys(keys),
+                "data_wait": data_wait, "compute": compute,
+                "tokens": tokens * self.world_size, "samples": len(keys) * self.world_size}
+
+    def after_step(self, record: dict[str, Any]) -> None:
+        """Logging, stop decisions, validation and checkpoints, identical on every rank."""
+        stop = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        dist.all_reduce(stop)  # a SIGTERM seen by any rank stops all of them at the same step
+        self.stop_requested = bool(stop.item() > 0)
+        record.update(step=self.step, lr=self.engine.get_lr()[0], nonfinite_total=self.nonfinite_total,
+                      grad_norm=self.grad_norm() if record["finite"] else float("nan"),
+                      peak_memory=peak_memory_bytes())
+        self.monitor.log_step(record, log_scalars=self.step % self.config.training.log_every == 0
+                              or self.step == self.max_steps)
+        if self.nonfinite_in_a_row >= self.config.training.max_nonfinite_steps:
+            self.save_checkpoint()
+            raise NonFiniteLossError(
+                f"step {self.step}: {self.nonfinite_in_a_row} consecutive steps had a non-finite loss "
+                f"({self.nonfinite_total} in total); the weights are those of the last finite step and "
+                f"were saved to {checkpoints_dir(self.output_dir)}. Lower training.lr, check the data "
+                f"(metrics.jsonl lists each step's sample keys) or raise training.max_nonfinite_steps")
+        val_every = self.config.training.val_every
+        if self.validates and self.step % val_every == 0:
+            self.monitor.log_validation(self.step, self.validation_loss())
+        if self.step % self.config.training.save_every == 0:
+            self.save_checkpoint()
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def reduce_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Sum [sum, count] pairs over ranks (every rank reports the same names) -> means."""
+        names = sorted(metrics)
+        if not names:
+            return {}
+        packed = torch.stack([metrics[name] for name in names]).to(self.device)
+        dist.all_reduce(packed)
+        return {name: float(s / c) for name, (s, c) in zip(names, packed.cpu().tolist()) if c > 0}
+
+    def gather_keys(self, keys: list[str]) -> list[str]:
+        gathered: list[list[str] | None] = [None] * self.world_size
+        dist.all_gather_object(gathered, keys)
+        return [key for rank_keys in gathered for key in rank_keys]
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean loss over up to `training.val_batches` held-out micro-batches per rank, with fixed noise
+        (the same at every evaluation, so values are comparable over the run)."""
+        loader = self.stage.build_loader(self.config, "val", self.micro_batch_size, self.rank, self.world_size)
+        batches = list(itertools.islice(loader, self.config.training.val_batches))
+        # ZeRO-3 forwards are collective: every rank evaluates the same number of batches.
+        count = torch.tensor([len(batches)], device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MIN)
+        if count.item() == 0:
+            raise ValueError(f"the held-out set gives some rank no validation batch of {self.micro_batch_size} "
+                             f"samples; add held-out samples or set training.val_every=0")
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for index, batch in enumerate(batches[:int(count.item())]):
+            generator = micro_batch_generator(self.config.training.seed, VALIDATION_STREAM, 0, index, self.rank,
+                                              self.device)
+            loss, _ = self.stage.training_loss(self.engine, batch, generator)
+            total += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        self.engine.train()
+        total = total.to(self.device)
+        dist.all_reduce(total)
+        return float(total[0] / total[1])
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints and export
+
+    def client_state(self) -> dict[str, Any]:
+        return {"step": self.step, "nonfinite_total": self.nonfinite_total,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "loader": self.train_loader.state_dict(), "world_size": self.world_size,
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                        "torch": torch.get_rng_state()}}
+
+    def save_checkpoint(self) -> None:
+        root = checkpoints_dir(self.output_dir)
+        tag = tag_for_step(self.step)
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=self.client_state(), save_latest=False)
+        dist.barrier()  # every rank's files are on disk before the checkpoint counts
+        if self.rank == 0:
+            mark_complete(root, tag, {"step": self.step, "world_size": self.world_size})
+            prune_checkpoints(root, keep_last=self.config.training.keep_last)
+        dist.barrier()
+        self.last_saved_step = self.step
+        log.info("checkpoint %s saved", root / tag)
+
+    def load_checkpoint(self, ref: CheckpointRef) -> None:
+        load_dir, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
+        if load_dir is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {ref.path}")
+        self.step = int(client["step"])
+        self.nonfinite_total = int(client["nonfinite_total"])
+        self.nonfinite_in_a_row = int(client["nonfinite_in_a_row"])
+        self.last_saved_step = self.step
+        self.train_loader.load_state_dict(client["loader"])
+        if client["world_size"] == self.world_size:
+            rng = client["rng"]
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+        log.info("resumed from %s at step %d", ref.path, self.step)
+
+    def export(self, path: Path) -> None:
+        """Gather the 16-bit weights from the ZeRO-3 partitions and let the stage write them."""
+        state_dict = gather_16bit_state_dict(self.engine.module, rank=self.rank)
+        if self.rank == 0:
+            self.stage.export(state_dict, path)
+            log.info("exported %d tensors to %s", len(state_dict), path)
+        dist.barrier()

@@ -1,0 +1,81 @@
+"""What rank 0 reports while training: TensorBoard events, metrics.jsonl, a progress bar, log lines."""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def peak_memory_bytes() -> int:
+    """Peak GPU allocator memory on a GPU; peak resident set size of the process on CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class TrainingMonitor:
+    """Writes under output_dir: tensorboard/ (event files) and metrics.jsonl (one line per step, with
+    the step's sample keys). Does nothing on ranks other than 0."""
+
+    def __init__(self, output_dir: Path, enabled: bool, start_step: int, total_steps: int):
+        self.enabled = enabled
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        # purge_step drops events a previous, interrupted run wrote after the checkpoint we resume from.
+        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"),
+                                    purge_step=start_step if start_step > 0 else None)
+        self.metrics_file = open(output_dir / "metrics.jsonl", "a")
+        self.progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def log_step(self, record: dict[str, Any], log_scalars: bool) -> None:
+        if not self.enabled:
+            return
+        step = record["step"]
+        step_time = record["data_wait"] + record["compute"]
+        scalars = {
+            "train/loss": record["loss"], "train/lr": record["lr"], "train/grad_norm": record["grad_norm"],
+            "train/nonfinite_steps": record["nonfinite_total"],
+            "throughput/samples_per_s": record["samples"] / step_time,
+            "throughput/tokens_per_s": record["tokens"] / step_time,
+            "time/data_wait_s": record["data_wait"], "time/compute_s": record["compute"],
+            "memory/peak_gib": record["peak_memory"] / 2**30,
+        }
+        scalars.update({f"train/{name}": value for name, value in record["metrics"].items()})
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.metrics_file.write(json.dumps({**{k: v for k, v in record.items() if k != "metrics"},
+                                            **record["metrics"]}) + "\n")
+        self.metrics_file.flush()
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        if log_scalars:
+            self.writer.flush()
+            log.info("step %d  loss %.5f  lr %.3e  grad_norm %.3f  %.1f samples/s  %.0f tokens/s  "
+                     "data %.2fs compute %.2fs  peak %.2f GiB%s", step, record["loss"], record["lr"],
+                     record["grad_norm"], scalars["throughput/samples_per_s"], scalars["throughput/tokens_per_s"],
+                     record["data_wait"], record["compute"], scalars["memory/peak_gib"],
+                     "" if record["finite"] else "  (non-finite loss: step skipped)")
+
+    def log_validation(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        self.writer.add_scalar("val/loss", loss, step)
+        self.metrics_file.write(json.dumps({"step": step, "val_loss": loss}) + "\n")
+        self.metrics_file.flush()
+        log.info("step %d  validation loss %.5f", step, loss)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.progress.close()
+        self.writer.close()
+        self.metrics_file.close()

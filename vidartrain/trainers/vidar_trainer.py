@@ -1,0 +1,141 @@
+"""Stage 1 (Vidar): full fine-tuning of the bidirectional WanModel with flow matching (Eq. 1).
+
+Per micro-batch: clean latents x_1 (VAE-encoded online when the shards hold raw video), text
+embeddings (umT5 online, or pre-encoded), noise x_0, one sigma per sample (uniform, then Wan's
+shift). TI2V conditioning: the first latent frame stays clean and its tokens get timestep 0; it
+is left out of the loss. Text dropout for classifier-free guidance happens in the loader (an
+empty prompt with probability data.cfg_prob).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vidartrain.config import Config, ConfigError
+from vidartrain.data.dataset import build_loader
+from vidartrain.data.shard_index import read_index
+from vidartrain.distributed.export import write_state_dict
+from vidartrain.losses import (NUM_TRAIN_TIMESTEPS, add_noise, flow_matching_loss, flow_matching_target,
+                               sample_sigmas)
+from vidartrain.models.wan.checkpoint import load_finetuned
+from vidartrain.models.wan.model import WanModel
+from vidartrain.models.wan.text_encoder import TextEncoder
+from vidartrain.models.wan.vae import WanVAE
+from vidartrain.trainers.base import ResumableLoader, Stage
+
+VAE_FILE = "Wan2.2_VAE.pth"
+FROZEN_DTYPE = torch.bfloat16
+SIGMA_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def first_frame_conditioning(sigma: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample sigma [B] -> per-frame sigma [B, F] with frame 0 clean (sigma 0), and the loss
+    mask [B, 1, F, 1, 1] that leaves frame 0 out."""
+    frame_sigma = sigma[:, None].repeat(1, num_frames)
+    frame_sigma[:, 0] = 0.0
+    mask = torch.ones(sigma.shape[0], 1, num_frames, 1, 1, device=sigma.device)
+    mask[:, :, 0] = 0.0
+    return frame_sigma, mask
+
+
+def sigma_bucket_metrics(per_sample_loss: torch.Tensor, sigma: torch.Tensor) -> dict[str, torch.Tensor]:
+    """[sum, count] of the per-sample loss in each sigma bucket (every bucket named, even if empty,
+    so that all ranks reduce the same list)."""
+    metrics = {}
+    for low, high in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:]):
+        inside = (sigma >= low) & ((sigma < high) if high < 1.0 else (sigma <= high))
+        metrics[f"loss_by_sigma/{low:.2f}-{high:.2f}"] = torch.stack(
+            [per_sample_loss[inside].sum(), inside.sum().to(per_sample_loss.dtype)])
+    return metrics
+
+
+class VidarStage(Stage):
+    name = "vidar"
+
+    def __init__(self) -> None:
+        self.vae: WanVAE | None = None
+        self.text_encoder: TextEncoder | None = None
+        self.device = torch.device("cpu")
+        self.shift = 1.0
+        self.patch_size: tuple[int, int, int] = (1, 2, 2)
+        self.text_len = 512
+
+    def build_model(self, config: Config) -> nn.Module:
+        if config.model.ckpt_dir is None:
+            raise ConfigError("`model.ckpt_dir` is not set: stage 1 starts from a Wan2.2-TI2V checkpoint directory")
+        if config.data.shards is None:
+            raise ConfigError("`data.shards` is not set: the shard directory made by `vidar-shard`")
+        self.shift = config.loss.shift
+        model = WanModel.from_pretrained(config.model.ckpt_dir, dtype=torch.bfloat16, device="cpu")
+        if config.model.pt_dir is not None:
+            load_finetuned(model, config.model.pt_dir)
+        self.patch_size, self.text_len = model.patch_size, model.text_len
+        return model.train().requires_grad_(True)
+
+    def load_frozen(self, config: Config, device: torch.device) -> None:
+        """VAE and umT5, frozen in bf16, only when the shards hold raw video and prompts."""
+        self.device = device
+        if read_index(config.data.shards)["mode"] != "raw":
+            return
+        ckpt_dir = Path(config.model.ckpt_dir)
+        self.vae = WanVAE.from_pretrained(ckpt_dir / VAE_FILE, dtype=FROZEN_DTYPE, device=device,
+                                          **(config.model.vae_config or {}))
+        self.text_encoder = TextEncoder.from_pretrained(ckpt_dir, dtype=FROZEN_DTYPE, device=device,
+                                                        text_len=self.text_len,
+                                                        encoder_config=config.model.t5_config)
+
+    def build_loader(self, config: Config, split: str, micro_batch_size: int, rank: int,
+                     world_size: int) -> ResumableLoader | None:
+        shards = config.data.shards if split == "train" else config.data.val_shards
+        if shards is None:
+            return None
+        return build_loader(shards, config.data, micro_batch_size, rank=rank, world_size=world_size,
+                            train=split == "train")
+
+    @torch.no_grad()
+    def clean_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        if "latents" in batch:
+            return batch["latents"].to(self.device, torch.float32)
+        if self.vae is None:
+            raise KeyError(f"batch {batch['__key__']} has neither pre-encoded `latents` nor a VAE to encode `video`")
+        return self.vae.encode(batch["video"].to(self.device))
+
+    @torch.no_grad()
+    def text_context(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        if "text_emb" in batch:
+            return [emb.to(self.device) for emb in batch["text_emb"]]
+        if self.text_encoder is None:
+            raise KeyError(f"batch {batch['__key__']} has neither pre-encoded `text_emb` nor a text encoder")
+        return self.text_encoder(batch["text"])
+
+    def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        clean = self.clean_latents(batch)
+        context = self.text_context(batch)
+        batch_size, _, num_frames = clean.shape[:3]
+        noise = torch.randn(clean.shape, generator=generator, device=self.device, dtype=clean.dtype)
+        sigma = sample_sigmas(batch_size, self.shift, generator=generator, device=self.device)
+        frame_sigma, loss_mask = first_frame_conditioning(sigma, num_frames)
+        noisy = add_noise(clean, noise, frame_sigma)
+        pred = module(noisy, NUM_TRAIN_TIMESTEPS * frame_sigma, context)
+        target = flow_matching_target(clean, noise)
+        loss = flow_matching_loss(pred, target, loss_mask=loss_mask)
+        with torch.no_grad():
+            mask = loss_mask.expand_as(pred)
+            per_sample = ((pred.float() - target).pow(2) * mask).flatten(1).sum(1) / mask.flatten(1).sum(1)
+        return loss, sigma_bucket_metrics(per_sample.cpu().double(), sigma.cpu())
+
+    def tokens_in(self, batch: dict[str, Any]) -> int:
+        pt, ph, pw = self.patch_size
+        if "latents" in batch:
+            batch_size, _, frames, height, width = batch["latents"].shape
+        else:
+            batch_size, _, num_frames, video_h, video_w = batch["video"].shape
+            frames, height, width = (num_frames - 1) // 4 + 1, video_h // 16, video_w // 16
+        return batch_size * (frames // pt) * (height // ph) * (width // pw)
+
+    def export(self, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+        write_state_dict(state_dict, path)
