@@ -230,11 +230,18 @@ def _gelu_tanh_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
 # ----------------------------------------------------------------------------- attention
 
 
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    # Uncompiled flex_attention materialises the full score matrix; compiled, it is block-sparse.
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
     """Softmax attention on [B, N, L, D] tensors. A BlockMask selects flex_attention (block-sparse,
     for the causal model on GPU); a boolean mask or None goes to scaled_dot_product_attention."""
     if isinstance(mask, BlockMask):
-        return flex_attention(q, k, v, block_mask=mask)
+        flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+        return flex(q, k, v, block_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

@@ -1,0 +1,274 @@
+"""WanModelCausal + KVCache: block causality, cached generation, teacher forcing vs rollout."""
+import pytest
+import torch
+from conftest import fixture_path
+from safetensors.torch import load_file
+from test_wan_dit import tiny_config
+
+from vidartrain.models.wan.causal import (FrameLayout, WanModelCausal, frame_visibility, generate_frames,
+                                          rollout)
+from vidartrain.models.wan.kv_cache import KVCache, RolloutWindow, latent_frames_of, video_frames_of
+from vidartrain.models.wan.model import WanModel
+
+ATOL = 1e-5
+FRAME_TOKENS = 6  # latent 4x6 -> 2x3 tokens per frame
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return load_file(fixture_path("wan_reference", "dit_tiny_weights.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def model(weights):
+    model = WanModelCausal(**tiny_config())
+    model.load_state_dict(weights, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def latents(frames: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 48, frames, 4, 6, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def text():
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(7, 32, generator=generator), torch.randn(11, 32, generator=generator)]
+
+
+def max_error(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def test_state_dicts_are_interchangeable_with_wan_model(model, weights):
+    plain = WanModel(**tiny_config())
+    plain.load_state_dict(model.state_dict(), strict=True)
+    assert set(plain.state_dict()) == set(weights)
+
+
+def test_one_latent_frame_equals_the_bidirectional_model(model, weights, text):
+    plain = WanModel(**tiny_config()).eval()
+    plain.load_state_dict(weights)
+    x = latents(1)
+    t = torch.tensor([300.0, 800.0])
+    with torch.no_grad():
+        assert max_error(model(x, t, text), plain(x, t, text)) <= ATOL
+
+
+def test_frame_visibility_rules():
+    clean = FrameLayout.context(0, 3)
+    assert frame_visibility(clean, clean).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    both = clean + clean.as_noisy()
+    visible = frame_visibility(both, both)
+    # noisy frame 2 sees clean frames 0, 1 and itself; not clean frame 2 nor noisy frame 1
+    assert visible[5].tolist() == [True, True, False, False, False, True]
+    # clean frames never see noisy ones
+    assert not visible[:3, 3:].any()
+
+
+def test_changing_later_frames_leaves_earlier_outputs_bit_identical(model, text):
+    x = latents(4)
+    t = torch.tensor([[0.0, 200.0, 500.0, 900.0], [0.0, 100.0, 400.0, 700.0]])
+    changed, t_changed = x.clone(), t.clone()
+    changed[:, :, 2:] = torch.randn_like(changed[:, :, 2:])
+    t_changed[:, 2:] = 11.0
+    with torch.no_grad():
+        a, b = model(x, t, text), model(changed, t_changed, text)
+    assert torch.equal(a[:, :, :2], b[:, :, :2])
+    assert max_error(a[:, :, 2:], b[:, :, 2:]) > 1e-3
+
+
+def test_flex_block_mask_gives_the_sdpa_numbers(model, text):
+    x = latents(3)
+    t = torch.tensor([[0.0, 300.0, 600.0], [0.0, 200.0, 900.0]])
+    with torch.no_grad():
+        sdpa = model(x, t, text)
+        model.attention_backend = "flex"
+        try:
+            flex = model(x, t, text)
+            flex_tf = model.forward_teacher_forcing(x, latents(3, seed=5), t, text)
+        finally:
+            model.attention_backend = "auto"
+        sdpa_tf = model.forward_teacher_forcing(x, latents(3, seed=5), t, text)
+    assert max_error(flex, sdpa) <= ATOL
+    assert max_error(flex_tf, sdpa_tf) <= ATOL
+
+
+def test_cached_frame_by_frame_and_by_chunks_equal_the_full_forward(model, text):
+    x = latents(5)
+    t = torch.tensor([[0.0, 0.0, 250.0, 600.0, 950.0], [0.0, 0.0, 100.0, 500.0, 999.0]])
+    with torch.no_grad():
+        full = model(x, t, text)
+        for chunk in (1, 2):
+            cache = KVCache(model.num_layers, capacity=5)
+            outputs = []
+            for start in range(0, 5, chunk):
+                velocity, cache = model.forward_with_cache(x[:, :, start:start + chunk], t[:, start:start + chunk],
+                                                           text, cache, update_cache=True)
+                outputs.append(velocity)
+            assert cache.positions == [0, 1, 2, 3, 4]
+            assert max_error(torch.cat(outputs, dim=2), full) <= ATOL
+
+
+def test_pop_last_and_prefill_real_frames_at_the_same_positions(model, text):
+    """The deployed controller: generate 4 frames, pop them, prefill the 4 real observations."""
+    real = latents(6, seed=2)
+    generated = latents(4, seed=3)
+    new_frame = latents(1, seed=4)
+    t_new = torch.tensor([700.0, 350.0])
+    with torch.no_grad():
+        cache = model.prefill(real[:, :, :2], text, KVCache(model.num_layers, capacity=8))
+        for i in range(4):
+            cache = model.prefill(generated[:, :, i:i + 1], text, cache)
+        assert cache.positions == [0, 1, 2, 3, 4, 5]
+        cache.pop_last(4)
+        assert cache.positions == [0, 1] and cache.next_position == 2
+        cache = model.prefill(real[:, :, 2:], text, cache)
+        assert cache.positions == [0, 1, 2, 3, 4, 5]
+        cached, _ = model.forward_with_cache(new_frame, t_new, text, cache)
+        sequence = torch.cat([real, new_frame], dim=2)
+        t_full = torch.cat([torch.zeros(2, 6), t_new[:, None]], dim=1)
+        full = model(sequence, t_full, text)
+    assert max_error(cached, full[:, :, 6:]) <= ATOL
+
+
+def test_window_reset_reprefills_the_last_real_frames_from_position_zero(model, text):
+    real = latents(7, seed=6)
+    new_frame = latents(1, seed=7)
+    t_new = torch.tensor([500.0, 900.0])
+    with torch.no_grad():
+        cache = model.prefill(real, text, KVCache(model.num_layers, capacity=8))
+        cache = model.reset_and_reprefill(real[:, :, -3:], text, cache)
+        assert cache.positions == [0, 1, 2]
+        cached, _ = model.forward_with_cache(new_frame, t_new, text, cache)
+        full = model(torch.cat([real[:, :, -3:], new_frame], dim=2),
+                     torch.cat([torch.zeros(2, 3), t_new[:, None]], dim=1), text)
+    assert max_error(cached, full[:, :, 3:]) <= ATOL
+
+
+def test_teacher_forcing_frame_i_equals_full_forward_over_clean_prefix_and_noisy_frame(model, text):
+    clean, noisy = latents(4, seed=8), latents(4, seed=9)
+    t = torch.tensor([[100.0, 300.0, 500.0, 700.0], [900.0, 800.0, 600.0, 400.0]])
+    with torch.no_grad():
+        teacher_forcing = model.forward_teacher_forcing(clean, noisy, t, text)
+        for i in (0, 2, 3):
+            sequence = torch.cat([clean[:, :, :i], noisy[:, :, i:i + 1]], dim=2)
+            t_seq = torch.cat([torch.zeros(2, i), t[:, i:i + 1]], dim=1)
+            assert max_error(teacher_forcing[:, :, i], model(sequence, t_seq, text)[:, :, i]) <= ATOL
+
+
+def test_teacher_forcing_equals_ground_truth_rollout_in_loss_and_gradients(weights, text):
+    model = WanModelCausal(**tiny_config())
+    model.load_state_dict(weights)
+    clean, noisy = latents(4, seed=10), latents(4, seed=11)
+    t = torch.tensor([[0.0, 300.0, 500.0, 700.0], [0.0, 800.0, 600.0, 400.0]])
+    target = latents(4, seed=12)
+
+    def loss_and_gradients(fn):
+        model.zero_grad()
+        loss = (fn() - target).pow(2).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    reference_loss, reference = loss_and_gradients(lambda: model.forward_teacher_forcing(clean, noisy, t, text))
+    assert all(g.abs().sum() > 0 for g in reference.values())
+    for chunk in (1, 3):
+        loss, gradients = loss_and_gradients(
+            lambda: rollout(model, clean, noisy, t, text, chunk_size=chunk, cache_grad=True))
+        torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=0)
+        for name, grad in gradients.items():
+            torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_self_forcing_rollout_generates_its_own_context(model, text):
+    clean, noisy = latents(3, seed=13), latents(3, seed=14)
+    t = torch.tensor([[0.0, 400.0, 800.0], [0.0, 300.0, 600.0]])
+    with torch.no_grad():
+        ground_truth = rollout(model, clean, noisy, t, text)
+        all_real = rollout(model, clean, noisy, t, text, context_mode="self_forcing", num_ground_truth_frames=3)
+        generated = rollout(model, clean, noisy, t, text, context_mode="self_forcing", num_ground_truth_frames=1,
+                            sigmas=(1.0, 0.5), generator=torch.Generator().manual_seed(0))
+    assert max_error(all_real, ground_truth) <= ATOL
+    # frames 0 and 1 only see ground truth (frame 0's context); frame 2 sees the generated frame 1
+    assert max_error(generated[:, :, :2], ground_truth[:, :, :2]) <= ATOL
+    assert max_error(generated[:, :, 2], ground_truth[:, :, 2]) > 1e-3
+
+
+def test_generated_frame_follows_the_euler_steps(model, text):
+    noise = latents(1, seed=15)
+    with torch.no_grad():
+        cache = model.prefill(latents(2, seed=16), text, KVCache(model.num_layers, capacity=4))
+        frame = generate_frames(model, noise, text, cache, sigmas=(1.0, 0.5))
+        v1, _ = model.forward_with_cache(noise, 1000.0, text, cache)
+        halfway = noise - 0.5 * v1
+        v2, _ = model.forward_with_cache(halfway, 500.0, text, cache)
+    assert cache.num_frames == 2
+    assert max_error(frame, halfway - 0.5 * v2) <= ATOL
+
+
+def test_deployed_controller_loop_keeps_the_cache_within_capacity(model, text):
+    """Closed loop 3x longer than the window: generate 2 latent frames (8 video frames), pop them,
+    prefill the real ones; reset + re-prefill when the window would pass the bound."""
+    window = RolloutWindow(rollout_bound=21, rollout_prefill_num=9)
+    capacity = latent_frames_of(window.rollout_bound)
+    real = latents(3 * capacity + 4, batch=1, seed=17)
+    cache = KVCache(model.num_layers, capacity=capacity)
+    observed, resets, peak_tokens = 1, 0, 0
+    with torch.no_grad():
+        model.prefill(real[:, :, :1], text[:1], cache)
+        while observed + 2 <= real.shape[2]:
+            if window.needs_reset(cache.video_frames, 8):
+                model.reset_and_reprefill(real[:, :, observed - window.prefill_latent_frames:observed], text[:1], cache)
+                resets += 1
+            for _ in range(2):
+                frame = generate_frames(model, latents(1, batch=1, seed=observed), text[:1], cache, sigmas=(1.0,))
+                model.prefill(frame, text[:1], cache)
+                peak_tokens = max(peak_tokens, cache.cached_tokens())
+            cache.pop_last(2)
+            model.prefill(real[:, :, observed:observed + 2], text[:1], cache)
+            observed += 2
+            assert cache.num_frames <= capacity and cache.video_frames <= window.rollout_bound
+    assert resets >= 3
+    assert peak_tokens <= capacity * FRAME_TOKENS
+    assert all(k.shape[2] <= capacity * FRAME_TOKENS for k in cache.keys)
+
+
+def test_eviction_keeps_sink_frames_and_the_newest(model, text):
+    cache = KVCache(model.num_layers, capacity=4, sink=1, evict_oldest=True)
+    with torch.no_grad():
+        for i in range(12):
+            model.prefill(latents(1, seed=20 + i), text, cache)
+            assert cache.num_frames <= 4 and cache.cached_tokens() <= 4 * FRAME_TOKENS
+    assert cache.positions == [0, 9, 10, 11]
+
+
+def test_cache_refuses_what_it_cannot_do(model, text):
+    cache = KVCache(model.num_layers, capacity=2)
+    with torch.no_grad():
+        model.prefill(latents(2), text, cache)
+        with pytest.raises(RuntimeError, match="KV cache full: 2 of 2 frames"):
+            model.prefill(latents(1), text, cache)
+    with pytest.raises(ValueError, match="cannot pop 3 frames from a cache of 2"):
+        cache.pop_last(3)
+    with pytest.raises(ValueError, match="sink frames"):
+        KVCache(2, capacity=2, sink=2)
+    with pytest.raises(ValueError, match="one timestep per latent frame"):
+        model(latents(2), torch.arange(12.0).view(1, 12).expand(2, 12), text)
+
+
+def test_video_and_latent_frame_counts_of_the_deployed_window():
+    window = RolloutWindow()
+    assert (window.rollout_bound, window.rollout_prefill_num, window.prefill_latent_frames) == (60, 33, 9)
+    assert video_frames_of(15) == 57 and video_frames_of(16) == 61 and latent_frames_of(81) == 21
+    assert window.needs_reset(49, 16) and not window.needs_reset(33, 16)
+
+
+def test_bounded_rollout_evicts_the_oldest_non_sink_frames(model, text):
+    clean, noisy = latents(5, seed=30), latents(5, seed=31)
+    t = torch.full((2, 5), 600.0)
+    with torch.no_grad():
+        unbounded = rollout(model, clean, noisy, t, text)
+        bounded = rollout(model, clean, noisy, t, text, kv_cache_length=2, sink=1)
+    # frame 2 still sees frames 0, 1; from frame 3 on, frame 1 has been evicted (frame 0 is the sink)
+    assert max_error(bounded[:, :, :3], unbounded[:, :, :3]) <= ATOL
+    assert max_error(bounded[:, :, 3], unbounded[:, :, 3]) > 1e-4

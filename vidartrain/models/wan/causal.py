@@ -1,0 +1,314 @@
+"""Vidarc causal DiT: the Wan2.2 DiT with block-causal attention over latent frames.
+
+Same parameters and block code as `WanModel` (a vidar.pt loads unchanged, and back). A block is
+one latent frame: every token sees all tokens of its own and earlier frames. RoPE positions are
+absolute frame indices in every path.
+
+Paths that give the same numbers:
+- `forward(x, t, context)`: the whole sequence with a block-causal mask;
+- `forward_with_cache(x, t, context, cache)`: frames through an explicit `KVCache` (inference:
+  prefill clean frames at t = 0, denoise a new frame against the cache, append it at t = 0);
+- `forward_teacher_forcing(clean, noisy, t_noisy, context)`: one pass over [clean | noisy] where
+  noisy frame i sees clean frames < i and itself (stage-2 training with ground-truth context);
+- `rollout(...)`: the same training computation chunk by chunk through the cache, with
+  ground-truth or self-generated (self-forcing) context.
+
+Attention masks: an SDPA boolean mask (CPU, default there), or a flex_attention BlockMask
+(block-sparse; default on CUDA). Block masks are built once per frame layout and reused.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+from .kv_cache import KeyValue, KVCache
+from .model import WanModel, group_timesteps, rope_for_grid
+
+AttentionBackend = Literal["auto", "sdpa", "flex"]
+ContextMode = Literal["ground_truth", "self_forcing"]
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Per latent frame of a token sequence: its slot in the causal order and whether it is a
+    noisy copy (teacher forcing). Noisy frame in slot i sees context frames in slots < i and
+    itself; a context frame in slot i sees context frames in slots <= i."""
+
+    slots: tuple[int, ...]
+    noisy: tuple[bool, ...]
+
+    @classmethod
+    def context(cls, first_slot: int, frames: int) -> "FrameLayout":
+        return cls(tuple(range(first_slot, first_slot + frames)), (False,) * frames)
+
+    def __add__(self, other: "FrameLayout") -> "FrameLayout":
+        return FrameLayout(self.slots + other.slots, self.noisy + other.noisy)
+
+    def as_noisy(self) -> "FrameLayout":
+        return FrameLayout(self.slots, (True,) * len(self.slots))
+
+
+def frame_visibility(query: FrameLayout, key: FrameLayout) -> torch.Tensor:
+    """Boolean [query frames, key frames]: may a token of query frame q attend to key frame k."""
+    q_slot, k_slot = torch.tensor(query.slots)[:, None], torch.tensor(key.slots)[None, :]
+    q_noisy, k_noisy = torch.tensor(query.noisy)[:, None], torch.tensor(key.noisy)[None, :]
+    sees_context = (k_slot < q_slot) | ((k_slot == q_slot) & ~q_noisy)
+    sees_itself = q_noisy & (k_slot == q_slot)
+    return torch.where(k_noisy, sees_itself, sees_context)
+
+
+def sdpa_mask(query: FrameLayout, key: FrameLayout, tokens_per_frame: int,
+              device: torch.device) -> torch.Tensor | None:
+    """Token-level boolean mask [Lq, Lk] for scaled_dot_product_attention; None if all visible."""
+    visible = frame_visibility(query, key)
+    if bool(visible.all()):
+        return None
+    return visible.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def flex_block_mask(query: FrameLayout, key: FrameLayout, tokens_per_frame: int, device: str) -> BlockMask:
+    """Block-sparse mask for flex_attention, built once per (layout, frame size, device): training
+    shapes repeat, so the mask (and the kernels compiled for it) are reused."""
+    visible = frame_visibility(query, key).to(device)
+
+    def mask_mod(batch, head, q_index, k_index):
+        return visible[q_index // tokens_per_frame, k_index // tokens_per_frame]
+
+    return create_block_mask(mask_mod, None, None, len(query.slots) * tokens_per_frame,
+                             len(key.slots) * tokens_per_frame, device=device)
+
+
+class WanModelCausal(WanModel):
+    """Block-causal Wan2.2 DiT (Vidarc). `attention_backend`: "auto" (flex on CUDA, SDPA
+    elsewhere), "sdpa" or "flex"."""
+
+    attention_backend: AttentionBackend = "auto"
+
+    # --- masks, text, timesteps
+
+    def attention_mask(self, query: FrameLayout, key: FrameLayout, tokens_per_frame: int,
+                       device: torch.device) -> torch.Tensor | BlockMask | None:
+        backend = self.attention_backend
+        if backend not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attention_backend must be 'auto', 'sdpa' or 'flex', got {backend!r}")
+        if backend == "auto":
+            backend = "flex" if device.type == "cuda" else "sdpa"
+        if backend == "sdpa" or bool(frame_visibility(query, key).all()):
+            return sdpa_mask(query, key, tokens_per_frame, device)
+        return flex_block_mask(query, key, tokens_per_frame, str(device))
+
+    def text_key_values(self, context: torch.Tensor | Sequence[torch.Tensor]) -> list[KeyValue]:
+        """Cross-attention keys/values of the text for every block: compute once per prompt and
+        pass as `context` to the cached calls of a rollout."""
+        text = self.embed_text(context)
+        return [block.cross_attn.context_key_value(text) for block in self.blocks]
+
+    def _text(self, context) -> torch.Tensor | list[KeyValue]:
+        if isinstance(context, list) and context and isinstance(context[0], tuple):
+            if len(context) != self.num_layers:
+                raise ValueError(f"precomputed text key/values cover {len(context)} blocks, "
+                                 f"the model has {self.num_layers}")
+            return context
+        return self.embed_text(context)
+
+    @staticmethod
+    def frame_timesteps(t: torch.Tensor | float, batch: int, grid: tuple[int, int, int]) -> torch.Tensor:
+        """t as [B, F]: the causal model needs one timestep per latent frame (or coarser)."""
+        frames = grid[0]
+        if not isinstance(t, torch.Tensor):
+            t = torch.tensor(float(t))
+        if t.dim() == 0:
+            t = t.expand(batch)
+        grouped = group_timesteps(t.float(), batch, grid)
+        if grouped.shape[1] == 1:
+            return grouped.expand(batch, frames)
+        if grouped.shape[1] != frames:
+            raise ValueError("the causal model needs one timestep per latent frame; "
+                             f"got timesteps that vary inside a frame, t shape {list(t.shape)}")
+        return grouped
+
+    # --- the one computation every path uses
+
+    def _forward_frames(self, x: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, text,
+                        cache: KVCache | None = None, noisy: torch.Tensor | None = None,
+                        t_noisy: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KeyValue]]:
+        """Context frames x [B, C, f, H, W] (timesteps t [B, f], RoPE frame positions [f]) attend
+        to the cache and block-causally to each other. Optional noisy copies at the same positions
+        (timesteps t_noisy) each see the context before them and themselves. Returns the velocity
+        of the noisy frames if given, else of x, and every layer's (k, v) of the context frames."""
+        tokens, grid = self.embed_video(x)
+        frames, height, width = grid
+        frame_tokens = height * width
+        cached = cache.num_frames if cache is not None else 0
+        query = FrameLayout.context(cached, frames)
+        t_all, all_positions = t, positions
+        if noisy is not None:
+            noisy_tokens, _ = self.embed_video(noisy)
+            tokens = torch.cat([tokens, noisy_tokens], dim=1)
+            query = query + query.as_noisy()
+            t_all = torch.cat([t, t_noisy], dim=1)
+            all_positions = torch.cat([positions, positions])
+        key = FrameLayout.context(0, cached) + query
+        mask = self.attention_mask(query, key, frame_tokens, tokens.device)
+        e, e0 = self.embed_time(t_all)
+        rope = rope_for_grid(all_positions.to(tokens.device), height, width, self.head_dim)
+        past = [cache.layer(i) for i in range(self.num_layers)] if cached else None
+        hidden, key_values = self.run_blocks(tokens, e0, text, rope, mask, past)
+        context_tokens = frames * frame_tokens
+        key_values = [(k[:, :, :context_tokens], v[:, :, :context_tokens]) for k, v in key_values]
+        first = frames if noisy is not None else 0
+        head = self.head(hidden[:, first * frame_tokens:(first + frames) * frame_tokens],
+                         e[:, first:first + frames])
+        return self.unpatchify(head, grid), key_values
+
+    # --- public paths
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context) -> torch.Tensor:
+        """Whole sequence [B, C, F, H, W] with block-causal attention; frames at positions 0..F-1."""
+        self._check_latents(x, "x")
+        grid = self._grid(x)
+        positions = torch.arange(grid[0])
+        velocity, _ = self._forward_frames(x, self.frame_timesteps(t, x.shape[0], grid), positions,
+                                           self._text(context))
+        return velocity
+
+    def forward_with_cache(self, x: torch.Tensor, t: torch.Tensor | float, context, cache: KVCache,
+                           update_cache: bool = False, positions: Sequence[int] | None = None
+                           ) -> tuple[torch.Tensor, KVCache]:
+        """Frames x [B, C, f, H, W] attending to everything in `cache` and block-causally to each
+        other, at RoPE positions `positions` (default: right after the last cached frame). With
+        `update_cache` their keys/values are appended (do that at t = 0 for clean frames)."""
+        self._check_latents(x, "x")
+        grid = self._grid(x)
+        positions = list(range(cache.next_position, cache.next_position + grid[0])) \
+            if positions is None else list(positions)
+        if len(positions) != grid[0]:
+            raise ValueError(f"{len(positions)} positions given for {grid[0]} frames")
+        velocity, key_values = self._forward_frames(
+            x, self.frame_timesteps(t, x.shape[0], grid), torch.tensor(positions), self._text(context), cache)
+        if update_cache:
+            cache.append(key_values, positions)
+        return velocity, cache
+
+    def prefill(self, clean: torch.Tensor, context, cache: KVCache,
+                positions: Sequence[int] | None = None) -> KVCache:
+        """Append clean frames (t = 0) to the cache."""
+        return self.forward_with_cache(clean, 0.0, context, cache, update_cache=True, positions=positions)[1]
+
+    def reset_and_reprefill(self, real_latents: torch.Tensor, context, cache: KVCache,
+                            first_position: int = 0) -> KVCache:
+        """The deployed window reset: clear the cache, then prefill the latents of the last
+        `rollout_prefill_num` real frames. The published server starts a fresh state, so the
+        re-prefilled frames take positions first_position.. (0 by default)."""
+        cache.reset()
+        positions = range(first_position, first_position + real_latents.shape[2])
+        return self.prefill(real_latents, context, cache, positions=positions)
+
+    def forward_teacher_forcing(self, clean: torch.Tensor, noisy: torch.Tensor, t_noisy: torch.Tensor,
+                                context) -> torch.Tensor:
+        """One pass over [clean | noisy] (same RoPE positions 0..F-1 for both copies): clean
+        frames block-causal at t = 0, noisy frame i sees clean frames < i and itself. Returns the
+        velocity of the noisy frames [B, C, F, H, W]. No state between calls."""
+        self._check_latents(clean, "clean")
+        if noisy.shape != clean.shape:
+            raise ValueError(f"noisy {list(noisy.shape)} and clean {list(clean.shape)} must have the same shape")
+        grid = self._grid(clean)
+        t_noisy = self.frame_timesteps(t_noisy, clean.shape[0], grid)
+        velocity, _ = self._forward_frames(clean, torch.zeros_like(t_noisy), torch.arange(grid[0]),
+                                           self._text(context), noisy=noisy, t_noisy=t_noisy)
+        return velocity
+
+    def _teacher_forcing_step(self, clean: torch.Tensor, noisy: torch.Tensor, t_noisy: torch.Tensor,
+                              text, cache: KVCache, cache_grad: bool) -> torch.Tensor:
+        """Teacher forcing for one chunk against the cache; appends the chunk's clean frames."""
+        positions = list(range(cache.next_position, cache.next_position + clean.shape[2]))
+        velocity, key_values = self._forward_frames(
+            clean, torch.zeros_like(t_noisy), torch.tensor(positions), text, cache, noisy=noisy, t_noisy=t_noisy)
+        if not cache_grad:
+            key_values = [(k.detach(), v.detach()) for k, v in key_values]
+        cache.append(key_values, positions)
+        return velocity
+
+    def _check_latents(self, x: torch.Tensor, name: str) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != self.in_dim:
+            shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a latent tensor [B, {self.in_dim}, F, H, W], got {shape}")
+
+    def _grid(self, x: torch.Tensor) -> tuple[int, int, int]:
+        pt, ph, pw = self.patch_size
+        return x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
+
+
+@torch.no_grad()
+def generate_frames(model: WanModelCausal, noise: torch.Tensor, text, cache: KVCache,
+                    sigmas: Sequence[float]) -> torch.Tensor:
+    """Few-step Euler sampling of new frames against the cache (not appended): from pure noise at
+    sigmas[0] down to 0; flow x_sigma = (1 - sigma) x_1 + sigma x_0, velocity x_0 - x_1."""
+    x = noise
+    positions = list(range(cache.next_position, cache.next_position + noise.shape[2]))
+    for sigma, next_sigma in zip(sigmas, list(sigmas[1:]) + [0.0]):
+        velocity, _ = model.forward_with_cache(x, 1000.0 * sigma, text, cache, positions=positions)
+        x = x + (next_sigma - sigma) * velocity
+    return x
+
+
+def rollout(model: WanModelCausal, clean: torch.Tensor, noisy: torch.Tensor, t_noisy: torch.Tensor, context,
+            chunk_size: int = 1, context_mode: ContextMode = "ground_truth", num_ground_truth_frames: int = 1,
+            cache_grad: bool = False, kv_cache_length: int | None = None, sink: int = 0,
+            sigmas: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stage-2 sequential rollout: velocities of all noisy frames [B, C, F, H, W], computed chunk by
+    chunk through a KV cache like inference.
+
+    Each chunk's noisy frames see the cached context and, as in teacher forcing, the chunk's own
+    context frames before them. The context written into the cache is the ground truth `clean`
+    (context_mode "ground_truth", or for the first `num_ground_truth_frames` frames) or the
+    model's own few-step generation (no gradient) from noise with `sigmas` ("self_forcing").
+    Cache writes carry gradients only with `cache_grad` (then ground-truth rollout equals
+    `forward_teacher_forcing` in loss and gradients). `kv_cache_length` bounds the cache (oldest
+    frames evicted, `sink` first frames kept); default: the whole sequence fits.
+    """
+    if context_mode not in ("ground_truth", "self_forcing"):
+        raise ValueError(f"context_mode must be 'ground_truth' or 'self_forcing', got {context_mode!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    frames = clean.shape[2]
+    t_noisy = model.frame_timesteps(t_noisy, clean.shape[0], model._grid(clean))
+    cache = KVCache(model.num_layers, capacity=kv_cache_length or frames, sink=sink,
+                    evict_oldest=kv_cache_length is not None)
+    text = model.text_key_values(context)
+    velocities = []
+    for start in range(0, frames, chunk_size):
+        stop = min(start + chunk_size, frames)
+        chunk_context = clean[:, :, start:stop]
+        if context_mode == "self_forcing" and stop > num_ground_truth_frames:
+            chunk_context = _self_generated_context(model, chunk_context, start, num_ground_truth_frames,
+                                                    text, cache, sigmas, generator)
+        velocities.append(model._teacher_forcing_step(chunk_context, noisy[:, :, start:stop],
+                                                      t_noisy[:, start:stop], text, cache, cache_grad))
+    return torch.cat(velocities, dim=2)
+
+
+def _self_generated_context(model: WanModelCausal, ground_truth: torch.Tensor, start: int, num_ground_truth: int,
+                            text, cache: KVCache, sigmas: Sequence[float],
+                            generator: torch.Generator | None) -> torch.Tensor:
+    """Context of a chunk as the deployed model would see it: frames generated one by one, each
+    appended (no gradient) for the next; then popped so the caller writes the chunk once."""
+    frames = []
+    with torch.no_grad():
+        for i in range(ground_truth.shape[2]):
+            if start + i < num_ground_truth:
+                frame = ground_truth[:, :, i:i + 1]
+            else:
+                noise = torch.randn(ground_truth[:, :, i:i + 1].shape, generator=generator,
+                                    device=ground_truth.device, dtype=ground_truth.dtype)
+                frame = generate_frames(model, noise, text, cache, sigmas)
+            model.prefill(frame, text, cache)
+            frames.append(frame)
+    cache.pop_last(len(frames))
+    return torch.cat(frames, dim=2)

@@ -1,0 +1,156 @@
+"""Self-attention KV cache of the causal DiT: an explicit object, passed in and returned.
+
+Per layer it holds the keys and values (after RoPE) of the cached latent frames, shape
+[B, heads, frames * tokens_per_frame, head_dim], and the absolute frame index (RoPE position) of
+each cached frame. Nothing is stored in the model. Capacity is counted in latent frames
+(`kv_cache_length`); past it the cache either refuses (default) or evicts its oldest frames,
+keeping `sink` first frames.
+
+The deployed Vidarc controller (published inference code) counts video frames: when
+`cached + new > rollout_bound` it clears the cache and re-prefills the VAE latents of the last
+`rollout_prefill_num` real frames (`RolloutWindow`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+VAE_TEMPORAL_STRIDE = 4
+
+KeyValue = tuple[torch.Tensor, torch.Tensor]
+
+
+def video_frames_of(latent_frames: int) -> int:
+    """Video frames covered by `latent_frames` latent frames (the first one stands alone)."""
+    return 0 if latent_frames == 0 else 1 + VAE_TEMPORAL_STRIDE * (latent_frames - 1)
+
+
+def latent_frames_of(video_frames: int) -> int:
+    """Latent frames the VAE makes of `video_frames` video frames (4k+1 -> k+1)."""
+    if video_frames < 1 or (video_frames - 1) % VAE_TEMPORAL_STRIDE:
+        raise ValueError(f"a video of {video_frames} frames is not 4k+1 frames long")
+    return 1 + (video_frames - 1) // VAE_TEMPORAL_STRIDE
+
+
+@dataclass
+class KVCache:
+    """Keys/values of cached latent frames for every layer (see module docstring).
+
+    Operations return the cache itself, so calls read `cache = cache.append(...)` like the model's
+    `forward_with_cache`. Tensors are replaced, never written in place, so a cache filled with
+    gradients enabled back-propagates into the frames that produced it."""
+
+    num_layers: int
+    capacity: int
+    sink: int = 0
+    evict_oldest: bool = False
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    tokens_per_frame: int = 0
+
+    def __post_init__(self):
+        if self.capacity < 1:
+            raise ValueError(f"KV cache capacity must be at least 1 frame, got {self.capacity}")
+        if not 0 <= self.sink < self.capacity:
+            raise ValueError(f"sink frames ({self.sink}) must be fewer than the capacity ({self.capacity})")
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.positions)
+
+    @property
+    def video_frames(self) -> int:
+        return video_frames_of(self.num_frames)
+
+    @property
+    def next_position(self) -> int:
+        """RoPE position of a frame appended now: one past the last cached frame."""
+        return self.positions[-1] + 1 if self.positions else 0
+
+    def layer(self, index: int) -> KeyValue | None:
+        """(keys, values) of layer `index`, or None when the cache is empty."""
+        return (self.keys[index], self.values[index]) if self.positions else None
+
+    def append(self, key_values: Sequence[KeyValue], positions: Sequence[int]) -> "KVCache":
+        """Add frames: one (k, v) [B, N, frames*S, D] per layer, and their absolute positions."""
+        if len(key_values) != self.num_layers:
+            raise ValueError(f"expected key/values for {self.num_layers} layers, got {len(key_values)}")
+        tokens = key_values[0][0].shape[2]
+        if tokens % len(positions):
+            raise ValueError(f"{tokens} tokens do not split into {len(positions)} frames")
+        tokens_per_frame = tokens // len(positions)
+        if self.positions and tokens_per_frame != self.tokens_per_frame:
+            raise ValueError(f"frames of {tokens_per_frame} tokens cannot join a cache of "
+                             f"{self.tokens_per_frame}-token frames")
+        overflow = self.num_frames + len(positions) - self.capacity
+        if overflow > 0:
+            if not self.evict_oldest:
+                raise RuntimeError(f"KV cache full: {self.num_frames} of {self.capacity} frames cached, "
+                                   f"{len(positions)} more do not fit (pop, reset, or enable evict_oldest)")
+            if len(positions) > self.capacity - self.sink:
+                raise RuntimeError(f"{len(positions)} new frames do not fit beside {self.sink} sink frames "
+                                   f"in a cache of {self.capacity}")
+            self._drop_frames(self.sink, self.sink + overflow)
+        self.tokens_per_frame = tokens_per_frame
+        if self.positions:
+            self.keys = [torch.cat([old, k], dim=2) for old, (k, _) in zip(self.keys, key_values)]
+            self.values = [torch.cat([old, v], dim=2) for old, (_, v) in zip(self.values, key_values)]
+        else:
+            self.keys = [k for k, _ in key_values]
+            self.values = [v for _, v in key_values]
+        self.positions = self.positions + list(positions)
+        return self
+
+    def pop_last(self, n: int) -> "KVCache":
+        """Remove the `n` most recent frames (the controller replaces generated frames by real ones)."""
+        if not 0 <= n <= self.num_frames:
+            raise ValueError(f"cannot pop {n} frames from a cache of {self.num_frames}")
+        self._drop_frames(self.num_frames - n, self.num_frames)
+        return self
+
+    def reset(self) -> "KVCache":
+        """Forget every frame."""
+        self.keys, self.values, self.positions, self.tokens_per_frame = [], [], [], 0
+        return self
+
+    def _drop_frames(self, start: int, stop: int) -> None:
+        if stop - start == self.num_frames:
+            self.reset()
+            return
+        keep = torch.cat([torch.arange(0, start), torch.arange(stop, self.num_frames)])
+        token_index = (keep[:, None] * self.tokens_per_frame +
+                       torch.arange(self.tokens_per_frame)).flatten().to(self.keys[0].device)
+        # index_select copies, so the dropped frames' memory is released.
+        self.keys = [k.index_select(2, token_index) for k in self.keys]
+        self.values = [v.index_select(2, token_index) for v in self.values]
+        self.positions = [self.positions[i] for i in keep.tolist()]
+
+    def cached_tokens(self) -> int:
+        return self.keys[0].shape[2] if self.positions else 0
+
+
+@dataclass(frozen=True)
+class RolloutWindow:
+    """The deployed controller's window policy, in video frames: before adding `new` frames to a
+    window of `cached` frames, if `cached + new > rollout_bound` the cache is cleared and re-filled
+    with the last `rollout_prefill_num` real frames."""
+
+    rollout_bound: int = 60
+    rollout_prefill_num: int = 33
+
+    def __post_init__(self):
+        latent_frames_of(self.rollout_prefill_num)
+        if self.rollout_prefill_num >= self.rollout_bound:
+            raise ValueError(f"rollout_prefill_num ({self.rollout_prefill_num}) must be below "
+                             f"rollout_bound ({self.rollout_bound})")
+
+    def needs_reset(self, cached_video_frames: int, new_video_frames: int) -> bool:
+        return cached_video_frames + new_video_frames > self.rollout_bound
+
+    @property
+    def prefill_latent_frames(self) -> int:
+        """Latent frames re-prefilled after a reset (33 video frames -> 9)."""
+        return latent_frames_of(self.rollout_prefill_num)
