@@ -272,3 +272,12 @@ def test_bounded_rollout_evicts_the_oldest_non_sink_frames(model, text):
     # frame 2 still sees frames 0, 1; from frame 3 on, frame 1 has been evicted (frame 0 is the sink)
     assert max_error(bounded[:, :, :3], unbounded[:, :, :3]) <= ATOL
     assert max_error(bounded[:, :, 3], unbounded[:, :, 3]) > 1e-4
+
+
+def test_causal_paths_benchmark_compares_paths_that_agree():
+    from benchmarks.causal_paths import PATHS, measure_causal_paths
+    results = measure_causal_paths((2,))
+    row = results[2]
+    assert all(row[name]["seconds"] > 0 and row[name]["peak_mib"] > 0 for name in PATHS)
+    assert abs(row["teacher_forcing_loss"] - row["sequential_loss"]) <= 1e-5 * row["teacher_forcing_loss"]
+    assert row["training_velocity_max_difference"] <= ATOL and row["generation_velocity_max_difference"] <= ATOL

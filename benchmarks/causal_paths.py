@@ -1,0 +1,168 @@
+"""Causal DiT paths side by side on a small config (CPU or GPU): time and peak tensor memory.
+
+Training (forward + backward, same loss): one-pass teacher forcing over [clean | noisy] versus
+the sequential ground-truth rollout through the KV cache (frame by frame, cache writes with
+gradient). Generation (no gradient) of every frame after the first: KV-cached (denoise the new
+frame against the cache, append it at t = 0) versus recomputing the whole prefix for every new
+frame. Cached cost grows linearly with the number of frames, recomputation super-linearly.
+
+Peak memory counts the tensors allocated inside each measured call (a TorchDispatchMode that
+follows every storage until it is freed), so it works on CPU too.
+
+    python -m benchmarks.causal_paths [--frames 4 8 16]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import weakref
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from vidartrain.models.wan.causal import WanModelCausal, rollout
+from vidartrain.models.wan.kv_cache import KVCache
+
+SMALL_CONFIG = dict(dim=128, ffn_dim=384, num_heads=2, num_layers=2, text_len=16, text_dim=32)
+LATENT_HW = (16, 16)  # 8 x 8 = 64 tokens per latent frame
+MIB = 2**20
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storages created inside the context and still alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._release, key)
+        return out
+
+    def _release(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+
+def measure(fn: Callable[[], torch.Tensor], repeats: int = 2) -> dict:
+    """Best wall time of `repeats` runs, and the peak tensor memory of one more run."""
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    with PeakTensorMemory() as memory:
+        value = fn()
+    return {"seconds": min(seconds), "peak_mib": memory.peak / MIB, "value": value}
+
+
+def training_paths(model: WanModelCausal, frames: int, generator: torch.Generator) -> dict:
+    clean = torch.randn(1, 48, frames, *LATENT_HW, generator=generator)
+    noisy = torch.randn(1, 48, frames, *LATENT_HW, generator=generator)
+    target = torch.randn(1, 48, frames, *LATENT_HW, generator=generator)
+    t = torch.rand(1, frames, generator=generator) * 1000
+    text = [torch.randn(8, SMALL_CONFIG["text_dim"], generator=generator)]
+
+    def step(velocity_fn) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            model.zero_grad(set_to_none=True)
+            loss = (velocity_fn() - target).pow(2).mean()
+            loss.backward()
+            return loss.detach()
+        return run
+
+    with torch.no_grad():
+        velocity_difference = (model.forward_teacher_forcing(clean, noisy, t, text) -
+                               rollout(model, clean, noisy, t, text)).abs().max().item()
+    return {
+        "teacher_forcing": measure(step(lambda: model.forward_teacher_forcing(clean, noisy, t, text))),
+        "sequential": measure(step(lambda: rollout(model, clean, noisy, t, text, cache_grad=True))),
+        "training_velocity_max_difference": velocity_difference,
+    }
+
+
+def generation_paths(model: WanModelCausal, frames: int, generator: torch.Generator) -> dict:
+    first = torch.randn(1, 48, 1, *LATENT_HW, generator=generator)
+    new_frames = torch.randn(1, 48, frames - 1, *LATENT_HW, generator=generator)
+    t_new = torch.tensor([500.0])
+    text = [torch.randn(8, SMALL_CONFIG["text_dim"], generator=generator)]
+
+    @torch.no_grad()
+    def cached() -> torch.Tensor:
+        text_kv = model.text_key_values(text)
+        cache = model.prefill(first, text_kv, KVCache(model.num_layers, capacity=frames))
+        velocities = []
+        for i in range(frames - 1):
+            frame = new_frames[:, :, i:i + 1]
+            velocity, cache = model.forward_with_cache(frame, t_new, text_kv, cache)
+            model.prefill(frame, text_kv, cache)
+            velocities.append(velocity)
+        return torch.cat(velocities, dim=2)
+
+    @torch.no_grad()
+    def recompute() -> torch.Tensor:
+        velocities = []
+        for i in range(frames - 1):
+            sequence = torch.cat([first, new_frames[:, :, :i + 1]], dim=2)
+            t = torch.cat([torch.zeros(1, i + 1), t_new[:, None]], dim=1)
+            velocities.append(model(sequence, t, text)[:, :, -1:])
+        return torch.cat(velocities, dim=2)
+
+    return {"cached_generation": measure(cached), "recompute_generation": measure(recompute)}
+
+
+def measure_causal_paths(frame_counts: tuple[int, ...] = (4, 8, 16), seed: int = 0) -> dict:
+    """{frames: {path: {seconds, peak_mib}}} plus the agreement of the paths being compared."""
+    torch.manual_seed(seed)
+    model = WanModelCausal(**SMALL_CONFIG)
+    generator = torch.Generator().manual_seed(seed)
+    results = {}
+    for frames in frame_counts:
+        training = training_paths(model, frames, generator)
+        generation = generation_paths(model, frames, generator)
+        row = {name: {"seconds": p["seconds"], "peak_mib": p["peak_mib"]}
+               for name, p in {**training, **generation}.items() if isinstance(p, dict)}
+        row["teacher_forcing_loss"] = training["teacher_forcing"]["value"].item()
+        row["sequential_loss"] = training["sequential"]["value"].item()
+        row["training_velocity_max_difference"] = training["training_velocity_max_difference"]
+        row["generation_velocity_max_difference"] = (generation["cached_generation"]["value"] -
+                                                     generation["recompute_generation"]["value"]).abs().max().item()
+        results[frames] = row
+    return results
+
+
+PATHS = ("teacher_forcing", "sequential", "cached_generation", "recompute_generation")
+
+
+def print_table(results: dict) -> None:
+    print(f"{'frames':>6}  {'path':<21} {'seconds':>8} {'peak MiB':>9}")
+    for frames, row in results.items():
+        for name in PATHS:
+            print(f"{frames:>6}  {name:<21} {row[name]['seconds']:>8.3f} {row[name]['peak_mib']:>9.1f}")
+        print(f"{'':>6}  loss teacher forcing {row['teacher_forcing_loss']:.7f} / sequential "
+              f"{row['sequential_loss']:.7f}; max |dv| training {row['training_velocity_max_difference']:.1e}, "
+              f"generation {row['generation_velocity_max_difference']:.1e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16])
+    args = parser.parse_args()
+    print(f"config {SMALL_CONFIG}, latent {LATENT_HW} ({LATENT_HW[0] * LATENT_HW[1] // 4} tokens per frame)")
+    print_table(measure_causal_paths(tuple(args.frames)))
+
+
+if __name__ == "__main__":
+    main()
