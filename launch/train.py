@@ -33,9 +33,10 @@ STAGES = {
 }
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(description: str | None = None, default_config: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML training config (configs/*.yaml)")
+    parser.add_argument("--config", required=default_config is None, default=default_config,
+                        help=f"YAML training config (configs/*.yaml){'' if default_config is None else '; default ' + default_config}")
     parser.add_argument("--ds-config", "--ds_config", dest="ds_config", default=None,
                         help="DeepSpeed JSON profile (ds_configs/*.json); default: distributed.ds_config of the YAML")
     parser.add_argument("--output_dir", "--output-dir", dest="output_dir", default=None,
@@ -82,13 +83,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_reporting_config_errors(args: argparse.Namespace) -> int:
     try:
         return run(args)
     except ConfigError as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_reporting_config_errors(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Many nodes through the DeepSpeed launcher: run once, on the first host of the hostfile; it starts
+# every node over passwordless ssh (pdsh if installed). Each node must see the repo, the venv, the
+# checkpoints and the shards at the same paths.
+#   launch/multi_node.sh launch/hostfile.example --config configs/vidarc_causal.yaml \
+#       --ds-config ds_configs/zero3_64xh100.json --output_dir /shared/outputs/vidarc --resume auto
+# MASTER_ADDR defaults to this host; MASTER_PORT to 29500.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ $# -lt 1 ]; then echo "usage: $0 HOSTFILE [launch/train.py flags]" >&2; exit 2; fi
+hostfile="$1"; shift
+cd "$root"
+exec "${VIDARTRAIN_VENV:-$root/.venv}/bin/deepspeed" --hostfile "$hostfile" \
+    --master_addr "${MASTER_ADDR:-$(hostname -I | awk '{print $1}')}" --master_port "${MASTER_PORT:-29500}" \
+    launch/train.py "$@"

@@ -1,0 +1,23 @@
+"""Stage 1 (Vidar) with the design note's flags.
+
+    python launch/train_vidar.py --ckpt_dir checkpoints/Wan2.2-TI2V-5B --debug --max_steps 100
+    deepspeed --num_gpus 8 launch/train_vidar.py --ckpt_dir checkpoints/Wan2.2-TI2V-5B \\
+        --ds-config ds_configs/zero3_8xh100.json --output_dir outputs/vidar
+
+--ckpt_dir / --pt_dir set model.ckpt_dir / model.pt_dir; --debug logs every step and validates and
+checkpoints only at the end (for short debugging runs on the real model). Every flag of
+launch/train.py is accepted too; --config defaults to configs/vidar_finetune.yaml.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launch.stage_flags import main_with_stage_flags  # noqa: E402
+
+if __name__ == "__main__":
+    raise SystemExit(main_with_stage_flags(default_config="configs/vidar_finetune.yaml",
+                                           description="Stage 1: Vidar fine-tuning (WanModel, flow matching)"))
