@@ -1,11 +1,11 @@
-"""Stage-2 pieces that need no model: window preparation, few-step sampler, closed-loop schedule."""
+"""Stage-2 pieces that need no model: window preparation, sampler sigmas, closed-loop schedule."""
 import pytest
 import torch
 
 from vidartrain.losses import shift_sigma
-from vidartrain.trainers.self_forcing import (RolloutEvent, closed_loop_schedule, euler_sample,
-                                              latent_frames_of, prepare_causal_window, sampling_sigmas,
-                                              video_frames_of)
+from vidartrain.models.wan.kv_cache import RolloutWindow
+from vidartrain.trainers.self_forcing import (RolloutEvent, choose_context, closed_loop_schedule,
+                                              prepare_causal_window, sampling_sigmas)
 
 
 def test_window_keeps_context_clean_and_noises_each_frame_on_its_own():
@@ -45,53 +45,54 @@ def test_window_rejects_what_cannot_work():
         prepare_causal_window(torch.randn(1, 2, 4, 2, 2), 3, 3.0, torch.Generator(), num_context_frames=3)
 
 
-def test_euler_sampler_with_the_true_velocity_lands_on_the_data():
-    # For a single data point x_1 the exact velocity at x is (x - x_1) / sigma; Euler is then exact.
-    data = torch.randn(2, 3)
-    noise = torch.randn(2, 3)
+def test_sampler_sigmas_are_shifted_and_end_before_zero():
     sigmas = sampling_sigmas(4, shift=5.0)
-    assert sigmas[0] == 1 and sigmas[-1] == 0 and sigmas.shape == (5,)
-    torch.testing.assert_close(sigmas, shift_sigma(torch.linspace(1, 0, 5), 5.0))
-    calls = []
-
-    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        calls.append(sigma)
-        return (x - data) / sigma
-
-    torch.testing.assert_close(euler_sample(velocity, noise, sigmas), data)
-    assert calls == pytest.approx(sigmas[:-1].tolist())
-    # One step from sigma 1 with v = x_0 - x_1 gives x_1 exactly.
-    torch.testing.assert_close(euler_sample(lambda x, s: noise - data, noise, [1.0, 0.0]), data)
+    assert len(sigmas) == 4 and sigmas[0] == 1.0
+    assert sigmas == pytest.approx(shift_sigma(torch.linspace(1, 0, 5), 5.0)[:-1].tolist())
+    assert sigmas == sorted(sigmas, reverse=True) and sigmas[-1] > 0
+    with pytest.raises(ValueError, match="at least one step"):
+        sampling_sigmas(0, 5.0)
 
 
-def test_video_latent_frame_conversion():
-    assert [latent_frames_of(n) for n in (1, 5, 33, 60, 61, 81)] == [1, 2, 9, 16, 16, 21]
-    assert [video_frames_of(k) for k in (1, 2, 9, 21)] == [1, 5, 33, 81]
+def test_context_choice_single_process():
+    generator = torch.Generator().manual_seed(0)
+    assert choose_context("ground_truth", 1.0, generator) == "ground_truth"
+    assert choose_context("self_generated", 0.0, generator) == "self_generated"
+    draws = [choose_context("mixed", 0.3, generator) for _ in range(400)]
+    assert 0.2 < draws.count("self_generated") / 400 < 0.4
+    assert {choose_context("mixed", 1.0, generator) for _ in range(20)} == {"self_generated"}
+    with pytest.raises(ValueError, match="context_mode"):
+        choose_context("teacher", 0.5, generator)
 
 
 def test_closed_loop_schedule_follows_the_deployed_controller():
     # Deployed values: rollout_bound 60, rollout_prefill_num 33 (9 latent frames), chunks of 4.
-    events = closed_loop_schedule(21, rollout_bound=60, rollout_prefill_num=33)
-    compact = [(e.kind, e.frames.start, e.frames.stop, e.position) for e in events if e.kind != "reset"]
+    events = closed_loop_schedule(21, RolloutWindow(rollout_bound=60, rollout_prefill_num=33))
+    compact = [(e.kind, e.frames.start, e.frames.stop, e.position) for e in events]
     assert compact == [
         ("prefill", 0, 1, 0),
         ("predict", 1, 5, 1), ("prefill", 1, 5, 1),      # window 1 + 16 = 17 video frames
         ("predict", 5, 9, 5), ("prefill", 5, 9, 5),      # 33
         ("predict", 9, 13, 9), ("prefill", 9, 13, 9),    # 49; next 49 + 16 = 65 > 60: reset
-        ("prefill", 4, 13, 0),                           # the last 33 real video frames
+        ("reprefill", 4, 13, 0),                         # the last 33 real video frames
         ("predict", 13, 17, 9), ("prefill", 13, 17, 9),  # 33 + 16 = 49
-        ("prefill", 8, 17, 0),                           # 49 + 16 > 60: reset again
+        ("reprefill", 8, 17, 0),                         # 49 + 16 > 60: reset again
         ("predict", 17, 21, 9), ("prefill", 17, 21, 9),
     ]
-    assert [e.kind for e in events].count("reset") == 3  # the initial one and two window resets
     predicted = [i for e in events if e.kind == "predict" for i in e.frames]
     assert predicted == list(range(1, 21))  # every frame but the first is predicted exactly once
 
 
 def test_closed_loop_schedule_short_window_and_errors():
-    events = closed_loop_schedule(3, rollout_bound=60, rollout_prefill_num=33)
-    assert events[-2:] == [RolloutEvent("predict", range(1, 3), 1), RolloutEvent("prefill", range(1, 3), 1)]
-    with pytest.raises(ValueError, match="exceeds rollout_bound"):
-        closed_loop_schedule(5, rollout_bound=10, rollout_prefill_num=33)
+    window = RolloutWindow(rollout_bound=60, rollout_prefill_num=33)
+    assert closed_loop_schedule(3, window) == [RolloutEvent("prefill", range(0, 1), 0),
+                                               RolloutEvent("predict", range(1, 3), 1),
+                                               RolloutEvent("prefill", range(1, 3), 1)]
+    # A small window: bound 20, prefill 5 video frames (2 latent frames), chunks of 4.
+    events = closed_loop_schedule(9, RolloutWindow(rollout_bound=20, rollout_prefill_num=5))
+    assert [(e.kind, e.frames.start, e.frames.stop, e.position) for e in events] == [
+        ("prefill", 0, 1, 0),
+        ("predict", 1, 5, 1), ("prefill", 1, 5, 1),                          # 1 + 16 <= 20
+        ("reprefill", 3, 5, 0), ("predict", 5, 9, 2), ("prefill", 5, 9, 2)]  # 17 + 16 > 20
     with pytest.raises(ValueError, match="at least 2 latent frames"):
-        closed_loop_schedule(1, rollout_bound=60, rollout_prefill_num=33)
+        closed_loop_schedule(1, window)

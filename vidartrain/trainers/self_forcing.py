@@ -1,34 +1,53 @@
 """Stage 2 (Vidarc): the causal DiT trained with causal flow matching (Eq. 6) and the
 embodiment-aware weight (Eq. 7), with ground-truth, self-generated or closed-loop context.
 
-One training sample is a window of `chunk_size` consecutive latent frames of a clip. Frame 0 of the
-window is clean context (timestep 0, no loss); every later frame i gets its own noise level and is
-predicted from clean (or self-generated) frames < i plus itself:
+One training sample is a window of `chunk_size` consecutive latent frames of a clip, at RoPE
+positions 0.. (every window is a fresh video, as after the deployed controller's window reset).
+Frame 0 of the window is clean context (timestep 0, no loss); every later frame gets its own noise
+level and is predicted from the context frames before it and itself:
 
-- ground_truth  one forward over [clean | noisy] with a block-causal mask (teacher forcing); the
-                published method and the default.
-- self_generated  sequential rollout through the KV cache: each frame's context is the model's own
-                few-step prediction of the previous frames, as at inference (self-forcing).
-- mixed         self_generated with probability `self_generated_prob`, else ground_truth; the
-                choice is one coin per step, shared by all ranks.
-- closed_loop   (option) the deployed controller's schedule: prefill real frames, predict chunks of
-                4 latent frames, pop them and prefill the real ones, reset the window when it would
-                pass `rollout_bound` video frames.
+- ground_truth    one forward over [clean | noisy] with a block-causal mask (teacher forcing); the
+                  published method and the default.
+- self_generated  sequential rollout through the KV cache where the context is the model's own
+                  few-step prediction of the earlier frames, as at inference (self-forcing).
+- mixed           self_generated with probability `self_generated_prob`, else ground_truth: one
+                  coin per micro-step, the same on every rank (ZeRO-3 needs every rank to run the
+                  same sequence of forwards).
+- closed_loop     (option) the deployed controller's schedule: prefill the first real frame,
+                  predict chunks of 4 latent frames, drop them and prefill the real ones, clear and
+                  re-prefill the window when it would pass `rollout_bound` video frames.
+
+Loss: `flow_matching_loss` on the noisy frames, weighted by (1 + eta U)^2 for Eq. 7 with U the
+IDM mask pooled to the latent grid (from the shards' `idm_mask`, or from a frozen IDM run on the
+clean video). TensorBoard adds the loss per rollout position and inside / outside the mask.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
+import deepspeed
 import torch
+import torch.distributed as dist
+from torch import nn
 
-from vidartrain.losses import add_noise, flow_matching_target, sample_sigmas, shift_sigma
+from vidartrain.config import Config, ConfigError
+from vidartrain.data.shard_index import read_index
+from vidartrain.losses import (add_noise, embodiment_weights, flow_matching_loss, flow_matching_target,
+                               mask_region_losses, per_frame_flow_matching_loss, sample_sigmas, shift_sigma)
+from vidartrain.models.idm import IDM, IDM_INPUT_SIZE, load_idm, pool_mask_to_latent
+from vidartrain.models.wan.causal import WanModelCausal, rollout
+from vidartrain.models.wan.checkpoint import load_finetuned
+from vidartrain.models.wan.kv_cache import VAE_TEMPORAL_STRIDE, KVCache, RolloutWindow, video_frames_of
+from vidartrain.trainers.idm_trainer import idm_input_size
+from vidartrain.trainers.vidar_trainer import FROZEN_DTYPE, VidarStage
+
+log = logging.getLogger(__name__)
 
 # The deployed controller generates this many latent frames (16 video frames) per call.
 DEPLOYED_CHUNK_LATENT_FRAMES = 4
-# The VAE's temporal stride: latent frame 0 is video frame 0, each later one 4 video frames.
-VAE_TEMPORAL_STRIDE = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,10 +105,11 @@ def prepare_causal_window(latents: torch.Tensor, chunk_size: int, shift: float,
     if mask is not None and mask.shape != (batch, frames, height, width):
         raise ValueError(f"IDM mask {tuple(mask.shape)} does not match the latent grid "
                          f"{(batch, frames, height, width)}")
-    start = int(torch.randint(frames - chunk_size + 1, (1,), generator=generator))
+    device = generator.device
+    start = int(torch.randint(frames - chunk_size + 1, (1,), generator=generator, device=device))
     clean = latents[:, :, start:start + chunk_size]
-    noise = torch.randn(clean.shape, generator=generator, dtype=torch.float32).to(clean)
-    sigmas = sample_sigmas((batch, chunk_size), shift, generator=generator).to(clean.device)
+    noise = torch.randn(clean.shape, generator=generator, device=device, dtype=torch.float32).to(clean)
+    sigmas = sample_sigmas((batch, chunk_size), shift, generator=generator, device=device).to(clean.device)
     sigmas[:, :num_context_frames] = 0.0
     loss_mask = torch.ones(1, 1, chunk_size, 1, 1, device=clean.device)
     loss_mask[:, :, :num_context_frames] = 0.0
@@ -98,32 +118,13 @@ def prepare_causal_window(latents: torch.Tensor, chunk_size: int, shift: float,
                         mask=None if mask is None else mask[:, start:start + chunk_size])
 
 
-# ---------------------------------------------------------------------------------------------
-# Few-step sampler for self-generated context
-# ---------------------------------------------------------------------------------------------
-
-def sampling_sigmas(num_steps: int, shift: float) -> torch.Tensor:
-    """Sigmas 1 -> 0 in `num_steps` Euler steps, evenly spaced then shifted as Wan's sampler does:
-    [num_steps + 1] float32, first 1, last 0."""
+def sampling_sigmas(num_steps: int, shift: float) -> list[float]:
+    """Noise levels of the few-step sampler that makes self-generated context: `num_steps` Euler
+    steps from sigma 1 towards 0, evenly spaced then shifted as Wan's sampler does (the final 0 is
+    implied, as `generate_frames` takes them)."""
     if num_steps < 1:
         raise ValueError(f"the sampler needs at least one step, got {num_steps}")
-    return shift_sigma(torch.linspace(1.0, 0.0, num_steps + 1), shift)
-
-
-@torch.no_grad()
-def euler_sample(velocity: Callable[[torch.Tensor, float], torch.Tensor], noise: torch.Tensor,
-                 sigmas: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """Integrate the flow from noise (sigma = sigmas[0]) to data (sigmas[-1]) with Euler steps.
-
-    With x = (1 - sigma) x_1 + sigma x_0 the velocity is dx/dsigma = x_0 - x_1, so one step is
-    x <- x + (sigma_next - sigma) * v(x, sigma). `velocity(x, sigma)` is the model's prediction at
-    noise level sigma (timestep 1000 * sigma).
-    """
-    sigmas = [float(s) for s in sigmas]
-    x = noise
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        x = x + (sigma_next - sigma) * velocity(x, sigma).to(x.dtype)
-    return x
+    return shift_sigma(torch.linspace(1.0, 0.0, num_steps + 1), shift)[:-1].tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,54 +135,215 @@ def euler_sample(velocity: Callable[[torch.Tensor, float], torch.Tensor], noise:
 class RolloutEvent:
     """One operation of a closed-loop rollout over a window's latent frames.
 
-    reset:    clear the KV cache; positions restart at 0 (the controller starts a fresh video).
-    prefill:  write clean real frames `frames` into the cache at RoPE positions from `position`.
-    predict:  noisy frames `frames` at positions from `position` attend to the cache, carry the
-              loss, and are popped again (the controller then prefills the real frames).
+    prefill:    write the clean real frames `frames` into the cache at positions from `position`.
+    reprefill:  clear the cache, then prefill the real frames `frames` from position 0.
+    predict:    the noisy frames `frames` (positions from `position`) attend to the cache and carry
+                the loss; they are not kept (the controller prefills the real frames next).
     """
 
-    kind: Literal["reset", "prefill", "predict"]
+    kind: Literal["prefill", "reprefill", "predict"]
     frames: range
     position: int
 
 
-def video_frames_of(latent_frames: int) -> int:
-    """Video frames that `latent_frames` latent frames stand for (1 + 4k -> 1 + k)."""
-    return 1 + VAE_TEMPORAL_STRIDE * (latent_frames - 1)
-
-
-def latent_frames_of(video_frames: int) -> int:
-    """Latent frames of `video_frames` video frames: the first alone, then groups of 4 (rounded up)."""
-    return 1 + -(-(video_frames - 1) // VAE_TEMPORAL_STRIDE)
-
-
-def closed_loop_schedule(num_frames: int, rollout_bound: int, rollout_prefill_num: int,
+def closed_loop_schedule(num_frames: int, window: RolloutWindow,
                          chunk: int = DEPLOYED_CHUNK_LATENT_FRAMES) -> list[RolloutEvent]:
     """The deployed controller's loop over `num_frames` latent frames, as a list of events.
 
     It starts from the first real frame, then repeatedly predicts the next `chunk` latent frames
-    (fewer at the end), pops them and prefills the real ones at the same positions. Before a
-    prediction that would make the window longer than `rollout_bound` video frames (the
-    controller's `num_conditional_frames + num_new_frames > rollout_bound`), the cache is cleared
-    and the last `rollout_prefill_num` real video frames are prefilled from position 0.
+    (fewer at the end) and prefills the real ones at the same positions. Before a prediction that
+    would make the window longer than `window.rollout_bound` video frames, the cache is cleared and
+    the latents of the last `window.rollout_prefill_num` real video frames are prefilled from 0.
     """
     if num_frames < 2:
         raise ValueError(f"a closed-loop rollout needs at least 2 latent frames, got {num_frames}")
-    if rollout_prefill_num > rollout_bound:
-        raise ValueError(f"rollout_prefill_num = {rollout_prefill_num} exceeds rollout_bound = {rollout_bound}")
-    prefill_latents = latent_frames_of(rollout_prefill_num)
-    events = [RolloutEvent("reset", range(0, 0), 0), RolloutEvent("prefill", range(0, 1), 0)]
+    events = [RolloutEvent("prefill", range(0, 1), 0)]
     window_start, next_frame = 0, 1
     while next_frame < num_frames:
         new = min(chunk, num_frames - next_frame)
-        window_video_frames = video_frames_of(next_frame - window_start)
-        if window_video_frames + VAE_TEMPORAL_STRIDE * new > rollout_bound:
-            window_start = max(0, next_frame - prefill_latents)
-            events += [RolloutEvent("reset", range(0, 0), 0),
-                       RolloutEvent("prefill", range(window_start, next_frame), 0)]
+        if window.needs_reset(video_frames_of(next_frame - window_start), VAE_TEMPORAL_STRIDE * new):
+            window_start = max(0, next_frame - window.prefill_latent_frames)
+            events.append(RolloutEvent("reprefill", range(window_start, next_frame), 0))
         predicted = range(next_frame, next_frame + new)
         position = next_frame - window_start
-        events += [RolloutEvent("predict", predicted, position),
-                   RolloutEvent("prefill", predicted, position)]
+        events += [RolloutEvent("predict", predicted, position), RolloutEvent("prefill", predicted, position)]
         next_frame += new
     return events
+
+
+# ---------------------------------------------------------------------------------------------
+# Velocity of the window's noisy frames under each context mode
+# ---------------------------------------------------------------------------------------------
+
+ContextSource = Literal["ground_truth", "self_generated"]
+
+
+def choose_context(mode: str, self_generated_prob: float, generator: torch.Generator) -> ContextSource:
+    """The context of this micro-step. For `mixed`, rank 0's coin is broadcast so that every rank
+    takes the same path (ZeRO-3 gathers parameters collectively, forward by forward)."""
+    if mode in ("ground_truth", "self_generated"):
+        return mode
+    if mode != "mixed":
+        raise ValueError(f"self_forcing.context_mode = {mode!r}: expected ground_truth, self_generated or mixed")
+    draw = torch.rand(1, generator=generator, device=generator.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(draw, src=0)
+    return "self_generated" if float(draw) < self_generated_prob else "ground_truth"
+
+
+def teacher_forcing_velocity(model: WanModelCausal, window: CausalWindow, context: Any) -> torch.Tensor:
+    """Ground-truth context in one pass over [clean | noisy] (noisy frame i sees clean frames < i)."""
+    return model.forward_teacher_forcing(window.clean, window.noisy, window.timesteps, context)
+
+
+def self_generated_velocity(model: WanModelCausal, window: CausalWindow, context: Any, sigmas: list[float],
+                            kv_cache_length: int, sink_frames: int, generator: torch.Generator) -> torch.Tensor:
+    """Self-forcing: frames after the first are replaced, as context, by the model's own few-step
+    generation through the KV cache, chunk by chunk as the deployed controller generates them.
+    Gradients flow through the cached keys/values of the context, as in teacher forcing."""
+    return rollout(model, window.clean, window.noisy, window.timesteps, context,
+                   chunk_size=DEPLOYED_CHUNK_LATENT_FRAMES, context_mode="self_forcing",
+                   num_ground_truth_frames=1, cache_grad=True, kv_cache_length=kv_cache_length,
+                   sink=sink_frames, sigmas=sigmas, generator=generator)
+
+
+def closed_loop_velocity(model: WanModelCausal, window: CausalWindow, context: Any,
+                         events: list[RolloutEvent], kv_cache_length: int) -> torch.Tensor:
+    """Run a `closed_loop_schedule` over the window: real frames are prefilled (with gradient),
+    each predicted chunk sees the cache and, block-causally, its own noisy frames. Frame 0 is never
+    predicted; its slot holds zeros (it carries no loss)."""
+    text = model.text_key_values(context)
+    cache = KVCache(model.num_layers, capacity=kv_cache_length)
+    predicted: dict[int, torch.Tensor] = {}
+    for event in events:
+        frames = slice(event.frames.start, event.frames.stop)
+        positions = range(event.position, event.position + len(event.frames))
+        if event.kind == "reprefill":
+            cache = model.reset_and_reprefill(window.clean[:, :, frames], text, cache)
+        elif event.kind == "prefill":
+            cache = model.prefill(window.clean[:, :, frames], text, cache, positions=positions)
+        else:
+            velocity, cache = model.forward_with_cache(window.noisy[:, :, frames], window.timesteps[:, frames],
+                                                       text, cache, positions=positions)
+            predicted[event.frames.start] = velocity
+    first = next(iter(predicted.values()))
+    pieces = [torch.zeros_like(first[:, :, :1])] + [predicted[start] for start in sorted(predicted)]
+    return torch.cat(pieces, dim=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+def unwrap_model(module: nn.Module) -> WanModelCausal:
+    """The causal DiT inside a DeepSpeed engine (or the bare model): stage 2 calls its teacher-forcing
+    and cache methods, not only `forward`."""
+    model = module.module if isinstance(module, deepspeed.DeepSpeedEngine) else module
+    if not isinstance(model, WanModelCausal):
+        raise TypeError(f"stage 2 trains a WanModelCausal, got {type(model).__name__}")
+    return model
+
+
+class SelfForcingStage(VidarStage):
+    """Stage 2: `WanModelCausal` from `model.ckpt_dir` + `model.pt_dir` (vidar.pt), exported as
+    vidarc.pt. Data, frozen VAE / umT5 and export are stage 1's."""
+
+    name = "vidarc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.idm: IDM | None = None
+        self.idm_input_size: tuple[int, int] = IDM_INPUT_SIZE
+        self.config = Config()
+        self.schedule: list[RolloutEvent] = []
+
+    def build_model(self, config: Config) -> nn.Module:
+        if config.model.ckpt_dir is None:
+            raise ConfigError("`model.ckpt_dir` is not set: stage 2 starts from a Wan2.2-TI2V checkpoint "
+                              "directory (and `model.pt_dir`, the stage-1 vidar.pt)")
+        if config.data.shards is None:
+            raise ConfigError("`data.shards` is not set: the shard directory made by `vidar-shard`")
+        self.config, self.shift = config, config.loss.shift
+        sf = config.self_forcing
+        if sf.closed_loop:
+            self.schedule = closed_loop_schedule(
+                config.chunk_size, RolloutWindow(sf.rollout_bound, sf.rollout_prefill_num))
+        # A public reconstruction found the design note's 2e-5 too high for this stage: say which
+        # rate this run uses (TensorBoard has it as train/lr).
+        log.info("stage 2: learning rate %.3g (training.lr), warmup %d, context %s%s, chunk %d latent frames, "
+                 "Eq. 7 %s", config.training.lr, config.training.warmup, sf.context_mode,
+                 " on the closed-loop schedule" if sf.closed_loop else "", config.chunk_size,
+                 f"eta {config.loss.eta}" if config.loss.embodiment_aware else "off")
+        model = WanModelCausal.from_pretrained(config.model.ckpt_dir, dtype=torch.bfloat16, device="cpu")
+        if config.model.pt_dir is not None:
+            load_finetuned(model, config.model.pt_dir)
+        model.attention_backend = config.model.attention
+        self.patch_size, self.text_len = model.patch_size, model.text_len
+        return model.train().requires_grad_(True)
+
+    def load_frozen(self, config: Config, device: torch.device) -> None:
+        """Stage 1's VAE and umT5, plus the IDM for Eq. 7 when the shards carry no masks."""
+        super().load_frozen(config, device)
+        if not config.loss.embodiment_aware or read_index(config.data.shards)["mode"] != "raw":
+            return
+        if config.model.idm_path is None:
+            raise ConfigError("`loss.embodiment_aware` needs IDM masks: set `model.idm_path` to an idm.pt "
+                              "(or pre-encode `idm_mask` into the shards)")
+        self.idm = load_idm(config.model.idm_path, device=device, dtype=FROZEN_DTYPE).requires_grad_(False)
+        self.idm_input_size = idm_input_size(config.data.height, config.data.width)
+
+    @torch.no_grad()
+    def latent_mask(self, batch: dict[str, Any]) -> torch.Tensor:
+        """IDM mask U on the latent grid [B, F_lat, H/16, W/16], float32."""
+        if "idm_mask" in batch:
+            return batch["idm_mask"].to(self.device, torch.float32)
+        if self.idm is None:
+            raise KeyError(f"batch {batch['__key__']} has no pre-encoded `idm_mask` and no IDM is loaded "
+                           f"(model.idm_path) for the embodiment-aware loss")
+        mask = self.idm.get_mask(batch["video"].to(self.device), input_size=self.idm_input_size)
+        return pool_mask_to_latent(mask.float())
+
+    def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        config, sf = self.config, self.config.self_forcing
+        model = unwrap_model(module)
+        clean = self.clean_latents(batch)
+        context = self.text_context(batch)
+        mask = self.latent_mask(batch) if config.loss.embodiment_aware else None
+        window = prepare_causal_window(clean, config.chunk_size, self.shift, generator, mask)
+        source = choose_context(sf.context_mode, sf.self_generated_prob, generator)
+        if sf.closed_loop:
+            velocity = closed_loop_velocity(model, window, context, self.schedule, sf.kv_cache_length)
+        elif source == "ground_truth":
+            velocity = teacher_forcing_velocity(model, window, context)
+        else:
+            velocity = self_generated_velocity(model, window, context,
+                                               sampling_sigmas(sf.denoising_steps, self.shift),
+                                               sf.kv_cache_length, sf.sink_frames, generator)
+        weights = embodiment_weights(window.mask, config.loss.eta) if window.mask is not None else None
+        loss = flow_matching_loss(velocity, window.target, loss_mask=window.loss_mask, weights=weights)
+        return loss, self.step_metrics(velocity.detach(), window, source)
+
+    def step_metrics(self, velocity: torch.Tensor, window: CausalWindow, source: ContextSource
+                     ) -> dict[str, torch.Tensor]:
+        """[value, 1] pairs (averaged over micro-batches and ranks): unweighted loss per rollout
+        position and inside / outside the IDM mask, and how often the context was self-generated."""
+        one = torch.ones(())
+        metrics = {"context_self_generated": torch.stack([one * (source == "self_generated"), one])}
+        per_position = per_frame_flow_matching_loss(velocity, window.target).cpu()
+        for position in range(1, window.num_frames):
+            metrics[f"loss_by_position/{position:02d}"] = torch.stack([per_position[position], one])
+        if window.mask is not None:
+            inside, outside = mask_region_losses(velocity, window.target, window.mask, window.loss_mask)
+            metrics["loss_in_mask"] = torch.stack([inside.cpu(), one])
+            metrics["loss_out_of_mask"] = torch.stack([outside.cpu(), one])
+        return metrics
+
+    def tokens_in(self, batch: dict[str, Any]) -> int:
+        """DiT tokens of the window: the clean and the noisy copy of `chunk_size` latent frames."""
+        _, ph, pw = self.patch_size
+        if "latents" in batch:
+            batch_size, height, width = batch["latents"].shape[0], *batch["latents"].shape[3:]
+        else:
+            batch_size, height, width = batch["video"].shape[0], *(s // 16 for s in batch["video"].shape[3:])
+        return 2 * batch_size * self.config.chunk_size * (height // ph) * (width // pw)
