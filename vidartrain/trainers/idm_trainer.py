@@ -1,0 +1,123 @@
+"""IDM training: the masked inverse dynamics model on (frame, action) pairs of the same shards.
+
+Loss (Eq. 4, as upstream `train_idm.py --use_normalization`): SmoothL1 (beta 1) between predicted
+and true actions, both normalised with the IDM's own statistics, plus `loss.mask_weight` (lambda,
+3e-3) times the mean soft mask. Reported as well: the two terms, the mean mask, and the paper's
+action accuracy (max abs error < 0.06 on joints and < 0.6 on the grippers, dims 6 and 13).
+
+Precision: the IDM's BatchNorm keeps float32 running statistics, which ZeRO-3 leaves unconverted,
+so the engine must hold float32 weights (`distributed.mixed_precision: fp32`); on accelerators the
+forward runs under bf16 autocast, as upstream's `--mixed_precision bf16` does.
+
+Input size: the published IDM sees 518x518 frames. Frames smaller than that in both dimensions
+(debug configs) are fed at their own size instead of being blown up; the IDM works at any size.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vidartrain.config import Config, ConfigError
+from vidartrain.data.dataset import build_loader
+from vidartrain.losses import action_accuracy, idm_loss
+from vidartrain.models.idm import IDM, IDM_INPUT_SIZE, load_idm, preprocess_frames, save_idm
+from vidartrain.trainers.base import ResumableLoader, Stage
+
+log = logging.getLogger(__name__)
+
+
+def idm_input_size(height: int, width: int) -> tuple[int, int]:
+    """IDM input size for frames of height x width: the published 518x518, or the frame's own size
+    when it is smaller in both dimensions (tiny debug runs)."""
+    if height < IDM_INPUT_SIZE[0] and width < IDM_INPUT_SIZE[1]:
+        return height, width
+    return IDM_INPUT_SIZE
+
+
+def unwrap_idm(module: nn.Module) -> IDM:
+    """The IDM inside a DeepSpeed engine, or the bare IDM."""
+    model = getattr(module, "module", module)
+    if not isinstance(model, IDM):
+        raise TypeError(f"the IDM stage trains an IDM, got {type(model).__name__}")
+    return model
+
+
+class IdmStage(Stage):
+    """Trains `IDM` from scratch (or from `model.idm_path`); exports idm.pt in the upstream format."""
+
+    name = "idm"
+
+    def __init__(self) -> None:
+        self.config = Config()
+        self.device = torch.device("cpu")
+        self.input_size: tuple[int, int] = IDM_INPUT_SIZE
+
+    def build_model(self, config: Config) -> nn.Module:
+        if config.data.shards is None:
+            raise ConfigError("`data.shards` is not set: the IDM trains on (frame, action) pairs of the shards")
+        if config.model.gradient_checkpointing:
+            raise ConfigError("`model.gradient_checkpointing` is true, but activation checkpointing is for the "
+                              "DiT: set it to false for the IDM")
+        self.config = config
+        self.input_size = idm_input_size(config.data.height, config.data.width)
+        if config.model.idm_path is not None:
+            model = load_idm(config.model.idm_path)
+            log.info("IDM: fine-tuning %s", config.model.idm_path)
+        else:
+            model = IDM()
+        log.info("IDM: learning rate %.3g, warmup %d, weight decay %.3g, lambda %.3g, frames %dx%d -> input %dx%d",
+                 config.training.lr, config.training.warmup, config.training.weight_decay,
+                 config.loss.mask_weight, config.data.height, config.data.width, *self.input_size)
+        return model.train().requires_grad_(True)
+
+    def load_frozen(self, config: Config, device: torch.device) -> None:
+        """Nothing is frozen: the IDM reads pixels."""
+        self.device = device
+
+    def build_loader(self, config: Config, split: str, micro_batch_size: int, rank: int,
+                     world_size: int) -> ResumableLoader | None:
+        shards = config.data.shards if split == "train" else config.data.val_shards
+        if shards is None:
+            return None
+        return build_loader(shards, config.data, micro_batch_size, rank=rank, world_size=world_size,
+                            train=split == "train", mode="frames")
+
+    def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        idm = unwrap_idm(module)
+        weight_dtype = idm.model.mask_model.out.weight.dtype
+        if weight_dtype != torch.float32:
+            raise RuntimeError(f"the IDM's weights are {weight_dtype}: its BatchNorm statistics stay float32, "
+                               f"so train it with float32 weights (distributed.mixed_precision: fp32)")
+        actions = batch["action"].to(self.device, torch.float32)
+        if actions.ndim != 2 or actions.shape[1] != idm.num_actions:
+            raise ValueError(f"batch {batch['__key__'][:3]}: actions {tuple(actions.shape)}, the IDM predicts "
+                             f"{idm.num_actions} action dimensions")
+        images = preprocess_frames(batch["frame"].to(self.device), self.input_size)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type != "cpu"):
+            predicted, mask = module(images, return_mask=True)
+        predicted, mask = predicted.float(), mask.float()
+        loss, action_loss, mask_loss = idm_loss(predicted, actions, mask, idm.train_mean, idm.train_std,
+                                                self.config.loss.mask_weight)
+        count = torch.tensor(float(actions.shape[0]))
+        metrics = {name: torch.stack([value.detach().cpu() * count, count]) for name, value in (
+            ("action_loss", action_loss), ("mask_loss", mask_loss), ("mask_mean", mask.mean()),
+            ("action_accuracy", action_accuracy(predicted.detach(), actions)))}
+        return loss, metrics
+
+    def tokens_in(self, batch: dict[str, Any]) -> int:
+        """Frames of the batch (the IDM's unit of work)."""
+        return int(batch["frame"].shape[0])
+
+    def export(self, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+        """idm.pt as upstream's `train_idm.py` writes it ({"model_state_dict", "step"}; the ZeRO-3
+        optimizer state is partitioned and lives in the DeepSpeed checkpoint), float32 tensors."""
+        num_actions = state_dict["train_mean"].numel()
+        model = IDM([0.0] * num_actions, [1.0] * num_actions)
+        model.load_state_dict({name: value.float() if value.is_floating_point() else value
+                               for name, value in state_dict.items()}, strict=True)
+        save_idm(model, path, step=self.config.training.num_steps)
