@@ -21,6 +21,14 @@ def write_single_file(directory, config: dict, state: dict) -> None:
     (directory / "config.json").write_text(json.dumps(config))
 
 
+def test_config_round_trips_through_config_json(tmp_path, state):
+    with torch.device("meta"):
+        config = WanModel(**tiny_config()).config()
+    assert config == tiny_config()
+    write_single_file(tmp_path, config, state)
+    assert WanModel.from_pretrained(tmp_path, dtype=torch.float32).config() == config
+
+
 def test_single_file_in_bf16_loads_every_tensor(tmp_path, state):
     write_single_file(tmp_path, tiny_config(), state)
     model = WanModel.from_pretrained(tmp_path, dtype=torch.bfloat16)

@@ -249,3 +249,21 @@ def test_block_memory_benchmark_counts_about_40_dim_plus_2_ffn_bytes_per_token()
     per_token_bytes = result["mib_per_token"] * 2**20
     assert 40 * dim + 2 * ffn_dim <= per_token_bytes <= 1.1 * (40 * dim + 2 * ffn_dim)
     assert result["tokens"] == {1: 460, 2: 920} and result["sample_tokens"] == 9660
+
+
+def test_variants_without_qk_norm_and_cross_attn_norm_train_with_checkpointing():
+    config = {**tiny_config(), "qk_norm": False, "cross_attn_norm": False, "num_layers": 1}
+    torch.manual_seed(0)
+    model = WanModel(**config)
+    assert not any("norm_q" in n or "norm3" in n for n, _ in model.named_parameters())
+    x, t, context = torch.randn(2, 48, 2, 4, 6), torch.tensor([100.0, 900.0]), torch.randn(2, 5, 32)
+
+    def gradients(checkpointing: bool) -> dict:
+        model.zero_grad()
+        model.enable_gradient_checkpointing(checkpointing)
+        model(x, t, context).pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -31,6 +31,11 @@ from einops import rearrange
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+try:
+    from flash_attn import flash_attn_func
+except ImportError:  # optional: PyTorch's SDPA has its own flash kernel on CUDA
+    flash_attn_func = None
+
 VAE_STRIDE = (4, 16, 16)
 PATCH_SIZE = (1, 2, 2)
 
@@ -238,7 +243,11 @@ def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
     """Softmax attention on [B, N, L, D] tensors. A BlockMask selects flex_attention (block-sparse,
-    for the causal model on GPU); a boolean mask or None goes to scaled_dot_product_attention."""
+    for the causal model on GPU); unmasked 16-bit CUDA attention uses the flash-attn package when it
+    is installed (as upstream does); everything else goes to scaled_dot_product_attention."""
+    if mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        # flash-attn takes [B, L, N, D]; our [B, N, L, D] tensors are transposed views of that layout.
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     if isinstance(mask, BlockMask):
         flex = _compiled_flex_attention() if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=mask)
@@ -482,15 +491,10 @@ class WanModel(nn.Module):
         e0 = self.time_projection(e).unflatten(-1, (6, self.dim))
         return e, e0
 
-    def rope(self, grid: tuple[int, int, int], frame_offset: int | torch.Tensor = 0) -> Rope:
-        """RoPE tables for a [F, H, W] token grid whose first frame is at absolute index
-        `frame_offset` (or whose frames are at the given absolute indices)."""
+    def rope(self, grid: tuple[int, int, int]) -> Rope:
+        """RoPE tables for a [F, H, W] token grid with frames at positions 0..F-1."""
         frames, height, width = grid
-        device = self.patch_embedding.weight.device
-        if isinstance(frame_offset, torch.Tensor):
-            positions = frame_offset.to(device)
-        else:
-            positions = torch.arange(frame_offset, frame_offset + frames, device=device)
+        positions = torch.arange(frames, device=self.patch_embedding.weight.device)
         return rope_for_grid(positions, height, width, self.head_dim)
 
     def run_blocks(self, x: torch.Tensor, e0: torch.Tensor, context, rope: Rope, mask: AttentionMask = None,
