@@ -171,7 +171,7 @@ class WanModelCausal(WanModel):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context) -> torch.Tensor:
         """Whole sequence [B, C, F, H, W] with block-causal attention; frames at positions 0..F-1."""
         self._check_latents(x, "x")
-        grid = self._grid(x)
+        grid = self.token_grid(x)
         positions = torch.arange(grid[0])
         velocity, _ = self._forward_frames(x, self.frame_timesteps(t, x.shape[0], grid), positions,
                                            self._text(context))
@@ -184,7 +184,7 @@ class WanModelCausal(WanModel):
         other, at RoPE positions `positions` (default: right after the last cached frame). With
         `update_cache` their keys/values are appended (do that at t = 0 for clean frames)."""
         self._check_latents(x, "x")
-        grid = self._grid(x)
+        grid = self.token_grid(x)
         positions = list(range(cache.next_position, cache.next_position + grid[0])) \
             if positions is None else list(positions)
         if len(positions) != grid[0]:
@@ -217,13 +217,13 @@ class WanModelCausal(WanModel):
         self._check_latents(clean, "clean")
         if noisy.shape != clean.shape:
             raise ValueError(f"noisy {list(noisy.shape)} and clean {list(clean.shape)} must have the same shape")
-        grid = self._grid(clean)
+        grid = self.token_grid(clean)
         t_noisy = self.frame_timesteps(t_noisy, clean.shape[0], grid)
         velocity, _ = self._forward_frames(clean, torch.zeros_like(t_noisy), torch.arange(grid[0]),
                                            self._text(context), noisy=noisy, t_noisy=t_noisy)
         return velocity
 
-    def _teacher_forcing_step(self, clean: torch.Tensor, noisy: torch.Tensor, t_noisy: torch.Tensor,
+    def teacher_forcing_step(self, clean: torch.Tensor, noisy: torch.Tensor, t_noisy: torch.Tensor,
                               text, cache: KVCache, cache_grad: bool) -> torch.Tensor:
         """Teacher forcing for one chunk against the cache; appends the chunk's clean frames."""
         positions = list(range(cache.next_position, cache.next_position + clean.shape[2]))
@@ -239,7 +239,8 @@ class WanModelCausal(WanModel):
             shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{name} must be a latent tensor [B, {self.in_dim}, F, H, W], got {shape}")
 
-    def _grid(self, x: torch.Tensor) -> tuple[int, int, int]:
+    def token_grid(self, x: torch.Tensor) -> tuple[int, int, int]:
+        """(F, H, W) token grid of latents [B, C, F, H, W]."""
         pt, ph, pw = self.patch_size
         return x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
 
@@ -278,7 +279,7 @@ def rollout(model: WanModelCausal, clean: torch.Tensor, noisy: torch.Tensor, t_n
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     frames = clean.shape[2]
-    t_noisy = model.frame_timesteps(t_noisy, clean.shape[0], model._grid(clean))
+    t_noisy = model.frame_timesteps(t_noisy, clean.shape[0], model.token_grid(clean))
     cache = KVCache(model.num_layers, capacity=kv_cache_length or frames, sink=sink,
                     evict_oldest=kv_cache_length is not None)
     text = model.text_key_values(context)
@@ -289,7 +290,7 @@ def rollout(model: WanModelCausal, clean: torch.Tensor, noisy: torch.Tensor, t_n
         if context_mode == "self_forcing" and stop > num_ground_truth_frames:
             chunk_context = _self_generated_context(model, chunk_context, start, num_ground_truth_frames,
                                                     text, cache, sigmas, generator)
-        velocities.append(model._teacher_forcing_step(chunk_context, noisy[:, :, start:stop],
+        velocities.append(model.teacher_forcing_step(chunk_context, noisy[:, :, start:stop],
                                                       t_noisy[:, start:stop], text, cache, cache_grad))
     return torch.cat(velocities, dim=2)
 

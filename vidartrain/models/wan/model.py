@@ -238,7 +238,9 @@ def _gelu_tanh_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
 @functools.cache
 def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
     # Uncompiled flex_attention materialises the full score matrix; compiled, it is block-sparse.
-    return torch.compile(flex_attention, dynamic=False)
+    # Default dynamic-shape policy: a second sequence length (a growing cache) compiles one
+    # dynamic kernel instead of one kernel per length.
+    return torch.compile(flex_attention)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
