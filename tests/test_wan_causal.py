@@ -281,3 +281,11 @@ def test_causal_paths_benchmark_compares_paths_that_agree():
     assert all(row[name]["seconds"] > 0 and row[name]["peak_mib"] > 0 for name in PATHS)
     assert abs(row["teacher_forcing_loss"] - row["sequential_loss"]) <= 1e-5 * row["teacher_forcing_loss"]
     assert row["training_velocity_max_difference"] <= ATOL and row["generation_velocity_max_difference"] <= ATOL
+
+
+def test_causal_model_reads_the_published_checkpoint_layout(tmp_path, weights):
+    from test_wan_dit import write_published_layout
+    write_published_layout(tmp_path, tiny_config(), weights)
+    model = WanModelCausal.from_pretrained(tmp_path, dtype=torch.float32)
+    assert isinstance(model, WanModelCausal)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())

@@ -601,5 +601,5 @@ def group_timesteps(t: torch.Tensor, batch: int, grid: tuple[int, int, int]) -> 
         if bool((per_frame == per_frame[..., :1]).all()):
             return per_frame[..., 0]
         return t
-    raise ValueError(f"t must be [B] , [B, F] or [B, L] with B={batch}, F={frames}, L={length}; "
+    raise ValueError(f"t must be [B], [B, F] or [B, L] with B={batch}, F={frames}, L={length}; "
                      f"got {list(t.shape)}")
