@@ -267,3 +267,14 @@ def test_variants_without_qk_norm_and_cross_attn_norm_train_with_checkpointing()
     plain, checkpointed = gradients(False), gradients(True)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_list_of_samples_with_different_frame_sizes_equals_separate_calls(model, io):
+    xs = [io["x.0"][:, :1], torch.randn(48, 2, 8, 6)]
+    t = torch.tensor([250.0, 650.0])
+    context = [io["context.0"], io["context.1"]]
+    together = model(xs, t, context)
+    for b in range(2):
+        alone = model(xs[b][None], t[b:b + 1], [context[b]])[0]
+        assert together[b].shape == xs[b].shape
+        assert max_error(together[b], alone) <= ATOL
