@@ -116,12 +116,11 @@ class WanModelCausal(WanModel):
             return context
         return self.embed_text(context)
 
-    @staticmethod
-    def frame_timesteps(t: torch.Tensor | float, batch: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    def frame_timesteps(self, t: torch.Tensor | float, batch: int, grid: tuple[int, int, int]) -> torch.Tensor:
         """t as [B, F]: the causal model needs one timestep per latent frame (or coarser)."""
         frames = grid[0]
         if not isinstance(t, torch.Tensor):
-            t = torch.tensor(float(t))
+            t = torch.tensor(float(t), device=self.patch_embedding.weight.device)
         if t.dim() == 0:
             t = t.expand(batch)
         grouped = group_timesteps(t.float(), batch, grid)

@@ -99,8 +99,9 @@ class KVCache:
             self.keys = [torch.cat([old, k], dim=2) for old, (k, _) in zip(self.keys, key_values)]
             self.values = [torch.cat([old, v], dim=2) for old, (_, v) in zip(self.values, key_values)]
         else:
-            self.keys = [k for k, _ in key_values]
-            self.values = [v for _, v in key_values]
+            # Copies, so that a slice of a larger tensor does not keep all of it alive.
+            self.keys = [k.clone() for k, _ in key_values]
+            self.values = [v.clone() for _, v in key_values]
         self.positions = self.positions + list(positions)
         return self
 
