@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -22,7 +24,8 @@ from vidartrain.data.dataset import SampleRef, read_sample_bytes
 from vidartrain.data.shard_index import file_sha256, read_index
 from vidartrain.data.video import VideoReadError, open_video, read_frames
 
-RAW_MEMBERS = ("mp4", "actions.npy", "txt", "json")
+MEMBERS = {"raw": ("mp4", "actions.npy", "txt", "json"),
+           "latents": ("tensors.safetensors", "actions.npy", "txt", "json")}
 
 
 @dataclass
@@ -46,8 +49,35 @@ def check_shard_file(directory: Path, shard: dict) -> str | None:
     return None
 
 
-def check_samples(directory: Path, shard: dict) -> list[str]:
-    """Every sample has its members and a video that decodes to its recorded frame count."""
+def check_video(sample: dict, frames: int) -> str | None:
+    try:
+        reader = open_video(sample["mp4"])
+        for start in range(0, len(reader), 64):
+            read_frames(reader, np.arange(start, min(start + 64, len(reader))))
+    except VideoReadError as error:
+        return f"video does not decode ({error})"
+    if len(reader) < frames:
+        return f"video has {len(reader)} frames, index.json says {frames}"
+    return None
+
+
+def check_tensors(sample: dict, precompute: dict) -> str | None:
+    try:
+        tensors = safetensors.torch.load(sample["tensors.safetensors"])
+    except Exception as error:  # safetensors raises its own error types for malformed bytes
+        return f"tensors.safetensors does not load ({error})"
+    expected = (1 + (precompute["num_frames"] - 1) // 4, precompute["height"] // 16, precompute["width"] // 16)
+    if "latents" not in tensors or tuple(tensors["latents"].shape[1:]) != expected:
+        found = tuple(tensors["latents"].shape) if "latents" in tensors else "none"
+        return f"latents of shape {found}, expected (C, {', '.join(map(str, expected))})"
+    if "idm" in precompute["precompute"] and tuple(tensors.get("idm_mask", np.zeros(0)).shape) != expected:
+        return f"idm_mask missing or not of shape {expected}"
+    return None
+
+
+def check_samples(directory: Path, shard: dict, index: dict) -> list[str]:
+    """Every sample has its members and a video that decodes to its recorded frame count (or loadable
+    latents of the recorded window size)."""
     refs = [SampleRef(str(directory / shard["name"]), e["offset"], e["size"], e["key"], e["frames"])
             for e in shard["entries"]]
     problems = []
@@ -57,20 +87,28 @@ def check_samples(directory: Path, shard: dict) -> list[str]:
         if sample["__key__"] != ref.key:
             problems.append(f"{where}: found key {sample['__key__']} at its offset")
             continue
-        missing = [member for member in RAW_MEMBERS if member not in sample]
+        missing = [member for member in MEMBERS[index["mode"]] if member not in sample]
         if missing:
             problems.append(f"{where}: lacks members {missing}")
             continue
-        try:
-            reader = open_video(sample["mp4"])
-            for start in range(0, len(reader), 64):
-                read_frames(reader, np.arange(start, min(start + 64, len(reader))))
-        except VideoReadError as error:
-            problems.append(f"{where}: video does not decode ({error})")
-            continue
-        if len(reader) < ref.frames:
-            problems.append(f"{where}: video has {len(reader)} frames, index.json says {ref.frames}")
+        problem = (check_video(sample, ref.frames) if index["mode"] == "raw"
+                   else check_tensors(sample, index["settings"]["precompute"]))
+        if problem:
+            problems.append(f"{where}: {problem}")
     return problems
+
+
+def check_text_embeddings(directory: Path, index: dict) -> list[str]:
+    """Every sample's instruction has its embedding in the split's embeddings file."""
+    if not index.get("text_embeddings"):
+        return []
+    path = directory / index["text_embeddings"]
+    if not path.is_file():
+        return [f"{path}: missing"]
+    with safetensors.safe_open(str(path), framework="pt") as stored:
+        keys = set(stored.keys())
+    wanted = {entry["text_key"] for shard in index["shards"] for entry in shard["entries"]}
+    return [f"{path}: no embedding for text_key {key}" for key in sorted(wanted - keys)]
 
 
 def inspect_split(directory: Path, decode: bool) -> tuple[dict | None, Report]:
@@ -88,7 +126,8 @@ def inspect_split(directory: Path, decode: bool) -> tuple[dict | None, Report]:
         if problem:
             report.problems.append(problem)
         elif decode:
-            report.problems.extend(check_samples(directory, shard))
+            report.problems.extend(check_samples(directory, shard, index))
+    report.problems.extend(check_text_embeddings(directory, index))
     report.episodes = len(index["episodes"])
     report.frames = sum(episode["frames"] for episode in index["episodes"])
     return index, report

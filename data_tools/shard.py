@@ -27,9 +27,14 @@ from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
 
+import numpy as np
+import safetensors.torch
+
 from data_tools.episodes import (EpisodeError, EpisodeLayout, ValidEpisode, actions_to_npy, discover_episodes,
                                  load_episode)
-from vidartrain.data.shard_index import INDEX_FILE, INDEX_FORMAT, file_sha256
+from data_tools.precompute import (PRECOMPUTABLE, DTYPES, Precomputer, WindowSettings, episode_windows,
+                                   parse_precompute, settings_record, text_key)
+from vidartrain.data.shard_index import INDEX_FILE, INDEX_FORMAT, TEXT_EMBEDDINGS_FILE, file_sha256
 
 VAL_DIR = "val"
 
@@ -43,6 +48,12 @@ class ConversionSettings:
     max_bytes: int = 1 << 30
     val_fraction: float = 0.0
     split_seed: int = 0
+    # pre-encoding (data_tools.precompute.settings_record): None for raw video shards
+    precompute: dict | None = None
+
+    @property
+    def mode(self) -> str:
+        return "raw" if self.precompute is None else "latents"
 
     def as_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -56,6 +67,10 @@ class EpisodeResult:
     entries: list[dict] = field(default_factory=list)   # per sample: what the loader needs to know
     metadata: dict | None = None
     skip: tuple[str, str] | None = None                 # (reason, detail) of a skipped episode
+    instruction: str = ""
+    # pre-encoding: uint8 windows [num_frames, 3, H, W] by start frame, and the episode's actions
+    windows: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    actions: np.ndarray | None = None
 
 
 class StrictStop(Exception):
@@ -99,8 +114,32 @@ def convert_episode(task: tuple[Path, str, int, ConversionSettings]) -> EpisodeR
         episode = load_episode(episodes_dir, name, settings.layout)
     except EpisodeError as error:
         return EpisodeResult(name, position, skip=(error.reason, error.detail))
-    samples, entries = raw_samples(episode)
-    return EpisodeResult(name, position, samples, entries, episode.metadata())
+    if settings.precompute is None:
+        samples, entries = raw_samples(episode)
+        return EpisodeResult(name, position, samples, entries, episode.metadata(), instruction=episode.instruction)
+    window = WindowSettings(**{k: settings.precompute[k] for k in ("num_frames", "stride", "height", "width")})
+    windows = episode_windows(episode.video, episode.video_fps, episode.fps, episode.frames, window)
+    if not windows:
+        return EpisodeResult(name, position, skip=("video_too_short", (
+            f"{episode.frames} frames at {episode.fps} fps, a pre-encoded window needs {window.num_frames}")))
+    return EpisodeResult(name, position, metadata=episode.metadata(), instruction=episode.instruction,
+                         windows=windows, actions=episode.actions)
+
+
+def latent_samples(result: EpisodeResult, precomputer: Precomputer) -> tuple[list[dict], list[dict]]:
+    """One sample per window: latents (+ IDM mask) as safetensors, the window's actions, metadata."""
+    samples, entries = [], []
+    key_of_text = text_key(result.instruction)
+    for start, frames in result.windows:
+        key = f"{sample_key(result.name)}_{start:06d}"
+        metadata = {**result.metadata, "window_start": start, "frames": len(frames), "text_key": key_of_text}
+        samples.append({"__key__": key,
+                        "tensors.safetensors": safetensors.torch.save(precomputer.window_tensors(frames)),
+                        "actions.npy": actions_to_npy(result.actions[start: start + len(frames)]),
+                        "txt": result.instruction.encode("utf-8"),
+                        "json": json.dumps(metadata, sort_keys=True).encode("utf-8")})
+        entries.append({"key": key, "frames": len(frames), "window_start": start, "text_key": key_of_text})
+    return samples, entries
 
 
 def ordered_results(function: Callable, tasks: Iterable, workers: int) -> Iterator:
@@ -218,9 +257,9 @@ class Progress:
 
 
 def empty_index(split: str, settings: ConversionSettings, episodes_dir: Path) -> dict:
-    return {"format": INDEX_FORMAT, "complete": False, "split": split, "mode": "raw",
+    return {"format": INDEX_FORMAT, "complete": False, "split": split, "mode": settings.mode,
             "settings": settings.as_dict(), "episodes_dir": str(episodes_dir),
-            "shards": [], "episodes": [], "skipped": [], "val": None}
+            "shards": [], "episodes": [], "skipped": [], "val": None, "text_embeddings": None}
 
 
 def write_index(directory: Path, index: dict) -> None:
@@ -256,7 +295,7 @@ def resume_index(directory: Path, split: str, settings: ConversionSettings, epis
 
 
 def convert_split(split: str, names: list[str], directory: Path, episodes_dir: Path, settings: ConversionSettings,
-                  workers: int, strict: bool, overwrite: bool) -> dict:
+                  workers: int, strict: bool, overwrite: bool, precomputer: Precomputer | None) -> dict:
     """Write one split's shards and index.json (complete) into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     index = resume_index(directory, split, settings, episodes_dir, overwrite)
@@ -285,18 +324,31 @@ def convert_split(split: str, names: list[str], directory: Path, episodes_dir: P
                 if strict:
                     raise StrictStop(f"episode {result.name}: {reason}: {detail}")
                 continue
-            used = [shards.add(sample, entry) for sample, entry in zip(result.samples, result.entries)]
+            samples, entries = ((result.samples, result.entries) if precomputer is None
+                                else latent_samples(result, precomputer))
+            used = [shards.add(sample, entry) for sample, entry in zip(samples, entries)]
             index["episodes"].append({**result.metadata, "position": result.position, "split": split,
-                                      "samples": len(used), "shards": sorted(set(used))})
+                                      "instruction": result.instruction, "samples": len(used),
+                                      "shards": sorted(set(used))})
             if shards.full():
                 finish_shard(result.position + 1)
         finish_shard(len(names))
     finally:
         shards.abandon()
     remove_stale_shards(directory, {shard["name"] for shard in index["shards"]})
+    if precomputer is not None and "text" in precomputer.what:
+        write_text_embeddings(directory, index, precomputer)
     index["complete"] = True
     write_index(directory, index)
     return index
+
+
+def write_text_embeddings(directory: Path, index: dict, precomputer: Precomputer) -> None:
+    """One embedding per distinct instruction of the split, keyed by text_key."""
+    texts = {text_key(e["instruction"]): e["instruction"] for e in index["episodes"]}
+    embeddings = precomputer.text_embeddings(texts)
+    write_atomically(directory / TEXT_EMBEDDINGS_FILE, safetensors.torch.save(embeddings))
+    index["text_embeddings"] = TEXT_EMBEDDINGS_FILE
 
 
 def remove_stale_shards(directory: Path, keep: set[str]) -> None:
@@ -307,8 +359,13 @@ def remove_stale_shards(directory: Path, keep: set[str]) -> None:
 
 
 def convert(episodes_dir: Path, out: Path, settings: ConversionSettings, workers: int = 1, strict: bool = False,
-            overwrite: bool = False, manifest: Path | None = None) -> dict:
-    """Convert every episode; returns the top-level index (train split, every skipped episode)."""
+            overwrite: bool = False, manifest: Path | None = None, precomputer: Precomputer | None = None) -> dict:
+    """Convert every episode; returns the top-level index (train split, every skipped episode).
+
+    Pre-encoded shards (settings.precompute) need a `precomputer` holding the frozen models.
+    """
+    if (settings.precompute is None) != (precomputer is None):
+        raise ValueError("settings.precompute and precomputer go together: give both or neither")
     if not episodes_dir.is_dir():
         raise SystemExit(f"--episodes {episodes_dir} is not a directory")
     names = discover_episodes(episodes_dir, manifest)
@@ -321,10 +378,11 @@ def convert(episodes_dir: Path, out: Path, settings: ConversionSettings, workers
     splits = assign_splits(names, settings.val_fraction, settings.split_seed)
     val_names = [name for name in names if splits[name] == "val"]
     train = convert_split("train", [n for n in names if splits[n] == "train"], out, episodes_dir, settings,
-                          workers, strict, overwrite)
+                          workers, strict, overwrite, precomputer)
     val_episodes = 0
     if val_names:
-        val = convert_split("val", val_names, out / VAL_DIR, episodes_dir, settings, workers, strict, overwrite)
+        val = convert_split("val", val_names, out / VAL_DIR, episodes_dir, settings, workers, strict, overwrite,
+                            precomputer)
         train["val"] = VAL_DIR
         train["skipped"] = train["skipped"] + val["skipped"]
         val_episodes = len(val["episodes"])
@@ -349,7 +407,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="output directory for shards and index.json")
     parser.add_argument("--manifest", type=Path, default=None,
                         help="JSON list of episodes (default: EPISODES/manifest.json if present, else all folders)")
-    parser.add_argument("--samples-per-shard", type=int, default=1000, help="close a shard at this many samples")
+    parser.add_argument("--samples-per-shard", type=int, default=1000, help="close a shard once it holds this many samples (an episode's windows stay in one shard)")
     parser.add_argument("--bytes-per-shard", type=int, default=1 << 30,
                         help="close a shard once it reaches this many bytes (default 1 GiB)")
     parser.add_argument("--workers", type=int, default=1, help="processes validating and encoding episodes")
@@ -365,6 +423,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cameras", default=None,
                         help="compose the observation from three videos: HEAD,LEFT_WRIST,RIGHT_WRIST file "
                              "names inside each episode (e.g. head.mp4,left_wrist.mp4,right_wrist.mp4)")
+    parser.add_argument("--precompute", default=None,
+                        help=f"pre-encode for training without VAE/T5/IDM: comma list of {','.join(PRECOMPUTABLE)} "
+                             f"(latents required); needs --ckpt-dir (and --idm for idm)")
+    parser.add_argument("--ckpt-dir", type=Path, default=None, help="Wan2.2-TI2V-5B directory (VAE, umT5, tokenizer)")
+    parser.add_argument("--idm", type=Path, default=None, help="idm.pt for --precompute idm")
+    parser.add_argument("--num-frames", type=int, default=81, help="frames per pre-encoded window (1 + 4n)")
+    parser.add_argument("--stride", type=int, default=40, help="frames between pre-encoded window starts")
+    parser.add_argument("--height", type=int, default=736, help="pre-encoded frame height (multiple of 16)")
+    parser.add_argument("--width", type=int, default=640, help="pre-encoded frame width (multiple of 16)")
+    parser.add_argument("--latent-dtype", choices=sorted(DTYPES), default="bfloat16", help="stored tensor dtype")
+    parser.add_argument("--device", default="cpu", help="device of the frozen models (e.g. cuda)")
+    parser.add_argument("--vae-config", type=json.loads, default=None,
+                        help="JSON WanVAE constructor overrides (tiny debug checkpoints)")
+    parser.add_argument("--t5-config", type=json.loads, default=None,
+                        help="JSON UMT5Encoder constructor overrides (tiny debug checkpoints)")
+    parser.add_argument("--idm-input-size", type=int, default=518, help="square frame size the IDM sees")
     parser.add_argument("--strict", action="store_true", help="stop with an error at the first bad episode")
     parser.add_argument("--overwrite", action="store_true", help="discard shards already in --out")
     return parser.parse_args(argv)
@@ -380,15 +454,39 @@ def settings_from_args(args: argparse.Namespace) -> ConversionSettings:
         raise SystemExit("--samples-per-shard and --bytes-per-shard must be positive")
     layout = EpisodeLayout(cameras=cameras, action_dim=args.action_dim, fps=args.fps,
                            reencode=args.video == "reencode", qp=args.qp)
+    precompute = None
+    if args.precompute:
+        try:
+            what = parse_precompute(args.precompute)
+            window = WindowSettings(args.num_frames, args.stride, args.height, args.width)
+            window.check()
+        except ValueError as error:
+            raise SystemExit(f"vidar-shard: {error}") from error
+        if args.ckpt_dir is None or ("idm" in what and args.idm is None):
+            raise SystemExit("vidar-shard: --precompute needs --ckpt-dir, and --idm when it includes idm")
+        precompute = settings_record(what, window, args.ckpt_dir, args.idm, args.latent_dtype, args.vae_config,
+                                     args.t5_config, args.idm_input_size)
     return ConversionSettings(layout=layout, max_samples=args.samples_per_shard, max_bytes=args.bytes_per_shard,
-                              val_fraction=args.val_fraction, split_seed=args.split_seed)
+                              val_fraction=args.val_fraction, split_seed=args.split_seed, precompute=precompute)
+
+
+def precomputer_from_settings(settings: ConversionSettings, device: str) -> Precomputer | None:
+    record = settings.precompute
+    if record is None:
+        return None
+    size = record["idm_input_size"]
+    return Precomputer.from_checkpoints(tuple(record["precompute"]), Path(record["ckpt_dir"]),
+                                        Path(record["idm"]) if record["idm"] else None, device,
+                                        record["latent_dtype"], record["vae_config"], record["t5_config"],
+                                        (size, size))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_from_args(args)
     try:
-        index = convert(args.episodes, args.out, settings, args.workers, args.strict, args.overwrite, args.manifest)
+        index = convert(args.episodes, args.out, settings, args.workers, args.strict, args.overwrite, args.manifest,
+                        precomputer_from_settings(settings, args.device))
     except StrictStop as stop:
         print(f"\nvidar-shard --strict: {stop}", file=sys.stderr)
         return 1

@@ -54,7 +54,7 @@ def test_same_input_gives_byte_identical_shards(mixed_episodes, tmp_path):
     run(mixed_episodes, tmp_path / "b", "--samples-per-shard", 3, "--workers", 2)
     names = sorted(p.name for p in (tmp_path / "a").glob("shard-*.tar"))
     assert names == sorted(p.name for p in (tmp_path / "b").glob("shard-*.tar")) and len(names) == 2
-    for name in names:
+    for name in [*names, "index.json"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 

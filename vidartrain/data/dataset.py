@@ -12,6 +12,10 @@ Reading. Index.json records where each sample's tar members sit inside its shard
 just its samples (one ranged read each) and expands them with webdataset's tar stages. Per-sample
 randomness (clip window, text dropout) is seeded by (seed, epoch, sample key), so it does not
 depend on which worker decodes the sample.
+
+Pre-encoded shards (index.json mode "latents") hold VAE latents, the pooled IDM mask and a
+reference to the instruction's umT5 embedding: they are read as tensors, with no video decoding and
+no model anywhere on the training side.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -35,6 +41,7 @@ from vidartrain.data.transforms import resample_indices, video_to_model_input, w
 from vidartrain.data.video import open_video, read_frames
 
 MODES = ("clips", "frames")
+LIST_FIELDS = ("__key__", "text", "text_emb")  # kept as lists in a batch (strings, variable lengths)
 
 
 @dataclass(frozen=True)
@@ -61,12 +68,26 @@ class ClipSpec:
     frames_per_sample: int = 1   # "frames" mode: pairs drawn from each episode
 
 
+def check_pre_encoded_matches(index: dict, shards_dir: str | Path, spec: ClipSpec) -> None:
+    """Pre-encoded windows have a fixed length and size: the data config must ask for exactly those."""
+    stored = index["settings"]["precompute"]
+    if spec.mode != "clips":
+        raise ValueError(f"{shards_dir}: pre-encoded shards hold latents, not frames; IDM frame pairs need "
+                         f"raw video shards")
+    wanted = {"num_frames": spec.num_frames, "height": spec.height, "width": spec.width}
+    differ = {name: (value, stored[name]) for name, value in wanted.items() if stored[name] != value}
+    if differ:
+        described = ", ".join(f"{name} {asked} (shards: {have})" for name, (asked, have) in differ.items())
+        raise ValueError(f"{Path(shards_dir) / 'index.json'}: the data config asks for {described}; "
+                         f"pre-encode again or change the config")
+
+
 def sample_refs(index: dict, shards_dir: str | Path, spec: ClipSpec) -> tuple[list[SampleRef], list[str]]:
     """Samples of a shard directory long enough for `spec`, and the keys of those that are not."""
-    if index["mode"] != "raw":
-        raise ValueError(f"{Path(shards_dir) / 'index.json'}: mode {index['mode']!r} is not supported here")
+    if index["mode"] == "latents":
+        check_pre_encoded_matches(index, shards_dir, spec)
     dataset_fps = index["settings"]["layout"]["fps"]
-    needed = spec.num_frames if spec.mode == "clips" else 1
+    needed = spec.num_frames if spec.mode == "clips" and index["mode"] == "raw" else 1
     refs, too_short = [], []
     for shard in index["shards"]:
         path = str(Path(shards_dir) / shard["name"])
@@ -155,25 +176,59 @@ class SampleDecoder:
                 for n, i in enumerate(chosen)]
 
 
+class PreEncodedDecoder:
+    """Pre-encoded sample (tensors.safetensors, actions.npy, txt, json) -> tensors; text dropout as in raw mode.
+
+    The instruction embeddings file is opened lazily in each worker and read one key at a time.
+    """
+
+    def __init__(self, spec: ClipSpec, seed: int, text_embeddings: Path | None):
+        self.spec, self.seed, self.text_embeddings = spec, seed, text_embeddings
+        self.embeddings_file = None
+
+    def embedding(self, key: str) -> torch.Tensor:
+        if self.embeddings_file is None:
+            self.embeddings_file = safetensors.safe_open(str(self.text_embeddings), framework="pt")
+        return self.embeddings_file.get_tensor(key)
+
+    def clip(self, sample: dict, epoch: int) -> dict:
+        require_members(sample, ("tensors.safetensors", "actions.npy", "txt", "json"))
+        tensors = safetensors.torch.load(sample["tensors.safetensors"])
+        meta = json.loads(sample["json"])
+        rng = sample_rng(self.seed, epoch, sample["__key__"])
+        dropped = bool(rng.random() < self.spec.cfg_prob)
+        text = sample["txt"].decode("utf-8")
+        item = {"__key__": sample["__key__"], "latents": tensors["latents"],
+                "actions": torch.from_numpy(np.load(io.BytesIO(sample["actions.npy"])).astype(np.float32)),
+                "text": "" if dropped else text, "text_dropped": dropped}
+        if "idm_mask" in tensors:
+            item["idm_mask"] = tensors["idm_mask"]
+        if self.text_embeddings is not None:
+            embedding = self.embedding(meta["text_key"])
+            item["text_emb"] = torch.zeros_like(embedding) if dropped else embedding
+        return item
+
+
 def collate(samples: list[dict]) -> dict:
-    """Stack tensors, keep strings (and variable-length tensors) as lists, booleans as a bool tensor."""
+    """Stack tensors and booleans; strings and variable-length embeddings stay lists."""
     batch: dict[str, Any] = {}
     for name in samples[0]:
         values = [sample[name] for sample in samples]
-        if isinstance(values[0], bool):
-            batch[name] = torch.tensor(values, dtype=torch.bool)
-        elif isinstance(values[0], torch.Tensor) and len({v.shape for v in values}) == 1:
-            batch[name] = torch.stack(values)
-        else:
+        if name in LIST_FIELDS:
             batch[name] = values
+        elif isinstance(values[0], bool):
+            batch[name] = torch.tensor(values, dtype=torch.bool)
+        else:
+            batch[name] = torch.stack(values)
     return batch
 
 
 class ShardStream(IterableDataset):
     """Batches for one rank, from position (start_epoch, start_consumed) on; see the module docstring."""
 
-    def __init__(self, refs: list[SampleRef], spec: ClipSpec, dataset_fps: int, micro_batch_size: int, seed: int,
-                 rank: int, world_size: int, shuffle: bool, drop_last: bool, epochs: int | None):
+    def __init__(self, refs: list[SampleRef], spec: ClipSpec, decoder: SampleDecoder | PreEncodedDecoder,
+                 micro_batch_size: int, seed: int, rank: int, world_size: int, shuffle: bool, drop_last: bool,
+                 epochs: int | None):
         if spec.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {spec.mode!r}")
         if spec.mode == "frames" and micro_batch_size % spec.frames_per_sample:
@@ -185,7 +240,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.shuffle, self.drop_last, self.epochs = rank, world_size, shuffle, drop_last, epochs
         self.micro_batch_size = micro_batch_size
         self.samples_per_batch = micro_batch_size // spec.frames_per_sample if spec.mode == "frames" else micro_batch_size
-        self.decoder = SampleDecoder(spec, seed, dataset_fps)
+        self.decoder = decoder
         self.start_epoch, self.start_consumed = 0, 0
 
     def batches_in_epoch(self, epoch: int, consumed: int) -> list[np.ndarray]:
@@ -307,6 +362,11 @@ def build_loader(shards_dir: str | Path, config: Any, micro_batch_size: int, *, 
                       f"{spec.fps} fps and are left out (e.g. {too_short[:3]})", stacklevel=2)
     if not refs:
         raise ValueError(f"{shards_dir}: no sample has {spec.num_frames} frames at {spec.fps} fps")
-    stream = ShardStream(refs, spec, index["settings"]["layout"]["fps"], micro_batch_size, config.seed, rank, world_size,
+    if index["mode"] == "latents":
+        embeddings = index.get("text_embeddings")
+        decoder = PreEncodedDecoder(spec, config.seed, Path(shards_dir) / embeddings if embeddings else None)
+    else:
+        decoder = SampleDecoder(spec, config.seed, index["settings"]["layout"]["fps"])
+    stream = ShardStream(refs, spec, decoder, micro_batch_size, config.seed, rank, world_size,
                          shuffle=train, drop_last=train, epochs=epochs if train else 1)
     return ShardLoader(stream, config.num_workers, too_short)

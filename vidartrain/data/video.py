@@ -7,6 +7,7 @@ composed multi-camera observations), because decord cannot encode.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 import av
@@ -24,6 +25,12 @@ class VideoReadError(ValueError):
     """A video that cannot be opened or decoded."""
 
 
+def describe_decord_error(error: Exception) -> str:
+    """decord's message without its clock time and source location, so reports are reproducible."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return re.sub(r"^\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", first_line)[:300]
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     num_frames: int
@@ -39,7 +46,7 @@ def open_video(data: bytes) -> decord.VideoReader:
     try:
         return decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
     except VIDEO_READ_ERRORS as error:
-        raise VideoReadError(f"cannot open video ({len(data)} bytes): {error}") from error
+        raise VideoReadError(f"cannot open video ({len(data)} bytes): {describe_decord_error(error)}") from error
 
 
 def video_info(reader: decord.VideoReader) -> VideoInfo:
@@ -52,7 +59,7 @@ def read_frames(reader: decord.VideoReader, indices: np.ndarray | list[int]) -> 
     try:
         return reader.get_batch(list(map(int, indices))).asnumpy()
     except VIDEO_READ_ERRORS as error:
-        raise VideoReadError(f"cannot decode frames {indices[0]}..{indices[-1]}: {error}") from error
+        raise VideoReadError(f"cannot decode frames {indices[0]}..{indices[-1]}: {describe_decord_error(error)}") from error
 
 
 def decode_all_frames(data: bytes, chunk: int = 64) -> tuple[np.ndarray, VideoInfo]:
