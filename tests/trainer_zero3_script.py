@@ -2,7 +2,9 @@
 
 Builds a tiny WanModel under ZeRO-3 and writes, per rank, a JSON report: how many parameter values
 this rank holds vs the model's total, and the largest difference between the full gradients with
-and without per-block activation checkpointing (same weights, same batch).
+and without per-block activation checkpointing (same weights, same batch). Then it trains two steps,
+exports the gathered bf16 weights (OUT/vidar.pt) and the engine's output on a fixed input
+(OUT/engine_output.pt) for the test to compare against a fresh WanModel.
 """
 import json
 import sys
@@ -16,6 +18,7 @@ from deepspeed.utils import safe_get_full_grad
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vidartrain.config import Config  # noqa: E402
+from vidartrain.distributed.export import gather_16bit_state_dict, write_state_dict  # noqa: E402
 from vidartrain.models.wan.model import WanModel  # noqa: E402
 from vidartrain.trainers.base import build_optimizer, init_distributed  # noqa: E402
 
@@ -35,6 +38,12 @@ def full_grads(engine, batch) -> dict[str, torch.Tensor]:
     return grads
 
 
+def probe_batch():
+    generator = torch.Generator().manual_seed(7)
+    return (torch.randn(1, 48, 3, 8, 8, generator=generator), torch.tensor([[0.0, 250.0, 250.0]]),
+            [torch.randn(6, 16, generator=generator)])
+
+
 def main() -> None:
     out_dir = Path(sys.argv[-1])
     init_distributed()
@@ -51,6 +60,24 @@ def main() -> None:
     checkpointed = full_grads(engine, batch)
     engine.module.enable_gradient_checkpointing(False)
     plain = full_grads(engine, batch)
+    for _ in range(2):
+        x, t, context = batch
+        engine.backward(engine(x, t, context).float().pow(2).mean())
+        engine.step()
+    engine.eval()
+    with torch.no_grad():
+        output = engine(*probe_batch())
+    state_dict = gather_16bit_state_dict(engine.module, rank)
+    if rank == 0:
+        write_state_dict(state_dict, out_dir / "vidar.pt")
+        # A fresh model from the written file, run in this process: ZeRO-3 has swapped F.linear for its
+        # memory-efficient version (matmul, then bias add) here, so this run rounds exactly as the engine.
+        fresh = WanModel(**TINY).to(torch.bfloat16).eval()
+        fresh.load_state_dict(torch.load(out_dir / "vidar.pt", weights_only=True), strict=True)
+        with torch.no_grad():
+            fresh_output = fresh(*probe_batch())
+        torch.save({"output": output, "fresh_output": fresh_output, "inputs": probe_batch()},
+                   out_dir / "engine_output.pt")
     report = {
         "local_numel": sum(p.ds_tensor.numel() for p in engine.module.parameters()),
         "total_numel": sum(p.ds_numel for p in engine.module.parameters()),
@@ -60,6 +87,7 @@ def main() -> None:
         "num_tensors": len(plain),
     }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()
 
 
 if __name__ == "__main__":

@@ -177,12 +177,16 @@ class Trainer:
         self.config, self.stage, self.options = config, stage, options
         self.output_dir = Path(options.output_dir or config.output.output_dir)
         self.max_steps = options.max_steps or config.training.num_steps
-        # Everything that can be wrong with the configuration fails here, before any model exists.
+        # Everything that can be wrong with the configuration fails here, before any process group or
+        # model exists (every launcher - deepspeed, torchrun, SLURM via torchrun - sets WORLD_SIZE).
         profile = load_profile(options.ds_config)
-        init_distributed()
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.ds_config, _ = build_deepspeed_config(config, profile, self.world_size)
         self.resume_from: CheckpointRef | None = resolve_resume(options.resume, checkpoints_dir(self.output_dir))
+        init_distributed()
+        self.rank = dist.get_rank()
+        if dist.get_world_size() != self.world_size:
+            raise RuntimeError(f"WORLD_SIZE={self.world_size} but the process group has {dist.get_world_size()} ranks")
         if self.resume_from is not None and self.resume_from.universal:
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self.device = torch.device(get_accelerator().device_name())

@@ -1,0 +1,91 @@
+"""Helpers of the multi-rank trainer tests: start the real launchers (deepspeed, torchrun) on CPU."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launcher_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def deepspeed_command(script: str, args: list[str], num_ranks: int = 2, local_rank_flag: bool = True) -> list[str]:
+    """`deepspeed --num_gpus N script args` on a free port; local_rank_flag=False: no --local_rank argument."""
+    flags = [] if local_rank_flag else ["--no_local_rank"]
+    return [str(BIN / "deepspeed"), *flags, "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+            script, *args]
+
+
+def start(command: list[str], log_path: Path) -> subprocess.Popen:
+    """Start a launcher in its own process group, output to log_path."""
+    log = open(log_path, "ab")
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait(process: subprocess.Popen, log_path: Path, timeout: float = 300) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"launcher timed out after {timeout}s; log tail:\n{tail(log_path)}") from None
+
+
+def run(command: list[str], log_path: Path, timeout: float = 300) -> None:
+    """Run a launcher to completion; fail with its log tail if it fails."""
+    code = wait(start(command, log_path), log_path, timeout)
+    assert code == 0, f"{' '.join(command[:4])} … exited with {code}; log tail:\n{tail(log_path)}"
+
+
+def tail(path: Path, chars: int = 6000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+
+def logged_steps(output_dir: Path) -> dict[int, dict]:
+    """Per-step records of metrics.jsonl; a step logged twice (re-run after a resume) keeps the last."""
+    path = output_dir / "metrics.jsonl"
+    records = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if "loss" in record:
+                records[record["step"]] = record
+    return records
+
+
+def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int, log_path: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while max(logged_steps(output_dir), default=0) < step:
+        if process.poll() is not None:
+            raise AssertionError(f"run ended (code {process.returncode}) before step {step}:\n{tail(log_path)}")
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError(f"step {step} not reached in {timeout}s:\n{tail(log_path)}")
+        time.sleep(0.2)
+
+
+def training_ranks(process: subprocess.Popen) -> list[psutil.Process]:
+    """The rank processes under a launcher (not their DataLoader workers, which are forks of them)."""
+    everything = psutil.Process(process.pid).children(recursive=True)
+    ranks = [p for p in everything if "launch/train.py" in " ".join(p.cmdline())]
+    rank_pids = {p.pid for p in ranks}
+    return [p for p in ranks if p.ppid() not in rank_pids]
