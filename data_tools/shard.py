@@ -407,7 +407,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="output directory for shards and index.json")
     parser.add_argument("--manifest", type=Path, default=None,
                         help="JSON list of episodes (default: EPISODES/manifest.json if present, else all folders)")
-    parser.add_argument("--samples-per-shard", type=int, default=1000, help="close a shard once it holds this many samples (an episode's windows stay in one shard)")
+    parser.add_argument("--samples-per-shard", type=int, default=1000,
+                        help="close a shard once it holds this many samples (an episode's windows stay in one shard)")
     parser.add_argument("--bytes-per-shard", type=int, default=1 << 30,
                         help="close a shard once it reaches this many bytes (default 1 GiB)")
     parser.add_argument("--workers", type=int, default=1, help="processes validating and encoding episodes")

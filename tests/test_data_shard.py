@@ -7,7 +7,8 @@ import pytest
 
 from data_tools import inspect as inspect_tool
 from data_tools import shard as shard_tool
-from data_tools.synth import DEFECTS, write_defective_episode, write_episode, synthetic_episode, write_synthetic_episodes
+from data_tools.synth import (DEFECTS, synthetic_episode, write_defective_episode, write_episode,
+                              write_synthetic_episodes)
 
 GOOD = 6
 

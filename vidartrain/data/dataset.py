@@ -236,11 +236,12 @@ class ShardStream(IterableDataset):
                              f"{spec.frames_per_sample} (each episode gives that many pairs to one batch)")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.refs, self.spec, self.seed = refs, spec, seed
-        self.rank, self.world_size, self.shuffle, self.drop_last, self.epochs = rank, world_size, shuffle, drop_last, epochs
-        self.micro_batch_size = micro_batch_size
-        self.samples_per_batch = micro_batch_size // spec.frames_per_sample if spec.mode == "frames" else micro_batch_size
-        self.decoder = decoder
+        self.refs, self.spec, self.seed, self.decoder = refs, spec, seed, decoder
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.drop_last, self.epochs = shuffle, drop_last, epochs
+        # frames mode: each sample gives frames_per_sample pairs to the same batch
+        pairs = spec.frames_per_sample if spec.mode == "frames" else 1
+        self.samples_per_batch = micro_batch_size // pairs
         self.start_epoch, self.start_consumed = 0, 0
 
     def batches_in_epoch(self, epoch: int, consumed: int) -> list[np.ndarray]:

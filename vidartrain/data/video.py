@@ -59,7 +59,8 @@ def read_frames(reader: decord.VideoReader, indices: np.ndarray | list[int]) -> 
     try:
         return reader.get_batch(list(map(int, indices))).asnumpy()
     except VIDEO_READ_ERRORS as error:
-        raise VideoReadError(f"cannot decode frames {indices[0]}..{indices[-1]}: {describe_decord_error(error)}") from error
+        detail = describe_decord_error(error)
+        raise VideoReadError(f"cannot decode frames {indices[0]}..{indices[-1]}: {detail}") from error
 
 
 def decode_all_frames(data: bytes, chunk: int = 64) -> tuple[np.ndarray, VideoInfo]:
