@@ -1,7 +1,10 @@
 """The training loader: batch format, rank/worker partition, determinism and exact resume."""
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,3 +182,33 @@ def test_truncated_shard_gives_a_clear_error(shards, tmp_path):
     loader = build_loader(copy, config(copy), 1, rank=0, world_size=1, train=False)
     with pytest.raises(OSError, match="shard truncated"):
         list(loader)
+
+
+RANK_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+from vidartrain.config import DataConfig
+from vidartrain.data.dataset import build_loader
+dist.init_process_group("gloo")
+config = DataConfig(shards=sys.argv[1], num_frames=6, height=40, width=32, num_workers=2, seed=3)
+loader = build_loader(config.shards, config, 1, epochs=1)  # rank and world size from torch.distributed
+keys = [key for batch in loader for key in batch["__key__"]]
+with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as out:
+    json.dump({"keys": keys, "world_size": loader.state_dict()["world_size"]}, out)
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_from_torchrun_read_disjoint_samples(shards, tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script),
+                             str(shards), str(tmp_path)], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert len(ranks[0]["keys"]) == len(ranks[1]["keys"]) == EPISODES // 2
+    assert not set(ranks[0]["keys"]) & set(ranks[1]["keys"])
+    assert len(set(ranks[0]["keys"]) | set(ranks[1]["keys"])) == EPISODES
