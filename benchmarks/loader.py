@@ -60,13 +60,14 @@ def make_shards(root: Path, episodes: int, frames: int, window: WindowSettings) 
     return raw, pre_encoded
 
 
-def measure(shards: Path, window: WindowSettings, samples: int, workers: int) -> dict:
+def measure(shards: Path, window: WindowSettings, samples: int, workers: int,
+            video_dtype: torch.dtype = torch.float32) -> dict:
     """Time `samples` micro-batches of one sample from a loader with `workers` worker processes."""
     config = SimpleNamespace(num_frames=window.num_frames, height=window.height, width=window.width, fps=10,
                              cfg_prob=0.1, num_workers=workers, seed=0)
     index = json.loads((shards / "index.json").read_text())
     sizes = {e["key"]: e["size"] for s in index["shards"] for e in s["entries"]}
-    loader = iter(build_loader(shards, config, 1, rank=0, world_size=1))
+    loader = iter(build_loader(shards, config, 1, rank=0, world_size=1, video_dtype=video_dtype))
     next(loader)  # worker start-up and first read are not throughput
     read_bytes = 0
     start = time.perf_counter()
@@ -81,15 +82,18 @@ def measure(shards: Path, window: WindowSettings, samples: int, workers: int) ->
 
 def run(episodes: int = 4, frames: int = 90, num_frames: int = 81, height: int = 736, width: int = 640,
         samples: int = 8, workers: int = 1, gpu_samples_per_s: float = H100_SAMPLES_PER_S) -> dict:
-    """{'raw': {...}, 'pre_encoded': {...}} throughput per loader with `workers` worker processes."""
+    """{'raw': {...}, 'raw_uint8': {...}, 'pre_encoded': {...}}: throughput of a loader with `workers`
+    worker processes over raw shards (float32 video, or uint8 video mapped to [-1, 1] by the
+    consumer) and over pre-encoded shards."""
     window = WindowSettings(num_frames=num_frames, stride=num_frames, height=height, width=width)
     window.check()
     if frames < num_frames:
         raise ValueError(f"--frames {frames} must be at least --num-frames {num_frames}")
     with tempfile.TemporaryDirectory(prefix="vidar-loader-bench-") as tmp:
         raw, pre_encoded = make_shards(Path(tmp), episodes, frames, window)
-        results = {name: measure(path, window, samples, workers)
-                   for name, path in (("raw", raw), ("pre_encoded", pre_encoded))}
+        results = {"raw": measure(raw, window, samples, workers),
+                   "raw_uint8": measure(raw, window, samples, workers, torch.uint8),
+                   "pre_encoded": measure(pre_encoded, window, samples, workers)}
     for result in results.values():
         per_worker = result["samples_per_s"] / max(workers, 1)
         result["workers_per_gpu"] = gpu_samples_per_s / per_worker

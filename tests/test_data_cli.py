@@ -40,7 +40,8 @@ def test_synth_shard_inspect_load(tmp_path):
 def test_loader_benchmark_runs_at_a_tiny_size():
     from benchmarks.loader import run
     results = run(episodes=2, frames=12, num_frames=5, height=32, width=32, samples=2, workers=1)
-    assert set(results) == {"raw", "pre_encoded"}
+    assert set(results) == {"raw", "raw_uint8", "pre_encoded"}
     assert results["raw"]["batch_tensor_bytes"] == 3 * 5 * 32 * 32 * 4  # float32 video [1, 3, 5, 32, 32]
+    assert results["raw_uint8"]["batch_tensor_bytes"] == 3 * 5 * 32 * 32
     assert results["pre_encoded"]["batch_tensor_bytes"] == 48 * 2 * 2 * 2 * 2  # bf16 latents [1, 48, 2, 2, 2]
     assert all(r["samples_per_s"] > 0 and r["workers_per_gpu"] > 0 for r in results.values())

@@ -212,3 +212,13 @@ def test_ranks_from_torchrun_read_disjoint_samples(shards, tmp_path):
     assert len(ranks[0]["keys"]) == len(ranks[1]["keys"]) == EPISODES // 2
     assert not set(ranks[0]["keys"]) & set(ranks[1]["keys"])
     assert len(set(ranks[0]["keys"]) | set(ranks[1]["keys"])) == EPISODES
+
+
+def test_uint8_video_is_the_same_pixels(shards):
+    from vidartrain.data.transforms import to_model_range
+    make = lambda dtype: build_loader(shards, config(shards), 2, rank=0, world_size=1, epochs=1, video_dtype=dtype)
+    for as_float, as_uint8 in zip(make(torch.float32), make(torch.uint8)):
+        assert as_uint8["video"].dtype == torch.uint8 and as_uint8["__key__"] == as_float["__key__"]
+        assert torch.equal(to_model_range(as_uint8["video"]), as_float["video"])
+    with pytest.raises(ValueError, match="video dtype"):
+        make(torch.float16)

@@ -33,7 +33,7 @@ import safetensors
 import safetensors.torch
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vidartrain.data.shard_index import read_index
@@ -66,6 +66,13 @@ class ClipSpec:
     cfg_prob: float = 0.1
     mode: str = "clips"          # "clips": video clips; "frames": single (frame, action) pairs for the IDM
     frames_per_sample: int = 1   # "frames" mode: pairs drawn from each episode
+    video_dtype: torch.dtype = torch.float32  # or torch.uint8: the consumer maps to [-1, 1] on its device
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.video_dtype not in (torch.float32, torch.uint8):
+            raise ValueError(f"video dtype must be torch.float32 or torch.uint8, got {self.video_dtype}")
 
 
 def check_pre_encoded_matches(index: dict, shards_dir: str | Path, spec: ClipSpec) -> None:
@@ -160,7 +167,8 @@ class SampleDecoder:
         dropped = bool(rng.random() < spec.cfg_prob)
         text = sample["txt"].decode("utf-8")
         return {"__key__": sample["__key__"],
-                "video": video_to_model_input(read_frames(reader, video_map[chosen]), spec.height, spec.width),
+                "video": video_to_model_input(read_frames(reader, video_map[chosen]), spec.height, spec.width,
+                                              spec.video_dtype),
                 "actions": torch.from_numpy(actions[chosen].astype(np.float32)),
                 "text": "" if dropped else text, "text_dropped": dropped}
 
@@ -170,7 +178,7 @@ class SampleDecoder:
         chosen = np.sort(rng.choice(len(ticks), size=self.spec.frames_per_sample,
                                     replace=len(ticks) < self.spec.frames_per_sample))
         frames = video_to_model_input(read_frames(reader, video_map[ticks[chosen]]), self.spec.height,
-                                      self.spec.width)  # [3, n, H, W]
+                                      self.spec.width, self.spec.video_dtype)  # [3, n, H, W]
         return [{"__key__": f"{sample['__key__']}/{int(ticks[i])}", "frame": frames[:, n],
                  "action": torch.from_numpy(actions[ticks[i]].astype(np.float32))}
                 for n, i in enumerate(chosen)]
@@ -210,17 +218,11 @@ class PreEncodedDecoder:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack tensors and booleans; strings and variable-length embeddings stay lists."""
-    batch: dict[str, Any] = {}
-    for name in samples[0]:
-        values = [sample[name] for sample in samples]
-        if name in LIST_FIELDS:
-            batch[name] = values
-        elif isinstance(values[0], bool):
-            batch[name] = torch.tensor(values, dtype=torch.bool)
-        else:
-            batch[name] = torch.stack(values)
-    return batch
+    """torch's default collation (in a worker it stacks straight into shared memory, saving a copy of
+    every video on its way to the main process); strings and variable-length embeddings stay lists."""
+    lists = {name: [sample[name] for sample in samples] for name in LIST_FIELDS if name in samples[0]}
+    stacked = default_collate([{k: v for k, v in sample.items() if k not in LIST_FIELDS} for sample in samples])
+    return {**stacked, **lists}
 
 
 class ShardStream(IterableDataset):
@@ -229,8 +231,6 @@ class ShardStream(IterableDataset):
     def __init__(self, refs: list[SampleRef], spec: ClipSpec, decoder: SampleDecoder | PreEncodedDecoder,
                  micro_batch_size: int, seed: int, rank: int, world_size: int, shuffle: bool, drop_last: bool,
                  epochs: int | None):
-        if spec.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {spec.mode!r}")
         if spec.mode == "frames" and micro_batch_size % spec.frames_per_sample:
             raise ValueError(f"micro_batch_size {micro_batch_size} must be a multiple of frames_per_sample "
                              f"{spec.frames_per_sample} (each episode gives that many pairs to one batch)")
@@ -345,17 +345,21 @@ class ShardLoader:
 
 def build_loader(shards_dir: str | Path, config: Any, micro_batch_size: int, *, rank: int | None = None,
                  world_size: int | None = None, train: bool = True, epochs: int | None = None,
-                 mode: str = "clips", frames_per_sample: int = 1) -> ShardLoader:
+                 mode: str = "clips", frames_per_sample: int = 1,
+                 video_dtype: torch.dtype = torch.float32) -> ShardLoader:
     """Loader over a shard directory, configured by a DataConfig-like object.
 
     `config` needs num_frames, height, width, fps, cfg_prob, num_workers and seed. Training loaders
     shuffle, drop the incomplete last batch and repeat forever (unless `epochs`); evaluation loaders
-    (train=False) read every sample once, in order, with no text dropout.
+    (train=False) read every sample once, in order, with no text dropout. `video_dtype=torch.uint8`
+    moves raw video as uint8 (4x fewer bytes from workers; apply `transforms.to_model_range` on the
+    device).
     """
     if rank is None or world_size is None:
         rank, world_size = distributed_position()
     spec = ClipSpec(num_frames=config.num_frames, height=config.height, width=config.width, fps=config.fps,
-                    cfg_prob=config.cfg_prob if train else 0.0, mode=mode, frames_per_sample=frames_per_sample)
+                    cfg_prob=config.cfg_prob if train else 0.0, mode=mode, frames_per_sample=frames_per_sample,
+                    video_dtype=video_dtype)
     index = read_index(shards_dir)
     refs, too_short = sample_refs(index, shards_dir, spec)
     if too_short:
