@@ -83,9 +83,8 @@ def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int, log_pa
         time.sleep(0.2)
 
 
-def training_ranks(process: subprocess.Popen) -> list[psutil.Process]:
-    """The rank processes under a launcher (not their DataLoader workers, which are forks of them)."""
+def node_launchers(process: subprocess.Popen) -> list[psutil.Process]:
+    """The per-node launcher processes (deepspeed.launcher.launch) under a `deepspeed` command: they
+    start the ranks, and forward SIGTERM to them (the preemption path)."""
     everything = psutil.Process(process.pid).children(recursive=True)
-    ranks = [p for p in everything if "launch/train.py" in " ".join(p.cmdline())]
-    rank_pids = {p.pid for p in ranks}
-    return [p for p in ranks if p.ppid() not in rank_pids]
+    return [p for p in everything if "deepspeed.launcher.launch" in " ".join(p.cmdline())]

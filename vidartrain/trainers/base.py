@@ -247,39 +247,32 @@ class Trainer:
         """One optimizer step: `accumulation` micro-batches, each a new batch from the loader."""
         engine, stage = self.engine, self.stage
         engine.train()
-        data_wait = compute = 0.0
-        keys: list[str] = []
-        tokens = 0
+        lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler moves on in step())
+        # The whole step's data first: a SIGTERM also kills the DataLoader workers, and batches they
+        # prefetched become unreadable, so a step under way must not need them any more.
+        start = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(self.accumulation)]
+        data_wait = time.perf_counter() - start
+        start = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64)
         metrics: dict[str, torch.Tensor] = {}
         finite = True
-        for micro in range(self.accumulation):
-            start = time.perf_counter()
-            batch = next(batches)
-            data_wait += time.perf_counter() - start
-            keys.extend(batch["__key__"])
-            tokens += stage.tokens_in(batch)
-            if not finite:
-                continue  # the step is dropped; still consume its data so positions stay aligned
-            start = time.perf_counter()
+        for micro, batch in enumerate(micro_batches):
             engine.set_gradient_accumulation_boundary(micro == self.accumulation - 1)
             generator = micro_batch_generator(self.config.training.seed, TRAIN_STREAM, self.step, micro,
                                               self.rank, self.device)
             loss, micro_metrics = stage.training_loss(engine, batch, generator)
             # One all-reduce tells every rank both the mean loss and whether any rank went non-finite
-            # (every rank must then skip backward, or ZeRO-3's collectives would hang).
+            # (then every rank must skip backward, or ZeRO-3's collectives would hang).
             global_loss = loss.detach().double().reshape(1).cpu().to(self.device)
             dist.all_reduce(global_loss)
             if not torch.isfinite(global_loss).all():
                 finite = False
-                compute += time.perf_counter() - start
-                continue
+                break
             engine.backward(loss)
             loss_sum += global_loss.cpu()[0]
             for name, value in micro_metrics.items():
                 metrics[name] = metrics.get(name, 0) + value.detach().double().cpu()
-            compute += time.perf_counter() - start
-        start = time.perf_counter()
         if finite:
             engine.step()
             self.nonfinite_in_a_row = 0
@@ -287,18 +280,20 @@ class Trainer:
             engine.optimizer.zero_grad()  # drop the gradients of the micro-batches before the bad one
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
-        compute += time.perf_counter() - start
-        return {"finite": finite, "loss": float(loss_sum) / (self.world_size * self.accumulation),
-                "metrics": self.reduce_metrics(metrics), "keys": self.gather_keys(keys),
-                "data_wait": data_wait, "compute": compute,
-                "tokens": tokens * self.world_size, "samples": len(keys) * self.world_size}
+        compute = time.perf_counter() - start
+        keys = [key for batch in micro_batches for key in batch["__key__"]]
+        loss = float(loss_sum) / (self.world_size * self.accumulation) if finite else float("nan")
+        return {"finite": finite, "lr": lr, "loss": loss, "metrics": self.reduce_metrics(metrics),
+                "keys": self.gather_keys(keys), "data_wait": data_wait, "compute": compute,
+                "tokens": sum(stage.tokens_in(batch) for batch in micro_batches) * self.world_size,
+                "samples": len(keys) * self.world_size}
 
     def after_step(self, record: dict[str, Any]) -> None:
         """Logging, stop decisions, validation and checkpoints, identical on every rank."""
         stop = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
         dist.all_reduce(stop)  # a SIGTERM seen by any rank stops all of them at the same step
         self.stop_requested = bool(stop.item() > 0)
-        record.update(step=self.step, lr=self.engine.get_lr()[0], nonfinite_total=self.nonfinite_total,
+        record.update(step=self.step, nonfinite_total=self.nonfinite_total,
                       grad_norm=self.grad_norm() if record["finite"] else float("nan"),
                       peak_memory=peak_memory_bytes())
         self.monitor.log_step(record, log_scalars=self.step % self.config.training.log_every == 0
@@ -359,7 +354,13 @@ class Trainer:
         return float(total[0] / total[1])
 
     def request_stop(self, signum: int, frame: Any) -> None:
+        """SIGTERM (preemption): finish the step, save, exit."""
         self.stop_requested = True
+        # The launcher (or the scheduler, signalling the process group) sends the same SIGTERM to the
+        # DataLoader workers, which die; torch's SIGCHLD handler would then raise in the middle of
+        # whatever runs next (a collective, the checkpoint save). Batches already prefetched finish
+        # the current step, so stop watching the workers.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints and export
