@@ -49,9 +49,9 @@ class RandomTensors:
                 for key in sorted(texts)}
 
 
-def make_shards(root: Path, episodes: int, frames: int, window: WindowSettings) -> tuple[Path, Path]:
+def make_shards(root: Path, episodes: int, frames: int, window: WindowSettings, noise: float) -> tuple[Path, Path]:
     """Raw and pre-encoded shard directories of the same synthetic 720x640 episodes."""
-    write_synthetic_episodes(root / "episodes", episodes, frames=frames, height=720, width=640, seed=0)
+    write_synthetic_episodes(root / "episodes", episodes, frames=frames, height=720, width=640, seed=0, noise=noise)
     raw, pre_encoded = root / "raw", root / "pre_encoded"
     shard_tool.convert(root / "episodes", raw, shard_tool.ConversionSettings())
     record = settings_record(("idm", "latents", "text"), window, None, None, "bfloat16")
@@ -81,7 +81,8 @@ def measure(shards: Path, window: WindowSettings, samples: int, workers: int,
 
 
 def run(episodes: int = 4, frames: int = 90, num_frames: int = 81, height: int = 736, width: int = 640,
-        samples: int = 8, workers: int = 1, gpu_samples_per_s: float = H100_SAMPLES_PER_S) -> dict:
+        samples: int = 8, workers: int = 1, gpu_samples_per_s: float = H100_SAMPLES_PER_S,
+        noise: float = 6.0) -> dict:
     """{'raw': {...}, 'raw_uint8': {...}, 'pre_encoded': {...}}: throughput of a loader with `workers`
     worker processes over raw shards (float32 video, or uint8 video mapped to [-1, 1] by the
     consumer) and over pre-encoded shards."""
@@ -90,7 +91,7 @@ def run(episodes: int = 4, frames: int = 90, num_frames: int = 81, height: int =
     if frames < num_frames:
         raise ValueError(f"--frames {frames} must be at least --num-frames {num_frames}")
     with tempfile.TemporaryDirectory(prefix="vidar-loader-bench-") as tmp:
-        raw, pre_encoded = make_shards(Path(tmp), episodes, frames, window)
+        raw, pre_encoded = make_shards(Path(tmp), episodes, frames, window, noise)
         results = {"raw": measure(raw, window, samples, workers),
                    "raw_uint8": measure(raw, window, samples, workers, torch.uint8),
                    "pre_encoded": measure(pre_encoded, window, samples, workers)}
@@ -121,9 +122,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=8, help="timed samples per shard kind")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
     parser.add_argument("--gpu-samples-per-s", type=float, default=H100_SAMPLES_PER_S)
+    parser.add_argument("--noise", type=float, default=6.0,
+                        help="per-pixel noise of the synthetic videos (camera-like mp4 bitrate; 0: flat shapes)")
     args = parser.parse_args(argv)
     results = run(args.episodes, args.frames, args.num_frames, args.height, args.width, args.samples, args.workers,
-                  args.gpu_samples_per_s)
+                  args.gpu_samples_per_s, args.noise)
     print_table(results, args.workers, args.gpu_samples_per_s)
     return results
 

@@ -63,12 +63,22 @@ def write_episode(folder: Path, frames: np.ndarray | dict[str, np.ndarray], acti
     (folder / "instruction.txt").write_text(instruction + "\n", encoding="utf-8")
 
 
-def synthetic_episode(rng: np.random.Generator, frames: int, height: int, width: int,
-                      cameras: bool = False) -> tuple[np.ndarray | dict[str, np.ndarray], np.ndarray, str]:
+def add_sensor_noise(rng: np.random.Generator, frames: np.ndarray, noise: float) -> np.ndarray:
+    """Per-pixel Gaussian noise of std `noise` grey levels: camera-like bitrates for benchmarks."""
+    noisy = frames.astype(np.float32)
+    for frame in noisy:  # frame by frame: a 720x640 episode is too large for one float64 draw
+        frame += rng.normal(scale=noise, size=frame.shape).astype(np.float32)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def synthetic_episode(rng: np.random.Generator, frames: int, height: int, width: int, cameras: bool = False,
+                      noise: float = 0.0) -> tuple[np.ndarray | dict[str, np.ndarray], np.ndarray, str]:
     actions = random_actions(rng, frames)
     background = rng.integers(60, 200, size=3, dtype=np.uint8)
     instruction = INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]
     video = render_frames(actions, height, width, background)
+    if noise > 0:
+        video = add_sensor_noise(rng, video, noise)
     if not cameras:
         return video, actions, instruction
     # the wrist cameras see the scene mirrored and shifted, enough to tell the views apart
@@ -78,12 +88,12 @@ def synthetic_episode(rng: np.random.Generator, frames: int, height: int, width:
 
 
 def write_synthetic_episodes(out: Path, episodes: int, frames: int = 40, height: int = 144, width: int = 128,
-                             fps: int = 10, seed: int = 0, cameras: bool = False) -> list[Path]:
+                             fps: int = 10, seed: int = 0, cameras: bool = False, noise: float = 0.0) -> list[Path]:
     """Write `episodes` folders ep_0000, ep_0001, ... under `out`; returns their paths."""
     rng = np.random.default_rng(seed)
     folders = []
     for index in range(episodes):
-        video, actions, instruction = synthetic_episode(rng, frames, height, width, cameras)
+        video, actions, instruction = synthetic_episode(rng, frames, height, width, cameras, noise)
         folder = out / f"ep_{index:04d}"
         write_episode(folder, video, actions, instruction, fps)
         folders.append(folder)
@@ -175,6 +185,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cameras", action="store_true",
                         help="write head.mp4, left_wrist.mp4, right_wrist.mp4 instead of video.mp4")
+    parser.add_argument("--noise", type=float, default=0.0,
+                        help="std of per-pixel noise in grey levels (0: flat shapes; ~6: camera-like bitrate)")
     parser.add_argument("--defects", action="store_true",
                         help="also write one broken episode of every defect kind (bad_<kind>)")
     return parser.parse_args(argv)
@@ -183,7 +195,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     write_synthetic_episodes(args.out, args.episodes, args.frames, args.height, args.width, args.fps,
-                             args.seed, args.cameras)
+                             args.seed, args.cameras, args.noise)
     if args.defects:
         for kind in DEFECTS:
             write_defective_episode(kind, args.out / f"bad_{kind}", seed=args.seed)

@@ -151,3 +151,11 @@ def test_cameras_are_composed_into_one_video(tmp_path):
 def test_encode_rejects_odd_sizes():
     with pytest.raises(ValueError, match="even"):
         encode_mp4(np.zeros((2, 31, 32, 3), np.uint8), 10)
+
+
+def test_sensor_noise_raises_the_bitrate_deterministically(tmp_path):
+    flat = write_synthetic_episodes(tmp_path / "flat", 1, frames=8, height=48, width=64, seed=1)[0]
+    noisy = write_synthetic_episodes(tmp_path / "noisy", 1, frames=8, height=48, width=64, seed=1, noise=6.0)[0]
+    again = write_synthetic_episodes(tmp_path / "again", 1, frames=8, height=48, width=64, seed=1, noise=6.0)[0]
+    assert (noisy / "video.mp4").stat().st_size > 2 * (flat / "video.mp4").stat().st_size
+    assert (noisy / "video.mp4").read_bytes() == (again / "video.mp4").read_bytes()
