@@ -94,9 +94,10 @@ class IdmStage(Stage):
             raise RuntimeError(f"the IDM's weights are {weight_dtype}: its BatchNorm statistics stay float32, "
                                f"so train it with float32 weights (distributed.mixed_precision: fp32)")
         actions = batch["action"].to(self.device, torch.float32)
-        if actions.ndim != 2 or actions.shape[1] != idm.num_actions:
+        num_actions = idm.train_mean.numel()
+        if actions.ndim != 2 or actions.shape[1] != num_actions:
             raise ValueError(f"batch {batch['__key__'][:3]}: actions {tuple(actions.shape)}, the IDM predicts "
-                             f"{idm.num_actions} action dimensions")
+                             f"{num_actions} action dimensions")
         images = preprocess_frames(batch["frame"].to(self.device), self.input_size)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type != "cpu"):
             predicted, mask = module(images, return_mask=True)

@@ -1,0 +1,99 @@
+"""IDM stage on a bare IDM (no DeepSpeed): input size rule, Eq. 4 wiring, metrics, export, overfit."""
+import pytest
+import torch
+
+from vidartrain.config import ConfigError, load_config
+from vidartrain.losses import action_accuracy, idm_loss
+from vidartrain.models.idm import IDM_INPUT_SIZE, load_idm, preprocess_frames
+from vidartrain.trainers.idm_trainer import IdmStage, idm_input_size
+
+
+def tiny_config(*overrides: str):
+    # 32x32 frames keep the 92M-parameter IDM cheap on CPU (it works at any size).
+    return load_config("configs/debug/tiny_idm.yaml",
+                       ["data.shards=unused", "data.height=32", "data.width=32", *overrides])
+
+
+@pytest.fixture(scope="module")
+def stage_and_model():
+    stage = IdmStage()
+    torch.manual_seed(0)
+    model = stage.build_model(tiny_config())
+    stage.load_frozen(stage.config, torch.device("cpu"))
+    return stage, model
+
+
+@pytest.fixture(scope="module")
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    return {"__key__": [f"ep/{i}" for i in range(4)],
+            "frame": torch.rand(4, 3, 32, 32, generator=generator) * 2 - 1,
+            "action": torch.randn(4, 14, generator=generator) * 0.3 + 0.5}
+
+
+def test_input_size_is_the_published_one_unless_frames_are_smaller():
+    assert idm_input_size(736, 640) == IDM_INPUT_SIZE == (518, 518)
+    assert idm_input_size(480, 640) == IDM_INPUT_SIZE
+    assert idm_input_size(64, 96) == (64, 96)
+
+
+def test_loss_is_eq4_of_the_model_output_with_its_metrics(stage_and_model, batch):
+    stage, model = stage_and_model
+    model.eval()  # fixed BatchNorm statistics, so two forwards agree
+    try:
+        loss, metrics = stage.training_loss(model, batch, torch.Generator())
+        with torch.no_grad():
+            predicted, mask = model(preprocess_frames(batch["frame"], (32, 32)), return_mask=True)
+        expected, action_loss, mask_loss = idm_loss(predicted, batch["action"], mask, model.train_mean,
+                                                    model.train_std, mask_weight=3e-3)
+    finally:
+        model.train()
+    torch.testing.assert_close(loss.detach(), expected)
+    assert sorted(metrics) == ["action_accuracy", "action_loss", "mask_loss", "mask_mean"]
+    assert all(value[1] == 4 for value in metrics.values())  # [sum, count] over the 4 frames
+    torch.testing.assert_close(metrics["action_loss"][0] / 4, action_loss)
+    torch.testing.assert_close(metrics["mask_loss"][0] / 4, mask_loss)
+    torch.testing.assert_close(metrics["mask_mean"][0] / 4, mask.mean())
+    torch.testing.assert_close(metrics["action_accuracy"][0] / 4, action_accuracy(predicted, batch["action"]))
+
+
+def test_loss_falls_when_overfitting_one_batch(batch):
+    stage = IdmStage()
+    torch.manual_seed(0)
+    model = stage.build_model(tiny_config())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-2)
+    losses = []
+    for _ in range(8):
+        loss, _ = stage.training_loss(model, batch, torch.Generator())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    print("IDM overfit losses:", [round(v, 4) for v in losses])
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0]
+
+
+def test_export_writes_an_upstream_idm_pt_that_loads_strictly(stage_and_model, tmp_path):
+    stage, model = stage_and_model
+    # As the trainer's export gathers it: parameters in bf16, buffers (BatchNorm, action stats) as they are.
+    parameters = dict(model.named_parameters())
+    state = {k: v.to(torch.bfloat16) if k in parameters else v for k, v in model.state_dict().items()}
+    stage.export(state, tmp_path / "idm.pt")
+    payload = torch.load(tmp_path / "idm.pt", weights_only=True)
+    assert sorted(payload) == ["model_state_dict", "step"] and payload["step"] == stage.config.training.num_steps
+    assert len(payload["model_state_dict"]) == 456
+    assert {v.dtype for v in payload["model_state_dict"].values()} == {torch.float32, torch.int64}
+    loaded = load_idm(tmp_path / "idm.pt")
+    torch.testing.assert_close(loaded.train_std, model.train_std)
+
+
+def test_clear_errors(stage_and_model, batch):
+    stage, model = stage_and_model
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        IdmStage().build_model(tiny_config("model.gradient_checkpointing=true"))
+    with pytest.raises(ValueError, match="action dimensions"):
+        stage.training_loss(model, {**batch, "action": batch["action"][:, :7]}, torch.Generator())
+    bf16 = IdmStage()
+    bf16_model = bf16.build_model(tiny_config()).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="mixed_precision: fp32"):
+        bf16.training_loss(bf16_model, batch, torch.Generator())
