@@ -222,3 +222,14 @@ def test_uint8_video_is_the_same_pixels(shards):
         assert torch.equal(to_model_range(as_uint8["video"]), as_float["video"])
     with pytest.raises(ValueError, match="video dtype"):
         make(torch.float16)
+
+
+def test_resume_on_more_ranks_than_the_epoch_rest_can_feed(shards):
+    three = build_loader(shards, config(shards), 1, rank=0, world_size=3, epochs=2)
+    list(islice(iter(three), 1))  # 3 of 8 samples consumed; 5 left cannot give each of 6 ranks one
+    six = build_loader(shards, config(shards), 1, rank=0, world_size=6, epochs=2)
+    six.load_state_dict(three.state_dict())
+    batches = list(six)
+    assert len(batches) == 1 and six.state_dict()["epoch"] == 2
+    fresh = build_loader(shards, config(shards), 1, rank=0, world_size=6, epochs=2)
+    assert keys_of(batches) == keys_of(list(fresh)[1:])  # the first batch of epoch 1

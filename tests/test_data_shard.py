@@ -9,6 +9,7 @@ from data_tools import inspect as inspect_tool
 from data_tools import shard as shard_tool
 from data_tools.synth import (DEFECTS, synthetic_episode, write_defective_episode, write_episode,
                               write_synthetic_episodes)
+from vidartrain.data.video import decode_all_frames
 
 GOOD = 6
 
@@ -178,3 +179,19 @@ def test_inspect_catches_undecodable_video_behind_a_valid_checksum(mixed_episode
     (out / "index.json").write_text(json.dumps(index))
     assert inspect_tool.main([str(out)]) == 1
     assert "video does not decode" in capsys.readouterr().err
+
+
+def test_cameras_option_composes_the_unified_observation(tmp_path):
+    write_synthetic_episodes(tmp_path / "episodes", 2, frames=6, height=48, width=64, cameras=True)
+    assert run(tmp_path / "episodes", tmp_path / "out", "--cameras", "head.mp4,left_wrist.mp4,right_wrist.mp4") == 0
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert [e["episode"] for e in index["episodes"]] == ["ep_0000", "ep_0001"]
+    assert index["episodes"][0]["source"] == "ep_0000/head.mp4,ep_0000/left_wrist.mp4,ep_0000/right_wrist.mp4"
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        video = tar.extractfile("ep_0000.mp4").read()
+    frames, _ = decode_all_frames(video)
+    assert frames.shape == (6, 72, 64, 3)  # head 48x64 on top, two 24x32 wrist views below
+    # without --cameras the same folders lack video.mp4
+    assert run(tmp_path / "episodes", tmp_path / "plain") == 1
+    assert {s["reason"] for s in json.loads((tmp_path / "plain" / "index.json").read_text())["skipped"]} == {
+        "missing_file"}

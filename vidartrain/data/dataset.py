@@ -207,7 +207,8 @@ class PreEncodedDecoder:
         dropped = bool(rng.random() < self.spec.cfg_prob)
         text = sample["txt"].decode("utf-8")
         item = {"__key__": sample["__key__"], "latents": tensors["latents"],
-                "actions": torch.from_numpy(np.load(io.BytesIO(sample["actions.npy"])).astype(np.float32)),
+                "actions": torch.from_numpy(np.load(io.BytesIO(sample["actions.npy"]),
+                                                    allow_pickle=False).astype(np.float32)),
                 "text": "" if dropped else text, "text_dropped": dropped}
         if "idm_mask" in tensors:
             item["idm_mask"] = tensors["idm_mask"]
@@ -309,6 +310,10 @@ class ShardLoader:
         self.epoch, self.consumed = 0, 0
 
     def __iter__(self) -> Iterator[dict]:
+        if not self.stream.batches_in_epoch(self.epoch, self.consumed):
+            # resumed on more ranks than the rest of the epoch can feed: that rest is dropped, as
+            # the last few samples of every epoch are
+            self.epoch, self.consumed = self.epoch + 1, 0
         self.stream.start_epoch, self.stream.start_consumed = self.epoch, self.consumed
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=2 if self.num_workers else None, persistent_workers=False)
