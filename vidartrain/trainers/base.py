@@ -51,6 +51,7 @@ import math
 import os
 import random
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,11 +122,21 @@ class NonFiniteLossError(RuntimeError):
 
 def init_distributed() -> None:
     """Process group from the launcher's environment (deepspeed, torchrun or SLURM): nccl on GPUs,
-    gloo on CPU (DeepSpeed picks the accelerator's backend)."""
+    gloo on CPU (DeepSpeed picks the accelerator's backend). Started without a launcher
+    (`python launch/train.py ...`), the process is a group of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 from vidartrain.config import Config, ConfigError
 from vidartrain.data.dataset import build_loader
 from vidartrain.data.shard_index import read_index
+from vidartrain.data.transforms import to_model_range
 from vidartrain.distributed.export import write_state_dict
 from vidartrain.losses import (NUM_TRAIN_TIMESTEPS, add_noise, flow_matching_loss, flow_matching_target,
                                sample_sigmas)
@@ -76,24 +77,26 @@ class VidarStage(Stage):
         return model.train().requires_grad_(True)
 
     def load_frozen(self, config: Config, device: torch.device) -> None:
-        """VAE and umT5, frozen in bf16, only when the shards hold raw video and prompts."""
+        """VAE and umT5, frozen in bf16, only for what the shards do not hold pre-encoded."""
         self.device = device
-        if read_index(config.data.shards)["mode"] != "raw":
-            return
+        index = read_index(config.data.shards)
         ckpt_dir = Path(config.model.ckpt_dir)
-        self.vae = WanVAE.from_pretrained(ckpt_dir / VAE_FILE, dtype=FROZEN_DTYPE, device=device,
-                                          **(config.model.vae_config or {}))
-        self.text_encoder = TextEncoder.from_pretrained(ckpt_dir, dtype=FROZEN_DTYPE, device=device,
-                                                        text_len=self.text_len,
-                                                        encoder_config=config.model.t5_config)
+        if index["mode"] == "raw":
+            self.vae = WanVAE.from_pretrained(ckpt_dir / VAE_FILE, dtype=FROZEN_DTYPE, device=device,
+                                              **(config.model.vae_config or {}))
+        if index["mode"] == "raw" or not index.get("text_embeddings"):
+            self.text_encoder = TextEncoder.from_pretrained(ckpt_dir, dtype=FROZEN_DTYPE, device=device,
+                                                            text_len=self.text_len,
+                                                            encoder_config=config.model.t5_config)
 
     def build_loader(self, config: Config, split: str, micro_batch_size: int, rank: int,
                      world_size: int) -> ResumableLoader | None:
         shards = config.data.shards if split == "train" else config.data.val_shards
         if shards is None:
             return None
+        # raw video travels from the workers as uint8 (4x fewer bytes) and is scaled on the device
         return build_loader(shards, config.data, micro_batch_size, rank=rank, world_size=world_size,
-                            train=split == "train")
+                            train=split == "train", video_dtype=torch.uint8)
 
     @torch.no_grad()
     def clean_latents(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -101,7 +104,7 @@ class VidarStage(Stage):
             return batch["latents"].to(self.device, torch.float32)
         if self.vae is None:
             raise KeyError(f"batch {batch['__key__']} has neither pre-encoded `latents` nor a VAE to encode `video`")
-        return self.vae.encode(batch["video"].to(self.device))
+        return self.vae.encode(to_model_range(batch["video"].to(self.device)))
 
     @torch.no_grad()
     def text_context(self, batch: dict[str, Any]) -> list[torch.Tensor]:

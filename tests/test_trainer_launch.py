@@ -1,0 +1,84 @@
+"""launch/train.py: configuration errors stop it before anything is built; a single process without a
+launcher trains on pre-encoded shards; non-finite losses are skipped, counted, and stop the run."""
+import json
+import subprocess
+
+import pytest
+
+import launch.train as train_cli
+from data_tools.shard import main as shard_main
+from data_tools.synth import write_synthetic_episodes
+from data_tools.tiny_checkpoint import TINY_T5, TINY_VAE, write_tiny_checkpoint
+from trainer_launch import BIN, REPO_ROOT, launcher_env, logged_steps
+from vidartrain.distributed.checkpointing import COMPLETE_MARKER, tag_for_step
+
+TINY_CONFIG = "configs/debug/tiny_vidar.yaml"
+CPU_PROFILE = "ds_configs/cpu_debug.json"
+
+
+@pytest.fixture
+def nothing_may_be_built(monkeypatch):
+    """Fail the test if a process group or a model is started."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a process group or model was built before the configuration was checked")
+    monkeypatch.setattr("vidartrain.trainers.base.init_distributed", forbidden)
+    monkeypatch.setattr("vidartrain.trainers.vidar_trainer.VidarStage.build_model", forbidden)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "training.lrr=1e-4"], "did you mean `training.lr`"),
+    (["--set", "training.batch_size=6"], "batch mismatch"),
+    (["--ds-config", "ds_configs/no_such_profile.json"], "no_such_profile.json does not exist"),
+    (["--max_steps", "0"], "--max_steps 0"),
+])
+def test_bad_config_or_profile_fails_before_anything_is_built(extra, message, capsys, monkeypatch,
+                                                              nothing_may_be_built):
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = ["--config", TINY_CONFIG, "--ds-config", CPU_PROFILE, *extra]
+    assert train_cli.main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def pre_encoded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pre_encoded")
+    write_tiny_checkpoint(root / "ckpt")
+    write_synthetic_episodes(root / "episodes", 4, frames=12, height=64, width=64)
+    assert shard_main(["--episodes", str(root / "episodes"), "--out", str(root / "shards"),
+                       "--precompute", "latents,text", "--ckpt-dir", str(root / "ckpt"), "--num-frames", "9",
+                       "--height", "64", "--width", "64", "--vae-config", json.dumps(TINY_VAE),
+                       "--t5-config", json.dumps(TINY_T5)]) == 0
+    return root
+
+
+def single_process(root, output_dir, *overrides):
+    """`python launch/train.py` with no launcher: one rank, micro 1 x accumulation 4 = batch 4."""
+    command = [str(BIN / "python"), "launch/train.py", "--config", TINY_CONFIG, "--ds-config", CPU_PROFILE,
+               "--output_dir", str(output_dir), "--set", f"model.ckpt_dir={root / 'ckpt'}",
+               "--set", f"data.shards={root / 'shards'}", "--set", f"output.save_path={output_dir / 'vidar.pt'}",
+               "--set", "training.batch_size=1", "--set", "training.gradient_accumulation=4",
+               "--set", "training.log_every=1", *overrides]
+    return subprocess.run(command, cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_single_process_trains_on_pre_encoded_shards(pre_encoded, tmp_path):
+    result = single_process(pre_encoded, tmp_path, "--set", "training.num_steps=3", "--set", "training.warmup=1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    steps = logged_steps(tmp_path)
+    assert sorted(steps) == [1, 2, 3] and all(r["finite"] for r in steps.values())
+    assert (tmp_path / "vidar.pt").is_file() and (tmp_path / "vidar.safetensors").is_file()
+
+
+def test_non_finite_losses_are_skipped_counted_and_stop_the_run(pre_encoded, tmp_path):
+    # lr 1e30: the first update throws the bf16 weights to ~1e30, every later loss overflows
+    result = single_process(pre_encoded, tmp_path, "--set", "training.num_steps=10", "--set", "training.warmup=0",
+                            "--set", "training.lr=1e30", "--set", "training.max_nonfinite_steps=2")
+    assert result.returncode != 0
+    assert "2 consecutive steps had a non-finite loss" in result.stderr
+    steps = logged_steps(tmp_path)
+    assert steps[1]["finite"] and not steps[2]["finite"] and not steps[3]["finite"]
+    assert max(steps) == 3 and steps[3]["nonfinite_total"] == 2
+    # the final checkpoint holds the weights of the last finite step
+    assert (tmp_path / "checkpoints" / tag_for_step(3) / COMPLETE_MARKER).is_file()
+    assert not (tmp_path / "vidar.pt").exists()
