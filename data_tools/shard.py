@@ -381,6 +381,9 @@ def convert(episodes_dir: Path, out: Path, settings: ConversionSettings, workers
                           workers, strict, overwrite, precomputer)
     val_episodes = 0
     if val_names:
+        # the dataset is complete once its validation split is
+        train["complete"] = False
+        write_index(out, train)
         val = convert_split("val", val_names, out / VAL_DIR, episodes_dir, settings, workers, strict, overwrite,
                             precomputer)
         train["val"] = VAL_DIR
@@ -388,6 +391,7 @@ def convert(episodes_dir: Path, out: Path, settings: ConversionSettings, workers
         val_episodes = len(val["episodes"])
     train["totals"] = {"input_episodes": len(names), "train_episodes": len(train["episodes"]),
                        "val_episodes": val_episodes, "skipped": len(train["skipped"])}
+    train["complete"] = True
     write_index(out, train)
     return train
 
