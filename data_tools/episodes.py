@@ -110,6 +110,8 @@ def discover_episodes(episodes_dir: Path, manifest: Path | None = None) -> list[
 def read_instruction(path: Path) -> str:
     try:
         text = path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise EpisodeError("instruction_invalid", f"cannot read {path.name} ({error})") from error
     except UnicodeDecodeError as error:
         raise EpisodeError("instruction_invalid", f"{path.name} is not UTF-8 ({error})") from error
     if not text.strip():
@@ -118,9 +120,13 @@ def read_instruction(path: Path) -> str:
 
 
 def read_actions(path: Path, action_dim: int) -> np.ndarray:
-    with open(path, "rb") as stream:
-        if stream.read(len(NPY_MAGIC)) != NPY_MAGIC:
-            raise EpisodeError("actions_invalid", f"{path.name} is not a .npy file (no NumPy header)")
+    try:
+        with open(path, "rb") as stream:
+            magic = stream.read(len(NPY_MAGIC))
+    except OSError as error:
+        raise EpisodeError("actions_invalid", f"cannot read {path.name} ({error})") from error
+    if magic != NPY_MAGIC:
+        raise EpisodeError("actions_invalid", f"{path.name} is not a .npy file (no NumPy header)")
     try:
         actions = np.load(path, allow_pickle=False)
     except ValueError as error:  # numpy's refusal to unpickle an object array
@@ -172,6 +178,13 @@ def decode_on_timeline(path: Path, data: bytes, fps: int, keep_frames: bool) -> 
     return frames, len(timeline), info.fps
 
 
+def read_video_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise EpisodeError("video_unreadable", f"cannot read {path.name} ({error})") from error
+
+
 def align_lengths(name: str, counts: dict[str, int]) -> int:
     """Frame counts that agree to within one are trimmed to the shortest; anything else is a mismatch."""
     if max(counts.values()) - min(counts.values()) > 1:
@@ -197,7 +210,7 @@ def load_episode(episodes_dir: Path, name: str, layout: EpisodeLayout) -> ValidE
     check_files(folder, layout)
     instruction = read_instruction(folder / layout.instruction)
     actions = read_actions(folder / layout.actions, layout.action_dim)
-    videos = {file: (folder / file).read_bytes() for file in layout.video_files()}
+    videos = {file: read_video_file(folder / file) for file in layout.video_files()}
     composing = layout.cameras is not None
     decoded = {}
     for file, data in videos.items():

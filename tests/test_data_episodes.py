@@ -1,9 +1,11 @@
 """Synthetic episodes and the validation every episode passes before it is written to a shard."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from data_tools import episodes as episodes_module
 from data_tools.episodes import (SKIP_REASONS, EpisodeError, EpisodeLayout, discover_episodes, load_episode)
 from data_tools.synth import (DEFECTS, random_actions, render_frames, synthetic_episode, write_defective_episode,
                               write_episode, write_synthetic_episodes)
@@ -159,3 +161,29 @@ def test_sensor_noise_raises_the_bitrate_deterministically(tmp_path):
     again = write_synthetic_episodes(tmp_path / "again", 1, frames=8, height=48, width=64, seed=1, noise=6.0)[0]
     assert (noisy / "video.mp4").stat().st_size > 2 * (flat / "video.mp4").stat().st_size
     assert (noisy / "video.mp4").read_bytes() == (again / "video.mp4").read_bytes()
+
+
+@pytest.mark.parametrize("file, reason", [("video.mp4", "video_unreadable"), ("actions.npy", "actions_invalid"),
+                                          ("instruction.txt", "instruction_invalid")])
+def test_unreadable_files_are_reported_not_raised(tmp_path, monkeypatch, file, reason):
+    (folder,) = write_synthetic_episodes(tmp_path, 1, frames=8, height=48, width=64)
+    real_read_bytes, real_open = Path.read_bytes, open
+
+    def refuse(path):
+        if Path(path).name == file:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_bytes", lambda path: refuse(path) or real_read_bytes(path))
+    monkeypatch.setattr(episodes_module, "open", lambda path, *a: refuse(path) or real_open(path, *a),
+                        raising=False)
+    with pytest.raises(EpisodeError) as caught:
+        load_episode(tmp_path, folder.name, EpisodeLayout())
+    assert caught.value.reason == reason and "Permission denied" in caught.value.detail
+
+
+def test_a_directory_in_place_of_a_file_is_missing(tmp_path):
+    (folder,) = write_synthetic_episodes(tmp_path, 1, frames=8, height=48, width=64)
+    (folder / "video.mp4").unlink()
+    (folder / "video.mp4").mkdir()
+    with pytest.raises(EpisodeError, match="missing_file"):
+        load_episode(tmp_path, folder.name, EpisodeLayout())
