@@ -1,9 +1,12 @@
 """What rank 0 reports while training: TensorBoard events, metrics.jsonl, a progress bar, log lines."""
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import resource
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,10 @@ class TrainingMonitor:
         self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"),
                                     purge_step=start_step if start_step > 0 else None)
         self.metrics_file = open(output_dir / "metrics.jsonl", "a")
-        self.progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        # A live bar on a terminal; in a log file the log lines (with their ETA) say the same.
+        self.progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                             disable=not sys.stderr.isatty())
+        self.start_step, self.total_steps, self.start_time = start_step, total_steps, time.monotonic()
 
     def log_step(self, record: dict[str, Any], log_scalars: bool) -> None:
         if not self.enabled:
@@ -59,11 +65,17 @@ class TrainingMonitor:
         self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         if log_scalars:
             self.writer.flush()
-            log.info("step %d  loss %.5f  lr %.3e  grad_norm %.3f  %.1f samples/s  %.0f tokens/s  "
-                     "data %.2fs compute %.2fs  peak %.2f GiB%s", step, record["loss"], record["lr"],
-                     record["grad_norm"], scalars["throughput/samples_per_s"], scalars["throughput/tokens_per_s"],
-                     record["data_wait"], record["compute"], scalars["memory/peak_gib"],
+            log.info("step %d/%d  loss %.5f  lr %.3e  grad_norm %.3f  %.1f samples/s  %.0f tokens/s  "
+                     "data %.2fs compute %.2fs  peak %.2f GiB  ETA %s%s", step, self.total_steps, record["loss"],
+                     record["lr"], record["grad_norm"], scalars["throughput/samples_per_s"],
+                     scalars["throughput/tokens_per_s"], record["data_wait"], record["compute"],
+                     scalars["memory/peak_gib"], self.eta(step),
                      "" if record["finite"] else "  (non-finite loss: step skipped)")
+
+    def eta(self, step: int) -> str:
+        """Remaining time at this run's average pace so far."""
+        per_step = (time.monotonic() - self.start_time) / max(1, step - self.start_step)
+        return str(datetime.timedelta(seconds=round(per_step * (self.total_steps - step))))
 
     def log_validation(self, step: int, loss: float) -> None:
         if not self.enabled:
