@@ -5,13 +5,16 @@
 One sample per episode (key = episode name; members mp4, actions.npy, txt, json). Every episode is
 validated first (see data_tools.episodes); bad ones are skipped and listed in index.json with their
 reason. Same input and options give byte-identical shards. Each shard is written under a temporary
-name, fsynced and renamed, and index.json is rewritten after every shard, so a run started again
-after an interruption keeps the finished shards whose checksums still match and carries on from
-there. The validation split (a deterministic choice of whole episodes) goes to out/val/.
+name, fsynced and renamed, then recorded in an append-only journal (.journal.jsonl), so a run
+started again after an interruption keeps the finished shards whose checksums still match and
+carries on from there; index.json is written when the conversion is complete. The validation split
+(a deterministic choice of whole episodes) goes to out/val/. With --precompute, samples are
+fixed windows of VAE latents instead (see data_tools.precompute).
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import hashlib
 import json
 import os
@@ -34,7 +37,8 @@ from data_tools.episodes import (EpisodeError, EpisodeLayout, ValidEpisode, acti
                                  load_episode)
 from data_tools.precompute import (PRECOMPUTABLE, DTYPES, Precomputer, WindowSettings, episode_windows,
                                    parse_precompute, settings_record, text_key)
-from vidartrain.data.shard_index import INDEX_FILE, INDEX_FORMAT, TEXT_EMBEDDINGS_FILE, file_sha256
+from vidartrain.data.shard_index import (INDEX_FILE, INDEX_FORMAT, JOURNAL_FILE, TEXT_EMBEDDINGS_FILE,
+                                         file_sha256)
 
 VAL_DIR = "val"
 
@@ -266,40 +270,104 @@ def write_index(directory: Path, index: dict) -> None:
     write_atomically(directory / INDEX_FILE, json.dumps(index, indent=1, sort_keys=True).encode("utf-8"))
 
 
-def resume_index(directory: Path, split: str, settings: ConversionSettings, episodes_dir: Path,
-                 overwrite: bool) -> dict:
-    """The index to continue from: finished shards whose files still match their checksums.
+class Journal:
+    """Append-only record of the finished shards of a run in progress (one JSON line per shard).
 
-    The first shard that is missing or altered, and everything after it, is written again.
+    Resuming reads it; each finished shard adds one line, so the bookkeeping stays linear in the
+    number of episodes. index.json is written once, when the split is complete.
     """
-    path = directory / INDEX_FILE
-    if overwrite or not path.exists():
-        return empty_index(split, settings, episodes_dir)
-    previous = json.loads(path.read_text(encoding="utf-8"))
-    if previous.get("settings") != settings.as_dict():
-        raise SystemExit(f"{directory} holds shards made with other settings ({path}); "
-                         f"use a new --out directory or --overwrite")
+
+    def __init__(self, directory: Path):
+        self.path = directory / JOURNAL_FILE
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def read(self) -> tuple[dict, list[dict]]:
+        """(settings, shard records); a last line torn by a crash is ignored."""
+        parsed = []
+        for line in self.path.read_bytes().splitlines():
+            try:
+                parsed.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        if not parsed or "settings" not in parsed[0]:
+            raise SystemExit(f"{self.path}: unreadable journal of an interrupted run; use --overwrite")
+        return parsed[0]["settings"], parsed[1:]
+
+    def start(self, settings: dict, records: list[dict]) -> None:
+        lines = [json.dumps({"settings": settings}, sort_keys=True)] + [json.dumps(r, sort_keys=True) for r in records]
+        write_atomically(self.path, ("\n".join(lines) + "\n").encode("utf-8"))
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "ab") as stream:
+            stream.write((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+            stream.flush()
+            os.fsync(stream.fileno())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def records_from_index(index: dict, split: str) -> list[dict]:
+    """A finished index cut into per-shard records like the journal's (one pass over its entries)."""
+    ends = [shard["episodes_end"] for shard in index["shards"]]
+    records = [{"shard": shard, "episodes": [], "skipped": []} for shard in index["shards"]]
+    entries = [("episodes", e) for e in index["episodes"]]
+    entries += [("skipped", s) for s in index["skipped"] if s.get("split", split) == split]
+    for kind, entry in entries:
+        number = bisect.bisect_right(ends, entry["position"])  # first shard closed after this episode
+        if number < len(records):
+            records[number][kind].append(entry)
+    for record in records:
+        record["skipped"].sort(key=lambda skip: skip["position"])
+    return records
+
+
+def shard_intact(directory: Path, shard: dict) -> bool:
+    file = directory / shard["name"]
+    return file.is_file() and file.stat().st_size == shard["bytes"] and file_sha256(file) == shard["sha256"]
+
+
+def resume_records(directory: Path, split: str, settings: ConversionSettings, overwrite: bool) -> list[dict]:
+    """Records of the finished shards to continue from, read from the journal of an interrupted
+    run or from the index of a finished one. The first shard that is missing or altered, and
+    everything after it, is written again."""
+    journal, index_path = Journal(directory), directory / INDEX_FILE
+    if overwrite:
+        return []
+    if journal.exists():
+        stored, records = journal.read()
+    elif index_path.exists():
+        previous = json.loads(index_path.read_text(encoding="utf-8"))
+        stored, records = previous.get("settings"), records_from_index(previous, split)
+    else:
+        return []
+    if stored != settings.as_dict():
+        raise SystemExit(f"{directory} holds shards made with other settings; use a new --out directory or "
+                         f"--overwrite")
     kept = []
-    for shard in previous["shards"]:
-        file = directory / shard["name"]
-        if not file.is_file() or file.stat().st_size != shard["bytes"] or file_sha256(file) != shard["sha256"]:
-            print(f"{file} is missing or does not match its checksum: writing it again", file=sys.stderr)
+    for record in records:
+        if not shard_intact(directory, record["shard"]):
+            print(f"{directory / record['shard']['name']} is missing or does not match its checksum: "
+                  f"writing it again", file=sys.stderr)
             break
-        kept.append(shard)
-    done = kept[-1]["episodes_end"] if kept else 0
-    index = empty_index(split, settings, episodes_dir)
-    index["shards"] = kept
-    index["episodes"] = [e for e in previous["episodes"] if e["position"] < done]
-    index["skipped"] = [s for s in previous["skipped"] if s.get("split", split) == split and s["position"] < done]
-    return index
+        kept.append(record)
+    return kept
 
 
 def convert_split(split: str, names: list[str], directory: Path, episodes_dir: Path, settings: ConversionSettings,
                   workers: int, strict: bool, overwrite: bool, precomputer: Precomputer | None) -> dict:
     """Write one split's shards and index.json (complete) into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    index = resume_index(directory, split, settings, episodes_dir, overwrite)
-    write_index(directory, index)
+    kept = resume_records(directory, split, settings, overwrite)
+    journal = Journal(directory)
+    journal.start(settings.as_dict(), kept)
+    index = empty_index(split, settings, episodes_dir)
+    for record in kept:
+        index["shards"].append(record["shard"])
+        index["episodes"] += record["episodes"]
+        index["skipped"] += record["skipped"]
     start = index["shards"][-1]["episodes_end"] if index["shards"] else 0
     shards = ShardSequence(directory, settings.max_samples, settings.max_bytes, len(index["shards"]))
     progress = Progress(split, len(names) - start)
@@ -307,39 +375,47 @@ def convert_split(split: str, names: list[str], directory: Path, episodes_dir: P
     if start:
         print(f"[{split}] resuming after {len(index['shards'])} finished shard(s), at episode {start}",
               file=sys.stderr)
+    pending: dict[str, list] = {"episodes": [], "skipped": []}  # since the last finished shard
 
     def finish_shard(episodes_end: int) -> None:
         shard = shards.close()
         if shard is not None:
-            index["shards"].append({**shard, "episodes_end": episodes_end})
-            write_index(directory, index)
+            record = {"shard": {**shard, "episodes_end": episodes_end}, **pending}
+            index["shards"].append(record["shard"])
+            index["episodes"] += record["episodes"]
+            index["skipped"] += record["skipped"]
+            journal.append(record)
+            pending["episodes"], pending["skipped"] = [], []
 
     try:
         for result in ordered_results(convert_episode, tasks, workers):
             progress.update(skipped=result.skip is not None)
             if result.skip is not None:
                 reason, detail = result.skip
-                index["skipped"].append({"episode": result.name, "position": result.position, "split": split,
-                                         "reason": reason, "detail": detail})
+                pending["skipped"].append({"episode": result.name, "position": result.position, "split": split,
+                                           "reason": reason, "detail": detail})
                 if strict:
                     raise StrictStop(f"episode {result.name}: {reason}: {detail}")
                 continue
             samples, entries = ((result.samples, result.entries) if precomputer is None
                                 else latent_samples(result, precomputer))
             used = [shards.add(sample, entry) for sample, entry in zip(samples, entries)]
-            index["episodes"].append({**result.metadata, "position": result.position, "split": split,
-                                      "instruction": result.instruction, "samples": len(used),
-                                      "shards": sorted(set(used))})
+            pending["episodes"].append({**result.metadata, "position": result.position, "split": split,
+                                        "instruction": result.instruction, "samples": len(used),
+                                        "shards": sorted(set(used))})
             if shards.full():
                 finish_shard(result.position + 1)
         finish_shard(len(names))
     finally:
         shards.abandon()
+    index["episodes"] += pending["episodes"]
+    index["skipped"] += pending["skipped"]
     remove_stale_shards(directory, {shard["name"] for shard in index["shards"]})
     if precomputer is not None and "text" in precomputer.what:
         write_text_embeddings(directory, index, precomputer)
     index["complete"] = True
     write_index(directory, index)
+    journal.remove()
     return index
 
 
@@ -372,7 +448,7 @@ def convert(episodes_dir: Path, out: Path, settings: ConversionSettings, workers
     if not names:
         raise SystemExit(f"no episode folders found in {episodes_dir}")
     if overwrite and out.exists():
-        for stale in [*out.glob("shard-*.tar"), out / INDEX_FILE]:
+        for stale in [*out.glob("shard-*.tar"), out / INDEX_FILE, out / JOURNAL_FILE]:
             stale.unlink(missing_ok=True)
         shutil.rmtree(out / VAL_DIR, ignore_errors=True)
     splits = assign_splits(names, settings.val_fraction, settings.split_seed)

@@ -9,6 +9,7 @@ from data_tools import inspect as inspect_tool
 from data_tools import shard as shard_tool
 from data_tools.synth import (DEFECTS, synthetic_episode, write_defective_episode, write_episode,
                               write_synthetic_episodes)
+from vidartrain.data.shard_index import read_index
 from vidartrain.data.video import decode_all_frames
 
 GOOD = 6
@@ -81,9 +82,14 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(mixed_episodes,
     with pytest.raises(KeyboardInterrupt):
         run(mixed_episodes, out, "--samples-per-shard", 2)
     monkeypatch.setattr(shard_tool.ShardSequence, "add", original_add)
-    index = json.loads((out / "index.json").read_text())
-    assert not index["complete"] and [s["name"] for s in index["shards"]] == ["shard-000000.tar"]
-    assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-000000.tar"]  # no half shard
+    # no index.json yet (loaders refuse the directory), no half-written shard; the journal lists shard 0
+    assert sorted(p.name for p in out.iterdir()) == [".journal.jsonl", "shard-000000.tar"]
+    _, records = shard_tool.Journal(out).read()
+    assert [r["shard"]["name"] for r in records] == ["shard-000000.tar"]
+    with pytest.raises(ValueError, match="did not finish"):
+        read_index(out)
+    with (out / ".journal.jsonl").open("ab") as journal:
+        journal.write(b'{"shard": {"name": "shard-0000')  # a line torn by a crash
     # shard 0 stays; damage is detected by checksum and that shard is written again
     (out / "shard-000001.tar").write_bytes(b"stale")
     kept = (out / "shard-000000.tar").stat()
@@ -96,15 +102,17 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(mixed_episodes,
     reference = json.loads((tmp_path / "reference" / "index.json").read_text())
     for field in ("shards", "episodes", "skipped", "complete"):
         assert final[field] == reference[field]
+    assert not (out / ".journal.jsonl").exists()
 
 
 def test_corrupted_finished_shard_is_rewritten(mixed_episodes, tmp_path):
     out = tmp_path / "out"
     run(mixed_episodes, out, "--samples-per-shard", 4)
-    good = (out / "shard-000001.tar").read_bytes()
+    good, index = (out / "shard-000001.tar").read_bytes(), (out / "index.json").read_bytes()
     (out / "shard-000001.tar").write_bytes(good[:-1] + b"X")
     run(mixed_episodes, out, "--samples-per-shard", 4)
     assert (out / "shard-000001.tar").read_bytes() == good
+    assert (out / "index.json").read_bytes() == index  # shard 0's record was taken over from the old index
 
 
 def test_other_settings_in_same_out_dir_are_refused(mixed_episodes, tmp_path):
@@ -118,7 +126,7 @@ def test_other_settings_in_same_out_dir_are_refused(mixed_episodes, tmp_path):
 def test_strict_stops_at_first_bad_episode(mixed_episodes, tmp_path, capsys):
     assert run(mixed_episodes, tmp_path / "out", "--strict") == 1
     assert "bad_actions_inf" in capsys.readouterr().err
-    assert not json.loads((tmp_path / "out" / "index.json").read_text())["complete"]
+    assert not (tmp_path / "out" / "index.json").exists()
 
 
 def test_nothing_valid_exits_non_zero(tmp_path):

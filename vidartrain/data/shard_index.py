@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 INDEX_FILE = "index.json"
+JOURNAL_FILE = ".journal.jsonl"  # finished shards of a conversion in progress (data_tools.shard)
 INDEX_FORMAT = "vidartrain-shards/1"
 TEXT_EMBEDDINGS_FILE = "text_embeddings.safetensors"
 
@@ -37,6 +38,9 @@ def file_sha256(path: Path, block: int = 1 << 22) -> str:
 def read_index(shards_dir: str | Path, require_complete: bool = True) -> dict:
     """The parsed index.json of a shard directory, with a clear error for anything unusable."""
     path = Path(shards_dir) / INDEX_FILE
+    if not path.is_file() and (Path(shards_dir) / JOURNAL_FILE).is_file():
+        raise ValueError(f"{shards_dir}: the conversion did not finish (no {INDEX_FILE} yet); run vidar-shard "
+                         f"again with the same options to finish it")
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {shards_dir} a directory made by `vidar-shard`?")
     try:
