@@ -154,6 +154,8 @@ def closed_loop_schedule(num_frames: int, window: RolloutWindow,
     (fewer at the end) and prefills the real ones at the same positions. Before a prediction that
     would make the window longer than `window.rollout_bound` video frames, the cache is cleared and
     the latents of the last `window.rollout_prefill_num` real video frames are prefilled from 0.
+    Prefills that no later prediction reads (the last one of each window) are left out: in training
+    they would only cost time.
     """
     if num_frames < 2:
         raise ValueError(f"a closed-loop rollout needs at least 2 latent frames, got {num_frames}")
@@ -168,7 +170,15 @@ def closed_loop_schedule(num_frames: int, window: RolloutWindow,
         position = next_frame - window_start
         events += [RolloutEvent("predict", predicted, position), RolloutEvent("prefill", predicted, position)]
         next_frame += new
-    return events
+    return [event for i, event in enumerate(events) if event.kind != "prefill" or is_read_later(events, i)]
+
+
+def is_read_later(events: list[RolloutEvent], index: int) -> bool:
+    """Whether a prediction after event `index` sees the cache it leaves (no reprefill in between)."""
+    for event in events[index + 1:]:
+        if event.kind != "prefill":
+            return event.kind == "predict"
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,9 +219,11 @@ def self_generated_velocity(model: WanModelCausal, window: CausalWindow, context
 
 def closed_loop_velocity(model: WanModelCausal, window: CausalWindow, context: Any,
                          events: list[RolloutEvent], kv_cache_length: int) -> torch.Tensor:
-    """Run a `closed_loop_schedule` over the window: real frames are prefilled (with gradient),
-    each predicted chunk sees the cache and, block-causally, its own noisy frames. Frame 0 is never
-    predicted; its slot holds zeros (it carries no loss)."""
+    """Run a `closed_loop_schedule` over the window. Real frames enter the cache as fixed context,
+    without gradient, as at inference (a prefill forward whose velocity output is unused would
+    also leave ZeRO-3 with a forward that gets no gradient); each predicted chunk sees the cache
+    and, block-causally, its own noisy frames, and carries the loss. Frame 0 is never predicted;
+    its slot holds zeros (it carries no loss)."""
     text = model.text_key_values(context)
     cache = KVCache(model.num_layers, capacity=kv_cache_length)
     predicted: dict[int, torch.Tensor] = {}
@@ -219,9 +231,11 @@ def closed_loop_velocity(model: WanModelCausal, window: CausalWindow, context: A
         frames = slice(event.frames.start, event.frames.stop)
         positions = range(event.position, event.position + len(event.frames))
         if event.kind == "reprefill":
-            cache = model.reset_and_reprefill(window.clean[:, :, frames], text, cache)
+            with torch.no_grad():
+                cache = model.reset_and_reprefill(window.clean[:, :, frames], text, cache)
         elif event.kind == "prefill":
-            cache = model.prefill(window.clean[:, :, frames], text, cache, positions=positions)
+            with torch.no_grad():
+                cache = model.prefill(window.clean[:, :, frames], text, cache, positions=positions)
         else:
             velocity, cache = model.forward_with_cache(window.noisy[:, :, frames], window.timesteps[:, frames],
                                                        text, cache, positions=positions)
@@ -311,7 +325,9 @@ class SelfForcingStage(VidarStage):
         context = self.text_context(batch)
         mask = self.latent_mask(batch) if config.loss.embodiment_aware else None
         window = prepare_causal_window(clean, config.chunk_size, self.shift, generator, mask)
-        source = choose_context(sf.context_mode, sf.self_generated_prob, generator)
+        # The closed-loop controller always re-prefills real frames: its context is the ground truth.
+        source = "ground_truth" if sf.closed_loop else choose_context(sf.context_mode, sf.self_generated_prob,
+                                                                        generator)
         if sf.closed_loop:
             velocity = closed_loop_velocity(model, window, context, self.schedule, sf.kv_cache_length)
         elif source == "ground_truth":
