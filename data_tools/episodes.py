@@ -217,14 +217,13 @@ def load_episode(episodes_dir: Path, name: str, layout: EpisodeLayout) -> ValidE
         if len(data) == 0:
             raise EpisodeError("video_unreadable", f"{file} is empty (0 bytes)")
         decoded[file] = decode_on_timeline(Path(file), data, layout.fps, keep_frames=composing or layout.reencode)
-    source_fps = {file: fps for file, (_, _, fps) in decoded.items()}
-    if len(set(source_fps.values())) != 1:
-        raise EpisodeError("video_unreadable", f"cameras have different frame rates: {source_fps}")
+    # every camera is already on the fps timeline, whatever its own frame rate; the first one (the
+    # head camera) is the one recorded as the source rate
+    fps_of_source = decoded[layout.video_files()[0]][2]
     counts = {file: count for file, (_, count, _) in decoded.items()}
     length = align_lengths(name, {**counts, layout.actions: len(actions)})
     if length < 2:
         raise EpisodeError("video_too_short", f"{name}: {length} usable frame(s) after trimming, need at least 2")
-    (fps_of_source,) = set(source_fps.values())
     reencode = composing or layout.reencode or fps_of_source != layout.fps
     if composing:
         video = encode_mp4(compose_observation(*(decoded[file][0][:length] for file in layout.cameras)),

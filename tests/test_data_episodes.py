@@ -187,3 +187,19 @@ def test_a_directory_in_place_of_a_file_is_missing(tmp_path):
     (folder / "video.mp4").mkdir()
     with pytest.raises(EpisodeError, match="missing_file"):
         load_episode(tmp_path, folder.name, EpisodeLayout())
+
+
+def test_cameras_at_different_frame_rates_meet_on_the_10fps_timeline(tmp_path):
+    video, actions, text = synthetic_episode(np.random.default_rng(4), 24, 48, 64)
+    folder = tmp_path / "ep"
+    write_episode(folder, {"head.mp4": video[::3], "left_wrist.mp4": video, "right_wrist.mp4": video[::3]},
+                  actions[::3], text)
+    (folder / "left_wrist.mp4").write_bytes(encode_mp4(video, 30))  # the left wrist camera runs at 30 fps
+    layout = EpisodeLayout(cameras=("head.mp4", "left_wrist.mp4", "right_wrist.mp4"))
+    episode = load_episode(tmp_path, "ep", layout)
+    assert episode.frames == 8 and episode.source_fps == 10
+    frames, _ = decode_all_frames(episode.video)
+    assert frames.shape == (8, 72, 64, 3)
+    (folder / "left_wrist.mp4").write_bytes(encode_mp4(video, 10))  # 24 frames at 10 fps: 16 too many
+    with pytest.raises(EpisodeError, match="length_mismatch"):
+        load_episode(tmp_path, "ep", layout)
