@@ -1,0 +1,78 @@
+"""IDM training end to end on CPU: the real deepspeed launcher, 2 gloo ranks, ZeRO-3 (float32
+weights), (frame, action) pairs of shards made from synthetic mp4 episodes; TensorBoard metrics,
+SIGKILL + resume exactness (BatchNorm statistics included) and the upstream idm.pt export."""
+import os
+import signal
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from data_tools.shard import main as shard_main
+from data_tools.synth import write_synthetic_episodes
+from trainer_launch import deepspeed_command, logged_steps, run, start, wait_for_step
+from vidartrain.models.idm import load_idm
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("idm")
+    write_synthetic_episodes(root / "episodes", 6, frames=12, height=64, width=64)
+    assert shard_main(["--episodes", str(root / "episodes"), "--out", str(root / "shards"),
+                       "--val-fraction", "0.0"]) == 0
+    return root
+
+
+def train_args(workspace, output_dir, *extra):
+    # 64x64 frames: the IDM (92M parameters) sees them at their own size, cheap on CPU. (Smaller
+    # frames leave 1x1 maps at the bottom of the U-Net, which BatchNorm cannot train on in micro-batches of 1.)
+    return ["--config", "configs/debug/tiny_idm.yaml", "--ds-config", "ds_configs/cpu_debug.json",
+            "--output_dir", str(output_dir), "--set", f"data.shards={workspace / 'shards'}",
+            "--set", "data.val_shards=null", "--set", "training.val_every=0",
+            "--set", f"output.save_path={output_dir / 'export' / 'idm.pt'}",
+            "--set", f"training.num_steps={STEPS}", "--set", "training.warmup=1", "--set", "training.save_every=1",
+            "--set", "training.log_every=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_run(workspace):
+    output_dir = workspace / "reference"
+    run(deepspeed_command("launch/train.py", train_args(workspace, output_dir)), workspace / "reference.log",
+        timeout=600)
+    return output_dir
+
+
+def test_idm_run_logs_accuracy_and_exports_an_upstream_idm_pt(reference_run):
+    steps = logged_steps(reference_run)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    for record in steps.values():
+        assert record["finite"] and len(record["keys"]) == 4 and record["tokens"] == 4  # frames per step
+        assert 0.0 <= record["action_accuracy"] <= 1.0 and 0.0 < record["mask_mean"] < 1.0
+        assert record["loss"] == pytest.approx(record["action_loss"] + record["mask_loss"], rel=1e-4)
+    tags = set(EventAccumulator(str(reference_run / "tensorboard")).Reload().Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/action_loss", "train/mask_loss", "train/action_accuracy"):
+        assert tag in tags, f"{tag} missing from TensorBoard events ({sorted(tags)})"
+
+    payload = torch.load(reference_run / "export" / "idm.pt", map_location="cpu", weights_only=True)
+    assert sorted(payload) == ["model_state_dict", "step"] and payload["step"] == STEPS
+    state = payload["model_state_dict"]
+    assert len(state) == 456 and all(v.dtype in (torch.float32, torch.int64) for v in state.values())
+    # BatchNorm statistics moved with training (train mode), and every key loads strictly.
+    assert int(state["model.mask_model.in_conv.1.num_batches_tracked"]) == STEPS * 2  # 2 micro-steps per step
+    load_idm(reference_run / "export" / "idm.pt")
+
+
+def test_kill_and_resume_reproduces_the_idm_run_exactly(workspace, reference_run):
+    output_dir, log = workspace / "killed", workspace / "killed.log"
+    process = start(deepspeed_command("launch/train.py", train_args(workspace, output_dir)), log)
+    wait_for_step(process, output_dir, 1, log, timeout=600)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    run(deepspeed_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log, timeout=600)
+    resumed, reference = logged_steps(output_dir), logged_steps(reference_run)
+    assert {s: r["loss"] for s, r in resumed.items()} == {s: r["loss"] for s, r in reference.items()}
+    exported = torch.load(output_dir / "export" / "idm.pt", weights_only=True)["model_state_dict"]
+    expected = torch.load(reference_run / "export" / "idm.pt", weights_only=True)["model_state_dict"]
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
