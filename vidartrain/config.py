@@ -93,7 +93,6 @@ class DataConfig:
     fps: int = 10
     cfg_prob: float = 0.1  # text dropout for classifier-free guidance
     num_workers: int = 2
-    shuffle_buffer: int = 64
     seed: int = 0
 
 
@@ -327,7 +326,7 @@ def value_problems(config: Config) -> typing.Iterator[str]:
         "training.warmup": t.warmup, "training.weight_decay": t.weight_decay, "training.min_lr": t.min_lr,
         "training.grad_clip": t.grad_clip, "training.val_every": t.val_every,
         "loss.eta": loss.eta, "loss.mask_weight": loss.mask_weight,
-        "data.num_workers": data.num_workers, "data.shuffle_buffer": data.shuffle_buffer,
+        "data.num_workers": data.num_workers,
         "self_forcing.sink_frames": sf.sink_frames,
     }
     for key, value in non_negative.items():
