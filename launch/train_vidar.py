@@ -13,11 +13,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(REPO_ROOT))
 
 from launch.stage_flags import main_with_stage_flags  # noqa: E402
 
+
+def main(argv: list[str] | None = None) -> int:
+    return main_with_stage_flags(default_config=str(REPO_ROOT / "configs" / "vidar_finetune.yaml"),
+                                 description="Stage 1: Vidar fine-tuning (WanModel, flow matching)", argv=argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main_with_stage_flags(default_config="configs/vidar_finetune.yaml",
-                                           description="Stage 1: Vidar fine-tuning (WanModel, flow matching)"))
+    raise SystemExit(main())

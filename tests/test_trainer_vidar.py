@@ -1,10 +1,11 @@
 """Stage 1 end to end on CPU: the real launchers (deepspeed, torchrun), 2 gloo ranks, ZeRO-3, a tiny
 Wan2.2 checkpoint in the published layout and shards made by data_tools from synthetic mp4 episodes.
 
-One uninterrupted 2-rank run is the reference for everything else: a run stopped by SIGTERM,
-then killed with SIGKILL at an arbitrary moment and resumed twice; a 2-node run (two torchrun agents,
-one rank each, rendezvous on 127.0.0.1) that stops and resumes; a 1-rank run resumed from a universal
-checkpoint; the export.
+One uninterrupted single-node 2-rank run (deepspeed launcher) is the reference for everything else:
+a 2-node run (two torchrun agents, one rank each, rendezvous on 127.0.0.1) preempted with SIGTERM,
+resumed on one node and killed with SIGKILL at an arbitrary moment, then resumed on two nodes to
+the end, must log exactly the reference's losses; a 1-rank run resumes from a universal checkpoint;
+the export loads strictly.
 """
 import math
 import os
@@ -19,7 +20,7 @@ from data_tools.shard import main as shard_main
 from data_tools.synth import write_synthetic_episodes
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
 from trainer_launch import (BIN, deepspeed_command, free_port, logged_steps, run, start, tail,
-                            node_launchers, wait, wait_for_step)
+                            wait, wait_for_step)
 from vidartrain.distributed.checkpointing import COMPLETE_MARKER, complete_checkpoints, tag_for_step
 from vidartrain.distributed.export import main as export_main
 from vidartrain.models.wan.causal import WanModelCausal
@@ -105,52 +106,41 @@ def test_export_cli_converts_a_saved_checkpoint_to_the_same_weights(reference_ru
     assert (tmp_path / "vidar.safetensors").is_file()
 
 
-def test_sigterm_then_kill_then_resume_reproduces_the_losses_exactly(workspace, reference_run):
+def torchrun_agents(workspace, output_dir, log, *extra):
+    """Start two torchrun agents = two 'nodes' of one rank each, c10d rendezvous on 127.0.0.1."""
+    port = free_port()
+    return [start([str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+                   "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "vidar-test",
+                   "launch/train.py", *train_args(workspace, output_dir, *extra)], log)
+            for node in range(2)]
+
+
+def test_two_nodes_preempted_killed_and_resumed_reproduce_the_single_node_losses(workspace, reference_run):
     output_dir, log = workspace / "interrupted", workspace / "interrupted.log"
-    # 1. preemption: SIGTERM to the node's launcher, which passes it to every process under it
-    #    (ranks and their DataLoader workers) -> checkpoint at the current step, exit
-    process = start(deepspeed_command("launch/train.py", train_args(workspace, output_dir)), log)
-    wait_for_step(process, output_dir, 3, log)
-    for launcher in node_launchers(process):
-        launcher.send_signal(signal.SIGTERM)
-    wait(process, log)  # the launcher exits 1 after a SIGTERM, whatever its ranks did
-    assert "SIGTERM received: saving a checkpoint" in log.read_text(), tail(log)
-    assert "Traceback" not in log.read_text(), tail(log)
+    # 1. two 'nodes' (torchrun agents) from scratch; preemption: SIGTERM to the agents, which pass it
+    #    to everything under them (ranks and DataLoader workers) -> checkpoint at the current step
+    agents = torchrun_agents(workspace, output_dir, log)
+    wait_for_step(agents[0], output_dir, 3, log)
+    for agent in agents:
+        agent.send_signal(signal.SIGTERM)
+    for agent in agents:
+        wait(agent, log)  # an agent exits non-zero after a SIGTERM, whatever its rank did
+    assert log.read_text().count("SIGTERM received: saving a checkpoint") == 2, tail(log)  # both ranks
     stopped_at = max(logged_steps(output_dir))
     assert stopped_at < STEPS
     assert (output_dir / "checkpoints" / tag_for_step(stopped_at) / COMPLETE_MARKER).is_file()
-    # 2. resume, then SIGKILL everything at an arbitrary moment (possibly in the middle of a save)
+    # 2. resume on one node with the deepspeed launcher, then SIGKILL everything at an arbitrary
+    #    moment (possibly in the middle of a save)
     process = start(deepspeed_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log)
     wait_for_step(process, output_dir, stopped_at + 3, log)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    # 3. resume again to the end
-    run(deepspeed_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log)
+    # 3. resume on the two 'nodes' again, to the end
+    for agent in torchrun_agents(workspace, output_dir, log, "--resume", "auto"):
+        assert wait(agent, log) == 0, tail(log)
     assert losses(output_dir) == losses(reference_run)
     assert ({s: r["keys"] for s, r in logged_steps(output_dir).items()}
             == {s: r["keys"] for s, r in logged_steps(reference_run).items()})
-
-
-def torchrun_agents(workspace, output_dir, log, *extra):
-    """Two torchrun agents = two 'nodes' of one rank each, c10d rendezvous on 127.0.0.1."""
-    port = free_port()
-    agents = []
-    for node in range(2):
-        command = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
-                   "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "vidar-test",
-                   "launch/train.py", *train_args(workspace, output_dir, *extra)]
-        agents.append(start(command, log.with_suffix(f".node{node}.log")))
-    for node, agent in enumerate(agents):
-        code = wait(agent, log.with_suffix(f".node{node}.log"))
-        assert code == 0, tail(log.with_suffix(f".node{node}.log"))
-
-
-def test_two_node_torchrun_run_and_resume_match_the_single_node_run(workspace, reference_run):
-    output_dir, log = workspace / "two_nodes", workspace / "two_nodes.log"
-    torchrun_agents(workspace, output_dir, log, "--max_steps", "5")
-    assert complete_checkpoints(output_dir / "checkpoints")[-1] == tag_for_step(5)
-    torchrun_agents(workspace, output_dir, log, "--resume", "auto")
-    assert losses(output_dir) == losses(reference_run)
     assert (output_dir / "export" / "vidar.pt").is_file()
 
 

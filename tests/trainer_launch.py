@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
 from vidartrain.trainers.base import free_port  # noqa: F401  (re-exported for the tests)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,10 +74,3 @@ def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int, log_pa
             os.killpg(process.pid, signal.SIGKILL)
             raise AssertionError(f"step {step} not reached in {timeout}s:\n{tail(log_path)}")
         time.sleep(0.2)
-
-
-def node_launchers(process: subprocess.Popen) -> list[psutil.Process]:
-    """The per-node launcher processes (deepspeed.launcher.launch) under a `deepspeed` command: they
-    start the ranks, and forward SIGTERM to them (the preemption path)."""
-    everything = psutil.Process(process.pid).children(recursive=True)
-    return [p for p in everything if "deepspeed.launcher.launch" in " ".join(p.cmdline())]

@@ -10,7 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vidartrain.config import Config  # noqa: E402
 from vidartrain.distributed.export import gather_16bit_state_dict, write_state_dict  # noqa: E402
 from vidartrain.models.wan.model import WanModel  # noqa: E402
-from vidartrain.trainers.base import build_optimizer, init_distributed  # noqa: E402
+from vidartrain.trainers.base import build_engine, init_distributed  # noqa: E402
 
 TINY = dict(model_type="ti2v", patch_size=[1, 2, 2], text_len=8, in_dim=48, dim=64, ffn_dim=128, freq_dim=32,
             text_dim=16, out_dim=48, num_heads=2, num_layers=3)
@@ -51,8 +50,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = WanModel(**TINY)
     torch.nn.init.normal_(model.head.head.weight, std=0.02)  # upstream zero-init would give zero grads
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=DS_CONFIG,
-                                           optimizer=lambda params: build_optimizer(params, Config()))
+    engine = build_engine(model, DS_CONFIG, Config())
     generator = torch.Generator().manual_seed(100 + rank)
     batch = (torch.randn(1, 48, 3, 8, 8, generator=generator), torch.tensor([[0.0, 500.0, 500.0]]),
              [torch.randn(5, 16, generator=generator)])

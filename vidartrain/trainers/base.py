@@ -27,8 +27,9 @@ The model never sees DeepSpeed; the trainer never sees tar files.
 
 ZeRO-3 construction: "load, then partition". Every rank builds the model in bf16 on the CPU (the
 real checkpoint is read from memory-mapped safetensors straight into bf16 tensors, so a node's
-ranks share the page cache and nothing exists in fp32), and `deepspeed.initialize` partitions the
-parameters, one at a time, onto the device. The fp32 master weights and Adam moments exist only as
+ranks share the page cache and nothing exists in fp32), then `deepspeed.zero.Init(module=model)`
+partitions it one parameter at a time (moved to the device, broadcast from rank 0, cut), so the
+whole model never sits on one GPU either. The fp32 master weights and Adam moments exist only as
 each rank's 1/world slice inside DeepSpeed's optimizer.
 
 Gradient accumulation draws a fresh micro-batch from the loader for every micro-step
@@ -181,6 +182,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.o
         optimizer, lambda step: lr_factor(step, t.warmup, t.num_steps, t.lr_schedule, min_ratio))
 
 
+def build_engine(model: nn.Module, ds_config: dict[str, Any], config: Config) -> deepspeed.DeepSpeedEngine:
+    """The DeepSpeed engine around `model`'s trainable parameters, with AdamW and the LR schedule."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        model.to(torch.bfloat16)  # a no-op for checkpoints loaded in bf16
+    if ds_config["zero_optimization"].get("stage", 0) == 3:
+        # Partition now, one parameter at a time (to the device, broadcast from rank 0, cut into
+        # slices), so that the whole model never sits on one device.
+        deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=trainable, config=ds_config,
+        optimizer=lambda params: build_optimizer(params, config),
+        lr_scheduler=lambda optimizer: build_scheduler(optimizer, config))
+    return engine
+
+
 class Trainer:
     """Runs one stage on a DeepSpeed engine; `train()` is the whole loop, top to bottom."""
 
@@ -207,15 +224,11 @@ class Trainer:
         self.stop_requested = False
         self.last_saved_step: int | None = None
 
-        seed_everything(config.training.seed)  # same on every rank: ZeRO-3 keeps each rank's slice
+        seed_everything(config.training.seed)  # same on every rank: randomly initialised parts agree
         model = stage.build_model(config)
         if config.model.gradient_checkpointing:
             model.enable_gradient_checkpointing(True)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=trainable, config=self.ds_config,
-            optimizer=lambda params: build_optimizer(params, config),
-            lr_scheduler=lambda optimizer: build_scheduler(optimizer, config))
+        self.engine = build_engine(model, self.ds_config, config)
         seed_everything(config.training.seed + self.rank)
         stage.load_frozen(config, self.device)
 
