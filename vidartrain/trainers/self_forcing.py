@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import deepspeed
@@ -60,8 +59,9 @@ class CausalWindow:
 
     clean, noise, noisy, target: [B, C, n, H, W]; sigmas: [B, n] float32 with 0 on the context
     frame; loss_mask: [1, 1, n, 1, 1] (0 on context frames, as `flow_matching_loss` takes it);
-    start: absolute latent index of the window's first frame (its RoPE position); mask: the
-    latent-grid IDM mask of the window [B, n, H, W], or None without Eq. 7.
+    start: latent index of the window's first frame in the clip (the window itself sits at RoPE
+    positions 0..n-1); mask: the latent-grid IDM mask of the window [B, n, H, W], or None without
+    Eq. 7.
     """
 
     clean: torch.Tensor
