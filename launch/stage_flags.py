@@ -1,7 +1,26 @@
 """The design note's per-stage flags (--ckpt_dir, --pt_dir, --debug) on top of launch/train.py."""
 from __future__ import annotations
 
+import argparse
+import os
+
 from launch.train import build_parser, run_reporting_config_errors
+from vidartrain.config import ConfigError, load_config
+from vidartrain.distributed.ds_config import load_profile
+
+
+def debug_overrides(args: argparse.Namespace) -> list[str]:
+    """--debug: log every step, no validation, a checkpoint only at the end, and a global batch of just
+    what the DeepSpeed profile gives on this many ranks (micro-batch x accumulation x world size)."""
+    overrides = ["training.log_every=1", "training.val_every=0", "training.save_every=1000000000"]
+    profile_path = args.ds_config or load_config(args.config, args.overrides).distributed.ds_config
+    if profile_path is not None:
+        profile = load_profile(profile_path)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        # with gradient_accumulation set, training.batch_size is one micro-step over all ranks
+        overrides += [f"training.batch_size={profile['train_micro_batch_size_per_gpu'] * world_size}",
+                      f"training.gradient_accumulation={profile['gradient_accumulation_steps']}"]
+    return overrides
 
 
 def main_with_stage_flags(default_config: str, description: str, argv: list[str] | None = None) -> int:
@@ -9,12 +28,17 @@ def main_with_stage_flags(default_config: str, description: str, argv: list[str]
     parser.add_argument("--ckpt_dir", default=None, help="Wan2.2-TI2V-5B checkpoint directory (model.ckpt_dir)")
     parser.add_argument("--pt_dir", default=None, help="fine-tuned DiT weights applied on top (model.pt_dir)")
     parser.add_argument("--debug", action="store_true",
-                        help="log every step; validate and checkpoint only at the end")
+                        help="short debugging run: log every step, no validation, checkpoint only at the end, "
+                             "global batch = the profile's micro-batch x accumulation x world size")
     args = parser.parse_args(argv)
-    if args.ckpt_dir is not None:
-        args.overrides.insert(0, f"model.ckpt_dir={args.ckpt_dir}")
-    if args.pt_dir is not None:
-        args.overrides.insert(0, f"model.pt_dir={args.pt_dir}")
+    # flags first, so that explicit --set overrides still win
+    flags = [f"model.{name}={value}" for name, value in (("ckpt_dir", args.ckpt_dir), ("pt_dir", args.pt_dir))
+             if value is not None]
+    args.overrides[:0] = flags
     if args.debug:
-        args.overrides[:0] = ["training.log_every=1", "training.val_every=0", "training.save_every=1000000000"]
+        try:
+            args.overrides[:0] = debug_overrides(args)
+        except ConfigError as err:
+            print(f"configuration error: {err}")
+            return 2
     return run_reporting_config_errors(args)

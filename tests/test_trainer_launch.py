@@ -6,10 +6,12 @@ import subprocess
 import pytest
 
 import launch.train as train_cli
+from launch.stage_flags import debug_overrides
 from data_tools.shard import main as shard_main
 from data_tools.synth import write_synthetic_episodes
 from data_tools.tiny_checkpoint import TINY_T5, TINY_VAE, write_tiny_checkpoint
 from trainer_launch import BIN, REPO_ROOT, launcher_env, logged_steps
+from vidartrain.config import load_config
 from vidartrain.distributed.checkpointing import COMPLETE_MARKER, tag_for_step
 
 TINY_CONFIG = "configs/debug/tiny_vidar.yaml"
@@ -82,3 +84,14 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run(pre_encoded, tmp
     # the final checkpoint holds the weights of the last finite step
     assert (tmp_path / "checkpoints" / tag_for_step(3) / COMPLETE_MARKER).is_file()
     assert not (tmp_path / "vidar.pt").exists()
+
+
+def test_design_note_flags_map_onto_config_overrides(monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = train_cli.build_parser().parse_args(["--config", "configs/vidar_finetune.yaml", "--ds-config", CPU_PROFILE])
+    overrides = debug_overrides(args)
+    # batch 128 of the real config shrinks to what cpu_debug gives on 2 ranks: 1 x 2 x 2
+    assert "training.batch_size=2" in overrides and "training.gradient_accumulation=2" in overrides
+    config = load_config("configs/vidar_finetune.yaml", overrides)
+    assert config.global_batch_size == 4 and config.training.log_every == 1 and config.training.val_every == 0
