@@ -1,0 +1,26 @@
+"""IDM training (the masked inverse dynamics model) with the defaults of configs/idm.yaml.
+
+    deepspeed --num_gpus 8 launch/train_idm.py --ds-config ds_configs/zero3_8xh100.json \\
+        [--set model.idm_path=checkpoints/vidar/idm.pt] [--resume auto] [--max_steps N]
+
+Every flag of launch/train.py is accepted; --config defaults to configs/idm.yaml.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by deepspeed / torchrun: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launch.train import build_parser, run_reporting_config_errors  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser("IDM training: masked inverse dynamics model on (frame, action) pairs (Eq. 4)",
+                          default_config="configs/idm.yaml")
+    return run_reporting_config_errors(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
