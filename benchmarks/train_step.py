@@ -10,8 +10,8 @@ upstream), without the optimizer (identical in both variants). Activation memory
 allocator's peak above the model's own footprint during a step; on CPU (no allocator statistics;
 the process RSS is dominated by library and arena overheads) the bytes autograd saves for backward
 (vidartrain.plan.saved_bytes), which leaves out the block inputs that non-reentrant checkpointing
-keeps for recomputation (one [B, L, dim] float32 tensor per block). `measure(settings)` returns
-the numbers as a dict; `main` prints them as a table.
+keeps for recomputation (one [B, L, dim] float32 tensor per block). `run(settings)` returns
+the numbers as a dict; `markdown(results)` formats them.
 """
 from __future__ import annotations
 
@@ -90,8 +90,9 @@ def run_variant(settings: StepBenchmark, checkpointing: bool) -> dict[str, float
             "activation_memory_bytes": activation_bytes}
 
 
-def measure(settings: StepBenchmark) -> dict[str, object]:
+def run(settings: StepBenchmark | None = None) -> dict[str, object]:
     """Both variants side by side in this process, on the same inputs."""
+    settings = settings or StepBenchmark()
     results: dict[str, object] = {"settings": asdict(settings), "tokens_per_step": settings.tokens_per_step}
     for name, checkpointing in (("plain", False), ("checkpointing", True)):
         results[name] = run_variant(settings, checkpointing)
@@ -101,17 +102,22 @@ def measure(settings: StepBenchmark) -> dict[str, object]:
     return results
 
 
-def format_table(results: dict[str, object]) -> str:
-    lines = [f"{'variant':<15}{'tokens/s':>12}{'step (s)':>12}{'activation memory (MiB)':>26}"]
+def markdown(results: dict[str, object]) -> str:
+    settings = results["settings"]
+    memory = "GPU allocator peak" if settings["device"] == "cuda" else "bytes saved for backward"
+    lines = [f"WanModel dim {settings['dim']}, {settings['num_layers']} blocks, {results['tokens_per_step']} tokens "
+             f"per step, bf16, {settings['device']}; activation memory = {memory}.", "",
+             "| variant | tokens/s | step (s) | activation memory (MiB) |", "|---|---|---|---|"]
     for name in ("plain", "checkpointing"):
         r = results[name]
-        lines.append(f"{name:<15}{r['tokens_per_s']:>12.1f}{r['step_s']:>12.3f}{r['activation_memory_bytes'] / 2**20:>26.1f}")
-    lines.append(f"checkpointing / plain: memory x{results['memory_ratio']:.2f}, speed x{results['speed_ratio']:.2f} "
-                 f"({results['tokens_per_step']} tokens per step)")
+        lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['step_s']:.3f} | "
+                     f"{r['activation_memory_bytes'] / 2**20:.1f} |")
+    lines += ["", f"Checkpointing / plain: memory **x{results['memory_ratio']:.2f}**, "
+                  f"speed **x{results['speed_ratio']:.2f}**."]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, object]:
     defaults = StepBenchmark()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for flag, field in (("--dim", "dim"), ("--ffn-dim", "ffn_dim"), ("--heads", "num_heads"),
@@ -119,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
                         ("--width", "latent_width"), ("--batch", "batch_size"), ("--steps", "steps")):
         parser.add_argument(flag, dest=field, type=int, default=getattr(defaults, field))
     parser.add_argument("--device", default=defaults.device)
-    settings = StepBenchmark(**vars(parser.parse_args(argv)))
-    print(format_table(measure(settings)))
-    return 0
+    results = run(StepBenchmark(**vars(parser.parse_args(argv))))
+    print(markdown(results))
+    return results
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
