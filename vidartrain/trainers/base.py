@@ -74,6 +74,7 @@ from vidartrain.trainers.monitoring import TrainingMonitor, peak_memory_bytes
 
 log = logging.getLogger(__name__)
 
+
 class ResumableLoader(Protocol):
     def __iter__(self) -> Iterator[dict[str, Any]]: ...
     def state_dict(self) -> dict[str, Any]: ...
@@ -114,7 +115,6 @@ class RunOptions:
     output_dir: str | None = None  # None: config.output.output_dir
     resume: str | None = None  # None, "auto" or a checkpoint path
     max_steps: int | None = None  # stop (with a checkpoint) after this step; None: training.num_steps
-    export: bool = True  # write config.output.save_path when training reaches num_steps
 
 
 class NonFiniteLossError(RuntimeError):
@@ -260,7 +260,7 @@ class Trainer:
                     return self.step
             if self.last_saved_step != self.step:
                 self.save_checkpoint()
-            if self.options.export and self.step >= self.config.training.num_steps:
+            if self.step >= self.config.training.num_steps:
                 self.export(Path(self.config.output.save_path))
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
