@@ -35,8 +35,9 @@ STAGES = {
 
 def build_parser(description: str | None = None, default_config: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
+    default_note = "" if default_config is None else f"; default {default_config}"
     parser.add_argument("--config", required=default_config is None, default=default_config,
-                        help=f"YAML training config (configs/*.yaml){'' if default_config is None else '; default ' + default_config}")
+                        help=f"YAML training config (configs/*.yaml){default_note}")
     parser.add_argument("--ds-config", "--ds_config", dest="ds_config", default=None,
                         help="DeepSpeed JSON profile (ds_configs/*.json); default: distributed.ds_config of the YAML")
     parser.add_argument("--output_dir", "--output-dir", dest="output_dir", default=None,
@@ -56,7 +57,8 @@ def stage_for(config: Config) -> Stage:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        raise ConfigError(f"`loss.type` = {config.loss.type}: its trainer {module_name} is not available ({err})") from err
+        raise ConfigError(f"`loss.type` = {config.loss.type}: its trainer {module_name} is not available "
+                          f"({err})") from err
     return getattr(module, class_name)()
 
 
