@@ -64,13 +64,21 @@ def measure_block_memory(dim: int = 3072, ffn_dim: int = 14336, num_heads: int =
     }
 
 
-def print_table(result: dict) -> None:
-    print(f"{'latent frames':>14} {'tokens':>7} {'saved MiB':>10}")
+def run() -> dict:
+    """The benchmark at the real TI2V-5B width (the `python -m benchmarks` entry)."""
+    return measure_block_memory()
+
+
+def markdown(result: dict) -> str:
+    lines = ["| latent frames | tokens | saved MiB |", "|---|---|---|"]
     for frames, tokens in result["tokens"].items():
-        print(f"{frames:>14} {tokens:>7} {result['saved_bytes'][frames] / MIB:>10.1f}")
-    print(f"per token: {result['mib_per_token']:.4f} MiB (upstream {result['upstream_mib_per_token']:.3f}, "
-          f"target <= {result['target_mib_per_token']:.3f}); "
-          f"{result['sample_tokens']} tokens: {result['gib_per_block_per_sample']:.2f} GiB per block per sample")
+        lines.append(f"| {frames} | {tokens} | {result['saved_bytes'][frames] / MIB:.1f} |")
+    lines.append("")
+    lines.append(f"Per token: **{result['mib_per_token']:.4f} MiB** (upstream's block "
+                 f"{result['upstream_mib_per_token']:.3f}, ratio {result['mib_per_token'] / result['upstream_mib_per_token']:.2f}; "
+                 f"target <= {result['target_mib_per_token']:.3f}); {result['sample_tokens']:,} tokens of an 81-frame "
+                 f"sample: {result['gib_per_block_per_sample']:.2f} GiB per block.")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -79,7 +87,7 @@ def main() -> None:
     parser.add_argument("--ffn-dim", type=int, default=14336)
     parser.add_argument("--num-heads", type=int, default=24)
     args = parser.parse_args()
-    print_table(measure_block_memory(args.dim, args.ffn_dim, args.num_heads))
+    print(markdown(measure_block_memory(args.dim, args.ffn_dim, args.num_heads)))
 
 
 if __name__ == "__main__":

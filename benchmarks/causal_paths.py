@@ -146,22 +146,32 @@ def measure_causal_paths(frame_counts: tuple[int, ...] = (4, 8, 16), seed: int =
 PATHS = ("teacher_forcing", "sequential", "cached_generation", "recompute_generation")
 
 
-def print_table(results: dict) -> None:
-    print(f"{'frames':>6}  {'path':<21} {'seconds':>8} {'peak MiB':>9}")
+def run() -> dict:
+    """The benchmark at its default sizes (the `python -m benchmarks` entry)."""
+    return measure_causal_paths()
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Small causal DiT {SMALL_CONFIG['dim']}x{SMALL_CONFIG['num_layers']} layers, "
+             f"{LATENT_HW[0] * LATENT_HW[1] // 4} tokens per latent frame, CPU.", "",
+             "| latent frames | teacher forcing s / MiB | sequential s / MiB | speed-up | cached generation s / MiB "
+             "| recompute prefix s / MiB | speed-up | same loss |",
+             "|---|---|---|---|---|---|---|---|"]
     for frames, row in results.items():
-        for name in PATHS:
-            print(f"{frames:>6}  {name:<21} {row[name]['seconds']:>8.3f} {row[name]['peak_mib']:>9.1f}")
-        print(f"{'':>6}  loss teacher forcing {row['teacher_forcing_loss']:.7f} / sequential "
-              f"{row['sequential_loss']:.7f}; max |dv| training {row['training_velocity_max_difference']:.1e}, "
-              f"generation {row['generation_velocity_max_difference']:.1e}")
+        tf, seq, cached, recompute = (row[name] for name in PATHS)
+        lines.append(
+            f"| {frames} | {tf['seconds']:.3f} / {tf['peak_mib']:.1f} | {seq['seconds']:.3f} / {seq['peak_mib']:.1f} "
+            f"| {seq['seconds'] / tf['seconds']:.2f}x | {cached['seconds']:.3f} / {cached['peak_mib']:.1f} "
+            f"| {recompute['seconds']:.3f} / {recompute['peak_mib']:.1f} | {recompute['seconds'] / cached['seconds']:.2f}x "
+            f"| {row['teacher_forcing_loss']:.6f} = {row['sequential_loss']:.6f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16])
     args = parser.parse_args()
-    print(f"config {SMALL_CONFIG}, latent {LATENT_HW} ({LATENT_HW[0] * LATENT_HW[1] // 4} tokens per frame)")
-    print_table(measure_causal_paths(tuple(args.frames)))
+    print(markdown(measure_causal_paths(tuple(args.frames))))
 
 
 if __name__ == "__main__":

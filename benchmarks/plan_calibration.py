@@ -87,7 +87,7 @@ def run() -> dict:
     return {"rows": rows}
 
 
-def table(result: dict) -> str:
+def markdown(result: dict) -> str:
     lines = ["| config | dim x layers | tokens | act. ckpt | measured peak MiB | planned MiB | error |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -101,4 +101,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         print(json.dumps(measure_step(*json.loads(sys.argv[2]))))
     else:
-        print(table(run()))
+        print(markdown(run()))
