@@ -15,33 +15,23 @@ import argparse
 import torch
 
 from vidartrain.models.wan.model import WanAttentionBlock, num_tokens, rope_for_grid
+from vidartrain.plan import saved_bytes
 
 UPSTREAM_MIB_PER_TOKEN = 0.338
 TARGET_MIB_PER_TOKEN = UPSTREAM_MIB_PER_TOKEN / 2
 MIB = 2**20
 
 
-def saved_bytes(block: WanAttentionBlock, frames: int, grid_hw: tuple[int, int], text_len: int) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves in one block forward."""
+def block_saved_bytes(block: WanAttentionBlock, frames: int, grid_hw: tuple[int, int], text_len: int) -> int:
+    """Bytes of the distinct non-weight storages autograd saves in one block forward."""
     height, width = grid_hw
     length = frames * height * width
     x = torch.randn(1, length, block.dim, requires_grad=True)
     e = torch.randn(1, frames, 6, block.dim, requires_grad=True)
     context = torch.randn(1, text_len, block.dim, dtype=torch.bfloat16, requires_grad=True)
     rope = rope_for_grid(torch.arange(frames), height, width, block.dim // block.num_heads)
-    parameter_shapes = {tuple(p.shape) for p in block.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if tuple(tensor.shape) not in parameter_shapes:
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16):
-        block(x, e, context, rope)
-    return sum(storages.values())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return saved_bytes(lambda: block(x, e, context, rope), block.parameters())
 
 
 def measure_block_memory(dim: int = 3072, ffn_dim: int = 14336, num_heads: int = 24,
@@ -50,7 +40,7 @@ def measure_block_memory(dim: int = 3072, ffn_dim: int = 14336, num_heads: int =
     torch.manual_seed(0)
     block = WanAttentionBlock(dim, ffn_dim, num_heads, qk_norm=True, cross_attn_norm=True)
     frame_tokens = grid_hw[0] * grid_hw[1]
-    one, two = (saved_bytes(block, frames, grid_hw, text_len) for frames in (1, 2))
+    one, two = (block_saved_bytes(block, frames, grid_hw, text_len) for frames in (1, 2))
     per_token = (two - one) / frame_tokens
     sample_tokens = num_tokens(81, grid_hw[0] * 32, grid_hw[1] * 32)
     return {

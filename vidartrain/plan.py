@@ -11,20 +11,18 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from vidartrain.config import Config, ConfigError, load_config
 from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile, profile_world_size
+from vidartrain.models.wan.model import WanModel, latent_grid
 
 GIB = 1024**3
-VAE_STRIDE = (4, 16, 16)
-PATCH = (1, 2, 2)
 
 
 @dataclass(frozen=True)
@@ -71,17 +69,6 @@ class DitShape:
 # Geometry and FLOPs
 
 
-def latent_grid(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """Latent frames and token grid of a video: VAE stride (4, 16, 16), then the DiT's 2x2 patch."""
-    frames = (num_frames - 1) // VAE_STRIDE[0] + 1
-    return frames, height // VAE_STRIDE[1] // PATCH[1], width // VAE_STRIDE[2] // PATCH[2]
-
-
-def tokens_per_frame(height: int, width: int) -> int:
-    _, h, w = latent_grid(1, height, width)
-    return h * w
-
-
 def attended_pairs(frames: int, per_frame: int, layout: str) -> int:
     """Query-key pairs self-attention computes: dense, block-causal, or one-pass teacher forcing
     ([clean | noisy]: clean frame i sees clean <= i; noisy frame i sees clean < i and itself)."""
@@ -114,19 +101,20 @@ def forward_flops(shape: DitShape, tokens: int, pairs: int, frames: int) -> dict
 # Activation memory: our block's saved tensors, measured
 
 
-def saved_bytes(fn: Any, params: set[int]) -> int:
-    """Bytes of the unique storages autograd saves while running `fn()`, parameters excluded."""
+def saved_bytes(fn: Any, parameters: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves while running `fn()`. Tensors shaped like a
+    parameter (the parameters themselves and autocast's casts of them) are weights, not activations."""
+    parameter_shapes = {tuple(p.shape) for p in parameters}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
+        if tuple(t.shape) not in parameter_shapes:
+            storage = t.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
+        fn()
     return sum(storages.values())
 
 
@@ -150,23 +138,20 @@ class ActivationModel:
 def measure_activation_model(dim: int, ffn_dim: int, num_heads: int, text_len: int = 64) -> ActivationModel:
     """Run a one-block WanModel of the given width under CPU bf16 autocast with per-frame timesteps,
     at 2 and 4 latent frames of 4x4 tokens, and count what autograd saves. Slopes between the two
-    sizes cancel what does not grow with tokens (autocast's weight casts, the text embedding)."""
-    from vidartrain.models.wan.model import WanModel
-
+    sizes cancel what does not grow with tokens (the text embedding, the time MLPs)."""
     torch.manual_seed(0)
     model = WanModel(dim=dim, ffn_dim=ffn_dim, num_heads=num_heads, num_layers=1, text_len=text_len,
                      text_dim=64, freq_dim=64)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     context = torch.randn(1, text_len, 64)
     t = torch.full((1,), 500.0)
     with_block, without_block, residual_bytes = [], [], 0
     for frames in (2, 4):
         x = torch.randn(1, model.in_dim, frames, 8, 8)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            with_block.append(saved_bytes(lambda: model(x, t, context), params))
+            with_block.append(saved_bytes(lambda: model(x, t, context), model.parameters()))
             blocks, model.blocks = model.blocks, torch.nn.ModuleList()
             try:
-                without_block.append(saved_bytes(lambda: model(x, t, context), params))
+                without_block.append(saved_bytes(lambda: model(x, t, context), model.parameters()))
             finally:
                 model.blocks = blocks
             residual_bytes = model.embed_video(x)[0].element_size()
@@ -269,8 +254,6 @@ def activation_gib(shape: DitShape, tokens: int, micro: int, checkpointing: bool
 
 def dit_parameters(shape: DitShape) -> tuple[int, int]:
     """(total parameters, largest single layer) of the DiT, counted on the meta device."""
-    from vidartrain.models.wan.model import WanModel
-
     with torch.device("meta"):
         model = WanModel(dim=shape.dim, ffn_dim=shape.ffn_dim, num_heads=shape.num_heads,
                          num_layers=shape.num_layers, text_len=shape.text_len, text_dim=shape.text_dim)
