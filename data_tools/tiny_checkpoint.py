@@ -15,18 +15,16 @@ arguments (TINY_VAE, TINY_T5) must also be in the training YAML (`model.vae_conf
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import re
 from pathlib import Path
+from typing import Iterable
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from data_tools.synth import INSTRUCTIONS
-from vidartrain.models.wan.checkpoint import CONFIG_FILE, WEIGHTS_INDEX_FILE
+from vidartrain.models.wan.checkpoint import write_checkpoint_dir
 from vidartrain.models.wan.model import WanModel
 from vidartrain.models.wan.t5 import UMT5Encoder
 from vidartrain.models.wan.text_encoder import T5_CHECKPOINT_NAME, T5_TOKENIZER_DIR
@@ -43,23 +41,9 @@ TINY_DIT = {"model_type": "ti2v", "patch_size": [1, 2, 2], "text_len": 32, "in_d
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # umT5's ids 0, 1, 2
 
 
-def save_sharded_safetensors(state_dict: dict[str, torch.Tensor], out_dir: Path, num_shards: int) -> None:
-    """The DiT weights as `diffusion_pytorch_model-0000i-of-0000n.safetensors` plus the index."""
-    keys = list(state_dict)
-    per_shard = math.ceil(len(keys) / num_shards)
-    weight_map = {}
-    for i in range(num_shards):
-        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
-        shard = {k: state_dict[k].contiguous() for k in keys[i * per_shard:(i + 1) * per_shard]}
-        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state_dict.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / WEIGHTS_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def write_tokenizer(path: Path, words: list[str]) -> None:
-    """A WordLevel tokenizer.json with umT5's special ids and its `$A </s>` post-processor."""
+def write_tokenizer(path: Path, words: Iterable[str]) -> dict[str, int]:
+    """A WordLevel tokenizer.json with umT5's special ids and its `$A </s>` post-processor;
+    returns its vocabulary."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for word in words:
         vocab.setdefault(word, len(vocab))
@@ -70,6 +54,7 @@ def write_tokenizer(path: Path, words: list[str]) -> None:
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path))
+    return vocab
 
 
 def instruction_words() -> list[str]:
@@ -90,8 +75,8 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     dit = WanModel(**TINY_DIT)
     # Upstream zero-initialises the head; a random head gives the demo a non-trivial start.
     torch.nn.init.normal_(dit.head.head.weight, std=0.02)
-    save_sharded_safetensors({k: v.to(torch.bfloat16) for k, v in dit.state_dict().items()}, out_dir, 2)
-    (out_dir / CONFIG_FILE).write_text(json.dumps({"_class_name": "WanModel", **TINY_DIT}, indent=2) + "\n")
+    write_checkpoint_dir({k: v.to(torch.bfloat16) for k, v in dit.state_dict().items()},
+                         {"_class_name": "WanModel", **TINY_DIT}, out_dir, num_shards=2)
     vae = WanVAE(**TINY_VAE)
     torch.save(vae.state_dict(), out_dir / VAE_FILE)
     t5 = UMT5Encoder(**TINY_T5)

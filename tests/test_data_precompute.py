@@ -10,40 +10,22 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from data_tools import inspect as inspect_tool
 from data_tools import shard as shard_tool
 from data_tools.precompute import Precomputer, WindowSettings, episode_windows, settings_record, text_key
-from data_tools.synth import INSTRUCTIONS, write_synthetic_episodes
+from data_tools.synth import write_synthetic_episodes
+from data_tools.tiny_checkpoint import TINY_T5, TINY_VAE, write_tiny_checkpoint
 from vidartrain.config import DataConfig
 from vidartrain.data.dataset import build_loader
 from vidartrain.data.transforms import to_model_range
 from vidartrain.models.idm import IDM
-from vidartrain.models.wan.t5 import UMT5Encoder
-from vidartrain.models.wan.text_encoder import T5_CHECKPOINT_NAME, T5_TOKENIZER_DIR, TextEncoder
+from vidartrain.models.wan.text_encoder import TextEncoder
 from vidartrain.models.wan.vae import WanVAE
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_VAE = {"dim": 8, "dec_dim": 8}
-TINY_T5 = {"vocab": 64, "dim": 32, "dim_attn": 32, "dim_ffn": 64, "num_heads": 4, "num_layers": 2,
-           "num_buckets": 32, "shared_pos": False, "dropout": 0.0}
 WINDOW = WindowSettings(num_frames=5, stride=4, height=32, width=32)
 EPISODES, FRAMES = 6, 12  # windows start at 0 and 4: two samples per episode
-
-
-def write_tiny_checkpoint(root: Path) -> None:
-    """Wan-layout directory with a tiny random VAE, a tiny umT5 and a word-level tokenizer."""
-    words = sorted({word for text in INSTRUCTIONS for word in text.split()})
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{word: i + 3 for i, word in enumerate(words)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    (root / T5_TOKENIZER_DIR).mkdir(parents=True)
-    tokenizer.save(str(root / T5_TOKENIZER_DIR / "tokenizer.json"))
-    torch.manual_seed(0)
-    torch.save(UMT5Encoder(**TINY_T5).state_dict(), root / T5_CHECKPOINT_NAME)
-    torch.save(WanVAE(**TINY_VAE).state_dict(), root / "Wan2.2_VAE.pth")
 
 
 @pytest.fixture(scope="module")

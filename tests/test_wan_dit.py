@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import fixture_path
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from vidartrain.models.wan.checkpoint import write_checkpoint_dir
 from vidartrain.models.wan.model import (WanModel, group_timesteps, num_tokens, recompute_in_backward,
                                          rope_axis_dims)
 
@@ -23,17 +24,8 @@ def tiny_config() -> dict:
 
 def write_published_layout(directory, config: dict, state: dict) -> None:
     """config.json (with diffusers bookkeeping keys) + 2 shards + index, as published."""
-    keys = list(state)
-    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
-    weight_map = {}
-    for name, shard_keys in shards.items():
-        save_file({k: state[k].contiguous() for k in shard_keys}, directory / name)
-        weight_map.update({k: name for k in shard_keys})
-    (directory / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
-    (directory / "config.json").write_text(json.dumps({"_class_name": "WanModel", "_diffusers_version": "0.33.1",
-                                                       **config}))
+    write_checkpoint_dir(state, {"_class_name": "WanModel", "_diffusers_version": "0.33.1", **config},
+                         directory, num_shards=2)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
+from data_tools.tiny_checkpoint import write_tokenizer
 from vidartrain.models.wan import t5 as t5_module
 from vidartrain.models.wan.t5 import UMT5Encoder, load_umt5_encoder
 from vidartrain.models.wan.text_encoder import (T5_CHECKPOINT_NAME, T5_TOKENIZER_DIR, TextEncoder,
@@ -142,14 +143,7 @@ def test_clean_prompt_matches_upstream_whitespace_cleaning():
 def write_tiny_checkpoint_dir(root):
     """A Wan-layout checkpoint dir holding a tiny encoder (bf16, as published) and a WordLevel
     tokenizer.json with umT5's special ids (<pad> 0, </s> 1, <unk> 2) and '$A </s>' template."""
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
-    tokenizer.add_special_tokens(["<pad>", "</s>", "<unk>"])
-    (root / T5_TOKENIZER_DIR).mkdir(parents=True)
-    tokenizer.save(str(root / T5_TOKENIZER_DIR / "tokenizer.json"))
+    vocab = write_tokenizer(root / T5_TOKENIZER_DIR / "tokenizer.json", WORDS)
     torch.manual_seed(0)
     encoder = UMT5Encoder(**TINY)
     torch.save({k: v.to(torch.bfloat16) for k, v in encoder.state_dict().items()},

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,31 @@ def build_from_checkpoint_dir(model_class: type[nn.Module], ckpt_dir: str | Path
         raise KeyError(f"{ckpt_dir}: {len(missing)} parameters missing from the checkpoint, "
                        f"first {missing[:5]}")
     return model
+
+
+def write_checkpoint_dir(state_dict: dict[str, torch.Tensor], config: dict, ckpt_dir: str | Path,
+                         num_shards: int = 1) -> Path:
+    """Write the published layout: config.json and the weights as one safetensors file, or as
+    `diffusion_pytorch_model-0000i-of-0000n.safetensors` shards with their index."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    keys = list(state_dict)
+    if num_shards == 1:
+        save_file({k: t.contiguous() for k, t in state_dict.items()}, str(ckpt_dir / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+    else:
+        per_shard = -(-len(keys) // num_shards)
+        weight_map = {}
+        for i in range(num_shards):
+            name = f"diffusion_pytorch_model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+            shard = {k: state_dict[k].contiguous() for k in keys[i * per_shard:(i + 1) * per_shard]}
+            save_file(shard, str(ckpt_dir / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state_dict.values())
+        (ckpt_dir / WEIGHTS_INDEX_FILE).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    (ckpt_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return ckpt_dir
 
 
 class FinetuneLoadResult(NamedTuple):
