@@ -23,7 +23,10 @@ if __package__ in (None, ""):  # run as a script by deepspeed / torchrun: make t
 
 from vidartrain.config import Config, ConfigError, load_config  # noqa: E402
 from vidartrain.distributed.ds_config import load_profile  # noqa: E402
+from vidartrain.data.shard_index import read_index  # noqa: E402
+from vidartrain.plan import GPUS, dit_shape_of, format_plan, make_plan  # noqa: E402
 from vidartrain.trainers.base import RunOptions, Stage, Trainer  # noqa: E402
+from vidartrain.trainers.monitoring import peak_memory_bytes  # noqa: E402
 
 # loss.type -> (module, class) of the stage that trains it
 STAGES = {
@@ -48,6 +51,10 @@ def build_parser(description: str | None = None, default_config: str | None = No
                         "dir, if any) or a checkpoint folder / universal checkpoint folder")
     parser.add_argument("--max_steps", "--max-steps", dest="max_steps", type=int, default=None,
                         help="stop after this step (with a checkpoint); default training.num_steps")
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                        help="print the memory/time plan, run one real step into OUTPUT/dry_run, and report "
+                             "the measured peak memory beside the planned one")
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="with --dry-run: the GPU to plan for")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser
 
@@ -79,9 +86,33 @@ def run(args: argparse.Namespace) -> int:
     if args.max_steps is not None and args.max_steps <= 0:
         raise ConfigError(f"--max_steps {args.max_steps}: must be > 0")
     stage = stage_for(config)
+    if args.dry_run:
+        return dry_run(config, stage, ds_config, args)
     options = RunOptions(ds_config=ds_config, output_dir=args.output_dir, resume=args.resume,
                          max_steps=args.max_steps)
     Trainer(config, stage, options).train()
+    return 0
+
+
+def dry_run(config: Config, stage: Stage, ds_config: str, args: argparse.Namespace) -> int:
+    """The planner's verdict, then one real step (written under OUTPUT/dry_run, nothing else touched),
+    then measured vs planned memory of this process."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    precomputed = read_index(config.data.shards)["mode"] != "raw"
+    plan = make_plan(config, Path(ds_config).stem, load_profile(ds_config), args.gpu, world,
+                     precomputed=precomputed, shape=dit_shape_of(config))
+    if rank == 0:
+        print(format_plan(plan), flush=True)
+    out = Path(args.output_dir or config.output.output_dir) / "dry_run"
+    config.output.save_path = str(out / "export" / Path(config.output.save_path).name)
+    before = peak_memory_bytes()  # CPU: the runtime's own footprint; GPU: nothing allocated yet
+    Trainer(config, stage, RunOptions(ds_config=ds_config, output_dir=str(out), max_steps=1)).train()
+    measured = (peak_memory_bytes() - before) / 2**20
+    planned = (plan.total_gib - plan.memory_gib["headroom"]) * 1024
+    if rank == 0:
+        print(f"dry run: one step done; it raised this process's peak memory by {measured:,.1f} MiB, planned "
+              f"{planned:,.1f} MiB (model states + activations + KV cache + frozen encoders, before allocator "
+              f"headroom)", flush=True)
     return 0
 
 

@@ -95,3 +95,12 @@ def test_design_note_flags_map_onto_config_overrides(monkeypatch):
     assert "training.batch_size=2" in overrides and "training.gradient_accumulation=2" in overrides
     config = load_config("configs/vidar_finetune.yaml", overrides)
     assert config.global_batch_size == 4 and config.training.log_every == 1 and config.training.val_every == 0
+
+
+def test_dry_run_prints_the_plan_runs_one_step_and_reports_measured_memory(pre_encoded, tmp_path):
+    result = single_process(pre_encoded, tmp_path, "--dry-run")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "verdict: fits" in result.stdout and "memory per GPU (GiB)" in result.stdout
+    assert "dry run: one step done" in result.stdout and "planned" in result.stdout
+    assert sorted(logged_steps(tmp_path / "dry_run")) == [1]
+    assert not (tmp_path / "vidar.pt").exists()  # the real export path is left alone

@@ -12,7 +12,7 @@ import argparse
 import functools
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,7 +20,11 @@ import torch
 
 from vidartrain.config import Config, ConfigError, load_config
 from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile, profile_world_size
+from vidartrain.models.idm import IDM
+from vidartrain.models.wan.checkpoint import CONFIG_FILE, read_model_config
 from vidartrain.models.wan.model import WanModel, latent_grid
+from vidartrain.models.wan.t5 import UMT5Encoder
+from vidartrain.models.wan.vae import WanVAE
 
 GIB = 1024**3
 
@@ -46,8 +50,6 @@ HARDWARE_TABLE = [
     ("zero3_2xh200", "h200", 2, 48.0),
 ]
 
-# Frozen encoders in bf16 (parameter counts of the published models).
-FROZEN_PARAMS = {"t5": 5_680_910_336, "vae": 704_688_668, "idm": 92_784_694}
 CUDA_CONTEXT_GIB = 1.5  # CUDA context + NCCL buffers, measured typically 1-2 GiB
 FRAGMENTATION = 0.05  # share of device memory the caching allocator loses to fragmentation
 BACKWARD_WORKSPACE = 0.75  # live activation gradients of the block in backward, per saved byte
@@ -241,10 +243,24 @@ def kv_cache_gib(config: Config, shape: DitShape, per_frame: int, micro: int) ->
 
 
 def frozen_gib(config: Config, precomputed: bool) -> float:
+    """umT5, VAE (and the IDM for Eq. 7) in bf16, as the config builds them, unless the shards
+    hold their outputs."""
     if precomputed:
         return 0.0
-    names = ["t5", "vae"] + (["idm"] if config.loss.embodiment_aware else [])
-    return sum(FROZEN_PARAMS[n] for n in names) * 2 / GIB
+    with torch.device("meta"):
+        frozen = [UMT5Encoder(**(config.model.t5_config or {})), WanVAE(**(config.model.vae_config or {}))]
+        if config.loss.embodiment_aware:
+            frozen.append(IDM())
+    return sum(p.numel() for model in frozen for p in model.parameters()) * 2 / GIB
+
+
+def dit_shape_of(config: Config) -> DitShape:
+    """The DiT the config trains: its checkpoint's config.json when there is one, else TI2V-5B."""
+    ckpt_dir = config.model.ckpt_dir
+    if not ckpt_dir or not (Path(ckpt_dir) / CONFIG_FILE).is_file():
+        return DitShape()
+    arguments = read_model_config(ckpt_dir, WanModel)
+    return DitShape(**{f.name: arguments[f.name] for f in fields(DitShape) if f.name in arguments})
 
 
 def activation_gib(shape: DitShape, tokens: int, micro: int, checkpointing: bool) -> float:
@@ -264,7 +280,11 @@ def dit_parameters(shape: DitShape) -> tuple[int, int]:
 
 def make_plan(config: Config, profile_name: str, profile: dict[str, Any], gpu_key: str, world_size: int,
               mfu: float = 0.4, checkpointing: bool | None = None, precomputed: bool = False,
-              shape: DitShape = DitShape()) -> Plan:
+              shape: DitShape | None = None) -> Plan:
+    if config.loss.type == "idm":
+        raise ConfigError("the planner plans the DiT stages (loss.type flow_matching or causal_flow_matching), "
+                          "not the 92M-parameter IDM")
+    shape = shape or DitShape()
     ds, _ = build_deepspeed_config(config, profile, world_size)
     gpu = GPUS[gpu_key]
     micro, accumulation = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
@@ -329,7 +349,7 @@ def hardware_table(config: Config, mfu: float = 0.4, precomputed: bool = False) 
     for name, gpu, world, note_hours in HARDWARE_TABLE:
         profile = load_profile(repo / "ds_configs" / f"{name}.json")
         for checkpointing in (True, False):
-            plan = make_plan(config, name, profile, gpu, world, mfu, checkpointing, precomputed)
+            plan = make_plan(config, name, profile, gpu, world, mfu, checkpointing, precomputed, dit_shape_of(config))
             rows.append({"profile": name, "gpus": f"{world}x {GPUS[gpu].name}", "checkpointing": checkpointing,
                          "micro_batch": plan.micro_batch, "total_gib": round(plan.total_gib, 1),
                          "device_gib": plan.device_gib, "fits": plan.fits,
@@ -374,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         if not world:
             raise ConfigError(f"{profile_path} has no train_batch_size to infer its world size: pass --world-size")
         modes = {"on": [True], "off": [False], "both": [True, False]}[args.checkpointing]
-        plans = [make_plan(config, Path(profile_path).stem, profile, args.gpu, world, args.mfu, c, args.precomputed)
+        plans = [make_plan(config, Path(profile_path).stem, profile, args.gpu, world, args.mfu, c, args.precomputed,
+                           dit_shape_of(config))
                  for c in modes]
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
