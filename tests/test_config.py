@@ -133,3 +133,23 @@ def test_base_chain_merges_sections(tmp_path):
     write(tmp_path, "base: loop.yaml\n", "loop.yaml")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(tmp_path / "loop.yaml")
+
+
+def test_missing_inputs_are_listed_together(tmp_path):
+    from vidartrain.config import check_inputs_exist
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "index.json").write_text("{}")
+    config = load_config(CONFIGS / "vidarc_causal.yaml", [f"data.shards={shards}",
+                                                           f"model.ckpt_dir={tmp_path / 'no_ckpt'}",
+                                                           f"model.idm_path={tmp_path / 'idm.pt'}"])
+    with pytest.raises(ConfigError) as err:
+        check_inputs_exist(config)
+    message = str(err.value)
+    assert f"`model.ckpt_dir` = {tmp_path / 'no_ckpt'}: {tmp_path / 'no_ckpt' / 'config.json'} does not exist" in message
+    assert "`model.pt_dir` = checkpoints/vidar/vidar.pt" in message
+    assert f"`model.idm_path` = {tmp_path / 'idm.pt'}" in message
+    assert "data.shards" not in message
+    with pytest.raises(ConfigError, match="`data.shards` is not set"):
+        check_inputs_exist(load_config(CONFIGS / "vidar_finetune.yaml"))

@@ -298,6 +298,30 @@ def type_error(path: str, value: Any, expected: str) -> ConfigError:
 
 
 # ----------------------------------------------------------------------------------------------
+# Inputs on disk (checked when a run starts, not when a config is merely loaded)
+
+
+def check_inputs_exist(config: Config) -> None:
+    """Every file and folder the run will read exists, or one error lists all that are missing."""
+    model, data = config.model, config.data
+    needed: list[tuple[str, str | None, str]] = [
+        ("data.shards", data.shards, "index.json"),
+        ("data.val_shards", data.val_shards, "index.json"),
+        ("model.pt_dir", model.pt_dir, ""),
+        ("model.idm_path", model.idm_path, ""),
+    ]
+    if config.loss.type != "idm":
+        needed.append(("model.ckpt_dir", model.ckpt_dir, "config.json"))
+    if data.shards is None:
+        raise ConfigError("`data.shards` is not set: point it at a directory written by `vidar-shard`")
+    missing = [f"`{key}` = {value}: {Path(value) / inside if inside else value} does not exist"
+               for key, value, inside in needed
+               if value is not None and not (Path(value) / inside if inside else Path(value)).exists()]
+    if missing:
+        raise ConfigError("missing inputs:\n  " + "\n  ".join(missing))
+
+
+# ----------------------------------------------------------------------------------------------
 # Validation of values
 
 

@@ -65,7 +65,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch import nn
 
-from vidartrain.config import Config
+from vidartrain.config import Config, check_inputs_exist
 from vidartrain.distributed.checkpointing import (
     CheckpointRef, checkpoints_dir, mark_complete, prune_checkpoints, resolve_resume, tag_for_step)
 from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile
@@ -211,6 +211,7 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.ds_config, _ = build_deepspeed_config(config, profile, self.world_size)
         self.resume_from: CheckpointRef | None = resolve_resume(options.resume, checkpoints_dir(self.output_dir))
+        check_inputs_exist(config)
         init_distributed()
         self.rank = dist.get_rank()
         if dist.get_world_size() != self.world_size:
