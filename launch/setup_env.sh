@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates (once) and updates the project's virtual environment in .venv.
 # CPU machines get the CPU build of torch 2.13.0 first, so that nothing pulls a CUDA build.
-# Idempotent: a second run only checks that requirements are satisfied.
+# Idempotent: a second run does nothing unless requirements.txt or pyproject.toml changed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VIDARTRAIN_VENV:-$root/.venv}"
@@ -14,10 +14,19 @@ want="$(cat "$root/requirements.txt" "$root/pyproject.toml" | sha256sum | cut -c
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-"$py" -m pip install -q --upgrade pip
+log="$venv/install.log"
+echo "installing the environment into $venv (log: $log)"
+pip_install() {
+  if ! "$py" -m pip install "$@" >>"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "pip install $* failed; full log in $log" >&2
+    exit 1
+  fi
+}
+pip_install --upgrade pip
 if ! "$py" -c "import torch" 2>/dev/null; then
-  "$py" -m pip install -q "torch==${VIDARTRAIN_TORCH_VERSION:-2.13.0}"
+  pip_install "torch==${VIDARTRAIN_TORCH_VERSION:-2.13.0}"
 fi
-"$py" -m pip install -q -r "$root/requirements.txt"
-"$py" -m pip install -q --no-deps -e "$root"
+pip_install -r "$root/requirements.txt"
+pip_install --no-deps -e "$root"
 echo "$want" > "$stamp"
