@@ -58,7 +58,8 @@ def single_process(root, output_dir, *overrides):
     """`python launch/train.py` with no launcher: one rank, micro 1 x accumulation 4 = batch 4."""
     command = [str(BIN / "python"), "launch/train.py", "--config", TINY_CONFIG, "--ds-config", CPU_PROFILE,
                "--output_dir", str(output_dir), "--set", f"model.ckpt_dir={root / 'ckpt'}",
-               "--set", f"data.shards={root / 'shards'}", "--set", f"output.save_path={output_dir / 'vidar.pt'}",
+               "--set", f"data.shards={root / 'shards'}", "--set", "data.val_shards=null",
+               "--set", f"output.save_path={output_dir / 'vidar.pt'}",
                "--set", "training.batch_size=1", "--set", "training.gradient_accumulation=4",
                "--set", "training.log_every=1", *overrides]
     return subprocess.run(command, cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
