@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from data_tools.shard import main as shard_main
 from data_tools.synth import write_synthetic_episodes
 from trainer_launch import deepspeed_command, logged_steps, run, start, wait_for_step
+from vidartrain.distributed.export import state_dict_from_checkpoint
 from vidartrain.models.idm import load_idm
 
 STEPS = 2
@@ -62,6 +63,11 @@ def test_idm_run_logs_accuracy_and_exports_an_upstream_idm_pt(reference_run):
     # BatchNorm statistics moved with training (train mode), and every key loads strictly.
     assert int(state["model.mask_model.in_conv.1.num_batches_tracked"]) == STEPS * 2  # 2 micro-steps per step
     load_idm(reference_run / "export" / "idm.pt")
+    # float32 export: exactly the fp32 weights of the final DeepSpeed checkpoint, not bf16-rounded
+    master = state_dict_from_checkpoint(reference_run / "checkpoints", dtype=torch.float32)
+    weight = "model.mask_model.in_conv.0.weight"
+    assert torch.equal(state[weight], master[weight])
+    assert not torch.equal(state[weight], state[weight].bfloat16().float())
 
 
 def test_kill_and_resume_reproduces_the_idm_run_exactly(workspace, reference_run):

@@ -17,7 +17,7 @@ from deepspeed.utils import safe_get_full_grad
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vidartrain.config import Config  # noqa: E402
-from vidartrain.distributed.export import gather_16bit_state_dict, write_state_dict  # noqa: E402
+from vidartrain.distributed.export import gather_state_dict, write_state_dict  # noqa: E402
 from vidartrain.models.wan.model import WanModel  # noqa: E402
 from vidartrain.trainers.base import build_engine, init_distributed  # noqa: E402
 
@@ -65,7 +65,7 @@ def main() -> None:
     engine.eval()
     with torch.no_grad():
         output = engine(*probe_batch())
-    state_dict = gather_16bit_state_dict(engine.module, rank)
+    state_dict = gather_state_dict(engine.module, rank)
     if rank == 0:
         write_state_dict(state_dict, out_dir / "vidar.pt")
         # A fresh model from the written file, run in this process: ZeRO-3 has swapped F.linear for its

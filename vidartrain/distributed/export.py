@@ -1,8 +1,8 @@
 """Export of trained weights as 16-bit state dicts with the model's own (upstream) key names.
 
 Two sources, both DeepSpeed's own machinery:
-- a live ZeRO-3 engine: `gather_16bit_state_dict` all-gathers each parameter with
-  `deepspeed.zero.GatheredParameters` and keeps a bf16 CPU copy on rank 0;
+- a live ZeRO-3 engine: `gather_state_dict` all-gathers each parameter with
+  `deepspeed.zero.GatheredParameters` and keeps a CPU copy on rank 0;
 - a saved DeepSpeed checkpoint (any ZeRO stage): `deepspeed.utils.zero_to_fp32` rebuilds the fp32
   master weights offline, without a process group, which are then cast to bf16.
 
@@ -27,17 +27,18 @@ from vidartrain.distributed.checkpointing import TAG_PATTERN, is_complete, lates
 EXPORT_DTYPE = torch.bfloat16
 
 
-def gather_16bit_state_dict(module: nn.Module, rank: int) -> dict[str, torch.Tensor]:
-    """Full bf16 state dict of a (possibly ZeRO-3 partitioned) module on rank 0; {} on other ranks.
+def gather_state_dict(module: nn.Module, rank: int, dtype: torch.dtype = EXPORT_DTYPE) -> dict[str, torch.Tensor]:
+    """Full state dict of a (possibly ZeRO-3 partitioned) module on rank 0, parameters in `dtype`
+    (bf16 for the DiT; float32 for the IDM, whose engine trains float32 weights); {} on other ranks.
 
     Collective: every rank must call it. Parameters are gathered one at a time, so no rank ever
-    holds more than one full tensor beyond its own partition (rank 0 keeps the bf16 copies)."""
+    holds more than one full tensor beyond its own partition (rank 0 keeps the copies)."""
     state: dict[str, torch.Tensor] = {}
     parameters = dict(module.named_parameters())
     for name, param in parameters.items():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
             if rank == 0:
-                state[name] = param.detach().to("cpu", EXPORT_DTYPE, copy=True)
+                state[name] = param.detach().to("cpu", dtype, copy=True)
     if rank == 0:
         # Persistent buffers are not partitioned by ZeRO; state_dict() names exactly the persistent ones.
         for name, value in module.state_dict().items():
@@ -61,9 +62,9 @@ def write_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path) -> t
     return path, safetensors_path
 
 
-def state_dict_from_checkpoint(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """bf16 state dict from a DeepSpeed checkpoint folder (step_XXXXXXXX) or a checkpoints directory
-    (its latest complete checkpoint)."""
+def state_dict_from_checkpoint(checkpoint: str | Path, dtype: torch.dtype = EXPORT_DTYPE) -> dict[str, torch.Tensor]:
+    """State dict (floating tensors in `dtype`) from a DeepSpeed checkpoint folder (step_XXXXXXXX)
+    or a checkpoints directory (its latest complete checkpoint)."""
     checkpoint = Path(checkpoint)
     if TAG_PATTERN.match(checkpoint.name):
         if not is_complete(checkpoint):
@@ -74,8 +75,7 @@ def state_dict_from_checkpoint(checkpoint: str | Path) -> dict[str, torch.Tensor
         if tag is None:
             raise FileNotFoundError(f"{checkpoint}: no complete checkpoint (step_XXXXXXXX/COMPLETE) in it")
     fp32 = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    return {name: tensor.to(EXPORT_DTYPE) if tensor.is_floating_point() else tensor
-            for name, tensor in fp32.items()}
+    return {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in fp32.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

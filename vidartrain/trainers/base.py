@@ -46,6 +46,8 @@ marker and atomically replaces `latest`. `--resume auto` only ever picks complet
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import itertools
 import logging
 import math
@@ -69,7 +71,7 @@ from vidartrain.config import Config, check_inputs_exist
 from vidartrain.distributed.checkpointing import (
     CheckpointRef, checkpoints_dir, mark_complete, prune_checkpoints, resolve_resume, tag_for_step)
 from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile
-from vidartrain.distributed.export import gather_16bit_state_dict
+from vidartrain.distributed.export import gather_state_dict
 from vidartrain.trainers.monitoring import TrainingMonitor, peak_memory_bytes
 
 log = logging.getLogger(__name__)
@@ -81,30 +83,37 @@ class ResumableLoader(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class Stage:
+class Stage(ABC):
     """What one training stage provides; see the module docstring for the contract."""
 
     name: str = "stage"
+    export_dtype: torch.dtype = torch.bfloat16  # dtype of the exported weights
 
+    @abstractmethod
     def build_model(self, config: Config) -> nn.Module:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def load_frozen(self, config: Config, device: torch.device) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def build_loader(self, config: Config, split: str, micro_batch_size: int, rank: int,
                      world_size: int) -> ResumableLoader | None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def tokens_in(self, batch: dict[str, Any]) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def export(self, state_dict: dict[str, torch.Tensor], path: Path) -> None:
-        raise NotImplementedError
+        ...
 
 
 @dataclass
@@ -427,8 +436,9 @@ class Trainer:
         log.info("resumed from %s at step %d", ref.path, self.step)
 
     def export(self, path: Path) -> None:
-        """Gather the 16-bit weights from the ZeRO-3 partitions and let the stage write them."""
-        state_dict = gather_16bit_state_dict(self.engine.module, rank=self.rank)
+        """Gather the weights from the ZeRO-3 partitions in the stage's export dtype and let the stage
+        write them."""
+        state_dict = gather_state_dict(self.engine.module, rank=self.rank, dtype=self.stage.export_dtype)
         if self.rank == 0:
             self.stage.export(state_dict, path)
             log.info("exported %d tensors to %s", len(state_dict), path)

@@ -50,6 +50,7 @@ class IdmStage(Stage):
     """Trains `IDM` from scratch (or from `model.idm_path`); exports idm.pt in the upstream format."""
 
     name = "idm"
+    export_dtype = torch.float32  # upstream idm.pt holds float32 weights; the engine trains float32
 
     def __init__(self) -> None:
         self.config = Config()
@@ -119,6 +120,5 @@ class IdmStage(Stage):
         optimizer state is partitioned and lives in the DeepSpeed checkpoint), float32 tensors."""
         num_actions = state_dict["train_mean"].numel()
         model = IDM([0.0] * num_actions, [1.0] * num_actions)
-        model.load_state_dict({name: value.float() if value.is_floating_point() else value
-                               for name, value in state_dict.items()}, strict=True)
+        model.load_state_dict(state_dict, strict=True)
         save_idm(model, path, step=self.config.training.num_steps)
