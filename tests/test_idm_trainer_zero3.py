@@ -8,9 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from data_tools.shard import main as shard_main
-from data_tools.synth import write_synthetic_episodes
-from trainer_launch import deepspeed_command, logged_steps, run, start, wait_for_step
+from trainer_launch import deepspeed_command, logged_steps, run, start, wait_for_step, write_shards
 from vidartrain.distributed.export import state_dict_from_checkpoint
 from vidartrain.models.idm import load_idm
 
@@ -20,9 +18,7 @@ STEPS = 2
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("idm")
-    write_synthetic_episodes(root / "episodes", 6, frames=12, height=64, width=64)
-    assert shard_main(["--episodes", str(root / "episodes"), "--out", str(root / "shards"),
-                       "--val-fraction", "0.0"]) == 0
+    write_shards(root, 6, frames=12, val_fraction=0.0)
     return root
 
 

@@ -12,10 +12,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from data_tools.shard import main as shard_main
-from data_tools.synth import write_synthetic_episodes
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from trainer_launch import deepspeed_command, logged_steps, run, start, wait_for_step
+from trainer_launch import deepspeed_command, logged_steps, run, start, wait_for_step, write_shards
 from vidartrain.distributed.export import write_state_dict
 from vidartrain.models.idm import IDM, save_idm
 from vidartrain.models.wan.causal import WanModelCausal
@@ -37,9 +35,7 @@ def workspace(tmp_path_factory):
     write_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, root / "vidar.pt")
     torch.manual_seed(0)
     save_idm(IDM(), root / "idm.pt")
-    write_synthetic_episodes(root / "episodes", 10, frames=24, height=64, width=64)
-    assert shard_main(["--episodes", str(root / "episodes"), "--out", str(root / "shards"),
-                       "--val-fraction", "0.2"]) == 0
+    write_shards(root, 10, frames=24, val_fraction=0.2)
     return root
 
 

@@ -16,11 +16,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from data_tools.shard import main as shard_main
-from data_tools.synth import write_synthetic_episodes
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from trainer_launch import (BIN, deepspeed_command, free_port, logged_steps, run, start, tail,
-                            wait, wait_for_step)
+from trainer_launch import (BIN, deepspeed_command, free_port, logged_steps, run, start, tail, wait,
+                            wait_for_step, write_shards)
 from vidartrain.distributed.checkpointing import COMPLETE_MARKER, complete_checkpoints, tag_for_step
 from vidartrain.distributed.export import main as export_main
 from vidartrain.models.wan.causal import WanModelCausal
@@ -34,9 +32,7 @@ STEPS = 12
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage1")
     write_tiny_checkpoint(root / "ckpt")
-    write_synthetic_episodes(root / "episodes", 10, frames=16, height=64, width=64)
-    assert shard_main(["--episodes", str(root / "episodes"), "--out", str(root / "shards"),
-                       "--val-fraction", "0.2"]) == 0
+    write_shards(root, 10, frames=16, val_fraction=0.2)
     return root
 
 

@@ -9,10 +9,20 @@ import sys
 import time
 from pathlib import Path
 
+from data_tools.shard import main as shard_main
+from data_tools.synth import write_synthetic_episodes
 from vidartrain.trainers.base import free_port  # noqa: F401  (re-exported for the tests)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def write_shards(root: Path, episodes: int, frames: int, val_fraction: float) -> Path:
+    """Synthetic 64x64 episodes under root/episodes, sharded into root/shards (and root/shards/val)."""
+    write_synthetic_episodes(root / "episodes", episodes, frames=frames, height=64, width=64)
+    assert shard_main(["--episodes", str(root / "episodes"), "--out", str(root / "shards"),
+                       "--val-fraction", str(val_fraction)]) == 0
+    return root / "shards"
 
 
 def launcher_env() -> dict[str, str]:
