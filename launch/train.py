@@ -61,12 +61,7 @@ def build_parser(description: str | None = None, default_config: str | None = No
 
 def stage_for(config: Config) -> Stage:
     module_name, class_name = STAGES[config.loss.type]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        raise ConfigError(f"`loss.type` = {config.loss.type}: its trainer {module_name} is not available "
-                          f"({err})") from err
-    return getattr(module, class_name)()
+    return getattr(importlib.import_module(module_name), class_name)()
 
 
 def setup_logging() -> None:
