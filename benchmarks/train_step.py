@@ -84,7 +84,7 @@ def run_variant(settings: StepBenchmark, checkpointing: bool) -> dict[str, float
     if device.type == "cuda":
         activation_bytes = torch.cuda.max_memory_allocated(device) - baseline
     else:
-        activation_bytes = saved_bytes(loss, {p.untyped_storage().data_ptr() for p in model.parameters()})
+        activation_bytes = saved_bytes(loss, model.parameters())
     return {"step_s": elapsed / settings.steps,
             "tokens_per_s": settings.tokens_per_step * settings.steps / elapsed,
             "activation_memory_bytes": activation_bytes}
