@@ -41,7 +41,8 @@ def machine() -> dict[str, str]:
 
 def planner_tables() -> dict[str, str]:
     from vidartrain.config import load_config
-    from vidartrain.plan import hardware_table, markdown_table
+    from vidartrain.distributed.ds_config import load_profile
+    from vidartrain.plan import format_plan, hardware_table, make_plan, markdown_table
 
     tables = {}
     for title, path, overrides in (
@@ -51,6 +52,11 @@ def planner_tables() -> dict[str, str]:
             ("Stage 2 on a whole 81-frame sample (chunk 21: 19,320 tokens in one-pass teacher forcing)",
              "configs/vidarc_causal.yaml", ["self_forcing.chunk_size=21"])):
         tables[title] = markdown_table(hardware_table(load_config(REPO / path, overrides)))
+    config = load_config(REPO / "configs/vidarc_2xh200.yaml", ["model.chunk_size=21"])
+    profile = load_profile(REPO / "ds_configs/zero3_2xh200.json")
+    plans = [format_plan(make_plan(config, "zero3_2xh200", profile, "h200", 2, checkpointing=c)) for c in (True, False)]
+    tables["2x H200, micro-batch 8 of 81x736x640 (`vidar-plan --config configs/vidarc_2xh200.yaml --set "
+           "model.chunk_size=21 --gpu h200`): where the memory goes"] = "```\n" + "\n\n".join(plans) + "\n```"
     return tables
 
 
