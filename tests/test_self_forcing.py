@@ -5,6 +5,8 @@ import torch
 
 from data_tools.tiny_checkpoint import TINY_DIT, write_tiny_checkpoint
 from vidartrain.config import ConfigError, config_from_dict
+from vidartrain.data.transforms import to_model_range
+from vidartrain.models.idm import IDM, pool_mask_to_latent
 from vidartrain.models.wan.kv_cache import RolloutWindow
 from vidartrain.trainers.self_forcing import (SelfForcingStage, closed_loop_schedule, closed_loop_velocity,
                                               prepare_causal_window, self_generated_velocity,
@@ -123,3 +125,18 @@ def test_clear_errors(checkpoint, batch):
     with pytest.raises(ConfigError, match="ckpt_dir"):
         SelfForcingStage().build_model(config_from_dict({"loss": {"type": "causal_flow_matching"},
                                                          "model": {"model_class": "WanModelCausal"}}))
+
+
+def test_online_idm_mask_covers_only_the_window_and_reads_uint8_video():
+    stage = SelfForcingStage()
+    torch.manual_seed(0)
+    stage.idm = IDM().eval()
+    stage.idm_input_size = (32, 32)
+    video = torch.randint(0, 256, (1, 3, 13, 32, 32), dtype=torch.uint8)  # 4 latent frames, as the loader sends
+    whole_clip = pool_mask_to_latent(stage.idm.get_mask(to_model_range(video), input_size=(32, 32)).float())
+    assert whole_clip.shape == (1, 4, 2, 2)
+    for start in (0, 1, 2):
+        window = stage.window_mask({"video": video, "__key__": ["ep"]}, start, 2)
+        torch.testing.assert_close(window, whole_clip[:, start:start + 2], rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match="floating-point frames"):
+        stage.idm.get_mask(video, input_size=(32, 32))

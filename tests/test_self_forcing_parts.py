@@ -10,12 +10,9 @@ from vidartrain.trainers.self_forcing import (RolloutEvent, choose_context, clos
 
 def test_window_keeps_context_clean_and_noises_each_frame_on_its_own():
     latents = torch.randn(2, 4, 6, 2, 2)
-    mask = torch.rand(2, 6, 2, 2)
-    window = prepare_causal_window(latents, chunk_size=4, shift=3.0, generator=torch.Generator().manual_seed(0),
-                                   mask=mask)
+    window = prepare_causal_window(latents, chunk_size=4, shift=3.0, generator=torch.Generator().manual_seed(0))
     assert window.clean.shape == (2, 4, 4, 2, 2) and window.sigmas.shape == (2, 4)
     torch.testing.assert_close(window.clean, latents[:, :, window.start:window.start + 4])
-    torch.testing.assert_close(window.mask, mask[:, window.start:window.start + 4])
     assert torch.all(window.sigmas[:, 0] == 0) and torch.all(window.sigmas[:, 1:] > 0)
     assert window.sigmas[:, 1:].unique().numel() == 6  # independent per sample and frame
     assert torch.equal(window.noisy[:, :, 0], window.clean[:, :, 0])
@@ -39,8 +36,6 @@ def test_window_draws_are_reproducible_and_cover_every_start():
 def test_window_rejects_what_cannot_work():
     with pytest.raises(ValueError, match="fewer than self_forcing.chunk_size"):
         prepare_causal_window(torch.randn(1, 2, 2, 2, 2), 3, 3.0, torch.Generator())
-    with pytest.raises(ValueError, match="does not match the latent grid"):
-        prepare_causal_window(torch.randn(1, 2, 4, 2, 2), 3, 3.0, torch.Generator(), mask=torch.rand(1, 4, 4, 4))
     with pytest.raises(ValueError, match="num_context_frames"):
         prepare_causal_window(torch.randn(1, 2, 4, 2, 2), 3, 3.0, torch.Generator(), num_context_frames=3)
 

@@ -265,6 +265,9 @@ def preprocess_frames(frames: torch.Tensor, size: tuple[int, int] = IDM_INPUT_SI
     kept), ImageNet normalisation. Computed in float32 (CPU has no 16-bit antialiased resize)."""
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"preprocess_frames expects frames [N, 3, H, W], got {tuple(frames.shape)}")
+    if not frames.is_floating_point():
+        raise TypeError(f"preprocess_frames expects floating-point frames in [-1, 1], got {frames.dtype} "
+                        f"(map uint8 video with vidartrain.data.transforms.to_model_range first)")
     images = frames.float().clamp(-1, 1).add(1).div(2)
     images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)

@@ -24,7 +24,7 @@ clean video). TensorBoard adds the loss per rollout position and inside / outsid
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import deepspeed
@@ -34,6 +34,7 @@ from torch import nn
 
 from vidartrain.config import Config, ConfigError
 from vidartrain.data.shard_index import read_index
+from vidartrain.data.transforms import to_model_range
 from vidartrain.losses import (add_noise, embodiment_weights, flow_matching_loss, flow_matching_target,
                                mask_region_losses, per_frame_flow_matching_loss, sample_sigmas, shift_sigma)
 from vidartrain.models.idm import IDM, IDM_INPUT_SIZE, load_idm, pool_mask_to_latent
@@ -84,27 +85,23 @@ class CausalWindow:
 
 
 def prepare_causal_window(latents: torch.Tensor, chunk_size: int, shift: float,
-                          generator: torch.Generator, mask: torch.Tensor | None = None,
-                          num_context_frames: int = 1) -> CausalWindow:
+                          generator: torch.Generator, num_context_frames: int = 1) -> CausalWindow:
     """Pick a random window of `chunk_size` latent frames and noise each of its frames on its own.
 
-    latents: clean [B, C, F, H, W] with F >= chunk_size; mask: IDM mask on the same latent grid
-    [B, F, H, W] (cut to the same window). The first `num_context_frames` frames stay clean
+    latents: clean [B, C, F, H, W] with F >= chunk_size; the window's IDM mask (Eq. 7) is added by
+    the stage, for the window's frames only. The first `num_context_frames` frames stay clean
     (sigma 0) and carry no loss; the others get independent shifted sigmas. All randomness comes
     from `generator`, so a resumed run draws the same windows and noise.
     """
     if latents.ndim != 5:
         raise ValueError(f"stage 2 expects latents [B, C, F, H, W], got {tuple(latents.shape)}")
-    batch, _, frames, height, width = latents.shape
+    batch, _, frames = latents.shape[:3]
     if not 1 <= num_context_frames < chunk_size:
         raise ValueError(f"num_context_frames = {num_context_frames} must be in [1, chunk_size = "
                          f"{chunk_size}): at least one frame is context and one is predicted")
     if frames < chunk_size:
         raise ValueError(f"the batch has {frames} latent frames, fewer than self_forcing.chunk_size = "
                          f"{chunk_size} (raise data.num_frames or lower the chunk size)")
-    if mask is not None and mask.shape != (batch, frames, height, width):
-        raise ValueError(f"IDM mask {tuple(mask.shape)} does not match the latent grid "
-                         f"{(batch, frames, height, width)}")
     device = generator.device
     start = int(torch.randint(frames - chunk_size + 1, (1,), generator=generator, device=device))
     clean = latents[:, :, start:start + chunk_size]
@@ -115,7 +112,7 @@ def prepare_causal_window(latents: torch.Tensor, chunk_size: int, shift: float,
     loss_mask[:, :, :num_context_frames] = 0.0
     return CausalWindow(clean=clean, noise=noise, sigmas=sigmas, noisy=add_noise(clean, noise, sigmas),
                         target=flow_matching_target(clean, noise), loss_mask=loss_mask, start=start,
-                        mask=None if mask is None else mask[:, start:start + chunk_size])
+                        mask=None)
 
 
 def sampling_sigmas(num_steps: int, shift: float) -> list[float]:
@@ -307,15 +304,23 @@ class SelfForcingStage(VidarStage):
         self.idm_input_size = idm_input_size(config.data.height, config.data.width)
 
     @torch.no_grad()
-    def latent_mask(self, batch: dict[str, Any]) -> torch.Tensor:
-        """IDM mask U on the latent grid [B, F_lat, H/16, W/16], float32."""
+    def window_mask(self, batch: dict[str, Any], start: int, frames: int) -> torch.Tensor:
+        """IDM mask U of latent frames [start, start + frames) on the latent grid [B, frames, h, w],
+        float32: cut from the pre-encoded masks, or computed by the frozen IDM on the window's video
+        frames only."""
         if "idm_mask" in batch:
-            return batch["idm_mask"].to(self.device, torch.float32)
+            return batch["idm_mask"][:, start:start + frames].to(self.device, torch.float32)
         if self.idm is None:
             raise KeyError(f"batch {batch['__key__']} has no pre-encoded `idm_mask` and no IDM is loaded "
                            f"(model.idm_path) for the embodiment-aware loss")
-        mask = self.idm.get_mask(batch["video"].to(self.device), input_size=self.idm_input_size)
-        return pool_mask_to_latent(mask.float())
+        # Latent frame 0 pools video frame 0 alone, latent frame j >= 1 video frames 4j-3..4j. From one
+        # frame before the window's first group the clip is 4n+1 frames long; its lone first frame is dropped.
+        first = max(0, VAE_TEMPORAL_STRIDE * (start - 1))
+        video = batch["video"][:, :, first:VAE_TEMPORAL_STRIDE * (start + frames - 1) + 1].to(self.device)
+        if not video.is_floating_point():
+            video = to_model_range(video)
+        mask = pool_mask_to_latent(self.idm.get_mask(video, input_size=self.idm_input_size).float())
+        return mask[:, 1:] if start > 0 else mask
 
     def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -323,8 +328,9 @@ class SelfForcingStage(VidarStage):
         model = unwrap_model(module)
         clean = self.clean_latents(batch)
         context = self.text_context(batch)
-        mask = self.latent_mask(batch) if config.loss.embodiment_aware else None
-        window = prepare_causal_window(clean, config.chunk_size, self.shift, generator, mask)
+        window = prepare_causal_window(clean, config.chunk_size, self.shift, generator)
+        if config.loss.embodiment_aware:
+            window = replace(window, mask=self.window_mask(batch, window.start, window.num_frames))
         # The closed-loop controller always re-prefills real frames: its context is the ground truth.
         source = "ground_truth" if sf.closed_loop else choose_context(sf.context_mode, sf.self_generated_prob,
                                                                         generator)
