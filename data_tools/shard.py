@@ -39,6 +39,7 @@ from data_tools.precompute import (PRECOMPUTABLE, DTYPES, Precomputer, WindowSet
                                    parse_precompute, settings_record, text_key)
 from vidartrain.data.shard_index import (INDEX_FILE, INDEX_FORMAT, JOURNAL_FILE, TEXT_EMBEDDINGS_FILE,
                                          file_sha256)
+from vidartrain.files import write_atomically
 
 VAL_DIR = "val"
 
@@ -164,15 +165,6 @@ def ordered_results(function: Callable, tasks: Iterable, workers: int) -> Iterat
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
-
-
 class ShardSequence:
     """Writes shard-000000.tar, shard-000001.tar, ... in one directory, one complete shard at a time."""
 
@@ -267,7 +259,8 @@ def empty_index(split: str, settings: ConversionSettings, episodes_dir: Path) ->
 
 
 def write_index(directory: Path, index: dict) -> None:
-    write_atomically(directory / INDEX_FILE, json.dumps(index, indent=1, sort_keys=True).encode("utf-8"))
+    text = json.dumps(index, indent=1, sort_keys=True)
+    write_atomically(directory / INDEX_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 class Journal:
@@ -297,7 +290,7 @@ class Journal:
 
     def start(self, settings: dict, records: list[dict]) -> None:
         lines = [json.dumps({"settings": settings}, sort_keys=True)] + [json.dumps(r, sort_keys=True) for r in records]
-        write_atomically(self.path, ("\n".join(lines) + "\n").encode("utf-8"))
+        write_atomically(self.path, lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
 
     def append(self, record: dict) -> None:
         with open(self.path, "ab") as stream:
@@ -423,7 +416,7 @@ def write_text_embeddings(directory: Path, index: dict, precomputer: Precomputer
     """One embedding per distinct instruction of the split, keyed by text_key."""
     texts = {text_key(e["instruction"]): e["instruction"] for e in index["episodes"]}
     embeddings = precomputer.text_embeddings(texts)
-    write_atomically(directory / TEXT_EMBEDDINGS_FILE, safetensors.torch.save(embeddings))
+    write_atomically(directory / TEXT_EMBEDDINGS_FILE, lambda tmp: safetensors.torch.save_file(embeddings, tmp))
     index["text_embeddings"] = TEXT_EMBEDDINGS_FILE
 
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vidartrain.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +51,10 @@ def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write beside the target, then rename over it: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
-
-
 def mark_complete(root: Path, tag: str, info: dict[str, Any]) -> None:
     """Declare `root/tag` complete and make it the latest (call only after every rank has saved)."""
-    write_text_atomically(root / tag / COMPLETE_MARKER, json.dumps(info) + "\n")
-    write_text_atomically(root / LATEST_FILE, tag)
+    write_atomically(root / tag / COMPLETE_MARKER, lambda tmp: tmp.write_text(json.dumps(info) + "\n"))
+    write_atomically(root / LATEST_FILE, lambda tmp: tmp.write_text(tag))
 
 
 def is_complete(path: Path) -> bool:

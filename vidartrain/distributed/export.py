@@ -13,7 +13,6 @@ writes vidar.pt (torch.save of the state dict) and vidar.safetensors, each atomi
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import deepspeed
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vidartrain.distributed.checkpointing import TAG_PATTERN, is_complete, latest_complete
+from vidartrain.files import write_atomically
 
 EXPORT_DTYPE = torch.bfloat16
 
@@ -54,11 +54,8 @@ def write_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path) -> t
     path.parent.mkdir(parents=True, exist_ok=True)
     contiguous = {name: tensor.contiguous() for name, tensor in state_dict.items()}
     safetensors_path = path.with_suffix(".safetensors")
-    for target, write in ((path, lambda tmp: torch.save(contiguous, tmp)),
-                          (safetensors_path, lambda tmp: save_file(contiguous, tmp))):
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        write(tmp)
-        os.replace(tmp, target)
+    write_atomically(path, lambda tmp: torch.save(contiguous, tmp))
+    write_atomically(safetensors_path, lambda tmp: save_file(contiguous, tmp))
     return path, safetensors_path
 
 

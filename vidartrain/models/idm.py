@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidartrain.files import write_atomically
+
 # Action statistics of the published IDM (14 = 2 arms x (6 joints + 1 gripper)); a checkpoint's
 # buffers replace them.
 DEFAULT_ACTION_MEAN = (-0.21462356, 1.08612859, 0.79082996, -0.32984692, 0.06043469, -0.02821355,
@@ -331,12 +333,7 @@ def save_idm(model: IDM, path: str | os.PathLike, optimizer: torch.optim.Optimiz
     if optimizer is not None:
         checkpoint["optimizer_state_dict"] = optimizer.state_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def idm_state_dict_from_checkpoint(checkpoint: Mapping, source: str) -> Mapping[str, torch.Tensor]:

@@ -17,7 +17,9 @@ from typing import Sequence
 
 import torch
 
-VAE_TEMPORAL_STRIDE = 4
+from vidartrain.models.wan.vae import VAE_STRIDE
+
+VAE_TEMPORAL_STRIDE = VAE_STRIDE[0]
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 

@@ -31,12 +31,13 @@ from einops import rearrange
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from vidartrain.models.wan.vae import VAE_STRIDE
+
 try:
     from flash_attn import flash_attn_func
 except ImportError:  # optional: PyTorch's SDPA has its own flash kernel on CUDA
     flash_attn_func = None
 
-VAE_STRIDE = (4, 16, 16)
 PATCH_SIZE = (1, 2, 2)
 
 # Rope = (cos, sin), each float32 [B or 1, L, 1, head_dim // 2].
