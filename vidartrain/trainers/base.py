@@ -12,9 +12,9 @@ engine, optimizer, schedule, accumulation, checkpoints, monitoring. The trainer 
         def load_frozen(self, config, device) -> None
             # Frozen helpers (VAE, umT5, IDM) in bf16, requires_grad False, outside the optimizer;
             # nothing when the shards hold pre-encoded tensors.
-        def build_loader(self, config, split, micro_batch_size, rank, world_size) -> ResumableLoader
-            # split "train" (infinite, shuffled) or "val" (held-out shards, one pass; None if the
-            # config has none). Batches are dicts with "__key__": list[str].
+        loader_options = {...}  # optional: extra vidartrain.data.dataset.build_loader arguments
+            # for the "train" loader (data.shards: infinite, shuffled) and the "val" loader
+            # (data.val_shards: one pass). Batches are dicts with "__key__": list[str].
         def training_loss(self, module, batch, generator) -> (loss, metrics)
             # loss: 0-dim float tensor of this micro-batch. generator: torch.Generator seeded by
             # (seed, step, micro-batch, rank) - all noise must come from it, which makes resumed
@@ -58,7 +58,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, ClassVar, Iterator, Protocol
 
 import deepspeed
 import numpy as np
@@ -68,6 +68,7 @@ from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from vidartrain.config import Config, check_inputs_exist
+from vidartrain.data.dataset import build_loader
 from vidartrain.distributed.checkpointing import (
     CheckpointRef, checkpoints_dir, mark_complete, prune_checkpoints, resolve_resume, tag_for_step)
 from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile
@@ -88,6 +89,7 @@ class Stage(ABC):
 
     name: str = "stage"
     export_dtype: torch.dtype = torch.bfloat16  # dtype of the exported weights
+    loader_options: ClassVar[dict[str, Any]] = {}  # further `build_loader` arguments of this stage
 
     @abstractmethod
     def build_model(self, config: Config) -> nn.Module:
@@ -97,10 +99,14 @@ class Stage(ABC):
     def load_frozen(self, config: Config, device: torch.device) -> None:
         ...
 
-    @abstractmethod
     def build_loader(self, config: Config, split: str, micro_batch_size: int, rank: int,
                      world_size: int) -> ResumableLoader | None:
-        ...
+        """The shard loader of `split`: "train" (data.shards) or "val" (data.val_shards; None without)."""
+        shards = config.data.shards if split == "train" else config.data.val_shards
+        if shards is None:
+            return None
+        return build_loader(shards, config.data, micro_batch_size, rank=rank, world_size=world_size,
+                            train=split == "train", **self.loader_options)
 
     @abstractmethod
     def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
@@ -245,8 +251,7 @@ class Trainer:
         self.micro_batch_size = self.engine.train_micro_batch_size_per_gpu()
         self.accumulation = self.engine.gradient_accumulation_steps()
         self.train_loader = stage.build_loader(config, "train", self.micro_batch_size, self.rank, self.world_size)
-        self.validates = bool(config.training.val_every) and stage.build_loader(
-            config, "val", self.micro_batch_size, self.rank, self.world_size) is not None
+        self.validates = bool(config.training.val_every) and config.data.val_shards is not None
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
         self.monitor = TrainingMonitor(self.output_dir, enabled=self.rank == 0, start_step=self.step,

@@ -22,10 +22,9 @@ import torch
 from torch import nn
 
 from vidartrain.config import Config, ConfigError
-from vidartrain.data.dataset import build_loader
 from vidartrain.losses import action_accuracy, idm_loss
 from vidartrain.models.idm import IDM, IDM_INPUT_SIZE, load_idm, preprocess_frames, save_idm
-from vidartrain.trainers.base import ResumableLoader, Stage
+from vidartrain.trainers.base import Stage
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +50,7 @@ class IdmStage(Stage):
 
     name = "idm"
     export_dtype = torch.float32  # upstream idm.pt holds float32 weights; the engine trains float32
+    loader_options = {"mode": "frames"}  # (frame, action) pairs
 
     def __init__(self) -> None:
         self.config = Config()
@@ -78,14 +78,6 @@ class IdmStage(Stage):
     def load_frozen(self, config: Config, device: torch.device) -> None:
         """Nothing is frozen: the IDM reads pixels."""
         self.device = device
-
-    def build_loader(self, config: Config, split: str, micro_batch_size: int, rank: int,
-                     world_size: int) -> ResumableLoader | None:
-        shards = config.data.shards if split == "train" else config.data.val_shards
-        if shards is None:
-            return None
-        return build_loader(shards, config.data, micro_batch_size, rank=rank, world_size=world_size,
-                            train=split == "train", mode="frames")
 
     def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from vidartrain.config import Config, ConfigError
-from vidartrain.data.dataset import build_loader
 from vidartrain.data.shard_index import read_index
 from vidartrain.data.transforms import to_model_range
 from vidartrain.distributed.export import write_state_dict
@@ -25,7 +24,7 @@ from vidartrain.models.wan.checkpoint import load_finetuned
 from vidartrain.models.wan.model import WanModel
 from vidartrain.models.wan.text_encoder import TextEncoder
 from vidartrain.models.wan.vae import WanVAE
-from vidartrain.trainers.base import ResumableLoader, Stage
+from vidartrain.trainers.base import Stage
 
 VAE_FILE = "Wan2.2_VAE.pth"
 FROZEN_DTYPE = torch.bfloat16
@@ -55,6 +54,8 @@ def sigma_bucket_metrics(per_sample_loss: torch.Tensor, sigma: torch.Tensor) -> 
 
 class VidarStage(Stage):
     name = "vidar"
+    # raw video travels from the loader workers as uint8 (4x fewer bytes) and is scaled on the device
+    loader_options = {"video_dtype": torch.uint8}
 
     def __init__(self) -> None:
         self.vae: WanVAE | None = None
@@ -88,15 +89,6 @@ class VidarStage(Stage):
             self.text_encoder = TextEncoder.from_pretrained(ckpt_dir, dtype=FROZEN_DTYPE, device=device,
                                                             text_len=self.text_len,
                                                             encoder_config=config.model.t5_config)
-
-    def build_loader(self, config: Config, split: str, micro_batch_size: int, rank: int,
-                     world_size: int) -> ResumableLoader | None:
-        shards = config.data.shards if split == "train" else config.data.val_shards
-        if shards is None:
-            return None
-        # raw video travels from the workers as uint8 (4x fewer bytes) and is scaled on the device
-        return build_loader(shards, config.data, micro_batch_size, rank=rank, world_size=world_size,
-                            train=split == "train", video_dtype=torch.uint8)
 
     @torch.no_grad()
     def clean_latents(self, batch: dict[str, Any]) -> torch.Tensor:
