@@ -1,6 +1,7 @@
 """ZeRO-3 engine on 2 CPU ranks through the real `deepspeed` launcher: partitioning, activation
 checkpointing gradients, and the gathered bf16 export reproducing the engine's outputs."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,10 @@ TINY = dict(model_type="ti2v", patch_size=[1, 2, 2], text_len=8, in_dim=48, dim=
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3")
+    shared_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     run(deepspeed_command("tests/trainer_zero3_script.py", [str(out)], local_rank_flag=False), out / "log.txt")
+    # DeepSpeed's CPU allreduce buffers (66 MB per rank) are not left behind in /dev/shm
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shared_before
     reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
     return out, reports
 

@@ -145,8 +145,22 @@ def init_distributed() -> None:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        if get_accelerator().device_name() == "cpu":
+            unlink_cpu_allreduce_buffer()
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def unlink_cpu_allreduce_buffer() -> None:
+    """DeepSpeed's CPU accelerator maps a 66 MB shared-memory allreduce buffer per rank under
+    /dev/shm (when its launcher sets LOCAL_SIZE) and never unlinks it, so every CPU run, killed or
+    not, leaves its buffers behind until the machine runs out of memory. Every rank has mapped its
+    peers' buffers once the process group is up (the barrier); the names can then go, the mappings
+    stay valid while the processes live, and the memory is freed when they exit."""
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def free_port() -> int:
