@@ -1,15 +1,19 @@
-"""Real-size GPU benchmarks in one process (under 6 minutes on one H100 / H200):
+"""Real-size GPU benchmarks in one process, most wanted first; the results file is rewritten after
+each section, so a run cut short keeps what it measured:
 
 1. the TI2V-5B stage-1 training step (30 blocks, 81x736x640 = 9,660 tokens, bf16) at micro-batch 1
-   and 2, in each activation checkpointing mode (none, selective, full), eager and with compiled
-   blocks: seconds per step, MFU (3 x forward model FLOPs / time / the GPU's dense bf16 peak), HFU
-   with full checkpointing (4 passes), and peak activation memory beside the planner's prediction;
-2. causal paths at real width and 460 tokens per latent frame: cached generation (static KV cache)
-   vs recomputing the prefix (30 blocks; 8, 16 and 21 frames), milliseconds per generated latent
-   frame in the deployed setting (chunks of 4, 4 denoising steps), and one-pass teacher forcing vs
-   the sequential rollout (4 blocks; 4, 8 and 16 frames);
-3. the loader: samples/s of one worker over raw and pre-encoded shards, and how many workers keep
-   the measured stage-1 step fed.
+   in each activation checkpointing mode (none, selective, full), eager and with compiled blocks:
+   seconds per step, MFU (3 x forward model FLOPs / time / the GPU's dense bf16 peak), HFU with full
+   checkpointing (4 passes), and peak activation memory beside the planner's prediction;
+2. cached generation (static KV cache) vs recomputing the prefix at real width, 30 blocks and 460
+   tokens per latent frame (8, 16 and 21 frames), and milliseconds per generated latent frame in the
+   deployed setting (chunks of 4, 4 denoising steps);
+3. stage 2's step: one-pass teacher forcing over a 16-frame window (14,720 tokens), selective and
+   full checkpointing, eager and compiled;
+4. one-pass teacher forcing vs the sequential rollout (4 blocks; 4, 8 and 16 frames);
+5. the stage-1 step at micro-batch 2 (eager);
+6. the loader: samples/s of one worker over raw and pre-encoded shards, and how many workers keep
+   the fastest measured stage-1 step fed.
 
     python -m benchmarks.gpu            # prints markdown, writes benchmarks/results_gpu.json
     python -m benchmarks.gpu --smoke    # tiny sizes, any device: checks the script, measures nothing
@@ -22,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -29,6 +35,7 @@ import torch
 
 from benchmarks import causal_paths, loader, train_step
 from benchmarks.__main__ import GPU_RESULTS, machine
+from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.model import CHECKPOINTING_MODES
 from vidartrain.plan import GPUS, DitShape, activation_gib, attended_pairs, forward_flops
 from vidartrain.trainers.base import compile_blocks
@@ -51,13 +58,14 @@ class Sizes:
     micro_batches: tuple[int, ...] = (1, 2)
     generation_frames: tuple[int, ...] = (8, 16, 21)
     training_frames: tuple[int, ...] = (4, 8, 16)
+    window_frames: int = 16  # stage 2's one-pass teacher forcing: the training window in latent frames
     steps: int = 2
     compiled: bool = True  # also time compiled blocks (the trainer's default on CUDA)
     loader: dict | None = None  # benchmarks.loader.run arguments; None: its defaults (81x736x640)
 
 
 SMOKE = Sizes(dim=64, ffn_dim=128, num_heads=2, num_layers=2, training_path_layers=2, text_len=16, text_dim=32,
-              latent_frames=3, latent_hw=(8, 8), generation_frames=(3,), training_frames=(2,), steps=1, compiled=False,
+              latent_frames=3, latent_hw=(8, 8), generation_frames=(3,), training_frames=(2,), window_frames=2, steps=1, compiled=False,
               loader=dict(episodes=2, frames=12, num_frames=9, height=64, width=64, samples=2))
 
 
@@ -69,128 +77,244 @@ def peak_bf16_tflops(device_name: str) -> float | None:
     return None
 
 
-def stage1_steps(sizes: Sizes, device: str, peak_tflops: float | None) -> list[dict]:
-    """Every (micro-batch, checkpointing) variant on one model in eager mode, then at micro-batch 1
-    with compiled blocks (the trainer's default on CUDA); a variant that runs out of memory is
-    reported as such (the planner says which ones do)."""
+def stage1_steps(sizes: Sizes, device: str, peak_tflops: float | None,
+                 variants: list[tuple[bool, int, str]]) -> list[dict]:
+    """The stage-1 step for each (compiled, micro-batch, checkpointing) variant on one model, eager
+    variants first (compiling is in place; each compiled variant compiles afresh); a variant that runs out of memory is reported as such
+    (the planner says which ones do)."""
     settings = train_step.StepBenchmark(
         dim=sizes.dim, ffn_dim=sizes.ffn_dim, num_heads=sizes.num_heads, num_layers=sizes.num_layers,
         text_len=sizes.text_len, text_dim=sizes.text_dim, latent_frames=sizes.latent_frames,
         latent_height=sizes.latent_hw[0], latent_width=sizes.latent_hw[1], steps=sizes.steps, device=device)
     model = train_step.build_model(settings)
-    shape = DitShape(dim=sizes.dim, ffn_dim=sizes.ffn_dim, num_heads=sizes.num_heads, num_layers=sizes.num_layers,
-                     text_len=sizes.text_len, text_dim=sizes.text_dim)
+    shape = dit_shape(sizes)
     tokens = settings.tokens_per_step
     forward = sum(forward_flops(shape, tokens, attended_pairs(sizes.latent_frames, tokens // sizes.latent_frames,
                                                               "dense"), sizes.latent_frames).values())
-    variants = [(False, micro, mode) for micro in sizes.micro_batches for mode in CHECKPOINTING_MODES]
-    variants += [(True, sizes.micro_batches[0], mode) for mode in CHECKPOINTING_MODES if sizes.compiled]
     rows = []
     for compiled, micro, checkpointing in variants:
-        if compiled and not rows[-1]["compiled"]:
-            compile_blocks(model)
+        if compiled:
+            compile_afresh(model)
         row = {"micro_batch": micro, "checkpointing": checkpointing, "compiled": compiled, "tokens_per_sample": tokens,
                "planned_activation_gib": activation_gib(shape, tokens, micro, checkpointing)}
-        try:
-            measured = train_step.time_steps(model, replace(settings, batch_size=micro), checkpointing)
-        except torch.cuda.OutOfMemoryError:
-            row["out_of_memory"] = True
-        else:
-            passes = 4 if checkpointing == "full" else 3
-            row.update(step_s=measured["step_s"], activation_gib=measured["activation_memory_bytes"] / GIB,
-                       mfu=3 * forward * micro / measured["step_s"] / (peak_tflops * 1e12) if peak_tflops else None,
-                       hfu=passes * forward * micro / measured["step_s"] / (peak_tflops * 1e12) if peak_tflops else None)
-        model.zero_grad(set_to_none=True)  # each variant allocates its own gradients in its warm-up step
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        row.update(measured_step(model, lambda: train_step.time_steps(model, replace(settings, batch_size=micro),
+                                                                      checkpointing),
+                                 checkpointing, forward * micro, peak_tflops, device))
         rows.append(row)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    release(model, device)
     return rows
 
 
-def causal(sizes: Sizes, device: str) -> dict:
-    config = dict(dim=sizes.dim, ffn_dim=sizes.ffn_dim, num_heads=sizes.num_heads, text_len=sizes.text_len,
-                  text_dim=sizes.text_dim)
-    generation = causal_paths.measure_causal_paths(sizes.generation_frames, model_config={
-        **config, "num_layers": sizes.num_layers}, latent_hw=sizes.latent_hw, device=device, paths=("generation",))
+def stage2_steps(sizes: Sizes, device: str, peak_tflops: float | None, modes: tuple[str, ...]) -> list[dict]:
+    """Stage 2's training step at micro-batch 1: one-pass teacher forcing over [clean | noisy] of a
+    `window_frames` window (block-causal masks; flex_attention on CUDA), eager then compiled blocks."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WanModelCausal(dim=sizes.dim, ffn_dim=sizes.ffn_dim, num_heads=sizes.num_heads,
+                               num_layers=sizes.num_layers, text_len=sizes.text_len, text_dim=sizes.text_dim)
+    model.to(torch.bfloat16)
+    frames, per_frame = sizes.window_frames, sizes.latent_hw[0] * sizes.latent_hw[1] // 4
+    tokens = 2 * frames * per_frame  # both copies of the window go through every block
+    forward = sum(forward_flops(dit_shape(sizes), tokens, attended_pairs(frames, per_frame, "teacher_forcing"),
+                                frames).values())
+    generator = torch.Generator().manual_seed(1)
+    clean, noisy, target = (torch.randn(1, 48, frames, *sizes.latent_hw, generator=generator).to(device)
+                            for _ in range(3))
+    t = (1000 * torch.rand(1, frames, generator=generator)).to(device)
+    text = torch.randn(1, sizes.text_len, sizes.text_dim, generator=generator).to(device)
+
+    def loss() -> torch.Tensor:
+        return (model.forward_teacher_forcing(clean, noisy, t, text).float() - target).pow(2).mean()
+
+    rows = []
+    for compiled in (False, True) if sizes.compiled else (False,):
+        for checkpointing in modes:
+            model.set_checkpointing(checkpointing)
+            if compiled:
+                compile_afresh(model)
+            row = {"window_frames": frames, "tokens_per_sample": tokens, "checkpointing": checkpointing,
+                   "compiled": compiled}
+            row.update(measured_step(model, lambda: train_step.time_loss(
+                model, loss, sizes.steps, torch.device(device), selective=checkpointing == "selective"),
+                checkpointing, forward, peak_tflops, device))
+            rows.append(row)
+    release(model, device)
+    return rows
+
+
+def measured_step(model: torch.nn.Module, measure: Callable[[], dict], checkpointing: str, forward_flops_per_step: float,
+                  peak_tflops: float | None, device: str) -> dict:
+    """`measure()`'s seconds per step and activation memory as MFU (3 x forward FLOPs) and HFU (a
+    fourth pass with full checkpointing), or `out_of_memory`, or the `error` that stopped it."""
+    try:
+        measured = measure()
+    except torch.cuda.OutOfMemoryError:
+        row = {"out_of_memory": True}
+    except Exception as error:  # reported in the row; the other variants still run
+        row = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        print(f"variant failed: {traceback.format_exc()}", flush=True)
+    else:
+        passes = 4 if checkpointing == "full" else 3
+        utilisation = (lambda n: n * forward_flops_per_step / measured["step_s"] / (peak_tflops * 1e12)
+                       if peak_tflops else None)
+        row = {"step_s": measured["step_s"], "activation_gib": measured["activation_memory_bytes"] / GIB,
+               "mfu": utilisation(3), "hfu": utilisation(passes)}
+    model.zero_grad(set_to_none=True)  # each variant allocates its own gradients in its warm-up step
     if device == "cuda":
         torch.cuda.empty_cache()
-    training = causal_paths.measure_causal_paths(sizes.training_frames, model_config={
-        **config, "num_layers": sizes.training_path_layers}, latent_hw=sizes.latent_hw, device=device,
-        paths=("training",))
-    return {"generation": generation, "training": training}
+    return row
 
 
-def run(sizes: Sizes = Sizes(), device: str | None = None) -> dict:
+def compile_afresh(model: torch.nn.Module) -> None:
+    """Compile the blocks for the checkpointing mode they have now. Compiled code is dropped first:
+    torch 2.13 reuses a block compiled with selective checkpointing after a switch to full (its
+    guard on the mode does not fire), so a compiled model would not measure the mode asked for."""
+    torch._dynamo.reset()
+    compile_blocks(model)
+
+
+def release(model: torch.nn.Module, device: str) -> None:
+    """Free a benchmark model's memory before the next one is built."""
+    model.to("meta")
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def dit_shape(sizes: Sizes) -> DitShape:
+    return DitShape(dim=sizes.dim, ffn_dim=sizes.ffn_dim, num_heads=sizes.num_heads, num_layers=sizes.num_layers,
+                    text_len=sizes.text_len, text_dim=sizes.text_dim)
+
+
+def run(sizes: Sizes = Sizes(), device: str | None = None,
+        on_section: Callable[[dict], None] = lambda results: None) -> dict:
+    """Every section, most wanted first; `on_section(results so far)` after each (a run cut short
+    keeps what it measured)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     peak = peak_bf16_tflops(name)
     started = time.perf_counter()
     results = {"machine": {**machine(), "device": name, "cuda": torch.version.cuda,
                            "peak_bf16_tflops": peak}, "sizes": asdict(sizes)}
-    results["stage1_step"] = stage1_steps(sizes, device, peak)
-    results["causal"] = causal(sizes, device)
-    fastest = min((r["step_s"] / r["micro_batch"] for r in results["stage1_step"] if "step_s" in r), default=None)
-    samples_per_s = 1 / fastest if fastest else loader.H100_SAMPLES_PER_S
-    results["loader"] = loader.run(**(sizes.loader or {}), gpu_samples_per_s=samples_per_s)
-    results["loader_consumption_samples_per_s"] = samples_per_s
-    results["seconds"] = time.perf_counter() - started
+    first, more = sizes.micro_batches[0], sizes.micro_batches[1:]
+    sections = [
+        ("stage1_step", lambda: stage1_steps(sizes, device, peak, [
+            (compiled, first, mode) for compiled in ((False, True) if sizes.compiled else (False,))
+            for mode in CHECKPOINTING_MODES])),
+        ("causal_generation", lambda: causal(sizes, device, "generation")),
+        ("stage2_step", lambda: stage2_steps(sizes, device, peak, ("selective", "full"))),
+        ("causal_training", lambda: causal(sizes, device, "training")),
+        ("stage1_step", lambda: stage1_steps(sizes, device, peak, [(False, micro, mode) for micro in more
+                                                                   for mode in CHECKPOINTING_MODES])),
+        ("loader", lambda: loader.run(**(sizes.loader or {}), gpu_samples_per_s=fastest_samples_per_s(results))),
+    ]
+    for key, measure in sections:
+        try:
+            value = measure()
+        except Exception as error:  # reported with the results; the next sections still run
+            results.setdefault("errors", []).append(f"{key}: {type(error).__name__}: {str(error)[:300]}")
+            print(f"section {key} failed: {traceback.format_exc()}", flush=True)
+            continue
+        results[key] = results.get(key, []) + value if isinstance(value, list) else value
+        results["seconds"] = time.perf_counter() - started
+        on_section(results)
     return results
+
+
+def causal(sizes: Sizes, device: str, path: str) -> dict:
+    """Causal generation on the whole model, or the causal training paths on `training_path_layers` blocks."""
+    layers = sizes.num_layers if path == "generation" else sizes.training_path_layers
+    frames = sizes.generation_frames if path == "generation" else sizes.training_frames
+    results = causal_paths.measure_causal_paths(frames, model_config={
+        "dim": sizes.dim, "ffn_dim": sizes.ffn_dim, "num_heads": sizes.num_heads, "text_len": sizes.text_len,
+        "text_dim": sizes.text_dim, "num_layers": layers}, latent_hw=sizes.latent_hw, device=device, paths=(path,))
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+def fastest_samples_per_s(results: dict) -> float:
+    """Samples per second of the fastest measured stage-1 step (the loader must keep up with it)."""
+    fastest = min((r["step_s"] / r["micro_batch"] for r in results.get("stage1_step", []) if "step_s" in r),
+                  default=None)
+    return 1 / fastest if fastest else loader.H100_SAMPLES_PER_S
 
 
 def percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def step_row(r: dict, variant: str, planned: str = "") -> str:
+    if r.get("out_of_memory") or r.get("error"):
+        failure = "out of memory" if r.get("out_of_memory") else f"failed ({r['error'][:80]})"
+        return f"{variant} {failure} | - | - | - |{planned}"
+    return (f"{variant} {r['step_s']:.3f} | {percent(r['mfu'])} | {percent(r['hfu'])} | {r['activation_gib']:.1f} |"
+            f"{planned}")
+
+
 def markdown(results: dict) -> str:
+    """The sections measured so far (a run cut short reports what it has)."""
     m = results["machine"]
     lines = [f"{m['device']}, torch {m['torch']}, CUDA {m['cuda']}, commit {m['commit']}, {m['date']}; "
-             f"MFU against {m['peak_bf16_tflops']} TFLOP/s dense bf16; whole run {results['seconds']:.0f} s.", "",
-             "**Stage-1 step** (forward + backward, bf16, "
-             f"{results['stage1_step'][0]['tokens_per_sample']:,} tokens per sample)", "",
-             "| micro | checkpointing | compiled | s/step | MFU | HFU | activations GiB | planner GiB (eager) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results["stage1_step"]:
-        variant = f"| {r['micro_batch']} | {r['checkpointing']} | {'yes' if r['compiled'] else 'no'} |"
-        if r.get("out_of_memory"):
-            lines.append(f"{variant} out of memory | - | - | - | {r['planned_activation_gib']:.1f} |")
-            continue
-        lines.append(f"{variant} {r['step_s']:.3f} | {percent(r['mfu'])} | {percent(r['hfu'])} "
-                     f"| {r['activation_gib']:.1f} | {r['planned_activation_gib']:.1f} |")
-    lines += ["", "**Causal generation** (no gradient): cached vs recomputing the prefix", "",
-              "| latent frames | cached s | recompute s | cached speed-up | max velocity difference "
-              "| deployed ms per latent frame (4 steps, chunks of 4) |", "|---|---|---|---|---|---|"]
-    for frames, row in results["causal"]["generation"].items():
-        cached, recompute = row["cached_generation"]["seconds"], row["recompute_generation"]["seconds"]
-        lines.append(f"| {frames} | {cached:.3f} | {recompute:.3f} | {recompute / cached:.2f}x "
-                     f"| {row['generation_velocity_max_difference']:.2e} | {row['deployed_ms_per_latent_frame']:.1f} |")
-    lines += ["", "**Causal training** (forward + backward): one-pass teacher forcing vs the sequential rollout", "",
-              "| latent frames | teacher forcing s | sequential s | speed-up | same loss |", "|---|---|---|---|---|"]
-    for frames, row in results["causal"]["training"].items():
-        tf, seq = row["teacher_forcing"]["seconds"], row["sequential"]["seconds"]
-        lines.append(f"| {frames} | {tf:.3f} | {seq:.3f} | {seq / tf:.2f}x "
-                     f"| {row['teacher_forcing_loss']:.5f} / {row['sequential_loss']:.5f} |")
-    lines += ["", f"**Loader** feeding the fastest measured step "
-                  f"({results['loader_consumption_samples_per_s']:.2f} samples/s per GPU), one worker process:", "",
-              "| shards | samples/s per worker | workers per GPU |", "|---|---|---|"]
-    for kind, r in results["loader"].items():
-        lines.append(f"| {kind} | {r['samples_per_s']:.2f} | {r['workers_per_gpu']:.2f} |")
+             f"MFU against {m['peak_bf16_tflops']} TFLOP/s dense bf16; run {results['seconds']:.0f} s."]
+    if "stage1_step" in results:
+        lines += ["", "**Stage-1 step** (forward + backward, bf16, "
+                  f"{results['stage1_step'][0]['tokens_per_sample']:,} tokens per sample)", "",
+                  "| micro | checkpointing | compiled | s/step | MFU | HFU | activations GiB | planner GiB (eager) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [step_row(r, f"| {r['micro_batch']} | {r['checkpointing']} | {'yes' if r['compiled'] else 'no'} |",
+                           f" {r['planned_activation_gib']:.1f} |") for r in results["stage1_step"]]
+    if "stage2_step" in results:
+        first = results["stage2_step"][0]
+        lines += ["", f"**Stage-2 step**: one-pass teacher forcing over a {first['window_frames']}-frame window "
+                  f"([clean | noisy], {first['tokens_per_sample']:,} tokens), micro-batch 1", "",
+                  "| checkpointing | compiled | s/step | MFU | HFU | activations GiB |", "|---|---|---|---|---|---|"]
+        lines += [step_row(r, f"| {r['checkpointing']} | {'yes' if r['compiled'] else 'no'} |")
+                  for r in results["stage2_step"]]
+    if "causal_generation" in results:
+        lines += ["", "**Causal generation** (no gradient): cached vs recomputing the prefix", "",
+                  "| latent frames | cached s | recompute s | cached speed-up | max velocity difference "
+                  "| deployed ms per latent frame (4 steps, chunks of 4) |", "|---|---|---|---|---|---|"]
+        for frames, row in results["causal_generation"].items():
+            cached, recompute = row["cached_generation"]["seconds"], row["recompute_generation"]["seconds"]
+            lines.append(f"| {frames} | {cached:.3f} | {recompute:.3f} | {recompute / cached:.2f}x "
+                         f"| {row['generation_velocity_max_difference']:.2e} "
+                         f"| {row['deployed_ms_per_latent_frame']:.1f} |")
+    if "causal_training" in results:
+        lines += ["", "**Causal training** (forward + backward): one-pass teacher forcing vs the sequential rollout",
+                  "", "| latent frames | teacher forcing s | sequential s | speed-up | same loss |",
+                  "|---|---|---|---|---|"]
+        for frames, row in results["causal_training"].items():
+            tf, seq = row["teacher_forcing"]["seconds"], row["sequential"]["seconds"]
+            lines.append(f"| {frames} | {tf:.3f} | {seq:.3f} | {seq / tf:.2f}x "
+                         f"| {row['teacher_forcing_loss']:.5f} / {row['sequential_loss']:.5f} |")
+    if "loader" in results:
+        lines += ["", f"**Loader** feeding the fastest measured step "
+                      f"({fastest_samples_per_s(results):.2f} samples/s per GPU), one worker process:", "",
+                  "| shards | samples/s per worker | workers per GPU |", "|---|---|---|"]
+        lines += [f"| {kind} | {r['samples_per_s']:.2f} | {r['workers_per_gpu']:.2f} |"
+                  for kind, r in results["loader"].items()]
+    lines += [f"\nSection failed: {error}" for error in results.get("errors", [])]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device; writes no results file")
-    parser.add_argument("--out", type=Path, default=GPU_RESULTS, help="results JSON (real sizes only)")
+    parser.add_argument("--out", type=Path, default=GPU_RESULTS, help="results JSON (real sizes only), rewritten "
+                                                                       "after each section")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: the real-size benchmark needs a GPU (--smoke checks the script anywhere)")
-    results = run(SMOKE if args.smoke else Sizes())
+
+    def on_section(results: dict) -> None:
+        print(f"[{results['seconds']:.0f} s] measured: {', '.join(k for k in results if k not in ('machine', 'sizes', 'seconds'))}",
+              flush=True)
+        if not args.smoke:
+            args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+    results = run(SMOKE if args.smoke else Sizes(), on_section=on_section)
     print(markdown(results))
     if not args.smoke:
-        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"\nwrote {args.out}")
     return results
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
@@ -73,6 +74,14 @@ def time_steps(model: WanModel, settings: StepBenchmark, checkpointing: str) -> 
         pred = model(add_noise(clean, noise, sigma), 1000 * sigma, context)
         return flow_matching_loss(pred, flow_matching_target(clean, noise))
 
+    measured = time_loss(model, loss, settings.steps, device, selective=checkpointing == "selective")
+    return {**measured, "tokens_per_s": settings.tokens_per_step / measured["step_s"]}
+
+
+def time_loss(model: torch.nn.Module, loss: Callable[[], torch.Tensor], steps: int, device: torch.device,
+              selective: bool = False) -> dict[str, float]:
+    """Seconds per `loss().backward()` over `steps` steps after one warm-up step, and the activation
+    memory of one step (`selective`: the model checkpoints selectively, count what it keeps)."""
     def step() -> None:
         loss().backward()
         model.zero_grad(set_to_none=False)  # keep the gradient buffers: part of every step's footprint
@@ -83,7 +92,7 @@ def time_steps(model: WanModel, settings: StepBenchmark, checkpointing: str) -> 
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
-    for _ in range(settings.steps):
+    for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -92,11 +101,9 @@ def time_steps(model: WanModel, settings: StepBenchmark, checkpointing: str) -> 
         activation_bytes = torch.cuda.max_memory_allocated(device) - baseline
     else:
         activation_bytes = saved_bytes(loss, model.parameters())
-        if checkpointing == "selective":
+        if selective:
             activation_bytes += kept_by_selective_bytes(loss)
-    return {"step_s": elapsed / settings.steps,
-            "tokens_per_s": settings.tokens_per_step * settings.steps / elapsed,
-            "activation_memory_bytes": activation_bytes}
+    return {"step_s": elapsed / steps, "activation_memory_bytes": activation_bytes}
 
 
 def run_variant(settings: StepBenchmark, checkpointing: str) -> dict[str, float]:

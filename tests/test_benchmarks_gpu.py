@@ -9,14 +9,17 @@ def test_smoke_run_reports_every_section():
         (False, 1, "none"), (False, 1, "selective"), (False, 1, "full"),
         (False, 2, "none"), (False, 2, "selective"), (False, 2, "full")]
     assert all(r["step_s"] > 0 for r in results["stage1_step"])
-    generation = results["causal"]["generation"][3]
+    assert [(r["compiled"], r["checkpointing"]) for r in results["stage2_step"]] == [
+        (False, "selective"), (False, "full")]
+    assert all(r["step_s"] > 0 and r["tokens_per_sample"] == 2 * 2 * 16 for r in results["stage2_step"])
+    generation = results["causal_generation"][3]
     assert generation["generation_velocity_max_difference"] < 1e-5  # cached == recomputed prefix
     assert generation["deployed_ms_per_latent_frame"] > 0
-    training = results["causal"]["training"][2]
+    training = results["causal_training"][2]
     assert abs(training["teacher_forcing_loss"] - training["sequential_loss"]) < 1e-5
     assert set(results["loader"]) == {"raw", "raw_uint8", "pre_encoded"}
     text = gpu.markdown(results)
-    assert "| 2 | selective | no |" in text and "cached speed-up" in text and "| pre_encoded |" in text
+    assert "| 2 | selective | no |" in text and "**Stage-2 step**" in text and "cached speed-up" in text and "| pre_encoded |" in text
 
 
 def test_peak_flops_of_the_planner_gpus_by_device_name():

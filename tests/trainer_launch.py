@@ -34,7 +34,9 @@ def tiny_idm() -> IDM:
 
 
 def launcher_env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # The repository first; paths already set stay (where the packages themselves come from PYTHONPATH).
+    python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=python_path, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("WORLD_SIZE", None)
     return env
 

@@ -4,18 +4,19 @@ every context mode with that IDM's export for Eq. 7, and a SIGKILLed run resumed
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 import torch
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from trainer_launch import BIN, REPO_ROOT, launcher_env, logged_steps, start, tail, wait, wait_for_step, write_shards
+from trainer_launch import REPO_ROOT, launcher_env, logged_steps, start, tail, wait, wait_for_step, write_shards
 
 PROFILE = "ds_configs/cpu_debug.json"  # ZeRO-3, bf16; one process: micro 1 x accumulation 2
 
 
 def train_command(config: str, output_dir, data, *overrides: str) -> list[str]:
-    return [str(BIN / "python"), "launch/train.py", "--config", config, "--ds-config", PROFILE,
+    return [sys.executable, "launch/train.py", "--config", config, "--ds-config", PROFILE,
             "--output_dir", str(output_dir), "--set", f"model.ckpt_dir={data / 'ckpt'}",
             "--set", f"data.shards={data / 'shards'}", "--set", f"data.val_shards={data / 'shards' / 'val'}",
             "--set", f"output.save_path={output_dir / 'export.pt'}", "--set", "training.batch_size=1",
