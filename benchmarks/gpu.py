@@ -41,6 +41,7 @@ from vidartrain.plan import GPUS, DitShape, activation_gib, attended_pairs, forw
 from vidartrain.trainers.base import compile_blocks
 
 GIB = 2**30
+SECTIONS = ("stage1_step", "causal_generation", "stage2_step", "causal_training", "loader")
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,9 @@ def dit_shape(sizes: Sizes) -> DitShape:
 
 
 def run(sizes: Sizes = Sizes(), device: str | None = None,
-        on_section: Callable[[dict], None] = lambda results: None) -> dict:
-    """Every section, most wanted first; `on_section(results so far)` after each (a run cut short
-    keeps what it measured)."""
+        on_section: Callable[[dict], None] = lambda results: None, only: tuple[str, ...] = ()) -> dict:
+    """Every section (or those named in `only`), most wanted first; `on_section(results so far)`
+    after each (a run cut short keeps what it measured)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     peak = peak_bf16_tflops(name)
@@ -208,6 +209,8 @@ def run(sizes: Sizes = Sizes(), device: str | None = None,
         ("loader", lambda: loader.run(**(sizes.loader or {}), gpu_samples_per_s=fastest_samples_per_s(results))),
     ]
     for key, measure in sections:
+        if only and key not in only:
+            continue
         try:
             value = measure()
         except Exception as error:  # reported with the results; the next sections still run
@@ -300,6 +303,8 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device; writes no results file")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=(),
+                        help="measure only these sections (default: all)")
     parser.add_argument("--out", type=Path, default=GPU_RESULTS, help="results JSON (real sizes only), rewritten "
                                                                        "after each section")
     args = parser.parse_args(argv)
@@ -312,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.smoke:
             args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
-    results = run(SMOKE if args.smoke else Sizes(), on_section=on_section)
+    results = run(SMOKE if args.smoke else Sizes(), on_section=on_section, only=tuple(args.sections))
     print(markdown(results))
     if not args.smoke:
         print(f"\nwrote {args.out}")
