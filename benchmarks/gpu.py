@@ -259,6 +259,8 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [f"{m['device']}, torch {m['torch']}, CUDA {m['cuda']}, commit {m['commit']}, {m['date']}; "
              f"MFU against {m['peak_bf16_tflops']} TFLOP/s dense bf16; run {results['seconds']:.0f} s."]
+    if "notes" in results:  # written by hand where results were put together from more than one run
+        lines += ["", results["notes"]]
     if "stage1_step" in results:
         lines += ["", "**Stage-1 step** (forward + backward, bf16, "
                   f"{results['stage1_step'][0]['tokens_per_sample']:,} tokens per sample)", "",

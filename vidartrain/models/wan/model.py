@@ -124,15 +124,17 @@ def recompute_in_backward(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor
     return _RecomputeInBackward.apply(fn, *inputs)
 
 
-# What "selective" checkpointing keeps: the outputs of matmuls and attention (the expensive ops);
-# everything else in a block is element-wise and recomputed in backward.
+# What "selective" checkpointing keeps: the outputs of matmuls and SDPA attention (the expensive
+# ops); everything else in a block is element-wise and recomputed in backward. flex_attention (the
+# causal model's block masks on CUDA) is recomputed too: kept, it broke both paths on an H100
+# (torch 2.11): compiled blocks misassigned saved tensors (a shape error), and eager checkpointing
+# could not compile flex_attention inside the region. Recomputed, the stage-2 step ran at 42% MFU.
 KEPT_BY_SELECTIVE_CHECKPOINTING = {
     torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-    torch.ops.higher_order.flex_attention,
 }
 
 
