@@ -14,6 +14,7 @@ from data_tools import shard as shard_tool
 from data_tools.synth import synthetic_episode, write_episode, write_synthetic_episodes
 from vidartrain.config import DataConfig
 from vidartrain.data.dataset import build_loader
+from vidartrain.errors import DataError
 
 EPISODES = 8
 HEIGHT, WIDTH = 48, 64
@@ -179,7 +180,7 @@ def test_truncated_shard_is_refused_at_start(shards, tmp_path):
     for file in shards.iterdir():
         (copy / file.name).write_bytes(file.read_bytes())
     (copy / "shard-000000.tar").write_bytes((shards / "shard-000000.tar").read_bytes()[:5000])
-    with pytest.raises(ValueError, match="shard-000000.tar: 5000 bytes, index.json says"):
+    with pytest.raises(DataError, match="shard-000000.tar: 5000 bytes, index.json says"):
         build_loader(copy, config(copy), 1, rank=0, world_size=1, train=False)
 
 

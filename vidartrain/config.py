@@ -19,10 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from vidartrain.data.shard_index import check_shard_files, read_index, shard_sources
-
-
-class ConfigError(ValueError):
-    """A configuration problem found before training starts."""
+from vidartrain.errors import ConfigError
 
 
 @dataclass
