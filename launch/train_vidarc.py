@@ -17,8 +17,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
 from launch.stage_flags import main_with_stage_flags  # noqa: E402
+from vidartrain.errors import reports_errors  # noqa: E402
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     return main_with_stage_flags(default_config=str(REPO_ROOT / "configs" / "vidarc_causal.yaml"), argv=argv,
                                  description="Stage 2: Vidarc causal training (WanModelCausal, self-forcing)")

@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from vidartrain.config import Config, ConfigError, load_config
 from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile, profile_world_size
+from vidartrain.errors import reports_errors
 from vidartrain.models.idm import IDM
 from vidartrain.models.wan.checkpoint import CONFIG_FILE, read_model_config
 from vidartrain.models.wan.model import CHECKPOINTING_MODES, KEPT_BY_SELECTIVE_CHECKPOINTING, WanModel, latent_grid
@@ -430,6 +431,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([header, *body])
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vidar-plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML training config")
@@ -447,27 +449,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.set)
-        if args.table:
-            rows = hardware_table(config, args.mfu, args.precomputed)
-            print(json.dumps(rows, indent=2) if args.json else markdown_table(rows))
-            return 0
-        profile_path = args.ds_config or config.distributed.ds_config
-        if not profile_path:
-            raise ConfigError("no DeepSpeed profile: pass --ds-config or set distributed.ds_config")
-        profile = load_profile(profile_path)
-        world = args.world_size or profile_world_size(profile)
-        if not world:
-            raise ConfigError(f"{profile_path} has no train_batch_size to infer its world size: pass --world-size")
-        gpu = resolve_gpu(args.gpu, profile_path)
-        modes = CHECKPOINTING_MODES if args.checkpointing == "all" or args.best else [args.checkpointing]
-        plans = [make_plan(config, Path(profile_path).stem, profile, gpu, world, args.mfu, c, args.precomputed,
-                           dit_shape_of(config))
-                 for c in modes]
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.set)
+    if args.table:
+        rows = hardware_table(config, args.mfu, args.precomputed)
+        print(json.dumps(rows, indent=2) if args.json else markdown_table(rows))
+        return 0
+    profile_path = args.ds_config or config.distributed.ds_config
+    if not profile_path:
+        raise ConfigError("no DeepSpeed profile: pass --ds-config or set distributed.ds_config")
+    profile = load_profile(profile_path)
+    world = args.world_size or profile_world_size(profile)
+    if not world:
+        raise ConfigError(f"{profile_path} has no train_batch_size to infer its world size: pass --world-size")
+    gpu = resolve_gpu(args.gpu, profile_path)
+    modes = CHECKPOINTING_MODES if args.checkpointing == "all" or args.best else [args.checkpointing]
+    plans = [make_plan(config, Path(profile_path).stem, profile, gpu, world, args.mfu, c, args.precomputed,
+                       dit_shape_of(config))
+             for c in modes]
     best = next((p for p in plans if p.fits), None)  # plans run from the fastest mode to the leanest
     if args.json:
         print(json.dumps({"plans": [asdict(p) for p in plans], "best": best and best.checkpointing}
