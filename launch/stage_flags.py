@@ -1,4 +1,5 @@
-"""The design note's per-stage flags (--ckpt_dir, --pt_dir, --debug) on top of launch/train.py."""
+"""The reference recipe's per-stage flags (--ckpt_dir, --pt_dir, --debug) on top of launch/train.py;
+see docs/training.md."""
 from __future__ import annotations
 
 import argparse

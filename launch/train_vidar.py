@@ -1,4 +1,4 @@
-"""Stage 1 (Vidar) with the design note's flags.
+"""Stage 1 (Vidar) with the reference recipe's flags (docs/training.md).
 
     python launch/train_vidar.py --ckpt_dir checkpoints/Wan2.2-TI2V-5B --debug --max_steps 100
     deepspeed --num_gpus 8 launch/train_vidar.py --ckpt_dir checkpoints/Wan2.2-TI2V-5B \\

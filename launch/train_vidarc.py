@@ -1,4 +1,4 @@
-"""Stage 2 (Vidarc) with the design note's flags.
+"""Stage 2 (Vidarc) with the reference recipe's flags (docs/training.md).
 
     python launch/train_vidarc.py --ckpt_dir checkpoints/Wan2.2-TI2V-5B \\
         --pt_dir checkpoints/vidar/vidar.pt --debug --max_steps 100

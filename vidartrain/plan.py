@@ -45,7 +45,7 @@ GPUS = {
     "h200": Gpu("H200 (141 GB)", 141.0, 989.0),
 }
 
-# The design note's hardware table: (profile, gpu, world size, its expected time in hours).
+# The reference hardware table (docs/training.md): (profile, gpu, world size, expected time in hours).
 HARDWARE_TABLE = [
     ("zero3_64xh100", "h100", 64, 2.0),
     ("zero3_8xh100", "h100", 8, 16.0),
@@ -403,10 +403,10 @@ def format_plan(plan: Plan) -> str:
 
 
 def hardware_table(config: Config, mfu: float = 0.4, precomputed: bool = False) -> list[dict[str, Any]]:
-    """The planner beside the design note's hardware table, for every GPU profile."""
+    """The planner beside the reference hardware table (docs/training.md), for every GPU profile."""
     repo = Path(__file__).resolve().parents[1]
     rows = []
-    for name, gpu, world, note_hours in HARDWARE_TABLE:
+    for name, gpu, world, reference_hours in HARDWARE_TABLE:
         profile = load_profile(repo / "ds_configs" / f"{name}.json")
         for checkpointing in CHECKPOINTING_MODES:
             plan = make_plan(config, name, profile, gpu, world, mfu, checkpointing, precomputed, dit_shape_of(config))
@@ -414,7 +414,7 @@ def hardware_table(config: Config, mfu: float = 0.4, precomputed: bool = False) 
                          "micro_batch": plan.micro_batch, "total_gib": round(plan.total_gib, 1),
                          "device_gib": plan.device_gib, "fits": plan.fits,
                          "max_micro_batch": plan.max_micro_batch, "step_s": round(plan.step_seconds, 1),
-                         "hours": round(plan.run_hours, 1), "design_note_hours": note_hours})
+                         "hours": round(plan.run_hours, 1), "reference_hours": reference_hours})
     return rows
 
 
@@ -424,10 +424,10 @@ def hours_or_dash(hours: float | None) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     header = ("| profile | GPUs | act. ckpt | micro | GiB/GPU | fits | max micro | s/step | hours | "
-              "design note |\n|---|---|---|---|---|---|---|---|---|---|")
+              "reference |\n|---|---|---|---|---|---|---|---|---|---|")
     body = [f"| {r['profile']} | {r['gpus']} | {r['checkpointing']} | {r['micro_batch']} | "
             f"{r['total_gib']} / {r['device_gib']:.0f} | {'yes' if r['fits'] else 'no'} | {r['max_micro_batch']} | "
-            f"{r['step_s']} | {r['hours']} | {hours_or_dash(r['design_note_hours'])} |" for r in rows]
+            f"{r['step_s']} | {r['hours']} | {hours_or_dash(r['reference_hours'])} |" for r in rows]
     return "\n".join([header, *body])
 
 
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="activation checkpointing mode(s) to plan (default: all three)")
     parser.add_argument("--best", action="store_true",
                         help="also name the fastest checkpointing mode that fits (none, then selective, then full)")
-    parser.add_argument("--table", action="store_true", help="every GPU profile beside the design note's table")
+    parser.add_argument("--table", action="store_true", help="every GPU profile beside the reference hardware table")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)

@@ -222,7 +222,7 @@ class SelfForcingStage(VidarStage):
         if sf.closed_loop:
             self.schedule = closed_loop_schedule(
                 config.chunk_size, RolloutWindow(sf.rollout_bound, sf.rollout_prefill_num))
-        # A public reconstruction found the design note's 2e-5 too high for this stage: say which
+        # A public reconstruction found the reference recipe's 2e-5 too high for this stage: say which
         # rate this run uses (TensorBoard has it as train/lr).
         log.info("stage 2: learning rate %.3g (training.lr), warmup %d, context %s%s, chunk %d latent frames, "
                  "Eq. 7 %s", config.training.lr, config.training.warmup, sf.context_mode,
