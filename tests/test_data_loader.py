@@ -170,7 +170,7 @@ def test_idm_frame_pairs(shards):
 
 def test_too_short_samples_are_left_out_with_a_warning(shards):
     with pytest.warns(UserWarning, match="fewer than 21 frames"):
-        with pytest.raises(ValueError, match="no sample has 21 frames"):
+        with pytest.raises(DataError, match="no sample has 21 frames"):
             build_loader(shards, config(shards, num_frames=21), 1, rank=0, world_size=1)
 
 
