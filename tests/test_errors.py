@@ -1,19 +1,29 @@
 """vidartrain.errors: one family of user-facing errors, and entry points that report them as
 `error: <message>` on stderr with exit status 2 (nothing on stdout, no traceback)."""
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from data_tools import shard as shard_tool
 from data_tools import synth
+from data_tools.episodes import discover_episodes
+from data_tools.importers import cli as import_cli
+from data_tools.importers import lerobot
 from data_tools.importers.common import parse_columns
+from data_tools.precompute import WindowSettings, parse_precompute
+from launch import sample as sample_cli
 from launch import train_vidar
 from trainer_launch import REPO_ROOT, launcher_env
-from vidartrain.data.shard_index import merge_action_statistics, read_index
+from vidartrain.data.shard_index import (INDEX_FORMAT, action_statistics, merge_action_statistics, read_common_index,
+                                         read_index)
 from vidartrain.data.video import VideoReadError
 from vidartrain.errors import CheckpointError, ConfigError, DataError, VidarError, reports_errors
 from vidartrain.files import Journal
+from vidartrain.trainers.ema import ema_state_dict_from_checkpoint
+from vidartrain.trainers.vidar_trainer import VidarStage
 
 
 def test_the_family_keeps_the_builtin_kinds_callers_catch():
@@ -78,3 +88,143 @@ def test_converter_flag_errors_exit_2(tmp_path, refused):
     refused("--precompute needs --ckpt-dir", shard_tool.main, [*base, "--precompute", "latents"])
     refused(f"no episode folders found in {tmp_path / 'episodes'}", shard_tool.main, base)
     refused("is not a directory", shard_tool.main, ["--episodes", str(tmp_path / "none"), "--out", str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------------------------
+# Every raise site that became part of the family, with the file or flag its message names
+
+def write_index(directory, **changes) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    index = {"format": INDEX_FORMAT, "complete": True, "mode": "raw", "settings": {}, "shards": [], "episodes": [],
+             "skipped": [], **changes}
+    (directory / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"format": "other/1"}), "field 'format' is 'other/1', expected 'vidartrain-shards/1'"),
+    (json.dumps({"format": INDEX_FORMAT, "shards": []}), "missing field 'episodes'"),
+])
+def test_an_unusable_index_is_a_data_error_naming_the_file(tmp_path, problem, expected):
+    (tmp_path / "index.json").write_text(problem)
+    with pytest.raises(DataError, match=expected) as caught:
+        read_index(tmp_path)
+    assert str(tmp_path / "index.json") in str(caught.value)
+
+
+def test_index_contents_that_cannot_be_trained_on_are_data_errors(tmp_path):
+    write_index(tmp_path / "unfinished", complete=False)
+    with pytest.raises(DataError, match="did not finish"):
+        read_index(tmp_path / "unfinished")
+    write_index(tmp_path / "old")
+    with pytest.raises(DataError, match="no \"actions\" statistics"):
+        action_statistics(tmp_path / "old")
+    with pytest.raises(DataError, match="actions of different dimensions \\[7, 14\\] cannot be pooled"):
+        merge_action_statistics([{"count": 1, "mean": [0.0] * 7, "m2": [0.0] * 7},
+                                 {"count": 1, "mean": [0.0] * 14, "m2": [0.0] * 14}], "`data.shards`")
+    write_index(tmp_path / "latents", mode="latents")
+    with pytest.raises(DataError, match="data.shards mixes"):
+        read_common_index([{"path": str(tmp_path / "old"), "weight": 1.0},
+                           {"path": str(tmp_path / "latents"), "weight": 1.0}])
+
+
+@pytest.mark.parametrize("manifest, expected", [
+    ("[not json", "cannot read JSON"),
+    (json.dumps({"names": []}), "expected a list of episodes"),
+    (json.dumps([{"folder": "ep_0000"}]), "entry 0 has no episode name"),
+])
+def test_manifest_problems_are_data_errors(tmp_path, manifest, expected):
+    (tmp_path / "manifest.json").write_text(manifest)
+    with pytest.raises(DataError, match=expected):
+        discover_episodes(tmp_path)
+
+
+def test_precompute_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="--precompute: unknown \\['depth'\\]; choose from latents"):
+        parse_precompute("latents,depth")
+    with pytest.raises(ConfigError, match="--stride must be positive, got 0"):
+        WindowSettings(stride=0).check()
+    with pytest.raises(ConfigError, match="--num-frames 81 --height 100 --width 640: video height 100"):
+        WindowSettings(height=100).check()
+
+
+def test_importer_flags_and_sources_exit_2(tmp_path, refused):
+    source = tmp_path / "src"
+    (source / "data").mkdir(parents=True)
+    out = ["--out", str(tmp_path / "out")]
+    refused("--instruction is empty", import_cli.main,
+            ["aloha", str(source), "--fps", "50", "--instruction", " ", *out])
+    refused("--instruction-index must be >= 0", import_cli.main,
+            ["robotwin", str(source), "--fps", "10", "--instruction-index", "-1", *out])
+    refused("give --out EPISODES_DIR, --shards OUT, or both", import_cli.main, ["robotwin", str(source), "--fps", "10"])
+    refused(f"SRC {tmp_path / 'none'} is not a directory", import_cli.main,
+            ["robotwin", str(tmp_path / "none"), "--fps", "10", *out])
+    refused("--action-columns: 'x' is not a column number", import_cli.main,
+            ["robotwin", str(source), "--fps", "10", "--action-columns", "x", *out])
+    refused("no episode\\{N\\}.hdf5 files", import_cli.main, ["robotwin", str(source), "--fps", "10", *out])
+    (source / "data" / "episode_last.hdf5").write_bytes(b"")
+    refused("files without an episode number: episode_last.hdf5", import_cli.main,
+            ["robotwin", str(source), "--fps", "10", *out])
+    aloha = tmp_path / "aloha"
+    aloha.mkdir()
+    refused("no .hdf5 episode files", import_cli.main, ["aloha", str(aloha), "--fps", "50", *out])
+    (aloha / "take.hdf5").write_bytes(b"")
+    refused("files without an episode number at the end of their name: take.hdf5", import_cli.main,
+            ["aloha", str(aloha), "--fps", "50", *out])
+    (aloha / "take.hdf5").rename(aloha / "left_1.hdf5")
+    (aloha / "right_1.hdf5").write_bytes(b"")
+    refused("several source episodes map to ep_0001", import_cli.main, ["aloha", str(aloha), "--fps", "50", *out])
+    (aloha / "right_1.hdf5").unlink()
+    (tmp_path / "out" / "import.json").write_text("{broken")
+    refused("import.json: unreadable", import_cli.main, ["aloha", str(aloha), "--fps", "50", *out])
+
+
+def test_lerobot_metadata_problems_are_data_errors(tmp_path):
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    with pytest.raises(DataError, match="info.json: cannot read JSON"):
+        lerobot.dataset_info(tmp_path)
+    (meta / "info.json").write_text(json.dumps({"codebase_version": "v1.6"}))
+    with pytest.raises(DataError, match="codebase_version 'v1.6'"):
+        lerobot.dataset_info(tmp_path)
+    (meta / "info.json").write_text(json.dumps({"codebase_version": "v2.1", "fps": 10}))
+    with pytest.raises(DataError, match="info.json has no 'features'"):
+        lerobot.dataset_info(tmp_path)
+    (meta / "episodes.jsonl").write_text("{broken\n")
+    with pytest.raises(DataError, match="episodes.jsonl: cannot read JSON lines"):
+        lerobot.v2_locations(tmp_path, {}, ())
+    with pytest.raises(DataError, match="meta/episodes: no chunk-\\*/file-\\*.parquet"):
+        lerobot.v3_locations(tmp_path, {}, ())
+    (meta / "episodes" / "chunk-000").mkdir(parents=True)
+    (meta / "episodes" / "chunk-000" / "file-000.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="file-000.parquet: cannot read parquet"):
+        lerobot.v3_locations(tmp_path, {}, ())
+
+
+def test_stage_inputs_missing_from_a_batch_are_data_errors():
+    stage = VidarStage()
+    with pytest.raises(DataError, match="batch \\['k'\\] has neither pre-encoded `latents` nor a VAE"):
+        stage.clean_latents({"__key__": ["k"], "video": None})
+    with pytest.raises(DataError, match="batch \\['k'\\] has neither pre-encoded `text_emb` nor a text encoder"):
+        stage.text_context({"__key__": ["k"], "text": ["pick"]})
+
+
+def test_ema_export_of_a_checkpoint_without_one_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no ZeRO-3 model-state files"):
+        ema_state_dict_from_checkpoint(tmp_path)
+    torch.save({"module": {}}, tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="holds no EMA \\(the run had training.ema_decay=0\\)"):
+        ema_state_dict_from_checkpoint(tmp_path)
+
+
+def test_sample_flags_of_the_rollout_window_exit_2(tmp_path, refused):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in ("config.json", "Wan2.2_VAE.pth"):
+        (ckpt / name).write_text("{}")
+    (tmp_path / "vidarc.pt").write_bytes(b"")
+    (tmp_path / "first.png").write_bytes(b"")
+    refused("--rollout-bound 8 --rollout-prefill-num 9: rollout_prefill_num \\(9\\) must be below", sample_cli.main,
+            ["--ckpt-dir", str(ckpt), "--weights", str(tmp_path / "vidarc.pt"), "--image", str(tmp_path / "first.png"),
+             "--prompt", "pick", "--rollout-bound", "8", "--rollout-prefill-num", "9", "--num-frames", "5",
+             "--out", str(tmp_path / "out")])
