@@ -137,6 +137,12 @@ def test_state_from_another_seed_is_refused(shards):
         other.load_state_dict(state)
 
 
+def test_too_few_samples_for_one_batch_is_a_data_error(shards):
+    loader = build_loader(shards, config(shards), 100, rank=0, world_size=1)
+    with pytest.raises(DataError, match="8 samples cannot fill one batch of 100 on each of 1 ranks"):
+        next(iter(loader))
+
+
 def test_text_dropout(shards):
     always = build_loader(shards, config(shards, cfg_prob=1.0), 4, rank=0, world_size=1, epochs=1)
     never = build_loader(shards, config(shards, cfg_prob=0.0), 4, rank=0, world_size=1, epochs=1)

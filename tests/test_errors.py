@@ -17,8 +17,8 @@ from data_tools.precompute import WindowSettings, parse_precompute
 from launch import sample as sample_cli
 from launch import train_vidar
 from trainer_launch import REPO_ROOT, launcher_env
-from vidartrain.data.shard_index import (INDEX_FORMAT, action_statistics, merge_action_statistics, read_common_index,
-                                         read_index)
+from vidartrain.data.shard_index import (INDEX_FORMAT, JOURNAL_FILE, action_statistics, merge_action_statistics,
+                                         read_common_index, read_index)
 from vidartrain.data.video import VideoReadError
 from vidartrain.errors import CheckpointError, ConfigError, DataError, VidarError, reports_errors
 from vidartrain.files import Journal
@@ -228,3 +228,16 @@ def test_sample_flags_of_the_rollout_window_exit_2(tmp_path, refused):
             ["--ckpt-dir", str(ckpt), "--weights", str(tmp_path / "vidarc.pt"), "--image", str(tmp_path / "first.png"),
              "--prompt", "pick", "--rollout-bound", "8", "--rollout-prefill-num", "9", "--num-frames", "5",
              "--out", str(tmp_path / "out")])
+
+
+def test_an_output_folder_the_converter_cannot_trust_is_refused(tmp_path, refused):
+    (tmp_path / "episodes" / "ep_0000").mkdir(parents=True)
+    out = tmp_path / "out"
+    argv = ["--episodes", str(tmp_path / "episodes"), "--out", str(out)]
+    out.mkdir()
+    (out / "index.json").write_text("{broken")
+    refused(f"{out / 'index.json'}: unreadable .*; use --overwrite or another --out", shard_tool.main, argv)
+    (out / "index.json").unlink()
+    settings = shard_tool.settings_from_args(shard_tool.parse_args(argv)).as_dict()
+    Journal(out / JOURNAL_FILE).start({"settings": settings}, [])  # an older converter's: no input record
+    refused(f"{out} holds shards without a record of the episodes they were made from", shard_tool.main, argv)
