@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models
 
 from data_tools import shard as shard_tool
 from data_tools import synth
@@ -22,6 +23,9 @@ from vidartrain.data.shard_index import (INDEX_FORMAT, JOURNAL_FILE, action_stat
 from vidartrain.data.video import VideoReadError
 from vidartrain.errors import CheckpointError, ConfigError, DataError, VidarError, reports_errors
 from vidartrain.files import Journal
+from vidartrain.models.wan.checkpoint import read_model_config, read_state_dict, weight_files
+from vidartrain.models.wan.model import WanModel
+from vidartrain.models.wan.text_encoder import UMT5Tokenizer
 from vidartrain.trainers.ema import ema_state_dict_from_checkpoint
 from vidartrain.trainers.vidar_trainer import VidarStage
 
@@ -241,3 +245,27 @@ def test_an_output_folder_the_converter_cannot_trust_is_refused(tmp_path, refuse
     settings = shard_tool.settings_from_args(shard_tool.parse_args(argv)).as_dict()
     Journal(out / JOURNAL_FILE).start({"settings": settings}, [])  # an older converter's: no input record
     refused(f"{out} holds shards without a record of the episodes they were made from", shard_tool.main, argv)
+
+
+def test_checkpoint_folder_problems_are_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json not found: a checkpoint directory needs config.json"):
+        read_model_config(tmp_path, WanModel)
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        read_model_config(tmp_path, WanModel)
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(CheckpointError, match="expected a non-empty 'weight_map' object"):
+        weight_files(tmp_path)
+    index.write_text(json.dumps({"weight_map": {"head.head.weight": "part-1.safetensors"}}))
+    with pytest.raises(CheckpointError, match="lists shards that do not exist: .*part-1.safetensors"):
+        weight_files(tmp_path)
+    with pytest.raises(CheckpointError, match=f"fine-tuned weights {tmp_path / 'vidar.pt'} not found"):
+        read_state_dict(tmp_path / "vidar.pt")
+
+
+def test_a_tokenizer_without_the_special_tokens_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    Tokenizer(models.WordLevel({"hello": 0, "<unk>": 1}, unk_token="<unk>")).save(str(path))
+    with pytest.raises(CheckpointError, match="vocabulary lacks the pad token '<pad>' or the eos token '</s>'"):
+        UMT5Tokenizer(path)

@@ -28,13 +28,23 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 
 
+def read_json(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(content).__name__}")
+    return content
+
+
 def read_model_config(ckpt_dir: str | Path, model_class: type[nn.Module]) -> dict:
     """Constructor arguments from `config.json`; diffusers bookkeeping keys ("_class_name", ...)
     are dropped, absent keys keep the constructor defaults, unknown keys are an error."""
     path = Path(ckpt_dir) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} not found: a checkpoint directory needs {CONFIG_FILE}")
-    config = json.loads(path.read_text())
+    config = read_json(path)
     accepted = set(inspect.signature(model_class.__init__).parameters) - {"self"}
     config = {key: value for key, value in config.items() if not key.startswith("_")}
     unknown = sorted(set(config) - accepted)
@@ -49,7 +59,7 @@ def weight_files(ckpt_dir: str | Path) -> list[Path]:
     ckpt_dir = Path(ckpt_dir)
     index_path = ckpt_dir / WEIGHTS_INDEX_FILE
     if index_path.is_file():
-        weight_map = json.loads(index_path.read_text()).get("weight_map")
+        weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path}: expected a non-empty 'weight_map' object")
         files = [ckpt_dir / name for name in sorted(set(weight_map.values()))]
