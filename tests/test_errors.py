@@ -1,6 +1,8 @@
 """vidartrain.errors: one family of user-facing errors, and entry points that report them as
 `error: <message>` on stderr with exit status 2 (nothing on stdout, no traceback)."""
+import importlib
 import json
+import re
 import subprocess
 import sys
 
@@ -269,3 +271,15 @@ def test_a_tokenizer_without_the_special_tokens_is_a_checkpoint_error(tmp_path):
     Tokenizer(models.WordLevel({"hello": 0, "<unk>": 1}, unk_token="<unk>")).save(str(path))
     with pytest.raises(CheckpointError, match="vocabulary lacks the pad token '<pad>' or the eos token '</s>'"):
         UMT5Tokenizer(path)
+
+
+def test_every_console_script_reports_errors():
+    """Each `vidar-*` entry point of pyproject.toml is wrapped by reports_errors."""
+    scripts = re.search(r"^\[project\.scripts\]\n(.*?)(?:^\[|\Z)", (REPO_ROOT / "pyproject.toml").read_text(),
+                        flags=re.MULTILINE | re.DOTALL).group(1)
+    targets = re.findall(r'^(vidar-[\w-]+) = "([\w.]+):(\w+)"', scripts, flags=re.MULTILINE)
+    assert len(targets) >= 12
+    wrapper_code = reports_errors(lambda: 0).__code__
+    unwrapped = [name for name, module, function in targets
+                 if getattr(importlib.import_module(module), function).__code__ is not wrapper_code]
+    assert not unwrapped, f"entry points that do not report VidarError as `error: ...` / exit 2: {unwrapped}"
