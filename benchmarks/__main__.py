@@ -71,7 +71,7 @@ def render(results: dict) -> str:
             module = importlib.import_module(f"benchmarks.{name}")
             lines += [f"### {title}", "", f"`python -m benchmarks.{name}`", "",
                       module.markdown(results["benchmarks"][name]), ""]
-    lines += ["### Planner: every hardware profile beside the design note's table", "",
+    lines += ["### Planner: every hardware profile beside the reference hardware table", "",
               "`vidar-plan --config CONFIG --table` (memory per GPU with DeepSpeed's ZeRO-3 estimator, activations "
               "measured from our block; time at 40% MFU, 4 passes per step with checkpointing, 3 without).", ""]
     for title, table in results["planner"].items():

@@ -16,6 +16,7 @@ import numpy as np
 from vidartrain.data.observation import compose_observation
 from vidartrain.data.transforms import resample_indices
 from vidartrain.data.video import VideoReadError, encode_mp4, open_video, read_frames, video_info
+from vidartrain.errors import DataError
 
 SKIP_REASONS = (
     "empty_episode",        # a folder with none of the episode files
@@ -30,7 +31,7 @@ DECODE_CHUNK = 32
 NPY_MAGIC = b"\x93NUMPY"
 
 
-class EpisodeError(Exception):
+class EpisodeError(DataError):
     """An episode that cannot be used; `reason` is one of SKIP_REASONS, `detail` says why."""
 
     def __init__(self, reason: str, detail: str):
@@ -93,16 +94,16 @@ def discover_episodes(episodes_dir: Path, manifest: Path | None = None) -> list[
     try:
         listing = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"manifest {manifest}: cannot read JSON: {error}") from error
+        raise DataError(f"manifest {manifest}: cannot read JSON: {error}") from error
     entries = listing.get("episodes") if isinstance(listing, dict) else listing
     if not isinstance(entries, list):
-        raise ValueError(f"manifest {manifest}: expected a list of episodes or {{\"episodes\": [...]}}")
+        raise DataError(f"manifest {manifest}: expected a list of episodes or {{\"episodes\": [...]}}")
     names = []
     for position, entry in enumerate(entries):
         if isinstance(entry, dict):
             entry = entry.get("episode", entry.get("name", entry.get("path")))
         if not isinstance(entry, str) or not entry:
-            raise ValueError(f"manifest {manifest}: entry {position} has no episode name")
+            raise DataError(f"manifest {manifest}: entry {position} has no episode name")
         check_inside(manifest, position, entry)
         names.append(entry)
     return names
@@ -113,8 +114,8 @@ def check_inside(manifest: Path, position: int, entry: str) -> None:
     the converter read (and copy into shards) files from anywhere on the machine."""
     path = PurePosixPath(entry)
     if path.is_absolute() or ".." in path.parts:
-        raise ValueError(f"manifest {manifest}: entry {position} ({entry!r}) points outside the episodes "
-                         f"directory; entries must be folder names relative to it, without '..'")
+        raise DataError(f"manifest {manifest}: entry {position} ({entry!r}) points outside the episodes "
+                        f"directory; entries must be folder names relative to it, without '..'")
 
 
 def read_instruction(path: Path) -> str:

@@ -25,6 +25,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from vidartrain.data.dataset import SampleRef, read_sample_bytes
 from vidartrain.data.shard_index import file_sha256, read_index, shard_file_problem
 from vidartrain.data.video import VideoReadError, open_video, read_frames
+from vidartrain.errors import reports_errors
 
 MEMBERS = {"raw": ("mp4", "actions.npy", "txt", "json"),
            "latents": ("tensors.safetensors", "actions.npy", "txt", "json")}
@@ -170,6 +171,7 @@ def inspect(shards_dir: Path, decode: bool = True) -> tuple[str, list[str]]:
     return "\n".join(lines), problems
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vidar-inspect", description=__doc__.split("\n")[0])
     parser.add_argument("shards", type=Path, nargs="+",

@@ -16,6 +16,7 @@ import torch
 
 from vidartrain.data.transforms import resample_indices, resize_frames, to_model_range
 from vidartrain.data.video import decode_all_frames
+from vidartrain.errors import ConfigError
 from vidartrain.models.idm import IDM, load_idm, pool_mask_to_latent
 from vidartrain.models.wan.text_encoder import TextEncoder
 from vidartrain.models.wan.vae import WanVAE, latent_shape
@@ -34,9 +35,9 @@ def parse_precompute(value: str) -> tuple[str, ...]:
     parts = tuple(sorted({part.strip() for part in value.split(",") if part.strip()}))
     unknown = [part for part in parts if part not in PRECOMPUTABLE]
     if unknown:
-        raise ValueError(f"--precompute: unknown {unknown}; choose from {', '.join(PRECOMPUTABLE)}")
+        raise ConfigError(f"--precompute: unknown {unknown}; choose from {', '.join(PRECOMPUTABLE)}")
     if "latents" not in parts:
-        raise ValueError("--precompute must include 'latents' (text and idm are stored alongside them)")
+        raise ConfigError("--precompute must include 'latents' (text and idm are stored alongside them)")
     return parts
 
 
@@ -49,9 +50,13 @@ class WindowSettings:
     resize: str = "crop"  # vidartrain.data.transforms.resize_frames mode, as data.resize online
 
     def check(self) -> None:
-        latent_shape(self.num_frames, self.height, self.width)  # raises with the reason when invalid
+        try:
+            latent_shape(self.num_frames, self.height, self.width)  # raises with the reason when invalid
+        except ValueError as error:
+            raise ConfigError(f"--num-frames {self.num_frames} --height {self.height} --width {self.width}: "
+                              f"{error}") from None
         if self.stride < 1:
-            raise ValueError(f"--stride must be positive, got {self.stride}")
+            raise ConfigError(f"--stride must be positive, got {self.stride}")
 
 
 def window_starts(frames: int, window: WindowSettings) -> list[int]:

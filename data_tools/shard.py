@@ -49,6 +49,7 @@ from vidartrain.data.dataset import NULL_PROMPT
 from vidartrain.data.transforms import RESIZE_MODES
 from vidartrain.data.shard_index import (INDEX_FILE, INDEX_FORMAT, JOURNAL_FILE, TEXT_EMBEDDINGS_FILE,
                                          episode_action_statistics, file_sha256, merge_action_statistics)
+from vidartrain.errors import ConfigError, DataError, reports_errors
 from vidartrain.files import Journal, write_atomically
 
 VAL_DIR = "val"
@@ -106,7 +107,7 @@ def assign_splits(names: list[str], val_fraction: float, seed: int) -> dict[str,
     so growing a dataset moves few episodes between splits.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     ranked = sorted(names, key=lambda name: hashlib.sha256(f"{seed}:{name}".encode()).hexdigest())
     count = round(val_fraction * len(names))
     if val_fraction > 0 and count == 0 and len(names) > 1:
@@ -355,7 +356,7 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SystemExit(f"{path}: unreadable ({error}); use --overwrite or another --out") from error
+        raise DataError(f"{path}: unreadable ({error}); use --overwrite or another --out") from error
 
 
 def setting_differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
@@ -373,8 +374,8 @@ def setting_differences(stored: dict, current: dict, prefix: str = "") -> list[s
 def refuse_other_settings(directory: Path, stored: dict | None, settings: ConversionSettings) -> None:
     differences = setting_differences(stored or {}, settings.as_dict())
     if differences:
-        raise SystemExit(f"{directory} holds shards made with other settings ({'; '.join(differences)}); use a "
-                         f"new --out directory or --overwrite")
+        raise DataError(f"{directory} holds shards made with other settings ({'; '.join(differences)}); use a "
+                        f"new --out directory or --overwrite")
 
 
 def episode_fingerprint(folder: Path, layout: EpisodeLayout) -> str:
@@ -424,8 +425,8 @@ def bind_inputs(out: Path, settings: ConversionSettings, inputs: dict, append: b
     refuse_other_settings(out, stored["settings"], settings)
     previous = stored.get("inputs")
     if previous is None:
-        raise SystemExit(f"{out} holds shards without a record of the episodes they were made from (an older "
-                         f"vidar-shard); use --overwrite or another --out")
+        raise DataError(f"{out} holds shards without a record of the episodes they were made from (an older "
+                        f"vidar-shard); use --overwrite or another --out")
     old = {name: fingerprint for name, _, fingerprint in previous["episodes"]}
     new = {name: fingerprint for name, _, fingerprint in inputs["episodes"]}
     added = [name for name in new if name not in old]
@@ -445,7 +446,7 @@ def bind_inputs(out: Path, settings: ConversionSettings, inputs: dict, append: b
         only_added = len(problems) == 1 and added and not append
         hint = ("use --append to convert them into new shards" if only_added
                 else "use --overwrite to convert everything again, or another --out")
-        raise SystemExit(f"{out} holds a conversion of other input:\n  " + "\n  ".join(problems) + f"\n{hint}")
+        raise DataError(f"{out} holds a conversion of other input:\n  " + "\n  ".join(problems) + f"\n{hint}")
     if not append:
         return previous
     if added:
@@ -474,8 +475,8 @@ class OutputLock:
             except BlockingIOError:
                 holder = self.holder(stream)
                 stream.close()
-                raise SystemExit(f"{self.path.parent}: another vidar-shard ({holder or 'unknown process'}) is "
-                                 f"writing to this folder; wait for it to finish or use another --out")
+                raise DataError(f"{self.path.parent}: another vidar-shard ({holder or 'unknown process'}) is "
+                                f"writing to this folder; wait for it to finish or use another --out")
             if self.still_the_lock_file(stream):
                 break
             stream.close()  # its holder removed the file while we waited for the lock: lock the new one
@@ -616,15 +617,12 @@ def convert(episodes_dir: Path, out: Path, settings: ConversionSettings, workers
     if (settings.precompute is None) != (precomputer is None):
         raise ValueError("settings.precompute and precomputer go together: give both or neither")
     if overwrite and append:
-        raise SystemExit("--overwrite and --append exclude each other")
+        raise ConfigError("--overwrite and --append exclude each other")
     if not episodes_dir.is_dir():
-        raise SystemExit(f"--episodes {episodes_dir} is not a directory")
-    try:
-        names = discover_episodes(episodes_dir, manifest)
-    except ValueError as error:
-        raise SystemExit(f"vidar-shard: {error}") from error
+        raise DataError(f"--episodes {episodes_dir} is not a directory")
+    names = discover_episodes(episodes_dir, manifest)
     if not names:
-        raise SystemExit(f"no episode folders found in {episodes_dir}")
+        raise DataError(f"no episode folders found in {episodes_dir}")
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):
         if overwrite:
@@ -727,21 +725,18 @@ def settings_from_args(args: argparse.Namespace) -> ConversionSettings:
     if args.cameras:
         cameras = tuple(part.strip() for part in args.cameras.split(","))
         if len(cameras) != 3 or not all(cameras):
-            raise SystemExit(f"--cameras expects three comma-separated file names, got {args.cameras!r}")
+            raise ConfigError(f"--cameras expects three comma-separated file names, got {args.cameras!r}")
     if args.samples_per_shard < 1 or args.bytes_per_shard < 1:
-        raise SystemExit("--samples-per-shard and --bytes-per-shard must be positive")
+        raise ConfigError("--samples-per-shard and --bytes-per-shard must be positive")
     layout = EpisodeLayout(cameras=cameras, action_dim=args.action_dim, fps=args.fps,
                            reencode=args.video == "reencode", qp=args.qp)
     precompute = None
     if args.precompute:
-        try:
-            what = parse_precompute(args.precompute)
-            window = WindowSettings(args.num_frames, args.stride, args.height, args.width, args.resize)
-            window.check()
-        except ValueError as error:
-            raise SystemExit(f"vidar-shard: {error}") from error
+        what = parse_precompute(args.precompute)
+        window = WindowSettings(args.num_frames, args.stride, args.height, args.width, args.resize)
+        window.check()
         if args.ckpt_dir is None or ("idm" in what and args.idm is None):
-            raise SystemExit("vidar-shard: --precompute needs --ckpt-dir, and --idm when it includes idm")
+            raise ConfigError("--precompute needs --ckpt-dir, and --idm when it includes idm")
         precompute = settings_record(what, window, args.ckpt_dir, args.idm, args.latent_dtype, args.vae_config,
                                      args.t5_config, args.idm_input_size)
     return ConversionSettings(layout=layout, max_samples=args.samples_per_shard, max_bytes=args.bytes_per_shard,
@@ -759,6 +754,7 @@ def precomputer_from_settings(settings: ConversionSettings, device: str) -> Prec
                                         (size, size))
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_from_args(args)

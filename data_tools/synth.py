@@ -18,6 +18,7 @@ import numpy as np
 from data_tools.episodes import actions_to_npy
 from vidartrain.data.observation import CAMERA_ORDER
 from vidartrain.data.video import encode_mp4
+from vidartrain.errors import ConfigError, reports_errors
 
 INSTRUCTIONS = (
     "pick up the red block and place it in the bowl",
@@ -76,8 +77,8 @@ def synthetic_episode(rng: np.random.Generator, frames: int, height: int, width:
                       noise: float = 0.0, action_dim: int = ACTION_DIM
                       ) -> tuple[np.ndarray | dict[str, np.ndarray], np.ndarray, str]:
     if action_dim < 7:
-        raise ValueError(f"synthetic robots have at least one arm (x, y, ..., gripper at dim 6): action_dim "
-                         f"{action_dim} < 7")
+        raise ConfigError(f"synthetic robots have at least one arm (x, y, ..., gripper at dim 6): action_dim "
+                          f"{action_dim} < 7")
     actions = random_actions(rng, frames, action_dim)
     background = rng.integers(60, 200, size=3, dtype=np.uint8)
     instruction = INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]
@@ -200,6 +201,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     write_synthetic_episodes(args.out, args.episodes, args.frames, args.height, args.width, args.fps,

@@ -24,6 +24,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from data_tools.synth import INSTRUCTIONS
+from vidartrain.errors import reports_errors
 from vidartrain.models.wan.checkpoint import write_checkpoint_dir
 from vidartrain.models.wan.model import WanModel
 from vidartrain.models.wan.t5 import UMT5Encoder
@@ -85,6 +86,7 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="checkpoint directory to write")

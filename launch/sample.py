@@ -30,10 +30,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from data_tools.episodes import EpisodeError, EpisodeLayout, load_episode  # noqa: E402
-from vidartrain.config import ConfigError, load_config  # noqa: E402
+from vidartrain.config import load_config  # noqa: E402
 from vidartrain.data.transforms import video_to_model_input  # noqa: E402
 from vidartrain.data.video import decode_all_frames  # noqa: E402
 from vidartrain.distributed.export import state_dict_from_checkpoint  # noqa: E402
+from vidartrain.errors import ConfigError, DataError, reports_errors  # noqa: E402
 from vidartrain.models.idm import load_idm  # noqa: E402
 from vidartrain.models.wan.causal import WanModelCausal  # noqa: E402
 from vidartrain.models.wan.checkpoint import load_finetuned  # noqa: E402
@@ -50,10 +51,6 @@ from vidartrain.trainers.vidar_trainer import VAE_FILE  # noqa: E402
 # Few denoising steps per chunk for the causal model, as it is deployed.
 DEFAULT_CAUSAL_STEPS = 4
 OUTPUT_FILES = ("sample.mp4", "frames.png", "actions.npy", "metrics.json")
-
-
-class SampleError(ValueError):
-    """A missing or mismatched input, reported with the flag and the path."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +104,7 @@ def model_kind(args: argparse.Namespace) -> str:
         return "vidarc"
     if "vidar" in name:
         return "vidar"
-    raise SampleError(f"--weights {args.weights}: cannot tell from the name whether it is vidar (bidirectional) "
+    raise ConfigError(f"--weights {args.weights}: cannot tell from the name whether it is vidar (bidirectional) "
                       f"or vidarc (causal); pass --model vidar or --model vidarc")
 
 
@@ -115,7 +112,7 @@ def gripper_dims(args: argparse.Namespace) -> list[int]:
     try:
         return [int(d) for d in args.gripper_dims.split(",") if d.strip()]
     except ValueError:
-        raise SampleError(f"--gripper-dims {args.gripper_dims!r}: expected comma-separated integers, e.g. 6,13") from None
+        raise ConfigError(f"--gripper-dims {args.gripper_dims!r}: expected comma-separated integers, e.g. 6,13") from None
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -128,27 +125,27 @@ def check_arguments(args: argparse.Namespace) -> None:
             continue
         exists = {"dir": Path(path).is_dir, "file": Path(path).is_file, "any": Path(path).exists}[kind]()
         if not exists:
-            raise SampleError(f"{flag} {path}: no such {'folder' if kind == 'dir' else 'file'}")
+            raise ConfigError(f"{flag} {path}: no such {'folder' if kind == 'dir' else 'file'}")
     for name in ("config.json", VAE_FILE):
         if not (Path(args.ckpt_dir) / name).is_file():
-            raise SampleError(f"--ckpt-dir {args.ckpt_dir}: {name} is missing (expected the Wan2.2-TI2V layout)")
+            raise ConfigError(f"--ckpt-dir {args.ckpt_dir}: {name} is missing (expected the Wan2.2-TI2V layout)")
     if args.image is not None and not args.prompt:
-        raise SampleError("--image needs --prompt (the instruction to follow)")
+        raise ConfigError("--image needs --prompt (the instruction to follow)")
     if args.closed_loop and args.episode is None:
-        raise SampleError("--closed-loop needs --episode (the real observations)")
+        raise ConfigError("--closed-loop needs --episode (the real observations)")
     if args.closed_loop and model_kind(args) != "vidarc":
-        raise SampleError("--closed-loop runs the causal model: pass vidarc weights (or --model vidarc)")
+        raise ConfigError("--closed-loop runs the causal model: pass vidarc weights (or --model vidarc)")
     if args.num_frames < 1 or (args.num_frames - 1) % 4:
-        raise SampleError(f"--num-frames {args.num_frames}: must be 4k+1 (1, 5, 9, ..., 81)")
+        raise ConfigError(f"--num-frames {args.num_frames}: must be 4k+1 (1, 5, 9, ..., 81)")
     if args.height % 32 or args.width % 32 or args.height <= 0 or args.width <= 0:
-        raise SampleError(f"--height {args.height} --width {args.width}: both must be positive multiples of 32 "
+        raise ConfigError(f"--height {args.height} --width {args.width}: both must be positive multiples of 32 "
                           f"(VAE stride 16 x DiT patch 2)")
     gripper_dims(args)
     if args.steps is not None and args.steps < 1:
-        raise SampleError(f"--steps {args.steps}: at least 1")
+        raise ConfigError(f"--steps {args.steps}: at least 1")
     existing = [name for name in OUTPUT_FILES if (Path(args.out) / name).exists()]
     if existing and not args.overwrite:
-        raise SampleError(f"--out {args.out} already holds {', '.join(existing)}; pass --overwrite to replace them")
+        raise ConfigError(f"--out {args.out} already holds {', '.join(existing)}; pass --overwrite to replace them")
 
 
 def load_models(args: argparse.Namespace, dtype: torch.dtype) -> tuple[WanModel, WanVAE, TextEncoder]:
@@ -176,11 +173,11 @@ def read_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, str, np.ndarray
     try:
         episode = load_episode(folder.parent, folder.name, EpisodeLayout())
     except EpisodeError as error:
-        raise SampleError(f"--episode {args.episode}: {error}") from error
+        raise DataError(f"--episode {args.episode}: {error}") from error
     frames, _ = decode_all_frames(episode.video)
     if len(frames) < args.num_frames:
-        raise SampleError(f"--episode {args.episode} has {len(frames)} frames at {episode.fps} fps, "
-                          f"fewer than --num-frames {args.num_frames}")
+        raise DataError(f"--episode {args.episode} has {len(frames)} frames at {episode.fps} fps, "
+                        f"fewer than --num-frames {args.num_frames}")
     video = video_to_model_input(frames[:args.num_frames], args.height, args.width)[None]
     return video, args.prompt or episode.instruction, episode.actions[:args.num_frames]
 
@@ -192,7 +189,11 @@ def run(args: argparse.Namespace) -> dict:
                                                            else torch.float32)
     options = SamplingOptions(steps=args.steps or (DEFAULT_CAUSAL_STEPS if kind == "vidarc" else DEFAULT_STEPS),
                               shift=args.shift, guide_scale=args.guide, solver=args.solver, seed=args.seed)
-    window = RolloutWindow(args.rollout_bound, args.rollout_prefill_num)
+    try:
+        window = RolloutWindow(args.rollout_bound, args.rollout_prefill_num)
+    except ValueError as error:  # the window's own check, reported against the flags that set it
+        raise ConfigError(f"--rollout-bound {args.rollout_bound} --rollout-prefill-num "
+                          f"{args.rollout_prefill_num}: {error}") from None
     video, prompt, actions = read_inputs(args)
     model, vae, text_encoder = load_models(args, dtype)
     start = time.perf_counter()
@@ -217,20 +218,17 @@ def run(args: argparse.Namespace) -> dict:
         np.save(out / "actions.npy", predicted)
         if actions is not None:
             if actions.shape[1] != predicted.shape[1]:
-                raise SampleError(f"--idm {args.idm} predicts {predicted.shape[1]} action dimensions, "
+                raise ConfigError(f"--idm {args.idm} predicts {predicted.shape[1]} action dimensions, "
                                   f"the episode has {actions.shape[1]}")
             metrics.update(action_metrics(predicted[1:], actions[1:len(predicted)], gripper_dims(args)))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return metrics
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        metrics = run(args)
-    except (SampleError, ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"vidar-sample: error: {error}", file=sys.stderr)
-        return 2
+    metrics = run(args)
     out = Path(args.out)
     summary = ", ".join(f"{key} {metrics[key]:.3f}" for key in ("psnr", "action_l1", "gripper_accuracy")
                         if key in metrics)

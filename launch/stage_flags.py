@@ -1,11 +1,12 @@
-"""The design note's per-stage flags (--ckpt_dir, --pt_dir, --debug) on top of launch/train.py."""
+"""The reference recipe's per-stage flags (--ckpt_dir, --pt_dir, --debug) on top of launch/train.py;
+see docs/training.md."""
 from __future__ import annotations
 
 import argparse
 import os
 
-from launch.train import build_parser, run_reporting_config_errors
-from vidartrain.config import ConfigError, load_config
+from launch.train import build_parser, run
+from vidartrain.config import load_config
 from vidartrain.distributed.ds_config import load_profile
 
 
@@ -36,9 +37,5 @@ def main_with_stage_flags(default_config: str, description: str, argv: list[str]
              if value is not None]
     args.overrides[:0] = flags
     if args.debug:
-        try:
-            args.overrides[:0] = debug_overrides(args)
-        except ConfigError as err:
-            print(f"configuration error: {err}")
-            return 2
-    return run_reporting_config_errors(args)
+        args.overrides[:0] = debug_overrides(args)
+    return run(args)

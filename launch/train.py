@@ -32,7 +32,7 @@ if CPU_ONLY:
 
 from vidartrain.config import Config, ConfigError, load_config  # noqa: E402
 from vidartrain.distributed.ds_config import load_profile  # noqa: E402
-from vidartrain.errors import CheckpointError  # noqa: E402
+from vidartrain.errors import reports_errors  # noqa: E402
 from vidartrain.data.shard_index import read_common_index  # noqa: E402
 from vidartrain.plan import GPUS, dit_shape_of, format_plan, make_plan, resolve_gpu  # noqa: E402
 from vidartrain.trainers.base import RunOptions, Stage, Trainer  # noqa: E402
@@ -131,19 +131,9 @@ def dry_run(config: Config, stage: Stage, ds_config: str, args: argparse.Namespa
     return 0
 
 
-def run_reporting_config_errors(args: argparse.Namespace) -> int:
-    try:
-        return run(args)
-    except ConfigError as err:
-        print(f"configuration error: {err}", file=sys.stderr)
-        return 2
-    except CheckpointError as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
-        return 2
-
-
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
-    return run_reporting_config_errors(build_parser().parse_args(argv))
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,13 +13,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by deepspeed / torchrun: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.train import build_parser, run_reporting_config_errors  # noqa: E402
+from launch.train import build_parser, run  # noqa: E402
+from vidartrain.errors import reports_errors  # noqa: E402
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser("IDM training: masked inverse dynamics model on (frame, action) pairs (Eq. 4)",
                           default_config="configs/idm.yaml")
-    return run_reporting_config_errors(parser.parse_args(argv))
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

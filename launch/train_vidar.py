@@ -1,4 +1,4 @@
-"""Stage 1 (Vidar) with the design note's flags.
+"""Stage 1 (Vidar) with the reference recipe's flags (docs/training.md).
 
     python launch/train_vidar.py --ckpt_dir checkpoints/Wan2.2-TI2V-5B --debug --max_steps 100
     deepspeed --num_gpus 8 launch/train_vidar.py --ckpt_dir checkpoints/Wan2.2-TI2V-5B \\
@@ -18,8 +18,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
 from launch.stage_flags import main_with_stage_flags  # noqa: E402
+from vidartrain.errors import reports_errors  # noqa: E402
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     return main_with_stage_flags(default_config=str(REPO_ROOT / "configs" / "vidar_finetune.yaml"),
                                  description="Stage 1: Vidar fine-tuning (WanModel, flow matching)", argv=argv)

@@ -1,4 +1,4 @@
-"""Stage 2 (Vidarc) with the design note's flags.
+"""Stage 2 (Vidarc) with the reference recipe's flags (docs/training.md).
 
     python launch/train_vidarc.py --ckpt_dir checkpoints/Wan2.2-TI2V-5B \\
         --pt_dir checkpoints/vidar/vidar.pt --debug --max_steps 100
@@ -17,8 +17,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
 from launch.stage_flags import main_with_stage_flags  # noqa: E402
+from vidartrain.errors import reports_errors  # noqa: E402
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     return main_with_stage_flags(default_config=str(REPO_ROOT / "configs" / "vidarc_causal.yaml"), argv=argv,
                                  description="Stage 2: Vidarc causal training (WanModelCausal, self-forcing)")

@@ -1,6 +1,7 @@
 """Shared test helpers: where the golden fixtures live, and a skip when they are absent; the GPU lane
 (tests/gpu/, `pytest -m gpu tests/gpu`) marked `gpu` and skipped where there is no CUDA device."""
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,19 @@ def pytest_collection_modifyitems(config, items):
         if Path(item.path).parent.name == "gpu":
             item.add_marker(pytest.mark.gpu)
             item.add_marker(NO_CUDA)
+
+
+@pytest.fixture
+def refused(capsys):
+    """`refused(pattern, main, *args)`: the entry point `main(*args)` exits with status 2, prints
+    `error: <message>` matching `pattern` to stderr and nothing to stdout; returns the message."""
+    def check(pattern: str, main, *args) -> str:
+        capsys.readouterr()
+        status = main(*args)
+        out, err = capsys.readouterr()
+        assert status == 2, f"exit status {status}, expected 2; stderr:\n{err}"
+        assert out == "", f"stdout should be empty, got:\n{out}"
+        message = err[err.rindex("error: ") + len("error: "):] if "error: " in err else ""
+        assert re.search(pattern, message), f"{pattern!r} not in the error message:\n{err}"
+        return message
+    return check

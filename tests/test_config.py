@@ -1,4 +1,4 @@
-"""YAML configs: the design note's files load, overrides are typed, and errors say what is wrong."""
+"""YAML configs: the reference recipe's files load, overrides are typed, and errors say what is wrong."""
 import json
 from pathlib import Path
 
@@ -15,7 +15,7 @@ def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
     return path
 
 
-def test_design_note_configs_load_unchanged():
+def test_reference_configs_load_unchanged():
     stage1 = load_config(CONFIGS / "vidar_finetune.yaml")
     assert stage1.model.model_class == "WanModel"
     assert stage1.training.num_steps == 14000 and stage1.training.lr == 2.0e-5

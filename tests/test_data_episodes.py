@@ -12,6 +12,7 @@ from data_tools.synth import (DEFECTS, random_actions, render_frames, synthetic_
 from vidartrain.data.observation import compose_observation
 from vidartrain.data.transforms import resample_indices
 from vidartrain.data.video import decode_all_frames, encode_mp4
+from vidartrain.errors import DataError
 
 LAYOUT = EpisodeLayout()
 
@@ -70,7 +71,7 @@ def test_manifest_entry_without_folder_is_missing_file(tmp_path):
 
 def test_bad_manifest_names_the_file(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"episodes": [3]}))
-    with pytest.raises(ValueError, match="manifest.json: entry 0"):
+    with pytest.raises(DataError, match="manifest.json: entry 0"):
         discover_episodes(tmp_path)
 
 

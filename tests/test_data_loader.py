@@ -14,6 +14,7 @@ from data_tools import shard as shard_tool
 from data_tools.synth import synthetic_episode, write_episode, write_synthetic_episodes
 from vidartrain.config import DataConfig
 from vidartrain.data.dataset import build_loader
+from vidartrain.errors import DataError
 
 EPISODES = 8
 HEIGHT, WIDTH = 48, 64
@@ -136,6 +137,12 @@ def test_state_from_another_seed_is_refused(shards):
         other.load_state_dict(state)
 
 
+def test_too_few_samples_for_one_batch_is_a_data_error(shards):
+    loader = build_loader(shards, config(shards), 100, rank=0, world_size=1)
+    with pytest.raises(DataError, match="8 samples cannot fill one batch of 100 on each of 1 ranks"):
+        next(iter(loader))
+
+
 def test_text_dropout(shards):
     always = build_loader(shards, config(shards, cfg_prob=1.0), 4, rank=0, world_size=1, epochs=1)
     never = build_loader(shards, config(shards, cfg_prob=0.0), 4, rank=0, world_size=1, epochs=1)
@@ -169,7 +176,7 @@ def test_idm_frame_pairs(shards):
 
 def test_too_short_samples_are_left_out_with_a_warning(shards):
     with pytest.warns(UserWarning, match="fewer than 21 frames"):
-        with pytest.raises(ValueError, match="no sample has 21 frames"):
+        with pytest.raises(DataError, match="no sample has 21 frames"):
             build_loader(shards, config(shards, num_frames=21), 1, rank=0, world_size=1)
 
 
@@ -179,7 +186,7 @@ def test_truncated_shard_is_refused_at_start(shards, tmp_path):
     for file in shards.iterdir():
         (copy / file.name).write_bytes(file.read_bytes())
     (copy / "shard-000000.tar").write_bytes((shards / "shard-000000.tar").read_bytes()[:5000])
-    with pytest.raises(ValueError, match="shard-000000.tar: 5000 bytes, index.json says"):
+    with pytest.raises(DataError, match="shard-000000.tar: 5000 bytes, index.json says"):
         build_loader(copy, config(copy), 1, rank=0, world_size=1, train=False)
 
 

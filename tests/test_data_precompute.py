@@ -19,6 +19,7 @@ from data_tools.tiny_checkpoint import TINY_T5, TINY_VAE, write_tiny_checkpoint
 from vidartrain.config import DataConfig
 from vidartrain.data.dataset import build_loader
 from vidartrain.data.transforms import to_model_range
+from vidartrain.errors import ConfigError
 from vidartrain.trainers.vidar_trainer import VidarStage
 from trainer_launch import tiny_idm
 from vidartrain.models.wan.text_encoder import TextEncoder
@@ -128,11 +129,11 @@ def test_a_dropped_caption_gives_one_text_tensor_in_raw_and_pre_encoded_modes(pr
 
 def test_config_must_match_the_pre_encoded_windows(pre_encoded):
     shards, _ = pre_encoded
-    with pytest.raises(ValueError, match="num_frames 9 \\(shards: 5\\)"):
+    with pytest.raises(ConfigError, match="num_frames 9 \\(shards: 5\\)"):
         build_loader(shards, data_config(shards, num_frames=9), 1, rank=0, world_size=1)
-    with pytest.raises(ValueError, match="resize pad \\(shards: crop\\)"):
+    with pytest.raises(ConfigError, match="resize pad \\(shards: crop\\)"):
         build_loader(shards, data_config(shards, resize="pad"), 1, rank=0, world_size=1)
-    with pytest.raises(ValueError, match="IDM frame pairs need raw video"):
+    with pytest.raises(ConfigError, match="IDM frame pairs need raw video"):
         build_loader(shards, data_config(shards), 1, rank=0, world_size=1, mode="frames")
 
 
@@ -157,7 +158,7 @@ print("ok")
     assert result.stdout.strip() == "ok"
 
 
-def test_precompute_from_the_command_line(workspace, tmp_path):
+def test_precompute_from_the_command_line(workspace, tmp_path, refused):
     out = tmp_path / "shards"
     argv = ["--episodes", str(workspace / "episodes"), "--out", str(out), "--precompute", "latents,text",
             "--ckpt-dir", str(workspace / "ckpt"), "--num-frames", "5", "--stride", "8", "--height", "32",
@@ -169,10 +170,8 @@ def test_precompute_from_the_command_line(workspace, tmp_path):
     batch = next(iter(build_loader(out, data_config(out), 1, rank=0, world_size=1)))
     assert batch["latents"].dtype == torch.bfloat16 and "idm_mask" not in batch
     assert shard_tool.main(argv) == 0  # finished already: nothing is redone, still complete
-    with pytest.raises(SystemExit, match="must include 'latents'"):
-        shard_tool.main(argv[:4] + ["--precompute", "text"] + argv[6:])
-    with pytest.raises(SystemExit, match="1 \\+ 4\\*n"):
-        shard_tool.main(argv[:8] + ["--num-frames", "6"] + argv[10:])
+    refused("must include 'latents'", shard_tool.main, argv[:4] + ["--precompute", "text"] + argv[6:])
+    refused("1 \\+ 4\\*n", shard_tool.main, argv[:8] + ["--num-frames", "6"] + argv[10:])
 
 
 def test_inspect_verifies_pre_encoded_shards(pre_encoded, tmp_path, capsys):

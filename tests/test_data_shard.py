@@ -12,6 +12,7 @@ from data_tools import shard as shard_tool
 from data_tools.synth import (DEFECTS, synthetic_episode, write_defective_episode, write_episode,
                               write_synthetic_episodes)
 from vidartrain.data.shard_index import JOURNAL_FILE, read_index
+from vidartrain.errors import DataError
 from vidartrain.files import Journal
 from vidartrain.data.video import decode_all_frames
 
@@ -89,7 +90,7 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(mixed_episodes,
     assert sorted(p.name for p in out.iterdir()) == [".journal.jsonl", "shard-000000.tar"]
     _, records = Journal(out / JOURNAL_FILE).read()
     assert [r["shard"]["name"] for r in records] == ["shard-000000.tar"]
-    with pytest.raises(ValueError, match="did not finish"):
+    with pytest.raises(DataError, match="did not finish"):
         read_index(out)
     with (out / ".journal.jsonl").open("ab") as journal:
         journal.write(b'{"shard": {"name": "shard-0000')  # a line torn by a crash
@@ -118,10 +119,9 @@ def test_corrupted_finished_shard_is_rewritten(mixed_episodes, tmp_path):
     assert (out / "index.json").read_bytes() == index  # shard 0's record was taken over from the old index
 
 
-def test_other_settings_in_same_out_dir_are_refused(mixed_episodes, tmp_path):
+def test_other_settings_in_same_out_dir_are_refused(mixed_episodes, tmp_path, refused):
     run(mixed_episodes, tmp_path / "out", "--samples-per-shard", 4)
-    with pytest.raises(SystemExit, match="other settings"):
-        run(mixed_episodes, tmp_path / "out", "--samples-per-shard", 3)
+    refused("other settings", run, mixed_episodes, tmp_path / "out", "--samples-per-shard", 3)
     assert run(mixed_episodes, tmp_path / "out", "--samples-per-shard", 3, "--overwrite") == 0
     assert len(list((tmp_path / "out").glob("shard-*.tar"))) == 2
 

@@ -1,5 +1,5 @@
 """DeepSpeed profiles: accepted by DeepSpeed's own parser at the world size each is written for,
-batch arithmetic checked, and the design note's FSDP words mapped onto ZeRO with warnings."""
+batch arithmetic checked, and the reference recipe's FSDP words mapped onto ZeRO with warnings."""
 import json
 from pathlib import Path
 
@@ -10,7 +10,7 @@ from vidartrain.config import ConfigError, load_config
 from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile, profile_world_size
 
 REPO = Path(__file__).resolve().parents[1]
-PROFILES = {  # profile -> (world size, micro, accumulation), from the design note's hardware table
+PROFILES = {  # profile -> (world size, micro, accumulation), from the reference hardware table (docs/training.md)
     "zero3_64xh100": (64, 2, 1),
     "zero3_8xh100": (8, 2, 8),
     "zero3_8xa100_80g": (8, 1, 16),

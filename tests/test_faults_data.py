@@ -22,6 +22,7 @@ from data_tools.synth import synthetic_episode, write_defective_episode, write_e
 from vidartrain.config import ConfigError, DataConfig, check_inputs_exist, load_config
 from vidartrain.data.dataset import BadSampleLimitError, build_loader
 from vidartrain.data.shard_index import file_sha256
+from vidartrain.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -55,7 +56,7 @@ def six_episodes(tmp_path):
     return root
 
 
-def test_rerun_with_added_episodes_is_refused_and_append_adds_exactly_them(six_episodes, tmp_path, capsys):
+def test_rerun_with_added_episodes_is_refused_and_append_adds_exactly_them(six_episodes, tmp_path, capsys, refused):
     out = tmp_path / "shards"
     assert run(six_episodes, out, "--samples-per-shard", 4) == 0
     before = {path.name: (path.read_bytes(), path.stat().st_ino) for path in out.glob("shard-*.tar")}
@@ -63,8 +64,7 @@ def test_rerun_with_added_episodes_is_refused_and_append_adds_exactly_them(six_e
     add_episode(six_episodes, "ep_0002b", seed=20)
     add_episode(six_episodes, "ep_0009", seed=21)
 
-    with pytest.raises(SystemExit, match=r"2 episode\(s\) added: ep_0002b, ep_0009\nuse --append"):
-        run(six_episodes, out, "--samples-per-shard", 4)
+    refused(r"2 episode\(s\) added: ep_0002b, ep_0009\nuse --append", run, six_episodes, out, "--samples-per-shard", 4)
     assert (out / "index.json").read_bytes() == index_before
 
     capsys.readouterr()
@@ -92,7 +92,7 @@ def test_rerun_with_added_episodes_is_refused_and_append_adds_exactly_them(six_e
     assert (out / "index.json").read_bytes() == index_after
 
 
-def test_changed_removed_or_other_input_is_refused_even_with_append(six_episodes, tmp_path):
+def test_changed_removed_or_other_input_is_refused_even_with_append(six_episodes, tmp_path, refused):
     out = tmp_path / "shards"
     assert run(six_episodes, out) == 0
     index_before = (out / "index.json").read_bytes()
@@ -101,17 +101,13 @@ def test_changed_removed_or_other_input_is_refused_even_with_append(six_episodes
     os.utime(actions, ns=(actions.stat().st_atime_ns, actions.stat().st_mtime_ns + 10**9))
     shutil.rmtree(six_episodes / "ep_0004")
     for extra in ((), ("--append",)):
-        with pytest.raises(SystemExit) as refused:
-            run(six_episodes, out, *extra)
-        message = str(refused.value)
+        message = refused("removed", run, six_episodes, out, *extra)
         assert "1 episode(s) removed: ep_0004" in message and "1 episode(s) changed" in message
         assert "ep_0001" in message and "--overwrite" in message
     other = tmp_path / "other_episodes"
     write_synthetic_episodes(other, 6, frames=8, height=SIZE, width=SIZE, seed=1)
-    with pytest.raises(SystemExit, match=f"other episodes directory: {other}"):
-        run(other, out)
-    with pytest.raises(SystemExit, match=r"other settings \(layout.fps: 10 in the folder, 5 now\)"):
-        run(other, out, "--fps", 5, "--append")
+    refused(f"other episodes directory: {other}", run, other, out)
+    refused(r"other settings \(layout.fps: 10 in the folder, 5 now\)", run, other, out, "--fps", 5, "--append")
     assert (out / "index.json").read_bytes() == index_before
     assert run(other, out, "--overwrite") == 0 and index_of(out)["inputs"]["episodes_dir"] == str(other)
 
@@ -167,15 +163,15 @@ def wait_for(condition, timeout: float = 120.0, what: str = "") -> None:
         time.sleep(0.1)
 
 
-def test_second_converter_is_refused_and_a_dead_converters_lock_is_taken_over(six_episodes, tmp_path, capsys):
+def test_second_converter_is_refused_and_a_dead_converters_lock_is_taken_over(six_episodes, tmp_path, capsys,
+                                                                             refused):
     out = tmp_path / "shards"
     first = start_slow_converter(tmp_path, six_episodes, out)
     try:
         lock = out / shard_tool.LOCK_FILE
         wait_for(lambda: list(tmp_path.glob("started-*")), what="the first converter to start converting")
         assert f"pid {first.pid}" in lock.read_text()
-        with pytest.raises(SystemExit, match=f"another vidar-shard \\(pid {first.pid} on .*\\) is writing"):
-            run(six_episodes, out)
+        refused(f"another vidar-shard \\(pid {first.pid} on .*\\) is writing", run, six_episodes, out)
     finally:
         first.kill()
         first.wait()
@@ -253,7 +249,7 @@ def test_all_defective_input_fails_and_the_folder_is_not_a_dataset(tmp_path, cap
     assert inspect_tool.main([str(out)]) == 1
     assert "the conversion failed" in capsys.readouterr().err
     config = DataConfig(shards=str(out), num_frames=5, height=32, width=32, num_workers=0)
-    with pytest.raises(ValueError, match="the conversion failed"):
+    with pytest.raises(DataError, match="the conversion failed"):
         build_loader(out, config, 1, rank=0, world_size=1)
 
 
@@ -262,12 +258,11 @@ def test_all_defective_input_fails_and_the_folder_is_not_a_dataset(tmp_path, cap
 
 
 @pytest.mark.parametrize("entry", ["../outside/ep_secret", "ep_0000/../../outside/ep_secret", "ABSOLUTE"])
-def test_manifest_cannot_point_outside_the_episodes_dir(six_episodes, tmp_path, entry):
+def test_manifest_cannot_point_outside_the_episodes_dir(six_episodes, tmp_path, entry, refused):
     add_episode(tmp_path / "outside", "ep_secret", seed=3)
     entry = str(tmp_path / "outside" / "ep_secret") if entry == "ABSOLUTE" else entry
     (six_episodes / "manifest.json").write_text(json.dumps(["ep_0000", entry]))
-    with pytest.raises(SystemExit, match=r"entry 1 .* points outside the episodes directory"):
-        run(six_episodes, tmp_path / "shards")
+    refused(r"entry 1 .* points outside the episodes directory", run, six_episodes, tmp_path / "shards")
     assert not list((tmp_path / "shards").glob("shard-*.tar"))
 
 
@@ -396,7 +391,7 @@ def test_missing_or_resized_shard_is_refused_at_start_and_skipped_if_lost_during
     config = loader_config(copy)
     running = build_loader(copy, config, 1, rank=0, world_size=1, train=False)
     (copy / "shard-000001.tar").unlink()
-    with pytest.raises(ValueError, match=f"{copy / 'shard-000001.tar'}: missing"):
+    with pytest.raises(DataError, match=f"{copy / 'shard-000001.tar'}: missing"):
         build_loader(copy, config, 1, rank=0, world_size=1)
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text("{}")
@@ -414,7 +409,7 @@ def test_missing_or_resized_shard_is_refused_at_start_and_skipped_if_lost_during
     assert all("shard-000001.tar: FileNotFoundError" in line for line in logged)
     assert running.skipped_samples == len(logged) >= 3  # a substitute from the lost shard fails too
     (copy / "shard-000001.tar").write_bytes((shards / "shard-000001.tar").read_bytes() + b"\0" * 512)
-    with pytest.raises(ValueError, match="shard-000001.tar: .* bytes, index.json says"):
+    with pytest.raises(DataError, match="shard-000001.tar: .* bytes, index.json says"):
         build_loader(copy, config, 1, rank=0, world_size=1)
 
 

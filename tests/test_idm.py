@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from trainer_launch import tiny_idm
 
+from vidartrain.errors import CheckpointError
 from vidartrain.losses import idm_loss
 from vidartrain.models.idm import (IMAGENET_MEAN, IMAGENET_STD, IDM, IdmArchitecture, load_idm, preprocess_frames,
                                    save_idm)
@@ -220,7 +221,7 @@ def test_load_idm_names_offending_keys(tmp_path):
     torch.save({"model_state_dict": {"train_mean": torch.zeros(14), "train_std": torch.ones(14),
                                      "model.resnet_model.fc.bias": torch.zeros(5),
                                      "model.head.weight": torch.zeros(3)}, "step": 1}, path)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(CheckpointError) as error:
         load_idm(path)
     message = str(error.value)
     assert str(path) in message
@@ -229,7 +230,7 @@ def test_load_idm_names_offending_keys(tmp_path):
     assert "model.resnet_model.fc.bias: (5,) (expected (14,))" in message  # mis-shaped
 
     torch.save({"model_state_dict": {"train_mean": [0.0] * 14}}, path)
-    with pytest.raises(ValueError, match="not tensors: \\['train_mean'\\]"):
+    with pytest.raises(CheckpointError, match="not tensors: \\['train_mean'\\]"):
         load_idm(path)
 
 

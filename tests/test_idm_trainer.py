@@ -6,6 +6,7 @@ from data_tools.shard import main as shard_main
 from data_tools.synth import write_synthetic_episodes
 from vidartrain.config import ConfigError, load_config
 from vidartrain.data.shard_index import read_index
+from vidartrain.errors import DataError
 from vidartrain.losses import action_accuracy, idm_loss
 from vidartrain.models.idm import IDM, IDM_INPUT_SIZE, IdmArchitecture, load_idm, preprocess_frames, save_idm
 from vidartrain.trainers.idm_trainer import IdmStage, idm_input_size
@@ -96,11 +97,11 @@ def test_clear_errors(stage_and_model, batch):
     stage, model = stage_and_model
     with pytest.raises(ConfigError, match="gradient_checkpointing"):
         IdmStage().build_model(tiny_config("model.gradient_checkpointing=true"))
-    with pytest.raises(ValueError, match="action dimensions"):
+    with pytest.raises(DataError, match="action dimensions"):
         stage.training_loss(model, {**batch, "action": batch["action"][:, :7]}, torch.Generator())
     bf16 = IdmStage()
     bf16_model = bf16.build_model(tiny_config()).to(torch.bfloat16)
-    with pytest.raises(RuntimeError, match="mixed_precision: fp32"):
+    with pytest.raises(ConfigError, match="mixed_precision: fp32"):
         bf16.training_loss(bf16_model, batch, torch.Generator())
 
 

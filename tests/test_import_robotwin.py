@@ -83,14 +83,13 @@ def test_faulty_episodes_are_skipped_with_the_converters_reasons(tmp_path, capsy
     assert (tmp_path / "out" / "ep_0000" / "video.mp4").stat().st_mtime_ns == kept
 
 
-def test_strict_stops_at_the_first_faulty_episode(tmp_path):
+def test_strict_stops_at_the_first_faulty_episode(tmp_path, refused):
     source = tmp_path / "src"
     write_robotwin_episode(source, 0, frames=6, short_camera=True)
-    with pytest.raises(SystemExit, match="length_mismatch"):
-        run(source, tmp_path / "out", "--fps", "10", "--strict")
+    refused("length_mismatch", run, source, tmp_path / "out", "--fps", "10", "--strict")
 
 
-def test_import_is_deterministic_and_resumes_after_an_interruption(tmp_path, monkeypatch):
+def test_import_is_deterministic_and_resumes_after_an_interruption(tmp_path, monkeypatch, refused):
     source = tmp_path / "src"
     for number in range(3):
         write_robotwin_episode(source, number, frames=6 + number)
@@ -121,10 +120,8 @@ def test_import_is_deterministic_and_resumes_after_an_interruption(tmp_path, mon
     (tmp_path / "resumed" / "ep_0001" / "actions.npy").write_bytes(b"changed")
     assert run(source, tmp_path / "resumed", "--fps", "10") == 0
     assert all((tmp_path / "clean" / f).read_bytes() == (tmp_path / "resumed" / f).read_bytes() for f in files)
-    with pytest.raises(SystemExit, match="other settings.*fps: 10.0 in the folder, 30.0 now"):
-        run(source, tmp_path / "resumed", "--fps", "30")
-    with pytest.raises(SystemExit, match="not empty and holds no import"):
-        run(source, source, "--fps", "10")
+    refused("other settings.*fps: 10.0 in the folder, 30.0 now", run, source, tmp_path / "resumed", "--fps", "30")
+    refused("not empty and holds no import", run, source, source, "--fps", "10")
 
 
 def test_shards_straight_from_the_source(tmp_path):
@@ -142,13 +139,10 @@ def test_shards_straight_from_the_source(tmp_path):
     assert [s["reason"] for s in imported["skipped"]] == ["length_mismatch"]
 
 
-def test_configuration_errors_fail_before_any_work(tmp_path):
+def test_configuration_errors_fail_before_any_work(tmp_path, refused):
     source = tmp_path / "src"
     write_robotwin_episode(source, 0, frames=4)
-    with pytest.raises(SystemExit, match="store no frame rate"):
-        run(source, tmp_path / "out")
-    with pytest.raises(SystemExit, match="one camera or three"):
-        run(source, tmp_path / "out", "--fps", "10", "--cameras", "head_camera,left_camera")
-    with pytest.raises(SystemExit, match="need --shards"):
-        run(source, tmp_path / "out", "--fps", "10", "--val-fraction", "0.1")
+    refused("store no frame rate", run, source, tmp_path / "out")
+    refused("one camera or three", run, source, tmp_path / "out", "--fps", "10", "--cameras", "head_camera,left_camera")
+    refused("need --shards", run, source, tmp_path / "out", "--fps", "10", "--val-fraction", "0.1")
     assert not (tmp_path / "out").exists()

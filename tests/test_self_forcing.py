@@ -7,6 +7,7 @@ from data_tools.tiny_checkpoint import TINY_DIT, write_tiny_checkpoint
 from vidartrain.config import ConfigError, config_from_dict
 from vidartrain.data.transforms import to_model_range
 from trainer_launch import tiny_idm
+from vidartrain.errors import DataError
 from vidartrain.models.idm import pool_mask_to_latent
 from vidartrain.models.wan.kv_cache import RolloutWindow
 from vidartrain.trainers.self_forcing import (SelfForcingStage, closed_loop_schedule, closed_loop_velocity,
@@ -118,10 +119,10 @@ def test_loss_falls_when_overfitting_one_batch(checkpoint, batch):
 def test_clear_errors(checkpoint, batch):
     stage, model = build(checkpoint)
     no_mask = {k: v for k, v in batch.items() if k != "idm_mask"}
-    with pytest.raises(KeyError, match="idm_mask"):
+    with pytest.raises(DataError, match="idm_mask"):
         loss_of(stage, model, no_mask)
     short = {**batch, "latents": batch["latents"][:, :, :3], "idm_mask": batch["idm_mask"][:, :3]}
-    with pytest.raises(ValueError, match="fewer than self_forcing.chunk_size"):
+    with pytest.raises(ConfigError, match="fewer than self_forcing.chunk_size"):
         loss_of(stage, model, short)
     with pytest.raises(ConfigError, match="ckpt_dir"):
         SelfForcingStage().build_model(config_from_dict({"loss": {"type": "causal_flow_matching"},

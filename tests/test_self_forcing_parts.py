@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from vidartrain.errors import ConfigError
 from vidartrain.losses import shift_sigma
 from vidartrain.models.wan.kv_cache import RolloutWindow
 from vidartrain.trainers.self_forcing import (RolloutEvent, choose_context, closed_loop_schedule,
@@ -34,7 +35,7 @@ def test_window_draws_are_reproducible_and_cover_every_start():
 
 
 def test_window_rejects_what_cannot_work():
-    with pytest.raises(ValueError, match="fewer than self_forcing.chunk_size"):
+    with pytest.raises(ConfigError, match="fewer than self_forcing.chunk_size"):
         prepare_causal_window(torch.randn(1, 2, 2, 2, 2), 3, 3.0, torch.Generator())
     with pytest.raises(ValueError, match="num_context_frames"):
         prepare_causal_window(torch.randn(1, 2, 4, 2, 2), 3, 3.0, torch.Generator(), num_context_frames=3)

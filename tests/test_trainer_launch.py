@@ -129,7 +129,7 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run(pre_encoded, tmp
     assert not (tmp_path / "vidar.pt").exists()
 
 
-def test_design_note_flags_map_onto_config_overrides(monkeypatch):
+def test_reference_recipe_flags_map_onto_config_overrides(monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = train_cli.build_parser().parse_args(["--config", "configs/vidar_finetune.yaml", "--ds-config", CPU_PROFILE])

@@ -7,6 +7,7 @@ from conftest import fixture_path
 from safetensors.torch import load_file, save_file
 from test_wan_dit import tiny_config, write_published_layout
 
+from vidartrain.errors import CheckpointError
 from vidartrain.models.wan.checkpoint import load_finetuned, read_model_config
 from vidartrain.models.wan.model import WanModel
 
@@ -58,31 +59,31 @@ def test_absent_config_keys_take_the_ti2v_defaults(tmp_path):
 
 def test_unknown_config_key_is_an_error(tmp_path, state):
     write_single_file(tmp_path, {**tiny_config(), "hidden_size": 5}, state)
-    with pytest.raises(ValueError, match="unknown keys \\['hidden_size'\\]"):
+    with pytest.raises(CheckpointError, match="unknown keys \\['hidden_size'\\]"):
         WanModel.from_pretrained(tmp_path)
 
 
 def test_missing_key_is_named(tmp_path, state):
     write_single_file(tmp_path, tiny_config(), {k: v for k, v in state.items() if k != "head.modulation"})
-    with pytest.raises(KeyError, match="head.modulation"):
+    with pytest.raises(CheckpointError, match="head.modulation"):
         WanModel.from_pretrained(tmp_path)
 
 
 def test_unexpected_key_is_named(tmp_path, state):
     write_single_file(tmp_path, tiny_config(), {**state, "blocks.9.norm3.weight": torch.ones(96)})
-    with pytest.raises(KeyError, match="unexpected key 'blocks.9.norm3.weight'"):
+    with pytest.raises(CheckpointError, match="unexpected key 'blocks.9.norm3.weight'"):
         WanModel.from_pretrained(tmp_path)
 
 
 def test_wrong_shape_is_named(tmp_path, state):
     write_single_file(tmp_path, tiny_config(), {**state, "head.head.bias": torch.zeros(7)})
-    with pytest.raises(ValueError, match=r"'head.head.bias' has shape \[7\].*expects \[192\]"):
+    with pytest.raises(CheckpointError, match=r"'head.head.bias' has shape \[7\].*expects \[192\]"):
         WanModel.from_pretrained(tmp_path)
 
 
 def test_missing_checkpoint_files_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
-    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors"):
         WanModel.from_pretrained(tmp_path)
 
 
@@ -109,14 +110,14 @@ def test_finetune_applies_and_reports_missing_and_unexpected(tmp_path, tiny_mode
 def test_finetune_with_no_matching_key_is_refused(tmp_path, tiny_model):
     path = tmp_path / "vidar.pt"
     torch.save({"module.head.head.bias": torch.zeros(192)}, path)
-    with pytest.raises(ValueError, match="none of its 1 keys.*module.head.head.bias"):
+    with pytest.raises(CheckpointError, match="none of its 1 keys.*module.head.head.bias"):
         load_finetuned(tiny_model, path)
 
 
 def test_finetune_with_wrong_shape_is_refused_and_nothing_changes(tmp_path, tiny_model, state):
     path = tmp_path / "vidarc.pt"
     torch.save({"head.head.bias": torch.zeros(192), "blocks.0.ffn.0.weight": torch.zeros(384, 96)}, path)
-    with pytest.raises(ValueError, match=r"'blocks.0.ffn.0.weight' has shape \[384, 96\].*\[192, 96\]"):
+    with pytest.raises(CheckpointError, match=r"'blocks.0.ffn.0.weight' has shape \[384, 96\].*\[192, 96\]"):
         load_finetuned(tiny_model, path)
     assert torch.equal(tiny_model.head.head.bias, state["head.head.bias"])
 
@@ -124,5 +125,5 @@ def test_finetune_with_wrong_shape_is_refused_and_nothing_changes(tmp_path, tiny
 def test_finetune_file_that_is_not_a_state_dict_is_refused(tmp_path, tiny_model):
     path = tmp_path / "vidar.pt"
     torch.save([torch.zeros(1)], path)
-    with pytest.raises(ValueError, match="expected a state dict"):
+    with pytest.raises(CheckpointError, match="expected a state dict"):
         load_finetuned(tiny_model, path)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from data_tools.tiny_checkpoint import write_tokenizer
+from vidartrain.errors import CheckpointError
 from vidartrain.models.wan import t5 as t5_module
 from vidartrain.models.wan.t5 import UMT5Encoder, load_umt5_encoder
 from vidartrain.models.wan.text_encoder import (T5_CHECKPOINT_NAME, T5_TOKENIZER_DIR, TextEncoder,
@@ -109,18 +110,18 @@ def test_load_checkpoint_errors_name_the_key(tmp_path):
     path = tmp_path / "enc.pth"
 
     torch.save({k: v for k, v in state.items() if k != "blocks.1.attn.k.weight"}, path)
-    with pytest.raises(KeyError, match=r"missing \['blocks.1.attn.k.weight'\]"):
+    with pytest.raises(CheckpointError, match=r"missing \['blocks.1.attn.k.weight'\]"):
         load_umt5_encoder(path, config=TINY)
 
     torch.save({**state, "blocks.0.attn.q.bias": torch.zeros(32)}, path)
-    with pytest.raises(KeyError, match=r"unexpected \['blocks.0.attn.q.bias'\]"):
+    with pytest.raises(CheckpointError, match=r"unexpected \['blocks.0.attn.q.bias'\]"):
         load_umt5_encoder(path, config=TINY)
 
     torch.save({**state, "norm.weight": torch.ones(31)}, path)
-    with pytest.raises(ValueError, match=r"'norm.weight' has shape \(31,\).*\(32,\)"):
+    with pytest.raises(CheckpointError, match=r"'norm.weight' has shape \(31,\).*\(32,\)"):
         load_umt5_encoder(path, config=TINY)
 
-    with pytest.raises(FileNotFoundError, match="absent.pth"):
+    with pytest.raises(CheckpointError, match="absent.pth"):
         load_umt5_encoder(tmp_path / "absent.pth", config=TINY)
 
 
@@ -190,7 +191,7 @@ def test_tokenizer_without_eos_template_is_rejected(tmp_path):
     tokenizer = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2}, unk_token="<unk>"))
     path = tmp_path / "tokenizer.json"
     tokenizer.save(str(path))
-    with pytest.raises(ValueError, match="post_processor does not append '</s>'"):
+    with pytest.raises(CheckpointError, match="post_processor does not append '</s>'"):
         UMT5Tokenizer(path)
-    with pytest.raises(FileNotFoundError, match="nothing.json"):
+    with pytest.raises(CheckpointError, match="nothing.json"):
         UMT5Tokenizer(tmp_path / "nothing.json")

@@ -9,6 +9,7 @@ from conftest import fixture_path
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from vidartrain.errors import CheckpointError
 from vidartrain.models.wan.vae import (WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, WanVAE,
                                        latent_shape)
 
@@ -211,7 +212,7 @@ def test_from_pretrained_names_mismatched_keys(tmp_path, tiny_weights):
     renamed["encoder.extra.weight"] = renamed.pop("decoder.head.2.bias")
     path = tmp_path / "renamed.safetensors"
     save_file(renamed, path)
-    with pytest.raises(KeyError) as error:
+    with pytest.raises(CheckpointError) as error:
         WanVAE.from_pretrained(path, **tiny_config())
     message = str(error.value)
     assert str(path) in message
@@ -220,15 +221,15 @@ def test_from_pretrained_names_mismatched_keys(tmp_path, tiny_weights):
 
     reshaped = {**tiny_weights, "conv2.weight": torch.zeros(48, 48, 1, 1, 2)}
     save_file(reshaped, path)
-    with pytest.raises(ValueError, match=r"'conv2.weight' has shape \(48, 48, 1, 1, 2\)"):
+    with pytest.raises(CheckpointError, match=r"'conv2.weight' has shape \(48, 48, 1, 1, 2\)"):
         WanVAE.from_pretrained(path, **tiny_config())
 
-    with pytest.raises(FileNotFoundError, match="absent.pth"):
+    with pytest.raises(CheckpointError, match="absent.pth"):
         WanVAE.from_pretrained(tmp_path / "absent.pth")
 
 
 def test_from_pretrained_rejects_non_state_dict(tmp_path):
     path = tmp_path / "wrapped.pth"
     torch.save({"model": {"conv1.weight": torch.zeros(1)}}, path)
-    with pytest.raises(ValueError, match="expected a state dict"):
+    with pytest.raises(CheckpointError, match="expected a state dict"):
         WanVAE.from_pretrained(path, **tiny_config())

@@ -19,10 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from vidartrain.data.shard_index import check_shard_files, read_index, shard_sources
-
-
-class ConfigError(ValueError):
-    """A configuration problem found before training starts."""
+from vidartrain.errors import ConfigError
 
 
 @dataclass
@@ -35,7 +32,7 @@ class ModelConfig:
     # = full, false = none)
     checkpointing: Literal["none", "selective", "full"] = "full"
     compile: bool | None = None  # torch.compile each DiT block; None: on CUDA yes, elsewhere no
-    chunk_size: int | None = None  # design-note alias of self_forcing.chunk_size (wins when set)
+    chunk_size: int | None = None  # the reference recipe's alias of self_forcing.chunk_size (wins when set)
     vae_config: dict[str, Any] | None = None  # WanVAE constructor overrides (tiny debug checkpoints)
     t5_config: dict[str, Any] | None = None  # UMT5Encoder constructor overrides (tiny debug checkpoints)
     idm_path: str | None = None  # idm.pt for the embodiment-aware loss (None: masks come from shards)
@@ -50,7 +47,7 @@ class TrainingConfig:
     num_steps: int = 14000
     # Global batch (samples per optimizer step). When gradient_accumulation is given too, batch_size is
     # the batch of one micro-step over all ranks and the global batch is batch_size * gradient_accumulation
-    # (the design note's 2xH200 file: batch_size 16 = 8 per GPU, accumulation 8 -> 128).
+    # (configs/vidarc_2xh200.yaml: batch_size 16 = 8 per GPU, accumulation 8 -> 128).
     batch_size: int = 128
     gradient_accumulation: int | None = None
     lr: float = 2.0e-5
@@ -154,7 +151,7 @@ class OutputConfig:
 class DistributedConfig:
     ds_config: str | None = None  # DeepSpeed JSON profile (ds_configs/*.json); the CLI flag wins
     zero_stage: int | None = None
-    # The design note's FSDP words, translated onto DeepSpeed (see vidartrain.distributed.ds_config).
+    # The reference recipe's FSDP words (docs/training.md), translated onto DeepSpeed (distributed/ds_config.py).
     use_fsdp: bool | None = None
     sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"] | None = None
     mixed_precision: Literal["bf16", "fp16", "fp32", "no"] | None = None

@@ -1,6 +1,51 @@
-"""Errors that entry points report as one clear message (stderr, exit status 2) instead of a traceback."""
+"""The errors a user can fix, and how entry points report them.
+
+Library code (vidartrain/, data_tools/) raises a `VidarError` when the input it was given is wrong: a
+configuration value, a data file, a checkpoint. The message says which file or key and what was
+expected. Entry points wrap their `main` in `reports_errors`, which prints `error: <message>` to stderr
+and exits with status 2, instead of a traceback. Anything else (a bug, an out-of-memory) still raises.
+
+`ConfigError` and `DataError` are also `ValueError`s and `CheckpointError` a `RuntimeError`, as they
+were before the family existed, so code that catches the built-in kinds (e.g. the loader counting
+undecodable samples as bad ones) keeps its behaviour.
+"""
 from __future__ import annotations
 
+import functools
+import sys
+from typing import Callable, TypeVar
 
-class CheckpointError(RuntimeError):
+EXIT_USER_ERROR = 2  # what argparse uses for bad arguments, too
+
+
+class VidarError(Exception):
+    """Bad input the user can fix; the message says what and where."""
+
+
+class ConfigError(VidarError, ValueError):
+    """A configuration value (YAML, --set override, command-line flag, DeepSpeed profile) that cannot work."""
+
+
+class DataError(VidarError, ValueError):
+    """An episode, shard, index or output folder that is missing, unreadable or inconsistent."""
+
+
+class CheckpointError(VidarError, RuntimeError):
     """A checkpoint that cannot be written, trusted or loaded; the message says which and why."""
+
+
+Main = TypeVar("Main", bound=Callable[..., int])
+
+
+def reports_errors(main: Main) -> Main:
+    """Wrap an entry point's `main`: a VidarError becomes `error: <message>` on stderr and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except VidarError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            return EXIT_USER_ERROR
+
+    return wrapper  # type: ignore[return-value]

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from vidartrain.errors import DataError
+
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """`write(temporary)` beside `path`, fsync, then rename over `path`: readers (and a run that was
@@ -51,7 +53,7 @@ class Journal:
             except json.JSONDecodeError:
                 break
         if not parsed or "settings" not in parsed[0]:
-            raise SystemExit(f"{self.path}: unreadable journal of an interrupted run; use --overwrite")
+            raise DataError(f"{self.path}: unreadable journal of an interrupted run; use --overwrite")
         return parsed[0], parsed[1:]
 
     def start(self, header: dict, records: list[dict]) -> None:

@@ -52,7 +52,7 @@ def action_accuracy(pred: torch.Tensor, target: torch.Tensor, joint_tol: float =
 
 
 # ---------------------------------------------------------------------------------------------
-# Flow matching (Eq. 1), one convention everywhere (DESIGN.md):
+# Flow matching (Eq. 1), one convention everywhere (docs/conventions.md):
 #   data x_1, noise x_0 ~ N(0, I), noisy x = (1 - sigma) x_1 + sigma x_0,
 #   model timestep = 1000 * sigma, target velocity v = x_0 - x_1.
 # ---------------------------------------------------------------------------------------------

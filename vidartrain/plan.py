@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from vidartrain.config import Config, ConfigError, load_config
 from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile, profile_world_size
+from vidartrain.errors import reports_errors
 from vidartrain.models.idm import IDM
 from vidartrain.models.wan.checkpoint import CONFIG_FILE, read_model_config
 from vidartrain.models.wan.model import CHECKPOINTING_MODES, KEPT_BY_SELECTIVE_CHECKPOINTING, WanModel, latent_grid
@@ -44,7 +45,7 @@ GPUS = {
     "h200": Gpu("H200 (141 GB)", 141.0, 989.0),
 }
 
-# The design note's hardware table: (profile, gpu, world size, its expected time in hours).
+# The reference hardware table (docs/training.md): (profile, gpu, world size, expected time in hours).
 HARDWARE_TABLE = [
     ("zero3_64xh100", "h100", 64, 2.0),
     ("zero3_8xh100", "h100", 8, 16.0),
@@ -402,10 +403,10 @@ def format_plan(plan: Plan) -> str:
 
 
 def hardware_table(config: Config, mfu: float = 0.4, precomputed: bool = False) -> list[dict[str, Any]]:
-    """The planner beside the design note's hardware table, for every GPU profile."""
+    """The planner beside the reference hardware table (docs/training.md), for every GPU profile."""
     repo = Path(__file__).resolve().parents[1]
     rows = []
-    for name, gpu, world, note_hours in HARDWARE_TABLE:
+    for name, gpu, world, reference_hours in HARDWARE_TABLE:
         profile = load_profile(repo / "ds_configs" / f"{name}.json")
         for checkpointing in CHECKPOINTING_MODES:
             plan = make_plan(config, name, profile, gpu, world, mfu, checkpointing, precomputed, dit_shape_of(config))
@@ -413,7 +414,7 @@ def hardware_table(config: Config, mfu: float = 0.4, precomputed: bool = False) 
                          "micro_batch": plan.micro_batch, "total_gib": round(plan.total_gib, 1),
                          "device_gib": plan.device_gib, "fits": plan.fits,
                          "max_micro_batch": plan.max_micro_batch, "step_s": round(plan.step_seconds, 1),
-                         "hours": round(plan.run_hours, 1), "design_note_hours": note_hours})
+                         "hours": round(plan.run_hours, 1), "reference_hours": reference_hours})
     return rows
 
 
@@ -423,13 +424,14 @@ def hours_or_dash(hours: float | None) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     header = ("| profile | GPUs | act. ckpt | micro | GiB/GPU | fits | max micro | s/step | hours | "
-              "design note |\n|---|---|---|---|---|---|---|---|---|---|")
+              "reference |\n|---|---|---|---|---|---|---|---|---|---|")
     body = [f"| {r['profile']} | {r['gpus']} | {r['checkpointing']} | {r['micro_batch']} | "
             f"{r['total_gib']} / {r['device_gib']:.0f} | {'yes' if r['fits'] else 'no'} | {r['max_micro_batch']} | "
-            f"{r['step_s']} | {r['hours']} | {hours_or_dash(r['design_note_hours'])} |" for r in rows]
+            f"{r['step_s']} | {r['hours']} | {hours_or_dash(r['reference_hours'])} |" for r in rows]
     return "\n".join([header, *body])
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vidar-plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML training config")
@@ -443,31 +445,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="activation checkpointing mode(s) to plan (default: all three)")
     parser.add_argument("--best", action="store_true",
                         help="also name the fastest checkpointing mode that fits (none, then selective, then full)")
-    parser.add_argument("--table", action="store_true", help="every GPU profile beside the design note's table")
+    parser.add_argument("--table", action="store_true", help="every GPU profile beside the reference hardware table")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.set)
-        if args.table:
-            rows = hardware_table(config, args.mfu, args.precomputed)
-            print(json.dumps(rows, indent=2) if args.json else markdown_table(rows))
-            return 0
-        profile_path = args.ds_config or config.distributed.ds_config
-        if not profile_path:
-            raise ConfigError("no DeepSpeed profile: pass --ds-config or set distributed.ds_config")
-        profile = load_profile(profile_path)
-        world = args.world_size or profile_world_size(profile)
-        if not world:
-            raise ConfigError(f"{profile_path} has no train_batch_size to infer its world size: pass --world-size")
-        gpu = resolve_gpu(args.gpu, profile_path)
-        modes = CHECKPOINTING_MODES if args.checkpointing == "all" or args.best else [args.checkpointing]
-        plans = [make_plan(config, Path(profile_path).stem, profile, gpu, world, args.mfu, c, args.precomputed,
-                           dit_shape_of(config))
-                 for c in modes]
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.set)
+    if args.table:
+        rows = hardware_table(config, args.mfu, args.precomputed)
+        print(json.dumps(rows, indent=2) if args.json else markdown_table(rows))
+        return 0
+    profile_path = args.ds_config or config.distributed.ds_config
+    if not profile_path:
+        raise ConfigError("no DeepSpeed profile: pass --ds-config or set distributed.ds_config")
+    profile = load_profile(profile_path)
+    world = args.world_size or profile_world_size(profile)
+    if not world:
+        raise ConfigError(f"{profile_path} has no train_batch_size to infer its world size: pass --world-size")
+    gpu = resolve_gpu(args.gpu, profile_path)
+    modes = CHECKPOINTING_MODES if args.checkpointing == "all" or args.best else [args.checkpointing]
+    plans = [make_plan(config, Path(profile_path).stem, profile, gpu, world, args.mfu, c, args.precomputed,
+                       dit_shape_of(config))
+             for c in modes]
     best = next((p for p in plans if p.fits), None)  # plans run from the fastest mode to the leanest
     if args.json:
         print(json.dumps({"plans": [asdict(p) for p in plans], "best": best and best.checkpointing}

@@ -15,6 +15,7 @@ from typing import Iterator
 from data_tools.episodes import EpisodeError, read_instruction
 from data_tools.importers.common import ImportSettings, Recording, SourceEpisode, episode_number
 from data_tools.importers.hdf5 import open_hdf5, read_actions, read_camera
+from vidartrain.errors import DataError
 
 CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
 ACTION_KEY = "action"
@@ -45,9 +46,9 @@ def episodes(source: Path, settings: ImportSettings) -> list[SourceEpisode]:
     files = [(episode_number(path.stem), path) for path in source.glob("*.hdf5")]
     unnumbered = [path.name for number, path in files if number is None]
     if unnumbered:
-        raise SystemExit(f"{source}: files without an episode number at the end of their name: "
-                         f"{', '.join(sorted(unnumbered))}")
+        raise DataError(f"{source}: files without an episode number at the end of their name: "
+                        f"{', '.join(sorted(unnumbered))}")
     if not files:
-        raise SystemExit(f"{source}: no .hdf5 episode files")
+        raise DataError(f"{source}: no .hdf5 episode files")
     return [SourceEpisode(f"ep_{number:04d}", path.name, partial(open_episode, path, settings, path.name))
             for number, path in sorted(files)]

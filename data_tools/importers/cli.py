@@ -19,6 +19,7 @@ from pathlib import Path
 from data_tools import shard
 from data_tools.importers import aloha, lerobot, robotwin
 from data_tools.importers.common import ImportSettings, import_episodes, parse_columns, summary
+from vidartrain.errors import ConfigError, DataError, reports_errors
 
 FORMATS = {"robotwin": robotwin, "lerobot": lerobot, "aloha": aloha}
 DEFAULT_CAMERAS = {"robotwin": robotwin.CAMERAS, "aloha": aloha.CAMERAS}
@@ -60,30 +61,27 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 def settings_from_args(args: argparse.Namespace) -> ImportSettings:
     if args.format == "lerobot" and args.fps is not None:
-        raise SystemExit("vidar-import lerobot: the frame rate comes from meta/info.json; drop --fps")
+        raise ConfigError("vidar-import lerobot: the frame rate comes from meta/info.json; drop --fps")
     if args.format != "lerobot" and (args.fps is None or args.fps <= 0):
-        raise SystemExit(f"vidar-import {args.format}: the files store no frame rate; give it with --fps N")
+        raise ConfigError(f"vidar-import {args.format}: the files store no frame rate; give it with --fps N")
     if args.instruction is not None and not args.instruction.strip():
-        raise SystemExit("vidar-import: --instruction is empty")
+        raise ConfigError("vidar-import: --instruction is empty")
     if args.instruction_index < 0:
-        raise SystemExit("vidar-import: --instruction-index must be >= 0")
+        raise ConfigError("vidar-import: --instruction-index must be >= 0")
     if args.cameras is not None:
         cameras = tuple(part.strip() for part in args.cameras.split(","))
     elif args.format == "lerobot":
         keys = lerobot.video_keys(args.source)
         if len(keys) != 1:
-            raise SystemExit(f"vidar-import lerobot: {args.source} has cameras {', '.join(keys) or 'none'}; "
-                             f"choose one or three (head,left_wrist,right_wrist) with --cameras")
+            raise DataError(f"vidar-import lerobot: {args.source} has cameras {', '.join(keys) or 'none'}; "
+                            f"choose one or three (head,left_wrist,right_wrist) with --cameras")
         cameras = tuple(keys)
     else:
         cameras = DEFAULT_CAMERAS[args.format]
     if len(cameras) not in (1, 3) or not all(cameras):
-        raise SystemExit(f"vidar-import: --cameras takes one camera or three (head,left_wrist,right_wrist), "
-                         f"got {args.cameras!r}")
-    try:
-        columns = parse_columns(args.action_columns) if args.action_columns else None
-    except ValueError as error:
-        raise SystemExit(f"vidar-import: {error}") from error
+        raise ConfigError(f"vidar-import: --cameras takes one camera or three (head,left_wrist,right_wrist), "
+                          f"got {args.cameras!r}")
+    columns = parse_columns(args.action_columns) if args.action_columns else None
     action_key = args.action_key or FORMATS[args.format].ACTION_KEY
     return ImportSettings(format=args.format, source=str(args.source.resolve()), cameras=cameras,
                           action_key=action_key, action_columns=columns, fps=args.fps,
@@ -91,15 +89,16 @@ def settings_from_args(args: argparse.Namespace) -> ImportSettings:
                           instruction_index=args.instruction_index, jpeg_channels=args.jpeg_channels, qp=args.qp)
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     args, converter_args = parse_args(argv)
     if converter_args and args.shards is None:
-        raise SystemExit(f"vidar-import: unrecognized arguments {' '.join(converter_args)} (options for the "
-                         f"converter need --shards)")
+        raise ConfigError(f"vidar-import: unrecognized arguments {' '.join(converter_args)} (options for the "
+                          f"converter need --shards)")
     if args.out is None and args.shards is None:
-        raise SystemExit("vidar-import: give --out EPISODES_DIR, --shards OUT, or both")
+        raise ConfigError("vidar-import: give --out EPISODES_DIR, --shards OUT, or both")
     if not args.source.is_dir():
-        raise SystemExit(f"vidar-import: SRC {args.source} is not a directory")
+        raise DataError(f"vidar-import: SRC {args.source} is not a directory")
     settings = settings_from_args(args)
     out = args.out if args.out is not None else args.shards / SHARDS_EPISODES
     result = import_episodes(FORMATS[args.format].episodes(args.source, settings), out, settings,

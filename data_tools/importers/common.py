@@ -38,6 +38,7 @@ from data_tools.episodes import EpisodeError, actions_to_npy
 from vidartrain.data.observation import compose_observation
 from vidartrain.data.transforms import resample_indices
 from vidartrain.data.video import encode_mp4
+from vidartrain.errors import ConfigError, DataError
 from vidartrain.files import Journal, write_atomically
 
 IMPORT_FILE = "import.json"
@@ -211,19 +212,19 @@ def previous_records(out: Path, settings: ImportSettings) -> list[dict]:
         try:
             previous = json.loads(index.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise SystemExit(f"{index}: unreadable ({error}); use --overwrite or another --out") from error
+            raise DataError(f"{index}: unreadable ({error}); use --overwrite or another --out") from error
         stored, records = previous.get("settings"), previous.get("episodes", []) + previous.get("skipped", [])
     else:
         foreign = sorted(entry.name for entry in out.iterdir() if not entry.name.endswith(PARTIAL_SUFFIX))
         if foreign:
-            raise SystemExit(f"{out} is not empty and holds no import ({', '.join(foreign[:5])}...); use an empty "
-                             f"--out, or --overwrite to replace the episode folders in it")
+            raise DataError(f"{out} is not empty and holds no import ({', '.join(foreign[:5])}...); use an empty "
+                            f"--out, or --overwrite to replace the episode folders in it")
         return []
     if stored != settings.as_dict():
         differences = [f"{key}: {stored.get(key)!r} in the folder, {value!r} now"
                        for key, value in settings.as_dict().items() if (stored or {}).get(key) != value]
-        raise SystemExit(f"{out} holds an import made with other settings ({'; '.join(differences)}); use another "
-                         f"--out or --overwrite")
+        raise DataError(f"{out} holds an import made with other settings ({'; '.join(differences)}); use another "
+                        f"--out or --overwrite")
     return records
 
 
@@ -238,7 +239,7 @@ def import_episodes(episodes: list[SourceEpisode], out: Path, settings: ImportSe
     names = [episode.name for episode in episodes]
     duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
-        raise SystemExit(f"{settings.source}: several source episodes map to {', '.join(duplicates)}")
+        raise DataError(f"{settings.source}: several source episodes map to {', '.join(duplicates)}")
     done = {}
     for record in previous_records(out, settings):
         if "reason" in record:  # skipped episodes are tried again: their source may have been repaired
@@ -259,7 +260,7 @@ def import_episodes(episodes: list[SourceEpisode], out: Path, settings: ImportSe
         print(f"\r[import] {position + 1}/{len(episodes)} episodes", end="", file=sys.stderr)
         if strict and "reason" in record:
             print(file=sys.stderr)
-            raise SystemExit(f"vidar-import --strict: {episode.source}: {record['reason']}: {record['detail']}")
+            raise DataError(f"vidar-import --strict: {episode.source}: {record['reason']}: {record['detail']}")
     print(file=sys.stderr)
     imported = [r for r in records if "reason" not in r]
     result = {"format": IMPORT_FORMAT, "settings": settings.as_dict(), "episodes": imported,
@@ -302,10 +303,10 @@ def parse_columns(text: str) -> tuple[int, ...]:
     for part in text.split(","):
         bounds = part.strip().split("-")
         if len(bounds) not in (1, 2) or not all(bound.strip().isdigit() for bound in bounds):
-            raise ValueError(f"--action-columns: {part!r} is not a column number or a range a-b")
+            raise ConfigError(f"--action-columns: {part!r} is not a column number or a range a-b")
         low, high = int(bounds[0]), int(bounds[-1])
         if high < low:
-            raise ValueError(f"--action-columns: range {part!r} runs backwards")
+            raise ConfigError(f"--action-columns: range {part!r} runs backwards")
         columns += range(low, high + 1)
     return tuple(columns)
 

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from data_tools.episodes import EpisodeError
 from data_tools.importers.common import ImportSettings, Recording, SourceEpisode, stack_frames
+from vidartrain.errors import DataError
 
 ACTION_KEY = "action"
 VERSIONS = ("v2.0", "v2.1", "v3.0")
@@ -50,21 +51,21 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SystemExit(f"{path}: cannot read JSON ({error})") from error
+        raise DataError(f"{path}: cannot read JSON ({error})") from error
 
 
 def read_jsonl(path: Path) -> list[dict]:
     try:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SystemExit(f"{path}: cannot read JSON lines ({error})") from error
+        raise DataError(f"{path}: cannot read JSON lines ({error})") from error
 
 
 def read_parquet_rows(path: Path) -> list[dict]:
     try:
         return pq.read_table(path).to_pylist()
     except (OSError, pa.ArrowException) as error:
-        raise SystemExit(f"{path}: cannot read parquet ({error})") from error
+        raise DataError(f"{path}: cannot read parquet ({error})") from error
 
 
 def v2_locations(source: Path, info: dict, cameras: tuple[str, ...]) -> list[EpisodeLocation]:
@@ -85,7 +86,7 @@ def v2_locations(source: Path, info: dict, cameras: tuple[str, ...]) -> list[Epi
 def v3_locations(source: Path, info: dict, cameras: tuple[str, ...]) -> list[EpisodeLocation]:
     files = sorted((source / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
     if not files:
-        raise SystemExit(f"{source}/meta/episodes: no chunk-*/file-*.parquet (LeRobot v3.0 episode metadata)")
+        raise DataError(f"{source}/meta/episodes: no chunk-*/file-*.parquet (LeRobot v3.0 episode metadata)")
     locations = []
     for row in (row for file in files for row in read_parquet_rows(file)):
         try:
@@ -97,7 +98,7 @@ def v3_locations(source: Path, info: dict, cameras: tuple[str, ...]) -> list[Epi
                                float(row[f"videos/{camera}/from_timestamp"]),
                                float(row[f"videos/{camera}/to_timestamp"])) for camera in cameras}
         except KeyError as error:
-            raise SystemExit(f"{source}/meta/episodes: episode {row.get('episode_index')} lacks {error}") from error
+            raise DataError(f"{source}/meta/episodes: episode {row.get('episode_index')} lacks {error}") from error
         locations.append(EpisodeLocation(int(row["episode_index"]), data, videos, list(row.get("tasks") or []),
                                          row.get("length")))
     return locations
@@ -222,10 +223,10 @@ def dataset_info(source: Path) -> dict:
     info = read_json(source / "meta" / "info.json")
     version = info.get("codebase_version")
     if version not in VERSIONS:
-        raise SystemExit(f"{source}/meta/info.json: codebase_version {version!r}; vidar-import reads {VERSIONS}")
+        raise DataError(f"{source}/meta/info.json: codebase_version {version!r}; vidar-import reads {VERSIONS}")
     for key in ("fps", "features", "data_path", "video_path"):
         if key not in info:
-            raise SystemExit(f"{source}/meta/info.json has no {key!r}")
+            raise DataError(f"{source}/meta/info.json has no {key!r}")
     return info
 
 
@@ -238,10 +239,10 @@ def episodes(source: Path, settings: ImportSettings) -> list[SourceEpisode]:
     cameras = video_keys(source)
     unknown = [camera for camera in settings.cameras if camera not in cameras]
     if unknown:
-        raise SystemExit(f"{source}: no video feature {', '.join(unknown)}; the cameras are {', '.join(cameras)}")
+        raise DataError(f"{source}: no video feature {', '.join(unknown)}; the cameras are {', '.join(cameras)}")
     if settings.action_key not in info["features"]:
-        raise SystemExit(f"{source}: no feature {settings.action_key!r}; the features are "
-                         f"{', '.join(info['features'])}")
+        raise DataError(f"{source}: no feature {settings.action_key!r}; the features are "
+                        f"{', '.join(info['features'])}")
     version = info["codebase_version"]
     locate = v3_locations if version == "v3.0" else v2_locations
     locations = sorted(locate(source, info, settings.cameras), key=lambda location: location.index)

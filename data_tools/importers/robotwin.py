@@ -17,6 +17,7 @@ from typing import Iterator
 from data_tools.episodes import EpisodeError
 from data_tools.importers.common import ImportSettings, Recording, SourceEpisode, episode_number
 from data_tools.importers.hdf5 import open_hdf5, read_actions, read_camera
+from vidartrain.errors import DataError
 
 CAMERAS = ("head_camera", "left_camera", "right_camera")
 ACTION_KEY = "joint_action/vector"
@@ -61,9 +62,9 @@ def episodes(source: Path, settings: ImportSettings) -> list[SourceEpisode]:
     files = [(episode_number(path.stem), path) for path in data.glob("episode*.hdf5")]
     unnumbered = [path.name for number, path in files if number is None]
     if unnumbered:
-        raise SystemExit(f"{data}: files without an episode number: {', '.join(sorted(unnumbered))}")
+        raise DataError(f"{data}: files without an episode number: {', '.join(sorted(unnumbered))}")
     if not files:
-        raise SystemExit(f"{data}: no episode{{N}}.hdf5 files (expected a RoboTwin 2.0 <task>/<setting> directory)")
+        raise DataError(f"{data}: no episode{{N}}.hdf5 files (expected a RoboTwin 2.0 <task>/<setting> directory)")
     return [SourceEpisode(f"ep_{number:04d}", f"data/{path.name}",
                           partial(open_episode, path, source / "instructions" / f"episode{number}.json", settings,
                                   f"data/{path.name}"))

@@ -56,6 +56,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from vidartrain.data.shard_index import INDEX_FILE, check_shard_files, read_common_index, read_index, shard_sources
 from vidartrain.data.transforms import resample_indices, video_to_model_input, window_start
 from vidartrain.data.video import VideoReadError, open_video, read_frames
+from vidartrain.errors import ConfigError, DataError
 
 MODES = ("clips", "frames")
 LIST_FIELDS = ("__key__", "text", "text_emb")  # kept as lists in a batch (strings, variable lengths)
@@ -113,16 +114,16 @@ def check_pre_encoded_matches(index: dict, shards_dir: str | Path, spec: ClipSpe
     """Pre-encoded windows have a fixed length and size: the data config must ask for exactly those."""
     stored = index["settings"]["precompute"]
     if spec.mode != "clips":
-        raise ValueError(f"{shards_dir}: pre-encoded shards hold latents, not frames; IDM frame pairs need "
-                         f"raw video shards")
+        raise ConfigError(f"{shards_dir}: pre-encoded shards hold latents, not frames; IDM frame pairs need "
+                          f"raw video shards")
     wanted = {"num_frames": spec.num_frames, "height": spec.height, "width": spec.width, "resize": spec.resize}
     # shards pre-encoded before the resize setting existed were stretched
     differ = {name: (value, stored.get(name, "stretch")) for name, value in wanted.items()
               if stored.get(name, "stretch") != value}
     if differ:
         described = ", ".join(f"{name} {asked} (shards: {have})" for name, (asked, have) in differ.items())
-        raise ValueError(f"{Path(shards_dir) / 'index.json'}: the data config asks for {described}; "
-                         f"pre-encode again or change the config")
+        raise ConfigError(f"{Path(shards_dir) / 'index.json'}: the data config asks for {described}; "
+                          f"pre-encode again or change the config")
 
 
 def sample_refs(index: dict, shards_dir: str | Path, spec: ClipSpec, source: int = 0
@@ -345,8 +346,8 @@ class ShardStream(IterableDataset):
         while self.epochs is None or epoch < self.epochs:
             batches = self.batches_in_epoch(epoch, consumed)
             if not batches and consumed == 0:
-                raise ValueError(f"{len(self.refs)} samples cannot fill one batch of {self.samples_per_batch} "
-                                 f"on each of {self.world_size} ranks")
+                raise DataError(f"{len(self.refs)} samples cannot fill one batch of {self.samples_per_batch} "
+                                f"on each of {self.world_size} ranks")
             for batch in batches:
                 yield epoch, batch
             epoch, consumed = epoch + 1, 0
@@ -523,7 +524,7 @@ def build_loader(shards: str | Path | list, config: Any, micro_batch_size: int, 
             warnings.warn(f"{shards_dir}: {len(source_too_short)} samples have fewer than {spec.num_frames} frames "
                           f"at {spec.fps} fps and are left out (e.g. {source_too_short[:3]})", stacklevel=2)
         if not source_refs:
-            raise ValueError(f"{shards_dir}: no sample has {spec.num_frames} frames at {spec.fps} fps")
+            raise DataError(f"{shards_dir}: no sample has {spec.num_frames} frames at {spec.fps} fps")
         refs += source_refs
         too_short += source_too_short
         sizes.append(len(source_refs))
@@ -541,10 +542,10 @@ def sample_decoder(index: dict, shards_dir: str | Path, spec: ClipSpec, seed: in
     if index["mode"] == "latents":
         embeddings = index.get("text_embeddings")
         if embeddings and spec.cfg_prob > 0 and not index.get("null_text_key"):
-            raise ValueError(f"{Path(shards_dir) / INDEX_FILE}: no null-prompt embedding (\"null_text_key\"; "
-                             f"written by an older vidar-shard), so captions dropped for classifier-free "
-                             f"guidance (data.cfg_prob = {spec.cfg_prob}) have no text: convert the episodes "
-                             f"again, or set data.cfg_prob=0")
+            raise DataError(f"{Path(shards_dir) / INDEX_FILE}: no null-prompt embedding (\"null_text_key\"; "
+                            f"written by an older vidar-shard), so captions dropped for classifier-free "
+                            f"guidance (data.cfg_prob = {spec.cfg_prob}) have no text: convert the episodes "
+                            f"again, or set data.cfg_prob=0")
         return PreEncodedDecoder(spec, seed, Path(shards_dir) / embeddings if embeddings else None,
                                  index.get("null_text_key"))
     return SampleDecoder(spec, seed, index["settings"]["layout"]["fps"])

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vidartrain.errors import DataError
+
 INDEX_FILE = "index.json"
 JOURNAL_FILE = ".journal.jsonl"  # finished shards of a conversion in progress (data_tools.shard)
 INDEX_FORMAT = "vidartrain-shards/1"
@@ -43,26 +45,26 @@ def read_index(shards_dir: str | Path, require_complete: bool = True) -> dict:
     """The parsed index.json of a shard directory, with a clear error for anything unusable."""
     path = Path(shards_dir) / INDEX_FILE
     if not path.is_file() and (Path(shards_dir) / JOURNAL_FILE).is_file():
-        raise ValueError(f"{shards_dir}: the conversion did not finish (no {INDEX_FILE} yet); run vidar-shard "
-                         f"again with the same options to finish it")
+        raise DataError(f"{shards_dir}: the conversion did not finish (no {INDEX_FILE} yet); run vidar-shard "
+                        f"again with the same options to finish it")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {shards_dir} a directory made by `vidar-shard`?")
+        raise DataError(f"{path} not found: is {shards_dir} a directory made by `vidar-shard`?")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
+        raise DataError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         found = index.get("format") if isinstance(index, dict) else type(index).__name__
-        raise ValueError(f"{path}: field 'format' is {found!r}, expected {INDEX_FORMAT!r}")
+        raise DataError(f"{path}: field 'format' is {found!r}, expected {INDEX_FORMAT!r}")
     for field in ("shards", "episodes", "skipped", "settings", "mode"):
         if field not in index:
-            raise ValueError(f"{path}: missing field {field!r}")
+            raise DataError(f"{path}: missing field {field!r}")
     if index.get("failed"):
-        raise ValueError(f"{path}: the conversion failed: {index['failed']} (index.json lists why each episode was "
-                         f"skipped); there is nothing to train on")
+        raise DataError(f"{path}: the conversion failed: {index['failed']} (index.json lists why each episode was "
+                        f"skipped); there is nothing to train on")
     if require_complete and not index.get("complete", False):
-        raise ValueError(f"{path}: the conversion did not finish (\"complete\": false); run vidar-shard again "
-                         f"with the same options to finish it")
+        raise DataError(f"{path}: the conversion did not finish (\"complete\": false); run vidar-shard again "
+                        f"with the same options to finish it")
     return index
 
 
@@ -81,7 +83,7 @@ def check_shard_files(index: dict, shards_dir: str | Path) -> None:
     """Every shard index.json lists is there with its recorded size (checked before training starts)."""
     problems = [problem for shard in index["shards"] if (problem := shard_file_problem(shards_dir, shard))]
     if problems:
-        raise ValueError(f"{Path(shards_dir) / INDEX_FILE}: {len(problems)} shard(s) do not match it:\n  "
+        raise DataError(f"{Path(shards_dir) / INDEX_FILE}: {len(problems)} shard(s) do not match it:\n  "
                          + "\n  ".join(problems))
 
 
@@ -103,10 +105,10 @@ def merge_action_statistics(parts: list[dict], source: str) -> dict:
     """Pooled {"dim", "count", "mean", "std", "m2"} of several parts (population std, ddof 0)."""
     parts = [part for part in parts if part["count"] > 0]
     if not parts:
-        raise ValueError(f"{source}: no actions to compute statistics from")
+        raise DataError(f"{source}: no actions to compute statistics from")
     dims = {len(part["mean"]) for part in parts}
     if len(dims) != 1:
-        raise ValueError(f"{source}: actions of different dimensions {sorted(dims)} cannot be pooled")
+        raise DataError(f"{source}: actions of different dimensions {sorted(dims)} cannot be pooled")
     count, mean, m2 = 0, np.zeros(dims.pop()), None
     for part in parts:
         part_mean, part_m2 = np.asarray(part["mean"], np.float64), np.asarray(part["m2"], np.float64)
@@ -123,8 +125,8 @@ def action_statistics(shards_dir: str | Path) -> dict:
     """The training split's action statistics recorded in `shards_dir`/index.json."""
     index = read_index(shards_dir)
     if not index.get("actions"):
-        raise ValueError(f"{Path(shards_dir) / INDEX_FILE}: no \"actions\" statistics (written by an older "
-                         f"vidar-shard): convert the episodes again, or set idm.action_mean and idm.action_std")
+        raise DataError(f"{Path(shards_dir) / INDEX_FILE}: no \"actions\" statistics (written by an older "
+                        f"vidar-shard): convert the episodes again, or set idm.action_mean and idm.action_std")
     return index["actions"]
 
 
@@ -156,6 +158,6 @@ def read_common_index(shards: str | Path | list) -> dict:
 
     for (path, _), index in zip(sources[1:], indexes[1:]):
         if kind(index) != kind(first):
-            raise ValueError(f"data.shards mixes {sources[0][0]} (mode, text embeddings, windows: {kind(first)}) "
-                             f"with {path} ({kind(index)}): every source must hold the same kind of samples")
+            raise DataError(f"data.shards mixes {sources[0][0]} (mode, text embeddings, windows: {kind(first)}) "
+                            f"with {path} ({kind(index)}): every source must hold the same kind of samples")
     return first

@@ -14,6 +14,8 @@ import av
 import decord
 import numpy as np
 
+from vidartrain.errors import DataError
+
 # ffmpeg prints every broken-container complaint to stderr; the callers report errors themselves.
 decord.logging.set_level(decord.logging.QUIET)
 
@@ -21,7 +23,7 @@ decord.logging.set_level(decord.logging.QUIET)
 VIDEO_READ_ERRORS = (decord.DECORDError, RuntimeError)
 
 
-class VideoReadError(ValueError):
+class VideoReadError(DataError):
     """A video that cannot be opened or decoded."""
 
 

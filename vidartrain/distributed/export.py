@@ -14,7 +14,6 @@ checkpoint, the float32 idm.pt the IDM trainer writes ({"model_state_dict", "ste
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import deepspeed
@@ -24,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vidartrain.distributed.checkpointing import TAG_PATTERN, resolve_resume, weights_only_loads
-from vidartrain.errors import CheckpointError
+from vidartrain.errors import CheckpointError, reports_errors
 from vidartrain.files import write_atomically
 from vidartrain.models.idm import is_idm_state_dict, save_idm_state_dict
 
@@ -88,6 +87,7 @@ def read_checkpoint_weights(root: Path, tag: str, dtype: torch.dtype) -> dict[st
     return {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in fp32.items()}
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export a DeepSpeed checkpoint as a bf16 state dict "
                                                  "(.pt and .safetensors) with upstream key names; an IDM "
@@ -95,12 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="checkpoint folder (…/checkpoints/step_XXXXXXXX) or checkpoints directory")
     parser.add_argument("--out", required=True, help="output .pt path (a .safetensors is written beside it)")
     args = parser.parse_args(argv)
-    try:
-        root, tag = resolve_checkpoint(args.checkpoint)
-        state_dict = read_checkpoint_weights(root, tag, torch.float32)
-    except CheckpointError as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
-        return 2
+    root, tag = resolve_checkpoint(args.checkpoint)
+    state_dict = read_checkpoint_weights(root, tag, torch.float32)
     count = sum(t.numel() for t in state_dict.values())
     if is_idm_state_dict(state_dict):
         # the IDM trains float32 weights: the same float32 idm.pt as the trainer writes at that step

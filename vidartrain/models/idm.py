@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidartrain.errors import CheckpointError
 from vidartrain.files import write_atomically
 
 # Action statistics of the published IDM (14 = 2 arms x (6 joints + 1 gripper)); a checkpoint's
@@ -410,8 +411,8 @@ def idm_state_dict_from_checkpoint(checkpoint: Mapping, source: str) -> Mapping[
         checkpoint = checkpoint["model_state_dict"]
     not_tensors = [k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise ValueError(f"{source}: expected an IDM state dict (or a dict with 'model_state_dict'); "
-                         f"these entries are not tensors: {not_tensors[:10]}")
+        raise CheckpointError(f"{source}: expected an IDM state dict (or a dict with 'model_state_dict'); "
+                              f"these entries are not tensors: {not_tensors[:10]}")
     return checkpoint
 
 
@@ -420,7 +421,7 @@ def load_idm(path: str | os.PathLike, device: torch.device | str = "cpu",
     """Load a published or exported `idm.pt` strictly; returns the IDM in eval mode.
 
     The action dimension follows the checkpoint's `train_mean`, the widths its tensor shapes. Missing, unexpected or mis-shaped
-    keys raise a ValueError that names them.
+    keys raise a CheckpointError that names them.
     """
     state_dict = idm_state_dict_from_checkpoint(
         torch.load(path, map_location="cpu", weights_only=True), str(path))
@@ -433,8 +434,8 @@ def load_idm(path: str | os.PathLike, device: torch.device | str = "cpu",
     mis_shaped = [f"{k}: {tuple(state_dict[k].shape)} (expected {tuple(expected[k])})"
                   for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k]]
     if missing or unexpected or mis_shaped:
-        raise ValueError(f"{path} does not match the IDM: missing keys {missing[:10]} "
-                         f"({len(missing)}), unexpected keys {unexpected[:10]} ({len(unexpected)}), "
-                         f"mis-shaped {mis_shaped[:10]}")
+        raise CheckpointError(f"{path} does not match the IDM: missing keys {missing[:10]} "
+                              f"({len(missing)}), unexpected keys {unexpected[:10]} ({len(unexpected)}), "
+                              f"mis-shaped {mis_shaped[:10]}")
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval()

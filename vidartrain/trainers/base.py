@@ -85,7 +85,7 @@ from vidartrain.distributed.checkpointing import (
     weights_only_loads)
 from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile
 from vidartrain.distributed.export import gather_state_dict
-from vidartrain.errors import CheckpointError
+from vidartrain.errors import CheckpointError, DataError
 from vidartrain.models.wan.model import WanModel
 from vidartrain.trainers.ema import PartitionEMA, check_ema_config, ema_device
 from vidartrain.trainers.freezing import freeze_parameters
@@ -516,8 +516,8 @@ class Trainer:
         count = torch.tensor([len(batches)], device=self.device)
         dist.all_reduce(count, op=dist.ReduceOp.MIN)
         if count.item() == 0:
-            raise ValueError(f"the held-out set gives some rank no validation batch of {self.micro_batch_size} "
-                             f"samples; add held-out samples or set training.val_every=0")
+            raise DataError(f"the held-out set gives some rank no validation batch of {self.micro_batch_size} "
+                            f"samples; add held-out samples or set training.val_every=0")
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64)
         for index, batch in enumerate(batches[:int(count.item())]):
@@ -540,7 +540,7 @@ class Trainer:
         loader = self.stage.build_loader(self.config, "val", 1, rank=0, world_size=1)
         batches = list(itertools.islice(loader, self.config.validation.num_samples))
         if not batches:
-            raise ValueError(f"{self.config.data.val_shards} holds no held-out clip for validation samples")
+            raise DataError(f"{self.config.data.val_shards} holds no held-out clip for validation samples")
         self.engine.eval()
         samples = [self.stage.validation_sample(self.engine.module, batch, index) for index, batch in enumerate(batches)]
         self.engine.train()
@@ -640,7 +640,7 @@ class Trainer:
             load_dir, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag, load_optimizer_states=True,
                                                            load_lr_scheduler_states=True)
         if load_dir is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {ref.path}")
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint {ref.path}")
         self.apply_optimizer_settings()
         self.step = int(client["step"])
         self.nonfinite_total = int(client["nonfinite_total"])

@@ -27,6 +27,7 @@ from deepspeed.utils import safe_get_local_fp32_param
 from torch import nn
 
 from vidartrain.config import Config, ConfigError
+from vidartrain.errors import CheckpointError
 
 
 def check_ema_config(config: Config, ds_config: dict[str, Any]) -> None:
@@ -82,15 +83,15 @@ class PartitionEMA:
         """Restore the partitions saved by the same rank of a run with as many ranks and the same
         trainable parameters; anything else is an error (partitions cannot be re-cut here)."""
         if state is None:
-            raise RuntimeError(f"{source} holds no EMA (saved with training.ema_decay=0); resume with "
-                               f"training.ema_decay=0 or start a new run")
+            raise CheckpointError(f"{source} holds no EMA (saved with training.ema_decay=0); resume with "
+                                  f"training.ema_decay=0 or start a new run")
         if state["world_size"] != dist.get_world_size() or state["rank"] != dist.get_rank():
-            raise RuntimeError(f"{source}: the EMA was saved as partitions of {state['world_size']} ranks, this run "
-                               f"has {dist.get_world_size()}; resume on {state['world_size']} ranks, or set "
-                               f"training.ema_decay=0 to continue without the EMA")
+            raise CheckpointError(f"{source}: the EMA was saved as partitions of {state['world_size']} ranks, this run "
+                                  f"has {dist.get_world_size()}; resume on {state['world_size']} ranks, or set "
+                                  f"training.ema_decay=0 to continue without the EMA")
         if state["partitions"].keys() != self.shadow.keys():
-            raise RuntimeError(f"{source}: the EMA covers other parameters than this run trains "
-                               f"(was training.freeze changed?)")
+            raise CheckpointError(f"{source}: the EMA covers other parameters than this run trains "
+                                  f"(was training.freeze changed?)")
         for name, shadow in self.shadow.items():
             shadow.copy_(state["partitions"][name])
         self.updates = int(state["updates"])
@@ -117,12 +118,13 @@ def ema_state_dict_from_checkpoint(checkpoint: str | Path) -> dict[str, torch.Te
     files = sorted(checkpoint.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"),
                    key=lambda path: int(path.name.split("_")[3]))
     if not files:
-        raise FileNotFoundError(f"{checkpoint}: no ZeRO-3 model-state files (zero_pp_rank_*_mp_rank_00_model_states.pt)")
+        raise CheckpointError(f"{checkpoint}: no ZeRO-3 model-state files (zero_pp_rank_*_mp_rank_00_model_states.pt)")
     # DeepSpeed's own files hold Python objects besides tensors (weights_only cannot read them)
     states = [torch.load(path, map_location="cpu", weights_only=False).get("ema") for path in files]
     if any(state is None for state in states):
-        raise ValueError(f"{checkpoint} holds no EMA (the run had training.ema_decay=0)")
+        raise CheckpointError(f"{checkpoint} holds no EMA (the run had training.ema_decay=0)")
     if len(states) != states[0]["world_size"]:
-        raise ValueError(f"{checkpoint}: {len(states)} rank files, but the EMA was saved by {states[0]['world_size']}")
+        raise CheckpointError(f"{checkpoint}: {len(states)} rank files, but the EMA was saved by "
+                              f"{states[0]['world_size']}")
     return {name: unpartition([state["partitions"][name] for state in states], shape)
             for name, shape in states[0]["shapes"].items()}

@@ -24,6 +24,7 @@ from torch import nn
 from vidartrain.config import Config, ConfigError
 from vidartrain.losses import action_accuracy, idm_loss
 from vidartrain.data.shard_index import action_statistics, merge_action_statistics, read_index
+from vidartrain.errors import DataError
 from vidartrain.models.idm import (IDM, IDM_INPUT_SIZE, IdmArchitecture, load_idm, preprocess_frames,
                                    save_idm_state_dict)
 from vidartrain.trainers.base import Stage
@@ -135,13 +136,13 @@ class IdmStage(Stage):
         idm = unwrap_idm(module)
         weight_dtype = idm.model.mask_model.out.weight.dtype
         if weight_dtype != torch.float32:
-            raise RuntimeError(f"the IDM's weights are {weight_dtype}: its BatchNorm statistics stay float32, "
-                               f"so train it with float32 weights (distributed.mixed_precision: fp32)")
+            raise ConfigError(f"the IDM's weights are {weight_dtype}: its BatchNorm statistics stay float32, "
+                              f"so train it with float32 weights (distributed.mixed_precision: fp32)")
         actions = batch["action"].to(self.device, torch.float32)
         num_actions = idm.train_mean.numel()
         if actions.ndim != 2 or actions.shape[1] != num_actions:
-            raise ValueError(f"batch {batch['__key__'][:3]}: actions {tuple(actions.shape)}, the IDM predicts "
-                             f"{num_actions} action dimensions")
+            raise DataError(f"batch {batch['__key__'][:3]}: actions {tuple(actions.shape)}, the IDM predicts "
+                            f"{num_actions} action dimensions")
         images = preprocess_frames(batch["frame"].to(self.device), self.input_size)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type != "cpu"):
             predicted, mask = module(images, return_mask=True)

@@ -35,6 +35,7 @@ from torch import nn
 from vidartrain.config import Config, ConfigError
 from vidartrain.data.shard_index import read_common_index
 from vidartrain.data.transforms import to_model_range
+from vidartrain.errors import DataError
 from vidartrain.losses import (add_noise, embodiment_weights, flow_matching_loss, flow_matching_target,
                                mask_region_losses, per_frame_flow_matching_loss, sample_sigmas, shift_sigma)
 from vidartrain.models.idm import IDM_INPUT_SIZE, load_idm, pool_mask_to_latent
@@ -97,8 +98,8 @@ def prepare_causal_window(latents: torch.Tensor, chunk_size: int, shift: float,
         raise ValueError(f"num_context_frames = {num_context_frames} must be in [1, chunk_size = "
                          f"{chunk_size}): at least one frame is context and one is predicted")
     if frames < chunk_size:
-        raise ValueError(f"the batch has {frames} latent frames, fewer than self_forcing.chunk_size = "
-                         f"{chunk_size} (raise data.num_frames or lower the chunk size)")
+        raise ConfigError(f"the batch has {frames} latent frames, fewer than self_forcing.chunk_size = "
+                          f"{chunk_size} (raise data.num_frames or lower the chunk size)")
     device = generator.device
     start = int(torch.randint(frames - chunk_size + 1, (1,), generator=generator, device=device))
     clean = latents[:, :, start:start + chunk_size]
@@ -222,7 +223,7 @@ class SelfForcingStage(VidarStage):
         if sf.closed_loop:
             self.schedule = closed_loop_schedule(
                 config.chunk_size, RolloutWindow(sf.rollout_bound, sf.rollout_prefill_num))
-        # A public reconstruction found the design note's 2e-5 too high for this stage: say which
+        # A public reconstruction found the reference recipe's 2e-5 too high for this stage: say which
         # rate this run uses (TensorBoard has it as train/lr).
         log.info("stage 2: learning rate %.3g (training.lr), warmup %d, context %s%s, chunk %d latent frames, "
                  "Eq. 7 %s", config.training.lr, config.training.warmup, sf.context_mode,
@@ -254,8 +255,8 @@ class SelfForcingStage(VidarStage):
         if "idm_mask" in batch:
             return batch["idm_mask"][:, start:start + frames].to(self.device, torch.float32)
         if self.idm is None:
-            raise KeyError(f"batch {batch['__key__']} has no pre-encoded `idm_mask` and no IDM is loaded "
-                           f"(model.idm_path) for the embodiment-aware loss")
+            raise DataError(f"batch {batch['__key__']} has no pre-encoded `idm_mask` and no IDM is loaded "
+                            f"(model.idm_path) for the embodiment-aware loss")
         # Latent frame 0 pools video frame 0 alone, latent frame j >= 1 video frames 4j-3..4j. From one
         # frame before the window's first group the clip is 4n+1 frames long; its lone first frame is dropped.
         first = max(0, VAE_TEMPORAL_STRIDE * (start - 1))

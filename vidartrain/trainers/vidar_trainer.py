@@ -18,6 +18,7 @@ from vidartrain.config import Config, ConfigError
 from vidartrain.data.shard_index import read_common_index
 from vidartrain.data.transforms import to_model_range
 from vidartrain.distributed.export import write_state_dict
+from vidartrain.errors import DataError
 from vidartrain.losses import (NUM_TRAIN_TIMESTEPS, add_noise, flow_matching_loss, flow_matching_target,
                                sample_sigmas)
 from vidartrain.models.idm import IDM, load_idm
@@ -106,7 +107,7 @@ class VidarStage(Stage):
         if "latents" in batch:
             return batch["latents"].to(self.device, torch.float32)
         if self.vae is None:
-            raise KeyError(f"batch {batch['__key__']} has neither pre-encoded `latents` nor a VAE to encode `video`")
+            raise DataError(f"batch {batch['__key__']} has neither pre-encoded `latents` nor a VAE to encode `video`")
         return self.vae.encode(to_model_range(batch["video"].to(self.device)))
 
     @torch.no_grad()
@@ -114,7 +115,7 @@ class VidarStage(Stage):
         if "text_emb" in batch:
             return [emb.to(self.device) for emb in batch["text_emb"]]
         if self.text_encoder is None:
-            raise KeyError(f"batch {batch['__key__']} has neither pre-encoded `text_emb` nor a text encoder")
+            raise DataError(f"batch {batch['__key__']} has neither pre-encoded `text_emb` nor a text encoder")
         return self.text_encoder(batch["text"])
 
     def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator

@@ -19,6 +19,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from vidartrain.errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
@@ -26,18 +28,28 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 
 
+def read_json(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(content).__name__}")
+    return content
+
+
 def read_model_config(ckpt_dir: str | Path, model_class: type[nn.Module]) -> dict:
     """Constructor arguments from `config.json`; diffusers bookkeeping keys ("_class_name", ...)
     are dropped, absent keys keep the constructor defaults, unknown keys are an error."""
     path = Path(ckpt_dir) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a checkpoint directory needs {CONFIG_FILE}")
-    config = json.loads(path.read_text())
+        raise CheckpointError(f"{path} not found: a checkpoint directory needs {CONFIG_FILE}")
+    config = read_json(path)
     accepted = set(inspect.signature(model_class.__init__).parameters) - {"self"}
     config = {key: value for key, value in config.items() if not key.startswith("_")}
     unknown = sorted(set(config) - accepted)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown} (expected a subset of {sorted(accepted)})")
+        raise CheckpointError(f"{path}: unknown keys {unknown} (expected a subset of {sorted(accepted)})")
     return config
 
 
@@ -47,17 +59,17 @@ def weight_files(ckpt_dir: str | Path) -> list[Path]:
     ckpt_dir = Path(ckpt_dir)
     index_path = ckpt_dir / WEIGHTS_INDEX_FILE
     if index_path.is_file():
-        weight_map = json.loads(index_path.read_text()).get("weight_map")
+        weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index_path}: expected a non-empty 'weight_map' object")
+            raise CheckpointError(f"{index_path}: expected a non-empty 'weight_map' object")
         files = [ckpt_dir / name for name in sorted(set(weight_map.values()))]
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
-            raise FileNotFoundError(f"{index_path} lists shards that do not exist: {absent}")
+            raise CheckpointError(f"{index_path} lists shards that do not exist: {absent}")
         return files
     if (ckpt_dir / WEIGHTS_FILE).is_file():
         return [ckpt_dir / WEIGHTS_FILE]
-    raise FileNotFoundError(f"{ckpt_dir}: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} found")
+    raise CheckpointError(f"{ckpt_dir}: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} found")
 
 
 def build_from_checkpoint_dir(model_class: type[nn.Module], ckpt_dir: str | Path,
@@ -76,21 +88,21 @@ def build_from_checkpoint_dir(model_class: type[nn.Module], ckpt_dir: str | Path
         with safe_open(path, framework="pt", device=str(device)) as f:
             for key in f.keys():
                 if key not in expected:
-                    raise KeyError(f"{path}: unexpected key {key!r}, not a parameter of "
-                                   f"{model_class.__name__}({config})")
+                    raise CheckpointError(f"{path}: unexpected key {key!r}, not a parameter of "
+                                          f"{model_class.__name__}({config})")
                 if key in loaded:
-                    raise KeyError(f"{path}: key {key!r} was already read from {loaded[key]}")
+                    raise CheckpointError(f"{path}: key {key!r} was already read from {loaded[key]}")
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != expected[key]:
-                    raise ValueError(f"{path}: key {key!r} has shape {list(shape)}, the model built from "
-                                     f"{CONFIG_FILE} expects {list(expected[key])}")
+                    raise CheckpointError(f"{path}: key {key!r} has shape {list(shape)}, the model built from "
+                                          f"{CONFIG_FILE} expects {list(expected[key])}")
                 shard[key] = f.get_tensor(key).to(dtype)
                 loaded[key] = path
         model.load_state_dict(shard, strict=False, assign=True)
     missing = [key for key in expected if key not in loaded]
     if missing:
-        raise KeyError(f"{ckpt_dir}: {len(missing)} parameters missing from the checkpoint, "
-                       f"first {missing[:5]}")
+        raise CheckpointError(f"{ckpt_dir}: {len(missing)} parameters missing from the checkpoint, "
+                              f"first {missing[:5]}")
     return model
 
 
@@ -128,12 +140,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a .safetensors file or a torch.save file (memory-mapped, weights only)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"fine-tuned weights {path} not found")
+        raise CheckpointError(f"fine-tuned weights {path} not found")
     if path.suffix == ".safetensors":
         return load_file(path)
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict (a dict of name -> tensor), got {type(state).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict (a dict of name -> tensor), got {type(state).__name__}")
     return state
 
 
@@ -147,12 +159,12 @@ def load_finetuned(model: nn.Module, path: str | Path,
     own = model.state_dict()
     matched = [key for key in state if key in own]
     if not matched:
-        raise ValueError(f"{path}: none of its {len(state)} keys is a parameter of {type(model).__name__} "
-                         f"(file has e.g. {list(state)[:3]}, model has e.g. {list(own)[:3]})")
+        raise CheckpointError(f"{path}: none of its {len(state)} keys is a parameter of {type(model).__name__} "
+                              f"(file has e.g. {list(state)[:3]}, model has e.g. {list(own)[:3]})")
     for key in matched:
         if state[key].shape != own[key].shape:
-            raise ValueError(f"{path}: key {key!r} has shape {list(state[key].shape)}, "
-                             f"the model's is {list(own[key].shape)}")
+            raise CheckpointError(f"{path}: key {key!r} has shape {list(state[key].shape)}, "
+                                  f"the model's is {list(own[key].shape)}")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys:
         logger.warning("%s: %d model parameters not in the file, kept as they were (first %s)",

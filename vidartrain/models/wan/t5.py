@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vidartrain.errors import CheckpointError
+
 __all__ = ["UMT5Encoder", "load_umt5_encoder", "check_state_dict_matches"]
 
 
@@ -171,19 +173,19 @@ class UMT5Encoder(nn.Module):
 
 def check_state_dict_matches(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
                              source: str) -> None:
-    """Raise KeyError/ValueError naming the offending keys unless names and shapes match exactly."""
+    """Raise a CheckpointError naming the offending keys unless names and shapes match exactly."""
     expected = model.state_dict()
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
     if missing or unexpected:
-        raise KeyError(f"{source}: state_dict keys do not match {type(model).__name__}: "
-                       f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''} "
-                       f"({len(missing)} in all), unexpected {unexpected[:10]}"
-                       f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} in all)")
+        raise CheckpointError(f"{source}: state_dict keys do not match {type(model).__name__}: "
+                              f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+                              f"({len(missing)} in all), unexpected {unexpected[:10]}"
+                              f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} in all)")
     for key, tensor in expected.items():
         if tuple(state_dict[key].shape) != tuple(tensor.shape):
-            raise ValueError(f"{source}: key {key!r} has shape {tuple(state_dict[key].shape)}, "
-                             f"{type(model).__name__} expects {tuple(tensor.shape)}")
+            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state_dict[key].shape)}, "
+                                  f"{type(model).__name__} expects {tuple(tensor.shape)}")
 
 
 def load_umt5_encoder(checkpoint: str | Path, dtype: torch.dtype = torch.bfloat16,
@@ -197,13 +199,13 @@ def load_umt5_encoder(checkpoint: str | Path, dtype: torch.dtype = torch.bfloat1
     """
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"umT5 encoder checkpoint {checkpoint} does not exist")
+        raise CheckpointError(f"umT5 encoder checkpoint {checkpoint} does not exist")
     with torch.device("meta"):
         model = UMT5Encoder(**(config or {}))
     state_dict = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
     if not isinstance(state_dict, Mapping):
-        raise ValueError(f"{checkpoint}: expected a state_dict (mapping of name -> tensor), "
-                         f"got {type(state_dict).__name__}")
+        raise CheckpointError(f"{checkpoint}: expected a state_dict (mapping of name -> tensor), "
+                              f"got {type(state_dict).__name__}")
     check_state_dict_matches(model, state_dict, str(checkpoint))
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

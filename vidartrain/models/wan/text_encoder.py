@@ -18,6 +18,7 @@ import ftfy
 import torch
 from tokenizers import Tokenizer
 
+from vidartrain.errors import CheckpointError
 from vidartrain.models.wan.t5 import UMT5Encoder, load_umt5_encoder
 
 __all__ = ["clean_prompt", "UMT5Tokenizer", "TextEncoder", "T5_CHECKPOINT_NAME", "T5_TOKENIZER_DIR"]
@@ -45,7 +46,7 @@ class UMT5Tokenizer:
                  pad_token: str = "<pad>", eos_token: str = "</s>") -> None:
         tokenizer_file = Path(tokenizer_file)
         if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"umT5 tokenizer file {tokenizer_file} does not exist")
+            raise CheckpointError(f"umT5 tokenizer file {tokenizer_file} does not exist")
         if text_len < 1:
             raise ValueError(f"text_len must be positive, got {text_len}")
         self.text_len = text_len
@@ -53,12 +54,12 @@ class UMT5Tokenizer:
         pad_id = self.tokenizer.token_to_id(pad_token)
         eos_id = self.tokenizer.token_to_id(eos_token)
         if pad_id is None or eos_id is None:
-            raise ValueError(f"{tokenizer_file}: vocabulary lacks the pad token {pad_token!r} or "
-                             f"the eos token {eos_token!r} (umT5 uses '<pad>' = 0 and '</s>' = 1)")
+            raise CheckpointError(f"{tokenizer_file}: vocabulary lacks the pad token {pad_token!r} or "
+                                  f"the eos token {eos_token!r} (umT5 uses '<pad>' = 0 and '</s>' = 1)")
         # umT5's post-processor appends </s>; a file without it would silently change embeddings.
         if self.tokenizer.encode("", add_special_tokens=True).ids != [eos_id]:
-            raise ValueError(f"{tokenizer_file}: post_processor does not append {eos_token!r} "
-                             f"(umT5 expects 'ids </s>': TemplateProcessing, single '$A </s>')")
+            raise CheckpointError(f"{tokenizer_file}: post_processor does not append {eos_token!r} "
+                                  f"(umT5 expects 'ids </s>': TemplateProcessing, single '$A </s>')")
         self.pad_id = pad_id
         self.tokenizer.enable_truncation(max_length=text_len, stride=0, strategy="longest_first",
                                          direction="right")

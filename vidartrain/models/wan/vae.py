@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 
 from vidartrain.models.wan.checkpoint import read_state_dict
+from vidartrain.errors import CheckpointError
 from vidartrain.models.wan.t5 import check_state_dict_matches
 
 VAE_STRIDE = (4, 16, 16)  # (time, height, width) of the real Wan2.2 VAE
@@ -457,7 +458,7 @@ class WanVAE(nn.Module):
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"VAE checkpoint {path} does not exist")
+            raise CheckpointError(f"VAE checkpoint {path} does not exist")
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating point type, got {dtype}")
         state_dict = read_state_dict(path)
