@@ -177,3 +177,18 @@ def load_wan_lora(model: nn.Module, path: str | Path) -> list[str]:
 def uniform_alphas(adapters: Adapters, alpha: float) -> dict[str, float]:
     """The same alpha for every adapter (the trainer's `lora.alpha`)."""
     return {name: alpha for name in adapters}
+
+
+def adapter_path(path: str | Path) -> Path:
+    """Where the adapters of the export `path` go: vidar.pt -> vidar_lora.safetensors."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_lora.safetensors")
+
+
+def export_lora(state_dict: dict[str, torch.Tensor], alpha: float, path: str | Path
+                ) -> tuple[dict[str, torch.Tensor], Path]:
+    """Write the adapters of an adapted model's `state_dict` beside the export `path` (a Wan LoRA
+    file); returns the merged state dict, for `path`, and the adapter file's path."""
+    base, adapters = split_lora(state_dict)
+    alphas = uniform_alphas(adapters, alpha)
+    return merge_lora(base, adapters, alphas), write_wan_lora(adapters, alphas, adapter_path(path))
