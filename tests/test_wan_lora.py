@@ -1,17 +1,19 @@
 """LoRA adapters on the tiny WanModel (single process, float32): the adapted model starts equal to the
 base, the merged weights and the Wan LoRA file reproduce the adapted forward, dropout is recomputed
 identically under activation checkpointing, bad targets and settings are refused."""
+import json
 import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_tools.tiny_checkpoint import TINY_DIT
-from vidartrain.config import ConfigError, LoraConfig, load_config
+from data_tools.tiny_checkpoint import TINY_DIT, write_tiny_checkpoint
+from vidartrain.config import ConfigError, LoraConfig, config_from_dict, load_config, resume_changes
 from vidartrain.models.wan.lora import (add_lora, load_wan_lora, merge_lora, read_wan_lora, split_lora,
                                         uniform_alphas, write_wan_lora)
 from vidartrain.models.wan.model import WanModel
+from vidartrain.trainers.self_forcing import SelfForcingStage
 
 # the documented key scheme (README, "LoRA"), for the default target modules
 WAN_LORA_KEY = re.compile(r"diffusion_model\.blocks\.\d+\.((self_attn|cross_attn)\.[qkvo]|ffn\.[02])"
@@ -112,3 +114,35 @@ def test_bad_targets_and_settings_are_refused(tmp_path):
     save_file({"blocks.0.self_attn.q.lora_A.weight": torch.zeros(2, 64)}, str(tmp_path / "stray.safetensors"))
     with pytest.raises(ValueError, match="keys outside the Wan LoRA convention"):
         read_wan_lora(tmp_path / "stray.safetensors")
+
+
+def test_a_resume_may_change_the_dropout_but_not_the_adapters():
+    saved = load_config("configs/debug/tiny_vidar.yaml", ["lora.rank=4"]).to_dict()
+    changed = load_config("configs/debug/tiny_vidar.yaml", ["lora.rank=8", "lora.alpha=4", "lora.dropout=0.1"])
+    applied, refused = resume_changes(json.loads(json.dumps(saved)), changed)
+    assert applied == ["lora.dropout: 0.0 -> 0.1"]
+    assert refused == ["lora.rank: 4 -> 8", "lora.alpha: null -> 4.0"]
+
+
+@pytest.mark.parametrize("context_mode", ["ground_truth", "self_generated"])
+def test_stage2_trains_only_the_adapters_also_through_the_kv_cache_rollout(tmp_path, context_mode):
+    config = config_from_dict({
+        "model": {"ckpt_dir": str(write_tiny_checkpoint(tmp_path / "ckpt")), "model_class": "WanModelCausal"},
+        "training": {"num_steps": 10, "warmup": 0},
+        "loss": {"type": "causal_flow_matching", "embodiment_aware": True, "eta": 3.0},
+        "self_forcing": {"causal": True, "chunk_size": 4, "kv_cache_length": 8, "context_mode": context_mode,
+                         "denoising_steps": 2},
+        "data": {"shards": "unused", "num_frames": 21, "height": 64, "width": 64}, "lora": {"rank": 4}})
+    stage = SelfForcingStage()
+    model = stage.build_model(config).float()
+    add_lora(model, config.lora)
+    generator = torch.Generator().manual_seed(3)
+    batch = {"__key__": ["a"], "latents": torch.randn(1, 48, 6, 4, 4, generator=generator),
+             "text_emb": [torch.randn(5, TINY_DIT["text_dim"], generator=generator)],
+             "idm_mask": torch.rand(1, 6, 4, 4, generator=generator)}
+    loss, _ = stage.training_loss(model, batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(grads[name] is None for name in grads if "lora" not in name)
+    # B starts at zero: A's gradient (B^T times the output's gradient) is zero at the first step, B's is not
+    assert all(grads[name].abs().sum() > 0 for name in grads if "lora_B" in name)
