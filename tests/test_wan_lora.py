@@ -13,6 +13,7 @@ from vidartrain.config import ConfigError, LoraConfig, config_from_dict, load_co
 from vidartrain.models.wan.lora import (add_lora, load_wan_lora, merge_lora, read_wan_lora, split_lora,
                                         uniform_alphas, write_wan_lora)
 from vidartrain.models.wan.model import WanModel
+from vidartrain.trainers.freezing import freeze_parameters
 from vidartrain.trainers.self_forcing import SelfForcingStage
 
 # the documented key scheme (README, "LoRA"), for the default target modules
@@ -146,3 +147,15 @@ def test_stage2_trains_only_the_adapters_also_through_the_kv_cache_rollout(tmp_p
     assert all(grads[name] is None for name in grads if "lora" not in name)
     # B starts at zero: A's gradient (B^T times the output's gradient) is zero at the first step, B's is not
     assert all(grads[name].abs().sum() > 0 for name in grads if "lora_B" in name)
+
+
+def test_training_freeze_may_name_adapters_but_not_all_of_them():
+    model = tiny_model()
+    add_lora(model, LoraConfig(rank=2))
+    frozen = freeze_parameters(model, ["blocks.0.*"])
+    assert {name for name in frozen if "lora" in name} == {
+        f"blocks.0.{layer}.lora_{ab}.weight" for layer in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                                                            "cross_attn.q", "cross_attn.k", "cross_attn.v",
+                                                            "cross_attn.o", "ffn.0", "ffn.2") for ab in "AB"}
+    with pytest.raises(ConfigError, match="freezes every trained parameter of the WanModel"):
+        freeze_parameters(model, ["blocks.*"])
