@@ -663,6 +663,7 @@ class Trainer:
         if load_dir is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint {ref.path}")
         self.apply_optimizer_settings()
+        self.partition_persistent_parameters()
         self.step = int(client["step"])
         self.nonfinite_total = int(client["nonfinite_total"])
         self.nonfinite_in_a_row = int(client["nonfinite_in_a_row"])
@@ -678,6 +679,16 @@ class Trainer:
             np.random.set_state(rng["numpy"])
             torch.set_rng_state(rng["torch"])
         log.info("resumed from %s at step %d", ref.path, self.step)
+
+    def partition_persistent_parameters(self) -> None:
+        """Leave ZeRO-3's persistent (small, never released) parameters partitioned, as in a process that
+        has not yet run a step: DeepSpeed's checkpoint loader gathers them, and the first forward after
+        a resume would then gather none of them while its recomputation in backward gathers some -
+        which selective activation checkpointing refuses (it replays exactly the forward's operations:
+        "aten.slice.Tensor encountered during backward but not found in storage")."""
+        persistent = getattr(self.engine.optimizer, "persistent_parameters", None)
+        if persistent:
+            persistent[0].partition(persistent)
 
     def apply_optimizer_settings(self) -> None:
         """DeepSpeed restores the optimizer's param groups (lr, betas, eps, weight decay) and the scheduler's
