@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data_tools.tiny_checkpoint import TINY_DIT, write_tiny_checkpoint
-from vidartrain.config import ConfigError, LoraConfig, config_from_dict, load_config, resume_changes
+from vidartrain.config import LoraConfig, config_from_dict, load_config, resume_changes
+from vidartrain.errors import CheckpointError, ConfigError
 from vidartrain.models.wan.lora import (add_lora, load_wan_lora, merge_lora, read_wan_lora, split_lora,
                                         uniform_alphas, write_wan_lora)
 from vidartrain.models.wan.model import WanModel
@@ -113,7 +114,7 @@ def test_bad_targets_and_settings_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="the IDM stage trains the IDM in full"):
         load_config(config)
     save_file({"blocks.0.self_attn.q.lora_A.weight": torch.zeros(2, 64)}, str(tmp_path / "stray.safetensors"))
-    with pytest.raises(ValueError, match="keys outside the Wan LoRA convention"):
+    with pytest.raises(CheckpointError, match="keys outside the Wan LoRA convention"):
         read_wan_lora(tmp_path / "stray.safetensors")
 
 

@@ -23,7 +23,7 @@ ComfyUI load: for each adapted linear with upstream name NAME (e.g. `blocks.7.cr
     diffusion_model.NAME.alpha           0-dim float32; the update is alpha / rank * B @ A
 
 A merged state dict (`merge_lora`) holds W + alpha / rank * B @ A in place of W and no adapter keys:
-it loads strictly into WanModel and upstream's code.
+it loads strictly into WanModel and upstream's code. docs/training.md ("LoRA") documents both files.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vidartrain.config import ConfigError, LoraConfig
+from vidartrain.config import LoraConfig
+from vidartrain.errors import CheckpointError, ConfigError
 from vidartrain.files import write_atomically
 from vidartrain.models.wan.model import GeluTanhLinear
 
@@ -105,7 +106,8 @@ def split_lora(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     modules = sorted({name[:-len(A_SUFFIX)] for name in state_dict if name.endswith(A_SUFFIX)})
     missing = [name + B_SUFFIX for name in modules if name + B_SUFFIX not in state_dict]
     if missing or len(base) + 2 * len(modules) != len(state_dict):
-        raise ValueError(f"adapter tensors come in lora_A / lora_B pairs; unpaired: {missing or 'lora_B without lora_A'}")
+        raise CheckpointError(f"adapter tensors come in lora_A / lora_B pairs; unpaired: "
+                              f"{missing or 'lora_B without lora_A'}")
     return base, {name: (state_dict[name + A_SUFFIX], state_dict[name + B_SUFFIX]) for name in modules}
 
 
@@ -147,12 +149,12 @@ def read_wan_lora(path: str | Path) -> tuple[Adapters, dict[str, float]]:
     stray = [key for key in state if not key.startswith(FILE_PREFIX) or not key.endswith(
         (A_SUFFIX, B_SUFFIX, ALPHA_SUFFIX))]
     if stray:
-        raise ValueError(f"{path}: keys outside the Wan LoRA convention (diffusion_model.NAME.lora_A.weight / "
+        raise CheckpointError(f"{path}: keys outside the Wan LoRA convention (diffusion_model.NAME.lora_A.weight / "
                          f".lora_B.weight / .alpha): {stray[:4]}")
     names = sorted({key[len(FILE_PREFIX):-len(A_SUFFIX)] for key in state if key.endswith(A_SUFFIX)})
     expected = {FILE_PREFIX + name + suffix for name in names for suffix in (A_SUFFIX, B_SUFFIX, ALPHA_SUFFIX)}
     if set(state) != expected:
-        raise ValueError(f"{path}: every adapted module needs lora_A, lora_B and alpha; "
+        raise CheckpointError(f"{path}: every adapted module needs lora_A, lora_B and alpha; "
                          f"incomplete: {sorted(set(state) ^ expected)[:4]}")
     adapters = {name: (state[FILE_PREFIX + name + A_SUFFIX], state[FILE_PREFIX + name + B_SUFFIX]) for name in names}
     return adapters, {name: float(state[FILE_PREFIX + name + ALPHA_SUFFIX]) for name in names}
@@ -166,7 +168,7 @@ def load_wan_lora(model: nn.Module, path: str | Path) -> list[str]:
     for name, (a, b) in adapters.items():
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear) or a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
-            raise ValueError(f"{path}: adapter {name} ({list(b.shape)} @ {list(a.shape)}) fits no linear layer of the "
+            raise CheckpointError(f"{path}: adapter {name} ({list(b.shape)} @ {list(a.shape)}) fits no linear layer of the "
                              f"{type(model).__name__}")
         attach_adapter(linear, a.shape[0], alphas[name])
         linear.lora_A.weight.data.copy_(a)
