@@ -160,3 +160,11 @@ def test_training_freeze_may_name_adapters_but_not_all_of_them():
                                                             "cross_attn.o", "ffn.0", "ffn.2") for ab in "AB"}
     with pytest.raises(ConfigError, match="freezes every trained parameter of the WanModel"):
         freeze_parameters(model, ["blocks.*"])
+
+
+def test_adapters_on_float32_layers_of_a_bf16_model():
+    model = adapted(LoraConfig(rank=2, target_modules=["time_embedding.0", "head.head"])).to(torch.bfloat16).eval()
+    base = tiny_model().to(torch.bfloat16).eval()
+    with torch.no_grad():
+        out, reference = model(*inputs()), base(*inputs())
+    assert out.dtype == torch.float32 and torch.isfinite(out).all() and not torch.equal(out, reference)

@@ -92,7 +92,8 @@ def add_adapter_output(linear: nn.Linear, inputs: tuple[torch.Tensor, ...], outp
     x = inputs[0]
     if isinstance(linear, GeluTanhLinear):  # its weight multiplies GELU(x): so does the adapter's
         x = F.gelu(x, approximate="tanh")
-    x = F.dropout(x, linear.lora_dropout, linear.training)
+    # in the adapters' dtype: a Float32Linear (time embedding, head) gets float32 inputs for bf16 weights
+    x = F.dropout(x.to(linear.lora_A.weight.dtype), linear.lora_dropout, linear.training)
     return output + linear.lora_B(linear.lora_A(x)) * linear.lora_scale
 
 
