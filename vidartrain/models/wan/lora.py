@@ -73,12 +73,22 @@ def add_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     return names
 
 
+class AdapterLinear(nn.Linear):
+    """An adapter's A or B: takes its input in its own dtype (a Float32Linear of a bf16 model - time
+    embedding, head - gets float32 inputs). The weight is read inside this forward, where ZeRO-3 has
+    gathered it: reading it in the hook outside would make ZeRO-3 fetch it there, differently in the
+    forward and in its recomputation, which selective activation checkpointing refuses."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight)
+
+
 def attach_adapter(linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
     """Give `linear` the children lora_A, lora_B (in its weight's dtype and device) and the hook
     that adds their output."""
     factory = {"dtype": linear.weight.dtype, "device": linear.weight.device}
-    linear.lora_A = nn.Linear(linear.in_features, rank, bias=False, **factory)
-    linear.lora_B = nn.Linear(rank, linear.out_features, bias=False, **factory)
+    linear.lora_A = AdapterLinear(linear.in_features, rank, bias=False, **factory)
+    linear.lora_B = AdapterLinear(rank, linear.out_features, bias=False, **factory)
     nn.init.zeros_(linear.lora_B.weight)
     linear.lora_scale = alpha / rank
     linear.lora_dropout = dropout
@@ -92,8 +102,7 @@ def add_adapter_output(linear: nn.Linear, inputs: tuple[torch.Tensor, ...], outp
     x = inputs[0]
     if isinstance(linear, GeluTanhLinear):  # its weight multiplies GELU(x): so does the adapter's
         x = F.gelu(x, approximate="tanh")
-    # in the adapters' dtype: a Float32Linear (time embedding, head) gets float32 inputs for bf16 weights
-    x = F.dropout(x.to(linear.lora_A.weight.dtype), linear.lora_dropout, linear.training)
+    x = F.dropout(x, linear.lora_dropout, linear.training)
     return output + linear.lora_B(linear.lora_A(x)) * linear.lora_scale
 
 
