@@ -131,3 +131,22 @@ def test_best_names_the_fastest_checkpointing_mode_that_fits(capsys):
     assert main([*args, str(REPO / "ds_configs/zero3_2xh200.json"), "--set", "training.batch_size=64",
                  "--set", "training.gradient_accumulation=1"]) == 0  # micro-batch 32
     assert "best: no checkpointing mode fits" in capsys.readouterr().out
+
+
+def test_lora_plans_keep_gradients_and_optimizer_state_for_the_adapters_only():
+    profile = load_profile(REPO / "ds_configs/zero3_2xh200.json")
+    full = make_plan(load_config(REPO / "configs/vidar_finetune.yaml"), "zero3_2xh200", profile, "h200", 2,
+                     checkpointing="full")
+    lora = make_plan(load_config(REPO / "configs/vidar_finetune.yaml", ["lora.rank=64"]), "zero3_2xh200", profile,
+                     "h200", 2, checkpointing="full")
+    params = full.trained_parameters
+    assert params == 4_999_787_712
+    # rank 64 on 30 blocks: 8 attention linears 3072 -> 3072, ffn.0 3072 -> 14336, ffn.2 14336 -> 3072
+    adapters = 30 * 64 * (8 * (3072 + 3072) + 2 * (3072 + 14336))
+    assert lora.trained_parameters == adapters == 161_218_560 and lora.lora_rank == 64
+    assert lora.memory_gib["parameters"] == pytest.approx(2 * (params + adapters) / 2 / GIB)  # bf16, partitioned
+    assert lora.memory_gib["gradients"] == pytest.approx(4 * adapters / 2 / GIB)
+    assert lora.memory_gib["optimizer"] == pytest.approx(12 * adapters / 2 / GIB)  # no fp32 master of the base
+    assert lora.memory_gib["activations"] == full.memory_gib["activations"]
+    assert lora.step_seconds == pytest.approx(full.step_seconds * 3 / 4)  # no weight gradients of the base
+    assert full.total_gib - lora.total_gib > 0.9 * 16 * params / 2 / GIB

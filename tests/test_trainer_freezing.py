@@ -31,5 +31,5 @@ def test_a_pattern_matching_nothing_is_an_error_naming_it():
 
 
 def test_freezing_everything_is_an_error():
-    with pytest.raises(ConfigError, match="freezes every parameter"):
+    with pytest.raises(ConfigError, match="freezes every trained parameter"):
         freeze_parameters(small_model(), ["*"])

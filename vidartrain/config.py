@@ -76,6 +76,28 @@ class TrainingConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the DiT's linear layers (vidartrain/models/wan/lora.py): the base model stays
+    frozen, only the adapters are trained. rank 0 = off (full fine-tuning)."""
+
+    rank: int = 0
+    alpha: float | None = None  # the update is scaled by alpha / rank; None: alpha = rank (scale 1)
+    dropout: float = 0.0  # dropout on the adapters' input
+    # fnmatch patterns over module names; every match must be an nn.Linear. Default: self- and
+    # cross-attention q/k/v/o and both FFN linears of every block (the usual Wan LoRA targets)
+    target_modules: list[str] = field(default_factory=lambda: [
+        "blocks.*.self_attn.[qkvo]", "blocks.*.cross_attn.[qkvo]", "blocks.*.ffn.0", "blocks.*.ffn.2"])
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else self.alpha
+
+
+@dataclass
 class LossConfig:
     type: Literal["flow_matching", "causal_flow_matching", "idm"] = "flow_matching"
     embodiment_aware: bool = False
@@ -186,6 +208,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     idm: IdmConfig = field(default_factory=IdmConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     @property
     def global_batch_size(self) -> int:
@@ -512,6 +535,7 @@ def value_problems(config: Config) -> typing.Iterator[str]:
             yield (f"`self_forcing.rollout_prefill_num` = {sf.rollout_prefill_num} exceeds "
                    f"`self_forcing.rollout_bound` = {sf.rollout_bound}")
     yield from validation_problems(config)
+    yield from lora_problems(config)
     yield from idm_problems(config.idm)
     yield from mixture_problems(data)
     if loss.type == "causal_flow_matching" and config.model.model_class != "WanModelCausal":
@@ -538,6 +562,23 @@ def validation_problems(config: Config) -> typing.Iterator[str]:
     elif v.num_frames > config.data.num_frames:
         yield (f"`validation.num_frames` = {v.num_frames} exceeds `data.num_frames` = {config.data.num_frames} "
                f"(the held-out clips are that long)")
+
+
+def lora_problems(config: Config) -> typing.Iterator[str]:
+    lora = config.lora
+    if lora.rank < 0:
+        yield f"`lora.rank` = {lora.rank}: must be >= 0 (0 turns LoRA off)"
+    if not lora.enabled:
+        return
+    if lora.alpha is not None and lora.alpha <= 0:
+        yield f"`lora.alpha` = {lora.alpha}: must be > 0 (or null for alpha = rank)"
+    if not 0.0 <= lora.dropout < 1.0:
+        yield f"`lora.dropout` = {lora.dropout}: must be in [0, 1)"
+    if not lora.target_modules or any(not pattern.strip() for pattern in lora.target_modules):
+        yield (f"`lora.target_modules` = {lora.target_modules}: give module-name patterns, "
+               f"e.g. `blocks.*.self_attn.[qkvo]`")
+    if config.loss.type == "idm":
+        yield "`lora.rank` is set, but LoRA adapts the DiT: the IDM stage trains the IDM in full (set it to 0)"
 
 
 def idm_problems(idm: IdmConfig) -> typing.Iterator[str]:
@@ -588,7 +629,7 @@ CHANGEABLE_ON_RESUME = frozenset({
     "loss.embodiment_aware", "loss.eta", "loss.shift", "loss.mask_weight",
     "self_forcing.context_mode", "self_forcing.self_generated_prob", "self_forcing.denoising_steps",
     "data.shards", "data.val_shards", "data.cfg_prob", "data.num_workers", "data.max_bad_samples",
-    "output.save_path", "output.output_dir",
+    "output.save_path", "output.output_dir", "lora.dropout",
     "distributed.ds_config", "distributed.activation_checkpointing",
     # compared as their product, the global batch (the world size may change through a universal checkpoint)
     "training.batch_size", "training.gradient_accumulation",

@@ -20,11 +20,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from vidartrain.config import Config, ConfigError, load_config
+from vidartrain.config import Config, ConfigError, LoraConfig, load_config
 from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile, profile_world_size
 from vidartrain.errors import reports_errors
 from vidartrain.models.idm import IDM
 from vidartrain.models.wan.checkpoint import CONFIG_FILE, read_model_config
+from vidartrain.models.wan.lora import add_lora
 from vidartrain.models.wan.model import CHECKPOINTING_MODES, KEPT_BY_SELECTIVE_CHECKPOINTING, WanModel, latent_grid
 from vidartrain.models.wan.t5 import UMT5Encoder
 from vidartrain.models.wan.vae import WanVAE
@@ -226,6 +227,8 @@ class Plan:
     profile: str
     gpu: str
     world_size: int
+    trained_parameters: int  # all of the DiT, or the LoRA adapters only
+    lora_rank: int  # 0: full fine-tuning
     micro_batch: int
     accumulation: int
     tokens_per_sample: int
@@ -263,18 +266,23 @@ def sequence_tokens(frames: int, per_frame: int, layout: str) -> int:
 
 
 def model_state_gib(params: int, largest_layer: int, stage: int, world: int, offload_optimizer: bool,
-                    offload_params: bool = False) -> dict[str, float]:
+                    offload_params: bool = False, trainable: int | None = None) -> dict[str, float]:
     """Parameters, gradients and optimizer states per GPU in DeepSpeed's accounting: bf16 parameters
     (2 bytes), fp32 gradient partitions (4), fp32 master weights + Adam moments (12); ZeRO-1 shards
     the optimizer, ZeRO-2 also the gradients, ZeRO-3 also the parameters. For ZeRO-3 the total is
-    DeepSpeed's own estimator, which adds the largest layer gathered in full."""
+    DeepSpeed's own estimator, which adds the largest layer gathered in full. `trainable` (default:
+    all `params`): the parameters that have gradients and optimizer states - with LoRA the adapters
+    only; the frozen base keeps its bf16 partitions and nothing else. DeepSpeed's estimator assumes
+    every parameter trains, so it checks full fine-tuning only."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-    def per_gpu(bytes_per_param: int, sharded_from_stage: int) -> float:
-        return bytes_per_param * params / (world if stage >= sharded_from_stage else 1)
+    trainable = params if trainable is None else trainable
 
-    parts = {"parameters": per_gpu(2, 3), "gradients": per_gpu(4, 2), "optimizer": per_gpu(12, 1),
-             "gathered_layer": 0.0}
+    def per_gpu(bytes_per_param: int, count: int, sharded_from_stage: int) -> float:
+        return bytes_per_param * count / (world if stage >= sharded_from_stage else 1)
+
+    parts = {"parameters": per_gpu(2, params, 3), "gradients": per_gpu(4, trainable, 2),
+             "optimizer": per_gpu(12, trainable, 1), "gathered_layer": 0.0}
     if offload_optimizer:  # gradient partitions and the optimizer live on the CPU
         parts["gradients"] = parts["optimizer"] = 0.0
     if offload_params and stage == 3:
@@ -284,7 +292,7 @@ def model_state_gib(params: int, largest_layer: int, stage: int, world: int, off
             params, largest_layer, num_gpus_per_node=min(world, 8), num_nodes=max(1, world // 8),
             cpu_offload=offload_optimizer, cpu_offload_params=offload_optimizer and offload_params)
         parts["gathered_layer"] = float(largest)
-        if abs(sum(parts.values()) - gpu_bytes) > world:
+        if trainable == params and abs(sum(parts.values()) - gpu_bytes) > world:
             raise RuntimeError(f"planner disagrees with DeepSpeed's ZeRO-3 estimator: {sum(parts.values())} vs {gpu_bytes}")
     return {name: value / GIB for name, value in parts.items()}
 
@@ -326,12 +334,25 @@ def activation_gib(shape: DitShape, tokens: int, micro: int, checkpointing: str)
 
 def dit_parameters(shape: DitShape) -> tuple[int, int]:
     """(total parameters, largest single layer) of the DiT, counted on the meta device."""
-    with torch.device("meta"):
-        model = WanModel(dim=shape.dim, ffn_dim=shape.ffn_dim, num_heads=shape.num_heads,
-                         num_layers=shape.num_layers, text_len=shape.text_len, text_dim=shape.text_dim)
+    model = meta_dit(shape)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return total, largest
+
+
+def lora_parameters(shape: DitShape, lora: LoraConfig) -> int:
+    """Parameters of the adapters `lora` adds to the DiT (0 when LoRA is off)."""
+    if not lora.enabled:
+        return 0
+    model = meta_dit(shape)
+    add_lora(model, lora)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def meta_dit(shape: DitShape) -> WanModel:
+    with torch.device("meta"):
+        return WanModel(dim=shape.dim, ffn_dim=shape.ffn_dim, num_heads=shape.num_heads,
+                        num_layers=shape.num_layers, text_len=shape.text_len, text_dim=shape.text_dim)
 
 
 def make_plan(config: Config, profile_name: str, profile: dict[str, Any], gpu_key: str, world_size: int,
@@ -350,11 +371,15 @@ def make_plan(config: Config, profile_name: str, profile: dict[str, Any], gpu_ke
     frames, per_frame, layout = sample_layout(config)
     tokens = sequence_tokens(frames, per_frame, layout)
     params, largest = dit_parameters(shape)
+    adapters = lora_parameters(shape, config.lora)
     zero = ds["zero_optimization"]
 
     def memory_for(m: int) -> dict[str, float]:
-        parts = model_state_gib(params, largest, zero.get("stage", 0), world_size, "offload_optimizer" in zero,
-                                "offload_param" in zero)
+        # LoRA: activations as for full fine-tuning (an upper bound; the adapters' own [tokens, rank]
+        # outputs are negligible, the frozen base's weight-gradient inputs need not be kept)
+        parts = model_state_gib(params + adapters, largest, zero.get("stage", 0), world_size,
+                                "offload_optimizer" in zero, "offload_param" in zero,
+                                trainable=adapters if config.lora.enabled else None)
         parts["activations"] = activation_gib(shape, tokens, m, checkpointing)
         parts["kv_cache"] = kv_cache_gib(config, shape, per_frame, m)
         parts["frozen_encoders"] = frozen_gib(config, precomputed)
@@ -368,12 +393,14 @@ def make_plan(config: Config, profile_name: str, profile: dict[str, Any], gpu_ke
         max_micro += 1
     pairs = attended_pairs(frames if layout != "teacher_forcing" else frames, per_frame, layout)
     flops = forward_flops(shape, tokens, pairs, frames)
-    # forward + backward (2x), + the recomputed forward with full checkpointing (selective recomputes
-    # element-wise work only, no matmul FLOPs)
-    passes = 4 if checkpointing == "full" else 3
+    # forward + backward (2x: input and weight gradients), + the recomputed forward with full
+    # checkpointing (selective recomputes element-wise work only, no matmul FLOPs); LoRA computes no
+    # weight gradient of the frozen base (the adapters' FLOPs are negligible at small rank)
+    passes = (4 if checkpointing == "full" else 3) - (1 if config.lora.enabled else 0)
     step_flops = sum(flops.values()) * passes * micro * accumulation
     step_seconds = step_flops / (mfu * gpu.bf16_tflops * 1e12)
     return Plan(profile=profile_name, gpu=gpu.name, world_size=world_size, micro_batch=micro,
+                trained_parameters=adapters if config.lora.enabled else params, lora_rank=config.lora.rank,
                 accumulation=accumulation, tokens_per_sample=tokens, checkpointing=checkpointing,
                 memory_gib=memory, total_gib=total, device_gib=gpu.memory_gib, fits=total <= gpu.memory_gib,
                 margin_gib=gpu.memory_gib - total, max_micro_batch=max_micro, flops_per_sample=flops,
@@ -388,7 +415,7 @@ def make_plan(config: Config, profile_name: str, profile: dict[str, Any], gpu_ke
 def format_plan(plan: Plan) -> str:
     lines = [f"{plan.profile} on {plan.world_size} x {plan.gpu}: micro-batch {plan.micro_batch} x accumulation "
              f"{plan.accumulation}, {plan.tokens_per_sample:,} tokens per sample, activation checkpointing "
-             f"{plan.checkpointing}",
+             f"{plan.checkpointing}, {training_of(plan)}",
              "  memory per GPU (GiB):"]
     for name, gib in plan.memory_gib.items():
         lines.append(f"    {name:<16} {gib:8.2f}")
@@ -402,6 +429,11 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def training_of(plan: Plan) -> str:
+    trained = f"{plan.trained_parameters / 1e6:,.1f}M parameters trained"
+    return f"LoRA rank {plan.lora_rank} ({trained})" if plan.lora_rank else f"full fine-tuning ({trained})"
+
+
 def hardware_table(config: Config, mfu: float = 0.4, precomputed: bool = False) -> list[dict[str, Any]]:
     """The planner beside the reference hardware table (docs/training.md), for every GPU profile."""
     repo = Path(__file__).resolve().parents[1]
@@ -410,7 +442,8 @@ def hardware_table(config: Config, mfu: float = 0.4, precomputed: bool = False) 
         profile = load_profile(repo / "ds_configs" / f"{name}.json")
         for checkpointing in CHECKPOINTING_MODES:
             plan = make_plan(config, name, profile, gpu, world, mfu, checkpointing, precomputed, dit_shape_of(config))
-            rows.append({"profile": name, "gpus": f"{world}x {GPUS[gpu].name}", "checkpointing": checkpointing,
+            rows.append({"profile": name + (f" + LoRA r{plan.lora_rank}" if plan.lora_rank else ""),
+                         "gpus": f"{world}x {GPUS[gpu].name}", "checkpointing": checkpointing,
                          "micro_batch": plan.micro_batch, "total_gib": round(plan.total_gib, 1),
                          "device_gib": plan.device_gib, "fits": plan.fits,
                          "max_micro_batch": plan.max_micro_batch, "step_s": round(plan.step_seconds, 1),

@@ -9,7 +9,9 @@ Two sources, both DeepSpeed's own machinery:
     python -m vidartrain.distributed.export OUTPUT/checkpoints[/step_00000030] --out vidar.pt
 
 writes vidar.pt (torch.save of the state dict) and vidar.safetensors, each atomically; for an IDM
-checkpoint, the float32 idm.pt the IDM trainer writes ({"model_state_dict", "step"}).
+checkpoint, the float32 idm.pt the IDM trainer writes ({"model_state_dict", "step"}); for a LoRA run,
+the weights with the adapters merged in and the adapters as vidar_lora.safetensors (Wan LoRA keys).
+`--ema` exports the EMA of the trained weights (training.ema_decay) instead.
 """
 from __future__ import annotations
 
@@ -22,10 +24,13 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors.torch import save_file
 from torch import nn
 
-from vidartrain.distributed.checkpointing import TAG_PATTERN, resolve_resume, weights_only_loads
+from vidartrain.config import LoraConfig
+from vidartrain.distributed.checkpointing import TAG_PATTERN, read_complete, resolve_resume, weights_only_loads
 from vidartrain.errors import CheckpointError, reports_errors
 from vidartrain.files import write_atomically
 from vidartrain.models.idm import is_idm_state_dict, save_idm_state_dict
+from vidartrain.models.wan.lora import export_lora, is_adapter_key
+from vidartrain.trainers.ema import ema_state_dict_from_checkpoint
 
 EXPORT_DTYPE = torch.bfloat16
 
@@ -87,6 +92,15 @@ def read_checkpoint_weights(root: Path, tag: str, dtype: torch.dtype) -> dict[st
     return {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in fp32.items()}
 
 
+def lora_alpha(checkpoint: Path) -> float:
+    """The LoRA alpha a checkpoint was trained with, from the config its COMPLETE record holds."""
+    saved = read_complete(checkpoint).get("config", {}).get("lora")
+    if saved is None:
+        raise CheckpointError(f"{checkpoint} holds LoRA adapters, but its COMPLETE record has no `lora` config "
+                              f"to take their alpha from")
+    return LoraConfig(**saved).effective_alpha
+
+
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export a DeepSpeed checkpoint as a bf16 state dict "
@@ -94,9 +108,14 @@ def main(argv: list[str] | None = None) -> int:
                                                  "checkpoint as the float32 idm.pt the IDM trainer writes.")
     parser.add_argument("checkpoint", help="checkpoint folder (…/checkpoints/step_XXXXXXXX) or checkpoints directory")
     parser.add_argument("--out", required=True, help="output .pt path (a .safetensors is written beside it)")
+    parser.add_argument("--ema", action="store_true",
+                        help="the EMA of the trained weights (training.ema_decay) instead of the weights")
     args = parser.parse_args(argv)
     root, tag = resolve_checkpoint(args.checkpoint)
     state_dict = read_checkpoint_weights(root, tag, torch.float32)
+    if args.ema:
+        state_dict.update(ema_state_dict_from_checkpoint(root / tag))
+    alpha = lora_alpha(root / tag) if any(map(is_adapter_key, state_dict)) else None
     count = sum(t.numel() for t in state_dict.values())
     if is_idm_state_dict(state_dict):
         # the IDM trains float32 weights: the same float32 idm.pt as the trainer writes at that step
@@ -104,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported the IDM ({len(state_dict)} tensors, {count:,} values, float32) to {args.out}")
         return 0
     state_dict = {name: t.to(EXPORT_DTYPE) if t.is_floating_point() else t for name, t in state_dict.items()}
+    if alpha is not None:
+        state_dict, lora_path = export_lora(state_dict, alpha, args.out)
+        print(f"exported the LoRA adapters to {lora_path}; the weights below have them merged in")
     pt_path, st_path = write_state_dict(state_dict, args.out)
     print(f"exported {len(state_dict)} tensors ({count:,} values) to {pt_path} and {st_path}")
     return 0

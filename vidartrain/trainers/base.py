@@ -86,6 +86,7 @@ from vidartrain.distributed.checkpointing import (
 from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile
 from vidartrain.distributed.export import gather_state_dict
 from vidartrain.errors import CheckpointError, DataError
+from vidartrain.models.wan.lora import add_lora, export_lora
 from vidartrain.models.wan.model import WanModel
 from vidartrain.trainers.ema import PartitionEMA, check_ema_config, ema_device
 from vidartrain.trainers.freezing import freeze_parameters
@@ -218,16 +219,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-TRAIN_STREAM, VALIDATION_STREAM = 0, 1
+TRAIN_STREAM, VALIDATION_STREAM, DROPOUT_STREAM = 0, 1, 2
+
+
+def micro_batch_seed(seed: int, stream: int, step: int, micro: int, rank: int) -> int:
+    """The seed of one micro-batch's random stream on one rank: a function of where it is in the run
+    only, so a resumed run draws exactly the numbers an uninterrupted one would."""
+    return int(np.random.SeedSequence([seed, stream, step, micro, rank]).generate_state(1, np.uint64)[0])
 
 
 def micro_batch_generator(seed: int, stream: int, step: int, micro: int, rank: int,
                           device: torch.device) -> torch.Generator:
-    """The random stream of one micro-batch on one rank: a function of where it is in the run only,
-    so a resumed run draws exactly the noise an uninterrupted one would."""
+    """A generator seeded with `micro_batch_seed`."""
     generator = torch.Generator(device=device)
-    entropy = [seed, stream, step, micro, rank]
-    generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
+    generator.manual_seed(micro_batch_seed(seed, stream, step, micro, rank))
     return generator
 
 
@@ -343,6 +348,8 @@ class Trainer:
 
         seed_everything(config.training.seed)  # same on every rank: randomly initialised parts agree
         model = stage.build_model(config)
+        if config.lora.enabled:
+            self.add_lora(model)
         frozen = freeze_parameters(model, config.training.freeze)
         if frozen:
             log.info("training.freeze: %d parameter tensors frozen (%s ...)", len(frozen), ", ".join(frozen[:4]))
@@ -370,6 +377,17 @@ class Trainer:
             self.load_checkpoint(self.resume_from)
         self.monitor = TrainingMonitor(self.output_dir, enabled=self.rank == 0, start_step=self.step,
                                        total_steps=self.max_steps, log_seconds=config.training.log_seconds)
+
+    def add_lora(self, model: nn.Module) -> None:
+        """`lora:` the base model frozen, adapters on its linear layers (the only trained parameters)."""
+        if not isinstance(model, WanModel):
+            raise ConfigError(f"`lora.rank` = {self.config.lora.rank}: LoRA adapts the DiT, the {self.stage.name} "
+                              f"stage trains a {type(model).__name__}")
+        names = add_lora(model, self.config.lora)
+        adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("lora: rank %d, alpha %g on %d linear layers (%s ...): %s adapter parameters trained, the %s of the "
+                 "base frozen", self.config.lora.rank, self.config.lora.effective_alpha, len(names),
+                 ", ".join(names[:3]), f"{adapters:,}", f"{sum(p.numel() for p in model.parameters()) - adapters:,}")
 
     # ------------------------------------------------------------------------------------------
     # The loop
@@ -416,6 +434,9 @@ class Trainer:
             engine.set_gradient_accumulation_boundary(micro == self.accumulation - 1)
             generator = micro_batch_generator(self.config.training.seed, TRAIN_STREAM, self.step, micro,
                                               self.rank, self.device)
+            # modules that draw from the global RNG (LoRA's dropout; activation checkpointing restores
+            # it for the recomputation) get a stream that is a function of the position in the run too
+            torch.manual_seed(micro_batch_seed(self.config.training.seed, DROPOUT_STREAM, self.step, micro, self.rank))
             loss, micro_metrics = stage.training_loss(engine, batch, generator)
             # One all-reduce tells every rank both the mean loss and whether any rank went non-finite
             # (then every rank must skip backward, or ZeRO-3's collectives would hang).
@@ -642,6 +663,7 @@ class Trainer:
         if load_dir is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint {ref.path}")
         self.apply_optimizer_settings()
+        self.partition_persistent_parameters()
         self.step = int(client["step"])
         self.nonfinite_total = int(client["nonfinite_total"])
         self.nonfinite_in_a_row = int(client["nonfinite_in_a_row"])
@@ -658,6 +680,16 @@ class Trainer:
             torch.set_rng_state(rng["torch"])
         log.info("resumed from %s at step %d", ref.path, self.step)
 
+    def partition_persistent_parameters(self) -> None:
+        """Leave ZeRO-3's persistent (small, never released) parameters partitioned, as in a process that
+        has not yet run a step: DeepSpeed's checkpoint loader gathers them, and the first forward after
+        a resume would then gather none of them while its recomputation in backward gathers some -
+        which selective activation checkpointing refuses (it replays exactly the forward's operations:
+        "aten.slice.Tensor encountered during backward but not found in storage")."""
+        persistent = getattr(self.engine.optimizer, "persistent_parameters", None)
+        if persistent:
+            persistent[0].partition(persistent)
+
     def apply_optimizer_settings(self) -> None:
         """DeepSpeed restores the optimizer's param groups (lr, betas, eps, weight decay) and the scheduler's
         base rates from the checkpoint: put this run's config back in (the schedule's shape comes from
@@ -671,16 +703,21 @@ class Trainer:
 
     def export(self, path: Path) -> None:
         """Gather the weights from the ZeRO-3 partitions in the stage's export dtype and let the stage
-        write them."""
+        write them (with LoRA: merged into the base, the adapters beside them)."""
         state_dict = gather_state_dict(self.engine.module, rank=self.rank, dtype=self.stage.export_dtype)
         if self.rank == 0:
-            self.stage.export(state_dict, path)
-            log.info("exported %d tensors to %s", len(state_dict), path)
+            self.write_export(state_dict, path)
         if self.ema is not None:
             # the EMA of the trained parameters; frozen ones and buffers as they are
             ema = self.ema.full_state_dict(self.rank, self.stage.export_dtype)
             if self.rank == 0:
-                ema_path = path.with_name(f"{path.stem}_ema{path.suffix}")
-                self.stage.export({**state_dict, **ema}, ema_path)
-                log.info("exported the EMA (%d tensors averaged) to %s", len(ema), ema_path)
+                self.write_export({**state_dict, **ema}, path.with_name(f"{path.stem}_ema{path.suffix}"))
+                log.info("the EMA averages %d tensors", len(ema))
         dist.barrier()
+
+    def write_export(self, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+        if self.config.lora.enabled:
+            state_dict, adapter_path = export_lora(state_dict, self.config.lora.effective_alpha, path)
+            log.info("exported the LoRA adapters to %s", adapter_path)
+        self.stage.export(state_dict, path)
+        log.info("exported %d tensors to %s", len(state_dict), path)

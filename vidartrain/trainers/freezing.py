@@ -42,7 +42,7 @@ def freeze_parameters(model: nn.Module, patterns: list[str]) -> list[str]:
     parameters = dict(model.named_parameters())
     for name in frozen:
         parameters[name].requires_grad_(False)
-    if frozen and len(frozen) == len(names):
-        raise ConfigError(f"`training.freeze` {patterns} freezes every parameter of the "
+    if frozen and not any(p.requires_grad for p in parameters.values()):  # with LoRA: every adapter
+        raise ConfigError(f"`training.freeze` {patterns} freezes every trained parameter of the "
                           f"{type(model).__name__}: nothing would be trained")
     return frozen
