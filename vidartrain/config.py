@@ -616,7 +616,9 @@ def mixture_problems(data: DataConfig) -> typing.Iterator[str]:
 # Changes on resume
 
 # What a resumed run may change: the optimizer's hyper-parameters, schedule and length, cadences, loss
-# weights, paths (folders move) and engine knobs that do not change the numbers. Everything else - model
+# weights, paths (folders move) and engine knobs that change the numbers at most by rounding (checkpointing,
+# compilation and the attention kernel reorder floating-point sums: under ZeRO-3 a resumed step-2 loss moved
+# by 1e-4 between selective and full checkpointing; an unchanged knob resumes bit-exactly). Everything else - model
 # shape, sample layout, seeds, the global batch, precision and ZeRO partitioning - is fixed by the
 # checkpoint. A key not listed is fixed; one the saved config lacks (added to the schema since) is not compared.
 CHANGEABLE_ON_RESUME = frozenset({
