@@ -38,7 +38,8 @@ from vidartrain.errors import ConfigError, DataError, reports_errors  # noqa: E4
 from vidartrain.models.idm import load_idm  # noqa: E402
 from vidartrain.models.wan.causal import WanModelCausal  # noqa: E402
 from vidartrain.models.wan.checkpoint import load_finetuned  # noqa: E402
-from vidartrain.models.wan.kv_cache import RolloutWindow, latent_frames_of  # noqa: E402
+from vidartrain.models.wan.kv_cache import latent_frames_of  # noqa: E402
+from vidartrain.rollouts import RolloutWindow  # noqa: E402
 from vidartrain.models.wan.model import WanModel  # noqa: E402
 from vidartrain.models.wan.text_encoder import TextEncoder  # noqa: E402
 from vidartrain.models.wan.vae import WanVAE  # noqa: E402

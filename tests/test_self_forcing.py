@@ -9,10 +9,9 @@ from vidartrain.data.transforms import to_model_range
 from trainer_launch import tiny_idm
 from vidartrain.errors import DataError
 from vidartrain.models.idm import pool_mask_to_latent
-from vidartrain.models.wan.kv_cache import RolloutWindow
-from vidartrain.trainers.self_forcing import (SelfForcingStage, closed_loop_schedule, closed_loop_velocity,
-                                              prepare_causal_window, self_generated_velocity,
-                                              teacher_forcing_velocity)
+from vidartrain.rollouts import RolloutWindow, closed_loop_schedule
+from vidartrain.trainers.self_forcing import (SelfForcingStage, closed_loop_velocity, prepare_causal_window,
+                                              self_generated_velocity, teacher_forcing_velocity)
 
 CHUNK = 4
 TEXT_DIM = TINY_DIT["text_dim"]

@@ -4,9 +4,8 @@ import torch
 
 from vidartrain.errors import ConfigError
 from vidartrain.losses import shift_sigma
-from vidartrain.models.wan.kv_cache import RolloutWindow
-from vidartrain.trainers.self_forcing import (RolloutEvent, choose_context, closed_loop_schedule,
-                                              prepare_causal_window, sampling_sigmas)
+from vidartrain.rollouts import RolloutEvent, RolloutWindow, closed_loop_schedule, sampling_sigmas
+from vidartrain.trainers.self_forcing import choose_context, prepare_causal_window
 
 
 def test_window_keeps_context_clean_and_noises_each_frame_on_its_own():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import deepspeed
 import torch
@@ -39,10 +39,11 @@ from vidartrain.errors import DataError
 from vidartrain.losses import (add_noise, embodiment_weights, flow_matching_loss, flow_matching_target,
                                mask_region_losses, per_frame_flow_matching_loss, sample_sigmas, shift_sigma)
 from vidartrain.models.idm import IDM_INPUT_SIZE, load_idm, pool_mask_to_latent
-from vidartrain.models.wan.causal import WanModelCausal, rollout
+from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.checkpoint import load_finetuned
-from vidartrain.models.wan.kv_cache import (DEPLOYED_CHUNK_LATENT_FRAMES, VAE_TEMPORAL_STRIDE, KVCache, RolloutEvent,
-                                            RolloutWindow, closed_loop_schedule)
+from vidartrain.models.wan.kv_cache import VAE_TEMPORAL_STRIDE
+from vidartrain.rollouts import (DEPLOYED_FRAMES_PER_CHUNK, ContextMode, RolloutEvent, RolloutWindow,
+                                 closed_loop_rollout, closed_loop_schedule, rollout, sampling_sigmas)
 from vidartrain.trainers.idm_trainer import idm_input_size
 from vidartrain.trainers.vidar_trainer import FROZEN_DTYPE, VidarStage
 
@@ -113,23 +114,11 @@ def prepare_causal_window(latents: torch.Tensor, chunk_size: int, shift: float,
                         mask=None)
 
 
-def sampling_sigmas(num_steps: int, shift: float) -> list[float]:
-    """Noise levels of the few-step sampler that makes self-generated context: `num_steps` Euler
-    steps from sigma 1 towards 0, evenly spaced then shifted as Wan's sampler does (the final 0 is
-    implied, as `generate_frames` takes them)."""
-    if num_steps < 1:
-        raise ValueError(f"the sampler needs at least one step, got {num_steps}")
-    return shift_sigma(torch.linspace(1.0, 0.0, num_steps + 1), shift)[:-1].tolist()
-
-
 # ---------------------------------------------------------------------------------------------
 # Velocity of the window's noisy frames under each context mode
 # ---------------------------------------------------------------------------------------------
 
-ContextSource = Literal["ground_truth", "self_generated"]
-
-
-def choose_context(mode: str, self_generated_prob: float, generator: torch.Generator) -> ContextSource:
+def choose_context(mode: str, self_generated_prob: float, generator: torch.Generator) -> ContextMode:
     """The context of this micro-step. For `mixed`, rank 0's coin is broadcast so that every rank
     takes the same path (ZeRO-3 gathers parameters collectively, forward by forward)."""
     if mode in ("ground_truth", "self_generated"):
@@ -153,37 +142,15 @@ def self_generated_velocity(model: WanModelCausal, window: CausalWindow, context
     generation through the KV cache, chunk by chunk as the deployed controller generates them.
     Gradients flow through the cached keys/values of the context, as in teacher forcing."""
     return rollout(model, window.clean, window.noisy, window.timesteps, context,
-                   chunk_size=DEPLOYED_CHUNK_LATENT_FRAMES, context_mode="self_forcing",
+                   frames_per_chunk=DEPLOYED_FRAMES_PER_CHUNK, context_mode="self_generated",
                    num_ground_truth_frames=1, cache_grad=True, kv_cache_length=kv_cache_length,
                    sink=sink_frames, sigmas=sigmas, generator=generator)
 
 
 def closed_loop_velocity(model: WanModelCausal, window: CausalWindow, context: Any,
                          events: list[RolloutEvent], kv_cache_length: int) -> torch.Tensor:
-    """Run a `closed_loop_schedule` over the window. Real frames enter the cache as fixed context,
-    without gradient, as at inference (a prefill forward whose velocity output is unused would
-    also leave ZeRO-3 with a forward that gets no gradient); each predicted chunk sees the cache
-    and, block-causally, its own noisy frames, and carries the loss. Frame 0 is never predicted;
-    its slot holds zeros (it carries no loss)."""
-    text = model.text_key_values(context)
-    cache = KVCache(model.num_layers, capacity=kv_cache_length)
-    predicted: dict[int, torch.Tensor] = {}
-    for event in events:
-        frames = slice(event.frames.start, event.frames.stop)
-        positions = range(event.position, event.position + len(event.frames))
-        if event.kind == "reprefill":
-            with torch.no_grad():
-                cache = model.reset_and_reprefill(window.clean[:, :, frames], text, cache)
-        elif event.kind == "prefill":
-            with torch.no_grad():
-                cache = model.prefill(window.clean[:, :, frames], text, cache, positions=positions)
-        else:
-            velocity, cache = model.forward_with_cache(window.noisy[:, :, frames], window.timesteps[:, frames],
-                                                       text, cache, positions=positions)
-            predicted[event.frames.start] = velocity
-    first = next(iter(predicted.values()))
-    pieces = [torch.zeros_like(first[:, :, :1])] + [predicted[start] for start in sorted(predicted)]
-    return torch.cat(pieces, dim=2)
+    """The deployed controller's `closed_loop_schedule` over the window (`closed_loop_rollout`)."""
+    return closed_loop_rollout(model, window.clean, window.noisy, window.timesteps, context, events, kv_cache_length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +257,7 @@ class SelfForcingStage(VidarStage):
         loss = flow_matching_loss(velocity, window.target, loss_mask=window.loss_mask, weights=weights)
         return loss, self.step_metrics(velocity.detach(), window, source)
 
-    def step_metrics(self, velocity: torch.Tensor, window: CausalWindow, source: ContextSource
+    def step_metrics(self, velocity: torch.Tensor, window: CausalWindow, source: ContextMode
                      ) -> dict[str, torch.Tensor]:
         """[value, 1] pairs (averaged over micro-batches and ranks): unweighted loss per rollout
         position and inside / outside the IDM mask, and how often the context was self-generated."""

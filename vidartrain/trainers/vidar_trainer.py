@@ -23,7 +23,7 @@ from vidartrain.losses import (NUM_TRAIN_TIMESTEPS, add_noise, flow_matching_los
                                sample_sigmas)
 from vidartrain.models.idm import IDM, load_idm
 from vidartrain.models.wan.checkpoint import load_finetuned
-from vidartrain.models.wan.kv_cache import RolloutWindow
+from vidartrain.rollouts import RolloutWindow
 from vidartrain.models.wan.model import WanModel
 from vidartrain.models.wan.text_encoder import TextEncoder
 from vidartrain.models.wan.vae import WanVAE
