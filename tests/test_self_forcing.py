@@ -121,7 +121,7 @@ def test_clear_errors(checkpoint, batch):
     with pytest.raises(DataError, match="idm_mask"):
         loss_of(stage, model, no_mask)
     short = {**batch, "latents": batch["latents"][:, :, :3], "idm_mask": batch["idm_mask"][:, :3]}
-    with pytest.raises(ConfigError, match="fewer than self_forcing.chunk_size"):
+    with pytest.raises(ConfigError, match="fewer than self_forcing.window_frames"):
         loss_of(stage, model, short)
     with pytest.raises(ConfigError, match="ckpt_dir"):
         SelfForcingStage().build_model(config_from_dict({"loss": {"type": "causal_flow_matching"},

@@ -255,9 +255,8 @@ def sample_layout(config: Config) -> tuple[int, int, str]:
     """(latent frames, tokens per frame, attention layout) of one training sample."""
     data = config.data
     frames, h, w = latent_grid(data.num_frames, data.height, data.width)
-    causal = config.model.model_class == "WanModelCausal"
-    if causal:
-        return config.chunk_size, h * w, "teacher_forcing"
+    if config.causal:
+        return config.self_forcing.window_frames, h * w, "teacher_forcing"
     return frames, h * w, "dense"
 
 
@@ -299,9 +298,9 @@ def model_state_gib(params: int, largest_layer: int, stage: int, world: int, off
 
 def kv_cache_gib(config: Config, shape: DitShape, per_frame: int, micro: int) -> float:
     """Self-generated rollouts keep K and V of every layer for the cached frames (bf16)."""
-    if config.model.model_class != "WanModelCausal" or config.self_forcing.context_mode == "ground_truth":
+    if not config.causal or config.self_forcing.context_mode == "ground_truth":
         return 0.0
-    frames = min(config.self_forcing.kv_cache_length, config.chunk_size)
+    frames = min(config.self_forcing.kv_cache_length, config.self_forcing.window_frames)
     return micro * frames * per_frame * shape.num_layers * 2 * shape.dim * 2 / GIB
 
 

@@ -1,7 +1,7 @@
 """Stage 2 (Vidarc): the causal DiT trained with causal flow matching (Eq. 6) and the
 embodiment-aware weight (Eq. 7), with ground-truth, self-generated or closed-loop context.
 
-One training sample is a window of `chunk_size` consecutive latent frames of a clip, at RoPE
+One training sample is a window of `self_forcing.window_frames` consecutive latent frames of a clip, at RoPE
 positions 0.. (every window is a fresh video, as after the deployed controller's window reset).
 Frame 0 of the window is clean context (timestep 0, no loss); every later frame gets its own noise
 level and is predicted from the context frames before it and itself:
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CausalWindow:
-    """`chunk_size` consecutive latent frames of a batch, noised frame by frame.
+    """`window_frames` consecutive latent frames of a batch, noised frame by frame.
 
     clean, noise, noisy, target: [B, C, n, H, W]; sigmas: [B, n] float32 with 0 on the context
     frame; loss_mask: [1, 1, n, 1, 1] (0 on context frames, as `flow_matching_loss` takes it);
@@ -83,11 +83,11 @@ class CausalWindow:
         return self.sigmas * 1000.0
 
 
-def prepare_causal_window(latents: torch.Tensor, chunk_size: int, shift: float,
+def prepare_causal_window(latents: torch.Tensor, window_frames: int, shift: float,
                           generator: torch.Generator, num_context_frames: int = 1) -> CausalWindow:
-    """Pick a random window of `chunk_size` latent frames and noise each of its frames on its own.
+    """Pick a random window of `window_frames` latent frames and noise each of its frames on its own.
 
-    latents: clean [B, C, F, H, W] with F >= chunk_size; the window's IDM mask (Eq. 7) is added by
+    latents: clean [B, C, F, H, W] with F >= window_frames; the window's IDM mask (Eq. 7) is added by
     the stage, for the window's frames only. The first `num_context_frames` frames stay clean
     (sigma 0) and carry no loss; the others get independent shifted sigmas. All randomness comes
     from `generator`, so a resumed run draws the same windows and noise.
@@ -95,19 +95,19 @@ def prepare_causal_window(latents: torch.Tensor, chunk_size: int, shift: float,
     if latents.ndim != 5:
         raise ValueError(f"stage 2 expects latents [B, C, F, H, W], got {tuple(latents.shape)}")
     batch, _, frames = latents.shape[:3]
-    if not 1 <= num_context_frames < chunk_size:
-        raise ValueError(f"num_context_frames = {num_context_frames} must be in [1, chunk_size = "
-                         f"{chunk_size}): at least one frame is context and one is predicted")
-    if frames < chunk_size:
-        raise ConfigError(f"the batch has {frames} latent frames, fewer than self_forcing.chunk_size = "
-                          f"{chunk_size} (raise data.num_frames or lower the chunk size)")
+    if not 1 <= num_context_frames < window_frames:
+        raise ValueError(f"num_context_frames = {num_context_frames} must be in [1, window_frames = "
+                         f"{window_frames}): at least one frame is context and one is predicted")
+    if frames < window_frames:
+        raise ConfigError(f"the batch has {frames} latent frames, fewer than self_forcing.window_frames = "
+                          f"{window_frames} (raise data.num_frames or lower the window)")
     device = generator.device
-    start = int(torch.randint(frames - chunk_size + 1, (1,), generator=generator, device=device))
-    clean = latents[:, :, start:start + chunk_size]
+    start = int(torch.randint(frames - window_frames + 1, (1,), generator=generator, device=device))
+    clean = latents[:, :, start:start + window_frames]
     noise = torch.randn(clean.shape, generator=generator, device=device, dtype=torch.float32).to(clean)
-    sigmas = sample_sigmas((batch, chunk_size), shift, generator=generator, device=device).to(clean.device)
+    sigmas = sample_sigmas((batch, window_frames), shift, generator=generator, device=device).to(clean.device)
     sigmas[:, :num_context_frames] = 0.0
-    loss_mask = torch.ones(1, 1, chunk_size, 1, 1, device=clean.device)
+    loss_mask = torch.ones(1, 1, window_frames, 1, 1, device=clean.device)
     loss_mask[:, :, :num_context_frames] = 0.0
     return CausalWindow(clean=clean, noise=noise, sigmas=sigmas, noisy=add_noise(clean, noise, sigmas),
                         target=flow_matching_target(clean, noise), loss_mask=loss_mask, start=start,
@@ -189,12 +189,12 @@ class SelfForcingStage(VidarStage):
         sf = config.self_forcing
         if sf.closed_loop:
             self.schedule = closed_loop_schedule(
-                config.chunk_size, RolloutWindow(sf.rollout_bound, sf.rollout_prefill_num))
+                config.self_forcing.window_frames, RolloutWindow(sf.rollout_bound, sf.rollout_prefill_num))
         # A public reconstruction found the reference recipe's 2e-5 too high for this stage: say which
         # rate this run uses (TensorBoard has it as train/lr).
-        log.info("stage 2: learning rate %.3g (training.lr), warmup %d, context %s%s, chunk %d latent frames, "
+        log.info("stage 2: learning rate %.3g (training.lr), warmup %d, context %s%s, window %d latent frames, "
                  "Eq. 7 %s", config.training.lr, config.training.warmup, sf.context_mode,
-                 " on the closed-loop schedule" if sf.closed_loop else "", config.chunk_size,
+                 " on the closed-loop schedule" if sf.closed_loop else "", config.self_forcing.window_frames,
                  f"eta {config.loss.eta}" if config.loss.embodiment_aware else "off")
         model = WanModelCausal.from_pretrained(config.model.ckpt_dir, dtype=torch.bfloat16, device="cpu")
         if config.model.pt_dir is not None:
@@ -239,7 +239,7 @@ class SelfForcingStage(VidarStage):
         model = unwrap_model(module)
         clean = self.clean_latents(batch)
         context = self.text_context(batch)
-        window = prepare_causal_window(clean, config.chunk_size, self.shift, generator)
+        window = prepare_causal_window(clean, config.self_forcing.window_frames, self.shift, generator)
         if config.loss.embodiment_aware:
             window = replace(window, mask=self.window_mask(batch, window.start, window.num_frames))
         # The closed-loop controller always re-prefills real frames: its context is the ground truth.
@@ -273,10 +273,10 @@ class SelfForcingStage(VidarStage):
         return metrics
 
     def tokens_in(self, batch: dict[str, Any]) -> int:
-        """DiT tokens of the window: the clean and the noisy copy of `chunk_size` latent frames."""
+        """DiT tokens of the window: the clean and the noisy copy of `window_frames` latent frames."""
         _, ph, pw = self.patch_size
         if "latents" in batch:
             batch_size, height, width = batch["latents"].shape[0], *batch["latents"].shape[3:]
         else:
             batch_size, height, width = batch["video"].shape[0], *(s // 16 for s in batch["video"].shape[3:])
-        return 2 * batch_size * self.config.chunk_size * (height // ph) * (width // pw)
+        return 2 * batch_size * self.config.self_forcing.window_frames * (height // ph) * (width // pw)
