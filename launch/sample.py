@@ -47,7 +47,7 @@ from vidartrain.sampling import (DEFAULT_GUIDE_SCALE, DEFAULT_NEGATIVE_PROMPT, D
                                  SamplingOptions, action_metrics, frame_strip, generate_video, idm_actions,
                                  psnr, video_to_uint8, write_mp4)
 from vidartrain.trainers.idm_trainer import idm_input_size  # noqa: E402
-from vidartrain.trainers.vidar_trainer import VAE_FILE  # noqa: E402
+from vidartrain.trainers.conditioning import VAE_FILE  # noqa: E402
 
 # Few denoising steps per chunk for the causal model, as it is deployed.
 DEFAULT_CAUSAL_STEPS = 4

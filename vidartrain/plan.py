@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from vidartrain.config import Config, ConfigError, LoraConfig, load_config
-from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile, profile_world_size
+from vidartrain.distributed.ds_config import build_deepspeed_config, checkpointing_mode, load_profile, profile_world_size
 from vidartrain.errors import reports_errors
 from vidartrain.models.idm import IDM
 from vidartrain.models.wan.checkpoint import CONFIG_FILE, read_model_config
@@ -354,17 +354,30 @@ def meta_dit(shape: DitShape) -> WanModel:
                         num_layers=shape.num_layers, text_len=shape.text_len, text_dim=shape.text_dim)
 
 
-def make_plan(config: Config, profile_name: str, profile: dict[str, Any], gpu_key: str, world_size: int,
-              mfu: float = 0.4, checkpointing: str | None = None, precomputed: bool = False,
-              shape: DitShape | None = None) -> Plan:
+def check_plans_dit(config: Config) -> None:
     if config.loss.type == "idm":
         raise ConfigError("the planner plans the DiT stages (loss.type flow_matching or causal_flow_matching), "
                           "not the 92M-parameter IDM")
-    shape = shape or DitShape()
+
+
+def make_plan(config: Config, profile_name: str, profile: dict[str, Any], gpu_key: str, world_size: int,
+              mfu: float = 0.4, checkpointing: str | None = None, precomputed: bool = False,
+              shape: DitShape | None = None) -> Plan:
+    """The plan of `config` on the DeepSpeed profile `profile` over `world_size` GPUs."""
+    check_plans_dit(config)  # before the profile is merged: the IDM's precision rules do not matter here
     ds, _ = build_deepspeed_config(config, profile, world_size)
+    return plan_for_ds_config(config, profile_name, ds, gpu_key, world_size, mfu, checkpointing, precomputed, shape)
+
+
+def plan_for_ds_config(config: Config, profile_name: str, ds: dict[str, Any], gpu_key: str, world_size: int,
+                       mfu: float = 0.4, checkpointing: str | None = None, precomputed: bool = False,
+                       shape: DitShape | None = None) -> Plan:
+    """`make_plan` for a DeepSpeed config already built for `world_size` ranks (a run's own)."""
+    check_plans_dit(config)
+    shape = shape or DitShape()
     gpu = GPUS[gpu_key]
     micro, accumulation = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    checkpointing = checkpointing or config.model.checkpointing
+    checkpointing = checkpointing or checkpointing_mode(config)
     if checkpointing not in CHECKPOINTING_MODES:
         raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {checkpointing!r}")
     frames, per_frame, layout = sample_layout(config)

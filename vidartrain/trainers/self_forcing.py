@@ -33,19 +33,13 @@ import torch.distributed as dist
 from torch import nn
 
 from vidartrain.config import Config, ConfigError
-from vidartrain.data.shard_index import read_common_index
-from vidartrain.data.transforms import to_model_range
-from vidartrain.errors import DataError
-from vidartrain.losses import (add_noise, embodiment_weights, flow_matching_loss, flow_matching_target,
-                               mask_region_losses, per_frame_flow_matching_loss, sample_sigmas, shift_sigma)
-from vidartrain.models.idm import IDM_INPUT_SIZE, load_idm, pool_mask_to_latent
+from vidartrain.data.shard_index import DataInfo
+from vidartrain.losses import (add_noise, context_frame_mask, embodiment_weights, flow_matching_loss,
+                               flow_matching_target, mask_region_losses, per_frame_flow_matching_loss, sample_sigmas)
 from vidartrain.models.wan.causal import WanModelCausal
-from vidartrain.models.wan.checkpoint import load_finetuned
-from vidartrain.models.wan.kv_cache import VAE_TEMPORAL_STRIDE
-from vidartrain.rollouts import (DEPLOYED_FRAMES_PER_CHUNK, ContextMode, RolloutEvent, RolloutWindow,
-                                 closed_loop_rollout, closed_loop_schedule, rollout, sampling_sigmas)
-from vidartrain.trainers.idm_trainer import idm_input_size
-from vidartrain.trainers.vidar_trainer import FROZEN_DTYPE, VidarStage
+from vidartrain.rollouts import (DEPLOYED_FRAMES_PER_CHUNK, ContextMode, RolloutEvent, closed_loop_rollout,
+                                 closed_loop_schedule, rollout, sampling_sigmas)
+from vidartrain.trainers.vidar_trainer import DitStage
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +101,7 @@ def prepare_causal_window(latents: torch.Tensor, window_frames: int, shift: floa
     noise = torch.randn(clean.shape, generator=generator, device=device, dtype=torch.float32).to(clean)
     sigmas = sample_sigmas((batch, window_frames), shift, generator=generator, device=device).to(clean.device)
     sigmas[:, :num_context_frames] = 0.0
-    loss_mask = torch.ones(1, 1, window_frames, 1, 1, device=clean.device)
-    loss_mask[:, :, :num_context_frames] = 0.0
+    loss_mask = context_frame_mask(1, window_frames, num_context_frames, clean.device)
     return CausalWindow(clean=clean, noise=noise, sigmas=sigmas, noisy=add_noise(clean, noise, sigmas),
                         target=flow_matching_target(clean, noise), loss_mask=loss_mask, start=start,
                         mask=None)
@@ -166,82 +159,46 @@ def unwrap_model(module: nn.Module) -> WanModelCausal:
     return model
 
 
-class SelfForcingStage(VidarStage):
+class SelfForcingStage(DitStage):
     """Stage 2: `WanModelCausal` from `model.ckpt_dir` + `model.pt_dir` (vidar.pt), exported as
-    vidarc.pt. Data, frozen VAE / umT5 and export are stage 1's."""
+    vidarc.pt; data, frozen conditioner, export and validation as every DiT stage (`DitStage`)."""
 
     name = "vidarc"
+    model_class = WanModelCausal
     closed_loop_samples = True
+    start_note = " (and `model.pt_dir`, the stage-1 vidar.pt)"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.idm_input_size: tuple[int, int] = IDM_INPUT_SIZE
-        self.config = Config()
-        self.schedule: list[RolloutEvent] = []
-
-    def build_model(self, config: Config) -> nn.Module:
-        if config.model.ckpt_dir is None:
-            raise ConfigError("`model.ckpt_dir` is not set: stage 2 starts from a Wan2.2-TI2V checkpoint "
-                              "directory (and `model.pt_dir`, the stage-1 vidar.pt)")
-        if config.data.shards is None:
-            raise ConfigError("`data.shards` is not set: the shard directory made by `vidar-shard`")
-        self.config, self.shift = config, config.loss.shift
+    def __init__(self, config: Config, data: DataInfo) -> None:
+        super().__init__(config, data)
         sf = config.self_forcing
-        if sf.closed_loop:
-            self.schedule = closed_loop_schedule(
-                config.self_forcing.window_frames, RolloutWindow(sf.rollout_bound, sf.rollout_prefill_num))
+        self.uses_idm_masks = config.loss.embodiment_aware
+        self.schedule: list[RolloutEvent] = (closed_loop_schedule(sf.window_frames, self.rollout_window)
+                                             if sf.closed_loop else [])
         # A public reconstruction found the reference recipe's 2e-5 too high for this stage: say which
         # rate this run uses (TensorBoard has it as train/lr).
         log.info("stage 2: learning rate %.3g (training.lr), warmup %d, context %s%s, window %d latent frames, "
                  "Eq. 7 %s", config.training.lr, config.training.warmup, sf.context_mode,
-                 " on the closed-loop schedule" if sf.closed_loop else "", config.self_forcing.window_frames,
+                 " on the closed-loop schedule" if sf.closed_loop else "", sf.window_frames,
                  f"eta {config.loss.eta}" if config.loss.embodiment_aware else "off")
-        model = WanModelCausal.from_pretrained(config.model.ckpt_dir, dtype=torch.bfloat16, device="cpu")
-        if config.model.pt_dir is not None:
-            load_finetuned(model, config.model.pt_dir)
-        model.attention_backend = config.model.attention
-        self.patch_size, self.text_len = model.patch_size, model.text_len
-        return model.train().requires_grad_(True)
 
-    def load_frozen(self, config: Config, device: torch.device) -> None:
-        """Stage 1's VAE and umT5, plus the IDM for Eq. 7 when the shards carry no masks."""
-        super().load_frozen(config, device)
-        if not config.loss.embodiment_aware or read_common_index(config.data.shards)["mode"] != "raw":
-            return
-        if config.model.idm_path is None:
-            raise ConfigError("`loss.embodiment_aware` needs IDM masks: set `model.idm_path` to an idm.pt "
-                              "(or pre-encode `idm_mask` into the shards)")
-        self.idm = load_idm(config.model.idm_path, device=device, dtype=FROZEN_DTYPE).requires_grad_(False)
-        self.idm_input_size = idm_input_size(config.data.height, config.data.width)
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        model.attention_backend = self.config.model.attention
+        return model
 
-    @torch.no_grad()
-    def window_mask(self, batch: dict[str, Any], start: int, frames: int) -> torch.Tensor:
-        """IDM mask U of latent frames [start, start + frames) on the latent grid [B, frames, h, w],
-        float32: cut from the pre-encoded masks, or computed by the frozen IDM on the window's video
-        frames only."""
-        if "idm_mask" in batch:
-            return batch["idm_mask"][:, start:start + frames].to(self.device, torch.float32)
-        if self.idm is None:
-            raise DataError(f"batch {batch['__key__']} has no pre-encoded `idm_mask` and no IDM is loaded "
-                            f"(model.idm_path) for the embodiment-aware loss")
-        # Latent frame 0 pools video frame 0 alone, latent frame j >= 1 video frames 4j-3..4j. From one
-        # frame before the window's first group the clip is 4n+1 frames long; its lone first frame is dropped.
-        first = max(0, VAE_TEMPORAL_STRIDE * (start - 1))
-        video = batch["video"][:, :, first:VAE_TEMPORAL_STRIDE * (start + frames - 1) + 1].to(self.device)
-        if not video.is_floating_point():
-            video = to_model_range(video)
-        mask = pool_mask_to_latent(self.idm.get_mask(video, input_size=self.idm_input_size).float())
-        return mask[:, 1:] if start > 0 else mask
+    def latent_frames_per_sample(self, latent_frames: int) -> tuple[int, int]:
+        """The window, twice: its clean and its noisy copy."""
+        return self.config.self_forcing.window_frames, 2
 
     def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         config, sf = self.config, self.config.self_forcing
         model = unwrap_model(module)
-        clean = self.clean_latents(batch)
-        context = self.text_context(batch)
-        window = prepare_causal_window(clean, config.self_forcing.window_frames, self.shift, generator)
+        clean = self.conditioner.clean_latents(batch)
+        context = self.conditioner.text_context(batch)
+        window = prepare_causal_window(clean, sf.window_frames, self.shift, generator)
         if config.loss.embodiment_aware:
-            window = replace(window, mask=self.window_mask(batch, window.start, window.num_frames))
+            window = replace(window, mask=self.conditioner.window_mask(batch, window.start, window.num_frames))
         # The closed-loop controller always re-prefills real frames: its context is the ground truth.
         source = "ground_truth" if sf.closed_loop else choose_context(sf.context_mode, sf.self_generated_prob,
                                                                         generator)
@@ -271,12 +228,3 @@ class SelfForcingStage(VidarStage):
             metrics["loss_in_mask"] = torch.stack([inside.cpu(), one])
             metrics["loss_out_of_mask"] = torch.stack([outside.cpu(), one])
         return metrics
-
-    def tokens_in(self, batch: dict[str, Any]) -> int:
-        """DiT tokens of the window: the clean and the noisy copy of `window_frames` latent frames."""
-        _, ph, pw = self.patch_size
-        if "latents" in batch:
-            batch_size, height, width = batch["latents"].shape[0], *batch["latents"].shape[3:]
-        else:
-            batch_size, height, width = batch["video"].shape[0], *(s // 16 for s in batch["video"].shape[3:])
-        return 2 * batch_size * self.config.self_forcing.window_frames * (height // ph) * (width // pw)
