@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vidartrain.data.transforms import resample_indices, resize_frames, to_model_range
+from vidartrain.data.transforms import (CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH, resample_indices, resize_frames,
+                                       to_model_range)
 from vidartrain.data.video import decode_all_frames
 from vidartrain.errors import ConfigError
 from vidartrain.models.idm import IDM, load_idm, pool_mask_to_latent
@@ -43,10 +44,10 @@ def parse_precompute(value: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class WindowSettings:
-    num_frames: int = 81
+    num_frames: int = CLIP_NUM_FRAMES
     stride: int = 40
-    height: int = 736
-    width: int = 640
+    height: int = CLIP_HEIGHT
+    width: int = CLIP_WIDTH
     resize: str = "crop"  # vidartrain.data.transforms.resize_frames mode, as data.resize online
 
     def check(self) -> None:

@@ -19,7 +19,13 @@ from typing import Any, Literal
 import yaml
 
 from vidartrain.data.shard_index import check_shard_files, read_index, shard_sources
+from vidartrain.data.transforms import CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH
 from vidartrain.errors import ConfigError
+from vidartrain.models.wan.model import PATCH_SIZE
+from vidartrain.models.wan.vae import VAE_STRIDE
+
+# pixels per DiT token along height and width: the VAE's spatial stride times the DiT's patch
+PIXELS_PER_TOKEN = VAE_STRIDE[1] * PATCH_SIZE[1]
 
 
 CAUSAL_LOSS = "causal_flow_matching"  # the loss.type of stage 2 (Vidarc, WanModelCausal)
@@ -132,9 +138,9 @@ class DataConfig:
     # (each sample drawn from source i with probability weight_i / sum of weights)
     shards: str | list[dict[str, Any]] | None = None
     val_shards: str | None = None
-    num_frames: int = 81
-    height: int = 736
-    width: int = 640
+    num_frames: int = CLIP_NUM_FRAMES
+    height: int = CLIP_HEIGHT
+    width: int = CLIP_WIDTH
     # frames of another aspect ratio than height x width: scale and cut the centre (crop), scale and
     # pad black borders (pad), or scale each axis on its own (stretch); pre-encoded shards must match
     resize: Literal["crop", "pad", "stretch"] = "crop"
@@ -195,7 +201,7 @@ class ValidationConfig:
     every: int = 0  # steps between sample sets; 0 renders none
     num_samples: int = 2  # held-out clips (the first ones of data.val_shards, the same every time)
     steps: int = 4  # denoising steps (per 4-latent-frame chunk for the causal model)
-    num_frames: int = 81  # generated video frames, 4k+1, at most data.num_frames
+    num_frames: int = CLIP_NUM_FRAMES  # generated video frames, 4k+1, at most data.num_frames
     guide_scale: float = 5.0
     shift: float = 5.0
     solver: Literal["unipc", "euler"] = "unipc"
@@ -599,18 +605,19 @@ def value_problems(config: Config) -> typing.Iterator[str]:
         yield f"`data.cfg_prob` = {data.cfg_prob}: must be a probability in [0, 1]"
     if not 0.0 <= sf.self_generated_prob <= 1.0:
         yield f"`self_forcing.self_generated_prob` = {sf.self_generated_prob}: must be in [0, 1]"
-    if data.num_frames < 1 or (data.num_frames - 1) % 4 != 0:
-        yield (f"`data.num_frames` = {data.num_frames}: must be 4n+1 (the VAE keeps frame 0 and "
-               f"compresses each further group of 4), e.g. 81")
+    frame_stride = VAE_STRIDE[0]
+    if data.num_frames < 1 or (data.num_frames - 1) % frame_stride != 0:
+        yield (f"`data.num_frames` = {data.num_frames}: must be {frame_stride}n+1 (the VAE keeps frame 0 and "
+               f"compresses each further group of {frame_stride}), e.g. {CLIP_NUM_FRAMES}")
     for key, value in (("data.height", data.height), ("data.width", data.width)):
-        if value <= 0 or value % 32 != 0:
-            yield (f"`{key}` = {value}: must be a positive multiple of 32 "
-                   f"(VAE stride 16 x DiT patch 2), e.g. 736x640")
+        if value <= 0 or value % PIXELS_PER_TOKEN != 0:
+            yield (f"`{key}` = {value}: must be a positive multiple of {PIXELS_PER_TOKEN} "
+                   f"(VAE stride {VAE_STRIDE[1]} x DiT patch {PATCH_SIZE[1]}), e.g. {CLIP_HEIGHT}x{CLIP_WIDTH}")
     window = sf.window_frames
     if window < 1:
         yield f"`self_forcing.window_frames` = {window}: must be >= 1"
     if config.causal:
-        latent_frames = (data.num_frames - 1) // 4 + 1
+        latent_frames = (data.num_frames - 1) // frame_stride + 1
         if window > latent_frames:
             yield (f"`self_forcing.window_frames` = {window} latent frames, but `data.num_frames` = "
                    f"{data.num_frames} gives only {latent_frames} latent frames per sample")
@@ -640,8 +647,8 @@ def validation_problems(config: Config) -> typing.Iterator[str]:
                        ("validation.shift", v.shift)):
         if value <= 0:
             yield f"`{key}` = {value}: must be > 0"
-    if v.num_frames < 1 or (v.num_frames - 1) % 4:
-        yield f"`validation.num_frames` = {v.num_frames}: must be 4n+1, e.g. 81"
+    if v.num_frames < 1 or (v.num_frames - 1) % VAE_STRIDE[0]:
+        yield f"`validation.num_frames` = {v.num_frames}: must be {VAE_STRIDE[0]}n+1, e.g. {CLIP_NUM_FRAMES}"
     elif v.num_frames > config.data.num_frames:
         yield (f"`validation.num_frames` = {v.num_frames} exceeds `data.num_frames` = {config.data.num_frames} "
                f"(the held-out clips are that long)")

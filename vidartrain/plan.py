@@ -24,7 +24,7 @@ from vidartrain.config import Config, ConfigError, LoraConfig, load_config
 from vidartrain.distributed.ds_config import build_deepspeed_config, checkpointing_mode, load_profile, profile_world_size
 from vidartrain.errors import reports_errors
 from vidartrain.models.idm import IDM
-from vidartrain.models.wan.checkpoint import CONFIG_FILE, read_model_config
+from vidartrain.models.wan.checkpoint import CONFIG_FILE, constructor_defaults, read_model_config
 from vidartrain.models.wan.lora import add_lora
 from vidartrain.models.wan.model import CHECKPOINTING_MODES, KEPT_BY_SELECTIVE_CHECKPOINTING, WanModel, latent_grid
 from vidartrain.models.wan.t5 import UMT5Encoder
@@ -77,16 +77,21 @@ def resolve_gpu(gpu: str | None, profile_path: str | Path) -> str:
     raise ConfigError(f"{profile_path} is not named for one GPU: pass --gpu ({', '.join(sorted(GPUS))})")
 
 
+WAN_DEFAULTS = constructor_defaults(WanModel)
+
+
 @dataclass(frozen=True)
 class DitShape:
-    dim: int = 3072
-    ffn_dim: int = 14336
-    num_heads: int = 24
-    num_layers: int = 30
-    text_len: int = 512
-    text_dim: int = 4096
-    in_dim: int = 48
-    freq_dim: int = 256
+    """The widths the planner needs of a DiT; defaults: WanModel's own (TI2V-5B)."""
+
+    dim: int = WAN_DEFAULTS["dim"]
+    ffn_dim: int = WAN_DEFAULTS["ffn_dim"]
+    num_heads: int = WAN_DEFAULTS["num_heads"]
+    num_layers: int = WAN_DEFAULTS["num_layers"]
+    text_len: int = WAN_DEFAULTS["text_len"]
+    text_dim: int = WAN_DEFAULTS["text_dim"]
+    in_dim: int = WAN_DEFAULTS["in_dim"]
+    freq_dim: int = WAN_DEFAULTS["freq_dim"]
 
 
 # ----------------------------------------------------------------------------------------------
