@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vidartrain.data.transforms import (CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH, resample_indices, resize_frames,
-                                       to_model_range)
+from vidartrain.data.transforms import resample_indices, resize_frames, to_model_range
 from vidartrain.data.video import decode_all_frames
 from vidartrain.errors import ConfigError
 from vidartrain.models.idm import IDM, load_idm, pool_mask_to_latent
 from vidartrain.models.wan.text_encoder import TextEncoder
 from vidartrain.models.wan.vae import WanVAE, latent_shape
+from vidartrain.shapes import CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH
 
 PRECOMPUTABLE = ("latents", "text", "idm")
 VAE_CHECKPOINT_NAME = "Wan2.2_VAE.pth"

@@ -19,13 +19,8 @@ from typing import Any, Literal
 import yaml
 
 from vidartrain.data.shard_index import check_shard_files, read_index, shard_sources
-from vidartrain.data.transforms import CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH
 from vidartrain.errors import ConfigError
-from vidartrain.models.wan.model import PATCH_SIZE
-from vidartrain.models.wan.vae import VAE_STRIDE
-
-# pixels per DiT token along height and width: the VAE's spatial stride times the DiT's patch
-PIXELS_PER_TOKEN = VAE_STRIDE[1] * PATCH_SIZE[1]
+from vidartrain.shapes import CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH, DIT_PATCH_SIZE, PIXELS_PER_TOKEN, VAE_STRIDE
 
 
 CAUSAL_LOSS = "causal_flow_matching"  # the loss.type of stage 2 (Vidarc, WanModelCausal)
@@ -612,7 +607,7 @@ def value_problems(config: Config) -> typing.Iterator[str]:
     for key, value in (("data.height", data.height), ("data.width", data.width)):
         if value <= 0 or value % PIXELS_PER_TOKEN != 0:
             yield (f"`{key}` = {value}: must be a positive multiple of {PIXELS_PER_TOKEN} "
-                   f"(VAE stride {VAE_STRIDE[1]} x DiT patch {PATCH_SIZE[1]}), e.g. {CLIP_HEIGHT}x{CLIP_WIDTH}")
+                   f"(VAE stride {VAE_STRIDE[1]} x DiT patch {DIT_PATCH_SIZE[1]}), e.g. {CLIP_HEIGHT}x{CLIP_WIDTH}")
     window = sf.window_frames
     if window < 1:
         yield f"`self_forcing.window_frames` = {window}: must be >= 1"

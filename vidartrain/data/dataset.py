@@ -54,10 +54,10 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vidartrain.data.shard_index import INDEX_FILE, check_shard_files, read_common_index, read_index, shard_sources
-from vidartrain.data.transforms import (CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH, resample_indices, video_to_model_input,
-                                       window_start)
+from vidartrain.data.transforms import resample_indices, video_to_model_input, window_start
 from vidartrain.data.video import VideoReadError, open_video, read_frames
 from vidartrain.errors import ConfigError, DataError
+from vidartrain.shapes import CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH
 
 MODES = ("clips", "frames")
 LIST_FIELDS = ("__key__", "text", "text_emb")  # kept as lists in a batch (strings, variable lengths)

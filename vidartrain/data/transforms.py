@@ -5,10 +5,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# The published training clips: 81 frames (4k+1, 21 latent frames) of 736 x 640 (height x width):
-# the defaults of every clip setting (data.*, the loader's ClipSpec, pre-encoded windows).
-CLIP_NUM_FRAMES, CLIP_HEIGHT, CLIP_WIDTH = 81, 736, 640
-
 
 def resample_indices(num_frames: int, source_fps: float, target_fps: float) -> np.ndarray:
     """Source frame index shown at each tick of the target clock (nearest earlier frame).

@@ -23,7 +23,7 @@ from vidartrain.losses import (NUM_TRAIN_TIMESTEPS, add_noise, context_frame_mas
                                flow_matching_target, sample_sigmas)
 from vidartrain.models.wan.checkpoint import load_finetuned, model_arguments
 from vidartrain.models.wan.model import WanModel
-from vidartrain.models.wan.vae import VAE_STRIDE
+from vidartrain.shapes import VAE_STRIDE
 from vidartrain.rollouts import RolloutWindow
 from vidartrain.sampling import (DEFAULT_NEGATIVE_PROMPT, SamplingOptions, action_metrics, generate_video,
                                  idm_actions, psnr, video_to_uint8)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from vidartrain.models.wan.vae import VAE_STRIDE
+from vidartrain.shapes import VAE_STRIDE
 
 VAE_TEMPORAL_STRIDE = VAE_STRIDE[0]
 
