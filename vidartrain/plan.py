@@ -456,9 +456,11 @@ def hardware_table(config: Config, mfu: float = 0.4, precomputed: bool = False) 
     repo = Path(__file__).resolve().parents[1]
     rows = []
     for name, gpu, world, reference_hours in HARDWARE_TABLE:
-        profile = load_profile(repo / "ds_configs" / f"{name}.json")
+        check_plans_dit(config)
+        ds, _ = build_deepspeed_config(config, load_profile(repo / "ds_configs" / f"{name}.json"), world)
         for checkpointing in CHECKPOINTING_MODES:
-            plan = make_plan(config, name, profile, gpu, world, mfu, checkpointing, precomputed, dit_shape_of(config))
+            plan = plan_for_ds_config(config, name, ds, gpu, world, mfu, checkpointing, precomputed,
+                                      dit_shape_of(config))
             rows.append({"profile": name + (f" + LoRA r{plan.lora_rank}" if plan.lora_rank else ""),
                          "gpus": f"{world}x {GPUS[gpu].name}", "checkpointing": checkpointing,
                          "micro_batch": plan.micro_batch, "total_gib": round(plan.total_gib, 1),
@@ -513,8 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"{profile_path} has no train_batch_size to infer its world size: pass --world-size")
     gpu = resolve_gpu(args.gpu, profile_path)
     modes = CHECKPOINTING_MODES if args.checkpointing == "all" or args.best else [args.checkpointing]
-    plans = [make_plan(config, Path(profile_path).stem, profile, gpu, world, args.mfu, c, args.precomputed,
-                       dit_shape_of(config))
+    check_plans_dit(config)
+    ds, _ = build_deepspeed_config(config, profile, world)  # once: the modes share it
+    plans = [plan_for_ds_config(config, Path(profile_path).stem, ds, gpu, world, args.mfu, c, args.precomputed,
+                                dit_shape_of(config))
              for c in modes]
     best = next((p for p in plans if p.fits), None)  # plans run from the fastest mode to the leanest
     if args.json:

@@ -402,13 +402,14 @@ def psnr(generated: np.ndarray, ground_truth: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def idm_actions(idm: IDM, video: torch.Tensor, input_size: tuple[int, int], chunk_size: int = 16) -> torch.Tensor:
-    """The IDM's action for every frame of `video` [B, 3, T, H, W] in [-1, 1] -> [B, T, A] float32."""
+def idm_actions(idm: IDM, video: torch.Tensor, input_size: tuple[int, int], frames_per_batch: int = 16) -> torch.Tensor:
+    """The IDM's action for every frame of `video` [B, 3, T, H, W] in [-1, 1] -> [B, T, A] float32, the
+    frames `frames_per_batch` at a time."""
     batch, _, frames = video.shape[:3]
     weight = next(idm.parameters())
     flat = video.transpose(1, 2).flatten(0, 1)
     actions = [idm(preprocess_frames(chunk.to(weight.device), input_size).to(weight.dtype)).float()
-               for chunk in flat.split(chunk_size)]
+               for chunk in flat.split(frames_per_batch)]
     return torch.cat(actions).reshape(batch, frames, -1)
 
 
