@@ -1,0 +1,169 @@
+"""Ulysses sequence parallelism (vidartrain/distributed/sequence_parallel.py): 2 gloo ranks splitting the
+tokens of every sample give the single-rank model's outputs and gradients (float32).
+
+Each rank's parameter gradient is SP x the part that flows through its tokens (the gather's backward sums
+over the group), so the group's mean of the gradients is the single-rank gradient: what DeepSpeed's
+average over all ranks turns into the SP = 1 gradient."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vidartrain.distributed.sequence_parallel import (ParallelLayout, SequenceParallel, apply_sequence_parallel,
+                                                      check_sequence_parallel_size, new_sequence_parallel_groups)
+from vidartrain.errors import ConfigError
+from vidartrain.models.wan.causal import WanModelCausal
+from vidartrain.models.wan.kv_cache import StaticKVCache
+from vidartrain.models.wan.model import WanModel
+from vidartrain.rollouts import closed_loop_rollout, closed_loop_schedule, rollout, RolloutWindow
+from vidartrain.trainers.base import free_port
+
+SP = 2
+# float32 on CPU: the only differences are the order of sums (attention over the same keys, the gradient
+# summed over two ranks), a few ulps of the outputs.
+RTOL, ATOL = 1e-5, 1e-6
+# 4 heads (SP 2 divides them); latent 4x8 -> 2x4 = 8 tokens per frame.
+TINY = dict(model_type="ti2v", patch_size=[1, 2, 2], text_len=16, in_dim=48, dim=96, ffn_dim=192, freq_dim=256,
+            text_dim=32, out_dim=48, num_heads=4, num_layers=2, qk_norm=True, cross_attn_norm=True)
+
+
+def tiny_model(cls):
+    torch.manual_seed(0)
+    model = cls(**TINY)
+    with torch.no_grad():  # no zero-initialised parameter (norm biases): those would hide gradient errors
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def inputs():
+    g = torch.Generator().manual_seed(3)
+    latents = lambda frames: torch.randn(2, 48, frames, 4, 8, generator=g)  # noqa: E731
+    text = [torch.randn(7, 32, generator=g), torch.randn(11, 32, generator=g)]
+    return latents, text
+
+
+def stage_1(model):
+    latents, text = inputs()
+    x, target = latents(3), latents(3)
+    t = torch.tensor([[0.0, 300.0, 300.0], [0.0, 800.0, 800.0]])
+    return (model(x, t, text) - target).pow(2).mean()
+
+
+def stage_2_teacher_forcing(model):
+    latents, text = inputs()
+    clean, noisy, target = latents(4), latents(4), latents(4)
+    t = torch.tensor([[0.0, 300.0, 500.0, 700.0], [0.0, 800.0, 600.0, 400.0]])
+    return (model.forward_teacher_forcing(clean, noisy, t, text) - target).pow(2).mean()
+
+
+def stage_2_rollout(model):
+    latents, text = inputs()
+    clean, noisy, target = latents(4), latents(4), latents(4)
+    t = torch.tensor([[0.0, 300.0, 500.0, 700.0], [0.0, 800.0, 600.0, 400.0]])
+    return (rollout(model, clean, noisy, t, text, frames_per_chunk=3, cache_grad=True) - target).pow(2).mean()
+
+
+def stage_2_closed_loop(model):
+    latents, text = inputs()
+    clean, noisy, target = latents(6), latents(6), latents(6)
+    t = torch.full((2, 6), 500.0)
+    events = closed_loop_schedule(6, RolloutWindow(rollout_bound=12, rollout_prefill_num=5))
+    velocity = closed_loop_rollout(model, clean, noisy, t, text, events, kv_cache_length=6)
+    return (velocity - target).pow(2).mean()
+
+
+@torch.no_grad()
+def stage_2_static_cache_generation(model):
+    """No gradient: cached generation with a static cache (head-split buffers)."""
+    latents, text = inputs()
+    cache = StaticKVCache(model.num_layers, capacity=4)
+    keys = model.text_key_values(text)
+    model.prefill(latents(2), keys, cache)
+    velocity, _ = model.forward_with_cache(latents(1), 500.0, keys, cache)
+    return velocity.pow(2).mean()
+
+
+CASES = {"stage_1": (WanModel, stage_1), "teacher_forcing": (WanModelCausal, stage_2_teacher_forcing),
+         "rollout": (WanModelCausal, stage_2_rollout), "closed_loop": (WanModelCausal, stage_2_closed_loop),
+         "static_cache": (WanModelCausal, stage_2_static_cache_generation)}
+
+
+def loss_and_gradients(model, fn):
+    model.zero_grad()
+    loss = fn(model)
+    if loss.requires_grad:
+        loss.backward()
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+    return loss.detach(), grads
+
+
+def _worker(rank: int, port: int, results) -> None:
+    """One of SP ranks: every case with the tokens split over the group; rank 0 sends back the losses and
+    the group's mean gradients (as numpy arrays: pickled by value, the process may exit first)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=SP)
+    try:
+        group = new_sequence_parallel_groups(ParallelLayout.of(rank, SP, SP))
+        out = {}
+        for case, (cls, fn) in CASES.items():
+            model = tiny_model(cls)
+            apply_sequence_parallel(model, SequenceParallel(group))
+            loss, grads = loss_and_gradients(model, fn)
+            for grad in grads.values():
+                dist.all_reduce(grad)
+                grad /= SP
+            out[case] = (loss.numpy(), {name: grad.numpy() for name, grad in grads.items()})
+        if rank == 0:
+            results.put(out)
+    except Exception as error:  # reported to the test instead of leaving it waiting
+        results.put(f"rank {rank}: {error!r}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sequence_parallel_results():
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_worker, args=(rank, port, results)) for rank in range(SP)]
+    for p in processes:
+        p.start()
+    out = results.get(timeout=300)
+    assert not isinstance(out, str), out
+    for p in processes:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_sequence_parallel_ranks_equal_one_rank(case, sequence_parallel_results):
+    cls, fn = CASES[case]
+    reference_loss, reference = loss_and_gradients(tiny_model(cls), fn)
+    loss, grads = sequence_parallel_results[case]
+    torch.testing.assert_close(torch.from_numpy(loss), reference_loss, rtol=RTOL, atol=0)
+    if case != "static_cache":
+        assert all(g.abs().sum() > 0 for g in reference.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(torch.from_numpy(grad), reference[name], rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_sequence_parallel_size_must_divide_world_and_heads():
+    check_sequence_parallel_size(2, 4, 24)
+    with pytest.raises(ConfigError, match="does not divide the world size 3"):
+        check_sequence_parallel_size(2, 3, 24)
+    with pytest.raises(ConfigError, match=r"24 attention heads.*\[1, 2, 3, 4, 6, 8, 12, 24\]"):
+        check_sequence_parallel_size(5, 5, 24)
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        check_sequence_parallel_size(0, 2)
+
+
+def test_layout_groups_consecutive_ranks():
+    assert [ParallelLayout.of(r, 4, 2) for r in range(4)] == [
+        ParallelLayout(2, 0, 2, 0), ParallelLayout(2, 1, 2, 0), ParallelLayout(2, 0, 2, 1), ParallelLayout(2, 1, 2, 1)]
