@@ -38,11 +38,11 @@ import torch.distributed as dist
 from vidartrain.errors import ConfigError
 
 
-def check_sequence_parallel_size(size: int, world_size: int, num_heads: int | None = None) -> None:
+def check_sequence_parallel_size(size: int, world_size: int | None = None, num_heads: int | None = None) -> None:
     """Refuse an SP size that cannot split the world into groups or the heads across a group."""
     if size < 1:
         raise ConfigError(f"`distributed.sequence_parallel_size` = {size}: must be >= 1")
-    if world_size % size:
+    if world_size is not None and world_size % size:
         raise ConfigError(f"`distributed.sequence_parallel_size` = {size} does not divide the world size "
                           f"{world_size}: ranks form groups of {size} consecutive ranks")
     if num_heads is not None and num_heads % size:
