@@ -4,13 +4,17 @@ tokens of every sample give the single-rank model's outputs and gradients (float
 Each rank's parameter gradient is SP x the part that flows through its tokens (the gather's backward sums
 over the group), so the group's mean of the gradients is the single-rank gradient: what DeepSpeed's
 average over all ranks turns into the SP = 1 gradient."""
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from vidartrain.config import load_config, resume_changes
+from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile
 from vidartrain.distributed.sequence_parallel import (ParallelLayout, SequenceParallel, apply_sequence_parallel,
                                                       check_sequence_parallel_size, new_sequence_parallel_groups)
 from vidartrain.errors import ConfigError
@@ -20,6 +24,8 @@ from vidartrain.models.wan.model import WanModel
 from vidartrain.rollouts import closed_loop_rollout, closed_loop_schedule, rollout, RolloutWindow
 from vidartrain.trainers.base import free_port
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "configs"
 SP = 2
 # float32 on CPU: the only differences are the order of sums (attention over the same keys, the gradient
 # summed over two ranks), a few ulps of the outputs.
@@ -167,3 +173,20 @@ def test_sequence_parallel_size_must_divide_world_and_heads():
 def test_layout_groups_consecutive_ranks():
     assert [ParallelLayout.of(r, 4, 2) for r in range(4)] == [
         ParallelLayout(2, 0, 2, 0), ParallelLayout(2, 1, 2, 0), ParallelLayout(2, 0, 2, 1), ParallelLayout(2, 1, 2, 1)]
+
+
+def test_resuming_with_another_sequence_parallel_size_is_refused():
+    # the loader's position is per data-parallel group and the per-rank micro-batch follows from SP
+    saved = json.loads(json.dumps(load_config(CONFIGS / "debug/tiny_vidar.yaml").to_dict()))
+    _, refused = resume_changes(saved, load_config(CONFIGS / "debug/tiny_vidar.yaml",
+                                                   ["distributed.sequence_parallel_size=2"]))
+    assert refused == ["distributed.sequence_parallel_size: 1 -> 2"]
+
+
+def test_bad_sequence_parallel_sizes_fail_before_any_process_group():
+    config = load_config(CONFIGS / "debug/tiny_vidar.yaml", ["distributed.sequence_parallel_size=2"])
+    profile = load_profile(REPO_ROOT / "ds_configs/cpu_debug.json")
+    with pytest.raises(ConfigError, match="does not divide the world size 3"):
+        build_deepspeed_config(config, profile, 3)
+    ds, _ = build_deepspeed_config(config, profile, 4)  # 2 data-parallel groups of 2 ranks
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 2, 8)

@@ -72,3 +72,24 @@ def test_two_sequence_parallel_ranks_train_as_one_rank(workspace, config):
     assert weights.keys() == expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(weights[key].float(), value.float(), rtol=1.6e-2, atol=LR * STEPS, msg=key)
+
+
+def test_four_ranks_as_two_sequence_parallel_groups_resume_exactly_after_a_kill(workspace):
+    """SP 2 x DP 2: SIGKILL after step 3 (checkpoints every 2 steps), resume: the steps run again log the
+    losses, gradient norms and samples the killed run logged for them, bit for bit."""
+    output_dir, log = workspace / "sp2_dp2", workspace / "sp2_dp2.log"
+    args = train_args(workspace, output_dir, "configs/debug/tiny_vidar.yaml", 2, 2, "--set", "training.num_steps=4",
+                      "--set", "training.save_every=2")
+    process = start(deepspeed_command("launch/train.py", args, num_ranks=4), log)
+    wait_for_step(process, output_dir, 3, log)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = logged_steps(output_dir)
+    run(deepspeed_command("launch/train.py", [*args, "--resume", "auto"], num_ranks=4), log)
+    resumed = logged_steps(output_dir)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    assert len(resumed[1]["keys"]) == 4  # 2 data-parallel groups x micro-batch 1 x accumulation 2
+    for step in set(killed) & {3, 4}:  # run again after the resume from step 2
+        for name in ("loss", "grad_norm", "keys"):
+            assert resumed[step][name] == killed[step][name], (step, name)
+    assert any(output_dir.glob("export*.safetensors"))
