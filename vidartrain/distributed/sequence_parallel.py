@@ -83,13 +83,16 @@ def new_sequence_parallel_groups(layout: ParallelLayout) -> dist.ProcessGroup | 
 
 
 def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup) -> torch.Tensor:
-    """Split `x` along scatter_dim into group-size pieces, send piece j to rank j, and concatenate
-    the received pieces (in rank order) along gather_dim."""
+    """Split `x` [B, N, L, D] along scatter_dim into group-size pieces, send piece j to rank j, and
+    concatenate the received pieces (in rank order) along gather_dim. The result is laid out as
+    [B, L, N, D] in memory (a transposed view, like the projections' outputs), so the attention
+    output's `transpose(1, 2).flatten(2)` for the output projection is a view, not a second copy
+    that backward would keep."""
     size = dist.get_world_size(group)
     pieces = [piece.contiguous() for piece in x.chunk(size, dim=scatter_dim)]
     received = [torch.empty_like(pieces[0]) for _ in range(size)]
     dist.all_to_all(received, pieces, group=group)
-    return torch.cat(received, dim=gather_dim)
+    return torch.cat([piece.transpose(1, 2) for piece in received], dim=3 - gather_dim).transpose(1, 2)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -145,9 +148,10 @@ class SequenceParallel:
         return self.rank * piece, (self.rank + 1) * piece
 
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """This rank's tokens of a replicated [.., L, ..] tensor (backward: zeros elsewhere)."""
+        """This rank's tokens of a replicated [.., L, ..] tensor (backward: zeros elsewhere), as a
+        copy: a view saved for backward would keep the whole sequence alive."""
         start, stop = self.local_range(x.shape[dim])
-        return x.narrow(dim, start, stop - start)
+        return x.narrow(dim, start, stop - start).clone()
 
     def shard_groups(self, e: torch.Tensor, length: int) -> torch.Tensor:
         """Timestep groups e [B, G, ...] (G equal groups of consecutive tokens) for this rank's tokens,
