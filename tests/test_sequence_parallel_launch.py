@@ -42,25 +42,27 @@ def train_args(workspace, output_dir, config, sp, batch_size, *extra):
             "--set", f"training.lr={LR}", *extra]
 
 
-def stage_args(config):
-    if config.endswith("tiny_vidarc.yaml"):  # teacher forcing with ground-truth context, plain flow matching
-        return ["--set", "model.pt_dir=null", "--set", "model.idm_path=null", "--set", "loss.embodiment_aware=false",
-                "--set", "self_forcing.context_mode=ground_truth"]
-    return []
+STAGE_2 = ["--set", "model.pt_dir=null", "--set", "model.idm_path=null", "--set", "loss.embodiment_aware=false"]
+RUNS = {  # name: (config, overrides)
+    "stage_1": ("configs/debug/tiny_vidar.yaml", []),
+    "stage_2_teacher_forcing": ("configs/debug/tiny_vidarc.yaml",
+                                [*STAGE_2, "--set", "self_forcing.context_mode=ground_truth"]),
+    "stage_2_closed_loop": ("configs/debug/tiny_vidarc.yaml", [*STAGE_2, "--set", "self_forcing.closed_loop=true"]),
+}
 
 
 def export_weights(output_dir):
     return load_file(next(output_dir.glob("export*.safetensors")))
 
 
-@pytest.mark.parametrize("config", ["configs/debug/tiny_vidar.yaml", "configs/debug/tiny_vidarc.yaml"])
-def test_two_sequence_parallel_ranks_train_as_one_rank(workspace, config):
-    name = config.rsplit("/", 1)[-1].removesuffix(".yaml")
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_sequence_parallel_ranks_train_as_one_rank(workspace, name):
+    config, overrides = RUNS[name]
     single, parallel = workspace / f"{name}_sp1", workspace / f"{name}_sp2"
-    run(deepspeed_command("launch/train.py", train_args(workspace, single, config, 1, 1, *stage_args(config)),
-                          num_ranks=1), workspace / f"{name}_sp1.log")
-    run(deepspeed_command("launch/train.py", train_args(workspace, parallel, config, 2, 1, *stage_args(config)),
-                          num_ranks=2), workspace / f"{name}_sp2.log")
+    run(deepspeed_command("launch/train.py", train_args(workspace, single, config, 1, 1, *overrides), num_ranks=1),
+        workspace / f"{name}_sp1.log")
+    run(deepspeed_command("launch/train.py", train_args(workspace, parallel, config, 2, 1, *overrides), num_ranks=2),
+        workspace / f"{name}_sp2.log")
     reference, steps = logged_steps(single), logged_steps(parallel)
     assert sorted(steps) == sorted(reference) == list(range(1, STEPS + 1))
     for step, record in reference.items():
