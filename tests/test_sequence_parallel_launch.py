@@ -8,13 +8,15 @@ size), so later steps agree to RTOL and the exported weights (bf16 files) to lr 
 rounding. Per-parameter gradients are compared exactly in tests/test_sequence_parallel.py."""
 import os
 import signal
+import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from trainer_launch import deepspeed_command, logged_steps, run, start, wait, wait_for_step, write_shards
+from trainer_launch import BIN, deepspeed_command, logged_steps, run, start, wait_for_step, write_shards
+from vidartrain.distributed.checkpointing import tag_for_step
 
 STEPS = 3
 FIRST_STEP_RTOL = 1e-5  # seen: 2e-6 (stage 1)
@@ -76,9 +78,10 @@ def test_two_sequence_parallel_ranks_train_as_one_rank(workspace, name):
         torch.testing.assert_close(weights[key].float(), value.float(), rtol=1.6e-2, atol=LR * STEPS, msg=key)
 
 
-def test_four_ranks_as_two_sequence_parallel_groups_resume_exactly_after_a_kill(workspace):
-    """SP 2 x DP 2: SIGKILL after step 3 (checkpoints every 2 steps), resume: the steps run again log the
-    losses, gradient norms and samples the killed run logged for them, bit for bit."""
+@pytest.fixture(scope="module")
+def sp2_dp2_run(workspace):
+    """SP 2 x DP 2 on 4 ranks, checkpoints every 2 steps, SIGKILLed after step 3 and resumed to step 4.
+    Returns (output dir, the steps the killed run logged, the training arguments)."""
     output_dir, log = workspace / "sp2_dp2", workspace / "sp2_dp2.log"
     args = train_args(workspace, output_dir, "configs/debug/tiny_vidar.yaml", 2, 2, "--set", "training.num_steps=4",
                       "--set", "training.save_every=2")
@@ -88,10 +91,38 @@ def test_four_ranks_as_two_sequence_parallel_groups_resume_exactly_after_a_kill(
     process.wait()
     killed = logged_steps(output_dir)
     run(deepspeed_command("launch/train.py", [*args, "--resume", "auto"], num_ranks=4), log)
+    return output_dir, killed
+
+
+def test_four_ranks_as_two_sequence_parallel_groups_resume_exactly_after_a_kill(sp2_dp2_run):
+    """The steps run again after the resume from step 2 log the losses, gradient norms and samples the
+    killed run logged for them, bit for bit."""
+    output_dir, killed = sp2_dp2_run
     resumed = logged_steps(output_dir)
     assert sorted(resumed) == [1, 2, 3, 4]
     assert len(resumed[1]["keys"]) == 4  # 2 data-parallel groups x micro-batch 1 x accumulation 2
-    for step in set(killed) & {3, 4}:  # run again after the resume from step 2
+    assert set(killed) & {3, 4}
+    for step in set(killed) & {3, 4}:
         for name in ("loss", "grad_norm", "keys"):
             assert resumed[step][name] == killed[step][name], (step, name)
     assert any(output_dir.glob("export*.safetensors"))
+
+
+def test_universal_checkpoint_of_sp2_dp2_resumes_on_one_sequence_parallel_group(workspace, sp2_dp2_run):
+    """The step-2 checkpoint of 4 ranks, made universal, resumes on 2 ranks (SP 2, one data-parallel group,
+    accumulation 4 for the same global batch): the same samples and schedule at step 3; other noise draws
+    (the noise follows the data-parallel index), so a loss of the same size."""
+    output_dir, _ = sp2_dp2_run
+    source = output_dir / "checkpoints" / tag_for_step(2)
+    universal = workspace / "sp2_dp2_step2_universal"
+    subprocess.run([str(BIN / "python"), "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                    str(source), "--output_folder", str(universal)], check=True, capture_output=True)
+    resumed_dir = workspace / "sp2_dp1"
+    args = train_args(workspace, resumed_dir, "configs/debug/tiny_vidar.yaml", 2, 1, "--set", "training.num_steps=4",
+                      "--set", "training.gradient_accumulation=4", "--resume", str(universal), "--max_steps", "3")
+    run(deepspeed_command("launch/train.py", args, num_ranks=2), workspace / "sp2_dp1.log")
+    resumed, reference = logged_steps(resumed_dir), logged_steps(output_dir)
+    assert sorted(resumed) == [3]
+    assert sorted(resumed[3]["keys"]) == sorted(reference[3]["keys"])
+    assert resumed[3]["lr"] == reference[3]["lr"]
+    assert resumed[3]["loss"] == pytest.approx(reference[3]["loss"], rel=0.2)
