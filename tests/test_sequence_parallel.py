@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from data_tools.tiny_checkpoint import write_tiny_checkpoint
 from vidartrain.config import load_config, resume_changes
+from vidartrain.data.shard_index import DataInfo
 from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile
 from vidartrain.distributed.sequence_parallel import (ParallelLayout, SequenceParallel, apply_sequence_parallel,
                                                       check_sequence_parallel_size, new_sequence_parallel_groups)
@@ -25,6 +27,8 @@ from vidartrain.models.wan.model import WanModel
 from vidartrain.plan import DitShape, saved_activation_bytes, saved_bytes
 from vidartrain.rollouts import closed_loop_rollout, closed_loop_schedule, rollout, RolloutWindow
 from vidartrain.trainers.base import free_port
+from vidartrain.trainers.idm_trainer import IdmStage
+from vidartrain.trainers.vidar_trainer import VidarStage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
@@ -231,3 +235,16 @@ def test_bad_sequence_parallel_sizes_fail_before_any_process_group():
         build_deepspeed_config(config, profile, 3)
     ds, _ = build_deepspeed_config(config, profile, 4)  # 2 data-parallel groups of 2 ranks
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 2, 8)
+
+
+def test_stages_refuse_sequence_parallel_sizes_their_model_cannot_split(tmp_path):
+    write_tiny_checkpoint(tmp_path / "ckpt")  # 2 heads
+    data = DataInfo(mode="latents", text_embeddings=True, actions=())
+    overrides = [f"model.ckpt_dir={tmp_path / 'ckpt'}", "distributed.sequence_parallel_size=4"]
+    with pytest.raises(ConfigError, match=r"does not divide the DiT's 2 attention heads.*\[1, 2\]"):
+        VidarStage(load_config(CONFIGS / "debug/tiny_vidar.yaml", overrides), data)
+    VidarStage(load_config(CONFIGS / "debug/tiny_vidar.yaml", overrides[:1] + ["distributed.sequence_parallel_size=2"]),
+               data)
+    with pytest.raises(ConfigError, match="the IDM trains with 1"):
+        IdmStage(load_config(CONFIGS / "debug/tiny_idm.yaml", ["distributed.sequence_parallel_size=2"]),
+                 DataInfo("raw", False, ()))
