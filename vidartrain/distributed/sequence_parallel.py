@@ -23,6 +23,11 @@ partitions over all of them, as DeepSpeed's own Ulysses does) and averages gradi
 world: (1 / (DP x SP)) x sum over groups of SP x dL/dtheta = the mean over the DP groups of
 dL/dtheta, the gradient of an SP = 1 run with the same samples.
 
+No `mpu` goes to `deepspeed.initialize`: with one, DeepSpeed 0.19.8 reduces over the same world-wide
+group but divides by world / SP in some paths (`DeepSpeedEngine._reduce_non_expert_gradients`), a
+convention each ZeRO stage would have to share; DeepSpeed's plain data-parallel view plus the summing
+gather gives the SP = 1 gradient without it (tested with ZeRO-3).
+
 DeepSpeed's `deepspeed.sequence.layer.DistributedAttention` is not used: it takes [B, L, N, D]
 tensors and runs the attention itself, but the causal model concatenates cached keys and values
 between the all-to-all and the attention and keeps this call's head-split keys and values for its
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
