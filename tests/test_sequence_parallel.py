@@ -234,7 +234,8 @@ def test_bad_sequence_parallel_sizes_fail_before_any_process_group():
     with pytest.raises(ConfigError, match="does not divide the world size 3"):
         build_deepspeed_config(config, profile, 3)
     ds, _ = build_deepspeed_config(config, profile, 4)  # 2 data-parallel groups of 2 ranks
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 2, 8)
+    batches = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]
+    assert batches == (1, 2, 8)  # DeepSpeed's train_batch_size counts every rank as data parallel
 
 
 def test_stages_refuse_sequence_parallel_sizes_their_model_cannot_split(tmp_path):

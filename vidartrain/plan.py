@@ -500,8 +500,9 @@ def format_plan(plan: Plan) -> str:
     shares = ", ".join(f"{k} {v / total_flops:.0%}" for k, v in plan.flops_per_sample.items())
     lines.append(f"  forward FLOPs per sample: {total_flops:.3g} ({shares})")
     if plan.sequence_parallel > 1:
-        lines.append(f"  all-to-all: {plan.all_to_all_gib:.1f} GiB sent per GPU per step, {plan.all_to_all_seconds:.1f} s "
-                     f"on NVLink at {ALL_TO_ALL_EFFICIENCY:.0%} of its rated bandwidth (included below)")
+        lines.append(f"  all-to-all: {plan.all_to_all_gib:.1f} GiB sent per GPU per step, "
+                     f"{plan.all_to_all_seconds:.1f} s on NVLink at {ALL_TO_ALL_EFFICIENCY:.0%} of its rated "
+                     f"bandwidth (included below)")
     lines.append(f"  time at {plan.mfu:.0%} MFU: {plan.step_seconds:.1f} s per step, "
                  f"{plan.run_hours:.1f} h for {plan.num_steps:,} steps")
     return "\n".join(lines)
@@ -565,7 +566,8 @@ def hours_or_dash(hours: float | None) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     header = ("| profile | GPUs | SP | act. ckpt | micro x accum. | GiB/GPU | fits | max micro | s/step | hours | "
               "reference |\n|---|---|---|---|---|---|---|---|---|---|---|")
-    body = [f"| {r['profile']} | {r['gpus']} | {r['sp']} | {r['checkpointing']} | {r['micro_batch']} x {r['accumulation']} | "
+    body = [f"| {r['profile']} | {r['gpus']} | {r['sp']} | {r['checkpointing']} | "
+            f"{r['micro_batch']} x {r['accumulation']} | "
             f"{r['total_gib']} / {r['device_gib']:.0f} | {'yes' if r['fits'] else 'no'} | {r['max_micro_batch']} | "
             f"{r['step_s']} | {r['hours']} | {hours_or_dash(r['reference_hours'])} |" for r in rows]
     return "\n".join([header, *body])
