@@ -64,6 +64,12 @@ def stage_1(model):
     return (model(x, t, text) - target).pow(2).mean()
 
 
+def stage_1_selective_checkpointing(model):
+    """Selective checkpointing recomputes the all-to-alls in backward (they are not among the kept ops)."""
+    model.set_checkpointing("selective")
+    return stage_1(model)
+
+
 def stage_2_teacher_forcing(model):
     latents, text = inputs()
     clean, noisy, target = latents(4), latents(4), latents(4)
@@ -106,7 +112,8 @@ def stage_2_static_cache_generation(model):
     return velocity.pow(2).mean()
 
 
-CASES = {"stage_1": (WanModel, stage_1), "teacher_forcing": (WanModelCausal, stage_2_teacher_forcing),
+CASES = {"stage_1": (WanModel, stage_1), "stage_1_selective": (WanModel, stage_1_selective_checkpointing),
+         "teacher_forcing": (WanModelCausal, stage_2_teacher_forcing),
          "teacher_forcing_flex": (WanModelCausal, stage_2_teacher_forcing_flex),
          "rollout": (WanModelCausal, stage_2_rollout), "closed_loop": (WanModelCausal, stage_2_closed_loop),
          "static_cache": (WanModelCausal, stage_2_static_cache_generation)}
