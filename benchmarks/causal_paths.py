@@ -23,8 +23,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from vidartrain.models.wan.causal import WanModelCausal, generate_frames, rollout
-from vidartrain.models.wan.kv_cache import DEPLOYED_CHUNK_LATENT_FRAMES, StaticKVCache
+from vidartrain.models.wan.causal import WanModelCausal
+from vidartrain.models.wan.kv_cache import StaticKVCache
+from vidartrain.rollouts import DEPLOYED_FRAMES_PER_CHUNK, generate_frames, rollout
 
 SMALL_CONFIG = dict(dim=128, ffn_dim=384, num_heads=2, num_layers=2, text_len=16, text_dim=32)
 LATENT_HW = (16, 16)  # 8 x 8 = 64 tokens per latent frame
@@ -149,8 +150,8 @@ def generation_paths(model: WanModelCausal, frames: int, generator: torch.Genera
         text_kv = model.text_key_values(text)
         cache = model.prefill(first, text_kv, StaticKVCache(model.num_layers, capacity=frames))
         chunks = []
-        for start in range(0, frames - 1, DEPLOYED_CHUNK_LATENT_FRAMES):
-            chunk = generate_frames(model, new_frames[:, :, start:start + DEPLOYED_CHUNK_LATENT_FRAMES], text_kv,
+        for start in range(0, frames - 1, DEPLOYED_FRAMES_PER_CHUNK):
+            chunk = generate_frames(model, new_frames[:, :, start:start + DEPLOYED_FRAMES_PER_CHUNK], text_kv,
                                     cache, sigmas=(1.0, 0.75, 0.5, 0.25))
             model.prefill(chunk, text_kv, cache)
             chunks.append(chunk)

@@ -20,6 +20,7 @@ from vidartrain.errors import ConfigError
 from vidartrain.models.idm import IDM, load_idm, pool_mask_to_latent
 from vidartrain.models.wan.text_encoder import TextEncoder
 from vidartrain.models.wan.vae import WanVAE, latent_shape
+from vidartrain.shapes import CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH
 
 PRECOMPUTABLE = ("latents", "text", "idm")
 VAE_CHECKPOINT_NAME = "Wan2.2_VAE.pth"
@@ -43,10 +44,10 @@ def parse_precompute(value: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class WindowSettings:
-    num_frames: int = 81
+    num_frames: int = CLIP_NUM_FRAMES
     stride: int = 40
-    height: int = 736
-    width: int = 640
+    height: int = CLIP_HEIGHT
+    width: int = CLIP_WIDTH
     resize: str = "crop"  # vidartrain.data.transforms.resize_frames mode, as data.resize online
 
     def check(self) -> None:

@@ -698,10 +698,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"(latents required); needs --ckpt-dir (and --idm for idm)")
     parser.add_argument("--ckpt-dir", type=Path, default=None, help="Wan2.2-TI2V-5B directory (VAE, umT5, tokenizer)")
     parser.add_argument("--idm", type=Path, default=None, help="idm.pt for --precompute idm")
-    parser.add_argument("--num-frames", type=int, default=81, help="frames per pre-encoded window (1 + 4n)")
-    parser.add_argument("--stride", type=int, default=40, help="frames between pre-encoded window starts")
-    parser.add_argument("--height", type=int, default=736, help="pre-encoded frame height (multiple of 16)")
-    parser.add_argument("--width", type=int, default=640, help="pre-encoded frame width (multiple of 16)")
+    parser.add_argument("--num-frames", type=int, default=WindowSettings.num_frames,
+                        help="frames per pre-encoded window (1 + 4n)")
+    parser.add_argument("--stride", type=int, default=WindowSettings.stride, help="frames between pre-encoded window starts")
+    parser.add_argument("--height", type=int, default=WindowSettings.height, help="pre-encoded frame height (multiple of 16)")
+    parser.add_argument("--width", type=int, default=WindowSettings.width, help="pre-encoded frame width (multiple of 16)")
     parser.add_argument("--resize", choices=RESIZE_MODES, default="crop",
                         help="pre-encoded frames of another aspect ratio: crop the centre (default), pad, or "
                              "stretch; use the training config's data.resize")

@@ -38,7 +38,8 @@ from vidartrain.errors import ConfigError, DataError, reports_errors  # noqa: E4
 from vidartrain.models.idm import load_idm  # noqa: E402
 from vidartrain.models.wan.causal import WanModelCausal  # noqa: E402
 from vidartrain.models.wan.checkpoint import load_finetuned  # noqa: E402
-from vidartrain.models.wan.kv_cache import RolloutWindow, latent_frames_of  # noqa: E402
+from vidartrain.models.wan.kv_cache import latent_frames_of  # noqa: E402
+from vidartrain.rollouts import RolloutWindow  # noqa: E402
 from vidartrain.models.wan.model import WanModel  # noqa: E402
 from vidartrain.models.wan.text_encoder import TextEncoder  # noqa: E402
 from vidartrain.models.wan.vae import WanVAE  # noqa: E402
@@ -46,7 +47,7 @@ from vidartrain.sampling import (DEFAULT_GUIDE_SCALE, DEFAULT_NEGATIVE_PROMPT, D
                                  SamplingOptions, action_metrics, frame_strip, generate_video, idm_actions,
                                  psnr, video_to_uint8, write_mp4)
 from vidartrain.trainers.idm_trainer import idm_input_size  # noqa: E402
-from vidartrain.trainers.vidar_trainer import VAE_FILE  # noqa: E402
+from vidartrain.trainers.conditioning import VAE_FILE  # noqa: E402
 
 # Few denoising steps per chunk for the causal model, as it is deployed.
 DEFAULT_CAUSAL_STEPS = 4

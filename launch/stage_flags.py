@@ -2,26 +2,19 @@
 see docs/training.md."""
 from __future__ import annotations
 
-import argparse
-import os
+from typing import Any
 
 from launch.train import build_parser, run
-from vidartrain.config import load_config
-from vidartrain.distributed.ds_config import load_profile
+from vidartrain.trainers.base import world_size_of_launch
 
 
-def debug_overrides(args: argparse.Namespace) -> list[str]:
+def debug_overrides(profile: dict[str, Any]) -> list[str]:
     """--debug: log every step, no validation, a checkpoint only at the end, and a global batch of just
     what the DeepSpeed profile gives on this many ranks (micro-batch x accumulation x world size)."""
-    overrides = ["training.log_every=1", "training.val_every=0", "training.save_every=1000000000"]
-    profile_path = args.ds_config or load_config(args.config, args.overrides).distributed.ds_config
-    if profile_path is not None:
-        profile = load_profile(profile_path)
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        # with gradient_accumulation set, training.batch_size is one micro-step over all ranks
-        overrides += [f"training.batch_size={profile['train_micro_batch_size_per_gpu'] * world_size}",
-                      f"training.gradient_accumulation={profile['gradient_accumulation_steps']}"]
-    return overrides
+    # with gradient_accumulation set, training.batch_size is one micro-step over all ranks
+    return ["training.log_every=1", "training.val_every=0", "training.save_every=1000000000",
+            f"training.batch_size={profile['train_micro_batch_size_per_gpu'] * world_size_of_launch()}",
+            f"training.gradient_accumulation={profile['gradient_accumulation_steps']}"]
 
 
 def main_with_stage_flags(default_config: str, description: str, argv: list[str] | None = None) -> int:
@@ -36,6 +29,4 @@ def main_with_stage_flags(default_config: str, description: str, argv: list[str]
     flags = [f"model.{name}={value}" for name, value in (("ckpt_dir", args.ckpt_dir), ("pt_dir", args.pt_dir))
              if value is not None]
     args.overrides[:0] = flags
-    if args.debug:
-        args.overrides[:0] = debug_overrides(args)
-    return run(args)
+    return run(args, debug_overrides if args.debug else None)

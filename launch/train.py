@@ -18,6 +18,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -30,12 +31,12 @@ CPU_ONLY = __name__ == "__main__" and "DS_ACCELERATOR" not in os.environ and not
 if CPU_ONLY:
     os.environ["DS_ACCELERATOR"] = "cpu"
 
-from vidartrain.config import Config, ConfigError, load_config  # noqa: E402
-from vidartrain.distributed.ds_config import load_profile  # noqa: E402
+from vidartrain.config import Config, ConfigError, check_inputs_exist, load_config  # noqa: E402
+from vidartrain.data.shard_index import DataInfo, read_data_info  # noqa: E402
+from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile  # noqa: E402
 from vidartrain.errors import reports_errors  # noqa: E402
-from vidartrain.data.shard_index import read_common_index  # noqa: E402
-from vidartrain.plan import GPUS, dit_shape_of, format_plan, make_plan, resolve_gpu  # noqa: E402
-from vidartrain.trainers.base import RunOptions, Stage, Trainer  # noqa: E402
+from vidartrain.plan import GPUS, dit_shape_of, format_plan, plan_for_ds_config, resolve_gpu  # noqa: E402
+from vidartrain.trainers.base import RunOptions, Stage, Trainer, world_size_of_launch  # noqa: E402
 from vidartrain.trainers.monitoring import peak_memory_bytes  # noqa: E402
 
 # loss.type -> (module, class) of the stage that trains it
@@ -73,9 +74,10 @@ def build_parser(description: str | None = None, default_config: str | None = No
     return parser
 
 
-def stage_for(config: Config) -> Stage:
+def stage_for(config: Config, data: DataInfo) -> Stage:
+    """The stage that `loss.type` names, built for `config` and its training shards."""
     module_name, class_name = STAGES[config.loss.type]
-    return getattr(importlib.import_module(module_name), class_name)()
+    return getattr(importlib.import_module(module_name), class_name)(config, data)
 
 
 def setup_logging() -> None:
@@ -90,32 +92,38 @@ def setup_logging() -> None:
         logging.getLogger(__name__).info("no GPU visible: DeepSpeed runs on its CPU accelerator (gloo)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, profile_overrides: Callable[[dict[str, Any]], list[str]] | None = None) -> int:
+    """Train (or dry-run) the stage of `args.config`. The DeepSpeed profile and the shards' index.json
+    files are read once here and handed down. `profile_overrides(profile)`: overrides that depend on
+    the profile (launch/stage_flags.py --debug), applied before the command line's own."""
     setup_logging()
     config = load_config(args.config, args.overrides)
-    ds_config = args.ds_config or config.distributed.ds_config
-    if ds_config is None:
+    ds_path = args.ds_config or config.distributed.ds_config
+    if ds_path is None:
         raise ConfigError("no DeepSpeed profile: pass --ds-config ds_configs/<profile>.json "
                           "or set distributed.ds_config in the YAML")
-    load_profile(ds_config)
+    profile = load_profile(ds_path)
+    if profile_overrides is not None:
+        config = load_config(args.config, profile_overrides(profile) + args.overrides)
     if args.max_steps is not None and args.max_steps <= 0:
         raise ConfigError(f"--max_steps {args.max_steps}: must be > 0")
-    stage = stage_for(config)
+    ds_config, _ = build_deepspeed_config(config, profile, world_size_of_launch())
+    check_inputs_exist(config)
+    stage = stage_for(config, read_data_info(config.data.shards))
     if args.dry_run:
-        return dry_run(config, stage, ds_config, args)
+        return dry_run(config, stage, ds_path, ds_config, args)
     options = RunOptions(ds_config=ds_config, output_dir=args.output_dir, resume=args.resume,
                          max_steps=args.max_steps, overwrite=args.overwrite)
     Trainer(config, stage, options).train()
     return 0
 
 
-def dry_run(config: Config, stage: Stage, ds_config: str, args: argparse.Namespace) -> int:
+def dry_run(config: Config, stage: Stage, ds_path: str, ds_config: dict[str, Any], args: argparse.Namespace) -> int:
     """The planner's verdict, then one real step (written under OUTPUT/dry_run, nothing else touched),
     then measured vs planned memory of this process."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    precomputed = read_common_index(config.data.shards)["mode"] != "raw"
-    plan = make_plan(config, Path(ds_config).stem, load_profile(ds_config), resolve_gpu(args.gpu, ds_config), world,
-                     precomputed=precomputed, shape=dit_shape_of(config))
+    rank, world = int(os.environ.get("RANK", 0)), world_size_of_launch()
+    plan = plan_for_ds_config(config, Path(ds_path).stem, ds_config, resolve_gpu(args.gpu, ds_path), world,
+                              precomputed=not stage.data.raw, shape=dit_shape_of(config))
     if rank == 0:
         print(format_plan(plan), flush=True)
     out = Path(args.output_dir or config.output.output_dir) / "dry_run"

@@ -17,23 +17,23 @@ def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
 
 def test_reference_configs_load_unchanged():
     stage1 = load_config(CONFIGS / "vidar_finetune.yaml")
-    assert stage1.model.model_class == "WanModel"
+    assert stage1.loss.type == "flow_matching" and not stage1.causal
     assert stage1.training.num_steps == 14000 and stage1.training.lr == 2.0e-5
     assert stage1.training.warmup == 200 and stage1.training.freeze == ["t5", "vae"]
     assert stage1.global_batch_size == 128
     assert stage1.output.save_path is None and stage1.output.output_dir == "outputs/vidar"
 
     stage2 = load_config(CONFIGS / "vidarc_causal.yaml")
-    assert stage2.model.model_class == "WanModelCausal"
+    assert stage2.causal  # loss.type causal_flow_matching; model_class and causal agree with it
     assert stage2.model.pt_dir == "checkpoints/vidar/vidar.pt"
     assert stage2.loss.embodiment_aware and stage2.loss.eta == 3.0
-    assert stage2.self_forcing.chunk_size == 16 and stage2.self_forcing.kv_cache_length == 64
+    assert stage2.self_forcing.window_frames == 16 and stage2.self_forcing.kv_cache_length == 64
 
     h200 = load_config(CONFIGS / "vidarc_2xh200.yaml")
     assert h200.training.batch_size == 16 and h200.training.gradient_accumulation == 8
     assert h200.global_batch_size == 128
-    assert h200.chunk_size == 8  # model.chunk_size overrides the base's self_forcing.chunk_size
-    assert h200.model.model_class == "WanModelCausal"  # from its base, vidarc_causal.yaml
+    assert h200.self_forcing.window_frames == 8  # model.chunk_size overrides the base's self_forcing.chunk_size
+    assert h200.causal  # from its base, vidarc_causal.yaml
     assert h200.distributed.sharding_strategy == "FULL_SHARD"
 
     idm = load_config(CONFIGS / "idm.yaml")
@@ -80,7 +80,6 @@ def test_literal_choices_listed(tmp_path):
 @pytest.mark.parametrize("override, fragment", [
     ("training.lr=0", "`training.lr` = 0.0: must be > 0"),
     ("training.lr=-1e-5", "`training.lr` = -1e-05: must be > 0"),
-    ("self_forcing.chunk_size=0", "`self_forcing.chunk_size` = 0: must be >= 1"),
     ("data.num_frames=80", "`data.num_frames` = 80: must be 4n+1"),
     ("data.height=700", "`data.height` = 700: must be a positive multiple of 32"),
     ("data.width=650", "`data.width` = 650: must be a positive multiple of 32"),
@@ -98,6 +97,8 @@ def test_impossible_values_say_which_and_why(override, fragment):
 
 
 def test_causal_chunk_must_fit_sample_and_cache():
+    with pytest.raises(ConfigError, match="`self_forcing.window_frames` = 0: must be >= 1"):
+        load_config(CONFIGS / "vidarc_causal.yaml", ["self_forcing.chunk_size=0"])
     with pytest.raises(ConfigError, match="only 21 latent frames"):
         load_config(CONFIGS / "vidarc_causal.yaml", ["self_forcing.chunk_size=22"])
     with pytest.raises(ConfigError, match="exceeds `self_forcing.kv_cache_length` = 8"):
@@ -208,3 +209,30 @@ def test_resume_changes_apply_hyper_parameters_and_refuse_the_rest():
     _, refused = resume_changes(saved, other)
     assert refused == ["training.seed: 42 -> 7", "data.num_frames: 9 -> 13",
                        "global batch (training.batch_size x training.gradient_accumulation): 4 -> 8"]
+
+
+def test_stage_follows_from_loss_type_and_aliases_must_agree(tmp_path):
+    with pytest.raises(ConfigError, match="`model.model_class` = 'WanModel' contradicts `loss.type` = "
+                                          "causal_flow_matching"):
+        load_config(write(tmp_path, "model:\n  model_class: WanModel\nloss:\n  type: causal_flow_matching\n"))
+    with pytest.raises(ConfigError, match="`self_forcing.causal` = False contradicts"):
+        load_config(CONFIGS / "vidarc_causal.yaml", ["self_forcing.causal=false"])
+    with pytest.raises(ConfigError, match="`model.model_class` = 'WanModelCausal' contradicts `loss.type` = idm"):
+        load_config(CONFIGS / "idm.yaml", ["model.model_class=WanModelCausal"])
+    with pytest.raises(ConfigError, match="`self_forcing.window_frames` = 4 and `model.chunk_size` = 8 name the same"):
+        load_config(write(tmp_path, "base: " + str(CONFIGS / "vidarc_causal.yaml") +
+                          "\nmodel:\n  chunk_size: 8\nself_forcing:\n  window_frames: 4\n"))
+    # a later layer's window wins over an earlier one's, whatever name either uses
+    assert load_config(CONFIGS / "vidarc_causal.yaml", ["self_forcing.window_frames=4"]).self_forcing.window_frames == 4
+    assert load_config(CONFIGS / "vidarc_2xh200.yaml", ["self_forcing.chunk_size=4"]).self_forcing.window_frames == 4
+
+
+def test_stage_2_overlay_without_base_says_to_layer_it(tmp_path):
+    overlay = (CONFIGS / "vidarc_2xh200.yaml").read_text().replace("base: vidarc_causal.yaml", "")
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, overlay))
+    message = str(err.value)
+    assert "`self_forcing.window_frames` (YAML: model.chunk_size" in message and "the default" in message
+    assert "add `base: vidarc_causal.yaml`" in message
+    with pytest.raises(ConfigError, match="`self_forcing.context_mode`: stage-2"):
+        load_config(CONFIGS / "vidar_finetune.yaml", ["self_forcing.context_mode=mixed"])

@@ -20,7 +20,7 @@ from vidartrain.config import DataConfig
 from vidartrain.data.dataset import build_loader
 from vidartrain.data.transforms import to_model_range
 from vidartrain.errors import ConfigError
-from vidartrain.trainers.vidar_trainer import VidarStage
+from vidartrain.trainers.conditioning import FrozenConditioner
 from trainer_launch import tiny_idm
 from vidartrain.models.wan.text_encoder import TextEncoder
 from vidartrain.models.wan.vae import WanVAE
@@ -115,8 +115,7 @@ def test_a_dropped_caption_gives_one_text_tensor_in_raw_and_pre_encoded_modes(pr
     shards, precomputer = pre_encoded
     raw_shards = workspace / "raw_shards"
     shard_tool.convert(workspace / "episodes", raw_shards, shard_tool.ConversionSettings())
-    stage = VidarStage()
-    stage.text_encoder, stage.device = precomputer.text_encoder, torch.device("cpu")  # the trainer's umT5
+    stage = FrozenConditioner(text_encoder=precomputer.text_encoder)  # the trainer's umT5
     contexts = []
     for directory in (raw_shards, shards):
         batch = next(iter(build_loader(directory, data_config(directory, cfg_prob=1.0), 1, rank=0, world_size=1)))

@@ -7,7 +7,7 @@ import pytest
 from deepspeed.runtime.config import DeepSpeedConfig
 
 from vidartrain.config import ConfigError, load_config
-from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile, profile_world_size
+from vidartrain.distributed.ds_config import build_deepspeed_config, checkpointing_mode, load_profile, profile_world_size
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = {  # profile -> (world size, micro, accumulation), from the reference hardware table (docs/training.md)
@@ -108,8 +108,10 @@ def test_cpu_offload_and_precision_words_translate_with_warnings():
 def test_activation_checkpointing_word_drives_the_model_switch():
     config = load_config(REPO / "configs/vidarc_2xh200.yaml",
                          ["distributed.activation_checkpointing=false"])
+    before = config.to_dict()
     _, warnings = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_2xh200.json"), 2)
-    assert config.model.checkpointing == "none"
+    assert checkpointing_mode(config) == "none"
+    assert config.to_dict() == before  # build_deepspeed_config is pure: the config keeps model.checkpointing
     assert any("model.checkpointing" in w for w in warnings)
 
 

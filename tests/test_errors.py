@@ -29,7 +29,7 @@ from vidartrain.models.wan.checkpoint import read_model_config, read_state_dict,
 from vidartrain.models.wan.model import WanModel
 from vidartrain.models.wan.text_encoder import UMT5Tokenizer
 from vidartrain.trainers.ema import ema_state_dict_from_checkpoint
-from vidartrain.trainers.vidar_trainer import VidarStage
+from vidartrain.trainers.conditioning import FrozenConditioner
 
 
 def test_the_family_keeps_the_builtin_kinds_callers_catch():
@@ -208,7 +208,7 @@ def test_lerobot_metadata_problems_are_data_errors(tmp_path):
 
 
 def test_stage_inputs_missing_from_a_batch_are_data_errors():
-    stage = VidarStage()
+    stage = FrozenConditioner()  # what the DiT stages take their clean latents and text context from
     with pytest.raises(DataError, match="batch \\['k'\\] has neither pre-encoded `latents` nor a VAE"):
         stage.clean_latents({"__key__": ["k"], "video": None})
     with pytest.raises(DataError, match="batch \\['k'\\] has neither pre-encoded `text_emb` nor a text encoder"):

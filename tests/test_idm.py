@@ -267,7 +267,7 @@ def test_get_mask_is_the_resized_soft_mask_of_each_frame(eval_idm):
     # Sample 0 = [a, b], sample 1 = [a, a]: a batch/frame mix-up changes the answer.
     video = torch.stack([torch.stack([frame_a, frame_b], dim=1),
                          torch.stack([frame_a, frame_a], dim=1)])  # [2, 3, 2, H, W]
-    masks = eval_idm.get_mask(video, chunk_size=3, input_size=size)
+    masks = eval_idm.get_mask(video, frames_per_batch=3, input_size=size)
     assert masks.shape == (2, 2, height, width) and masks.dtype == torch.float32
     with torch.no_grad():
         soft = eval_idm(preprocess_frames(torch.stack([frame_a, frame_b]), size), return_mask=True)[1]
@@ -294,6 +294,6 @@ def test_get_mask_runs_in_the_model_dtype():
     torch.manual_seed(0)
     model = IDM().to(torch.bfloat16).eval()
     video = torch.rand(1, 3, 3, 16, 24) * 2 - 1
-    masks = model.get_mask(video, chunk_size=2, input_size=(32, 32))
+    masks = model.get_mask(video, frames_per_batch=2, input_size=(32, 32))
     assert masks.shape == (1, 3, 16, 24) and masks.dtype == torch.bfloat16
     assert ((masks > 0) & (masks < 1)).all()

@@ -1,11 +1,13 @@
 """IDM stage on a bare IDM (no DeepSpeed): input size rule, Eq. 4 wiring, metrics, export, overfit."""
+from pathlib import Path
+
 import pytest
 import torch
 
 from data_tools.shard import main as shard_main
 from data_tools.synth import write_synthetic_episodes
 from vidartrain.config import ConfigError, load_config
-from vidartrain.data.shard_index import read_index
+from vidartrain.data.shard_index import DataInfo, read_data_info, read_index
 from vidartrain.errors import DataError
 from vidartrain.losses import action_accuracy, idm_loss
 from vidartrain.models.idm import IDM, IDM_INPUT_SIZE, IdmArchitecture, load_idm, preprocess_frames, save_idm
@@ -20,12 +22,18 @@ def tiny_config(*overrides: str):
                         f"idm.action_mean={[0.5] * 14}", f"idm.action_std={[0.3] * 14}", *overrides])
 
 
+def idm_stage(config):
+    """The stage as launch/train.py builds it, with its shards' DataInfo ("unused" shards: none)."""
+    shards = Path(config.data.shards)
+    return IdmStage(config, read_data_info(shards) if shards.is_dir() else DataInfo("raw", False, ()))
+
+
 @pytest.fixture(scope="module")
 def stage_and_model():
-    stage = IdmStage()
+    stage = idm_stage(tiny_config())
     torch.manual_seed(0)
-    model = stage.build_model(tiny_config())
-    stage.load_frozen(stage.config, torch.device("cpu"))
+    model = stage.build_model()
+    stage.load_frozen(torch.device("cpu"))
     return stage, model
 
 
@@ -64,9 +72,9 @@ def test_loss_is_eq4_of_the_model_output_with_its_metrics(stage_and_model, batch
 
 
 def test_loss_falls_when_overfitting_one_batch(batch):
-    stage = IdmStage()
+    stage = idm_stage(tiny_config())
     torch.manual_seed(0)
-    model = stage.build_model(tiny_config())
+    model = stage.build_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-2)
     losses = []
     for _ in range(8):
@@ -96,11 +104,11 @@ def test_export_writes_an_upstream_idm_pt_that_loads_strictly(stage_and_model, t
 def test_clear_errors(stage_and_model, batch):
     stage, model = stage_and_model
     with pytest.raises(ConfigError, match="gradient_checkpointing"):
-        IdmStage().build_model(tiny_config("model.gradient_checkpointing=true"))
+        idm_stage(tiny_config("model.gradient_checkpointing=true")).build_model()
     with pytest.raises(DataError, match="action dimensions"):
         stage.training_loss(model, {**batch, "action": batch["action"][:, :7]}, torch.Generator())
-    bf16 = IdmStage()
-    bf16_model = bf16.build_model(tiny_config()).to(torch.bfloat16)
+    bf16 = idm_stage(tiny_config())
+    bf16_model = bf16.build_model().to(torch.bfloat16)
     with pytest.raises(ConfigError, match="mixed_precision: fp32"):
         bf16.training_loss(bf16_model, batch, torch.Generator())
 
@@ -119,21 +127,21 @@ def test_the_idm_is_built_for_the_robot_of_the_shards(seven_dim_shards, tmp_path
                                                            "data.width=32", *overrides])
 
     stats = read_index(seven_dim_shards)["actions"]
-    model = IdmStage().build_model(config("idm.gripper_dims=[6]"))
+    model = idm_stage(config("idm.gripper_dims=[6]")).build_model()
     assert model.model.resnet_model.fc.out_features == 7
     torch.testing.assert_close(model.train_mean, torch.tensor(stats["mean"], dtype=torch.float32))
     assert model.architecture == IdmArchitecture(8, 8, (1, 1, 1, 1))
     with pytest.raises(ConfigError, match=r"`idm.gripper_dims` = \[6, 13\]: \[13\] outside the IDM's 7"):
-        IdmStage().build_model(config())  # the 14-dim default names the fix
-    override = IdmStage().build_model(config("idm.gripper_dims=[]", f"idm.action_mean={[0.0] * 7}",
-                                             f"idm.action_std={[2.0] * 7}"))
+        idm_stage(config()).build_model()  # the 14-dim default names the fix
+    override = idm_stage(config("idm.gripper_dims=[]", f"idm.action_mean={[0.0] * 7}",
+                                f"idm.action_std={[2.0] * 7}")).build_model()
     assert override.train_std.tolist() == [2.0] * 7
     save_idm(model, tmp_path / "idm7.pt")
     with pytest.raises(ConfigError, match="holds IdmArchitecture"):
-        IdmStage().build_model(config("idm.gripper_dims=[6]", f"model.idm_path={tmp_path / 'idm7.pt'}",
-                                      "model.idm_config={unet_width: 4}"))
+        idm_stage(config("idm.gripper_dims=[6]", f"model.idm_path={tmp_path / 'idm7.pt'}",
+                         "model.idm_config={unet_width: 4}")).build_model()
     save_idm(IDM(architecture=IdmArchitecture(8, 8, (1, 1, 1, 1))), tmp_path / "idm14.pt")
     with pytest.raises(ConfigError, match="predicts 14 action dimensions, the shards .* hold 7"):
-        IdmStage().build_model(config(f"model.idm_path={tmp_path / 'idm14.pt'}"))
+        idm_stage(config(f"model.idm_path={tmp_path / 'idm14.pt'}")).build_model()
     with pytest.raises(ConfigError, match="unknown IDM architecture keys \\['widths'\\]"):
-        IdmStage().build_model(config("model.idm_config={widths: 4}"))
+        idm_stage(config("model.idm_config={widths: 4}")).build_model()

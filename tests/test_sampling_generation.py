@@ -5,8 +5,8 @@ import torch
 
 from data_tools.tiny_checkpoint import TINY_DIT
 from vidartrain.models.wan.causal import WanModelCausal
-from vidartrain.models.wan.kv_cache import RolloutWindow, closed_loop_schedule
 from vidartrain.models.wan.model import WanModel
+from vidartrain.rollouts import RolloutWindow, closed_loop_schedule
 from vidartrain.sampling import (SamplingOptions, action_metrics, frame_strip, psnr, ti2v_latents,
                                  video_to_uint8, vidarc_latents)
 

@@ -5,16 +5,18 @@ import torch
 
 from data_tools.tiny_checkpoint import TINY_DIT, write_tiny_checkpoint
 from vidartrain.config import ConfigError, config_from_dict
+from vidartrain.data.shard_index import DataInfo
 from vidartrain.data.transforms import to_model_range
 from trainer_launch import tiny_idm
 from vidartrain.errors import DataError
 from vidartrain.models.idm import pool_mask_to_latent
-from vidartrain.models.wan.kv_cache import RolloutWindow
-from vidartrain.trainers.self_forcing import (SelfForcingStage, closed_loop_schedule, closed_loop_velocity,
-                                              prepare_causal_window, self_generated_velocity,
-                                              teacher_forcing_velocity)
+from vidartrain.rollouts import RolloutWindow, closed_loop_schedule
+from vidartrain.trainers.conditioning import FrozenConditioner
+from vidartrain.trainers.self_forcing import (SelfForcingStage, closed_loop_velocity, prepare_causal_window,
+                                              self_generated_velocity, teacher_forcing_velocity)
 
 CHUNK = 4
+PRE_ENCODED = DataInfo(mode="latents", text_embeddings=True, actions=())  # the batches below hold every tensor
 TEXT_DIM = TINY_DIT["text_dim"]
 
 
@@ -33,8 +35,8 @@ def stage_config(checkpoint, **self_forcing):
 
 
 def build(checkpoint, **self_forcing):
-    stage = SelfForcingStage()
-    model = stage.build_model(stage_config(checkpoint, **self_forcing)).float()
+    stage = SelfForcingStage(stage_config(checkpoint, **self_forcing), PRE_ENCODED)
+    model = stage.build_model().float()
     return stage, model
 
 
@@ -68,7 +70,7 @@ def test_eq7_with_eta_zero_equals_eq6_in_the_trainer(checkpoint, batch):
 
 def test_closed_loop_one_frame_chunks_without_reset_equal_teacher_forcing(checkpoint, batch):
     stage, model = build(checkpoint)
-    context = stage.text_context(batch)
+    context = stage.conditioner.text_context(batch)
     window = prepare_causal_window(batch["latents"], CHUNK, 3.0, torch.Generator().manual_seed(1))
     events = closed_loop_schedule(CHUNK, RolloutWindow(rollout_bound=100, rollout_prefill_num=5), chunk=1)
     with torch.no_grad():
@@ -79,7 +81,7 @@ def test_closed_loop_one_frame_chunks_without_reset_equal_teacher_forcing(checkp
 
 def test_self_generated_context_changes_only_frames_after_the_first_prediction(checkpoint, batch):
     stage, model = build(checkpoint)
-    context = stage.text_context(batch)
+    context = stage.conditioner.text_context(batch)
     window = prepare_causal_window(batch["latents"], CHUNK, 3.0, torch.Generator().manual_seed(1))
     with torch.no_grad():
         teacher = teacher_forcing_velocity(model, window, context)
@@ -122,18 +124,16 @@ def test_clear_errors(checkpoint, batch):
     with pytest.raises(DataError, match="idm_mask"):
         loss_of(stage, model, no_mask)
     short = {**batch, "latents": batch["latents"][:, :, :3], "idm_mask": batch["idm_mask"][:, :3]}
-    with pytest.raises(ConfigError, match="fewer than self_forcing.chunk_size"):
+    with pytest.raises(ConfigError, match="fewer than self_forcing.window_frames"):
         loss_of(stage, model, short)
     with pytest.raises(ConfigError, match="ckpt_dir"):
-        SelfForcingStage().build_model(config_from_dict({"loss": {"type": "causal_flow_matching"},
-                                                         "model": {"model_class": "WanModelCausal"}}))
+        SelfForcingStage(config_from_dict({"loss": {"type": "causal_flow_matching"},
+                                           "model": {"model_class": "WanModelCausal"}}), PRE_ENCODED)
 
 
 def test_online_idm_mask_covers_only_the_window_and_reads_uint8_video():
-    stage = SelfForcingStage()
     torch.manual_seed(0)
-    stage.idm = tiny_idm().eval()
-    stage.idm_input_size = (32, 32)
+    stage = FrozenConditioner(idm=tiny_idm().eval(), idm_input_size=(32, 32))
     video = torch.randint(0, 256, (1, 3, 13, 32, 32), dtype=torch.uint8)  # 4 latent frames, as the loader sends
     whole_clip = pool_mask_to_latent(stage.idm.get_mask(to_model_range(video), input_size=(32, 32)).float())
     assert whole_clip.shape == (1, 4, 2, 2)

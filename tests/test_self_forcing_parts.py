@@ -4,14 +4,13 @@ import torch
 
 from vidartrain.errors import ConfigError
 from vidartrain.losses import shift_sigma
-from vidartrain.models.wan.kv_cache import RolloutWindow
-from vidartrain.trainers.self_forcing import (RolloutEvent, choose_context, closed_loop_schedule,
-                                              prepare_causal_window, sampling_sigmas)
+from vidartrain.rollouts import RolloutEvent, RolloutWindow, closed_loop_schedule, sampling_sigmas
+from vidartrain.trainers.self_forcing import choose_context, prepare_causal_window
 
 
 def test_window_keeps_context_clean_and_noises_each_frame_on_its_own():
     latents = torch.randn(2, 4, 6, 2, 2)
-    window = prepare_causal_window(latents, chunk_size=4, shift=3.0, generator=torch.Generator().manual_seed(0))
+    window = prepare_causal_window(latents, window_frames=4, shift=3.0, generator=torch.Generator().manual_seed(0))
     assert window.clean.shape == (2, 4, 4, 2, 2) and window.sigmas.shape == (2, 4)
     torch.testing.assert_close(window.clean, latents[:, :, window.start:window.start + 4])
     assert torch.all(window.sigmas[:, 0] == 0) and torch.all(window.sigmas[:, 1:] > 0)
@@ -35,7 +34,7 @@ def test_window_draws_are_reproducible_and_cover_every_start():
 
 
 def test_window_rejects_what_cannot_work():
-    with pytest.raises(ConfigError, match="fewer than self_forcing.chunk_size"):
+    with pytest.raises(ConfigError, match="fewer than self_forcing.window_frames"):
         prepare_causal_window(torch.randn(1, 2, 2, 2, 2), 3, 3.0, torch.Generator())
     with pytest.raises(ValueError, match="num_context_frames"):
         prepare_causal_window(torch.randn(1, 2, 4, 2, 2), 3, 3.0, torch.Generator(), num_context_frames=3)

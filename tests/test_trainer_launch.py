@@ -8,6 +8,7 @@ import pytest
 
 import launch.train as train_cli
 from launch.stage_flags import debug_overrides
+from vidartrain.distributed.ds_config import load_profile
 from data_tools.shard import main as shard_main
 from data_tools.synth import write_synthetic_episodes
 from data_tools.tiny_checkpoint import TINY_T5, TINY_VAE, write_tiny_checkpoint
@@ -132,8 +133,7 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run(pre_encoded, tmp
 def test_reference_recipe_flags_map_onto_config_overrides(monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = train_cli.build_parser().parse_args(["--config", "configs/vidar_finetune.yaml", "--ds-config", CPU_PROFILE])
-    overrides = debug_overrides(args)
+    overrides = debug_overrides(load_profile(CPU_PROFILE))
     # batch 128 of the real config shrinks to what cpu_debug gives on 2 ranks: 1 x 2 x 2
     assert "training.batch_size=2" in overrides and "training.gradient_accumulation=2" in overrides
     config = load_config("configs/vidar_finetune.yaml", overrides)

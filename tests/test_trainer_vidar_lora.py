@@ -18,6 +18,7 @@ from data_tools.tiny_checkpoint import write_tiny_checkpoint
 from test_wan_lora import WAN_LORA_KEY
 from trainer_launch import deepspeed_command, logged_steps, run, start, tail, wait, wait_for_step, write_shards
 from vidartrain.config import load_config
+from vidartrain.data.shard_index import read_data_info
 from vidartrain.distributed.checkpointing import tag_for_step
 from vidartrain.distributed.export import main as export_main
 from vidartrain.models.wan.lora import load_wan_lora
@@ -104,14 +105,13 @@ def validation_loss(workspace, output_dir, model: WanModel, split: str = "val") 
     held-out micro-batches with that rank's fixed noise, averaged over both ranks (split "train": the
     same on training batches)."""
     config = load_config("configs/debug/tiny_vidar.yaml", overrides(workspace, output_dir))
-    stage = VidarStage()  # what build_model sets from the config and the model
-    stage.shift, stage.text_len, stage.patch_size = config.loss.shift, model.text_len, model.patch_size
-    stage.load_frozen(config, torch.device("cpu"))
+    stage = VidarStage(config, read_data_info(config.data.shards))
+    stage.load_frozen(torch.device("cpu"))
     model.eval()
     losses = []
     with torch.no_grad():
         for rank in range(2):
-            loader = stage.build_loader(config, split, 1, rank, 2)
+            loader = stage.build_loader(split, 1, rank, 2)
             for index, batch in enumerate(itertools.islice(loader, config.training.val_batches)):
                 generator = micro_batch_generator(config.training.seed, VALIDATION_STREAM, 0, index, rank,
                                                   torch.device("cpu"))

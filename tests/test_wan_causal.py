@@ -5,10 +5,10 @@ from conftest import fixture_path
 from safetensors.torch import load_file
 from test_wan_dit import tiny_config
 
-from vidartrain.models.wan.causal import (FrameLayout, WanModelCausal, frame_visibility, generate_frames,
-                                          rollout)
-from vidartrain.models.wan.kv_cache import KVCache, RolloutWindow, StaticKVCache, latent_frames_of, video_frames_of
+from vidartrain.models.wan.causal import FrameLayout, WanModelCausal, frame_visibility
+from vidartrain.models.wan.kv_cache import KVCache, StaticKVCache, latent_frames_of, video_frames_of
 from vidartrain.models.wan.model import WanModel
+from vidartrain.rollouts import RolloutWindow, generate_frames, reset_and_reprefill, rollout
 
 ATOL = 1e-5
 FRAME_TOKENS = 6  # latent 4x6 -> 2x3 tokens per frame
@@ -141,7 +141,7 @@ def test_window_reset_reprefills_the_last_real_frames_from_position_zero(model, 
     t_new = torch.tensor([500.0, 900.0])
     with torch.no_grad():
         cache = model.prefill(real, text, cache_class(model.num_layers, capacity=8))
-        cache = model.reset_and_reprefill(real[:, :, -3:], text, cache)
+        cache = reset_and_reprefill(model, real[:, :, -3:], text, cache)
         assert cache.positions == [0, 1, 2]
         cached, _ = model.forward_with_cache(new_frame, t_new, text, cache)
         full = model(torch.cat([real[:, :, -3:], new_frame], dim=2),
@@ -177,7 +177,7 @@ def test_teacher_forcing_equals_ground_truth_rollout_in_loss_and_gradients(weigh
     assert all(g.abs().sum() > 0 for g in reference.values())
     for chunk in (1, 3):
         loss, gradients = loss_and_gradients(
-            lambda: rollout(model, clean, noisy, t, text, chunk_size=chunk, cache_grad=True))
+            lambda: rollout(model, clean, noisy, t, text, frames_per_chunk=chunk, cache_grad=True))
         torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=0)
         for name, grad in gradients.items():
             torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-8, msg=name)
@@ -188,8 +188,8 @@ def test_self_forcing_rollout_generates_its_own_context(model, text):
     t = torch.tensor([[0.0, 400.0, 800.0], [0.0, 300.0, 600.0]])
     with torch.no_grad():
         ground_truth = rollout(model, clean, noisy, t, text)
-        all_real = rollout(model, clean, noisy, t, text, context_mode="self_forcing", num_ground_truth_frames=3)
-        generated = rollout(model, clean, noisy, t, text, context_mode="self_forcing", num_ground_truth_frames=1,
+        all_real = rollout(model, clean, noisy, t, text, context_mode="self_generated", num_ground_truth_frames=3)
+        generated = rollout(model, clean, noisy, t, text, context_mode="self_generated", num_ground_truth_frames=1,
                             sigmas=(1.0, 0.5), generator=torch.Generator().manual_seed(0))
     assert max_error(all_real, ground_truth) <= ATOL
     # frames 0 and 1 only see ground truth (frame 0's context); frame 2 sees the generated frame 1
@@ -221,7 +221,7 @@ def test_deployed_controller_loop_keeps_the_cache_within_capacity(model, text):
         model.prefill(real[:, :, :1], text[:1], cache)
         while observed + 2 <= real.shape[2]:
             if window.needs_reset(cache.video_frames, 8):
-                model.reset_and_reprefill(real[:, :, observed - window.prefill_latent_frames:observed], text[:1], cache)
+                reset_and_reprefill(model, real[:, :, observed - window.prefill_latent_frames:observed], text[:1], cache)
                 resets += 1
             for _ in range(2):
                 frame = generate_frames(model, latents(1, batch=1, seed=observed), text[:1], cache, sigmas=(1.0,))
@@ -255,7 +255,7 @@ def closed_loop_velocities(model, text, cache) -> list[torch.Tensor]:
         model.prefill(real[:, :, :1], text[:1], cache)
         while observed + 2 <= real.shape[2]:
             if window.needs_reset(cache.video_frames, 8):
-                model.reset_and_reprefill(real[:, :, observed - window.prefill_latent_frames:observed], text[:1], cache)
+                reset_and_reprefill(model, real[:, :, observed - window.prefill_latent_frames:observed], text[:1], cache)
             velocity, _ = model.forward_with_cache(latents(2, batch=1, seed=observed), 700.0, text[:1], cache)
             outputs.append(velocity)
             model.prefill(latents(2, batch=1, seed=100 + observed), text[:1], cache)

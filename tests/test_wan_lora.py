@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from data_tools.tiny_checkpoint import TINY_DIT, write_tiny_checkpoint
 from vidartrain.config import LoraConfig, config_from_dict, load_config, resume_changes
+from vidartrain.data.shard_index import DataInfo
 from vidartrain.errors import CheckpointError, ConfigError
 from vidartrain.models.wan.lora import (add_lora, load_wan_lora, merge_lora, read_wan_lora, split_lora,
                                         uniform_alphas, write_wan_lora)
@@ -135,8 +136,8 @@ def test_stage2_trains_only_the_adapters_also_through_the_kv_cache_rollout(tmp_p
         "self_forcing": {"causal": True, "chunk_size": 4, "kv_cache_length": 8, "context_mode": context_mode,
                          "denoising_steps": 2},
         "data": {"shards": "unused", "num_frames": 21, "height": 64, "width": 64}, "lora": {"rank": 4}})
-    stage = SelfForcingStage()
-    model = stage.build_model(config).float()
+    stage = SelfForcingStage(config, DataInfo(mode="latents", text_embeddings=True, actions=()))  # the batch holds all
+    model = stage.build_model().float()
     add_lora(model, config.lora)
     generator = torch.Generator().manual_seed(3)
     batch = {"__key__": ["a"], "latents": torch.randn(1, 48, 6, 4, 4, generator=generator),

@@ -20,19 +20,22 @@ import yaml
 
 from vidartrain.data.shard_index import check_shard_files, read_index, shard_sources
 from vidartrain.errors import ConfigError
+from vidartrain.shapes import CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH, DIT_PATCH_SIZE, PIXELS_PER_TOKEN, VAE_STRIDE
+
+
+CAUSAL_LOSS = "causal_flow_matching"  # the loss.type of stage 2 (Vidarc, WanModelCausal)
+STAGE_2_CONFIG = "configs/vidarc_causal.yaml"
 
 
 @dataclass
 class ModelConfig:
     ckpt_dir: str | None = None  # Wan2.2-TI2V-5B layout: config.json, DiT safetensors, VAE, T5, tokenizer
     pt_dir: str | None = None  # fine-tuned DiT state dict applied on top (vidar.pt for stage 2)
-    model_class: Literal["WanModel", "WanModelCausal"] = "WanModel"
     # Activation checkpointing of the DiT's blocks: "full" keeps each block's input, "selective" the
     # outputs of its matmuls and attention, "none" everything (YAML alias: gradient_checkpointing true
     # = full, false = none)
     checkpointing: Literal["none", "selective", "full"] = "full"
     compile: bool | None = None  # torch.compile each DiT block; None: on CUDA yes, elsewhere no
-    chunk_size: int | None = None  # the reference recipe's alias of self_forcing.chunk_size (wins when set)
     vae_config: dict[str, Any] | None = None  # WanVAE constructor overrides (tiny debug checkpoints)
     t5_config: dict[str, Any] | None = None  # UMT5Encoder constructor overrides (tiny debug checkpoints)
     idm_path: str | None = None  # idm.pt for the embodiment-aware loss (None: masks come from shards)
@@ -99,6 +102,8 @@ class LoraConfig:
 
 @dataclass
 class LossConfig:
+    # The stage follows from this alone: flow_matching trains Vidar (WanModel, stage 1),
+    # causal_flow_matching Vidarc (WanModelCausal, stage 2), idm the inverse dynamics model.
     type: Literal["flow_matching", "causal_flow_matching", "idm"] = "flow_matching"
     embodiment_aware: bool = False
     eta: float = 3.0  # Eq. 7 weight (1 + eta * U)
@@ -108,8 +113,10 @@ class LossConfig:
 
 @dataclass
 class SelfForcingConfig:
-    causal: bool = False
-    chunk_size: int = 16  # latent frames per stage-2 sample
+    """Stage 2 only (loss.type causal_flow_matching)."""
+
+    # latent frames of one stage-2 training window (YAML aliases: self_forcing.chunk_size, model.chunk_size)
+    window_frames: int = 16
     kv_cache_length: int = 64  # cache capacity in latent frames
     context_mode: Literal["ground_truth", "self_generated", "mixed"] = "ground_truth"
     self_generated_prob: float = 0.5  # 'mixed': probability of a self-generated context
@@ -126,9 +133,9 @@ class DataConfig:
     # (each sample drawn from source i with probability weight_i / sum of weights)
     shards: str | list[dict[str, Any]] | None = None
     val_shards: str | None = None
-    num_frames: int = 81
-    height: int = 736
-    width: int = 640
+    num_frames: int = CLIP_NUM_FRAMES
+    height: int = CLIP_HEIGHT
+    width: int = CLIP_WIDTH
     # frames of another aspect ratio than height x width: scale and cut the centre (crop), scale and
     # pad black borders (pad), or scale each axis on its own (stretch); pre-encoded shards must match
     resize: Literal["crop", "pad", "stretch"] = "crop"
@@ -189,7 +196,7 @@ class ValidationConfig:
     every: int = 0  # steps between sample sets; 0 renders none
     num_samples: int = 2  # held-out clips (the first ones of data.val_shards, the same every time)
     steps: int = 4  # denoising steps (per 4-latent-frame chunk for the causal model)
-    num_frames: int = 81  # generated video frames, 4k+1, at most data.num_frames
+    num_frames: int = CLIP_NUM_FRAMES  # generated video frames, 4k+1, at most data.num_frames
     guide_scale: float = 5.0
     shift: float = 5.0
     solver: Literal["unipc", "euler"] = "unipc"
@@ -216,8 +223,9 @@ class Config:
         return self.training.batch_size * accumulation
 
     @property
-    def chunk_size(self) -> int:
-        return self.model.chunk_size or self.self_forcing.chunk_size
+    def causal(self) -> bool:
+        """Whether this is stage 2 (the causal DiT): loss.type alone says so."""
+        return self.loss.type == CAUSAL_LOSS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -253,6 +261,7 @@ def read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     base = raw.pop("base", None)
+    raw = map_window_aliases(raw)  # per file, so that a file's window overrides its base's, whatever the name
     if base is None:
         return raw
     if not isinstance(base, str):
@@ -269,13 +278,91 @@ def read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from a plain (YAML-shaped) dictionary."""
     config = build_dataclass(Config, map_aliases(raw), prefix="")
+    check_stage_2_keys(raw, config)
     validate(config)
     return config
 
 
 def map_aliases(raw: dict[str, Any]) -> dict[str, Any]:
-    """YAML keys that name a field's value another way, mapped onto that field:
-    `model.gradient_checkpointing: true | false` is `model.checkpointing: full | none`."""
+    """YAML keys that name a field's value another way, mapped onto that one field (a contradiction
+    between them is an error):
+
+    - `model.gradient_checkpointing: true | false` is `model.checkpointing: full | none`;
+    - `model.model_class` and `self_forcing.causal` say what `loss.type` says (WanModelCausal / true:
+      causal_flow_matching); they are checked against it and dropped;
+    - `self_forcing.chunk_size` and `model.chunk_size` are `self_forcing.window_frames`
+      (`map_window_aliases`, file by file: the 2x H200 overlay's `model.chunk_size` wins over its
+      base's `self_forcing.chunk_size`).
+
+    Stage-2 settings (the `self_forcing` section, `model.chunk_size`, a causal model class) in a
+    config whose loss.type is not causal_flow_matching would be ignored: `check_stage_2_keys` refuses them."""
+    raw = map_gradient_checkpointing(raw)
+    model, self_forcing, loss = (raw.get(key) for key in ("model", "self_forcing", "loss"))
+    if not all(isinstance(section, (dict, type(None))) for section in (model, self_forcing, loss)):
+        return raw  # build_dataclass names the section that is not a mapping
+    model, self_forcing = dict(model or {}), dict(self_forcing or {})
+    loss_type = (loss or {}).get("type", LossConfig.type)
+    causal = loss_type == CAUSAL_LOSS
+    said = f"`loss.type` = {loss_type}"
+    for key, value, causal_value in (("model.model_class", model.pop("model_class", None), "WanModelCausal"),
+                                     ("self_forcing.causal", self_forcing.pop("causal", None), True)):
+        if value is None:
+            continue
+        expected = ("WanModel", "WanModelCausal") if key == "model.model_class" else (False, True)
+        if value not in expected or isinstance(value, bool) != (key == "self_forcing.causal"):
+            raise ConfigError(f"`{key}` = {value!r}: expected one of {', '.join(map(repr, expected))}")
+        if (value == causal_value) != causal:
+            if value == causal_value and "type" not in (loss or {}):
+                continue  # a stage-2 overlay without its base: check_stage_2_keys says so
+            raise ConfigError(f"`{key}` = {value!r} contradicts {said}: the stage follows from loss.type "
+                              f"({CAUSAL_LOSS} trains WanModelCausal, flow_matching WanModel); drop `{key}` "
+                              f"or make it agree")
+    mapped = {**raw, "model": model}
+    if self_forcing or "self_forcing" in raw:
+        mapped["self_forcing"] = self_forcing
+    return map_window_aliases(mapped)
+
+
+def map_window_aliases(layer: dict[str, Any]) -> dict[str, Any]:
+    """`self_forcing.chunk_size` and `model.chunk_size` of one YAML layer (a file, an override) as
+    `self_forcing.window_frames`; mapped layer by layer, so that a later layer's window wins over an
+    earlier one's whatever name either uses. Two different windows in one layer are an error."""
+    model, self_forcing = layer.get("model"), layer.get("self_forcing")
+    if not isinstance(model, (dict, type(None))) or not isinstance(self_forcing, (dict, type(None))):
+        return layer  # build_dataclass names the section that is not a mapping
+    model, self_forcing = dict(model or {}), dict(self_forcing or {})
+    given = {f"{section}.{key}": values.pop(key) for section, values, key in
+             (("self_forcing", self_forcing, "window_frames"), ("self_forcing", self_forcing, "chunk_size"),
+              ("model", model, "chunk_size")) if key in values}
+    if not given:
+        return layer
+    if len({json.dumps(value) for value in given.values()}) > 1:
+        raise ConfigError(f"{' and '.join(f'`{key}` = {value!r}' for key, value in given.items())} name the same "
+                          f"setting, the stage-2 training window in latent frames: keep one of them")
+    self_forcing["window_frames"] = next(iter(given.values()))
+    return {**layer, "model": model, "self_forcing": self_forcing}
+
+
+def check_stage_2_keys(raw: dict[str, Any], config: Config) -> None:
+    """Stage-2 (Vidarc) settings in a YAML mapping `raw` (before `map_aliases`) of a config that
+    trains another stage would be ignored: refuse them, saying how to layer a stage-2 overlay."""
+    if config.causal:
+        return
+    model, self_forcing = raw.get("model") or {}, raw.get("self_forcing") or {}
+    keys = [f"`self_forcing.{key}`" + (" (YAML: model.chunk_size or self_forcing.chunk_size)"
+                                       if key == "window_frames" else "") for key in self_forcing]
+    keys += ["`model.model_class`"] if model.get("model_class") == "WanModelCausal" else []
+    if keys:
+        given = "type" in (raw.get("loss") or {})
+        raise ConfigError(f"{', '.join(keys)}: stage-2 (Vidarc) settings in a config whose "
+                          f"`loss.type` = {config.loss.type}{'' if given else ' (the default)'} trains another "
+                          f"stage, where they would be ignored. A stage-2 overlay goes on top of the stage-2 "
+                          f"config: add `base: vidarc_causal.yaml` (the path of {STAGE_2_CONFIG} relative to "
+                          f"this file) or set `loss.type: {CAUSAL_LOSS}`")
+
+
+def map_gradient_checkpointing(raw: dict[str, Any]) -> dict[str, Any]:
+    """`model.gradient_checkpointing: true | false` is `model.checkpointing: full | none`."""
     model = raw.get("model")
     if not isinstance(model, dict) or "gradient_checkpointing" not in model:
         return raw
@@ -301,10 +388,11 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r}: key must be section.key (e.g. training.lr=1e-5)")
     section, key = parts
     value = yaml.safe_load(text) if text.strip() else None
-    target = raw.setdefault(section, {})
-    if not isinstance(target, dict):
-        raise ConfigError(f"override {override!r}: section {section!r} in the file is not a mapping")
-    target[key] = value
+    for section, values in map_window_aliases({section: {key: value}}).items():
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"override {override!r}: section {section!r} in the file is not a mapping")
+        target.update(values)
 
 
 def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
@@ -512,24 +600,24 @@ def value_problems(config: Config) -> typing.Iterator[str]:
         yield f"`data.cfg_prob` = {data.cfg_prob}: must be a probability in [0, 1]"
     if not 0.0 <= sf.self_generated_prob <= 1.0:
         yield f"`self_forcing.self_generated_prob` = {sf.self_generated_prob}: must be in [0, 1]"
-    if data.num_frames < 1 or (data.num_frames - 1) % 4 != 0:
-        yield (f"`data.num_frames` = {data.num_frames}: must be 4n+1 (the VAE keeps frame 0 and "
-               f"compresses each further group of 4), e.g. 81")
+    frame_stride = VAE_STRIDE[0]
+    if data.num_frames < 1 or (data.num_frames - 1) % frame_stride != 0:
+        yield (f"`data.num_frames` = {data.num_frames}: must be {frame_stride}n+1 (the VAE keeps frame 0 and "
+               f"compresses each further group of {frame_stride}), e.g. {CLIP_NUM_FRAMES}")
     for key, value in (("data.height", data.height), ("data.width", data.width)):
-        if value <= 0 or value % 32 != 0:
-            yield (f"`{key}` = {value}: must be a positive multiple of 32 "
-                   f"(VAE stride 16 x DiT patch 2), e.g. 736x640")
-    chunk_key = "model.chunk_size" if config.model.chunk_size is not None else "self_forcing.chunk_size"
-    if config.chunk_size < 1:
-        yield f"`{chunk_key}` = {config.chunk_size}: must be >= 1"
-    causal = config.model.model_class == "WanModelCausal" or sf.causal
-    if causal:
-        latent_frames = (data.num_frames - 1) // 4 + 1
-        if config.chunk_size > latent_frames:
-            yield (f"`{chunk_key}` = {config.chunk_size} latent frames, but `data.num_frames` = "
+        if value <= 0 or value % PIXELS_PER_TOKEN != 0:
+            yield (f"`{key}` = {value}: must be a positive multiple of {PIXELS_PER_TOKEN} "
+                   f"(VAE stride {VAE_STRIDE[1]} x DiT patch {DIT_PATCH_SIZE[1]}), e.g. {CLIP_HEIGHT}x{CLIP_WIDTH}")
+    window = sf.window_frames
+    if window < 1:
+        yield f"`self_forcing.window_frames` = {window}: must be >= 1"
+    if config.causal:
+        latent_frames = (data.num_frames - 1) // frame_stride + 1
+        if window > latent_frames:
+            yield (f"`self_forcing.window_frames` = {window} latent frames, but `data.num_frames` = "
                    f"{data.num_frames} gives only {latent_frames} latent frames per sample")
-        if config.chunk_size > sf.kv_cache_length:
-            yield (f"`{chunk_key}` = {config.chunk_size} exceeds `self_forcing.kv_cache_length` = "
+        if window > sf.kv_cache_length:
+            yield (f"`self_forcing.window_frames` = {window} exceeds `self_forcing.kv_cache_length` = "
                    f"{sf.kv_cache_length}")
         if sf.rollout_prefill_num > sf.rollout_bound:
             yield (f"`self_forcing.rollout_prefill_num` = {sf.rollout_prefill_num} exceeds "
@@ -538,9 +626,6 @@ def value_problems(config: Config) -> typing.Iterator[str]:
     yield from lora_problems(config)
     yield from idm_problems(config.idm)
     yield from mixture_problems(data)
-    if loss.type == "causal_flow_matching" and config.model.model_class != "WanModelCausal":
-        yield (f"`loss.type` = causal_flow_matching needs `model.model_class` = WanModelCausal, "
-               f"got {config.model.model_class}")
 
 
 def validation_problems(config: Config) -> typing.Iterator[str]:
@@ -557,8 +642,8 @@ def validation_problems(config: Config) -> typing.Iterator[str]:
                        ("validation.shift", v.shift)):
         if value <= 0:
             yield f"`{key}` = {value}: must be > 0"
-    if v.num_frames < 1 or (v.num_frames - 1) % 4:
-        yield f"`validation.num_frames` = {v.num_frames}: must be 4n+1, e.g. 81"
+    if v.num_frames < 1 or (v.num_frames - 1) % VAE_STRIDE[0]:
+        yield f"`validation.num_frames` = {v.num_frames}: must be {VAE_STRIDE[0]}n+1, e.g. {CLIP_NUM_FRAMES}"
     elif v.num_frames > config.data.num_frames:
         yield (f"`validation.num_frames` = {v.num_frames} exceeds `data.num_frames` = {config.data.num_frames} "
                f"(the held-out clips are that long)")

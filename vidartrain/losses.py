@@ -98,6 +98,14 @@ def flow_matching_target(clean: torch.Tensor, noise: torch.Tensor) -> torch.Tens
     return noise - clean
 
 
+def context_frame_mask(batch: int, num_frames: int, num_context_frames: int, device: torch.device) -> torch.Tensor:
+    """Loss mask [batch, 1, num_frames, 1, 1]: 0 on the first `num_context_frames` frames (clean
+    conditioning: stage 1's first frame, stage 2's window context), 1 on the frames predicted."""
+    mask = torch.ones(batch, 1, num_frames, 1, 1, device=device)
+    mask[:, :, :num_context_frames] = 0.0
+    return mask
+
+
 def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor | None = None,
                        weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared velocity error in float32 over the elements the loss counts.

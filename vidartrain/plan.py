@@ -21,10 +21,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from vidartrain.config import Config, ConfigError, LoraConfig, load_config
-from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile, profile_world_size
+from vidartrain.distributed.ds_config import build_deepspeed_config, checkpointing_mode, load_profile, profile_world_size
 from vidartrain.errors import reports_errors
 from vidartrain.models.idm import IDM
-from vidartrain.models.wan.checkpoint import CONFIG_FILE, read_model_config
+from vidartrain.models.wan.checkpoint import CONFIG_FILE, constructor_defaults, read_model_config
 from vidartrain.models.wan.lora import add_lora
 from vidartrain.models.wan.model import CHECKPOINTING_MODES, KEPT_BY_SELECTIVE_CHECKPOINTING, WanModel, latent_grid
 from vidartrain.models.wan.t5 import UMT5Encoder
@@ -77,16 +77,21 @@ def resolve_gpu(gpu: str | None, profile_path: str | Path) -> str:
     raise ConfigError(f"{profile_path} is not named for one GPU: pass --gpu ({', '.join(sorted(GPUS))})")
 
 
+WAN_DEFAULTS = constructor_defaults(WanModel)
+
+
 @dataclass(frozen=True)
 class DitShape:
-    dim: int = 3072
-    ffn_dim: int = 14336
-    num_heads: int = 24
-    num_layers: int = 30
-    text_len: int = 512
-    text_dim: int = 4096
-    in_dim: int = 48
-    freq_dim: int = 256
+    """The widths the planner needs of a DiT; defaults: WanModel's own (TI2V-5B)."""
+
+    dim: int = WAN_DEFAULTS["dim"]
+    ffn_dim: int = WAN_DEFAULTS["ffn_dim"]
+    num_heads: int = WAN_DEFAULTS["num_heads"]
+    num_layers: int = WAN_DEFAULTS["num_layers"]
+    text_len: int = WAN_DEFAULTS["text_len"]
+    text_dim: int = WAN_DEFAULTS["text_dim"]
+    in_dim: int = WAN_DEFAULTS["in_dim"]
+    freq_dim: int = WAN_DEFAULTS["freq_dim"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,9 +260,8 @@ def sample_layout(config: Config) -> tuple[int, int, str]:
     """(latent frames, tokens per frame, attention layout) of one training sample."""
     data = config.data
     frames, h, w = latent_grid(data.num_frames, data.height, data.width)
-    causal = config.model.model_class == "WanModelCausal"
-    if causal:
-        return config.chunk_size, h * w, "teacher_forcing"
+    if config.causal:
+        return config.self_forcing.window_frames, h * w, "teacher_forcing"
     return frames, h * w, "dense"
 
 
@@ -299,9 +303,9 @@ def model_state_gib(params: int, largest_layer: int, stage: int, world: int, off
 
 def kv_cache_gib(config: Config, shape: DitShape, per_frame: int, micro: int) -> float:
     """Self-generated rollouts keep K and V of every layer for the cached frames (bf16)."""
-    if config.model.model_class != "WanModelCausal" or config.self_forcing.context_mode == "ground_truth":
+    if not config.causal or config.self_forcing.context_mode == "ground_truth":
         return 0.0
-    frames = min(config.self_forcing.kv_cache_length, config.chunk_size)
+    frames = min(config.self_forcing.kv_cache_length, config.self_forcing.window_frames)
     return micro * frames * per_frame * shape.num_layers * 2 * shape.dim * 2 / GIB
 
 
@@ -355,17 +359,30 @@ def meta_dit(shape: DitShape) -> WanModel:
                         num_layers=shape.num_layers, text_len=shape.text_len, text_dim=shape.text_dim)
 
 
-def make_plan(config: Config, profile_name: str, profile: dict[str, Any], gpu_key: str, world_size: int,
-              mfu: float = 0.4, checkpointing: str | None = None, precomputed: bool = False,
-              shape: DitShape | None = None) -> Plan:
+def check_plans_dit(config: Config) -> None:
     if config.loss.type == "idm":
         raise ConfigError("the planner plans the DiT stages (loss.type flow_matching or causal_flow_matching), "
                           "not the 92M-parameter IDM")
-    shape = shape or DitShape()
+
+
+def make_plan(config: Config, profile_name: str, profile: dict[str, Any], gpu_key: str, world_size: int,
+              mfu: float = 0.4, checkpointing: str | None = None, precomputed: bool = False,
+              shape: DitShape | None = None) -> Plan:
+    """The plan of `config` on the DeepSpeed profile `profile` over `world_size` GPUs."""
+    check_plans_dit(config)  # before the profile is merged: the IDM's precision rules do not matter here
     ds, _ = build_deepspeed_config(config, profile, world_size)
+    return plan_for_ds_config(config, profile_name, ds, gpu_key, world_size, mfu, checkpointing, precomputed, shape)
+
+
+def plan_for_ds_config(config: Config, profile_name: str, ds: dict[str, Any], gpu_key: str, world_size: int,
+                       mfu: float = 0.4, checkpointing: str | None = None, precomputed: bool = False,
+                       shape: DitShape | None = None) -> Plan:
+    """`make_plan` for a DeepSpeed config already built for `world_size` ranks (a run's own)."""
+    check_plans_dit(config)
+    shape = shape or DitShape()
     gpu = GPUS[gpu_key]
     micro, accumulation = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    checkpointing = checkpointing or config.model.checkpointing
+    checkpointing = checkpointing or checkpointing_mode(config)
     if checkpointing not in CHECKPOINTING_MODES:
         raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {checkpointing!r}")
     frames, per_frame, layout = sample_layout(config)
@@ -439,9 +456,11 @@ def hardware_table(config: Config, mfu: float = 0.4, precomputed: bool = False) 
     repo = Path(__file__).resolve().parents[1]
     rows = []
     for name, gpu, world, reference_hours in HARDWARE_TABLE:
-        profile = load_profile(repo / "ds_configs" / f"{name}.json")
+        check_plans_dit(config)
+        ds, _ = build_deepspeed_config(config, load_profile(repo / "ds_configs" / f"{name}.json"), world)
         for checkpointing in CHECKPOINTING_MODES:
-            plan = make_plan(config, name, profile, gpu, world, mfu, checkpointing, precomputed, dit_shape_of(config))
+            plan = plan_for_ds_config(config, name, ds, gpu, world, mfu, checkpointing, precomputed,
+                                      dit_shape_of(config))
             rows.append({"profile": name + (f" + LoRA r{plan.lora_rank}" if plan.lora_rank else ""),
                          "gpus": f"{world}x {GPUS[gpu].name}", "checkpointing": checkpointing,
                          "micro_batch": plan.micro_batch, "total_gib": round(plan.total_gib, 1),
@@ -496,8 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"{profile_path} has no train_batch_size to infer its world size: pass --world-size")
     gpu = resolve_gpu(args.gpu, profile_path)
     modes = CHECKPOINTING_MODES if args.checkpointing == "all" or args.best else [args.checkpointing]
-    plans = [make_plan(config, Path(profile_path).stem, profile, gpu, world, args.mfu, c, args.precomputed,
-                       dit_shape_of(config))
+    check_plans_dit(config)
+    ds, _ = build_deepspeed_config(config, profile, world)  # once: the modes share it
+    plans = [plan_for_ds_config(config, Path(profile_path).stem, ds, gpu, world, args.mfu, c, args.precomputed,
+                                dit_shape_of(config))
              for c in modes]
     best = next((p for p in plans if p.fits), None)  # plans run from the fastest mode to the leanest
     if args.json:

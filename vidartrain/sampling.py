@@ -27,8 +27,8 @@ from vidartrain.files import write_atomically
 from vidartrain.losses import NUM_TRAIN_TIMESTEPS, shift_sigma
 from vidartrain.models.idm import IDM, preprocess_frames
 from vidartrain.models.wan.causal import WanModelCausal
-from vidartrain.models.wan.kv_cache import (DEPLOYED_CHUNK_LATENT_FRAMES, KVCache, RolloutWindow, StaticKVCache,
-                                            closed_loop_schedule, latent_frames_of)
+from vidartrain.models.wan.kv_cache import KVCache, StaticKVCache, latent_frames_of
+from vidartrain.rollouts import DEPLOYED_FRAMES_PER_CHUNK, RolloutWindow, closed_loop_schedule, reset_and_reprefill
 from vidartrain.models.wan.model import WanModel
 from vidartrain.models.wan.vae import WanVAE
 # Wan2.2 TI2V-5B sampling defaults (upstream wan/configs/wan_ti2v_5B.py).
@@ -293,7 +293,7 @@ def vidarc_latents(model: WanModelCausal, observed: torch.Tensor, context: list[
     device = observed.device
     text = model.text_key_values(list(context) + list(null_context))
     # In-place buffers: no step copies the cache (the schedule's chunks are at most 4 latent frames)
-    cache = StaticKVCache(model.num_layers, capacity=num_latent_frames, scratch_frames=DEPLOYED_CHUNK_LATENT_FRAMES)
+    cache = StaticKVCache(model.num_layers, capacity=num_latent_frames, scratch_frames=DEPLOYED_FRAMES_PER_CHUNK)
     generator = torch.Generator(device=device).manual_seed(options.seed)
     latents = torch.zeros(observed.shape[:2] + (num_latent_frames,) + observed.shape[3:], device=device)
     latents[:, :, :1] = observed[:, :, :1].float()
@@ -308,7 +308,7 @@ def vidarc_latents(model: WanModelCausal, observed: torch.Tensor, context: list[
         if event.kind == "reprefill":
             window_start = event.frames.start
             if not recompute:
-                cache = model.reset_and_reprefill(doubled(source[:, :, frames]), text, cache)
+                cache = reset_and_reprefill(model, doubled(source[:, :, frames]), text, cache)
         elif event.kind == "prefill":
             if not recompute:
                 cache = model.prefill(doubled(source[:, :, frames]), text, cache,
@@ -402,13 +402,14 @@ def psnr(generated: np.ndarray, ground_truth: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def idm_actions(idm: IDM, video: torch.Tensor, input_size: tuple[int, int], chunk_size: int = 16) -> torch.Tensor:
-    """The IDM's action for every frame of `video` [B, 3, T, H, W] in [-1, 1] -> [B, T, A] float32."""
+def idm_actions(idm: IDM, video: torch.Tensor, input_size: tuple[int, int], frames_per_batch: int = 16) -> torch.Tensor:
+    """The IDM's action for every frame of `video` [B, 3, T, H, W] in [-1, 1] -> [B, T, A] float32, the
+    frames `frames_per_batch` at a time."""
     batch, _, frames = video.shape[:3]
     weight = next(idm.parameters())
     flat = video.transpose(1, 2).flatten(0, 1)
     actions = [idm(preprocess_frames(chunk.to(weight.device), input_size).to(weight.dtype)).float()
-               for chunk in flat.split(chunk_size)]
+               for chunk in flat.split(frames_per_batch)]
     return torch.cat(actions).reshape(batch, frames, -1)
 
 

@@ -57,6 +57,7 @@ from vidartrain.data.shard_index import INDEX_FILE, check_shard_files, read_comm
 from vidartrain.data.transforms import resample_indices, video_to_model_input, window_start
 from vidartrain.data.video import VideoReadError, open_video, read_frames
 from vidartrain.errors import ConfigError, DataError
+from vidartrain.shapes import CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH
 
 MODES = ("clips", "frames")
 LIST_FIELDS = ("__key__", "text", "text_emb")  # kept as lists in a batch (strings, variable lengths)
@@ -93,9 +94,9 @@ class SampleRef:
 class ClipSpec:
     """What a training sample looks like once decoded."""
 
-    num_frames: int = 81
-    height: int = 736
-    width: int = 640
+    num_frames: int = CLIP_NUM_FRAMES
+    height: int = CLIP_HEIGHT
+    width: int = CLIP_WIDTH
     fps: int = 10
     cfg_prob: float = 0.1
     mode: str = "clips"          # "clips": video clips; "frames": single (frame, action) pairs for the IDM

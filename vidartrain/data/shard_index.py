@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -123,11 +124,15 @@ def merge_action_statistics(parts: list[dict], source: str) -> dict:
 
 def action_statistics(shards_dir: str | Path) -> dict:
     """The training split's action statistics recorded in `shards_dir`/index.json."""
-    index = read_index(shards_dir)
-    if not index.get("actions"):
+    return recorded_actions(shards_dir, read_index(shards_dir).get("actions"))
+
+
+def recorded_actions(shards_dir: str | Path, actions: dict | None) -> dict:
+    """The "actions" statistics of `shards_dir`'s index, or an error saying how to get them."""
+    if not actions:
         raise DataError(f"{Path(shards_dir) / INDEX_FILE}: no \"actions\" statistics (written by an older "
                         f"vidar-shard): convert the episodes again, or set idm.action_mean and idm.action_std")
-    return index["actions"]
+    return actions
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,10 +150,16 @@ def shard_sources(shards: str | Path | list) -> list[tuple[str, float]]:
 
 def read_common_index(shards: str | Path | list) -> dict:
     """The index.json of the (first) source, after checking that every source of a mixture holds the
-    same kind of samples: same mode (raw / latents), text embeddings in all or none, and for
-    pre-encoded shards the same windows."""
+    same kind of samples (`check_same_kind`)."""
     sources = shard_sources(shards)
     indexes = [read_index(path) for path, _ in sources]
+    check_same_kind(sources, indexes)
+    return indexes[0]
+
+
+def check_same_kind(sources: list[tuple[str, float]], indexes: list[dict]) -> None:
+    """Every source of a mixture holds the same kind of samples: same mode (raw / latents), text
+    embeddings in all or none, and for pre-encoded shards the same windows."""
     first = indexes[0]
 
     def kind(index: dict) -> tuple:
@@ -160,4 +171,35 @@ def read_common_index(shards: str | Path | list) -> dict:
         if kind(index) != kind(first):
             raise DataError(f"data.shards mixes {sources[0][0]} (mode, text embeddings, windows: {kind(first)}) "
                             f"with {path} ({kind(index)}): every source must hold the same kind of samples")
-    return first
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """The training shards as a stage needs to know them, read once per run from their index.json
+    files (`read_data_info`) and handed to the stage."""
+
+    mode: str  # "raw" (video frames: the VAE encodes them online) or "latents" (pre-encoded)
+    text_embeddings: bool  # captions pre-encoded by umT5 (else the text encoder runs online)
+    # (source directory, its index's "actions": exact per-dimension mean / std / m2; None if not recorded)
+    actions: tuple[tuple[str, dict | None], ...]
+
+    @property
+    def raw(self) -> bool:
+        return self.mode == "raw"
+
+    def action_statistics(self) -> list[dict]:
+        """Every source's action statistics (an error names a source that has none)."""
+        return [recorded_actions(path, actions) for path, actions in self.actions]
+
+    def action_dims(self) -> list[tuple[str, int]]:
+        """(source, action dimensions) of every source whose index records its actions."""
+        return [(path, actions["dim"]) for path, actions in self.actions if actions]
+
+
+def read_data_info(shards: str | Path | list) -> DataInfo:
+    """`DataInfo` of `data.shards` (a directory or a mixture), each index.json read once."""
+    sources = shard_sources(shards)
+    indexes = [read_index(path) for path, _ in sources]
+    check_same_kind(sources, indexes)
+    return DataInfo(mode=indexes[0]["mode"], text_embeddings=bool(indexes[0].get("text_embeddings")),
+                    actions=tuple((path, index.get("actions")) for (path, _), index in zip(sources, indexes)))

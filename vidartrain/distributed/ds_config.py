@@ -55,7 +55,9 @@ def profile_world_size(profile: dict[str, Any]) -> int | None:
 
 
 def build_deepspeed_config(config: Config, profile: dict[str, Any], world_size: int) -> tuple[dict[str, Any], list[str]]:
-    """Merge the YAML config into a copy of the profile for `world_size` ranks.
+    """Merge the YAML config into a copy of the profile for `world_size` ranks. Pure: neither the
+    config nor the profile changes (the activation checkpointing the run uses is
+    `checkpointing_mode(config)`). A run calls it once (launch/train.py) and hands the result down.
 
     Returns the DeepSpeed config dict and the warnings issued (also logged).
     """
@@ -148,16 +150,22 @@ def idm_precision(wanted: str | None, profile: str) -> str:
     return "fp32"
 
 
-def apply_activation_checkpointing(config: Config, warnings: list[str]) -> None:
-    """The FSDP word (a boolean) and `model.checkpointing` name the same thing: per-block
-    activation checkpointing of the DiT ("selective" and "full" both count as on)."""
+def checkpointing_mode(config: Config) -> str:
+    """The DiT's activation checkpointing for this run: `model.checkpointing`, unless the FSDP word
+    `distributed.activation_checkpointing` (a boolean: "selective" and "full" both count as on)
+    disagrees with it; then the FSDP word's "full" or "none"."""
     wanted = config.distributed.activation_checkpointing
     if wanted is None or wanted == (config.model.checkpointing != "none"):
-        return
-    mode = "full" if wanted else "none"
-    warnings.append(f"YAML `distributed.activation_checkpointing` = {wanted!r} disagrees with "
-                    f"`model.checkpointing` = {config.model.checkpointing!r}; using {mode!r}")
-    config.model.checkpointing = mode
+        return config.model.checkpointing
+    return "full" if wanted else "none"
+
+
+def apply_activation_checkpointing(config: Config, warnings: list[str]) -> None:
+    """Say so when the FSDP word overrules `model.checkpointing` (see `checkpointing_mode`)."""
+    mode = checkpointing_mode(config)
+    if mode != config.model.checkpointing:
+        warnings.append(f"YAML `distributed.activation_checkpointing` = {config.distributed.activation_checkpointing!r} "
+                        f"disagrees with `model.checkpointing` = {config.model.checkpointing!r}; using {mode!r}")
 
 
 def apply_batch_sizes(config: Config, ds: dict[str, Any], world_size: int, warnings: list[str]) -> None:

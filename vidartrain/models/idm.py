@@ -290,12 +290,12 @@ class IDM(nn.Module):
         return (actions, mask) if return_mask else actions
 
     @torch.no_grad()
-    def get_mask(self, frames: torch.Tensor, chunk_size: int = 16,
+    def get_mask(self, frames: torch.Tensor, frames_per_batch: int = 16,
                  input_size: tuple[int, int] = IDM_INPUT_SIZE) -> torch.Tensor:
         """Soft IDM mask of every frame of a video, at the video's own frame size.
 
         frames: [B, 3, F, H, W] in [-1, 1] (the clean video). Returns [B, F, H, W] in the model's
-        dtype. Frames go through the mask network `chunk_size` at a time to bound memory, at
+        dtype. Frames go through the mask network `frames_per_batch` at a time to bound memory, at
         `input_size` (the published IDM works at 518x518); the mask is resized back to H x W
         (bilinear, antialiased, as the Vidar server does).
         """
@@ -308,7 +308,7 @@ class IDM(nn.Module):
         weight = self.model.mask_model.out.weight
         flat = frames.transpose(1, 2).flatten(0, 1)  # [B*F, 3, H, W], frame-major per sample
         masks = []
-        for chunk in flat.split(chunk_size):
+        for chunk in flat.split(frames_per_batch):
             images = preprocess_frames(chunk.to(weight.device), input_size).to(weight.dtype)
             mask = self.model.soft_mask(images).float()
             mask = F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False,

@@ -5,11 +5,14 @@ engine, optimizer, schedule, accumulation, checkpoints, monitoring. The trainer 
 
     class MyStage(Stage):
         name = "vidar"
-        def build_model(self, config) -> nn.Module
+        def __init__(self, config, data)
+            # The run's Config and its training shards' DataInfo (index.json, read once per run):
+            # everything training_loss needs is set here, nothing later but the frozen models.
+        def build_model(self) -> nn.Module
             # The trainable module, handed to deepspeed.initialize. Built identically on every rank
             # (the trainer seeds torch with the same seed first): ZeRO-3 keeps each rank's own slice
             # of the parameters it is given, so ranks must agree on them.
-        def load_frozen(self, config, device) -> None
+        def load_frozen(self, device) -> None
             # Frozen helpers (VAE, umT5, IDM) in bf16, requires_grad False, outside the optimizer;
             # nothing when the shards hold pre-encoded tensors.
         loader_options = {...}  # optional: extra vidartrain.data.dataset.build_loader arguments
@@ -57,6 +60,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import copy
 import itertools
 import logging
 import math
@@ -77,13 +81,14 @@ from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from vidartrain.config import (
-    Config, ConfigError, check_export_path, check_inputs_exist, export_path, resume_changes)
+    Config, ConfigError, check_export_path, export_path, resume_changes)
 from vidartrain.data.dataset import BadSampleLimitError, build_loader
+from vidartrain.data.shard_index import DataInfo
 from vidartrain.distributed.checkpointing import (
     CheckpointRef, checkpoint_files, checkpoint_problems, checkpoints_dir, file_digests, first_intact,
     latest_complete, mark_complete, prune_checkpoints, read_complete, resume_candidates, save_failure, tag_for_step,
     weights_only_loads)
-from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile
+from vidartrain.distributed.ds_config import checkpointing_mode
 from vidartrain.distributed.export import gather_state_dict
 from vidartrain.errors import CheckpointError, DataError
 from vidartrain.models.wan.lora import add_lora, export_lora
@@ -105,27 +110,32 @@ class ResumableLoader(Protocol):
 
 
 class Stage(ABC):
-    """What one training stage provides; see the module docstring for the contract."""
+    """What one training stage provides; see the module docstring for the contract. A stage is
+    built whole from the run's config and its training shards' `DataInfo` (read once per run, once
+    `config.check_inputs_exist` has found them)."""
 
     name: str = "stage"
     export_dtype: torch.dtype = torch.bfloat16  # dtype of the exported weights
     loader_options: ClassVar[dict[str, Any]] = {}  # further `build_loader` arguments of this stage
 
+    def __init__(self, config: Config, data: DataInfo) -> None:
+        self.config, self.data = config, data
+        self.device = torch.device("cpu")  # the trainer's device, from load_frozen on
+
     @abstractmethod
-    def build_model(self, config: Config) -> nn.Module:
+    def build_model(self) -> nn.Module:
         ...
 
     @abstractmethod
-    def load_frozen(self, config: Config, device: torch.device) -> None:
+    def load_frozen(self, device: torch.device) -> None:
         ...
 
-    def build_loader(self, config: Config, split: str, micro_batch_size: int, rank: int,
-                     world_size: int) -> ResumableLoader | None:
+    def build_loader(self, split: str, micro_batch_size: int, rank: int, world_size: int) -> ResumableLoader | None:
         """The shard loader of `split`: "train" (data.shards) or "val" (data.val_shards; None without)."""
-        shards = config.data.shards if split == "train" else config.data.val_shards
+        shards = self.config.data.shards if split == "train" else self.config.data.val_shards
         if shards is None:
             return None
-        return build_loader(shards, config.data, micro_batch_size, rank=rank, world_size=world_size,
+        return build_loader(shards, self.config.data, micro_batch_size, rank=rank, world_size=world_size,
                             train=split == "train", **self.loader_options)
 
     @abstractmethod
@@ -141,7 +151,7 @@ class Stage(ABC):
     def export(self, state_dict: dict[str, torch.Tensor], path: Path) -> None:
         ...
 
-    def load_validation(self, config: Config, device: torch.device) -> None:
+    def load_validation(self, device: torch.device) -> None:
         """Frozen helpers the validation samples need beyond `load_frozen` (`validation.every` > 0)."""
         raise NotImplementedError(f"the {self.name} stage renders no validation samples")
 
@@ -165,7 +175,7 @@ class ValidationSample:
 class RunOptions:
     """What the command line adds to the YAML config."""
 
-    ds_config: str
+    ds_config: dict[str, Any]  # this run's DeepSpeed config: the profile merged with the YAML (build_deepspeed_config)
     output_dir: str | None = None  # None: config.output.output_dir
     resume: str | None = None  # None, "auto" or a checkpoint path
     max_steps: int | None = None  # stop (with a checkpoint) after this step; None: training.num_steps
@@ -205,6 +215,12 @@ def unlink_cpu_allreduce_buffer() -> None:
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
     Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def world_size_of_launch() -> int:
+    """The number of ranks the launcher started (deepspeed, torchrun and SLURM via torchrun set
+    WORLD_SIZE; none: one process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def free_port() -> int:
@@ -319,12 +335,10 @@ class Trainer:
         self.max_steps = options.max_steps or config.training.num_steps
         # Everything that can be wrong with the configuration fails here, before any process group or
         # model exists (every launcher - deepspeed, torchrun, SLURM via torchrun - sets WORLD_SIZE).
-        profile = load_profile(options.ds_config)
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.ds_config, _ = build_deepspeed_config(config, profile, self.world_size)
+        self.world_size = world_size_of_launch()
+        self.ds_config = copy.deepcopy(options.ds_config)  # a resume from a universal checkpoint adds to it
         check_ema_config(config, self.ds_config)
         candidates = resume_candidates(options.resume, checkpoints_dir(self.output_dir))
-        check_inputs_exist(config)
         self.save_path = export_path(config, self.output_dir, stage.name)
         check_export_path(config, self.save_path, options.overwrite)
         log.info("starting the process group of %d rank(s)%s", self.world_size,
@@ -347,14 +361,14 @@ class Trainer:
         self.last_saved_step: int | None = None
 
         seed_everything(config.training.seed)  # same on every rank: randomly initialised parts agree
-        model = stage.build_model(config)
+        model = stage.build_model()
         if config.lora.enabled:
             self.add_lora(model)
         frozen = freeze_parameters(model, config.training.freeze)
         if frozen:
             log.info("training.freeze: %d parameter tensors frozen (%s ...)", len(frozen), ", ".join(frozen[:4]))
         if isinstance(model, WanModel):  # the DiT's blocks; the IDM stage refuses both settings
-            model.set_checkpointing(config.model.checkpointing)
+            model.set_checkpointing(checkpointing_mode(config))
             if compiles_blocks(config, self.device):
                 log.info("model.compile: each DiT block is compiled during the first step (a minute or more)")
                 compile_blocks(model)
@@ -365,13 +379,13 @@ class Trainer:
         self.ema = (PartitionEMA(self.engine.module, t.ema_decay, t.ema_warmup, ema_device(self.ds_config, self.device))
                     if t.ema_decay > 0 else None)
         seed_everything(config.training.seed + self.rank)
-        stage.load_frozen(config, self.device)
+        stage.load_frozen(self.device)
         if config.validation.every:
-            stage.load_validation(config, self.device)
+            stage.load_validation(self.device)
 
         self.micro_batch_size = self.engine.train_micro_batch_size_per_gpu()
         self.accumulation = self.engine.gradient_accumulation_steps()
-        self.train_loader = stage.build_loader(config, "train", self.micro_batch_size, self.rank, self.world_size)
+        self.train_loader = stage.build_loader("train", self.micro_batch_size, self.rank, self.world_size)
         self.validates = bool(config.training.val_every) and config.data.val_shards is not None
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
@@ -531,7 +545,7 @@ class Trainer:
     def validation_loss(self) -> float:
         """Mean loss over up to `training.val_batches` held-out micro-batches per rank, with fixed noise
         (the same at every evaluation, so values are comparable over the run)."""
-        loader = self.stage.build_loader(self.config, "val", self.micro_batch_size, self.rank, self.world_size)
+        loader = self.stage.build_loader("val", self.micro_batch_size, self.rank, self.world_size)
         batches = list(itertools.islice(loader, self.config.training.val_batches))
         # ZeRO-3 forwards are collective: every rank evaluates the same number of batches.
         count = torch.tensor([len(batches)], device=self.device)
@@ -558,7 +572,7 @@ class Trainer:
         rank 0 writes them to OUTPUT/samples/step_N/ and TensorBoard. Their time is logged apart
         from the training step's."""
         start = time.perf_counter()
-        loader = self.stage.build_loader(self.config, "val", 1, rank=0, world_size=1)
+        loader = self.stage.build_loader("val", 1, rank=0, world_size=1)
         batches = list(itertools.islice(loader, self.config.validation.num_samples))
         if not batches:
             raise DataError(f"{self.config.data.val_shards} holds no held-out clip for validation samples")

@@ -23,7 +23,7 @@ from torch import nn
 
 from vidartrain.config import Config, ConfigError
 from vidartrain.losses import action_accuracy, idm_loss
-from vidartrain.data.shard_index import action_statistics, merge_action_statistics, read_index
+from vidartrain.data.shard_index import DataInfo, merge_action_statistics
 from vidartrain.errors import DataError
 from vidartrain.models.idm import (IDM, IDM_INPUT_SIZE, IdmArchitecture, load_idm, preprocess_frames,
                                    save_idm_state_dict)
@@ -40,15 +40,14 @@ def idm_input_size(height: int, width: int) -> tuple[int, int]:
     return IDM_INPUT_SIZE
 
 
-def action_space(config: Config) -> tuple[list[float], list[float]]:
+def action_space(config: Config, data: DataInfo) -> tuple[list[float], list[float]]:
     """Mean and std the IDM de-normalises its actions with: `idm.action_mean` / `idm.action_std` when
     set, else the exact statistics of the training shards' actions (pooled over a mixture)."""
     if config.idm.action_mean is not None:
         log.info("IDM: action statistics from the config (%d dimensions)", len(config.idm.action_mean))
         return list(config.idm.action_mean), list(config.idm.action_std)
     try:
-        stats = merge_action_statistics([action_statistics(path) for path, _ in config.data.shard_sources],
-                                        "`data.shards`")
+        stats = merge_action_statistics(data.action_statistics(), "`data.shards`")
     except ValueError as error:
         raise ConfigError(str(error)) from None
     log.info("IDM: action statistics of the training shards: %d dimensions over %d action rows",
@@ -56,13 +55,12 @@ def action_space(config: Config) -> tuple[list[float], list[float]]:
     return stats["mean"], stats["std"]
 
 
-def check_data_action_dim(config: Config, num_actions: int) -> None:
+def check_data_action_dim(config: Config, data: DataInfo, num_actions: int) -> None:
     """A fine-tuned idm.pt predicts its own number of actions: the shards must have as many."""
-    for path, _ in config.data.shard_sources:
-        index = read_index(path)
-        if index.get("actions") and index["actions"]["dim"] != num_actions:
+    for path, dim in data.action_dims():
+        if dim != num_actions:
             raise ConfigError(f"`model.idm_path` = {config.model.idm_path} predicts {num_actions} action dimensions, "
-                              f"the shards {path} hold {index['actions']['dim']}")
+                              f"the shards {path} hold {dim}")
 
 
 def check_gripper_dims(gripper_dims: list[int], num_actions: int) -> None:
@@ -88,22 +86,18 @@ class IdmStage(Stage):
     export_dtype = torch.float32  # upstream idm.pt holds float32 weights; the engine trains float32
     loader_options = {"mode": "frames"}  # (frame, action) pairs
 
-    def __init__(self) -> None:
-        self.config = Config()
-        self.device = torch.device("cpu")
-        self.input_size: tuple[int, int] = IDM_INPUT_SIZE
-
-    def build_model(self, config: Config) -> nn.Module:
-        if config.data.shards is None:
-            raise ConfigError("`data.shards` is not set: the IDM trains on (frame, action) pairs of the shards")
+    def __init__(self, config: Config, data: DataInfo) -> None:
+        super().__init__(config, data)
         if config.model.checkpointing != "none":
             raise ConfigError(f"`model.checkpointing` is {config.model.checkpointing!r}, but activation "
                               f"checkpointing is for the DiT: set `model.checkpointing: none` (or "
                               f"`model.gradient_checkpointing: false`) for the IDM")
         if config.model.compile:
             raise ConfigError("`model.compile` is true, but it compiles the DiT's blocks: leave it unset for the IDM")
-        self.config = config
         self.input_size = idm_input_size(config.data.height, config.data.width)
+
+    def build_model(self) -> nn.Module:
+        config = self.config
         try:
             architecture = IdmArchitecture.from_config(config.model.idm_config, "`model.idm_config`")
         except ValueError as error:
@@ -114,9 +108,9 @@ class IdmStage(Stage):
                 raise ConfigError(f"`model.idm_config` asks for {architecture}, but `model.idm_path` = "
                                   f"{config.model.idm_path} holds {model.architecture}: drop one of them")
             log.info("IDM: fine-tuning %s (its own action statistics)", config.model.idm_path)
-            check_data_action_dim(config, model.train_mean.numel())
+            check_data_action_dim(config, self.data, model.train_mean.numel())
         else:
-            mean, std = action_space(config)
+            mean, std = action_space(config, self.data)
             model = IDM(mean, std, architecture)
         check_gripper_dims(config.idm.gripper_dims, model.train_mean.numel())
         log.info("IDM: %s, %d action dimensions (grippers %s), %.1fM parameters", model.architecture,
@@ -127,7 +121,7 @@ class IdmStage(Stage):
                  config.loss.mask_weight, config.data.height, config.data.width, *self.input_size)
         return model.train().requires_grad_(True)
 
-    def load_frozen(self, config: Config, device: torch.device) -> None:
+    def load_frozen(self, device: torch.device) -> None:
         """Nothing is frozen: the IDM reads pixels."""
         self.device = device
 

@@ -1,7 +1,7 @@
 """Stage 2 (Vidarc): the causal DiT trained with causal flow matching (Eq. 6) and the
 embodiment-aware weight (Eq. 7), with ground-truth, self-generated or closed-loop context.
 
-One training sample is a window of `chunk_size` consecutive latent frames of a clip, at RoPE
+One training sample is a window of `self_forcing.window_frames` consecutive latent frames of a clip, at RoPE
 positions 0.. (every window is a fresh video, as after the deployed controller's window reset).
 Frame 0 of the window is clean context (timestep 0, no loss); every later frame gets its own noise
 level and is predicted from the context frames before it and itself:
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import deepspeed
 import torch
@@ -33,18 +33,13 @@ import torch.distributed as dist
 from torch import nn
 
 from vidartrain.config import Config, ConfigError
-from vidartrain.data.shard_index import read_common_index
-from vidartrain.data.transforms import to_model_range
-from vidartrain.errors import DataError
-from vidartrain.losses import (add_noise, embodiment_weights, flow_matching_loss, flow_matching_target,
-                               mask_region_losses, per_frame_flow_matching_loss, sample_sigmas, shift_sigma)
-from vidartrain.models.idm import IDM_INPUT_SIZE, load_idm, pool_mask_to_latent
-from vidartrain.models.wan.causal import WanModelCausal, rollout
-from vidartrain.models.wan.checkpoint import load_finetuned
-from vidartrain.models.wan.kv_cache import (DEPLOYED_CHUNK_LATENT_FRAMES, VAE_TEMPORAL_STRIDE, KVCache, RolloutEvent,
-                                            RolloutWindow, closed_loop_schedule)
-from vidartrain.trainers.idm_trainer import idm_input_size
-from vidartrain.trainers.vidar_trainer import FROZEN_DTYPE, VidarStage
+from vidartrain.data.shard_index import DataInfo
+from vidartrain.losses import (add_noise, context_frame_mask, embodiment_weights, flow_matching_loss,
+                               flow_matching_target, mask_region_losses, per_frame_flow_matching_loss, sample_sigmas)
+from vidartrain.models.wan.causal import WanModelCausal
+from vidartrain.rollouts import (DEPLOYED_FRAMES_PER_CHUNK, ContextMode, RolloutEvent, closed_loop_rollout,
+                                 closed_loop_schedule, rollout, sampling_sigmas)
+from vidartrain.trainers.vidar_trainer import DitStage
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +49,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CausalWindow:
-    """`chunk_size` consecutive latent frames of a batch, noised frame by frame.
+    """`window_frames` consecutive latent frames of a batch, noised frame by frame.
 
     clean, noise, noisy, target: [B, C, n, H, W]; sigmas: [B, n] float32 with 0 on the context
     frame; loss_mask: [1, 1, n, 1, 1] (0 on context frames, as `flow_matching_loss` takes it);
@@ -82,11 +77,11 @@ class CausalWindow:
         return self.sigmas * 1000.0
 
 
-def prepare_causal_window(latents: torch.Tensor, chunk_size: int, shift: float,
+def prepare_causal_window(latents: torch.Tensor, window_frames: int, shift: float,
                           generator: torch.Generator, num_context_frames: int = 1) -> CausalWindow:
-    """Pick a random window of `chunk_size` latent frames and noise each of its frames on its own.
+    """Pick a random window of `window_frames` latent frames and noise each of its frames on its own.
 
-    latents: clean [B, C, F, H, W] with F >= chunk_size; the window's IDM mask (Eq. 7) is added by
+    latents: clean [B, C, F, H, W] with F >= window_frames; the window's IDM mask (Eq. 7) is added by
     the stage, for the window's frames only. The first `num_context_frames` frames stay clean
     (sigma 0) and carry no loss; the others get independent shifted sigmas. All randomness comes
     from `generator`, so a resumed run draws the same windows and noise.
@@ -94,42 +89,29 @@ def prepare_causal_window(latents: torch.Tensor, chunk_size: int, shift: float,
     if latents.ndim != 5:
         raise ValueError(f"stage 2 expects latents [B, C, F, H, W], got {tuple(latents.shape)}")
     batch, _, frames = latents.shape[:3]
-    if not 1 <= num_context_frames < chunk_size:
-        raise ValueError(f"num_context_frames = {num_context_frames} must be in [1, chunk_size = "
-                         f"{chunk_size}): at least one frame is context and one is predicted")
-    if frames < chunk_size:
-        raise ConfigError(f"the batch has {frames} latent frames, fewer than self_forcing.chunk_size = "
-                          f"{chunk_size} (raise data.num_frames or lower the chunk size)")
+    if not 1 <= num_context_frames < window_frames:
+        raise ValueError(f"num_context_frames = {num_context_frames} must be in [1, window_frames = "
+                         f"{window_frames}): at least one frame is context and one is predicted")
+    if frames < window_frames:
+        raise ConfigError(f"the batch has {frames} latent frames, fewer than self_forcing.window_frames = "
+                          f"{window_frames} (raise data.num_frames or lower the window)")
     device = generator.device
-    start = int(torch.randint(frames - chunk_size + 1, (1,), generator=generator, device=device))
-    clean = latents[:, :, start:start + chunk_size]
+    start = int(torch.randint(frames - window_frames + 1, (1,), generator=generator, device=device))
+    clean = latents[:, :, start:start + window_frames]
     noise = torch.randn(clean.shape, generator=generator, device=device, dtype=torch.float32).to(clean)
-    sigmas = sample_sigmas((batch, chunk_size), shift, generator=generator, device=device).to(clean.device)
+    sigmas = sample_sigmas((batch, window_frames), shift, generator=generator, device=device).to(clean.device)
     sigmas[:, :num_context_frames] = 0.0
-    loss_mask = torch.ones(1, 1, chunk_size, 1, 1, device=clean.device)
-    loss_mask[:, :, :num_context_frames] = 0.0
+    loss_mask = context_frame_mask(1, window_frames, num_context_frames, clean.device)
     return CausalWindow(clean=clean, noise=noise, sigmas=sigmas, noisy=add_noise(clean, noise, sigmas),
                         target=flow_matching_target(clean, noise), loss_mask=loss_mask, start=start,
                         mask=None)
-
-
-def sampling_sigmas(num_steps: int, shift: float) -> list[float]:
-    """Noise levels of the few-step sampler that makes self-generated context: `num_steps` Euler
-    steps from sigma 1 towards 0, evenly spaced then shifted as Wan's sampler does (the final 0 is
-    implied, as `generate_frames` takes them)."""
-    if num_steps < 1:
-        raise ValueError(f"the sampler needs at least one step, got {num_steps}")
-    return shift_sigma(torch.linspace(1.0, 0.0, num_steps + 1), shift)[:-1].tolist()
 
 
 # ---------------------------------------------------------------------------------------------
 # Velocity of the window's noisy frames under each context mode
 # ---------------------------------------------------------------------------------------------
 
-ContextSource = Literal["ground_truth", "self_generated"]
-
-
-def choose_context(mode: str, self_generated_prob: float, generator: torch.Generator) -> ContextSource:
+def choose_context(mode: str, self_generated_prob: float, generator: torch.Generator) -> ContextMode:
     """The context of this micro-step. For `mixed`, rank 0's coin is broadcast so that every rank
     takes the same path (ZeRO-3 gathers parameters collectively, forward by forward)."""
     if mode in ("ground_truth", "self_generated"):
@@ -153,37 +135,15 @@ def self_generated_velocity(model: WanModelCausal, window: CausalWindow, context
     generation through the KV cache, chunk by chunk as the deployed controller generates them.
     Gradients flow through the cached keys/values of the context, as in teacher forcing."""
     return rollout(model, window.clean, window.noisy, window.timesteps, context,
-                   chunk_size=DEPLOYED_CHUNK_LATENT_FRAMES, context_mode="self_forcing",
+                   frames_per_chunk=DEPLOYED_FRAMES_PER_CHUNK, context_mode="self_generated",
                    num_ground_truth_frames=1, cache_grad=True, kv_cache_length=kv_cache_length,
                    sink=sink_frames, sigmas=sigmas, generator=generator)
 
 
 def closed_loop_velocity(model: WanModelCausal, window: CausalWindow, context: Any,
                          events: list[RolloutEvent], kv_cache_length: int) -> torch.Tensor:
-    """Run a `closed_loop_schedule` over the window. Real frames enter the cache as fixed context,
-    without gradient, as at inference (a prefill forward whose velocity output is unused would
-    also leave ZeRO-3 with a forward that gets no gradient); each predicted chunk sees the cache
-    and, block-causally, its own noisy frames, and carries the loss. Frame 0 is never predicted;
-    its slot holds zeros (it carries no loss)."""
-    text = model.text_key_values(context)
-    cache = KVCache(model.num_layers, capacity=kv_cache_length)
-    predicted: dict[int, torch.Tensor] = {}
-    for event in events:
-        frames = slice(event.frames.start, event.frames.stop)
-        positions = range(event.position, event.position + len(event.frames))
-        if event.kind == "reprefill":
-            with torch.no_grad():
-                cache = model.reset_and_reprefill(window.clean[:, :, frames], text, cache)
-        elif event.kind == "prefill":
-            with torch.no_grad():
-                cache = model.prefill(window.clean[:, :, frames], text, cache, positions=positions)
-        else:
-            velocity, cache = model.forward_with_cache(window.noisy[:, :, frames], window.timesteps[:, frames],
-                                                       text, cache, positions=positions)
-            predicted[event.frames.start] = velocity
-    first = next(iter(predicted.values()))
-    pieces = [torch.zeros_like(first[:, :, :1])] + [predicted[start] for start in sorted(predicted)]
-    return torch.cat(pieces, dim=2)
+    """The deployed controller's `closed_loop_schedule` over the window (`closed_loop_rollout`)."""
+    return closed_loop_rollout(model, window.clean, window.noisy, window.timesteps, context, events, kv_cache_length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,82 +159,46 @@ def unwrap_model(module: nn.Module) -> WanModelCausal:
     return model
 
 
-class SelfForcingStage(VidarStage):
+class SelfForcingStage(DitStage):
     """Stage 2: `WanModelCausal` from `model.ckpt_dir` + `model.pt_dir` (vidar.pt), exported as
-    vidarc.pt. Data, frozen VAE / umT5 and export are stage 1's."""
+    vidarc.pt; data, frozen conditioner, export and validation as every DiT stage (`DitStage`)."""
 
     name = "vidarc"
+    model_class = WanModelCausal
     closed_loop_samples = True
+    start_note = " (and `model.pt_dir`, the stage-1 vidar.pt)"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.idm_input_size: tuple[int, int] = IDM_INPUT_SIZE
-        self.config = Config()
-        self.schedule: list[RolloutEvent] = []
-
-    def build_model(self, config: Config) -> nn.Module:
-        if config.model.ckpt_dir is None:
-            raise ConfigError("`model.ckpt_dir` is not set: stage 2 starts from a Wan2.2-TI2V checkpoint "
-                              "directory (and `model.pt_dir`, the stage-1 vidar.pt)")
-        if config.data.shards is None:
-            raise ConfigError("`data.shards` is not set: the shard directory made by `vidar-shard`")
-        self.config, self.shift = config, config.loss.shift
+    def __init__(self, config: Config, data: DataInfo) -> None:
+        super().__init__(config, data)
         sf = config.self_forcing
-        if sf.closed_loop:
-            self.schedule = closed_loop_schedule(
-                config.chunk_size, RolloutWindow(sf.rollout_bound, sf.rollout_prefill_num))
+        self.uses_idm_masks = config.loss.embodiment_aware
+        self.schedule: list[RolloutEvent] = (closed_loop_schedule(sf.window_frames, self.rollout_window)
+                                             if sf.closed_loop else [])
         # A public reconstruction found the reference recipe's 2e-5 too high for this stage: say which
         # rate this run uses (TensorBoard has it as train/lr).
-        log.info("stage 2: learning rate %.3g (training.lr), warmup %d, context %s%s, chunk %d latent frames, "
+        log.info("stage 2: learning rate %.3g (training.lr), warmup %d, context %s%s, window %d latent frames, "
                  "Eq. 7 %s", config.training.lr, config.training.warmup, sf.context_mode,
-                 " on the closed-loop schedule" if sf.closed_loop else "", config.chunk_size,
+                 " on the closed-loop schedule" if sf.closed_loop else "", sf.window_frames,
                  f"eta {config.loss.eta}" if config.loss.embodiment_aware else "off")
-        model = WanModelCausal.from_pretrained(config.model.ckpt_dir, dtype=torch.bfloat16, device="cpu")
-        if config.model.pt_dir is not None:
-            load_finetuned(model, config.model.pt_dir)
-        model.attention_backend = config.model.attention
-        self.patch_size, self.text_len = model.patch_size, model.text_len
-        return model.train().requires_grad_(True)
 
-    def load_frozen(self, config: Config, device: torch.device) -> None:
-        """Stage 1's VAE and umT5, plus the IDM for Eq. 7 when the shards carry no masks."""
-        super().load_frozen(config, device)
-        if not config.loss.embodiment_aware or read_common_index(config.data.shards)["mode"] != "raw":
-            return
-        if config.model.idm_path is None:
-            raise ConfigError("`loss.embodiment_aware` needs IDM masks: set `model.idm_path` to an idm.pt "
-                              "(or pre-encode `idm_mask` into the shards)")
-        self.idm = load_idm(config.model.idm_path, device=device, dtype=FROZEN_DTYPE).requires_grad_(False)
-        self.idm_input_size = idm_input_size(config.data.height, config.data.width)
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        model.attention_backend = self.config.model.attention
+        return model
 
-    @torch.no_grad()
-    def window_mask(self, batch: dict[str, Any], start: int, frames: int) -> torch.Tensor:
-        """IDM mask U of latent frames [start, start + frames) on the latent grid [B, frames, h, w],
-        float32: cut from the pre-encoded masks, or computed by the frozen IDM on the window's video
-        frames only."""
-        if "idm_mask" in batch:
-            return batch["idm_mask"][:, start:start + frames].to(self.device, torch.float32)
-        if self.idm is None:
-            raise DataError(f"batch {batch['__key__']} has no pre-encoded `idm_mask` and no IDM is loaded "
-                            f"(model.idm_path) for the embodiment-aware loss")
-        # Latent frame 0 pools video frame 0 alone, latent frame j >= 1 video frames 4j-3..4j. From one
-        # frame before the window's first group the clip is 4n+1 frames long; its lone first frame is dropped.
-        first = max(0, VAE_TEMPORAL_STRIDE * (start - 1))
-        video = batch["video"][:, :, first:VAE_TEMPORAL_STRIDE * (start + frames - 1) + 1].to(self.device)
-        if not video.is_floating_point():
-            video = to_model_range(video)
-        mask = pool_mask_to_latent(self.idm.get_mask(video, input_size=self.idm_input_size).float())
-        return mask[:, 1:] if start > 0 else mask
+    def latent_frames_per_sample(self, latent_frames: int) -> tuple[int, int]:
+        """The window, twice: its clean and its noisy copy."""
+        return self.config.self_forcing.window_frames, 2
 
     def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         config, sf = self.config, self.config.self_forcing
         model = unwrap_model(module)
-        clean = self.clean_latents(batch)
-        context = self.text_context(batch)
-        window = prepare_causal_window(clean, config.chunk_size, self.shift, generator)
+        clean = self.conditioner.clean_latents(batch)
+        context = self.conditioner.text_context(batch)
+        window = prepare_causal_window(clean, sf.window_frames, self.shift, generator)
         if config.loss.embodiment_aware:
-            window = replace(window, mask=self.window_mask(batch, window.start, window.num_frames))
+            window = replace(window, mask=self.conditioner.window_mask(batch, window.start, window.num_frames))
         # The closed-loop controller always re-prefills real frames: its context is the ground truth.
         source = "ground_truth" if sf.closed_loop else choose_context(sf.context_mode, sf.self_generated_prob,
                                                                         generator)
@@ -290,7 +214,7 @@ class SelfForcingStage(VidarStage):
         loss = flow_matching_loss(velocity, window.target, loss_mask=window.loss_mask, weights=weights)
         return loss, self.step_metrics(velocity.detach(), window, source)
 
-    def step_metrics(self, velocity: torch.Tensor, window: CausalWindow, source: ContextSource
+    def step_metrics(self, velocity: torch.Tensor, window: CausalWindow, source: ContextMode
                      ) -> dict[str, torch.Tensor]:
         """[value, 1] pairs (averaged over micro-batches and ranks): unweighted loss per rollout
         position and inside / outside the IDM mask, and how often the context was self-generated."""
@@ -304,12 +228,3 @@ class SelfForcingStage(VidarStage):
             metrics["loss_in_mask"] = torch.stack([inside.cpu(), one])
             metrics["loss_out_of_mask"] = torch.stack([outside.cpu(), one])
         return metrics
-
-    def tokens_in(self, batch: dict[str, Any]) -> int:
-        """DiT tokens of the window: the clean and the noisy copy of `chunk_size` latent frames."""
-        _, ph, pw = self.patch_size
-        if "latents" in batch:
-            batch_size, height, width = batch["latents"].shape[0], *batch["latents"].shape[3:]
-        else:
-            batch_size, height, width = batch["video"].shape[0], *(s // 16 for s in batch["video"].shape[3:])
-        return 2 * batch_size * self.config.chunk_size * (height // ph) * (width // pw)

@@ -1,4 +1,5 @@
-"""Stage 1 (Vidar): full fine-tuning of the bidirectional WanModel with flow matching (Eq. 1).
+"""The DiT stages' common part (`DitStage`) and stage 1 (Vidar): full fine-tuning of the
+bidirectional WanModel with flow matching (Eq. 1).
 
 Per micro-batch: clean latents x_1 (VAE-encoded online when the shards hold raw video), text
 embeddings (umT5 online, or pre-encoded), noise x_0, one sigma per sample (uniform, then Wan's
@@ -9,31 +10,27 @@ empty prompt with probability data.cfg_prob).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from vidartrain.config import Config, ConfigError
-from vidartrain.data.shard_index import read_common_index
+from vidartrain.data.shard_index import DataInfo
 from vidartrain.data.transforms import to_model_range
 from vidartrain.distributed.export import write_state_dict
-from vidartrain.errors import DataError
-from vidartrain.losses import (NUM_TRAIN_TIMESTEPS, add_noise, flow_matching_loss, flow_matching_target,
-                               sample_sigmas)
-from vidartrain.models.idm import IDM, load_idm
-from vidartrain.models.wan.checkpoint import load_finetuned
-from vidartrain.models.wan.kv_cache import RolloutWindow
+from vidartrain.losses import (NUM_TRAIN_TIMESTEPS, add_noise, context_frame_mask, flow_matching_loss,
+                               flow_matching_target, sample_sigmas)
+from vidartrain.models.wan.checkpoint import load_finetuned, model_arguments
 from vidartrain.models.wan.model import WanModel
-from vidartrain.models.wan.text_encoder import TextEncoder
-from vidartrain.models.wan.vae import WanVAE
+from vidartrain.shapes import VAE_STRIDE
+from vidartrain.rollouts import RolloutWindow
 from vidartrain.sampling import (DEFAULT_NEGATIVE_PROMPT, SamplingOptions, action_metrics, generate_video,
                                  idm_actions, psnr, video_to_uint8)
 from vidartrain.trainers.base import Stage, ValidationSample
+from vidartrain.trainers.conditioning import FrozenConditioner
 from vidartrain.trainers.idm_trainer import idm_input_size
 
-VAE_FILE = "Wan2.2_VAE.pth"
-FROZEN_DTYPE = torch.bfloat16
 SIGMA_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -42,9 +39,7 @@ def first_frame_conditioning(sigma: torch.Tensor, num_frames: int) -> tuple[torc
     mask [B, 1, F, 1, 1] that leaves frame 0 out."""
     frame_sigma = sigma[:, None].repeat(1, num_frames)
     frame_sigma[:, 0] = 0.0
-    mask = torch.ones(sigma.shape[0], 1, num_frames, 1, 1, device=sigma.device)
-    mask[:, :, 0] = 0.0
-    return frame_sigma, mask
+    return frame_sigma, context_frame_mask(sigma.shape[0], num_frames, 1, sigma.device)
 
 
 def sigma_bucket_metrics(per_sample_loss: torch.Tensor, sigma: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -58,70 +53,100 @@ def sigma_bucket_metrics(per_sample_loss: torch.Tensor, sigma: torch.Tensor) -> 
     return metrics
 
 
-class VidarStage(Stage):
-    name = "vidar"
+class DitStage(Stage):
+    """What both DiT stages share: the checks of their inputs, the DiT built from `model.ckpt_dir`
+    (+ `model.pt_dir`), the frozen conditioner, tokens per batch, the export and the validation
+    samples. A stage adds its `training_loss` (and the latent frames one sample trains on)."""
+
+    model_class: ClassVar[type[WanModel]] = WanModel
+    start_note = ""  # what else the stage starts from, for the error on a missing model.ckpt_dir
+    uses_idm_masks = False  # whether training_loss needs the IDM's masks (stage 2 with Eq. 7)
     closed_loop_samples = False  # validation samples: TI2V (stage 2: the deployed closed loop)
     # raw video travels from the loader workers as uint8 (4x fewer bytes) and is scaled on the device
     loader_options = {"video_dtype": torch.uint8}
 
-    def __init__(self) -> None:
-        self.vae: WanVAE | None = None
-        self.text_encoder: TextEncoder | None = None
-        self.device = torch.device("cpu")
-        self.shift = 1.0
-        self.patch_size: tuple[int, int, int] = (1, 2, 2)
-        self.text_len = 512
-        self.idm: IDM | None = None
-        self.validation_config = Config().validation
-        self.gripper_dims = Config().idm.gripper_dims
-        self.rollout_window = RolloutWindow()
-        self.frame_size = (0, 0)
-
-    def build_model(self, config: Config) -> nn.Module:
+    def __init__(self, config: Config, data: DataInfo) -> None:
+        super().__init__(config, data)
         if config.model.ckpt_dir is None:
-            raise ConfigError("`model.ckpt_dir` is not set: stage 1 starts from a Wan2.2-TI2V checkpoint directory")
-        if config.data.shards is None:
-            raise ConfigError("`data.shards` is not set: the shard directory made by `vidar-shard`")
+            raise ConfigError(f"`model.ckpt_dir` is not set: the {self.name} stage starts from a Wan2.2-TI2V "
+                              f"checkpoint directory{self.start_note}")
+        dit = model_arguments(config.model.ckpt_dir, self.model_class)
+        self.patch_size: tuple[int, int, int] = tuple(dit["patch_size"])
+        self.text_len: int = dit["text_len"]
         self.shift = config.loss.shift
-        model = WanModel.from_pretrained(config.model.ckpt_dir, dtype=torch.bfloat16, device="cpu")
-        if config.model.pt_dir is not None:
-            load_finetuned(model, config.model.pt_dir)
-        self.patch_size, self.text_len = model.patch_size, model.text_len
+        self.conditioner = FrozenConditioner()
+        self.rollout_window = RolloutWindow(config.self_forcing.rollout_bound,
+                                            config.self_forcing.rollout_prefill_num)
+
+    def build_model(self) -> nn.Module:
+        model = self.model_class.from_pretrained(self.config.model.ckpt_dir, dtype=torch.bfloat16, device="cpu")
+        if self.config.model.pt_dir is not None:
+            load_finetuned(model, self.config.model.pt_dir)
         return model.train().requires_grad_(True)
 
-    def load_frozen(self, config: Config, device: torch.device) -> None:
-        """VAE and umT5, frozen in bf16, only for what the shards do not hold pre-encoded."""
+    def load_frozen(self, device: torch.device) -> None:
+        """VAE and umT5 (and for Eq. 7 the IDM), frozen in bf16, only for what the shards do not hold
+        pre-encoded."""
         self.device = device
-        index = read_common_index(config.data.shards)
-        ckpt_dir = Path(config.model.ckpt_dir)
-        if index["mode"] == "raw":
-            self.vae = WanVAE.from_pretrained(ckpt_dir / VAE_FILE, dtype=FROZEN_DTYPE, device=device,
-                                              **(config.model.vae_config or {}))
-        if index["mode"] == "raw" or not index.get("text_embeddings"):
-            self.text_encoder = TextEncoder.from_pretrained(ckpt_dir, dtype=FROZEN_DTYPE, device=device,
-                                                            text_len=self.text_len,
-                                                            encoder_config=config.model.t5_config)
+        self.conditioner.load(self.config, self.data, self.text_len, device, idm_masks=self.uses_idm_masks)
 
-    @torch.no_grad()
-    def clean_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+    def latent_frames_per_sample(self, latent_frames: int) -> tuple[int, int]:
+        """(latent frames, copies) the DiT runs on for a clip of `latent_frames` latent frames."""
+        return latent_frames, 1
+
+    def tokens_in(self, batch: dict[str, Any]) -> int:
+        """DiT tokens of the batch."""
+        pt, ph, pw = self.patch_size
         if "latents" in batch:
-            return batch["latents"].to(self.device, torch.float32)
-        if self.vae is None:
-            raise DataError(f"batch {batch['__key__']} has neither pre-encoded `latents` nor a VAE to encode `video`")
-        return self.vae.encode(to_model_range(batch["video"].to(self.device)))
+            batch_size, _, frames, height, width = batch["latents"].shape
+        else:
+            batch_size, _, num_frames, video_h, video_w = batch["video"].shape
+            frames = (num_frames - 1) // VAE_STRIDE[0] + 1
+            height, width = video_h // VAE_STRIDE[1], video_w // VAE_STRIDE[2]
+        frames, copies = self.latent_frames_per_sample(frames)
+        return copies * batch_size * (frames // pt) * (height // ph) * (width // pw)
+
+    def export(self, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+        write_state_dict(state_dict, path)
+
+    # --- validation samples
+
+    def load_validation(self, device: torch.device) -> None:
+        self.device = device
+        self.conditioner.load_for_validation(self.config, self.text_len, device)
 
     @torch.no_grad()
-    def text_context(self, batch: dict[str, Any]) -> list[torch.Tensor]:
-        if "text_emb" in batch:
-            return [emb.to(self.device) for emb in batch["text_emb"]]
-        if self.text_encoder is None:
-            raise DataError(f"batch {batch['__key__']} has neither pre-encoded `text_emb` nor a text encoder")
-        return self.text_encoder(batch["text"])
+    def validation_sample(self, module: nn.Module, batch: dict[str, Any], index: int) -> ValidationSample:
+        """TI2V from the clip's first frame and instruction (the causal stage: closed loop against the
+        clip's frames); PSNR of the generated frames after the first, and with an IDM the action L1
+        and gripper accuracy against the clip's actions."""
+        v, frozen = self.config.validation, self.conditioner
+        if "video" in batch:
+            video = to_model_range(batch["video"][:, :, :v.num_frames].to(self.device))
+        else:
+            video = frozen.vae.decode(batch["latents"][:, :, :(v.num_frames - 1) // VAE_STRIDE[0] + 1].to(self.device))
+        options = SamplingOptions(steps=v.steps, shift=v.shift, guide_scale=v.guide_scale, solver=v.solver,
+                                  seed=v.seed + index)
+        negative = frozen.text_encoder([DEFAULT_NEGATIVE_PROMPT if v.negative_prompt is None else v.negative_prompt])
+        generated = generate_video(module, frozen.vae, video, frozen.text_context(batch)[:1], negative, v.num_frames,
+                                   options, closed_loop=self.closed_loop_samples, window=self.rollout_window)
+        frames, truth = video_to_uint8(generated)[0], video_to_uint8(video)[0]
+        metrics = {"psnr": psnr(frames[1:], truth[1:])}  # frame 0 is given, not generated
+        if frozen.idm is not None:
+            size = idm_input_size(self.config.data.height, self.config.data.width)
+            predicted = idm_actions(frozen.idm, generated, size)[0].cpu().numpy()
+            actual = batch["actions"][0, 1:v.num_frames].numpy()
+            metrics.update(action_metrics(predicted[1:], actual, self.config.idm.gripper_dims))
+        return ValidationSample(batch["__key__"][0], frames, truth, metrics)
+
+
+class VidarStage(DitStage):
+    name = "vidar"
 
     def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        clean = self.clean_latents(batch)
-        context = self.text_context(batch)
+        clean = self.conditioner.clean_latents(batch)
+        context = self.conditioner.text_context(batch)
         batch_size, _, num_frames = clean.shape[:3]
         noise = torch.randn(clean.shape, generator=generator, device=self.device, dtype=clean.dtype)
         sigma = sample_sigmas(batch_size, self.shift, generator=generator, device=self.device)
@@ -134,57 +159,3 @@ class VidarStage(Stage):
             mask = loss_mask.expand_as(pred)
             per_sample = ((pred.float() - target).pow(2) * mask).flatten(1).sum(1) / mask.flatten(1).sum(1)
         return loss, sigma_bucket_metrics(per_sample.cpu().double(), sigma.cpu())
-
-    def tokens_in(self, batch: dict[str, Any]) -> int:
-        pt, ph, pw = self.patch_size
-        if "latents" in batch:
-            batch_size, _, frames, height, width = batch["latents"].shape
-        else:
-            batch_size, _, num_frames, video_h, video_w = batch["video"].shape
-            frames, height, width = (num_frames - 1) // 4 + 1, video_h // 16, video_w // 16
-        return batch_size * (frames // pt) * (height // ph) * (width // pw)
-
-    def export(self, state_dict: dict[str, torch.Tensor], path: Path) -> None:
-        write_state_dict(state_dict, path)
-
-    # --- validation samples
-
-    def load_validation(self, config: Config, device: torch.device) -> None:
-        """The VAE and umT5 (also when the shards are pre-encoded: samples are decoded and need the
-        negative prompt), and the IDM of `model.idm_path` for action errors."""
-        self.device, self.validation_config, self.gripper_dims = device, config.validation, config.idm.gripper_dims
-        self.rollout_window = RolloutWindow(config.self_forcing.rollout_bound, config.self_forcing.rollout_prefill_num)
-        self.frame_size = (config.data.height, config.data.width)
-        ckpt_dir = Path(config.model.ckpt_dir)
-        if self.vae is None:
-            self.vae = WanVAE.from_pretrained(ckpt_dir / VAE_FILE, dtype=FROZEN_DTYPE, device=device,
-                                              **(config.model.vae_config or {}))
-        if self.text_encoder is None:
-            self.text_encoder = TextEncoder.from_pretrained(ckpt_dir, dtype=FROZEN_DTYPE, device=device,
-                                                            text_len=self.text_len,
-                                                            encoder_config=config.model.t5_config)
-        if self.idm is None and config.model.idm_path is not None:
-            self.idm = load_idm(config.model.idm_path, device=device, dtype=FROZEN_DTYPE).requires_grad_(False)
-
-    @torch.no_grad()
-    def validation_sample(self, module: nn.Module, batch: dict[str, Any], index: int) -> ValidationSample:
-        """TI2V from the clip's first frame and instruction (the causal stage: closed loop against the
-        clip's frames); PSNR of the generated frames after the first, and with an IDM the action L1
-        and gripper accuracy against the clip's actions."""
-        v = self.validation_config
-        if "video" in batch:
-            video = to_model_range(batch["video"][:, :, :v.num_frames].to(self.device))
-        else:
-            video = self.vae.decode(batch["latents"][:, :, :(v.num_frames - 1) // 4 + 1].to(self.device))
-        options = SamplingOptions(steps=v.steps, shift=v.shift, guide_scale=v.guide_scale, solver=v.solver,
-                                  seed=v.seed + index)
-        negative = self.text_encoder([DEFAULT_NEGATIVE_PROMPT if v.negative_prompt is None else v.negative_prompt])
-        generated = generate_video(module, self.vae, video, self.text_context(batch)[:1], negative, v.num_frames,
-                                   options, closed_loop=self.closed_loop_samples, window=self.rollout_window)
-        frames, truth = video_to_uint8(generated)[0], video_to_uint8(video)[0]
-        metrics = {"psnr": psnr(frames[1:], truth[1:])}  # frame 0 is given, not generated
-        if self.idm is not None:
-            predicted = idm_actions(self.idm, generated, idm_input_size(*self.frame_size))[0].cpu().numpy()
-            actual = batch["actions"][0, 1:v.num_frames].numpy()
-            metrics.update(action_metrics(predicted[1:], actual, self.gripper_dims))
-        return ValidationSample(batch["__key__"][0], frames, truth, metrics)

@@ -8,10 +8,10 @@ Paths that give the same numbers:
 - `forward(x, t, context)`: the whole sequence with a block-causal mask;
 - `forward_with_cache(x, t, context, cache)`: frames through an explicit `KVCache` (inference:
   prefill clean frames at t = 0, denoise a new frame against the cache, append it at t = 0);
-- `forward_teacher_forcing(clean, noisy, t_noisy, context)`: one pass over [clean | noisy] where
-  noisy frame i sees clean frames < i and itself (stage-2 training with ground-truth context);
-- `rollout(...)`: the same training computation chunk by chunk through the cache, with
-  ground-truth or self-generated (self-forcing) context.
+- `forward_teacher_forcing(clean, noisy, t_noisy, context[, cache])`: one pass over [clean | noisy]
+  where noisy frame i sees clean frames < i and itself (stage-2 training with ground-truth
+  context); with a cache, one chunk of a rollout (`vidartrain.rollouts`, which holds every
+  rollout: the sequential and self-generated ones, generation, the deployed closed loop).
 
 Attention masks: an SDPA boolean mask (CPU, default there), or a flex_attention BlockMask
 (block-sparse; default on CUDA). Block masks are built once per frame layout and reused.
@@ -29,7 +29,6 @@ from .kv_cache import KeyValue, KVCache
 from .model import WanModel, group_timesteps, rope_for_grid
 
 AttentionBackend = Literal["auto", "sdpa", "flex"]
-ContextMode = Literal["ground_truth", "self_forcing"]
 
 
 @dataclass(frozen=True)
@@ -199,38 +198,24 @@ class WanModelCausal(WanModel):
         """Append clean frames (t = 0) to the cache."""
         return self.forward_with_cache(clean, 0.0, context, cache, update_cache=True, positions=positions)[1]
 
-    def reset_and_reprefill(self, real_latents: torch.Tensor, context, cache: KVCache,
-                            first_position: int = 0) -> KVCache:
-        """The deployed window reset: clear the cache, then prefill the latents of the last
-        `rollout_prefill_num` real frames. The published server starts a fresh state, so the
-        re-prefilled frames take positions first_position.. (0 by default)."""
-        cache.reset()
-        positions = range(first_position, first_position + real_latents.shape[2])
-        return self.prefill(real_latents, context, cache, positions=positions)
-
     def forward_teacher_forcing(self, clean: torch.Tensor, noisy: torch.Tensor, t_noisy: torch.Tensor,
-                                context) -> torch.Tensor:
-        """One pass over [clean | noisy] (same RoPE positions 0..F-1 for both copies): clean
-        frames block-causal at t = 0, noisy frame i sees clean frames < i and itself. Returns the
-        velocity of the noisy frames [B, C, F, H, W]. No state between calls."""
+                                context, cache: KVCache | None = None) -> torch.Tensor:
+        """One pass over [clean | noisy] (the same RoPE positions for both copies): clean frames
+        block-causal at t = 0, noisy frame i sees clean frames < i and itself. Returns the velocity
+        of the noisy frames [B, C, F, H, W]. Without a cache: positions 0..F-1, no state between
+        calls. With one: both copies also see the cached frames, take the positions after them, and
+        the clean frames' keys/values are appended (a rollout's chunk)."""
         self._check_latents(clean, "clean")
         if noisy.shape != clean.shape:
             raise ValueError(f"noisy {list(noisy.shape)} and clean {list(clean.shape)} must have the same shape")
         grid = self.token_grid(clean)
         t_noisy = self.frame_timesteps(t_noisy, clean.shape[0], grid)
-        velocity, _ = self._forward_frames(clean, torch.zeros_like(t_noisy), torch.arange(grid[0]),
-                                           self._text(context), noisy=noisy, t_noisy=t_noisy)
-        return velocity
-
-    def teacher_forcing_step(self, clean: torch.Tensor, noisy: torch.Tensor, t_noisy: torch.Tensor,
-                              text, cache: KVCache, cache_grad: bool) -> torch.Tensor:
-        """Teacher forcing for one chunk against the cache; appends the chunk's clean frames."""
-        positions = list(range(cache.next_position, cache.next_position + clean.shape[2]))
-        velocity, key_values = self._forward_frames(
-            clean, torch.zeros_like(t_noisy), torch.tensor(positions), text, cache, noisy=noisy, t_noisy=t_noisy)
-        if not cache_grad:
-            key_values = [(k.detach(), v.detach()) for k, v in key_values]
-        cache.append(key_values, positions)
+        first = cache.next_position if cache is not None else 0
+        positions = list(range(first, first + grid[0]))
+        velocity, key_values = self._forward_frames(clean, torch.zeros_like(t_noisy), torch.tensor(positions),
+                                                    self._text(context), cache, noisy=noisy, t_noisy=t_noisy)
+        if cache is not None:
+            cache.append(key_values, positions)
         return velocity
 
     def _check_latents(self, x: torch.Tensor, name: str) -> None:
@@ -242,73 +227,3 @@ class WanModelCausal(WanModel):
         """(F, H, W) token grid of latents [B, C, F, H, W]."""
         pt, ph, pw = self.patch_size
         return x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
-
-
-@torch.no_grad()
-def generate_frames(model: WanModelCausal, noise: torch.Tensor, text, cache: KVCache,
-                    sigmas: Sequence[float]) -> torch.Tensor:
-    """Few-step Euler sampling of new frames against the cache (not appended): from pure noise at
-    sigmas[0] down to 0; flow x_sigma = (1 - sigma) x_1 + sigma x_0, velocity x_0 - x_1."""
-    x = noise
-    positions = list(range(cache.next_position, cache.next_position + noise.shape[2]))
-    for sigma, next_sigma in zip(sigmas, list(sigmas[1:]) + [0.0]):
-        velocity, _ = model.forward_with_cache(x, 1000.0 * sigma, text, cache, positions=positions)
-        x = x + (next_sigma - sigma) * velocity
-    return x
-
-
-def rollout(model: WanModelCausal, clean: torch.Tensor, noisy: torch.Tensor, t_noisy: torch.Tensor, context,
-            chunk_size: int = 1, context_mode: ContextMode = "ground_truth", num_ground_truth_frames: int = 1,
-            cache_grad: bool = False, kv_cache_length: int | None = None, sink: int = 0,
-            sigmas: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Stage-2 sequential rollout: velocities of all noisy frames [B, C, F, H, W], computed chunk by
-    chunk through a KV cache like inference.
-
-    Each chunk's noisy frames see the cached context and, as in teacher forcing, the chunk's own
-    context frames before them. The context written into the cache is the ground truth `clean`
-    (context_mode "ground_truth", or for the first `num_ground_truth_frames` frames) or the
-    model's own few-step generation (no gradient) from noise with `sigmas` ("self_forcing").
-    Cache writes carry gradients only with `cache_grad` (then ground-truth rollout equals
-    `forward_teacher_forcing` in loss and gradients). `kv_cache_length` bounds the cache (oldest
-    frames evicted, `sink` first frames kept); default: the whole sequence fits.
-    """
-    if context_mode not in ("ground_truth", "self_forcing"):
-        raise ValueError(f"context_mode must be 'ground_truth' or 'self_forcing', got {context_mode!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    frames = clean.shape[2]
-    t_noisy = model.frame_timesteps(t_noisy, clean.shape[0], model.token_grid(clean))
-    cache = KVCache(model.num_layers, capacity=kv_cache_length or frames, sink=sink,
-                    evict_oldest=kv_cache_length is not None)
-    text = model.text_key_values(context)
-    velocities = []
-    for start in range(0, frames, chunk_size):
-        stop = min(start + chunk_size, frames)
-        chunk_context = clean[:, :, start:stop]
-        if context_mode == "self_forcing" and stop > num_ground_truth_frames:
-            chunk_context = _self_generated_context(model, chunk_context, start, num_ground_truth_frames,
-                                                    text, cache, sigmas, generator)
-        velocities.append(model.teacher_forcing_step(chunk_context, noisy[:, :, start:stop],
-                                                      t_noisy[:, start:stop], text, cache, cache_grad))
-    return torch.cat(velocities, dim=2)
-
-
-def _self_generated_context(model: WanModelCausal, ground_truth: torch.Tensor, start: int, num_ground_truth: int,
-                            text, cache: KVCache, sigmas: Sequence[float],
-                            generator: torch.Generator | None) -> torch.Tensor:
-    """Context of a chunk as the deployed model would see it: frames generated one by one, each
-    appended (no gradient) for the next; then popped so the caller writes the chunk once."""
-    frames = []
-    with torch.no_grad():
-        for i in range(ground_truth.shape[2]):
-            if start + i < num_ground_truth:
-                frame = ground_truth[:, :, i:i + 1]
-            else:
-                noise = torch.randn(ground_truth[:, :, i:i + 1].shape, generator=generator,
-                                    device=ground_truth.device, dtype=ground_truth.dtype)
-                frame = generate_frames(model, noise, text, cache, sigmas)
-            model.prefill(frame, text, cache)
-            frames.append(frame)
-    cache.pop_last(len(frames))
-    return torch.cat(frames, dim=2)

@@ -53,6 +53,18 @@ def read_model_config(ckpt_dir: str | Path, model_class: type[nn.Module]) -> dic
     return config
 
 
+def model_arguments(ckpt_dir: str | Path, model_class: type[nn.Module]) -> dict:
+    """Every constructor argument of `model_class` as `ckpt_dir`'s config.json sets it, the
+    constructor's defaults for the keys it leaves out (the shape of a model, without building it)."""
+    return {**constructor_defaults(model_class), **read_model_config(ckpt_dir, model_class)}
+
+
+def constructor_defaults(model_class: type[nn.Module]) -> dict:
+    """The default constructor arguments of `model_class` (WanModel's: the TI2V-5B shape)."""
+    return {name: parameter.default for name, parameter in inspect.signature(model_class.__init__).parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
+
+
 def weight_files(ckpt_dir: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint directory: the shards named by the index, or the
     single file."""

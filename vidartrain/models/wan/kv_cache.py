@@ -8,23 +8,23 @@ keeping `sink` first frames.
 
 The deployed Vidarc controller (published inference code) counts video frames: when
 `cached + new > rollout_bound` it clears the cache and re-prefills the VAE latents of the last
-`rollout_prefill_num` real frames (`RolloutWindow`).
+`rollout_prefill_num` real frames (`vidartrain.rollouts.RolloutWindow`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 
-from vidartrain.models.wan.vae import VAE_STRIDE
+from vidartrain.shapes import VAE_STRIDE
 
 VAE_TEMPORAL_STRIDE = VAE_STRIDE[0]
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 
 # The deployed controller generates this many latent frames (16 video frames) per call.
-DEPLOYED_CHUNK_LATENT_FRAMES = 4
+DEPLOYED_FRAMES_PER_CHUNK = 4
 
 
 def video_frames_of(latent_frames: int) -> int:
@@ -114,6 +114,12 @@ class KVCache:
             self.keys = [k.clone() for k, _ in key_values]
             self.values = [v.clone() for _, v in key_values]
 
+    def detach(self) -> "KVCache":
+        """Drop the autograd history of every cached key/value (a rollout without cache gradients)."""
+        self.keys = [k.detach() for k in self.keys]
+        self.values = [v.detach() for v in self.values]
+        return self
+
     def pop_last(self, n: int) -> "KVCache":
         """Remove the `n` most recent frames (the controller replaces generated frames by real ones)."""
         if not 0 <= n <= self.num_frames:
@@ -151,7 +157,7 @@ class StaticKVCache(KVCache):
     and reads the filled part as a view: no step copies the cache. `scratch_frames` is the most
     frames one call may add on top of a full cache (the generation chunk)."""
 
-    scratch_frames: int = DEPLOYED_CHUNK_LATENT_FRAMES
+    scratch_frames: int = DEPLOYED_FRAMES_PER_CHUNK
 
     def layer(self, index: int) -> "StaticLayer | None":
         return StaticLayer(self, index) if self.positions else None
@@ -206,79 +212,3 @@ class StaticLayer:
         buffer_k[:, :, start:stop].copy_(key)
         buffer_v[:, :, start:stop].copy_(value)
         return buffer_k[:, :, :stop], buffer_v[:, :, :stop]
-
-
-@dataclass(frozen=True)
-class RolloutWindow:
-    """The deployed controller's window policy, in video frames: before adding `new` frames to a
-    window of `cached` frames, if `cached + new > rollout_bound` the cache is cleared and re-filled
-    with the last `rollout_prefill_num` real frames."""
-
-    rollout_bound: int = 60
-    rollout_prefill_num: int = 33
-
-    def __post_init__(self):
-        latent_frames_of(self.rollout_prefill_num)
-        if self.rollout_prefill_num >= self.rollout_bound:
-            raise ValueError(f"rollout_prefill_num ({self.rollout_prefill_num}) must be below "
-                             f"rollout_bound ({self.rollout_bound})")
-
-    def needs_reset(self, cached_video_frames: int, new_video_frames: int) -> bool:
-        return cached_video_frames + new_video_frames > self.rollout_bound
-
-    @property
-    def prefill_latent_frames(self) -> int:
-        """Latent frames re-prefilled after a reset (33 video frames -> 9)."""
-        return latent_frames_of(self.rollout_prefill_num)
-
-
-# The deployed controller's closed-loop schedule, in latent frames (stage-2 training and sampling)
-
-@dataclass(frozen=True)
-class RolloutEvent:
-    """One operation of a closed-loop rollout over a window's latent frames.
-
-    prefill:    write the clean real frames `frames` into the cache at positions from `position`.
-    reprefill:  clear the cache, then prefill the real frames `frames` from position 0.
-    predict:    the noisy frames `frames` (positions from `position`) attend to the cache and carry
-                the loss; they are not kept (the controller prefills the real frames next).
-    """
-
-    kind: Literal["prefill", "reprefill", "predict"]
-    frames: range
-    position: int
-
-
-def closed_loop_schedule(num_frames: int, window: RolloutWindow,
-                         chunk: int = DEPLOYED_CHUNK_LATENT_FRAMES) -> list[RolloutEvent]:
-    """The deployed controller's loop over `num_frames` latent frames, as a list of events.
-
-    It starts from the first real frame, then repeatedly predicts the next `chunk` latent frames
-    (fewer at the end) and prefills the real ones at the same positions. Before a prediction that
-    would make the window longer than `window.rollout_bound` video frames, the cache is cleared and
-    the latents of the last `window.rollout_prefill_num` real video frames are prefilled from 0.
-    Prefills that no later prediction reads (the last one of each window) are left out: in training
-    they would only cost time.
-    """
-    if num_frames < 2:
-        raise ValueError(f"a closed-loop rollout needs at least 2 latent frames, got {num_frames}")
-    events = [RolloutEvent("prefill", range(0, 1), 0)]
-    window_start, next_frame = 0, 1
-    while next_frame < num_frames:
-        new = min(chunk, num_frames - next_frame)
-        if window.needs_reset(video_frames_of(next_frame - window_start), VAE_TEMPORAL_STRIDE * new):
-            window_start = max(0, next_frame - window.prefill_latent_frames)
-            events.append(RolloutEvent("reprefill", range(window_start, next_frame), 0))
-        predicted = range(next_frame, next_frame + new)
-        position = next_frame - window_start
-        events += [RolloutEvent("predict", predicted, position), RolloutEvent("prefill", predicted, position)]
-        next_frame += new
-    return [event for i, event in enumerate(events) if event.kind != "prefill" or is_read_later(events, i)]
-
-
-def is_read_later(events: list[RolloutEvent], index: int) -> bool:
-    """Whether a prediction after event `index` sees the cache it leaves (no reprefill in between)."""
-    for event in events[index + 1:]:
-        if event.kind != "prefill":
-            return event.kind == "predict"
-    return False

@@ -35,14 +35,12 @@ from einops import rearrange
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from vidartrain.models.wan.vae import VAE_STRIDE
+from vidartrain.shapes import DIT_PATCH_SIZE, VAE_STRIDE
 
 try:
     from flash_attn import flash_attn_func
 except ImportError:  # optional: PyTorch's SDPA has its own flash kernel on CUDA
     flash_attn_func = None
-
-PATCH_SIZE = (1, 2, 2)
 
 # Rope = (cos, sin), each float32 [B or 1, L, 1, head_dim // 2].
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -65,7 +63,7 @@ def latent_grid(num_frames: int, height: int, width: int) -> tuple[int, int, int
     """Token grid (F, H, W) of a video of `num_frames` x `height` x `width` pixels."""
     if (num_frames - 1) % VAE_STRIDE[0] != 0:
         raise ValueError(f"num_frames must be 4k+1 for the VAE's temporal stride 4, got {num_frames}")
-    cell_h, cell_w = VAE_STRIDE[1] * PATCH_SIZE[1], VAE_STRIDE[2] * PATCH_SIZE[2]
+    cell_h, cell_w = VAE_STRIDE[1] * DIT_PATCH_SIZE[1], VAE_STRIDE[2] * DIT_PATCH_SIZE[2]
     if height % cell_h or width % cell_w:
         raise ValueError(f"height and width must be multiples of {cell_h} and {cell_w} "
                          f"(VAE stride x patch), got {height}x{width}")
@@ -465,7 +463,7 @@ class Head(nn.Module):
 class WanModel(nn.Module):
     """Wan2.2 DiT. Defaults are the TI2V-5B configuration (4,999,787,712 parameters)."""
 
-    def __init__(self, model_type: str = "ti2v", patch_size: Sequence[int] = PATCH_SIZE, text_len: int = 512,
+    def __init__(self, model_type: str = "ti2v", patch_size: Sequence[int] = DIT_PATCH_SIZE, text_len: int = 512,
                  in_dim: int = 48, dim: int = 3072, ffn_dim: int = 14336, freq_dim: int = 256,
                  text_dim: int = 4096, out_dim: int = 48, num_heads: int = 24, num_layers: int = 30,
                  window_size: Sequence[int] = (-1, -1), qk_norm: bool = True, cross_attn_norm: bool = True,

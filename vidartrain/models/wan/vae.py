@@ -27,8 +27,8 @@ from einops import rearrange, reduce, repeat
 from vidartrain.models.wan.checkpoint import read_state_dict
 from vidartrain.errors import CheckpointError
 from vidartrain.models.wan.t5 import check_state_dict_matches
+from vidartrain.shapes import VAE_STRIDE
 
-VAE_STRIDE = (4, 16, 16)  # (time, height, width) of the real Wan2.2 VAE
 LATENT_CHANNELS = 48
 PATCH_SIZE = 2  # 2x2 pixel fold before the encoder and after the decoder
 CACHED_FRAMES = 2  # a causal temporal kernel of 3 needs the 2 frames before a chunk
