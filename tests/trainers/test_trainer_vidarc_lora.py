@@ -1,11 +1,11 @@
 """LoRA in stage 2 under ZeRO-3 on CPU: the real deepspeed launcher, 2 gloo ranks, the workspace and
-run arguments of tests/test_self_forcing_zero3.py (a stage-1 vidar.pt, the frozen IDM, the 'mixed'
+run arguments of tests/trainers/test_self_forcing_zero3.py (a stage-1 vidar.pt, the frozen IDM, the 'mixed'
 context) plus rank-4 adapters, in one run."""
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from test_self_forcing_zero3 import STEPS, train_args, workspace  # noqa: F401  (workspace: a fixture)
-from trainer_launch import deepspeed_command, logged_steps, run
+from helpers.trainer_launch import deepspeed_command, logged_steps, run
 from vidartrain.distributed.checkpointing import tag_for_step
 
 RANK, ALPHA = 4, 16.0
