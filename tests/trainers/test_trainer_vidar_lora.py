@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from conftest import fixture_path
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from test_wan_lora import WAN_LORA_KEY
 from helpers.trainer_launch import (deepspeed_command, logged_steps, run, start, tail, vidar_validation_loss,
                                     wait, wait_for_step, write_shards)
+from models.test_wan_lora import WAN_LORA_KEY  # tests/models/: not on sys.path when this file runs alone
 from vidartrain.config import load_config
 from vidartrain.distributed.checkpointing import tag_for_step
 from vidartrain.distributed.export import main as export_main

@@ -4,8 +4,8 @@ context) plus rank-4 adapters, in one run."""
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from test_self_forcing_zero3 import STEPS, train_args, workspace  # noqa: F401  (workspace: a fixture)
 from helpers.trainer_launch import deepspeed_command, logged_steps, run
+from test_self_forcing_zero3 import STEPS, train_args, workspace  # noqa: F401  (workspace: a fixture)
 from vidartrain.distributed.checkpointing import tag_for_step
 
 RANK, ALPHA = 4, 16.0
