@@ -1,6 +1,7 @@
 """Helpers of the multi-rank trainer tests: start the real launchers (deepspeed, torchrun) on CPU."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -9,11 +10,17 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from data_tools.shard import main as shard_main
 from data_tools.synth import write_synthetic_episodes
-from vidartrain.config import load_config
+from vidartrain.config import Config, load_config
+from vidartrain.data.shard_index import read_data_info
 from vidartrain.models.idm import IDM, IdmArchitecture
+from vidartrain.trainers.base import VALIDATION_STREAM, micro_batch_generator
 from vidartrain.trainers.base import free_port  # noqa: F401  (re-exported for the tests)
+from vidartrain.trainers.vidar_trainer import VidarStage
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -94,3 +101,21 @@ def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int, log_pa
             os.killpg(process.pid, signal.SIGKILL)
             raise AssertionError(f"step {step} not reached in {timeout}s:\n{tail(log_path)}")
         time.sleep(0.2)
+
+
+def vidar_validation_loss(config: Config, model: nn.Module, split: str = "val", world_size: int = 2) -> float:
+    """The engine's stage-1 validation loss (Trainer.validation_loss) recomputed in one process: each
+    rank's held-out micro-batches (of 1 sample) with that rank's fixed noise, averaged over the ranks
+    (split "train": the same on training batches)."""
+    stage = VidarStage(config, read_data_info(config.data.shards))
+    stage.load_frozen(torch.device("cpu"))
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for rank in range(world_size):
+            loader = stage.build_loader(split, 1, rank, world_size)
+            for index, batch in enumerate(itertools.islice(loader, config.training.val_batches)):
+                generator = micro_batch_generator(config.training.seed, VALIDATION_STREAM, 0, index, rank,
+                                                  torch.device("cpu"))
+                losses.append(stage.training_loss(model, batch, generator)[0].item())
+    return sum(losses) / len(losses)

@@ -17,6 +17,17 @@ def test_ema_needs_zero3():
     check_ema_config(config, {"zero_optimization": {"stage": 2}})
 
 
+def test_validating_the_ema_needs_partitions_in_memory():
+    config = Config()
+    config.training.ema_decay, config.training.validate_ema = 0.999, True
+    zero = {"stage": 3, "offload_param": {"device": "nvme"}}
+    with pytest.raises(ConfigError, match="offload_param.device = nvme keeps on disk"):
+        check_ema_config(config, {"zero_optimization": zero})
+    check_ema_config(config, {"zero_optimization": {**zero, "offload_param": {"device": "cpu"}}})
+    config.training.validate_ema = False
+    check_ema_config(config, {"zero_optimization": zero})
+
+
 def test_unpartition_reverses_zero3_slicing_with_padding():
     full = torch.arange(15.0).view(3, 5)
     world = 4

@@ -1,6 +1,8 @@
 """Partial freezing and the EMA under ZeRO-3 on CPU: the real deepspeed launcher, 2 gloo ranks, the
 tiny Wan2.2 checkpoint and synthetic shards (as tests/trainers/test_trainer_vidar.py). One run freezes the
-text embedding and block 0 and keeps an EMA; a second one is killed and resumed."""
+text embedding and block 0, keeps an EMA and validates it too (training.validate_ema); a second one,
+without the EMA's validation, is killed and resumed."""
+import json
 import os
 import signal
 
@@ -9,7 +11,9 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import deepspeed_command, logged_steps, run, start, tail, wait, wait_for_step, write_shards
+from helpers.trainer_launch import (deepspeed_command, logged_steps, run, start, tail, vidar_validation_loss,
+                                    wait, wait_for_step, write_shards)
+from vidartrain.config import load_config
 from vidartrain.distributed.checkpointing import tag_for_step
 from vidartrain.models.wan.model import WanModel
 from vidartrain.trainers.ema import ema_state_dict_from_checkpoint
@@ -17,6 +21,7 @@ from vidartrain.trainers.ema import ema_state_dict_from_checkpoint
 STEPS = 6
 FREEZE = "[t5,vae,text_embedding.*,blocks.0.*]"
 EMA_DECAY, EMA_WARMUP = 0.9, 3
+VAL_EVERY = 3
 
 
 @pytest.fixture(scope="module")
@@ -27,22 +32,26 @@ def workspace(tmp_path_factory):
     return root
 
 
+def overrides(workspace, output_dir) -> list[str]:
+    return [f"model.ckpt_dir={workspace / 'ckpt'}", f"data.shards={workspace / 'shards'}",
+            f"data.val_shards={workspace / 'shards' / 'val'}", "validation.every=0",
+            f"training.val_every={VAL_EVERY}", f"output.save_path={output_dir / 'export' / 'vidar.pt'}",
+            f"training.num_steps={STEPS}", "training.save_every=1", "training.keep_last=10", "training.warmup=1",
+            "training.log_every=1", f"training.freeze={FREEZE}",
+            f"training.ema_decay={EMA_DECAY}", f"training.ema_warmup={EMA_WARMUP}"]
+
+
 def train_args(workspace, output_dir, *extra):
+    sets = [arg for override in overrides(workspace, output_dir) for arg in ("--set", override)]
     return ["--config", "configs/debug/tiny_vidar.yaml", "--ds-config", "ds_configs/cpu_debug.json",
-            "--output_dir", str(output_dir),
-            "--set", f"model.ckpt_dir={workspace / 'ckpt'}", "--set", f"data.shards={workspace / 'shards'}",
-            "--set", "data.val_shards=null", "--set", "validation.every=0", "--set", "training.val_every=0",
-            "--set", f"output.save_path={output_dir / 'export' / 'vidar.pt'}",
-            "--set", f"training.num_steps={STEPS}", "--set", "training.save_every=1", "--set", "training.keep_last=10",
-            "--set", "training.warmup=1",
-            "--set", "training.log_every=1", "--set", f"training.freeze={FREEZE}",
-            "--set", f"training.ema_decay={EMA_DECAY}", "--set", f"training.ema_warmup={EMA_WARMUP}", *extra]
+            "--output_dir", str(output_dir), *sets, *extra]
 
 
 @pytest.fixture(scope="module")
 def frozen_run(workspace):
     output_dir = workspace / "frozen"
-    run(deepspeed_command("launch/train.py", train_args(workspace, output_dir)), workspace / "frozen.log")
+    run(deepspeed_command("launch/train.py", train_args(workspace, output_dir, "--set", "training.validate_ema=true")),
+        workspace / "frozen.log")
     return output_dir
 
 
@@ -105,7 +114,33 @@ def test_ema_equals_a_reference_ema_of_the_gathered_weights_and_is_exported(work
     WanModel.from_pretrained(workspace / "ckpt", dtype=torch.bfloat16, device="cpu").load_state_dict(exported, strict=True)
 
 
+def validation_records(output_dir) -> dict[tuple[int, str], float]:
+    """(step, "val_loss" | "val_ema_loss") -> the logged validation loss."""
+    records = map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines())
+    return {(r["step"], name): r[name] for r in records for name in ("val_loss", "val_ema_loss") if name in r}
+
+
+def test_ema_validation_evaluates_the_exported_ema(workspace, frozen_run):
+    logged = validation_records(frozen_run)
+    assert set(logged) == {(step, name) for step in (3, 6) for name in ("val_loss", "val_ema_loss")}
+    config = load_config("configs/debug/tiny_vidar.yaml", overrides(workspace, frozen_run))
+    recomputed = {}
+    for name, file in (("val_loss", "vidar.pt"), ("val_ema_loss", "vidar_ema.pt")):
+        model = WanModel.from_pretrained(workspace / "ckpt", dtype=torch.bfloat16, device="cpu")
+        model.load_state_dict(torch.load(frozen_run / "export" / file, weights_only=True), strict=True)
+        recomputed[name] = vidar_validation_loss(config, model)
+    print(f"step {STEPS} validation loss: engine {logged[STEPS, 'val_loss']:.6f} / EMA {logged[STEPS, 'val_ema_loss']:.6f}; "
+          f"recomputed from vidar.pt {recomputed['val_loss']:.6f} / vidar_ema.pt {recomputed['val_ema_loss']:.6f}")
+    # ZeRO-3 computes its linear layers as matmul + bias, a plain module as addmm: the last bits differ
+    for name in recomputed:
+        assert recomputed[name] == pytest.approx(logged[STEPS, name], rel=1e-4), name
+    # the EMA's loss is another number than the training weights', well beyond that tolerance
+    assert abs(logged[STEPS, "val_ema_loss"] - logged[STEPS, "val_loss"]) > 1e-3 * logged[STEPS, "val_loss"]
+
+
 def test_killed_and_resumed_run_has_the_same_losses_and_ema(workspace, frozen_run):
+    """Resumed, and without training.validate_ema: the EMA's validation left the training weights as
+    they were (the same losses, validation losses and EMA)."""
     output_dir, log = workspace / "killed", workspace / "killed.log"
     process = start(deepspeed_command("launch/train.py", train_args(workspace, output_dir)), log)
     wait_for_step(process, output_dir, 2, log)
@@ -116,6 +151,8 @@ def test_killed_and_resumed_run_has_the_same_losses_and_ema(workspace, frozen_ru
     assert wait(process, log) == 0, tail(log)
     assert ({s: r["loss"] for s, r in logged_steps(output_dir).items()}
             == {s: r["loss"] for s, r in logged_steps(frozen_run).items()})
+    validated = validation_records(output_dir)
+    assert validated == {key: loss for key, loss in validation_records(frozen_run).items() if key[1] == "val_loss"}
     resumed = ema_state_dict_from_checkpoint(output_dir / "checkpoints" / tag_for_step(STEPS))
     uninterrupted = ema_state_dict_from_checkpoint(frozen_run / "checkpoints" / tag_for_step(STEPS))
     assert all(torch.equal(resumed[name], uninterrupted[name]) for name in uninterrupted)

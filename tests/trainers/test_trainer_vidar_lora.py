@@ -2,7 +2,6 @@
 synthetic shards (as tests/trainers/test_trainer_vidar.py). One run trains rank-4 adapters (dropout and an EMA
 on, selective activation checkpointing) and ends with a validation loss the engine computes; a second
 one is killed and resumed. The exports are checked against the engine."""
-import itertools
 import json
 import os
 import re
@@ -15,16 +14,14 @@ from safetensors.torch import load_file
 
 from conftest import fixture_path
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from test_wan_lora import WAN_LORA_KEY
-from helpers.trainer_launch import deepspeed_command, logged_steps, run, start, tail, wait, wait_for_step, write_shards
+from helpers.trainer_launch import (deepspeed_command, logged_steps, run, start, tail, vidar_validation_loss,
+                                    wait, wait_for_step, write_shards)
+from models.test_wan_lora import WAN_LORA_KEY  # tests/models/: not on sys.path when this file runs alone
 from vidartrain.config import load_config
-from vidartrain.data.shard_index import read_data_info
 from vidartrain.distributed.checkpointing import tag_for_step
 from vidartrain.distributed.export import main as export_main
 from vidartrain.models.wan.lora import load_wan_lora
 from vidartrain.models.wan.model import WanModel
-from vidartrain.trainers.base import VALIDATION_STREAM, micro_batch_generator
-from vidartrain.trainers.vidar_trainer import VidarStage
 
 STEPS = 12
 RANK, ALPHA = 4, 16.0
@@ -101,22 +98,8 @@ def test_only_adapters_train_and_the_base_stays_bit_identical(workspace, lora_ru
 
 
 def validation_loss(workspace, output_dir, model: WanModel, split: str = "val") -> float:
-    """The engine's validation loss (Trainer.validation_loss) recomputed in one process: each rank's
-    held-out micro-batches with that rank's fixed noise, averaged over both ranks (split "train": the
-    same on training batches)."""
-    config = load_config("configs/debug/tiny_vidar.yaml", overrides(workspace, output_dir))
-    stage = VidarStage(config, read_data_info(config.data.shards))
-    stage.load_frozen(torch.device("cpu"))
-    model.eval()
-    losses = []
-    with torch.no_grad():
-        for rank in range(2):
-            loader = stage.build_loader(split, 1, rank, 2)
-            for index, batch in enumerate(itertools.islice(loader, config.training.val_batches)):
-                generator = micro_batch_generator(config.training.seed, VALIDATION_STREAM, 0, index, rank,
-                                                  torch.device("cpu"))
-                losses.append(stage.training_loss(model, batch, generator)[0].item())
-    return sum(losses) / len(losses)
+    return vidar_validation_loss(load_config("configs/debug/tiny_vidar.yaml", overrides(workspace, output_dir)),
+                                 model, split)
 
 
 def upstream_layout(keys) -> set[str]:
