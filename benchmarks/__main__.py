@@ -40,6 +40,13 @@ def machine() -> dict[str, str]:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+LORA_TABLE_NOTE = (
+    "The frozen base keeps only its bf16 partitions; gradients, the fp32 master and Adam moments exist for the "
+    "adapters only, and backward computes no weight gradient of the base (one pass fewer per step). "
+    "`zero3_1xgpu` offloads the optimizer to the CPU, so there LoRA saves CPU memory, not GPU memory. "
+    "Activations are planned as for full fine-tuning (an upper bound).")
+
+
 def planner_tables() -> dict[str, str]:
     from vidartrain.config import load_config
     from vidartrain.distributed.ds_config import load_profile
@@ -53,6 +60,11 @@ def planner_tables() -> dict[str, str]:
             ("Stage 2 on a whole 81-frame sample (chunk 21: 19,320 tokens in one-pass teacher forcing)",
              "configs/vidarc_causal.yaml", ["self_forcing.chunk_size=21"])):
         tables[title] = markdown_table(hardware_table(load_config(REPO / path, overrides)))
+    for stage, path in (("Stage 1", "configs/vidar_finetune.yaml"), ("Stage 2", "configs/vidarc_causal.yaml")):
+        rows = [row for row in hardware_table(load_config(REPO / path, ["lora.rank=64"]))
+                if row["profile"].split(" ")[0] in ("zero3_1xgpu", "zero3_2xh200")]
+        tables[f"{stage} with LoRA rank 64 (`{path}`, `--set lora.rank=64`, default targets) on one GPU and "
+               "2x H200"] = LORA_TABLE_NOTE + "\n\n" + markdown_table(rows)
     config = load_config(REPO / "configs/vidarc_2xh200.yaml", ["model.chunk_size=21"])
     profile = load_profile(REPO / "ds_configs/zero3_2xh200.json")
     plans = [format_plan(make_plan(config, "zero3_2xh200", profile, "h200", 2, checkpointing=mode))
