@@ -119,3 +119,19 @@ def vidar_validation_loss(config: Config, model: nn.Module, split: str = "val", 
                                                   torch.device("cpu"))
                 losses.append(stage.training_loss(model, batch, generator)[0].item())
     return sum(losses) / len(losses)
+
+
+TINY_CONFIG = "configs/debug/tiny_vidar.yaml"
+CPU_PROFILE = "ds_configs/cpu_debug.json"
+
+
+def single_process(root, output_dir, *overrides, script=("launch/train.py",)):
+    """`python launch/train.py` (or `script`, a list: a script taking its flags and its own arguments first)
+    with no launcher: one rank, micro 1 x accumulation 4 = batch 4."""
+    command = [str(BIN / "python"), *script, "--config", TINY_CONFIG, "--ds-config", CPU_PROFILE,
+               "--output_dir", str(output_dir), "--set", f"model.ckpt_dir={root / 'ckpt'}",
+               "--set", f"data.shards={root / 'shards'}", "--set", "data.val_shards=null",
+               "--set", f"output.save_path={output_dir / 'vidar.pt'}",
+               "--set", "training.batch_size=1", "--set", "training.gradient_accumulation=4",
+               "--set", "training.log_every=1", "--set", "validation.every=0", *overrides]
+    return subprocess.run(command, cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)

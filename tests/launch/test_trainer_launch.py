@@ -2,23 +2,16 @@
 launcher trains on pre-encoded shards; non-finite losses are skipped, counted, and stop the run."""
 import json
 import shutil
-import subprocess
 
 import pytest
 
 import launch.train as train_cli
 from launch.stage_flags import debug_overrides
 from vidartrain.distributed.ds_config import load_profile
-from data_tools.shard import main as shard_main
-from data_tools.synth import write_synthetic_episodes
-from data_tools.tiny_checkpoint import TINY_T5, TINY_VAE, write_tiny_checkpoint
-from helpers.trainer_launch import BIN, REPO_ROOT, launcher_env, logged_steps
+from helpers.trainer_launch import CPU_PROFILE, REPO_ROOT, TINY_CONFIG, logged_steps, single_process
 from vidartrain.config import load_config
 from vidartrain.data.shard_index import INDEX_FORMAT
 from vidartrain.distributed.checkpointing import COMPLETE_MARKER, tag_for_step
-
-TINY_CONFIG = "configs/debug/tiny_vidar.yaml"
-CPU_PROFILE = "ds_configs/cpu_debug.json"
 
 
 @pytest.fixture
@@ -64,30 +57,6 @@ def test_an_export_onto_the_runs_own_weights_is_refused_before_anything_is_built
     with pytest.raises(AssertionError, match="was built"):  # --overwrite: the run goes on to start
         train_cli.main([*args, "--overwrite"])
     assert (tmp_path / "vidar.pt").read_bytes() == b"the published weights"
-
-
-@pytest.fixture(scope="module")
-def pre_encoded(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pre_encoded")
-    write_tiny_checkpoint(root / "ckpt")
-    write_synthetic_episodes(root / "episodes", 4, frames=12, height=64, width=64)
-    assert shard_main(["--episodes", str(root / "episodes"), "--out", str(root / "shards"),
-                       "--precompute", "latents,text", "--ckpt-dir", str(root / "ckpt"), "--num-frames", "9",
-                       "--height", "64", "--width", "64", "--vae-config", json.dumps(TINY_VAE),
-                       "--t5-config", json.dumps(TINY_T5)]) == 0
-    return root
-
-
-def single_process(root, output_dir, *overrides, script=("launch/train.py",)):
-    """`python launch/train.py` (or `script`, a list: a script taking its flags and its own arguments first)
-    with no launcher: one rank, micro 1 x accumulation 4 = batch 4."""
-    command = [str(BIN / "python"), *script, "--config", TINY_CONFIG, "--ds-config", CPU_PROFILE,
-               "--output_dir", str(output_dir), "--set", f"model.ckpt_dir={root / 'ckpt'}",
-               "--set", f"data.shards={root / 'shards'}", "--set", "data.val_shards=null",
-               "--set", f"output.save_path={output_dir / 'vidar.pt'}",
-               "--set", "training.batch_size=1", "--set", "training.gradient_accumulation=4",
-               "--set", "training.log_every=1", "--set", "validation.every=0", *overrides]
-    return subprocess.run(command, cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
 
 
 def test_one_gpu_profile_trains_with_the_optimizer_offloaded(pre_encoded, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from launch.forward_sigterm import ranks_under
-from test_trainer_launch import CPU_PROFILE, TINY_CONFIG, pre_encoded, single_process  # noqa: F401 (fixture)
+from helpers.trainer_launch import CPU_PROFILE, TINY_CONFIG, single_process
 from helpers.trainer_launch import BIN, REPO_ROOT, free_port, launcher_env, logged_steps, tail, wait, wait_for_step
 from vidartrain.config import ConfigError, load_config
 from vidartrain.distributed.checkpointing import (COMPLETE_MARKER, checkpoint_files, file_digests, mark_complete,
