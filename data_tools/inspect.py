@@ -26,6 +26,7 @@ from vidartrain.data.dataset import SampleRef, read_sample_bytes
 from vidartrain.data.shard_index import file_sha256, read_index, shard_file_problem
 from vidartrain.data.video import VideoReadError, open_video, read_frames
 from vidartrain.errors import reports_errors
+from vidartrain.shapes import VAE_STRIDE
 
 MEMBERS = {"raw": ("mp4", "actions.npy", "txt", "json"),
            "latents": ("tensors.safetensors", "actions.npy", "txt", "json")}
@@ -79,7 +80,9 @@ def check_tensors(sample: dict, precompute: dict) -> str | None:
         tensors = safetensors.torch.load(sample["tensors.safetensors"])
     except Exception as error:  # safetensors raises its own error types for malformed bytes
         return f"tensors.safetensors does not load ({error})"
-    expected = (1 + (precompute["num_frames"] - 1) // 4, precompute["height"] // 16, precompute["width"] // 16)
+    stride_t, stride_h, stride_w = VAE_STRIDE
+    expected = (1 + (precompute["num_frames"] - 1) // stride_t, precompute["height"] // stride_h,
+                precompute["width"] // stride_w)
     if "latents" not in tensors or tuple(tensors["latents"].shape[1:]) != expected:
         found = tuple(tensors["latents"].shape) if "latents" in tensors else "none"
         return f"latents of shape {found}, expected (C, {', '.join(map(str, expected))})"

@@ -1,11 +1,17 @@
 """Shared test helpers: where the golden fixtures live, and a skip when they are absent; the GPU lane
-(tests/gpu/, `pytest -m gpu tests/gpu`) marked `gpu` and skipped where there is no CUDA device."""
+(tests/gpu/, `pytest -m gpu tests/gpu`) marked `gpu` and skipped where there is no CUDA device; the
+`pre_encoded` shards fixture of the single-process trainer tests. Helper modules: tests/helpers/."""
+import json
 import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
+
+from data_tools.shard import main as shard_main
+from data_tools.synth import write_synthetic_episodes
+from data_tools.tiny_checkpoint import TINY_T5, TINY_VAE, write_tiny_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("VIDARTRAIN_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
@@ -47,3 +53,16 @@ def refused(capsys):
         assert re.search(pattern, message), f"{pattern!r} not in the error message:\n{err}"
         return message
     return check
+
+
+@pytest.fixture(scope="module")
+def pre_encoded(tmp_path_factory):
+    """Tiny checkpoint and 4 synthetic episodes as pre-encoded shards (latents and text), under one root."""
+    root = tmp_path_factory.mktemp("pre_encoded")
+    write_tiny_checkpoint(root / "ckpt")
+    write_synthetic_episodes(root / "episodes", 4, frames=12, height=64, width=64)
+    assert shard_main(["--episodes", str(root / "episodes"), "--out", str(root / "shards"),
+                       "--precompute", "latents,text", "--ckpt-dir", str(root / "ckpt"), "--num-frames", "9",
+                       "--height", "64", "--width", "64", "--vae-config", json.dumps(TINY_VAE),
+                       "--t5-config", json.dumps(TINY_T5)]) == 0
+    return root

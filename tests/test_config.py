@@ -89,6 +89,8 @@ def test_literal_choices_listed(tmp_path):
     ("training.freeze=[t5,' ']", "entries are parameter-name patterns"),
     ("training.ema_decay=1.0", "`training.ema_decay` = 1.0: must be in [0, 1)"),
     ("training.ema_warmup=-1", "`training.ema_warmup` = -1: must be >= 0"),
+    ("training.validate_ema=true", "`training.validate_ema` = true evaluates the EMA of the weights, but "
+                                   "`training.ema_decay` = 0 keeps none"),
 ])
 def test_impossible_values_say_which_and_why(override, fragment):
     with pytest.raises(ConfigError) as err:

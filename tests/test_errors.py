@@ -19,7 +19,7 @@ from data_tools.importers.common import parse_columns
 from data_tools.precompute import WindowSettings, parse_precompute
 from launch import sample as sample_cli
 from launch import train_vidar
-from trainer_launch import REPO_ROOT, launcher_env
+from helpers.trainer_launch import REPO_ROOT, launcher_env
 from vidartrain.data.shard_index import (INDEX_FORMAT, JOURNAL_FILE, action_statistics, merge_action_statistics,
                                          read_common_index, read_index)
 from vidartrain.data.video import VideoReadError

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer_launch import REPO_ROOT
+from helpers.trainer_launch import REPO_ROOT
 
 # (pattern in the command, why it is not run here)
 NOT_RUN = [

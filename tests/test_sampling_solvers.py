@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors import safe_open
 
-from tests.conftest import fixture_path
+from conftest import fixture_path
 from vidartrain.sampling import FlowEulerSolver, denoise, flow_schedule, make_solver
 
 

@@ -76,6 +76,8 @@ class TrainingConfig:
     # over the first ema_warmup optimizer steps (0 = full decay from the first step)
     ema_decay: float = 0.0
     ema_warmup: int = 0
+    # the periodic validation (val_every) also evaluates the EMA, logged as val/ema_loss (needs ema_decay > 0)
+    validate_ema: bool = False
 
 
 @dataclass
@@ -597,6 +599,8 @@ def value_problems(config: Config) -> typing.Iterator[str]:
         yield f"`training.ema_decay` = {t.ema_decay}: must be in [0, 1) (0 turns the EMA off)"
     if t.ema_warmup < 0:
         yield f"`training.ema_warmup` = {t.ema_warmup}: must be >= 0"
+    if t.validate_ema and t.ema_decay == 0:
+        yield "`training.validate_ema` = true evaluates the EMA of the weights, but `training.ema_decay` = 0 keeps none"
     if any(not pattern.strip() for pattern in t.freeze):
         yield (f"`training.freeze` = {t.freeze}: entries are parameter-name patterns (e.g. `blocks.[0-9].*`) "
                f"or t5/vae/idm, never empty")
@@ -717,6 +721,7 @@ CHANGEABLE_ON_RESUME = frozenset({
     "training.betas", "training.eps", "training.weight_decay", "training.grad_clip", "training.log_every",
     "training.save_every", "training.keep_last", "training.val_every", "training.val_batches",
     "training.max_nonfinite_steps", "training.log_seconds", "training.ema_decay", "training.ema_warmup",
+    "training.validate_ema",
     "loss.embodiment_aware", "loss.eta", "loss.shift", "loss.mask_weight",
     "self_forcing.context_mode", "self_forcing.self_generated_prob", "self_forcing.denoising_steps",
     "data.shards", "data.val_shards", "data.cfg_prob", "data.num_workers", "data.max_bad_samples",

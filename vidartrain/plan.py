@@ -20,6 +20,7 @@ import functools
 import itertools
 import json
 import sys
+import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -145,20 +146,28 @@ def forward_flops(shape: DitShape, tokens: int, pairs: int, frames: int) -> dict
 
 
 def saved_bytes(fn: Any, parameters: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages autograd saves while running `fn()`. Tensors shaped like a
-    parameter (the parameters themselves and autocast's casts of them) are weights, not activations."""
+    """Bytes of the distinct storages autograd saves while running `fn()` and still holds for the
+    backward of its result. Tensors shaped like a parameter (the parameters themselves and autocast's
+    casts of them) are weights, not activations. A storage is followed until it is freed: parts of the
+    graph that do not lead to the result are freed during `fn`, and their addresses reused (keyed by
+    address alone, a reused one would replace a live entry, and the count would depend on the allocator)."""
     parameter_shapes = {tuple(p.shape) for p in parameters}
-    storages: dict[int, int] = {}
+    alive: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if tuple(t.shape) not in parameter_shapes:
             storage = t.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+            key = storage.data_ptr()
+            if key not in alive:
+                alive[key] = storage.nbytes()
+                weakref.finalize(storage, alive.pop, key, None)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
+        result = fn()
+        held = sum(alive.values())
+    del result
+    return held
 
 
 def kept_by_selective_bytes(fn: Any) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from trainer_launch import REPO_ROOT, launcher_env, logged_steps, start, tail, wait, wait_for_step, write_shards
+from helpers.trainer_launch import REPO_ROOT, launcher_env, logged_steps, start, tail, wait, wait_for_step, write_shards
 
 PROFILE = "ds_configs/cpu_debug.json"  # ZeRO-3, bf16; one process: micro 1 x accumulation 2
 

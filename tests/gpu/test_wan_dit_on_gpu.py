@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from vidartrain.models.wan.model import WanModel
 
 # max |bf16 on CUDA - f32 upstream| / max |f32 upstream|: the bound of the CPU bf16 test
-# (tests/test_wan_dit.py, measured 2.6e-3 / 3.3e-3 there).
+# (tests/models/test_wan_dit.py, measured 2.6e-3 / 3.3e-3 there).
 BF16_TOLERANCE = 2e-2
 
 

@@ -524,6 +524,9 @@ class Trainer:
         val_every = self.config.training.val_every
         if self.validates and self.step % val_every == 0:
             self.monitor.log_validation(self.step, self.validation_loss())
+            if self.config.training.validate_ema:
+                with self.ema.swapped_in(self.engine.optimizer):
+                    self.monitor.log_validation(self.step, self.validation_loss(), name="ema_loss")
         if self.config.validation.every and self.step % self.config.validation.every == 0:
             self.render_validation_samples()
         if self.step % self.config.training.save_every == 0:

@@ -14,9 +14,15 @@ lives where the master weights live: on the GPU, or in CPU memory when the optim
 The partitions travel in each rank's DeepSpeed checkpoint file (`zero_pp_rank_R_mp_rank_00_model_states.pt`,
 client state "ema") and come back bit-exactly on resume with the same number of ranks. At the end of
 a run they are gathered into a full state dict and exported beside the raw weights (`vidar_ema.pt`).
+
+With `training.validate_ema` the periodic validation also runs on the EMA (`PartitionEMA.swapped_in`):
+each rank writes its EMA partitions into the module's ZeRO-3 partitions for the evaluation and puts
+the training partitions back afterwards, bit-for-bit.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,11 @@ def check_ema_config(config: Config, ds_config: dict[str, Any]) -> None:
     if config.training.ema_decay > 0 and stage != 3:
         raise ConfigError(f"`training.ema_decay` = {config.training.ema_decay} needs ZeRO stage 3 (the EMA is kept "
                           f"per rank over ZeRO-3's fp32 partitions), the DeepSpeed profile has stage {stage}")
+    offload = ds_config.get("zero_optimization", {}).get("offload_param") or {}
+    if config.training.validate_ema and offload.get("device") == "nvme":
+        raise ConfigError("`training.validate_ema` writes the EMA into the parameters' ZeRO-3 partitions, which "
+                          "zero_optimization.offload_param.device = nvme keeps on disk; offload the parameters to "
+                          "cpu (or none) or set training.validate_ema=false")
 
 
 def ema_device(ds_config: dict[str, Any], device: torch.device) -> torch.device:
@@ -72,6 +83,31 @@ class PartitionEMA:
         for name, param in self.parameters.items():
             shadow = self.shadow[name]
             shadow.mul_(decay).add_(safe_get_local_fp32_param(param).to(shadow.device), alpha=1.0 - decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self, optimizer: Any) -> Iterator[None]:
+        """Inside the block the module computes with the EMA: each trained parameter's ZeRO-3 partition
+        (`ds_tensor`) holds its EMA cast to the partition's dtype (as the export rounds it); on leaving,
+        the training partitions come back bit-for-bit. Collective: every rank must enter it.
+
+        A forward gathers a parameter from the partitions, but ZeRO-3 keeps small "persistent" parameters
+        (stage3_param_persistence_threshold) gathered in full between steps, so writing a partition alone
+        would not change what they compute. `optimizer` (DeepSpeed's ZeRO-3 optimizer) releases every
+        gathered parameter and re-gathers the persistent ones on both sides of each write, with the calls
+        its engine makes around a checkpoint save (which leave the training bit-identical)."""
+        training = {name: param.ds_tensor.detach().clone() for name, param in self.parameters.items()}
+
+        def write(partitions: dict[str, torch.Tensor]) -> None:
+            optimizer.checkpoint_event_prologue()  # every parameter released to its partition
+            for name, param in self.parameters.items():
+                param.ds_tensor.copy_(partitions[name])
+            optimizer.checkpoint_event_epilogue()  # persistent parameters gathered from the new partitions
+
+        write(self.shadow)
+        try:
+            yield
+        finally:
+            write(training)
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "warmup": self.warmup, "updates": self.updates,

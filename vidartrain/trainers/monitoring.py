@@ -109,13 +109,15 @@ class TrainingMonitor:
         per_step = (time.monotonic() - self.start_time) / max(1, step - self.start_step)
         return str(datetime.timedelta(seconds=round(per_step * (self.total_steps - step))))
 
-    def log_validation(self, step: int, loss: float) -> None:
+    def log_validation(self, step: int, loss: float, name: str = "loss") -> None:
+        """A validation loss as TensorBoard's val/NAME and metrics.jsonl's val_NAME (loss: the training
+        weights, ema_loss: their EMA)."""
         if not self.enabled:
             return
-        self.writer.add_scalar("val/loss", loss, step)
-        self.metrics_file.write(json.dumps({"step": step, "val_loss": loss}) + "\n")
+        self.writer.add_scalar(f"val/{name}", loss, step)
+        self.metrics_file.write(json.dumps({"step": step, f"val_{name}": loss}) + "\n")
         self.metrics_file.flush()
-        log.info("step %d  validation loss %.5f", step, loss)
+        log.info("step %d  validation %s %.5f", step, name.replace("_", " "), loss)
 
     def log_samples(self, step: int, samples: list, directory: Path, fps: int, seconds: float) -> None:
         """Validation samples: mp4 per sample under `directory` with metrics.json, TensorBoard image

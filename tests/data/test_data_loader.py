@@ -1,0 +1,299 @@
+"""The training loader: batch format, rank/worker partition, determinism and exact resume."""
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools import shard as shard_tool
+from data_tools.synth import synthetic_episode, write_episode, write_synthetic_episodes
+from vidartrain.config import DataConfig
+from vidartrain.data.dataset import build_loader
+from vidartrain.errors import DataError
+
+EPISODES = 8
+HEIGHT, WIDTH = 48, 64
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Eight 20-frame episodes (one recorded at 30 fps) in three shards."""
+    root = tmp_path_factory.mktemp("loader")
+    write_synthetic_episodes(root / "episodes", EPISODES - 1, frames=20, height=HEIGHT, width=WIDTH, seed=5)
+    video, actions, text = synthetic_episode(np.random.default_rng(11), 60, HEIGHT, WIDTH)
+    write_episode(root / "episodes" / "ep_fast", video, actions[::3], text, fps=30)
+    assert shard_tool.main(["--episodes", str(root / "episodes"), "--out", str(root / "shards"),
+                            "--samples-per-shard", "3"]) == 0
+    return root / "shards"
+
+
+def config(shards, **overrides):
+    base = DataConfig(shards=str(shards), num_frames=6, height=40, width=32, fps=10, cfg_prob=0.3,
+                      num_workers=0, seed=7)
+    return replace(base, **overrides)
+
+
+def keys_of(batches):
+    return [key for batch in batches for key in batch["__key__"]]
+
+
+def test_batch_format(shards):
+    loader = build_loader(shards, config(shards), micro_batch_size=2, rank=0, world_size=1, epochs=1)
+    batches = list(loader)
+    assert len(batches) == EPISODES // 2
+    batch = batches[0]
+    assert batch["video"].shape == (2, 3, 6, 40, 32) and batch["video"].dtype == torch.float32
+    assert batch["video"].min() >= -1 and batch["video"].max() <= 1 and batch["video"].std() > 0.05
+    assert batch["actions"].shape == (2, 6, 14) and batch["actions"].dtype == torch.float32
+    assert isinstance(batch["text"], list) and len(batch["text"]) == 2
+    assert batch["text_dropped"].dtype == torch.bool and batch["text_dropped"].shape == (2,)
+    assert sorted(keys_of(batches)) == sorted([f"ep_{i:04d}" for i in range(EPISODES - 1)] + ["ep_fast"])
+
+
+def test_frames_match_actions_including_resampled_episode(shards):
+    """The red square sits where the sampled frame's action puts it: video and actions are aligned."""
+    cfg = config(shards, height=HEIGHT, width=WIDTH, num_frames=5, cfg_prob=0.0)
+    for batch in build_loader(shards, cfg, micro_batch_size=1, rank=0, world_size=1, epochs=1):
+        frames = ((batch["video"][0].permute(1, 2, 3, 0) + 1) * 127.5).numpy()  # [F, H, W, 3]
+        for frame, action in zip(frames, batch["actions"][0].numpy()):
+            red = (np.abs(frame - (220, 60, 40)).max(-1) < 40)
+            rows, cols = np.nonzero(red)
+            assert abs(cols.mean() - (action[0] + 1) / 2 * (WIDTH - 1)) < 2.5, batch["__key__"]
+            assert abs(rows.mean() - (action[1] + 1) / 2 * (HEIGHT - 1)) < 2.5, batch["__key__"]
+
+
+def test_two_ranks_two_workers_are_disjoint_and_cover(shards):
+    seen = []
+    for rank in range(2):
+        loader = build_loader(shards, config(shards, num_workers=2), micro_batch_size=1, rank=rank,
+                              world_size=2, epochs=1)
+        seen.append(keys_of(loader))
+    assert len(seen[0]) == len(seen[1]) == EPISODES // 2
+    assert not set(seen[0]) & set(seen[1])
+    assert len(set(seen[0]) | set(seen[1])) == EPISODES
+
+
+def test_workers_do_not_change_the_sequence(shards):
+    runs = []
+    for workers in (0, 2):
+        loader = build_loader(shards, config(shards, num_workers=workers), micro_batch_size=1, rank=1,
+                              world_size=2, epochs=2)
+        runs.append(list(loader))
+    assert keys_of(runs[0]) == keys_of(runs[1])
+    for a, b in zip(*runs):
+        assert torch.equal(a["video"], b["video"]) and torch.equal(a["actions"], b["actions"])
+        assert a["text"] == b["text"]
+
+
+def test_seed_decides_the_order_and_epochs_differ(shards):
+    def order(seed):
+        loader = build_loader(shards, config(shards, seed=seed), micro_batch_size=1, rank=0, world_size=1, epochs=2)
+        return keys_of(loader)
+    first = order(7)
+    assert first == order(7) and first != order(8)
+    assert sorted(first[:EPISODES]) == sorted(first[EPISODES:]) and first[:EPISODES] != first[EPISODES:]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_yields_exactly_the_rest(shards, workers):
+    cfg = config(shards, num_workers=workers)
+    make = lambda: build_loader(shards, cfg, micro_batch_size=1, rank=1, world_size=2, epochs=3)
+    full = list(make())
+    assert len(full) == 3 * EPISODES // 2
+    for k in (3, 5):  # inside the first epoch, and past the epoch boundary
+        interrupted = make()
+        head = list(islice(iter(interrupted), k))
+        state = json.loads(json.dumps(interrupted.state_dict()))  # survives a checkpoint round trip
+        resumed = make()
+        resumed.load_state_dict(state)
+        tail = list(resumed)
+        assert keys_of(head + tail) == keys_of(full)
+        for a, b in zip(head + tail, full):
+            assert torch.equal(a["video"], b["video"]) and torch.equal(a["text_dropped"], b["text_dropped"])
+
+
+def test_resume_on_another_world_size_neither_repeats_nor_skips(shards):
+    two_ranks = [build_loader(shards, config(shards), micro_batch_size=1, rank=r, world_size=2, epochs=1)
+                 for r in range(2)]
+    consumed = [keys_of(islice(iter(loader), 1)) for loader in two_ranks]
+    state = two_ranks[0].state_dict()
+    assert state["samples_consumed"] == 2 and state["samples_consumed_per_rank"] == 1
+    single = build_loader(shards, config(shards), micro_batch_size=1, rank=0, world_size=1, epochs=1)
+    single.load_state_dict(state)
+    rest = keys_of(single)
+    assert sorted(consumed[0] + consumed[1] + rest) == sorted(keys_of(
+        build_loader(shards, config(shards), micro_batch_size=1, rank=0, world_size=1, epochs=1)))
+
+
+def test_state_from_another_seed_is_refused(shards):
+    state = build_loader(shards, config(shards), 1, rank=0, world_size=1).state_dict()
+    other = build_loader(shards, config(shards, seed=1), 1, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(state)
+
+
+def test_too_few_samples_for_one_batch_is_a_data_error(shards):
+    loader = build_loader(shards, config(shards), 100, rank=0, world_size=1)
+    with pytest.raises(DataError, match="8 samples cannot fill one batch of 100 on each of 1 ranks"):
+        next(iter(loader))
+
+
+def test_text_dropout(shards):
+    always = build_loader(shards, config(shards, cfg_prob=1.0), 4, rank=0, world_size=1, epochs=1)
+    never = build_loader(shards, config(shards, cfg_prob=0.0), 4, rank=0, world_size=1, epochs=1)
+    for batch in always:
+        assert batch["text_dropped"].all() and batch["text"] == ["", "", "", ""]
+    for batch in never:
+        assert not batch["text_dropped"].any() and all(batch["text"])
+
+
+def test_evaluation_loader_reads_everything_in_order_without_dropout(shards):
+    loader = build_loader(shards, config(shards, cfg_prob=1.0), 3, rank=0, world_size=1, train=False)
+    batches = list(loader)
+    assert [len(b["__key__"]) for b in batches] == [3, 3, 2]
+    index = json.loads((shards / "index.json").read_text())
+    assert keys_of(batches) == [e["key"] for s in index["shards"] for e in s["entries"]]
+    assert not any(b["text_dropped"].any() for b in batches)
+
+
+def test_idm_frame_pairs(shards):
+    loader = build_loader(shards, config(shards, height=HEIGHT, width=WIDTH), micro_batch_size=4, rank=0,
+                          world_size=1, epochs=1, mode="frames", frames_per_sample=2)
+    batches = list(loader)
+    assert len(batches) == EPISODES * 2 // 4
+    batch = batches[0]
+    assert batch["frame"].shape == (4, 3, HEIGHT, WIDTH) and batch["action"].shape == (4, 14)
+    episode, frame = batch["__key__"][0].split("/")
+    assert 0 <= int(frame) < 20
+    with pytest.raises(ValueError, match="multiple of frames_per_sample"):
+        build_loader(shards, config(shards), 3, rank=0, world_size=1, mode="frames", frames_per_sample=2)
+
+
+def test_too_short_samples_are_left_out_with_a_warning(shards):
+    with pytest.warns(UserWarning, match="fewer than 21 frames"):
+        with pytest.raises(DataError, match="no sample has 21 frames"):
+            build_loader(shards, config(shards, num_frames=21), 1, rank=0, world_size=1)
+
+
+def test_truncated_shard_is_refused_at_start(shards, tmp_path):
+    copy = tmp_path / "shards"
+    copy.mkdir()
+    for file in shards.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    (copy / "shard-000000.tar").write_bytes((shards / "shard-000000.tar").read_bytes()[:5000])
+    with pytest.raises(DataError, match="shard-000000.tar: 5000 bytes, index.json says"):
+        build_loader(copy, config(copy), 1, rank=0, world_size=1, train=False)
+
+
+RANK_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+from vidartrain.config import DataConfig
+from vidartrain.data.dataset import build_loader
+dist.init_process_group("gloo")
+config = DataConfig(shards=sys.argv[1], num_frames=6, height=40, width=32, num_workers=2, seed=3)
+loader = build_loader(config.shards, config, 1, epochs=1)  # rank and world size from torch.distributed
+keys = [key for batch in loader for key in batch["__key__"]]
+with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as out:
+    json.dump({"keys": keys, "world_size": loader.state_dict()["world_size"]}, out)
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_from_torchrun_read_disjoint_samples(shards, tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script),
+                             str(shards), str(tmp_path)], cwd=Path(__file__).resolve().parents[2],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert len(ranks[0]["keys"]) == len(ranks[1]["keys"]) == EPISODES // 2
+    assert not set(ranks[0]["keys"]) & set(ranks[1]["keys"])
+    assert len(set(ranks[0]["keys"]) | set(ranks[1]["keys"])) == EPISODES
+
+
+def test_uint8_video_is_the_same_pixels(shards):
+    from vidartrain.data.transforms import to_model_range
+    make = lambda dtype: build_loader(shards, config(shards), 2, rank=0, world_size=1, epochs=1, video_dtype=dtype)
+    for as_float, as_uint8 in zip(make(torch.float32), make(torch.uint8)):
+        assert as_uint8["video"].dtype == torch.uint8 and as_uint8["__key__"] == as_float["__key__"]
+        assert torch.equal(to_model_range(as_uint8["video"]), as_float["video"])
+    with pytest.raises(ValueError, match="video dtype"):
+        make(torch.float16)
+
+
+def test_resume_on_more_ranks_than_the_epoch_rest_can_feed(shards):
+    three = build_loader(shards, config(shards), 1, rank=0, world_size=3, epochs=2)
+    list(islice(iter(three), 1))  # 3 of 8 samples consumed; 5 left cannot give each of 6 ranks one
+    six = build_loader(shards, config(shards), 1, rank=0, world_size=6, epochs=2)
+    six.load_state_dict(three.state_dict())
+    batches = list(six)
+    assert len(batches) == 1 and six.state_dict()["epoch"] == 2
+    fresh = build_loader(shards, config(shards), 1, rank=0, world_size=6, epochs=2)
+    assert keys_of(batches) == keys_of(list(fresh)[1:])  # the first batch of epoch 1
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    """Two small shard directories (5 and 3 episodes) for mixtures."""
+    root = tmp_path_factory.mktemp("mixture")
+    for name, count, seed in (("a", 5, 1), ("b", 3, 2)):
+        for folder in write_synthetic_episodes(root / name / "episodes", count, frames=6, height=32, width=32,
+                                               seed=seed):
+            folder.rename(folder.with_name(f"{name}{folder.name}"))  # keys tell the sources apart
+        assert shard_tool.main(["--episodes", str(root / name / "episodes"), "--out", str(root / name / "shards")]) == 0
+    return [{"path": str(root / "a" / "shards"), "weight": 3}, {"path": str(root / "b" / "shards"), "weight": 1}]
+
+
+def mixture_config(sources):
+    return DataConfig(shards=sources, num_frames=5, height=32, width=32, fps=10, cfg_prob=0.0, num_workers=0,
+                      seed=3)
+
+
+def test_mixture_draws_sources_by_weight_and_counts_them(two_sources):
+    data = mixture_config(two_sources)
+    loader = build_loader(data.shards, data, 4, rank=0, world_size=1)
+    batches = list(islice(loader, 100))  # 400 samples
+    from_a = sum(key in set(keys_of_source(two_sources[0])) for key in keys_of(batches))
+    assert abs(from_a / 400 - 0.75) <= 0.05 * 0.75
+    counts = loader.samples_by_source()
+    assert counts == {two_sources[0]["path"]: from_a, two_sources[1]["path"]: 400 - from_a}
+    # every sample of a source comes up before any comes up twice
+    first_a = [key for key in keys_of(batches) if key in set(keys_of_source(two_sources[0]))][:5]
+    assert len(set(first_a)) == 5
+
+
+def keys_of_source(source):
+    index = json.loads((Path(source["path"]) / "index.json").read_text())
+    return [entry["key"] for shard in index["shards"] for entry in shard["entries"]]
+
+
+def test_mixture_resumes_exactly_and_refuses_other_weights(two_sources):
+    data = mixture_config(two_sources)
+    reference = [b["video"] for b in islice(build_loader(data.shards, data, 2, rank=0, world_size=1), 14)]
+    first = build_loader(data.shards, data, 2, rank=0, world_size=1)
+    head = list(islice(first, 9))  # past the end of the first epoch (8 samples = 4 batches)
+    state = first.state_dict()
+    resumed = build_loader(data.shards, data, 2, rank=0, world_size=1)
+    resumed.load_state_dict(state)
+    tail = list(islice(resumed, 5))
+    assert all(torch.equal(a, b["video"]) for a, b in zip(reference, head + tail))
+    assert resumed.samples_by_source() == build_loader_after(data, 14).samples_by_source()
+    other = mixture_config([{**two_sources[0], "weight": 1}, two_sources[1]])
+    with pytest.raises(ValueError, match="sources"):
+        build_loader(other.shards, other, 2, rank=0, world_size=1).load_state_dict(state)
+
+
+def build_loader_after(data, batches):
+    loader = build_loader(data.shards, data, 2, rank=0, world_size=1)
+    for _ in islice(loader, batches):
+        pass
+    return loader

@@ -1,0 +1,59 @@
+"""vidar-import aloha: raw and JPEG-compressed images, one or three cameras, instruction sources, skips."""
+import json
+
+import h5py
+import pytest
+
+from data_tools.importers import cli
+from data_tools.importers.common import IMPORT_FILE
+from helpers.import_sources import assert_round_trip, expected_sources, read_episode, write_aloha_episode
+
+
+def run(source, out, *extra):
+    return cli.main(["aloha", str(source), "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_round_trip_three_cameras(tmp_path, compressed):
+    write_aloha_episode(tmp_path / "src", 0, frames=20, compressed=compressed, sidecar="put the cup on the plate")
+    write_aloha_episode(tmp_path / "src", 12, frames=11, compressed=compressed, sidecar="stack the cups")
+    assert run(tmp_path / "src", tmp_path / "out", "--fps", "50") == 0
+    assert_round_trip(tmp_path / "out" / "ep_0000", expected_sources(20, 50), composed=True)
+    assert_round_trip(tmp_path / "out" / "ep_0012", expected_sources(11, 50), composed=True)
+    assert read_episode(tmp_path / "out" / "ep_0012")[2] == "stack the cups\n"
+
+
+def test_one_camera_with_a_command_line_instruction(tmp_path):
+    write_aloha_episode(tmp_path / "src", 3, frames=9)
+    assert run(tmp_path / "src", tmp_path / "out", "--fps", "20", "--cameras", "cam_high",
+               "--instruction", "wipe the table") == 0
+    assert_round_trip(tmp_path / "out" / "ep_0003", expected_sources(9, 20), composed=False)
+    assert read_episode(tmp_path / "out" / "ep_0003")[2] == "wipe the table\n"
+
+
+def test_faults_are_skipped(tmp_path):
+    source = tmp_path / "src"
+    write_aloha_episode(source, 0, frames=6, sidecar="ok")
+    write_aloha_episode(source, 1, frames=6)                      # no sidecar, no --instruction
+    write_aloha_episode(source, 2, frames=6, sidecar="   ")        # empty instruction
+    path = write_aloha_episode(source, 3, frames=6, sidecar="x")
+    with h5py.File(path, "a") as file:                           # camera without one frame per action row
+        del file["observations/images/cam_left_wrist"]
+        file.create_dataset("observations/images/cam_left_wrist", data=file["observations/images/cam_high"][:4])
+    path = write_aloha_episode(source, 4, frames=6, sidecar="x")
+    with h5py.File(path, "a") as file:                           # no such action dataset
+        del file["action"]
+    assert run(source, tmp_path / "out", "--fps", "10") == 0
+    record = json.loads((tmp_path / "out" / IMPORT_FILE).read_text())
+    assert [e["episode"] for e in record["episodes"]] == ["ep_0000"]
+    assert {s["episode"]: s["reason"] for s in record["skipped"]} == {
+        "ep_0001": "missing_file", "ep_0002": "instruction_invalid", "ep_0003": "length_mismatch",
+        "ep_0004": "actions_invalid"}
+
+
+def test_jpeg_channel_order(tmp_path):
+    # OpenCV JPEGs of RGB arrays decode with red and blue swapped unless --jpeg-channels bgr puts them back
+    write_aloha_episode(tmp_path / "src", 0, frames=4, compressed=True, sidecar="x")
+    assert run(tmp_path / "src", tmp_path / "rgb", "--fps", "10", "--cameras", "cam_high", "--jpeg-channels", "rgb") == 0
+    with pytest.raises(AssertionError, match="channel order"):
+        assert_round_trip(tmp_path / "rgb" / "ep_0000", expected_sources(4, 10), composed=False)

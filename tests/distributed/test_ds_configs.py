@@ -1,0 +1,143 @@
+"""DeepSpeed profiles: accepted by DeepSpeed's own parser at the world size each is written for,
+batch arithmetic checked, and the reference recipe's FSDP words mapped onto ZeRO with warnings."""
+import json
+from pathlib import Path
+
+import pytest
+from deepspeed.runtime.config import DeepSpeedConfig
+
+from vidartrain.config import ConfigError, load_config
+from vidartrain.distributed.ds_config import build_deepspeed_config, checkpointing_mode, load_profile, profile_world_size
+
+REPO = Path(__file__).resolve().parents[2]
+PROFILES = {  # profile -> (world size, micro, accumulation), from the reference hardware table (docs/training.md)
+    "zero3_64xh100": (64, 2, 1),
+    "zero3_8xh100": (8, 2, 8),
+    "zero3_8xa100_80g": (8, 1, 16),
+    "zero3_2xh200": (2, 8, 8),
+    "zero3_1xgpu": (1, 2, 64),
+    "cpu_debug": (2, 1, 2),
+}
+
+
+class DataParallel:
+    """The `mpu` hook DeepSpeedConfig reads the data-parallel world size from."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.world_size
+
+
+def parse_with_deepspeed(ds: dict, world_size: int, monkeypatch) -> DeepSpeedConfig:
+    import deepspeed.comm as dist
+    monkeypatch.setattr(dist, "get_rank", lambda *a, **k: 0)
+    return DeepSpeedConfig(ds, mpu=DataParallel(world_size))
+
+
+def test_one_profile_per_hardware_row():
+    assert sorted(p.stem for p in (REPO / "ds_configs").glob("*.json")) == sorted(PROFILES)
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_profile_accepted_by_deepspeed_at_its_world_size(name, monkeypatch):
+    world, micro, accumulation = PROFILES[name]
+    profile = load_profile(REPO / "ds_configs" / f"{name}.json")
+    assert profile_world_size(profile) == world
+    stage2 = "configs/vidarc_causal.yaml" if name != "cpu_debug" else "configs/debug/tiny_vidarc.yaml"
+    config = load_config(REPO / stage2)
+    ds, _ = build_deepspeed_config(config, profile, world)
+    parsed = parse_with_deepspeed(ds, world, monkeypatch)
+    assert parsed.train_micro_batch_size_per_gpu == micro
+    assert parsed.gradient_accumulation_steps == accumulation
+    assert parsed.train_batch_size == micro * accumulation * world
+    assert parsed.zero_optimization_stage == 3
+    assert parsed.bfloat16_config.enabled
+    assert parsed.gradient_clipping == config.training.grad_clip
+    zero = profile["zero_optimization"]
+    for knob in ("overlap_comm", "contiguous_gradients", "reduce_bucket_size", "stage3_prefetch_bucket_size",
+                 "stage3_param_persistence_threshold", "stage3_max_live_parameters",
+                 "stage3_gather_16bit_weights_on_model_save"):
+        assert knob in zero, f"{name}: zero_optimization.{knob} missing"
+    assert "activation_checkpointing" in profile
+    if name != "cpu_debug":
+        assert parsed.train_batch_size == 128
+
+
+def test_wrong_world_size_states_the_three_numbers():
+    config = load_config(REPO / "configs/vidar_finetune.yaml")
+    profile = load_profile(REPO / "ds_configs/zero3_8xh100.json")
+    with pytest.raises(ConfigError) as err:
+        build_deepspeed_config(config, profile, world_size=4)
+    message = str(err.value)
+    assert "global batch of 128" in message
+    assert "micro-batch 2 x gradient accumulation 8 x world size 4 = 64" in message
+
+
+def test_2xh200_yaml_batch_words_match_its_profile(monkeypatch):
+    config = load_config(REPO / "configs/vidarc_2xh200.yaml")
+    ds, warnings = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_2xh200.json"), 2)
+    assert warnings == []
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 8
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
+    assert "offload_optimizer" not in ds["zero_optimization"]
+    parse_with_deepspeed(ds, 2, monkeypatch)
+
+
+@pytest.mark.parametrize("strategy, stage", [("FULL_SHARD", 3), ("SHARD_GRAD_OP", 2), ("NO_SHARD", 0)])
+def test_fsdp_sharding_words_map_to_zero_stages(strategy, stage):
+    config = load_config(REPO / "configs/vidarc_2xh200.yaml", [f"distributed.sharding_strategy={strategy}"])
+    ds, warnings = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_2xh200.json"), 2)
+    assert ds["zero_optimization"]["stage"] == stage
+    if stage != 3:
+        assert any(f"'{strategy}'" in w and "zero_optimization.stage" in w and "= 3" in w for w in warnings)
+
+
+def test_cpu_offload_and_precision_words_translate_with_warnings():
+    config = load_config(REPO / "configs/vidarc_2xh200.yaml",
+                         ["distributed.cpu_offload=true", "distributed.mixed_precision=fp32"])
+    ds, warnings = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_2xh200.json"), 2)
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert any("distributed.cpu_offload" in w for w in warnings)
+    assert any("distributed.mixed_precision" in w and "'bf16'" in w for w in warnings)
+
+
+def test_activation_checkpointing_word_drives_the_model_switch():
+    config = load_config(REPO / "configs/vidarc_2xh200.yaml",
+                         ["distributed.activation_checkpointing=false"])
+    before = config.to_dict()
+    _, warnings = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_2xh200.json"), 2)
+    assert checkpointing_mode(config) == "none"
+    assert config.to_dict() == before  # build_deepspeed_config is pure: the config keeps model.checkpointing
+    assert any("model.checkpointing" in w for w in warnings)
+
+
+def test_profile_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_profile(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json: not valid JSON"):
+        load_profile(bad)
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1}))
+    with pytest.raises(ConfigError, match="missing `gradient_accumulation_steps`"):
+        load_profile(partial)
+
+
+def test_our_idm_configs_run_float32_on_a_bf16_profile_without_a_warning():
+    for config_path, profile, world in (("configs/idm.yaml", "ds_configs/zero3_8xh100.json", 8),
+                                        ("configs/debug/tiny_idm.yaml", "ds_configs/cpu_debug.json", 2)):
+        config = load_config(REPO / config_path)
+        profile_dict = load_profile(REPO / profile)
+        config.training.batch_size = (profile_dict["train_micro_batch_size_per_gpu"]  # the batch it is written for
+                                      * profile_dict["gradient_accumulation_steps"] * world)
+        ds, warnings = build_deepspeed_config(config, profile_dict, world)
+        assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+        assert not any("mixed_precision" in w for w in warnings), warnings
+    with pytest.raises(ConfigError, match="the IDM trains float32 weights"):
+        build_deepspeed_config(load_config(REPO / "configs/debug/tiny_idm.yaml", ["distributed.mixed_precision=bf16"]),
+                               load_profile(REPO / "ds_configs/cpu_debug.json"), 2)

@@ -1,0 +1,137 @@
+"""Helpers of the multi-rank trainer tests: start the real launchers (deepspeed, torchrun) on CPU."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from data_tools.shard import main as shard_main
+from data_tools.synth import write_synthetic_episodes
+from vidartrain.config import Config, load_config
+from vidartrain.data.shard_index import read_data_info
+from vidartrain.models.idm import IDM, IdmArchitecture
+from vidartrain.trainers.base import VALIDATION_STREAM, micro_batch_generator
+from vidartrain.trainers.base import free_port  # noqa: F401  (re-exported for the tests)
+from vidartrain.trainers.vidar_trainer import VidarStage
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def write_shards(root: Path, episodes: int, frames: int, val_fraction: float) -> Path:
+    """Synthetic 64x64 episodes under root/episodes, sharded into root/shards (and root/shards/val)."""
+    write_synthetic_episodes(root / "episodes", episodes, frames=frames, height=64, width=64)
+    assert shard_main(["--episodes", str(root / "episodes"), "--out", str(root / "shards"),
+                       "--val-fraction", str(val_fraction)]) == 0
+    return root / "shards"
+
+
+def tiny_idm() -> IDM:
+    """The tiny IDM of configs/debug/tiny_idm.yaml (random weights, the published 14-dim statistics)."""
+    widths = load_config(REPO_ROOT / "configs/debug/tiny_idm.yaml").model.idm_config
+    return IDM(architecture=IdmArchitecture.from_config(widths, "configs/debug/tiny_idm.yaml"))
+
+
+def launcher_env() -> dict[str, str]:
+    # The repository first; paths already set stay (where the packages themselves come from PYTHONPATH).
+    python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=python_path, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def deepspeed_command(script: str, args: list[str], num_ranks: int = 2, local_rank_flag: bool = True) -> list[str]:
+    """`deepspeed --num_gpus N script args` on a free port; local_rank_flag=False: no --local_rank argument."""
+    flags = [] if local_rank_flag else ["--no_local_rank"]
+    return [str(BIN / "deepspeed"), *flags, "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+            script, *args]
+
+
+def start(command: list[str], log_path: Path) -> subprocess.Popen:
+    """Start a launcher in its own process group, output to log_path."""
+    log = open(log_path, "ab")
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait(process: subprocess.Popen, log_path: Path, timeout: float = 300) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"launcher timed out after {timeout}s; log tail:\n{tail(log_path)}") from None
+
+
+def run(command: list[str], log_path: Path, timeout: float = 300) -> None:
+    """Run a launcher to completion; fail with its log tail if it fails."""
+    code = wait(start(command, log_path), log_path, timeout)
+    assert code == 0, f"{' '.join(command[:4])} … exited with {code}; log tail:\n{tail(log_path)}"
+
+
+def tail(path: Path, chars: int = 6000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+
+def logged_steps(output_dir: Path) -> dict[int, dict]:
+    """Per-step records of metrics.jsonl; a step logged twice (re-run after a resume) keeps the last."""
+    path = output_dir / "metrics.jsonl"
+    records = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if "loss" in record:
+                records[record["step"]] = record
+    return records
+
+
+def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int, log_path: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while max(logged_steps(output_dir), default=0) < step:
+        if process.poll() is not None:
+            raise AssertionError(f"run ended (code {process.returncode}) before step {step}:\n{tail(log_path)}")
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError(f"step {step} not reached in {timeout}s:\n{tail(log_path)}")
+        time.sleep(0.2)
+
+
+def vidar_validation_loss(config: Config, model: nn.Module, split: str = "val", world_size: int = 2) -> float:
+    """The engine's stage-1 validation loss (Trainer.validation_loss) recomputed in one process: each
+    rank's held-out micro-batches (of 1 sample) with that rank's fixed noise, averaged over the ranks
+    (split "train": the same on training batches)."""
+    stage = VidarStage(config, read_data_info(config.data.shards))
+    stage.load_frozen(torch.device("cpu"))
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for rank in range(world_size):
+            loader = stage.build_loader(split, 1, rank, world_size)
+            for index, batch in enumerate(itertools.islice(loader, config.training.val_batches)):
+                generator = micro_batch_generator(config.training.seed, VALIDATION_STREAM, 0, index, rank,
+                                                  torch.device("cpu"))
+                losses.append(stage.training_loss(model, batch, generator)[0].item())
+    return sum(losses) / len(losses)
+
+
+TINY_CONFIG = "configs/debug/tiny_vidar.yaml"
+CPU_PROFILE = "ds_configs/cpu_debug.json"
+
+
+def single_process(root, output_dir, *overrides, script=("launch/train.py",)):
+    """`python launch/train.py` (or `script`, a list: a script taking its flags and its own arguments first)
+    with no launcher: one rank, micro 1 x accumulation 4 = batch 4."""
+    command = [str(BIN / "python"), *script, "--config", TINY_CONFIG, "--ds-config", CPU_PROFILE,
+               "--output_dir", str(output_dir), "--set", f"model.ckpt_dir={root / 'ckpt'}",
+               "--set", f"data.shards={root / 'shards'}", "--set", "data.val_shards=null",
+               "--set", f"output.save_path={output_dir / 'vidar.pt'}",
+               "--set", "training.batch_size=1", "--set", "training.gradient_accumulation=4",
+               "--set", "training.log_every=1", "--set", "validation.every=0", *overrides]
+    return subprocess.run(command, cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)

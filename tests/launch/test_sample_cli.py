@@ -1,0 +1,101 @@
+"""vidar-sample on the tiny checkpoint: videos that decode to the requested size, IDM actions and
+metrics against an episode, clear errors."""
+import json
+from pathlib import Path
+
+import decord
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_tools.synth import write_synthetic_episodes
+from data_tools.tiny_checkpoint import write_tiny_checkpoint
+from launch.sample import main
+from vidartrain.models.idm import IDM, save_idm
+from vidartrain.models.wan.model import WanModel
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--config", str(REPO / "configs/debug/tiny_vidar.yaml"), "--height", "64", "--width", "64"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    ckpt = write_tiny_checkpoint(root / "ckpt", seed=1)
+    state = {k: v.clone() for k, v in WanModel.from_pretrained(ckpt, dtype=torch.float32).state_dict().items()}
+    torch.save(state, root / "vidar.pt")
+    torch.save(state, root / "vidarc.pt")
+    episode = write_synthetic_episodes(root / "episodes", 1, frames=20, height=64, width=64, seed=3)[0]
+    frame = decord.VideoReader(str(episode / "video.mp4"))[0].asnumpy()
+    Image.fromarray(frame).save(root / "first.png")
+    return root, ckpt, episode
+
+
+def decoded(path: Path) -> np.ndarray:
+    return decord.VideoReader(str(path)).get_batch(list(range(len(decord.VideoReader(str(path)))))).asnumpy()
+
+
+def test_vidar_image_and_prompt(inputs, tmp_path, capsys):
+    root, ckpt, _ = inputs
+    args = ["--ckpt-dir", str(ckpt), "--weights", str(root / "vidar.pt"), "--image", str(root / "first.png"),
+            "--prompt", "pick up the red block", "--num-frames", "9", "--steps", "3", "--out", str(tmp_path / "a"),
+            *TINY]
+    assert main(args) == 0
+    assert "sample.mp4" in capsys.readouterr().out
+    frames = decoded(tmp_path / "a" / "sample.mp4")
+    assert frames.shape == (9, 64, 64, 3)
+    assert Image.open(tmp_path / "a" / "frames.png").size == (3 * 64, 64)
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["model"] == "vidar" and metrics["steps"] == 3 and metrics["solver"] == "unipc"
+    # same seed, same video; another seed, another video
+    assert main(args[:-len(TINY) - 2] + ["--out", str(tmp_path / "b"), *TINY]) == 0
+    assert (tmp_path / "a" / "sample.mp4").read_bytes() == (tmp_path / "b" / "sample.mp4").read_bytes()
+    assert main(args + ["--seed", "1", "--overwrite"]) == 0
+    assert (tmp_path / "a" / "sample.mp4").read_bytes() != (tmp_path / "b" / "sample.mp4").read_bytes()
+
+
+def test_vidarc_closed_loop_with_idm_actions(inputs, tmp_path):
+    root, ckpt, episode = inputs
+    save_idm(IDM(), tmp_path / "idm.pt")
+    out = tmp_path / "closed"
+    assert main(["--ckpt-dir", str(ckpt), "--weights", str(root / "vidarc.pt"), "--episode", str(episode),
+                 "--closed-loop", "--idm", str(tmp_path / "idm.pt"), "--num-frames", "17", "--steps", "2",
+                 "--rollout-bound", "12", "--rollout-prefill-num", "5", "--out", str(out), *TINY]) == 0
+    (tmp_path / "idm.pt").unlink()  # 370 MB
+    assert decoded(out / "sample.mp4").shape == (17, 64, 64, 3)
+    assert np.load(out / "actions.npy").shape == (17, 14)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == "vidarc" and metrics["closed_loop"] and metrics["steps"] == 2
+    assert np.isfinite(metrics["psnr"]) and len(metrics["action_l1_per_dim"]) == 14
+    assert 0 <= metrics["gripper_accuracy"] <= 1
+    assert Image.open(out / "frames.png").size == (3 * 64, 2 * 64)  # generated above, episode below
+
+
+def test_clear_errors(inputs, tmp_path, capsys):
+    root, ckpt, episode = inputs
+    base = ["--ckpt-dir", str(ckpt), "--num-frames", "5", "--steps", "1", "--out", str(tmp_path / "o"), *TINY]
+
+    def error(*args):
+        assert main([*base, *args]) == 2
+        return capsys.readouterr().err
+
+    assert "--weights" in error("--weights", str(root / "missing.pt"), "--episode", str(episode))
+    (root / "weights.pt").write_bytes((root / "vidar.pt").read_bytes())
+    assert "pass --model vidar or --model vidarc" in error("--weights", str(root / "weights.pt"),
+                                                           "--episode", str(episode))
+    assert "needs --prompt" in error("--weights", str(root / "vidar.pt"), "--image", str(root / "first.png"))
+    assert "causal model" in error("--weights", str(root / "vidar.pt"), "--episode", str(episode), "--closed-loop")
+    assert "comma-separated integers" in error("--weights", str(root / "vidar.pt"), "--episode", str(episode),
+                                               "--gripper-dims", "six")
+    assert "4k+1" in error("--weights", str(root / "vidar.pt"), "--episode", str(episode), "--num-frames", "6")
+    assert "fewer than --num-frames 81" in error("--weights", str(root / "vidar.pt"), "--episode", str(episode),
+                                                 "--num-frames", "81")
+    bad = {k: v for k, v in torch.load(root / "vidar.pt").items()}
+    bad["head.head.weight"] = bad["head.head.weight"][:, :10]
+    torch.save(bad, tmp_path / "vidar.pt")
+    assert "head.head.weight" in error("--weights", str(tmp_path / "vidar.pt"), "--episode", str(episode))
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "sample.mp4").write_bytes(b"keep")
+    assert "--overwrite" in error("--weights", str(root / "vidar.pt"), "--episode", str(episode))
+    assert (tmp_path / "o" / "sample.mp4").read_bytes() == b"keep"

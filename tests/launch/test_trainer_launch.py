@@ -1,0 +1,118 @@
+"""launch/train.py: configuration errors stop it before anything is built; a single process without a
+launcher trains on pre-encoded shards; non-finite losses are skipped, counted, and stop the run."""
+import json
+import shutil
+
+import pytest
+
+import launch.train as train_cli
+from launch.stage_flags import debug_overrides
+from vidartrain.distributed.ds_config import load_profile
+from helpers.trainer_launch import CPU_PROFILE, REPO_ROOT, TINY_CONFIG, logged_steps, single_process
+from vidartrain.config import load_config
+from vidartrain.data.shard_index import INDEX_FORMAT
+from vidartrain.distributed.checkpointing import COMPLETE_MARKER, tag_for_step
+
+
+@pytest.fixture
+def nothing_may_be_built(monkeypatch):
+    """Fail the test if a process group or a model is started."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a process group or model was built before the configuration was checked")
+    monkeypatch.setattr("vidartrain.trainers.base.init_distributed", forbidden)
+    monkeypatch.setattr("vidartrain.trainers.vidar_trainer.VidarStage.build_model", forbidden)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "training.lrr=1e-4"], "did you mean `training.lr`"),
+    (["--set", "training.batch_size=6"], "batch mismatch"),
+    (["--ds-config", "ds_configs/no_such_profile.json"], "no_such_profile.json does not exist"),
+    (["--max_steps", "0"], "--max_steps 0"),
+])
+def test_bad_config_or_profile_fails_before_anything_is_built(extra, message, capsys, monkeypatch,
+                                                              nothing_may_be_built):
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = ["--config", TINY_CONFIG, "--ds-config", CPU_PROFILE, *extra]
+    assert train_cli.main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_export_onto_the_runs_own_weights_is_refused_before_anything_is_built(
+        tmp_path, capsys, monkeypatch, nothing_may_be_built):
+    monkeypatch.chdir(REPO_ROOT)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "index.json").write_text(json.dumps({  # an empty but valid shard folder
+        "format": INDEX_FORMAT, "complete": True, "mode": "raw", "settings": {}, "shards": [], "episodes": [],
+        "skipped": []}))
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    (tmp_path / "vidar.pt").write_bytes(b"the published weights")
+    args = ["--config", TINY_CONFIG, "--ds-config", CPU_PROFILE, "--set", f"data.shards={tmp_path / 'shards'}",
+            "--set", "data.val_shards=null", "--set", "validation.every=0", "--set", f"model.ckpt_dir={tmp_path / 'ckpt'}",
+            "--set", f"model.pt_dir={tmp_path / 'vidar.pt'}", "--set", f"output.save_path={tmp_path / 'vidar.pt'}",
+            "--set", "training.batch_size=2"]
+    assert train_cli.main(args) == 2
+    assert f"`model.pt_dir` = {tmp_path / 'vidar.pt'}" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="was built"):  # --overwrite: the run goes on to start
+        train_cli.main([*args, "--overwrite"])
+    assert (tmp_path / "vidar.pt").read_bytes() == b"the published weights"
+
+
+def test_one_gpu_profile_trains_with_the_optimizer_offloaded(pre_encoded, tmp_path):
+    # ds_configs/zero3_1xgpu.json: ZeRO-3 with torch's AdamW stepping the CPU-offloaded partitions
+    result = single_process(pre_encoded, tmp_path, "--ds-config", "ds_configs/zero3_1xgpu.json",
+                            "--set", "training.batch_size=2", "--set", "training.gradient_accumulation=2",
+                            "--set", "training.num_steps=2", "--set", "training.warmup=1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    steps = logged_steps(tmp_path)
+    assert sorted(steps) == [1, 2] and all(r["finite"] for r in steps.values())
+    assert steps[1]["loss"] != steps[2]["loss"]
+
+
+def test_single_process_trains_on_pre_encoded_shards(pre_encoded, tmp_path):
+    # a mixture of two shard directories (the second a copy), weights 3:1, counted per source
+    shutil.copytree(pre_encoded / "shards", tmp_path / "copy")
+    mixture = f"data.shards=[{{path: {pre_encoded / 'shards'}, weight: 3}}, {{path: {tmp_path / 'copy'}, weight: 1}}]"
+    result = single_process(pre_encoded, tmp_path, "--set", "training.num_steps=3", "--set", "training.warmup=1",
+                            "--set", mixture)
+    assert result.returncode == 0, result.stderr[-4000:]
+    steps = logged_steps(tmp_path)
+    assert sorted(steps) == [1, 2, 3] and all(r["finite"] for r in steps.values())
+    assert (tmp_path / "vidar.pt").is_file() and (tmp_path / "vidar.safetensors").is_file()
+    counts = steps[3]["samples_by_source"]  # 3 steps x 4 samples, 8 per epoch: 6 + 2, then 3 + 1
+    assert counts == {str(pre_encoded / "shards"): 9, str(tmp_path / "copy"): 3}
+    assert "samples per source so far" in result.stderr
+
+
+def test_non_finite_losses_are_skipped_counted_and_stop_the_run(pre_encoded, tmp_path):
+    # lr 1e30: the first update throws the bf16 weights to ~1e30, every later loss overflows
+    result = single_process(pre_encoded, tmp_path, "--set", "training.num_steps=10", "--set", "training.warmup=0",
+                            "--set", "training.lr=1e30", "--set", "training.max_nonfinite_steps=2")
+    assert result.returncode != 0
+    assert "2 consecutive steps had a non-finite loss" in result.stderr
+    steps = logged_steps(tmp_path)
+    assert steps[1]["finite"] and not steps[2]["finite"] and not steps[3]["finite"]
+    assert max(steps) == 3 and steps[3]["nonfinite_total"] == 2
+    # the final checkpoint holds the weights of the last finite step
+    assert (tmp_path / "checkpoints" / tag_for_step(3) / COMPLETE_MARKER).is_file()
+    assert not (tmp_path / "vidar.pt").exists()
+
+
+def test_reference_recipe_flags_map_onto_config_overrides(monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    overrides = debug_overrides(load_profile(CPU_PROFILE))
+    # batch 128 of the real config shrinks to what cpu_debug gives on 2 ranks: 1 x 2 x 2
+    assert "training.batch_size=2" in overrides and "training.gradient_accumulation=2" in overrides
+    config = load_config("configs/vidar_finetune.yaml", overrides)
+    assert config.global_batch_size == 4 and config.training.log_every == 1 and config.training.val_every == 0
+
+
+def test_dry_run_prints_the_plan_runs_one_step_and_reports_measured_memory(pre_encoded, tmp_path):
+    result = single_process(pre_encoded, tmp_path, "--dry-run", "--gpu", "h100")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "verdict: fits" in result.stdout and "memory per GPU (GiB)" in result.stdout
+    assert "dry run: one step done" in result.stdout and "planned" in result.stdout
+    assert sorted(logged_steps(tmp_path / "dry_run")) == [1]
+    assert not (tmp_path / "vidar.pt").exists()  # the real export path is left alone

@@ -1,0 +1,261 @@
+"""Faults a user or a cluster meets in training, each injected as it happens: a learning rate changed
+on resume, checkpoint files overwritten, truncated or deleted, a checkpoint pickle that runs code,
+impossible config and profile values, weights gone NaN, a full disk, a resume on another world size,
+preemption of the launcher script, steps logged twice after a resume.
+
+Runs are single processes (`python launch/train.py`, pre-encoded shards) where distribution does not
+matter; one 2-rank run through launch/single_node.sh is preempted and its checkpoint is the one
+resumed on another world size."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+from types import SimpleNamespace
+
+import psutil
+import pytest
+import torch
+
+from launch.forward_sigterm import ranks_under
+from helpers.trainer_launch import CPU_PROFILE, TINY_CONFIG, single_process
+from helpers.trainer_launch import BIN, REPO_ROOT, free_port, launcher_env, logged_steps, tail, wait, wait_for_step
+from vidartrain.config import ConfigError, load_config
+from vidartrain.distributed.checkpointing import (COMPLETE_MARKER, checkpoint_files, file_digests, mark_complete,
+                                                  resolve_resume, tag_for_step)
+from vidartrain.distributed.ds_config import load_profile
+from vidartrain.distributed.export import main as export_main
+from vidartrain.errors import CheckpointError
+
+# checkpoints at steps 2 and 4 (and wherever --max_steps stops), all kept
+SHORT_RUN = ("--set", "training.num_steps=4", "--set", "training.save_every=2", "--set", "training.warmup=1",
+             "--set", "training.keep_last=3")
+FAULTY_TRAINER = str(REPO_ROOT / "tests" / "helpers" / "faulty_trainer_script.py")
+
+
+def train(root, output_dir, *flags, script=("launch/train.py",)):
+    return single_process(root, output_dir, *SHORT_RUN, *flags, script=script)
+
+
+def succeeded(result):
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def metrics_steps(output_dir):
+    """The step of every row of metrics.jsonl, in file order."""
+    return [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(pre_encoded, tmp_path_factory):
+    """first: 3 steps at lr 1e-3 (checkpoints 2 and 3), then resumed to step 4 as if never stopped.
+    changed_lr: a copy of the 3-step run that lost checkpoint 3 (step 3 is logged, then redone), resumed
+    from step 2 to 4 with --set training.lr=1e-5."""
+    root = tmp_path_factory.mktemp("runs")
+    first, changed = root / "first", root / "changed_lr"
+    succeeded(train(pre_encoded, first, "--max_steps", "3"))
+    shutil.copytree(first, changed)
+    shutil.rmtree(changed / "checkpoints" / tag_for_step(3))
+    changed_log = succeeded(train(pre_encoded, changed, "--resume", "auto", "--set", "training.lr=1e-5",
+                                  "--max_steps", "4")).stderr
+    succeeded(train(pre_encoded, first, "--resume", "auto", "--max_steps", "4"))
+    return SimpleNamespace(first=first, changed=changed, changed_log=changed_log)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume: changed settings, duplicate rows
+
+
+def test_resume_applies_a_changed_learning_rate_and_says_so(runs):
+    assert "training.lr: 0.001 -> 1e-05" in runs.changed_log
+    first, changed = logged_steps(runs.first), logged_steps(runs.changed)
+    assert [first[step]["lr"] for step in (3, 4)] == [1e-3, 1e-3]
+    assert [changed[step]["lr"] for step in (3, 4)] == [1e-5, 1e-5]
+    # the same weights at step 3; its update used the new rate, so step 4 starts from other weights
+    assert changed[3]["loss"] == first[3]["loss"]
+    assert changed[4]["loss"] != first[4]["loss"]
+
+
+def test_steps_redone_after_a_resume_are_logged_once(runs):
+    assert metrics_steps(runs.changed) == [1, 2, 3, 4]
+
+
+def test_resume_refuses_settings_that_cannot_change(pre_encoded, runs, tmp_path):
+    shutil.copytree(runs.first, tmp_path, dirs_exist_ok=True)
+    result = train(pre_encoded, tmp_path, "--resume", "auto", "--set", "training.seed=7", "--set", "data.height=128")
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "cannot change on a resume" in result.stderr
+    assert "training.seed: 42 -> 7" in result.stderr and "data.height: 64 -> 128" in result.stderr
+    assert metrics_steps(tmp_path) == metrics_steps(runs.first)  # nothing trained, nothing logged
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint integrity and safe loading
+
+
+def overwrite_4kb(path):
+    with open(path, "r+b") as stream:
+        stream.seek(path.stat().st_size // 2)
+        stream.write(os.urandom(4096))
+
+
+def test_damaged_checkpoints_are_refused_by_path_and_skipped_by_auto(runs, tmp_path, caplog):
+    shutil.copytree(runs.first / "checkpoints", tmp_path, dirs_exist_ok=True)
+    optimizer_file = next((tmp_path / tag_for_step(4)).glob("*_optim_states.pt"))
+    model_file = next((tmp_path / tag_for_step(3)).glob("*_model_states.pt"))
+    overwrite_4kb(optimizer_file)
+    os.truncate(model_file, model_file.stat().st_size // 2)
+    for step, damaged, why in ((4, optimizer_file, "sha256 differs"), (3, model_file, "truncated")):
+        with pytest.raises(CheckpointError, match=why) as err:
+            resolve_resume(str(tmp_path / tag_for_step(step)), tmp_path)
+        assert str(damaged) in str(err.value)
+    # --resume auto warns about both and takes step 2, the newest intact checkpoint
+    assert resolve_resume("auto", tmp_path).tag == tag_for_step(2)
+    warnings = [record.getMessage() for record in caplog.records if "skipping damaged checkpoint" in record.getMessage()]
+    assert len(warnings) == 2
+    assert str(optimizer_file) in warnings[0] and str(model_file) in warnings[1]
+
+
+def test_a_deleted_optimizer_file_is_named_and_no_damaged_checkpoint_is_loaded(runs, tmp_path):
+    checkpoint = tmp_path / tag_for_step(2)
+    shutil.copytree(runs.first / "checkpoints" / tag_for_step(2), checkpoint)
+    optimizer_file = next(checkpoint.glob("*_optim_states.pt"))
+    optimizer_file.unlink()
+    with pytest.raises(CheckpointError, match="is missing") as err:
+        resolve_resume(str(checkpoint), tmp_path)
+    assert str(optimizer_file) in str(err.value)
+    with pytest.raises(CheckpointError, match="every complete checkpoint under .* is damaged"):
+        resolve_resume("auto", tmp_path)
+
+
+class WritesAFile:
+    """Unpickling it opens (creates) `path`: any code could run in its place."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def crafted_checkpoint(checkpoints, victim):
+    """step_00000001 with a valid COMPLETE (checksums included) whose DeepSpeed files run code when unpickled."""
+    checkpoint = checkpoints / tag_for_step(1)
+    checkpoint.mkdir(parents=True)
+    for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        torch.save({"module": WritesAFile(victim), "optimizer_state_dict": WritesAFile(victim)}, checkpoint / name)
+    mark_complete(checkpoints, checkpoint.name,
+                  {"step": 1, "world_size": 1, "files": file_digests(checkpoint, checkpoint_files(checkpoint))})
+    return checkpoint
+
+
+def test_checkpoint_pickles_cannot_run_code_in_export_or_resume(pre_encoded, tmp_path, capsys):
+    victim = tmp_path / "written_by_the_checkpoint"
+    checkpoint = crafted_checkpoint(tmp_path / "run" / "checkpoints", victim)
+    assert export_main([str(checkpoint), "--out", str(tmp_path / "vidar.pt")]) == 2
+    assert "refusing to load it" in capsys.readouterr().err
+    result = train(pre_encoded, tmp_path / "run", "--resume", str(checkpoint))
+    assert result.returncode == 2 and "refusing to load it" in result.stderr, result.stderr[-4000:]
+    assert not victim.exists()
+    assert not (tmp_path / "vidar.pt").exists()
+
+
+def test_export_of_a_missing_folder_says_it_is_missing(tmp_path, capsys):
+    assert export_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "vidar.pt")]) == 2
+    assert f"no such checkpoint directory: {tmp_path / 'nowhere'}" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Values and errors
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "0", "-1.0e-4"])
+def test_learning_rate_must_be_finite_and_positive(value):
+    with pytest.raises(ConfigError, match="`training.lr` = "):
+        load_config(REPO_ROOT / TINY_CONFIG, [f"training.lr={value}"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"zero_optimization": 3}, "`zero_optimization` = 3: expected an object"),
+    ({"train_micro_batch_size_per_gpu": "1"}, '`train_micro_batch_size_per_gpu` = "1" (str): expected a positive integer'),
+])
+def test_profile_values_of_the_wrong_type_are_named(tmp_path, change, message):
+    profile = {**json.loads((REPO_ROOT / CPU_PROFILE).read_text()), **change}
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    with pytest.raises(ConfigError) as err:
+        load_profile(tmp_path / "profile.json")
+    assert message in str(err.value)
+
+
+def test_non_finite_weights_are_reported_as_such_and_never_checkpointed(pre_encoded, tmp_path):
+    # the weights go NaN after step 1; steps 2 and 3 have NaN losses and stop the run
+    result = train(pre_encoded, tmp_path, "--set", "training.max_nonfinite_steps=2", "--set", "training.save_every=100",
+                   script=(FAULTY_TRAINER, "nan_weights"))
+    assert result.returncode != 0
+    assert "step 3: the weights are not finite" in result.stderr, result.stderr[-4000:]
+    assert "weights are finite" not in result.stderr and "last finite step" not in result.stderr
+    assert not (tmp_path / "checkpoints" / tag_for_step(3)).exists()
+    assert not (tmp_path / "vidar.pt").exists()
+
+
+def test_a_failed_save_names_the_folder_and_suspects_a_full_disk(pre_encoded, tmp_path):
+    result = train(pre_encoded, tmp_path, "--max_steps", "2", script=(FAULTY_TRAINER, "disk_full"))
+    assert result.returncode == 2, result.stderr[-4000:]
+    checkpoint = tmp_path / "checkpoints" / tag_for_step(2)
+    assert f"checkpoint save to {checkpoint} failed: disk full? (RuntimeError: [enforce fail" in result.stderr
+    assert not (checkpoint / COMPLETE_MARKER).exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preemption through the launcher script; another world size
+
+
+@pytest.fixture(scope="module")
+def preempted(pre_encoded, tmp_path_factory):
+    """launch/single_node.sh on 2 CPU ranks; SIGTERM to the script's process (not to the ranks) once step 2
+    is logged. Returns the output dir, the log and the rank processes that were running."""
+    output_dir = tmp_path_factory.mktemp("preempted")
+    log_path = output_dir / "log.txt"
+    command = ["bash", "launch/single_node.sh", "2", "--config", TINY_CONFIG, "--ds-config", CPU_PROFILE,
+               "--output_dir", str(output_dir), "--set", f"model.ckpt_dir={pre_encoded / 'ckpt'}",
+               "--set", f"data.shards={pre_encoded / 'shards'}", "--set", "data.val_shards=null",
+               "--set", "validation.every=0",
+               "--set", "training.num_steps=100000", "--set", "training.save_every=100000",
+               "--set", "training.log_every=1"]
+    environment = dict(launcher_env(), VIDARTRAIN_VENV=str(BIN.parent), MASTER_PORT=str(free_port()))
+    with open(log_path, "ab") as log:
+        wrapper = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        wait_for_step(wrapper, output_dir, 2, log_path)
+        ranks = ranks_under(psutil.Process(wrapper.pid))
+        wrapper.send_signal(signal.SIGTERM)
+        code = wait(wrapper, log_path, timeout=120)
+        _, survivors = psutil.wait_procs(ranks, timeout=10)
+        yield SimpleNamespace(output_dir=output_dir, log=log_path, code=code, ranks=ranks, survivors=survivors,
+                              session=wrapper.pid)
+    finally:
+        try:
+            os.killpg(wrapper.pid, signal.SIGKILL)  # whatever a failed test left running
+        except ProcessLookupError:
+            pass
+
+
+def test_sigterm_to_the_launcher_script_checkpoints_and_stops_every_rank(preempted):
+    assert len(preempted.ranks) == 2
+    assert preempted.survivors == [], tail(preempted.log)
+    assert preempted.code == 0, tail(preempted.log)
+    assert tail(preempted.log, 100000).count("SIGTERM received: saving a checkpoint") == 2
+    stopped_at = max(logged_steps(preempted.output_dir))
+    assert (preempted.output_dir / "checkpoints" / tag_for_step(stopped_at) / COMPLETE_MARKER).is_file()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(preempted.session, 0)  # no process of the launch is left
+
+
+def test_resume_on_another_world_size_points_at_ds_to_universal(pre_encoded, preempted):
+    checkpoint = preempted.output_dir / "checkpoints" / tag_for_step(max(logged_steps(preempted.output_dir)))
+    result = single_process(pre_encoded, preempted.output_dir, "--resume", "auto")  # 1 rank, saved by 2
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert f"{checkpoint} was saved by 2 ranks and this run has 1" in result.stderr
+    assert f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {checkpoint}" in result.stderr

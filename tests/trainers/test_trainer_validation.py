@@ -1,0 +1,95 @@
+"""Validation samples during training: stage 2 on 2 CPU ranks with ZeRO-3 (every rank generates, rank 0
+writes), closed loop against held-out clips with IDM actions; mp4s, TensorBoard strips and metrics;
+the same losses as a run without samples."""
+import json
+
+import decord
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from data_tools.tiny_checkpoint import write_tiny_checkpoint
+from launch.sample import main as sample_main
+from helpers.trainer_launch import deepspeed_command, logged_steps, run, write_shards
+from vidartrain.config import ConfigError, load_config
+from vidartrain.distributed.checkpointing import tag_for_step
+from vidartrain.models.idm import IDM, save_idm
+from vidartrain.models.wan.model import WanModel
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("samples")
+    write_tiny_checkpoint(root / "ckpt")
+    model = WanModel.from_pretrained(root / "ckpt", dtype=torch.bfloat16)
+    torch.save(model.state_dict(), root / "vidar.pt")
+    torch.manual_seed(0)
+    save_idm(IDM().to(torch.bfloat16), root / "idm.pt")
+    write_shards(root, 8, frames=20, val_fraction=0.25)
+    yield root
+    (root / "idm.pt").unlink()
+
+
+def train(workspace, name, *extra):
+    output_dir = workspace / name
+    run(deepspeed_command("launch/train.py", [
+        "--config", "configs/debug/tiny_vidarc.yaml", "--ds-config", "ds_configs/cpu_debug.json",
+        "--output_dir", str(output_dir),
+        "--set", f"model.ckpt_dir={workspace / 'ckpt'}", "--set", f"model.pt_dir={workspace / 'vidar.pt'}",
+        "--set", f"model.idm_path={workspace / 'idm.pt'}", "--set", f"data.shards={workspace / 'shards'}",
+        "--set", f"data.val_shards={workspace / 'shards' / 'val'}", "--set", "training.val_every=0",
+        "--set", f"output.save_path={output_dir / 'vidarc.pt'}", "--set", f"training.num_steps={STEPS}",
+        "--set", "training.warmup=1", "--set", "training.save_every=100", "--set", "training.log_every=1",
+        "--set", "data.num_frames=17", "--set", "validation.num_frames=17", "--set", "validation.num_samples=2",
+        *extra]), workspace / f"{name}.log", timeout=600)
+    return output_dir
+
+
+def test_validation_samples_are_written_logged_and_leave_training_alone(workspace):
+    with_samples = train(workspace, "with_samples", "--set", "validation.every=1")
+    without = train(workspace, "without", "--set", "validation.every=0")
+    losses = {s: r["loss"] for s, r in logged_steps(with_samples).items()}
+    assert losses == {s: r["loss"] for s, r in logged_steps(without).items()}  # samples change nothing
+    assert not (without / "samples").exists()
+
+    for step in (1, 2):
+        folder = with_samples / "samples" / tag_for_step(step)
+        for index in range(2):
+            reader = decord.VideoReader(str(folder / f"sample_{index:02d}.mp4"))
+            assert len(reader) == 17 and reader[0].shape == (64, 64, 3)
+        report = json.loads((folder / "metrics.json").read_text())
+        assert [set(s) >= {"key", "psnr", "action_l1", "gripper_accuracy"} for s in report["samples"]] == [True, True]
+    first = json.loads((with_samples / "samples" / tag_for_step(1) / "metrics.json").read_text())
+    second = json.loads((with_samples / "samples" / tag_for_step(2) / "metrics.json").read_text())
+    assert [s["key"] for s in first["samples"]] == [s["key"] for s in second["samples"]]  # same held-out clips
+
+    events = EventAccumulator(str(with_samples / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert sorted(events.Tags()["images"]) == ["samples/00", "samples/01"]
+    strip = events.Images("samples/00")
+    assert [image.step for image in strip] == [1, 2]
+    assert (strip[0].width, strip[0].height) == (3 * 64, 2 * 64)  # first/middle/last, generated over truth
+    for tag in ("samples/psnr", "samples/action_l1", "samples/gripper_accuracy", "time/validation_samples_s"):
+        assert [e.step for e in events.Scalars(tag)] == [1, 2], tag
+    assert all(0 < e.value < 100 for e in events.Scalars("samples/psnr"))
+
+    # vidar-sample reads the run's DeepSpeed checkpoint folder as --weights
+    out = workspace / "from_checkpoint"
+    assert sample_main(["--ckpt-dir", str(workspace / "ckpt"), "--config", "configs/debug/tiny_vidar.yaml",
+                        "--weights", str(with_samples / "checkpoints"), "--model", "vidarc",
+                        "--episode", str(workspace / "episodes" / "ep_0000"), "--num-frames", "9", "--height", "64",
+                        "--width", "64", "--steps", "2", "--out", str(out)]) == 0
+    assert len(decord.VideoReader(str(out / "sample.mp4"))) == 9
+
+
+def test_validation_section_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="validation.num_frames` = 10: must be 4n\\+1"):
+        load_config("configs/debug/tiny_vidar.yaml", ["validation.num_frames=10"])
+    with pytest.raises(ConfigError, match="exceeds `data.num_frames` = 9"):
+        load_config("configs/debug/tiny_vidar.yaml", ["validation.num_frames=13"])
+    with pytest.raises(ConfigError, match="data.val_shards` is not"):
+        load_config("configs/debug/tiny_vidar.yaml", ["data.val_shards=null"])
+    with pytest.raises(ConfigError, match="IDM stage renders none"):
+        load_config("configs/debug/tiny_idm.yaml", ["validation.every=5"])
+    assert load_config("configs/vidar_finetune.yaml").validation.every == 0  # off unless asked for
