@@ -71,6 +71,33 @@ def planner_tables() -> dict[str, str]:
              for mode in ("full", "selective", "none")]
     tables["2x H200, micro-batch 8 of 81x736x640 (`vidar-plan --config configs/vidarc_2xh200.yaml --set "
            "model.chunk_size=21 --gpu h200`): where the memory goes"] = "```\n" + "\n\n".join(plans) + "\n```"
+    tables.update(sequence_parallel_tables())
+    return tables
+
+
+SEQUENCE_PARALLEL_2XH200 = ["model.chunk_size=21", "distributed.sequence_parallel_size=2", "training.batch_size=8",
+                            "training.gradient_accumulation=16"]
+
+
+def sequence_parallel_tables() -> dict[str, str]:
+    """Whole 81-frame stage 2 on 2x H200 with sequence parallelism 2, and 121-frame clips (2x H200 rows)."""
+    from vidartrain.config import load_config
+    from vidartrain.distributed.ds_config import load_profile
+    from vidartrain.plan import format_plan, hardware_table, make_plan, markdown_table
+
+    tables = {}
+    config = load_config(REPO / "configs/vidarc_2xh200.yaml", SEQUENCE_PARALLEL_2XH200)
+    plan = make_plan(config, "zero3_2xh200", load_profile(REPO / "ds_configs/zero3_2xh200.json"), "h200", 2,
+                     checkpointing="full")
+    tables["Whole 81-frame stage 2 on 2x H200 at micro-batch 8 with sequence parallelism 2 (`vidar-plan --config "
+           "configs/vidarc_2xh200.yaml --set " + " --set ".join(SEQUENCE_PARALLEL_2XH200)
+           + " --checkpointing full`)"] = "```\n" + format_plan(plan) + "\n```"
+    for stage, path, overrides in (
+            ("Stage 1", "configs/vidar_finetune.yaml", ["data.num_frames=121"]),
+            ("Stage 2 on a whole clip", "configs/vidarc_causal.yaml", ["data.num_frames=121", "model.chunk_size=31"])):
+        rows = [row for row in hardware_table(load_config(REPO / path, overrides)) if row["profile"] == "zero3_2xh200"]
+        tables[f"{stage} on 121-frame clips (`{path}`, `--set {' --set '.join(overrides)}`), 2x H200, "
+               "SP 1 and 2"] = markdown_table(rows)
     return tables
 
 

@@ -188,6 +188,10 @@ class DistributedConfig:
     mixed_precision: Literal["bf16", "fp16", "fp32", "no"] | None = None
     activation_checkpointing: bool | None = None
     cpu_offload: bool | None = None
+    # Ulysses sequence parallelism (distributed/sequence_parallel.py): groups of this many consecutive
+    # ranks split every sample's tokens; data parallelism runs over world / this many groups. It must
+    # divide the world size and the DiT's attention heads (24: 1, 2, 3, 4, 6, 8, 12, 24).
+    sequence_parallel_size: int = 1
 
 
 @dataclass

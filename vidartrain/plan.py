@@ -5,14 +5,22 @@
 Per-GPU memory = model states (DeepSpeed's own ZeRO estimator) + activations (our DiT block's real
 saved tensors, measured at the real width on a few tokens and scaled per token) + KV cache of rollouts
 + frozen encoders + allocator headroom. Time = training FLOPs per step / (MFU x peak bf16 FLOP/s).
+
+Sequence parallelism (distributed.sequence_parallel_size = SP) divides what the blocks keep per GPU
+and the KV cache by SP (each rank holds 1/SP of a sample's tokens; what runs outside the blocks - the
+patch embedding's input, the gathered residual stream and the head - stays whole), divides the FLOPs
+per GPU by SP, and adds the all-to-all traffic of self-attention, timed on NVLink (SP groups are
+consecutive ranks, inside one node) and not overlapped with compute.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
-import weakref
+import itertools
 import json
 import sys
+import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,6 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from vidartrain.config import Config, ConfigError, LoraConfig, load_config
 from vidartrain.distributed.ds_config import build_deepspeed_config, checkpointing_mode, load_profile, profile_world_size
+from vidartrain.distributed.sequence_parallel import check_sequence_parallel_size
 from vidartrain.errors import reports_errors
 from vidartrain.models.idm import IDM
 from vidartrain.models.wan.checkpoint import CONFIG_FILE, constructor_defaults, read_model_config
@@ -39,13 +48,18 @@ class Gpu:
     name: str
     memory_gib: float
     bf16_tflops: float  # dense peak
+    nvlink_gb_s: float  # NVLink bandwidth per GPU and direction, as rated (NVLink 4: 900 GB/s both ways)
 
 
 GPUS = {
-    "h100": Gpu("H100-80G SXM", 80.0, 989.0),
-    "a100-80g": Gpu("A100-80G SXM", 80.0, 312.0),
-    "h200": Gpu("H200 (141 GB)", 141.0, 989.0),
+    "h100": Gpu("H100-80G SXM", 80.0, 989.0, 450.0),
+    "a100-80g": Gpu("A100-80G SXM", 80.0, 312.0, 300.0),
+    "h200": Gpu("H200 (141 GB)", 141.0, 989.0, 450.0),
 }
+
+# Share of the rated NVLink bandwidth an all-to-all reaches (assumed; NCCL's all-to-all bus bandwidth
+# inside an 8-GPU NVSwitch node is typically 70-85% of the rated per-direction figure).
+ALL_TO_ALL_EFFICIENCY = 0.8
 
 # The reference hardware table (docs/training.md): (profile, gpu, world size, expected time in hours).
 HARDWARE_TABLE = [
@@ -186,12 +200,19 @@ class ActivationModel:
     checkpointed_block: float  # what full checkpointing keeps of a block: its input residual stream
 
     def per_token(self, num_layers: int, checkpointing: str, device_type: str = "cuda") -> float:
+        return self.per_block_token(num_layers, checkpointing, device_type) + self.outside_blocks
+
+    def per_block_token(self, num_layers: int, checkpointing: str, device_type: str = "cuda") -> float:
+        """Bytes per token the blocks hold at the peak (what sequence parallelism divides)."""
         # While a block runs backward, the gradients of its intermediates are alive too; with
         # checkpointing, the block running backward first recomputes everything it did not keep.
         backward_workspace = BACKWARD_WORKSPACE[device_type] * self.block
-        kept = {"none": self.block, "selective": self.selective_block, "full": self.checkpointed_block}[checkpointing]
         recomputed = 0.0 if checkpointing == "none" else self.block
-        return num_layers * kept + recomputed + backward_workspace + self.outside_blocks
+        return num_layers * self.kept(checkpointing) + recomputed + backward_workspace
+
+    def kept(self, checkpointing: str) -> float:
+        """Bytes per token one block keeps for backward."""
+        return {"none": self.block, "selective": self.selective_block, "full": self.checkpointed_block}[checkpointing]
 
 
 @functools.lru_cache(maxsize=8)
@@ -258,6 +279,9 @@ class Plan:
     run_hours: float
     num_steps: int
     mfu: float
+    sequence_parallel: int = 1
+    all_to_all_gib: float = 0.0  # sent per GPU per step (sequence parallelism)
+    all_to_all_seconds: float = 0.0  # its time per step on NVLink, included in step_seconds
 
     def verdict(self) -> str:
         word = "fits" if self.fits else "does NOT fit"
@@ -310,12 +334,13 @@ def model_state_gib(params: int, largest_layer: int, stage: int, world: int, off
     return {name: value / GIB for name, value in parts.items()}
 
 
-def kv_cache_gib(config: Config, shape: DitShape, per_frame: int, micro: int) -> float:
-    """Self-generated rollouts keep K and V of every layer for the cached frames (bf16)."""
+def kv_cache_gib(config: Config, shape: DitShape, per_frame: int, micro: int, sequence_parallel: int = 1) -> float:
+    """Self-generated rollouts keep K and V of every layer for the cached frames (bf16); under
+    sequence parallelism each rank caches its share of the heads."""
     if not config.causal or config.self_forcing.context_mode == "ground_truth":
         return 0.0
     frames = min(config.self_forcing.kv_cache_length, config.self_forcing.window_frames)
-    return micro * frames * per_frame * shape.num_layers * 2 * shape.dim * 2 / GIB
+    return micro * frames * per_frame * shape.num_layers * 2 * shape.dim * 2 / sequence_parallel / GIB
 
 
 def frozen_gib(config: Config, precomputed: bool) -> float:
@@ -339,10 +364,37 @@ def dit_shape_of(config: Config) -> DitShape:
     return DitShape(**{f.name: arguments[f.name] for f in fields(DitShape) if f.name in arguments})
 
 
-def activation_gib(shape: DitShape, tokens: int, micro: int, checkpointing: str) -> float:
-    """Peak activation memory per GPU (CUDA calibration)."""
+def activation_gib(shape: DitShape, tokens: int, micro: int, checkpointing: str, sequence_parallel: int = 1) -> float:
+    """Peak activation memory per GPU (CUDA calibration); the blocks' part is divided over the
+    sequence-parallel group."""
     model = measure_activation_model(shape.dim, shape.ffn_dim, shape.num_heads)
-    return micro * tokens * model.per_token(shape.num_layers, checkpointing, "cuda") / GIB
+    per_sample = (tokens / sequence_parallel * model.per_block_token(shape.num_layers, checkpointing, "cuda")
+                  + tokens * model.outside_blocks)
+    return micro * per_sample / GIB
+
+
+def saved_activation_bytes(shape: DitShape, tokens: int, micro: int, checkpointing: str,
+                           sequence_parallel: int = 1) -> float:
+    """What autograd keeps per GPU at the end of a forward (`saved_bytes` of the forward, no backward
+    workspace): the blocks' share of the tokens, and everything outside them whole."""
+    model = measure_activation_model(shape.dim, shape.ffn_dim, shape.num_heads)
+    return micro * (tokens / sequence_parallel * shape.num_layers * model.kept(checkpointing)
+                    + tokens * model.outside_blocks)
+
+
+def all_to_all_bytes(shape: DitShape, tokens: int, checkpointing: str, sequence_parallel: int) -> float:
+    """Bytes one rank sends per sample and training pass under sequence parallelism: per block and
+    pass, q, k, v to the head split and the output back (4 bf16 tensors of tokens/SP x dim, of which
+    (SP-1)/SP leaves the rank); passes: forward, backward, and the recompute of checkpointing (the
+    all-to-alls are not among what selective checkpointing keeps); plus the float32 residual stream
+    gathered after the blocks (all-gather) and its gradient summed in backward (all-reduce)."""
+    if sequence_parallel == 1:
+        return 0.0
+    leaving = (sequence_parallel - 1) / sequence_parallel
+    passes = 2 if checkpointing == "none" else 3
+    blocks = shape.num_layers * passes * 4 * tokens / sequence_parallel * shape.dim * 2 * leaving
+    gather = tokens * shape.dim * 4 * leaving * (1 + 2)
+    return blocks + gather
 
 
 def dit_parameters(shape: DitShape) -> tuple[int, int]:
@@ -396,6 +448,8 @@ def plan_for_ds_config(config: Config, profile_name: str, ds: dict[str, Any], gp
         raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {checkpointing!r}")
     frames, per_frame, layout = sample_layout(config)
     tokens = sequence_tokens(frames, per_frame, layout)
+    sp = config.distributed.sequence_parallel_size
+    check_sequence_parallel_size(sp, world_size, shape.num_heads)
     params, largest = dit_parameters(shape)
     adapters = lora_parameters(shape, config.lora)
     zero = ds["zero_optimization"]
@@ -406,8 +460,8 @@ def plan_for_ds_config(config: Config, profile_name: str, ds: dict[str, Any], gp
         parts = model_state_gib(params + adapters, largest, zero.get("stage", 0), world_size,
                                 "offload_optimizer" in zero, "offload_param" in zero,
                                 trainable=adapters if config.lora.enabled else None)
-        parts["activations"] = activation_gib(shape, tokens, m, checkpointing)
-        parts["kv_cache"] = kv_cache_gib(config, shape, per_frame, m)
+        parts["activations"] = activation_gib(shape, tokens, m, checkpointing, sp)
+        parts["kv_cache"] = kv_cache_gib(config, shape, per_frame, m, sp)
         parts["frozen_encoders"] = frozen_gib(config, precomputed)
         parts["headroom"] = CUDA_CONTEXT_GIB + FRAGMENTATION * gpu.memory_gib
         return parts
@@ -423,15 +477,18 @@ def plan_for_ds_config(config: Config, profile_name: str, ds: dict[str, Any], gp
     # checkpointing (selective recomputes element-wise work only, no matmul FLOPs); LoRA computes no
     # weight gradient of the frozen base (the adapters' FLOPs are negligible at small rank)
     passes = (4 if checkpointing == "full" else 3) - (1 if config.lora.enabled else 0)
-    step_flops = sum(flops.values()) * passes * micro * accumulation
-    step_seconds = step_flops / (mfu * gpu.bf16_tflops * 1e12)
+    step_flops = sum(flops.values()) * passes * micro * accumulation / sp  # per GPU
+    sent = all_to_all_bytes(shape, tokens, checkpointing, sp) * micro * accumulation
+    all_to_all_seconds = sent / (gpu.nvlink_gb_s * 1e9 * ALL_TO_ALL_EFFICIENCY)
+    step_seconds = step_flops / (mfu * gpu.bf16_tflops * 1e12) + all_to_all_seconds
     return Plan(profile=profile_name, gpu=gpu.name, world_size=world_size, micro_batch=micro,
                 trained_parameters=adapters if config.lora.enabled else params, lora_rank=config.lora.rank,
                 accumulation=accumulation, tokens_per_sample=tokens, checkpointing=checkpointing,
                 memory_gib=memory, total_gib=total, device_gib=gpu.memory_gib, fits=total <= gpu.memory_gib,
                 margin_gib=gpu.memory_gib - total, max_micro_batch=max_micro, flops_per_sample=flops,
                 step_seconds=step_seconds, run_hours=step_seconds * config.training.num_steps / 3600,
-                num_steps=config.training.num_steps, mfu=mfu)
+                num_steps=config.training.num_steps, mfu=mfu, sequence_parallel=sp, all_to_all_gib=sent / GIB,
+                all_to_all_seconds=all_to_all_seconds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +498,8 @@ def plan_for_ds_config(config: Config, profile_name: str, ds: dict[str, Any], gp
 def format_plan(plan: Plan) -> str:
     lines = [f"{plan.profile} on {plan.world_size} x {plan.gpu}: micro-batch {plan.micro_batch} x accumulation "
              f"{plan.accumulation}, {plan.tokens_per_sample:,} tokens per sample, activation checkpointing "
-             f"{plan.checkpointing}, {training_of(plan)}",
+             f"{plan.checkpointing}, {training_of(plan)}" + (f", sequence parallelism {plan.sequence_parallel}"
+                                                            if plan.sequence_parallel > 1 else ""),
              "  memory per GPU (GiB):"]
     for name, gib in plan.memory_gib.items():
         lines.append(f"    {name:<16} {gib:8.2f}")
@@ -450,6 +508,10 @@ def format_plan(plan: Plan) -> str:
     total_flops = sum(plan.flops_per_sample.values())
     shares = ", ".join(f"{k} {v / total_flops:.0%}" for k, v in plan.flops_per_sample.items())
     lines.append(f"  forward FLOPs per sample: {total_flops:.3g} ({shares})")
+    if plan.sequence_parallel > 1:
+        lines.append(f"  all-to-all: {plan.all_to_all_gib:.1f} GiB sent per GPU per step, "
+                     f"{plan.all_to_all_seconds:.1f} s on NVLink at {ALL_TO_ALL_EFFICIENCY:.0%} of its rated "
+                     f"bandwidth (included below)")
     lines.append(f"  time at {plan.mfu:.0%} MFU: {plan.step_seconds:.1f} s per step, "
                  f"{plan.run_hours:.1f} h for {plan.num_steps:,} steps")
     return "\n".join(lines)
@@ -460,18 +522,45 @@ def training_of(plan: Plan) -> str:
     return f"LoRA rank {plan.lora_rank} ({trained})" if plan.lora_rank else f"full fine-tuning ({trained})"
 
 
+# Sequence-parallel sizes the table plans beside SP 1, per profile.
+TABLE_SEQUENCE_PARALLEL = {"zero3_2xh200": (2,)}
+
+
+def with_sequence_parallel(config: Config, sequence_parallel: int, micro: int, global_batch: int,
+                           world_size: int) -> Config:
+    """`config` with `sequence_parallel` and the batch settings that keep micro-batch `micro` per
+    sequence-parallel group and the global batch: fewer data-parallel groups, more accumulation."""
+    groups = world_size // sequence_parallel
+    if global_batch % (micro * groups):
+        raise ConfigError(f"a global batch of {global_batch} does not split into micro-batches of {micro} "
+                          f"over {groups} data-parallel group(s)")
+    config = copy.deepcopy(config)
+    config.distributed.sequence_parallel_size = sequence_parallel
+    config.training.batch_size = micro * groups
+    config.training.gradient_accumulation = global_batch // (micro * groups)
+    return config
+
+
 def hardware_table(config: Config, mfu: float = 0.4, precomputed: bool = False) -> list[dict[str, Any]]:
-    """The planner beside the reference hardware table (docs/training.md), for every GPU profile."""
+    """The planner beside the reference hardware table (docs/training.md), for every GPU profile, with
+    sequence parallelism where TABLE_SEQUENCE_PARALLEL names it (same micro-batch and global batch)."""
     repo = Path(__file__).resolve().parents[1]
     rows = []
     for name, gpu, world, reference_hours in HARDWARE_TABLE:
         check_plans_dit(config)
-        ds, _ = build_deepspeed_config(config, load_profile(repo / "ds_configs" / f"{name}.json"), world)
-        for checkpointing in CHECKPOINTING_MODES:
-            plan = plan_for_ds_config(config, name, ds, gpu, world, mfu, checkpointing, precomputed,
+        profile = load_profile(repo / "ds_configs" / f"{name}.json")
+        ds, _ = build_deepspeed_config(config, profile, world)
+        variants = [(config, ds)]
+        for sequence_parallel in TABLE_SEQUENCE_PARALLEL.get(name, ()):
+            sp_config = with_sequence_parallel(config, sequence_parallel, ds["train_micro_batch_size_per_gpu"],
+                                               config.global_batch_size, world)
+            variants.append((sp_config, build_deepspeed_config(sp_config, profile, world)[0]))
+        for (variant, variant_ds), checkpointing in itertools.product(variants, CHECKPOINTING_MODES):
+            plan = plan_for_ds_config(variant, name, variant_ds, gpu, world, mfu, checkpointing, precomputed,
                                       dit_shape_of(config))
             rows.append({"profile": name + (f" + LoRA r{plan.lora_rank}" if plan.lora_rank else ""),
                          "gpus": f"{world}x {GPUS[gpu].name}", "checkpointing": checkpointing,
+                         "sp": plan.sequence_parallel, "accumulation": plan.accumulation,
                          "micro_batch": plan.micro_batch, "total_gib": round(plan.total_gib, 1),
                          "device_gib": plan.device_gib, "fits": plan.fits,
                          "max_micro_batch": plan.max_micro_batch, "step_s": round(plan.step_seconds, 1),
@@ -484,9 +573,10 @@ def hours_or_dash(hours: float | None) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = ("| profile | GPUs | act. ckpt | micro | GiB/GPU | fits | max micro | s/step | hours | "
-              "reference |\n|---|---|---|---|---|---|---|---|---|---|")
-    body = [f"| {r['profile']} | {r['gpus']} | {r['checkpointing']} | {r['micro_batch']} | "
+    header = ("| profile | GPUs | SP | act. ckpt | micro x accum. | GiB/GPU | fits | max micro | s/step | hours | "
+              "reference |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    body = [f"| {r['profile']} | {r['gpus']} | {r['sp']} | {r['checkpointing']} | "
+            f"{r['micro_batch']} x {r['accumulation']} | "
             f"{r['total_gib']} / {r['device_gib']:.0f} | {'yes' if r['fits'] else 'no'} | {r['max_micro_batch']} | "
             f"{r['step_s']} | {r['hours']} | {hours_or_dash(r['reference_hours'])} |" for r in rows]
     return "\n".join([header, *body])

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vidartrain.config import Config, ConfigError
+from vidartrain.distributed.sequence_parallel import check_sequence_parallel_size
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,12 @@ def build_deepspeed_config(config: Config, profile: dict[str, Any], world_size: 
     apply_cpu_offload(config, ds, warnings)
     apply_precision(config, ds, warnings)
     apply_activation_checkpointing(config, warnings)
-    apply_batch_sizes(config, ds, world_size, warnings)
+    sequence_parallel = config.distributed.sequence_parallel_size
+    check_sequence_parallel_size(sequence_parallel, world_size)
+    apply_batch_sizes(config, ds, world_size // sequence_parallel, warnings)
+    # DeepSpeed counts every rank of a sequence-parallel group as a data-parallel rank (they see the
+    # same samples; distributed/sequence_parallel.py says why its gradient average is still right).
+    ds["train_batch_size"] *= sequence_parallel
     ds["gradient_clipping"] = config.training.grad_clip
     for message in warnings:
         log.warning(message)
@@ -169,7 +175,8 @@ def apply_activation_checkpointing(config: Config, warnings: list[str]) -> None:
 
 
 def apply_batch_sizes(config: Config, ds: dict[str, Any], world_size: int, warnings: list[str]) -> None:
-    """Check global batch = micro x accumulation x world size, with the numbers in the error."""
+    """Check global batch = micro x accumulation x world size, with the numbers in the error. Under
+    sequence parallelism `world_size` is the number of data-parallel groups (world / SP)."""
     micro = ds["train_micro_batch_size_per_gpu"]
     accumulation = ds["gradient_accumulation_steps"]
     training = config.training

@@ -90,6 +90,8 @@ from vidartrain.distributed.checkpointing import (
     weights_only_loads)
 from vidartrain.distributed.ds_config import checkpointing_mode
 from vidartrain.distributed.export import gather_state_dict
+from vidartrain.distributed.sequence_parallel import (ParallelLayout, SequenceParallel, apply_sequence_parallel,
+                                                      new_sequence_parallel_groups)
 from vidartrain.errors import CheckpointError, DataError
 from vidartrain.models.wan.lora import add_lora, export_lora
 from vidartrain.models.wan.model import WanModel
@@ -348,6 +350,10 @@ class Trainer:
         self.rank = dist.get_rank()
         if dist.get_world_size() != self.world_size:
             raise RuntimeError(f"WORLD_SIZE={self.world_size} but the process group has {dist.get_world_size()} ranks")
+        # Ranks of a sequence-parallel group work on the same samples: the loader, the noise and the
+        # seeds follow the data-parallel index `layout.dp_rank`, not the global rank.
+        self.layout = ParallelLayout.of(self.rank, self.world_size, config.distributed.sequence_parallel_size)
+        sequence_parallel_group = new_sequence_parallel_groups(self.layout)
         self.resume_from: CheckpointRef | None = first_intact(candidates, options.resume, self.checkpoint_problems)
         if self.resume_from is not None:
             self.check_resumable(self.resume_from)
@@ -367,8 +373,10 @@ class Trainer:
         frozen = freeze_parameters(model, config.training.freeze)
         if frozen:
             log.info("training.freeze: %d parameter tensors frozen (%s ...)", len(frozen), ", ".join(frozen[:4]))
-        if isinstance(model, WanModel):  # the DiT's blocks; the IDM stage refuses both settings
+        if isinstance(model, WanModel):  # the DiT's blocks; the IDM stage refuses these settings
             model.set_checkpointing(checkpointing_mode(config))
+            if sequence_parallel_group is not None:
+                apply_sequence_parallel(model, SequenceParallel(sequence_parallel_group))
             if compiles_blocks(config, self.device):
                 log.info("model.compile: each DiT block is compiled during the first step (a minute or more)")
                 compile_blocks(model)
@@ -378,14 +386,15 @@ class Trainer:
         t = config.training
         self.ema = (PartitionEMA(self.engine.module, t.ema_decay, t.ema_warmup, ema_device(self.ds_config, self.device))
                     if t.ema_decay > 0 else None)
-        seed_everything(config.training.seed + self.rank)
+        seed_everything(config.training.seed + self.layout.dp_rank)
         stage.load_frozen(self.device)
         if config.validation.every:
             stage.load_validation(self.device)
 
         self.micro_batch_size = self.engine.train_micro_batch_size_per_gpu()
         self.accumulation = self.engine.gradient_accumulation_steps()
-        self.train_loader = stage.build_loader("train", self.micro_batch_size, self.rank, self.world_size)
+        self.train_loader = stage.build_loader("train", self.micro_batch_size, self.layout.dp_rank,
+                                               self.layout.dp_size)
         self.validates = bool(config.training.val_every) and config.data.val_shards is not None
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
@@ -447,9 +456,10 @@ class Trainer:
         for micro, batch in enumerate(micro_batches):
             engine.set_gradient_accumulation_boundary(micro == self.accumulation - 1)
             generator = micro_batch_generator(self.config.training.seed, TRAIN_STREAM, self.step, micro,
-                                              self.rank, self.device)
+                                              self.layout.dp_rank, self.device)
             # modules that draw from the global RNG (LoRA's dropout; activation checkpointing restores
             # it for the recomputation) get a stream that is a function of the position in the run too
+            # (per global rank: the ranks of a sequence-parallel group drop out on different tokens)
             torch.manual_seed(micro_batch_seed(self.config.training.seed, DROPOUT_STREAM, self.step, micro, self.rank))
             loss, micro_metrics = stage.training_loss(engine, batch, generator)
             # One all-reduce tells every rank both the mean loss and whether any rank went non-finite
@@ -474,11 +484,13 @@ class Trainer:
             self.nonfinite_total += 1
         compute = time.perf_counter() - start
         keys = [key for batch in micro_batches for key in batch["__key__"]]
+        # The ranks of a sequence-parallel group hold the same loss: the mean over all ranks is the
+        # mean over the data-parallel groups.
         loss = float(loss_sum) / (self.world_size * self.accumulation) if finite else float("nan")
         return {"finite": finite, "lr": lr, "loss": loss, "metrics": self.reduce_metrics(metrics),
                 "keys": self.gather_keys(keys), "data_wait": data_wait, "compute": compute,
-                "tokens": sum(stage.tokens_in(batch) for batch in micro_batches) * self.world_size,
-                "samples": len(keys) * self.world_size}
+                "tokens": sum(stage.tokens_in(batch) for batch in micro_batches) * self.layout.dp_size,
+                "samples": len(keys) * self.layout.dp_size}
 
     def after_step(self, record: dict[str, Any]) -> None:
         """Logging, stop decisions, validation and checkpoints, identical on every rank."""
@@ -524,7 +536,7 @@ class Trainer:
         """Bad samples the training loaders of all ranks have skipped so far (data.max_bad_samples)."""
         count = torch.tensor([float(self.train_loader.skipped_samples)], device=self.device)
         dist.all_reduce(count)
-        return int(count.item())
+        return int(count.item()) // self.layout.sp_size  # a sequence-parallel group's ranks share a loader
 
     def grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
@@ -542,13 +554,14 @@ class Trainer:
     def gather_keys(self, keys: list[str]) -> list[str]:
         gathered: list[list[str] | None] = [None] * self.world_size
         dist.all_gather_object(gathered, keys)
-        return [key for rank_keys in gathered for key in rank_keys]
+        # one list per data-parallel group: its sequence-parallel ranks hold the same samples
+        return [key for rank_keys in gathered[::self.layout.sp_size] for key in rank_keys]
 
     @torch.no_grad()
     def validation_loss(self) -> float:
         """Mean loss over up to `training.val_batches` held-out micro-batches per rank, with fixed noise
         (the same at every evaluation, so values are comparable over the run)."""
-        loader = self.stage.build_loader("val", self.micro_batch_size, self.rank, self.world_size)
+        loader = self.stage.build_loader("val", self.micro_batch_size, self.layout.dp_rank, self.layout.dp_size)
         batches = list(itertools.islice(loader, self.config.training.val_batches))
         # ZeRO-3 forwards are collective: every rank evaluates the same number of batches.
         count = torch.tensor([len(batches)], device=self.device)
@@ -559,8 +572,8 @@ class Trainer:
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64)
         for index, batch in enumerate(batches[:int(count.item())]):
-            generator = micro_batch_generator(self.config.training.seed, VALIDATION_STREAM, 0, index, self.rank,
-                                              self.device)
+            generator = micro_batch_generator(self.config.training.seed, VALIDATION_STREAM, 0, index,
+                                              self.layout.dp_rank, self.device)
             loss, _ = self.stage.training_loss(self.engine, batch, generator)
             total += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
         self.engine.train()

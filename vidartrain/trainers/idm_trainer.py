@@ -88,6 +88,9 @@ class IdmStage(Stage):
 
     def __init__(self, config: Config, data: DataInfo) -> None:
         super().__init__(config, data)
+        if config.distributed.sequence_parallel_size != 1:
+            raise ConfigError(f"`distributed.sequence_parallel_size` = {config.distributed.sequence_parallel_size}: "
+                              f"sequence parallelism splits the DiT's tokens; the IDM trains with 1")
         if config.model.checkpointing != "none":
             raise ConfigError(f"`model.checkpointing` is {config.model.checkpointing!r}, but activation "
                               f"checkpointing is for the DiT: set `model.checkpointing: none` (or "

@@ -19,6 +19,7 @@ from vidartrain.config import Config, ConfigError
 from vidartrain.data.shard_index import DataInfo
 from vidartrain.data.transforms import to_model_range
 from vidartrain.distributed.export import write_state_dict
+from vidartrain.distributed.sequence_parallel import check_sequence_parallel_size
 from vidartrain.losses import (NUM_TRAIN_TIMESTEPS, add_noise, context_frame_mask, flow_matching_loss,
                                flow_matching_target, sample_sigmas)
 from vidartrain.models.wan.checkpoint import load_finetuned, model_arguments
@@ -71,6 +72,7 @@ class DitStage(Stage):
             raise ConfigError(f"`model.ckpt_dir` is not set: the {self.name} stage starts from a Wan2.2-TI2V "
                               f"checkpoint directory{self.start_note}")
         dit = model_arguments(config.model.ckpt_dir, self.model_class)
+        check_sequence_parallel_size(config.distributed.sequence_parallel_size, num_heads=dit["num_heads"])
         self.patch_size: tuple[int, int, int] = tuple(dit["patch_size"])
         self.text_len: int = dit["text_len"]
         self.shift = config.loss.shift

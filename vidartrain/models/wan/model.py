@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,9 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from vidartrain.shapes import DIT_PATCH_SIZE, VAE_STRIDE
+
+if TYPE_CHECKING:
+    from vidartrain.distributed.sequence_parallel import SequenceParallel
 
 try:
     from flash_attn import flash_attn_func
@@ -305,6 +308,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
 
 class WanSelfAttention(nn.Module):
 
+    # Set from outside by distributed.sequence_parallel.apply_sequence_parallel: x holds this rank's
+    # share of the tokens, and attention runs over all of them for a share of the heads.
+    sequence_parallel: "SequenceParallel | None" = None
+
     def __init__(self, dim: int, num_heads: int, window_size: tuple[int, int] = (-1, -1),
                  qk_norm: bool = True, eps: float = 1e-6):
         super().__init__()
@@ -344,10 +351,15 @@ class WanSelfAttention(nn.Module):
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x [B, L, dim] (matmul dtype). `past_key_value` (the causal model's KV cache, after RoPE)
         comes before this call's keys and values; the mask then covers [L, Lp + L]. Returns the
-        output and this call's (key, value) after RoPE."""
+        output and this call's (key, value) after RoPE. Under sequence parallelism x, rope and the
+        output cover this rank's tokens, the mask and the keys and values (returned and cached)
+        all tokens of this rank's heads."""
         q = self.project_query_key(x, self.q, self.norm_q, rope)
         k = self.project_query_key(x, self.k, self.norm_k, rope)
         v = self.split_heads(self.v(x))
+        sp = self.sequence_parallel
+        if sp is not None:
+            q, k, v = sp.sequence_to_heads(q), sp.sequence_to_heads(k), sp.sequence_to_heads(v)
         keys, values = k, v
         if isinstance(past_key_value, tuple):
             keys = torch.cat([past_key_value[0], k], dim=2)
@@ -355,6 +367,8 @@ class WanSelfAttention(nn.Module):
         elif past_key_value is not None:
             keys, values = past_key_value.extend(k, v)
         out = attention(q, keys, values, mask)
+        if sp is not None:
+            out = sp.heads_to_sequence(out)
         return self.o(out.transpose(1, 2).flatten(2)), (k, v)
 
 
@@ -462,6 +476,10 @@ class Head(nn.Module):
 
 class WanModel(nn.Module):
     """Wan2.2 DiT. Defaults are the TI2V-5B configuration (4,999,787,712 parameters)."""
+
+    # Set from outside by distributed.sequence_parallel.apply_sequence_parallel: the blocks then run
+    # on this rank's share of the tokens (see run_blocks).
+    sequence_parallel: "SequenceParallel | None" = None
 
     def __init__(self, model_type: str = "ti2v", patch_size: Sequence[int] = DIT_PATCH_SIZE, text_len: int = 512,
                  in_dim: int = 48, dim: int = 3072, ffn_dim: int = 14336, freq_dim: int = 256,
@@ -572,12 +590,22 @@ class WanModel(nn.Module):
                    past_key_values: Sequence[PastKeyValue] | None = None
                    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """All transformer blocks; `context` is the embedded text or one precomputed (k, v) per
-        block. Returns the residual stream and every block's self-attention (key, value)."""
+        block. Returns the residual stream and every block's self-attention (key, value).
+
+        Under sequence parallelism the tokens, their RoPE angles and timestep groups are cut to this
+        rank's share before the blocks and the residual stream is gathered after them; the keys and
+        values (and `past_key_values`) are then the head split of all tokens."""
+        sp = self.sequence_parallel
+        if sp is not None:
+            length = x.shape[1]
+            x, e0, rope = sp.shard(x), sp.shard_groups(e0, length), (sp.shard(rope[0]), sp.shard(rope[1]))
         key_values = []
         for i, block in enumerate(self.blocks):
             x, key_value = block(x, e0, context[i] if isinstance(context, list) else context, rope, mask,
                                  past_key_values[i] if past_key_values is not None else None)
             key_values.append(key_value)
+        if sp is not None:
+            x = sp.gather(x)
         return x, key_values
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
