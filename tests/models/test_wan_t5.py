@@ -7,7 +7,7 @@ import torch
 from conftest import fixture_path
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, models
 
 from data_tools.tiny_checkpoint import write_tokenizer
 from vidartrain.errors import CheckpointError
