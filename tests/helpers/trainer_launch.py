@@ -135,3 +135,17 @@ def single_process(root, output_dir, *overrides, script=("launch/train.py",)):
                "--set", "training.batch_size=1", "--set", "training.gradient_accumulation=4",
                "--set", "training.log_every=1", "--set", "validation.every=0", *overrides]
     return subprocess.run(command, cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
+
+
+def optimizer_state_numel(checkpoint: Path, ranks: int) -> dict[str, int]:
+    """Elements of the fp32 master weights and of each Adam moment, summed over the ZeRO-3 optimizer
+    files of every rank in a checkpoint folder (what DeepSpeed's optimizer holds)."""
+    numel = {"fp32": 0, "exp_avg": 0, "exp_avg_sq": 0}
+    for rank in range(ranks):
+        optim = torch.load(checkpoint / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                           weights_only=False)["optimizer_state_dict"]
+        numel["fp32"] += sum(t.numel() for t in optim["fp32_flat_groups"])
+        for state in optim["optimizer_state_dict"]["state"].values():
+            numel["exp_avg"] += state["exp_avg"].numel()
+            numel["exp_avg_sq"] += state["exp_avg_sq"].numel()
+    return numel

@@ -11,8 +11,8 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import (deepspeed_command, logged_steps, run, start, tail, vidar_validation_loss,
-                                    wait, wait_for_step, write_shards)
+from helpers.trainer_launch import (deepspeed_command, logged_steps, optimizer_state_numel, run, start, tail,
+                                    vidar_validation_loss, wait, wait_for_step, write_shards)
 from vidartrain.config import load_config
 from vidartrain.distributed.checkpointing import tag_for_step
 from vidartrain.models.wan.model import WanModel
@@ -78,15 +78,7 @@ def test_frozen_parameters_are_unchanged_and_outside_the_optimizer(workspace, fr
     assert optimized == set(trained)
     assert set(model_states["frozen_param_shapes"]) == set(frozen)
     trainable_numel = sum(initial[name].numel() for name in trained)
-    flat_numel = {"fp32": 0, "exp_avg": 0, "exp_avg_sq": 0}
-    for rank in range(2):
-        optim = torch.load(checkpoint / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
-                           weights_only=False)["optimizer_state_dict"]
-        flat_numel["fp32"] += sum(t.numel() for t in optim["fp32_flat_groups"])
-        for state in optim["optimizer_state_dict"]["state"].values():
-            flat_numel["exp_avg"] += state["exp_avg"].numel()
-            flat_numel["exp_avg_sq"] += state["exp_avg_sq"].numel()
-    for kind, numel in flat_numel.items():
+    for kind, numel in optimizer_state_numel(checkpoint, ranks=2).items():
         assert trainable_numel <= numel < trainable_numel + 2 * len(trained), (kind, numel, trainable_numel)
 
 

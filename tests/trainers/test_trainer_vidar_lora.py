@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import fixture_path
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import (deepspeed_command, logged_steps, run, start, tail, vidar_validation_loss,
-                                    wait, wait_for_step, write_shards)
+from helpers.trainer_launch import (deepspeed_command, logged_steps, optimizer_state_numel, run, start, tail,
+                                    vidar_validation_loss, wait, wait_for_step, write_shards)
 from models.test_wan_lora import WAN_LORA_KEY  # tests/models/: not on sys.path when this file runs alone
 from vidartrain.config import load_config
 from vidartrain.distributed.checkpointing import tag_for_step
@@ -84,15 +84,7 @@ def test_only_adapters_train_and_the_base_stays_bit_identical(workspace, lora_ru
     assert {name for group in model_states["param_shapes"] for name in group} == set(adapters)
     assert set(model_states["frozen_param_shapes"]) == set(initial)
     adapter_numel = sum(weights[name].numel() for name in adapters)
-    flat = {"fp32": 0, "exp_avg": 0, "exp_avg_sq": 0}
-    for rank in range(2):
-        optim = torch.load(checkpoint / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
-                           weights_only=False)["optimizer_state_dict"]
-        flat["fp32"] += sum(t.numel() for t in optim["fp32_flat_groups"])
-        for state in optim["optimizer_state_dict"]["state"].values():
-            flat["exp_avg"] += state["exp_avg"].numel()
-            flat["exp_avg_sq"] += state["exp_avg_sq"].numel()
-    for kind, numel in flat.items():
+    for kind, numel in optimizer_state_numel(checkpoint, ranks=2).items():
         assert adapter_numel <= numel < adapter_numel + 2 * len(adapters), (kind, numel, adapter_numel)
     assert all(weights[name].abs().sum() > 0 for name in adapters if ".lora_B." in name)  # B moved from zero
 

@@ -4,7 +4,7 @@ context) plus rank-4 adapters, in one run."""
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from helpers.trainer_launch import deepspeed_command, logged_steps, run
+from helpers.trainer_launch import deepspeed_command, logged_steps, optimizer_state_numel, run
 from test_self_forcing_zero3 import STEPS, train_args, workspace  # noqa: F401  (workspace: a fixture)
 from vidartrain.distributed.checkpointing import tag_for_step
 
@@ -41,7 +41,5 @@ def test_stage2_lora_trains_only_the_adapters(workspace):
     assert {name for group in model_states["param_shapes"] for name in group} == set(adapters)
     assert set(model_states["frozen_param_shapes"]) == base
     adapter_numel = sum(weights[name].numel() for name in adapters)
-    fp32_numel = sum(t.numel() for rank in range(2) for t in torch.load(
-        checkpoint / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
-        weights_only=False)["optimizer_state_dict"]["fp32_flat_groups"])
+    fp32_numel = optimizer_state_numel(checkpoint, ranks=2)["fp32"]
     assert adapter_numel <= fp32_numel < adapter_numel + 2 * len(adapters)
