@@ -61,6 +61,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import copy
+import importlib
 import itertools
 import logging
 import math
@@ -200,23 +201,24 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
         if get_accelerator().device_name() == "cpu":
-            unlink_cpu_allreduce_buffer()
+            skip_cpu_shared_memory_allreduce()
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def unlink_cpu_allreduce_buffer() -> None:
-    """DeepSpeed's CPU accelerator maps a 66 MB shared-memory allreduce buffer per rank under
-    /dev/shm (when its launcher sets LOCAL_SIZE) and never unlinks it, so every CPU run, killed or
-    not, leaves its buffers behind until the machine runs out of memory. Every rank has mapped its
-    peers' buffers once the process group is up (the barrier); the names can then go, the mappings
-    stay valid while the processes live, and the memory is freed when they exit."""
-    dist.barrier()
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    Path("/dev/shm", name).unlink(missing_ok=True)
+def skip_cpu_shared_memory_allreduce() -> None:
+    """CPU process groups start without DeepSpeed's shared-memory allreduce op. Only DeepSpeed's
+    inference all-reduce uses it (ZeRO's collectives go through torch.distributed and gloo), yet
+    building it JIT-compiles C++, maps a 66 MB /dev/shm buffer per rank that is never unlinked, and
+    its start-up busy-waits for every peer's buffer: with more ranks than cores the spinning ranks
+    starved the others, and a 4-rank run on 2 cores hung for good."""
+    backend = importlib.import_module("deepspeed.comm.torch")  # the attribute of that name is torch itself
+    if not hasattr(backend, "build_shm_op"):
+        raise RuntimeError("deepspeed.comm.torch.build_shm_op is gone: check how this DeepSpeed version "
+                           "starts its CPU shared-memory allreduce before running on CPU")
+    backend.build_shm_op = lambda: None
 
 
 def world_size_of_launch() -> int:
@@ -343,9 +345,7 @@ class Trainer:
         candidates = resume_candidates(options.resume, checkpoints_dir(self.output_dir))
         self.save_path = export_path(config, self.output_dir, stage.name)
         check_export_path(config, self.save_path, options.overwrite)
-        log.info("starting the process group of %d rank(s)%s", self.world_size,
-                 "; DeepSpeed's CPU communication op is compiled (C++ compiler, ninja) on its first use, "
-                 "up to a minute" if get_accelerator().device_name() == "cpu" else "")
+        log.info("starting the process group of %d rank(s)", self.world_size)
         init_distributed()
         self.rank = dist.get_rank()
         if dist.get_world_size() != self.world_size:
