@@ -78,6 +78,12 @@ def test_two_sequence_parallel_ranks_train_as_one_rank(workspace, name):
         torch.testing.assert_close(weights[key].float(), value.float(), rtol=1.6e-2, atol=LR * STEPS, msg=key)
 
 
+# Four CPU ranks need four cores: gloo's transport thread polls while it waits for a peer, and on two cores
+# two waiting ranks took both and starved the other two (a run hung for good, pytest's timeout too).
+FOUR_RANKS = pytest.mark.skipif((os.cpu_count() or 1) < 4, reason=f"4 CPU ranks on {os.cpu_count()} cores "
+                                "livelock (gloo's transport polls while waiting); needs 4 cores")
+
+
 @pytest.fixture(scope="module")
 def sp2_dp2_run(workspace):
     """SP 2 x DP 2 on 4 ranks, checkpoints every 2 steps, SIGKILLed after step 3 and resumed to step 4.
@@ -94,6 +100,7 @@ def sp2_dp2_run(workspace):
     return output_dir, killed
 
 
+@FOUR_RANKS
 def test_four_ranks_as_two_sequence_parallel_groups_resume_exactly_after_a_kill(sp2_dp2_run):
     """The steps run again after the resume from step 2 log the losses, gradient norms and samples the
     killed run logged for them, bit for bit."""
@@ -108,6 +115,7 @@ def test_four_ranks_as_two_sequence_parallel_groups_resume_exactly_after_a_kill(
     assert any(output_dir.glob("export*.safetensors"))
 
 
+@FOUR_RANKS
 def test_universal_checkpoint_of_sp2_dp2_resumes_on_one_sequence_parallel_group(workspace, sp2_dp2_run):
     """The step-2 checkpoint of 4 ranks, made universal, resumes on 2 ranks (SP 2, one data-parallel group,
     accumulation 4 for the same global batch): the same samples and schedule at step 3; other noise draws
