@@ -1,5 +1,6 @@
 """The training loader: batch format, rank/worker partition, determinism and exact resume."""
 import json
+import multiprocessing
 import subprocess
 import sys
 from dataclasses import replace
@@ -88,6 +89,31 @@ def test_workers_do_not_change_the_sequence(shards):
     for a, b in zip(*runs):
         assert torch.equal(a["video"], b["video"]) and torch.equal(a["actions"], b["actions"])
         assert a["text"] == b["text"]
+
+
+def test_workers_outlive_a_preemption_sigterm_so_their_rank_can_finish_and_save(shards):
+    # a preempting launcher or scheduler signals the rank's workers too; the rank still needs batches
+    # to finish its step (and must not see a worker die under it) before it saves
+    expected = keys_of(build_loader(shards, config(shards), 1, rank=0, world_size=1, epochs=1))
+    batches = iter(build_loader(shards, config(shards, num_workers=2), 1, rank=0, world_size=1, epochs=1))
+    received = [next(batches), next(batches)]  # one from each worker: both are running
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    subprocess.run(["kill", "-TERM", *(str(worker.pid) for worker in workers)], check=True)  # not the parent
+    received.extend(batches)
+    assert keys_of(received) == expected
+    assert all(worker.exitcode == 0 for worker in workers)
+
+
+def test_workers_still_stop_when_their_rank_terminates_them(shards):
+    # how a rank that exits on an error (or multiprocessing at interpreter exit) ends its workers
+    batches = iter(build_loader(shards, config(shards, num_workers=2), 1, rank=0, world_size=1, epochs=1))
+    next(batches)
+    workers = multiprocessing.active_children()
+    for worker in workers:
+        worker.terminate()
+        worker.join(timeout=30)
+    assert [worker.is_alive() for worker in workers] == [False, False]
 
 
 def test_seed_decides_the_order_and_epochs_differ(shards):

@@ -34,12 +34,15 @@ resuming follow the rules above unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
+import signal
 import tarfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -418,6 +421,36 @@ def bad_sample_limit_message(count: int, limit: int, last: dict) -> str:
             f"repair or re-convert them, or raise data.max_bad_samples")
 
 
+@contextlib.contextmanager
+def sigterm_blocked() -> Iterator[None]:
+    """SIGTERM held back in this thread (delivered when the block ends, or to another thread)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def leave_sigterm_to_the_rank(worker_id: int) -> None:
+    """A DataLoader worker obeys a SIGTERM from its rank only.
+
+    A launcher or scheduler that preempts a job signals every process, workers included, and torch's
+    workers die of SIGTERM: their rank, which saves a checkpoint on SIGTERM, could then be waiting
+    for a batch no one will make. So workers start with SIGTERM blocked in every thread (the rank
+    forks them inside `sigterm_blocked`: threads made at the fork inherit the mask) and one thread
+    takes each SIGTERM: sent by the rank (multiprocessing's `terminate`, as the rank shuts its
+    workers down) it exits, sent by anyone else it is left to the rank. A worker whose rank is gone
+    exits by itself (torch's worker watchdog).
+    """
+    threading.Thread(target=exit_on_sigterm_from_parent, name="sigterm", daemon=True).start()
+
+
+def exit_on_sigterm_from_parent() -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+            os._exit(0)
+
+
 class ShardLoader:
     """Iterable of batches for one rank with a resumable position (state_dict / load_state_dict).
 
@@ -440,10 +473,13 @@ class ShardLoader:
             self.epoch, self.consumed = self.epoch + 1, 0
         self.stream.start_epoch, self.stream.start_consumed = self.epoch, self.consumed
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=2 if self.num_workers else None, persistent_workers=False)
+                            prefetch_factor=2 if self.num_workers else None, persistent_workers=False,
+                            worker_init_fn=leave_sigterm_to_the_rank)
         remaining_in_epoch = len(self.stream.batches_in_epoch(self.epoch, self.consumed))
         per_step = self.stream.samples_per_batch * self.stream.world_size
-        for batch in loader:
+        with sigterm_blocked():  # while the workers start (see leave_sigterm_to_the_rank)
+            batches = iter(loader)
+        for batch in batches:
             self.count_skipped(batch.pop(SKIPPED_FIELD))
             self.consumed += per_step
             remaining_in_epoch -= 1

@@ -444,8 +444,7 @@ class Trainer:
         engine, stage = self.engine, self.stage
         engine.train()
         lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler moves on in step())
-        # The whole step's data first: a SIGTERM also kills the DataLoader workers, and batches they
-        # prefetched become unreadable, so a step under way must not need them any more.
+        # The whole step's data first, so that the data wait is timed apart from the compute.
         start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(self.accumulation)]
         data_wait = time.perf_counter() - start
@@ -602,10 +601,9 @@ class Trainer:
     def request_stop(self, signum: int, frame: Any) -> None:
         """SIGTERM (preemption): finish the step, save, exit."""
         self.stop_requested = True
-        # The launcher (or the scheduler, signalling the process group) sends the same SIGTERM to the
-        # DataLoader workers, which die; torch's SIGCHLD handler would then raise in the middle of
-        # whatever runs next (a collective, the checkpoint save). Batches already prefetched finish
-        # the current step, so stop watching the workers.
+        # The launcher (or the scheduler) sends the same SIGTERM to the DataLoader workers, which
+        # ignore it (data/dataset.py) once started; one still starting dies of it, and torch's SIGCHLD
+        # handler would then raise in the middle of whatever runs next (a collective, the save).
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     # ------------------------------------------------------------------------------------------
