@@ -92,11 +92,11 @@ class EpisodeResult:
     action_stats: dict | None = None  # vidartrain.data.shard_index.episode_action_statistics
 
 
-class StrictStop(Exception):
+class StrictStop(DataError):
     """--strict: the first bad episode ends the run."""
 
 
-class ConversionFailed(Exception):
+class ConversionFailed(DataError):
     """A split has no valid episode: its index.json says so and is not marked complete."""
 
 
@@ -549,7 +549,7 @@ def convert_split(split: str, directory: Path, episodes_dir: Path, inputs: dict,
                 pending["skipped"].append({"episode": result.name, "position": result.position, "split": split,
                                            "reason": reason, "detail": detail})
                 if strict:
-                    raise StrictStop(f"episode {result.name}: {reason}: {detail}")
+                    raise StrictStop(f"--strict: episode {result.name}: {reason}: {detail}")
                 continue
             samples, entries = ((result.samples, result.entries) if precomputer is None
                                 else latent_samples(result, precomputer))
@@ -759,15 +759,8 @@ def precomputer_from_settings(settings: ConversionSettings, device: str) -> Prec
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_from_args(args)
-    try:
-        index = convert(args.episodes, args.out, settings, args.workers, args.strict, args.overwrite, args.manifest,
-                        precomputer_from_settings(settings, args.device), args.append)
-    except StrictStop as stop:
-        print(f"\nvidar-shard --strict: {stop}", file=sys.stderr)
-        return 1
-    except ConversionFailed as failure:
-        print(f"vidar-shard: {failure}", file=sys.stderr)
-        return 1
+    index = convert(args.episodes, args.out, settings, args.workers, args.strict, args.overwrite, args.manifest,
+                    precomputer_from_settings(settings, args.device), args.append)
     print(summary(index), file=sys.stderr)
     return 0
 

@@ -98,6 +98,16 @@ def test_impossible_values_say_which_and_why(override, fragment):
     assert fragment in str(err.value)
 
 
+def test_validation_that_cannot_run_is_refused_not_skipped():
+    with pytest.raises(ConfigError, match="`training.val_every` = 100 but `data.val_shards` is not set"):
+        load_config(CONFIGS / "vidar_finetune.yaml", ["training.val_every=100"])
+    with pytest.raises(ConfigError, match="`training.val_every` = 0 runs none"):
+        load_config(CONFIGS / "vidar_finetune.yaml", ["training.ema_decay=0.999", "training.validate_ema=true"])
+    config = load_config(CONFIGS / "vidar_finetune.yaml", ["training.ema_decay=0.999", "training.validate_ema=true",
+                                                           "training.val_every=100", "data.val_shards=/data/val"])
+    assert config.training.validate_ema and config.data.val_shards == "/data/val"
+
+
 def test_causal_chunk_must_fit_sample_and_cache():
     with pytest.raises(ConfigError, match="`self_forcing.window_frames` = 0: must be >= 1"):
         load_config(CONFIGS / "vidarc_causal.yaml", ["self_forcing.chunk_size=0"])
@@ -211,6 +221,19 @@ def test_resume_changes_apply_hyper_parameters_and_refuse_the_rest():
     _, refused = resume_changes(saved, other)
     assert refused == ["training.seed: 42 -> 7", "data.num_frames: 9 -> 13",
                        "global batch (training.batch_size x training.gradient_accumulation): 4 -> 8"]
+
+
+def test_resume_compares_a_config_saved_under_the_earlier_key_names():
+    saved = json.loads(json.dumps(load_config(CONFIGS / "debug/tiny_vidarc.yaml").to_dict()))
+    saved["self_forcing"]["chunk_size"] = saved["self_forcing"].pop("window_frames")
+    saved["model"]["gradient_checkpointing"] = saved["model"].pop("checkpointing") != "none"
+    window = saved["self_forcing"]["chunk_size"]
+    changed = load_config(CONFIGS / "debug/tiny_vidarc.yaml",
+                          [f"self_forcing.window_frames={window - 1}", "model.checkpointing=selective"])
+    applied, refused = resume_changes(saved, changed)
+    assert refused == [f"self_forcing.window_frames: {window} -> {window - 1}"]
+    assert [line for line in applied if line.startswith("model.")] == ['model.checkpointing: "full" -> "selective"']
+    assert resume_changes(saved, load_config(CONFIGS / "debug/tiny_vidarc.yaml", ["model.checkpointing=full"])) == ([], [])
 
 
 def test_stage_follows_from_loss_type_and_aliases_must_agree(tmp_path):

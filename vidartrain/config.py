@@ -601,6 +601,12 @@ def value_problems(config: Config) -> typing.Iterator[str]:
         yield f"`training.ema_warmup` = {t.ema_warmup}: must be >= 0"
     if t.validate_ema and t.ema_decay == 0:
         yield "`training.validate_ema` = true evaluates the EMA of the weights, but `training.ema_decay` = 0 keeps none"
+    if t.validate_ema and t.val_every == 0:
+        yield ("`training.validate_ema` = true evaluates the EMA at the periodic validation, but "
+               "`training.val_every` = 0 runs none")
+    if t.val_every and data.val_shards is None:
+        yield (f"`training.val_every` = {t.val_every} but `data.val_shards` is not set: the validation loss is "
+               f"measured on held-out shards (set them, or training.val_every=0)")
     if any(not pattern.strip() for pattern in t.freeze):
         yield (f"`training.freeze` = {t.freeze}: entries are parameter-name patterns (e.g. `blocks.[0-9].*`) "
                f"or t5/vae/idm, never empty")
@@ -736,8 +742,11 @@ CHANGEABLE_ON_RESUME = frozenset({
 
 def resume_changes(saved: dict[str, Any], config: Config) -> tuple[list[str], list[str]]:
     """Compare `config` with the one a checkpoint was saved with (`Config.to_dict()` as stored in JSON).
-    Returns (changes that apply, changes that cannot), each as lines `section.key: old -> new`."""
+    Returns (changes that apply, changes that cannot), each as lines `section.key: old -> new`. A
+    config saved under a key's earlier name (`self_forcing.chunk_size`, `model.gradient_checkpointing`)
+    is compared under today's."""
     current = json.loads(json.dumps(config.to_dict()))
+    saved = map_window_aliases(map_gradient_checkpointing(saved))
     applied, refused = [], []
     for section, values in current.items():
         for key, value in values.items():

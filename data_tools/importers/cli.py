@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                              overwrite=args.overwrite, strict=args.strict)
     print(summary(result), file=sys.stderr)
     if not result["episodes"]:
-        print("vidar-import: no source episode could be imported", file=sys.stderr)
-        return 1
+        raise DataError(f"vidar-import: no episode of {args.source} could be imported (the summary above gives "
+                        f"each one's reason)")
     if args.shards is None:
         return 0
     action_dim = result["episodes"][0]["action_dim"]

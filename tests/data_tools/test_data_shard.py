@@ -126,15 +126,14 @@ def test_other_settings_in_same_out_dir_are_refused(mixed_episodes, tmp_path, re
     assert len(list((tmp_path / "out").glob("shard-*.tar"))) == 2
 
 
-def test_strict_stops_at_first_bad_episode(mixed_episodes, tmp_path, capsys):
-    assert run(mixed_episodes, tmp_path / "out", "--strict") == 1
-    assert "bad_actions_inf" in capsys.readouterr().err
+def test_strict_stops_at_first_bad_episode(mixed_episodes, tmp_path, refused):
+    refused("--strict: episode .*bad_actions_inf", run, mixed_episodes, tmp_path / "out", "--strict")
     assert not (tmp_path / "out" / "index.json").exists()
 
 
-def test_nothing_valid_exits_non_zero(tmp_path):
+def test_nothing_valid_is_refused(tmp_path, refused):
     write_defective_episode("video_truncated", tmp_path / "episodes" / "bad")
-    assert run(tmp_path / "episodes", tmp_path / "out") == 1
+    refused("no valid episode in the train split", run, tmp_path / "episodes", tmp_path / "out")
     skipped = json.loads((tmp_path / "out" / "index.json").read_text())["skipped"]
     assert [(s["episode"], s["reason"]) for s in skipped] == [("bad", "video_unreadable")]
 
@@ -219,6 +218,6 @@ def test_cameras_option_composes_the_unified_observation(tmp_path):
     frames, _ = decode_all_frames(video)
     assert frames.shape == (6, 72, 64, 3)  # head 48x64 on top, two 24x32 wrist views below
     # without --cameras the same folders lack video.mp4
-    assert run(tmp_path / "episodes", tmp_path / "plain") == 1
+    assert run(tmp_path / "episodes", tmp_path / "plain") == 2
     assert {s["reason"] for s in json.loads((tmp_path / "plain" / "index.json").read_text())["skipped"]} == {
         "missing_file"}

@@ -3,6 +3,7 @@ converter or the loader and checks that nothing is mixed, lost or silent."""
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -236,13 +237,12 @@ def test_sigkill_of_the_converter_leaves_no_worker_or_resource_tracker(six_episo
 # 10b. An all-defective input
 
 
-def test_all_defective_input_fails_and_the_folder_is_not_a_dataset(tmp_path, capsys):
+def test_all_defective_input_fails_and_the_folder_is_not_a_dataset(tmp_path, capsys, refused):
     episodes, out = tmp_path / "episodes", tmp_path / "shards"
     write_defective_episode("video_truncated", episodes / "bad_video", height=SIZE, width=SIZE)
     write_defective_episode("actions_nan", episodes / "bad_actions", height=SIZE, width=SIZE)
-    assert run(episodes, out) == 1
-    assert "no valid episode in the train split (all 2 skipped: actions_invalid 1, video_unreadable 1)" in \
-        capsys.readouterr().err
+    refused(re.escape("no valid episode in the train split (all 2 skipped: actions_invalid 1, video_unreadable 1)"),
+            run, episodes, out)
     index = index_of(out)
     assert index["complete"] is False and index["shards"] == [] and "no valid episode" in index["failed"]
     assert sorted(s["episode"] for s in index["skipped"]) == ["bad_actions", "bad_video"]
@@ -396,7 +396,7 @@ def test_missing_or_resized_shard_is_refused_at_start_and_skipped_if_lost_during
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text("{}")
     run_config = load_config(REPO / "configs/debug/tiny_vidar.yaml", [f"data.shards={copy}", "data.val_shards=null",
-                                                                      "validation.every=0",
+                                                                      "validation.every=0", "training.val_every=0",
                                                                       f"model.ckpt_dir={tmp_path / 'ckpt'}"])
     with pytest.raises(ConfigError, match=f"`data.shards` = {copy}: .*\n  {copy / 'shard-000001.tar'}: missing"):
         check_inputs_exist(run_config)  # what the trainer checks before it builds a model

@@ -89,6 +89,12 @@ def test_strict_stops_at_the_first_faulty_episode(tmp_path, refused):
     refused("length_mismatch", run, source, tmp_path / "out", "--fps", "10", "--strict")
 
 
+def test_a_source_without_one_importable_episode_is_refused(tmp_path, refused):
+    source = tmp_path / "src"
+    write_robotwin_episode(source, 0, frames=6, short_camera=True)
+    refused(f"no episode of {source} could be imported", run, source, tmp_path / "out", "--fps", "10")
+
+
 def test_import_is_deterministic_and_resumes_after_an_interruption(tmp_path, monkeypatch, refused):
     source = tmp_path / "src"
     for number in range(3):

@@ -130,7 +130,7 @@ def single_process(root, output_dir, *overrides, script=("launch/train.py",)):
     with no launcher: one rank, micro 1 x accumulation 4 = batch 4."""
     command = [str(BIN / "python"), *script, "--config", TINY_CONFIG, "--ds-config", CPU_PROFILE,
                "--output_dir", str(output_dir), "--set", f"model.ckpt_dir={root / 'ckpt'}",
-               "--set", f"data.shards={root / 'shards'}", "--set", "data.val_shards=null",
+               "--set", f"data.shards={root / 'shards'}", "--set", "data.val_shards=null", "--set", "training.val_every=0",
                "--set", f"output.save_path={output_dir / 'vidar.pt'}",
                "--set", "training.batch_size=1", "--set", "training.gradient_accumulation=4",
                "--set", "training.log_every=1", "--set", "validation.every=0", *overrides]

@@ -220,7 +220,7 @@ def preempted(pre_encoded, tmp_path_factory):
     command = ["bash", "launch/single_node.sh", "2", "--config", TINY_CONFIG, "--ds-config", CPU_PROFILE,
                "--output_dir", str(output_dir), "--set", f"model.ckpt_dir={pre_encoded / 'ckpt'}",
                "--set", f"data.shards={pre_encoded / 'shards'}", "--set", "data.val_shards=null",
-               "--set", "validation.every=0",
+               "--set", "validation.every=0", "--set", "training.val_every=0",
                "--set", "training.num_steps=100000", "--set", "training.save_every=100000",
                "--set", "training.log_every=1"]
     environment = dict(launcher_env(), VIDARTRAIN_VENV=str(BIN.parent), MASTER_PORT=str(free_port()))
