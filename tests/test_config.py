@@ -233,7 +233,8 @@ def test_resume_compares_a_config_saved_under_the_earlier_key_names():
     applied, refused = resume_changes(saved, changed)
     assert refused == [f"self_forcing.window_frames: {window} -> {window - 1}"]
     assert [line for line in applied if line.startswith("model.")] == ['model.checkpointing: "full" -> "selective"']
-    assert resume_changes(saved, load_config(CONFIGS / "debug/tiny_vidarc.yaml", ["model.checkpointing=full"])) == ([], [])
+    unchanged = load_config(CONFIGS / "debug/tiny_vidarc.yaml", ["model.checkpointing=full"])
+    assert resume_changes(saved, unchanged) == ([], [])
 
 
 def test_stage_follows_from_loss_type_and_aliases_must_agree(tmp_path):
