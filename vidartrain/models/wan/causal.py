@@ -8,6 +8,8 @@ Paths that give the same numbers:
 - `forward(x, t, context)`: the whole sequence with a block-causal mask;
 - `forward_with_cache(x, t, context, cache)`: frames through an explicit `KVCache` (inference:
   prefill clean frames at t = 0, denoise a new frame against the cache, append it at t = 0);
+- `forward_static(...)`: the same against a `StaticKVCache` at static shapes (the whole buffer,
+  a mask from a tensor fill mark), for a compiled generation step (`rollouts.StaticGenerationStep`);
 - `forward_teacher_forcing(clean, noisy, t_noisy, context[, cache])`: one pass over [clean | noisy]
   where noisy frame i sees clean frames < i and itself (stage-2 training with ground-truth
   context); with a cache, one chunk of a rollout (`vidartrain.rollouts`, which holds every
@@ -25,7 +27,7 @@ from typing import Literal, Sequence
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from .kv_cache import KeyValue, KVCache
+from .kv_cache import KeyValue, KVCache, StaticStepLayer
 from .model import WanModel, group_timesteps, rope_for_grid
 
 AttentionBackend = Literal["auto", "sdpa", "flex"]
@@ -197,6 +199,31 @@ class WanModelCausal(WanModel):
                 positions: Sequence[int] | None = None) -> KVCache:
         """Append clean frames (t = 0) to the cache."""
         return self.forward_with_cache(clean, 0.0, context, cache, update_cache=True, positions=positions)[1]
+
+    def forward_static(self, x: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, text: list[KeyValue],
+                       keys: list[torch.Tensor], values: list[torch.Tensor], cached_tokens: torch.Tensor
+                       ) -> torch.Tensor:
+        """The per-chunk generation step at static shapes, capturable by CUDA graphs: frames x
+        [B, C, f, H, W] at timesteps t [B, f] and RoPE positions [f] attend to the first
+        `cached_tokens` (0-d int64 tensor) tokens of a StaticKVCache's buffers `keys`/`values` (per
+        layer [B, N, slots, D]) and block-causally to each other, as `forward_with_cache` does;
+        their keys/values are written into the slots after the cached ones (`StaticKVCache.commit`
+        keeps them). Every shape is fixed by the buffers and the chunk, and the fill enters as a
+        tensor, so one compiled graph serves every fill. `text`: `text_key_values`. Returns the
+        velocity of x."""
+        tokens, grid = self.embed_video(x)
+        frames, height, width = grid
+        frame_tokens = height * width
+        query = torch.arange(frames * frame_tokens, device=tokens.device)
+        # A query token sees the cached tokens and those of its own and earlier new frames; the
+        # slots after them are stale or empty.
+        visible_until = cached_tokens + (query // frame_tokens + 1) * frame_tokens
+        mask = torch.arange(keys[0].shape[2], device=tokens.device) < visible_until[:, None]
+        past = [StaticStepLayer(k, v, cached_tokens + query) for k, v in zip(keys, values)]
+        e, e0 = self.embed_time(t)
+        rope = rope_for_grid(positions, height, width, self.head_dim)
+        hidden, _ = self.run_blocks(tokens, e0, text, rope, mask, past)
+        return self.unpatchify(self.head(hidden, e), grid)
 
     def forward_teacher_forcing(self, clean: torch.Tensor, noisy: torch.Tensor, t_noisy: torch.Tensor,
                                 context, cache: KVCache | None = None) -> torch.Tensor:
