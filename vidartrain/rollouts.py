@@ -105,9 +105,10 @@ class StaticGenerationStep:
                                f"ones in a buffer of {slots} (capacity {cache.capacity} + scratch "
                                f"{cache.scratch_frames} frames): raise scratch_frames")
         device = x.device
+        # Contiguous inputs: one memory layout, one graph (a chunk of a larger tensor, or one
+        # timestep expanded to every frame, is strided, and the compiled graph guards on strides).
         velocity = self.forward(
-            x.contiguous(),  # one memory layout, one graph (a chunk of a larger tensor is strided)
-            self.model.frame_timesteps(t, x.shape[0], grid),
+            x.contiguous(), self.model.frame_timesteps(t, x.shape[0], grid).contiguous(),
             torch.tensor(positions, device=device), text, cache.keys, cache.values,
             torch.tensor(start, device=device))
         # CUDA graphs overwrite their outputs at the next replay: the caller keeps a copy.
