@@ -15,11 +15,13 @@ def test_smoke_run_reports_every_section():
     generation = results["causal_generation"][3]
     assert generation["generation_velocity_max_difference"] < 1e-5  # cached == recomputed prefix
     assert generation["deployed_ms_per_latent_frame"] > 0
+    assert generation["graphed_generation"] == {"skipped": "CUDA graphs (torch.compile mode reduce-overhead) "
+                                                           "need a CUDA device"}
     training = results["causal_training"][2]
     assert abs(training["teacher_forcing_loss"] - training["sequential_loss"]) < 1e-5
     assert set(results["loader"]) == {"raw", "raw_uint8", "pre_encoded"}
     text = gpu.markdown(results)
-    assert "| 2 | selective | no |" in text and "**Stage-2 step**" in text and "cached speed-up" in text and "| pre_encoded |" in text
+    assert "| 2 | selective | no |" in text and "**Stage-2 step**" in text and "cached speed-up" in text and "| skipped: CUDA graphs" in text and "| pre_encoded |" in text
 
 
 def test_peak_flops_of_the_planner_gpus_by_device_name():
