@@ -161,7 +161,9 @@ class StaticKVCache(KVCache):
     slot; `pop_last` and `reset` only move the fill mark, eviction moves the frames after the sink
     down. Attention (`layer(i).extend`) writes the new tokens into the slots after the cached ones
     and reads the filled part as a view: no step copies the cache. `scratch_frames` is the most
-    frames one call may add on top of a full cache (the generation chunk)."""
+    frames one call may add on top of a full cache (the generation chunk). The static-shape step
+    (`WanModelCausal.forward_static`, through `StaticStepLayer`) writes into the same slots and
+    reads the whole buffer; `commit` keeps what it wrote."""
 
     scratch_frames: int = DEPLOYED_FRAMES_PER_CHUNK
 
