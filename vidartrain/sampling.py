@@ -318,11 +318,11 @@ def vidarc_latents(model: WanModelCausal, observed: torch.Tensor, context: list[
             if not recompute:
                 cache = reset_and_reprefill(model, doubled(source[:, :, frames]), text, cache)
         elif event.kind == "prefill":
-            positions = range(event.position, event.position + len(event.frames))
-            if static_step is not None and cache.keys:
-                cache = static_step.prefill(doubled(source[:, :, frames]), text, cache, positions)
-            elif not recompute:
-                cache = model.prefill(doubled(source[:, :, frames]), text, cache, positions=positions)
+            if not recompute:
+                clean = doubled(source[:, :, frames])
+                positions = range(event.position, event.position + len(event.frames))
+                cache = static_step.prefill(clean, text, cache, positions) if static_step is not None and cache.keys \
+                    else model.prefill(clean, text, cache, positions=positions)
         else:
             context_frames = source[:, :, window_start:event.frames.start]
             noise = torch.randn(latents[:, :, frames].shape, generator=generator, device=device)
@@ -371,13 +371,13 @@ def generate_video(model: WanModel, vae: WanVAE, video: torch.Tensor, context: l
     if closed_loop and video.shape[2] < num_frames:
         raise ValueError(f"a closed-loop rollout of {num_frames} frames needs as many real frames, "
                          f"the video has {video.shape[2]}")
-    observed = vae.encode(video[:, :, :num_frames] if closed_loop else video[:, :, :1])
     if options.compile_generation and not causal:
         raise ValueError("compile_generation is for the causal model's cached generation (vidarc.pt)")
+    static_step = cuda_graph_step(model, model.patch_embedding.weight.device) if options.compile_generation else None
+    observed = vae.encode(video[:, :, :num_frames] if closed_loop else video[:, :, :1])
     if causal:
         latents = vidarc_latents(model, observed, context, null_context, latent_frames, options, window,
-                                 closed_loop, static_step=cuda_graph_step(model, observed.device)
-                                 if options.compile_generation else None)
+                                 closed_loop, static_step=static_step)
     else:
         latents = ti2v_latents(model, observed, context, null_context, latent_frames, options)
     return vae.decode(latents)
