@@ -4,16 +4,33 @@ every fill, after pops, resets and evictions, and one compiled graph for every f
 generation (no recompile per cache fill, no graph break)."""
 import pytest
 import torch
+from conftest import fixture_path
+from safetensors.torch import load_file
+from test_wan_causal import latents, max_error
+from test_wan_dit import tiny_config
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters, get_static_address_type
-from test_wan_causal import latents, max_error, model, text, weights  # noqa: F401 (fixtures)
 
+from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.kv_cache import KVCache, StaticKVCache
 from vidartrain.rollouts import RolloutWindow, StaticGenerationStep, generate_frames, reset_and_reprefill
 
 # fp32 on CPU: the static step attends to the whole buffer (masked slots add exact zeros), so only
 # the order of the softmax sums differs from attending to the filled part.
 STATIC_ATOL = 2e-6  # measured: 4.8e-7 on velocities of magnitude 2.4
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = WanModelCausal(**tiny_config())
+    model.load_state_dict(load_file(fixture_path("wan_reference", "dit_tiny_weights.safetensors")), strict=True)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def text():
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(7, 32, generator=generator), torch.randn(11, 32, generator=generator)]
 
 
 def closed_loop(model, text, cache, step=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
