@@ -103,6 +103,25 @@ def test_static_step_generates_the_same_frames_with_eviction(model, text):
     assert max_error(caches[0].values[1][:, :, :filled], caches[1].values[1][:, :, :filled]) <= STATIC_ATOL
 
 
+def test_static_step_allocates_the_same_bytes_at_every_fill(model, text):
+    """Denoising and prefilling a frame through the static step copies nothing of the cache: what
+    it allocates does not depend on how full the cache is, and is a fraction of its buffers (the
+    mask and the attention scores grow with the buffer, by a frame's tokens per slot)."""
+    from benchmarks.causal_paths import PeakTensorMemory
+
+    step, text_kv, allocated = StaticGenerationStep(model), model.text_key_values(text[:1]), {}
+    for cached in (2, 190):
+        cache = StaticKVCache(model.num_layers, capacity=200)
+        with torch.no_grad():
+            model.prefill(latents(cached, batch=1, seed=41), text_kv, cache)
+        with PeakTensorMemory() as memory:
+            step.velocity(latents(1, batch=1, seed=40), 500.0, text_kv, cache)
+            step.prefill(latents(1, batch=1, seed=40), text_kv, cache)
+        allocated[cached] = memory.total
+    buffer_bytes = sum(buffer.numel() * buffer.element_size() for buffer in cache.keys + cache.values)
+    assert allocated[2] == allocated[190] < buffer_bytes / 2  # measured: 0.65 MB against 1.9 MB
+
+
 def test_static_step_refuses_what_it_cannot_do(model, text):
     step = StaticGenerationStep(model)
     text_kv = model.text_key_values(text)
