@@ -11,7 +11,7 @@ from test_wan_dit import tiny_config
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters, get_static_address_type
 
-from vidartrain.models.wan.causal import WanModelCausal
+from vidartrain.models.wan.causal import FLEX_BLOCK_SIZE, WanModelCausal, static_cache_mask
 from vidartrain.models.wan.kv_cache import KVCache, StaticKVCache
 from vidartrain.rollouts import RolloutWindow, StaticGenerationStep, generate_frames, reset_and_reprefill
 
@@ -120,6 +120,39 @@ def test_static_step_allocates_the_same_bytes_at_every_fill(model, text):
         allocated[cached] = memory.total
     buffer_bytes = sum(buffer.numel() * buffer.element_size() for buffer in cache.keys + cache.values)
     assert allocated[2] == allocated[190] < buffer_bytes / 2  # measured: 0.65 MB against 1.9 MB
+
+
+@pytest.mark.parametrize("cached", [0, 300, 500])
+def test_flex_static_mask_keeps_exactly_the_tiles_with_visible_keys(cached):
+    """The BlockMask the static step uses with flex_attention (CUDA's default): its tiles are those
+    holding a key the SDPA mask lets some query of the tile see, so the unfilled slots are skipped
+    and no visible key is lost (the token-level rule inside tiles is the same function)."""
+    frame_tokens, queries, keys = 100, 200, 1000  # 2 new frames, a buffer of 10 frames; tiles of 128
+    cached_tokens = torch.tensor(cached)
+    tokens = static_cache_mask(cached_tokens, frame_tokens, queries, keys, "sdpa")
+    tiles = static_cache_mask(cached_tokens, frame_tokens, queries, keys, "flex").to_dense()[0, 0].bool()
+    size = FLEX_BLOCK_SIZE
+    expected = torch.tensor([[bool(tokens[q:q + size, k:k + size].any()) for k in range(0, keys, size)]
+                             for q in range(0, queries, size)])
+    assert torch.equal(tiles, expected) and not expected.all()
+
+
+def test_static_step_with_flex_attention_equals_the_sdpa_step(model, text):
+    text_kv = model.text_key_values(text)
+    sdpa = generate(model, text_kv, StaticKVCache(model.num_layers, capacity=4, scratch_frames=1),
+                    StaticGenerationStep(model), frames=3)
+    torch._dynamo.reset()
+    compiler = CompileCounterWithBackend("aot_eager")
+    model.attention_backend = "flex"
+    try:
+        flex = generate(model, text_kv, StaticKVCache(model.num_layers, capacity=4, scratch_frames=1),
+                        StaticGenerationStep(model), frames=3)
+        compiled = generate(model, text_kv, StaticKVCache(model.num_layers, capacity=4, scratch_frames=1),
+                            StaticGenerationStep(model, {"backend": compiler}), frames=3)
+    finally:
+        model.attention_backend = "auto"
+    assert max_error(flex, sdpa) <= STATIC_ATOL
+    assert compiler.frame_count == 1 and torch.equal(compiled, flex)  # the BlockMask is built in the graph
 
 
 def test_static_step_refuses_what_it_cannot_do(model, text):
