@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import traceback
 import weakref
 from typing import Callable
 
@@ -164,7 +165,11 @@ def generation_paths(model: WanModelCausal, frames: int, generator: torch.Genera
     results = {"cached_generation": measure(cached), "recompute_generation": measure(recompute),
                "deployed_generation": measure(deployed)}
     if first.is_cuda:
-        results["graphed_generation"] = measure(graphed_generation(model, first, new_frames, t_new, text))
+        try:
+            results["graphed_generation"] = measure(graphed_generation(model, first, new_frames, t_new, text))
+        except Exception as error:  # reported in the row; the eager variants still are
+            print(f"graphed generation failed: {traceback.format_exc()}", flush=True)
+            results["graphed_generation"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
     return results
 
 
@@ -215,15 +220,17 @@ def measure_causal_paths(frame_counts: tuple[int, ...] = (4, 8, 16), seed: int =
             row["training_velocity_max_difference"] = training["training_velocity_max_difference"]
         if "generation" in paths:
             generation = generation_paths(model, frames, generator, latent_hw)
-            row.update({name: {"seconds": p["seconds"], "peak_mib": p["peak_mib"]} for name, p in generation.items()})
+            row.update({name: {"seconds": p["seconds"], "peak_mib": p["peak_mib"]} if "seconds" in p else p
+                        for name, p in generation.items()})
             row["deployed_ms_per_latent_frame"] = 1000 * generation["deployed_generation"]["seconds"] / (frames - 1)
             row["generation_velocity_max_difference"] = (generation["cached_generation"]["value"] -
                                                          generation["recompute_generation"]["value"]).abs().max().item()
-            if "graphed_generation" in generation:
+            if "graphed_generation" not in generation:
+                row["graphed_generation"] = {"skipped": GRAPHED_SKIPPED}
+            elif "value" in generation["graphed_generation"]:
+                row["graphed_generation"]["attention"] = model.resolved_attention_backend(torch.device(device))
                 row["graphed_velocity_max_difference"] = (generation["cached_generation"]["value"] -
                                                           generation["graphed_generation"]["value"]).abs().max().item()
-            else:
-                row["graphed_generation"] = {"skipped": GRAPHED_SKIPPED}
         results[frames] = row
     return results
 

@@ -279,17 +279,19 @@ def markdown(results: dict) -> str:
     if "causal_generation" in results:
         lines += ["", "**Causal generation** (no gradient): cached (eager, and the static step in CUDA graphs) vs "
                   "recomputing the prefix", "",
-                  "| latent frames | cached s | graphed s | recompute s | cached speed-up | graphed speed-up "
+                  "| latent frames | cached s | graphed s (attention) | recompute s | cached speed-up | graphed speed-up "
                   "| max velocity difference (cached vs recompute / vs graphed) "
                   "| deployed ms per latent frame (4 steps, chunks of 4) |", "|---|---|---|---|---|---|---|---|"]
         for frames, row in results["causal_generation"].items():
             cached, recompute = row["cached_generation"]["seconds"], row["recompute_generation"]["seconds"]
             graphed = row["graphed_generation"]
-            if "skipped" in graphed:
-                graphed_s, graphed_ratio, graphed_difference = f"skipped: {graphed['skipped']}", "-", "-"
-            else:
-                graphed_s, graphed_ratio = f"{graphed['seconds']:.3f}", f"{recompute / graphed['seconds']:.2f}x"
+            if "seconds" in graphed:
+                graphed_s = f"{graphed['seconds']:.3f} ({graphed['attention']})"
+                graphed_ratio = f"{recompute / graphed['seconds']:.2f}x"
                 graphed_difference = f"{row['graphed_velocity_max_difference']:.2e}"
+            else:
+                graphed_s = f"skipped: {graphed['skipped']}" if "skipped" in graphed else f"failed ({graphed['error'][:80]})"
+                graphed_ratio, graphed_difference = "-", "-"
             lines.append(f"| {frames} | {cached:.3f} | {graphed_s} | {recompute:.3f} | {recompute / cached:.2f}x "
                          f"| {graphed_ratio} | {row['generation_velocity_max_difference']:.2e} / {graphed_difference} "
                          f"| {row['deployed_ms_per_latent_frame']:.1f} |")
