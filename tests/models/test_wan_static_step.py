@@ -35,7 +35,7 @@ def text():
 
 def closed_loop(model, text, cache, step=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """A deployed-controller loop (chunks of 2 frames, pops, window resets): the velocity of every
-    prediction and the cache's filled keys of layer 0 after every prefill, through `step` or eagerly."""
+    prediction and the last layer's cached keys after every prefill, through `step` or eagerly."""
     window = RolloutWindow(rollout_bound=21, rollout_prefill_num=9)
     real = latents(14, seed=30)
     velocities, cached_keys, observed = [], [], 1
@@ -58,7 +58,7 @@ def closed_loop(model, text, cache, step=None) -> tuple[list[torch.Tensor], list
             else:
                 step.prefill(real[:, :, observed:observed + 2], text, cache)
             velocities.append(velocity)
-            cached_keys.append(cache.keys[0][:, :, :cache.cached_tokens()].clone())
+            cached_keys.append(cache.keys[-1][:, :, :cache.cached_tokens()].clone())
             observed += 2
     return velocities, cached_keys
 
