@@ -255,6 +255,17 @@ def step_row(r: dict, variant: str, planned: str = "") -> str:
             f"{planned}")
 
 
+def graphed_cells(row: dict, recompute_s: float) -> tuple[str, str, str]:
+    """Seconds (attention backend), speed-up over recomputation and velocity difference from the
+    eager cache of the generation in CUDA graphs, or why it has none."""
+    graphed = row.get("graphed_generation", {"skipped": "not in these results (measured before it existed)"})
+    if "seconds" in graphed:
+        return (f"{graphed['seconds']:.3f} ({graphed['attention']})", f"{recompute_s / graphed['seconds']:.2f}x",
+                f"{row['graphed_velocity_max_difference']:.2e}")
+    reason = f"skipped: {graphed['skipped']}" if "skipped" in graphed else f"failed ({graphed['error'][:80]})"
+    return reason, "-", "-"
+
+
 def markdown(results: dict) -> str:
     """The sections measured so far (a run cut short reports what it has)."""
     m = results["machine"]
@@ -284,14 +295,7 @@ def markdown(results: dict) -> str:
                   "| deployed ms per latent frame (4 steps, chunks of 4) |", "|---|---|---|---|---|---|---|---|"]
         for frames, row in results["causal_generation"].items():
             cached, recompute = row["cached_generation"]["seconds"], row["recompute_generation"]["seconds"]
-            graphed = row["graphed_generation"]
-            if "seconds" in graphed:
-                graphed_s = f"{graphed['seconds']:.3f} ({graphed['attention']})"
-                graphed_ratio = f"{recompute / graphed['seconds']:.2f}x"
-                graphed_difference = f"{row['graphed_velocity_max_difference']:.2e}"
-            else:
-                graphed_s = f"skipped: {graphed['skipped']}" if "skipped" in graphed else f"failed ({graphed['error'][:80]})"
-                graphed_ratio, graphed_difference = "-", "-"
+            graphed_s, graphed_ratio, graphed_difference = graphed_cells(row, recompute)
             lines.append(f"| {frames} | {cached:.3f} | {graphed_s} | {recompute:.3f} | {recompute / cached:.2f}x "
                          f"| {graphed_ratio} | {row['generation_velocity_max_difference']:.2e} / {graphed_difference} "
                          f"| {row['deployed_ms_per_latent_frame']:.1f} |")
