@@ -5,7 +5,10 @@ the sequential ground-truth rollout through the KV cache (frame by frame, cache 
 gradient). Generation (no gradient) of every frame after the first: KV-cached (the static,
 in-place cache of generation: denoise the new frame against the cache, append it at t = 0) versus
 recomputing the whole prefix for every new frame. Cached cost grows linearly with the number of
-frames, recomputation super-linearly.
+frames, recomputation super-linearly. On CUDA also the cached generation with every call through
+the static-shape step captured in CUDA graphs (`StaticGenerationStep` under torch.compile mode
+"reduce-overhead"; one graph serves every cache fill); elsewhere that variant is reported as
+skipped, with the reason.
 
 Peak memory counts the tensors allocated inside each measured call (a TorchDispatchMode that
 follows every storage until it is freed), so it works on CPU too.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import traceback
 import weakref
 from typing import Callable
 
@@ -25,11 +29,12 @@ from torch.utils._pytree import tree_flatten
 
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.kv_cache import StaticKVCache
-from vidartrain.rollouts import DEPLOYED_FRAMES_PER_CHUNK, generate_frames, rollout
+from vidartrain.rollouts import DEPLOYED_FRAMES_PER_CHUNK, StaticGenerationStep, generate_frames, rollout
 
 SMALL_CONFIG = dict(dim=128, ffn_dim=384, num_heads=2, num_layers=2, text_len=16, text_dim=32)
 LATENT_HW = (16, 16)  # 8 x 8 = 64 tokens per latent frame
 MIB = 2**20
+GRAPHED_SKIPPED = "CUDA graphs (torch.compile mode reduce-overhead) need a CUDA device"
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -157,8 +162,39 @@ def generation_paths(model: WanModelCausal, frames: int, generator: torch.Genera
             chunks.append(chunk)
         return torch.cat(chunks, dim=2)
 
-    return {"cached_generation": measure(cached), "recompute_generation": measure(recompute),
-            "deployed_generation": measure(deployed)}
+    results = {"cached_generation": measure(cached), "recompute_generation": measure(recompute),
+               "deployed_generation": measure(deployed)}
+    if first.is_cuda:
+        try:
+            results["graphed_generation"] = measure(graphed_generation(model, first, new_frames, t_new, text))
+        except Exception as error:  # reported in the row; the eager variants still are
+            print(f"graphed generation failed: {traceback.format_exc()}", flush=True)
+            results["graphed_generation"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    return results
+
+
+def graphed_generation(model: WanModelCausal, first: torch.Tensor, new_frames: torch.Tensor, t_new: torch.Tensor,
+                       text: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """`generation_paths`' cached generation with every call through the static step in CUDA graphs,
+    the first prefill included. One cache serves every run (reset, not rebuilt): the graphs write
+    into its buffers, and a new buffer address would record them again."""
+    step = StaticGenerationStep(model, {"mode": "reduce-overhead"})
+    frames = new_frames.shape[2] + 1
+    with torch.no_grad():  # the buffers exist from here on
+        cache = model.prefill(first, model.text_key_values(text), StaticKVCache(model.num_layers, capacity=frames))
+
+    @torch.no_grad()
+    def run() -> torch.Tensor:
+        text_kv = model.text_key_values(text)
+        step.prefill(first, text_kv, cache.reset())
+        velocities = []
+        for i in range(frames - 1):
+            frame = new_frames[:, :, i:i + 1]
+            velocities.append(step.velocity(frame, t_new, text_kv, cache))
+            step.prefill(frame, text_kv, cache)
+        return torch.cat(velocities, dim=2)
+
+    return run
 
 
 def measure_causal_paths(frame_counts: tuple[int, ...] = (4, 8, 16), seed: int = 0, model_config: dict | None = None,
@@ -184,10 +220,17 @@ def measure_causal_paths(frame_counts: tuple[int, ...] = (4, 8, 16), seed: int =
             row["training_velocity_max_difference"] = training["training_velocity_max_difference"]
         if "generation" in paths:
             generation = generation_paths(model, frames, generator, latent_hw)
-            row.update({name: {"seconds": p["seconds"], "peak_mib": p["peak_mib"]} for name, p in generation.items()})
+            row.update({name: {"seconds": p["seconds"], "peak_mib": p["peak_mib"]} if "seconds" in p else p
+                        for name, p in generation.items()})
             row["deployed_ms_per_latent_frame"] = 1000 * generation["deployed_generation"]["seconds"] / (frames - 1)
             row["generation_velocity_max_difference"] = (generation["cached_generation"]["value"] -
                                                          generation["recompute_generation"]["value"]).abs().max().item()
+            if "graphed_generation" not in generation:
+                row["graphed_generation"] = {"skipped": GRAPHED_SKIPPED}
+            elif "value" in generation["graphed_generation"]:
+                row["graphed_generation"]["attention"] = model.resolved_attention_backend(torch.device(device))
+                row["graphed_velocity_max_difference"] = (generation["cached_generation"]["value"] -
+                                                          generation["graphed_generation"]["value"]).abs().max().item()
         results[frames] = row
     return results
 

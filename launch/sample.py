@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rollout-bound", type=int, default=60, help="vidarc: video frames per KV-cache window")
     parser.add_argument("--rollout-prefill-num", type=int, default=33,
                         help="vidarc: real video frames re-prefilled after a window reset")
+    parser.add_argument("--compile-generation", action="store_true",
+                        help="vidarc on CUDA: each denoising call and chunk prefill as one CUDA graph "
+                             "(torch.compile reduce-overhead; compiles on first use)")
     parser.add_argument("--idm", help="idm.pt: turn the generated frames into actions")
     parser.add_argument("--gripper-dims", default="6,13",
                         help="action dimensions scored as gripper open/close against the episode (comma-separated)")
@@ -189,7 +192,11 @@ def run(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                            else torch.float32)
     options = SamplingOptions(steps=args.steps or (DEFAULT_CAUSAL_STEPS if kind == "vidarc" else DEFAULT_STEPS),
-                              shift=args.shift, guide_scale=args.guide, solver=args.solver, seed=args.seed)
+                              shift=args.shift, guide_scale=args.guide, solver=args.solver, seed=args.seed,
+                              compile_generation=args.compile_generation)
+    if args.compile_generation and (kind != "vidarc" or not args.device.startswith("cuda")):
+        raise ConfigError(f"--compile-generation captures the causal model's generation in CUDA graphs: it needs "
+                          f"a vidarc model and a CUDA --device (got {kind} on {args.device})")
     try:
         window = RolloutWindow(args.rollout_bound, args.rollout_prefill_num)
     except ValueError as error:  # the window's own check, reported against the flags that set it

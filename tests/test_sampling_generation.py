@@ -6,8 +6,10 @@ import torch
 from data_tools.tiny_checkpoint import TINY_DIT
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.model import WanModel
-from vidartrain.rollouts import RolloutWindow, closed_loop_schedule
-from vidartrain.sampling import (SamplingOptions, action_metrics, frame_strip, psnr, ti2v_latents,
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from vidartrain.rollouts import RolloutWindow, StaticGenerationStep, closed_loop_schedule
+from vidartrain.sampling import (SamplingOptions, action_metrics, cuda_graph_step, frame_strip, psnr, ti2v_latents,
                                  video_to_uint8, vidarc_latents)
 
 
@@ -99,6 +101,25 @@ def test_cached_generation_equals_recomputing_the_prefix(closed_loop):
     other = vidarc_latents(model, observed, context, null, FRAMES, options, WINDOW, not closed_loop)
     torch.testing.assert_close(other[:, :, :5], cached[:, :, :5], atol=1e-5, rtol=0)
     assert (other[:, :, 5:] - cached[:, :, 5:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("closed_loop", [True, False])
+def test_compiled_static_step_generates_what_the_cached_loop_does(closed_loop):
+    """The loop through `StaticGenerationStep` compiled (aot_eager on CPU: the graph CUDA graphs
+    would capture): one graph per chunk shape (4 frames, then the last chunk of 2), same latents."""
+    model = tiny(WanModelCausal)
+    observed = torch.randn(1, 48, FRAMES, 4, 4, generator=torch.Generator().manual_seed(3))
+    context, null = prompts(1)
+    options = SamplingOptions(steps=2, shift=5.0, guide_scale=3.0, solver="euler", seed=5)
+    torch._dynamo.reset()
+    compiler = CompileCounterWithBackend("aot_eager")
+    static = vidarc_latents(model, observed, context, null, FRAMES, options, WINDOW, closed_loop,
+                            static_step=StaticGenerationStep(model, {"backend": compiler}))
+    cached = vidarc_latents(model, observed, context, null, FRAMES, options, WINDOW, closed_loop)
+    torch.testing.assert_close(static, cached, atol=2e-6, rtol=0)
+    assert compiler.frame_count == 2
+    with pytest.raises(ValueError, match="needs a CUDA device, got cpu"):
+        cuda_graph_step(model, torch.device("cpu"))
 
 
 def test_vidarc_generation_is_seeded_and_checks_its_input():

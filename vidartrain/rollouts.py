@@ -25,7 +25,7 @@ import torch
 
 from vidartrain.losses import shift_sigma
 from vidartrain.models.wan.causal import WanModelCausal
-from vidartrain.models.wan.kv_cache import (DEPLOYED_FRAMES_PER_CHUNK, VAE_TEMPORAL_STRIDE, KVCache,
+from vidartrain.models.wan.kv_cache import (DEPLOYED_FRAMES_PER_CHUNK, VAE_TEMPORAL_STRIDE, KVCache, StaticKVCache,
                                             latent_frames_of, video_frames_of)
 
 # Where the context written into the cache comes from (`self_forcing.context_mode`, after `mixed`
@@ -47,15 +47,88 @@ def sampling_sigmas(num_steps: int, shift: float) -> list[float]:
     return shift_sigma(torch.linspace(1.0, 0.0, num_steps + 1), shift)[:-1].tolist()
 
 
+class StaticGenerationStep:
+    """Generation through a `StaticKVCache` at static shapes (`WanModelCausal.forward_static`):
+    `velocity` is a denoising call, `prefill` the same call at t = 0 whose keys and values the cache
+    then keeps (`StaticKVCache.commit`, no second forward). The cache's fill, the RoPE positions and
+    the timesteps enter as tensors, so with `compile_options` (keyword arguments of torch.compile,
+    e.g. {"mode": "reduce-overhead"} for CUDA graphs) the step compiles once per chunk shape and
+    serves every frame. The first prefill of a cache stays `WanModelCausal.prefill` (it allocates
+    the buffers); so do prefills of a different number of frames, which would compile anew."""
+
+    def __init__(self, model: WanModelCausal, compile_options: dict | None = None):
+        if model.sequence_parallel is not None:
+            raise ValueError("StaticGenerationStep does not run under sequence parallelism; "
+                             "generate with forward_with_cache there")
+        self.model = model
+        self.forward = model.forward_static if compile_options is None else torch.compile(
+            model.forward_static, fullgraph=True, dynamic=False, **compile_options)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor | float, text: list, cache: StaticKVCache,
+                 positions: Sequence[int] | None = None) -> torch.Tensor:
+        """Velocity of frames x against the cache (their keys are not kept), as
+        `forward_with_cache(x, t, text, cache, positions=positions)`."""
+        return self._run(x, t, text, cache, self._positions(x, cache, positions))
+
+    def prefill(self, clean: torch.Tensor, text: list, cache: StaticKVCache,
+                positions: Sequence[int] | None = None) -> StaticKVCache:
+        """Append clean frames (t = 0), as `WanModelCausal.prefill`."""
+        positions = self._positions(clean, cache, positions)
+        self._run(clean, 0.0, text, cache, positions)
+        return cache.commit(positions)
+
+    def _positions(self, x: torch.Tensor, cache: StaticKVCache, positions: Sequence[int] | None) -> list[int]:
+        frames = self.model.token_grid(x)[0]
+        positions = list(range(cache.next_position, cache.next_position + frames)) if positions is None \
+            else list(positions)
+        if len(positions) != frames:
+            raise ValueError(f"{len(positions)} positions given for {frames} frames")
+        return positions
+
+    @torch.no_grad()
+    def _run(self, x: torch.Tensor, t: torch.Tensor | float, text: list, cache: StaticKVCache,
+             positions: list[int]) -> torch.Tensor:
+        self.model._check_latents(x, "x")
+        if not isinstance(cache, StaticKVCache) or not cache.keys:
+            raise ValueError("StaticGenerationStep needs a StaticKVCache whose buffers exist: prefill its first "
+                             "frames with WanModelCausal.prefill")
+        if not (isinstance(text, list) and text and isinstance(text[0], tuple)):
+            raise ValueError("StaticGenerationStep takes the text as WanModelCausal.text_key_values(context)")
+        grid = self.model.token_grid(x)
+        frame_tokens = grid[1] * grid[2]
+        if frame_tokens != cache.tokens_per_frame:
+            raise ValueError(f"frames of {frame_tokens} tokens cannot join a cache of "
+                             f"{cache.tokens_per_frame}-token frames")
+        start, slots = cache.cached_tokens(), cache.keys[0].shape[2]
+        if start + grid[0] * frame_tokens > slots:
+            raise RuntimeError(f"StaticKVCache: {grid[0] * frame_tokens} new tokens do not fit after {start} cached "
+                               f"ones in a buffer of {slots} (capacity {cache.capacity} + scratch "
+                               f"{cache.scratch_frames} frames): raise scratch_frames")
+        device = x.device
+        # Contiguous inputs: one memory layout, one graph (a chunk of a larger tensor, or one
+        # timestep expanded to every frame, is strided, and the compiled graph guards on strides).
+        velocity = self.forward(
+            x.contiguous(), self.model.frame_timesteps(t, x.shape[0], grid).contiguous(),
+            torch.tensor(positions, device=device), text, cache.keys, cache.values,
+            torch.tensor(start, device=device))
+        # CUDA graphs overwrite their outputs at the next replay: the caller keeps a copy.
+        return velocity.clone()
+
+
 @torch.no_grad()
 def generate_frames(model: WanModelCausal, noise: torch.Tensor, text, cache: KVCache,
-                    sigmas: Sequence[float]) -> torch.Tensor:
+                    sigmas: Sequence[float], step: StaticGenerationStep | None = None) -> torch.Tensor:
     """Few-step Euler sampling of new frames against the cache (not appended): from pure noise at
-    sigmas[0] down to 0; flow x_sigma = (1 - sigma) x_1 + sigma x_0, velocity x_0 - x_1."""
+    sigmas[0] down to 0; flow x_sigma = (1 - sigma) x_1 + sigma x_0, velocity x_0 - x_1. With
+    `step` (a StaticKVCache and precomputed text) every call goes through it instead of
+    `forward_with_cache`."""
     x = noise
     positions = list(range(cache.next_position, cache.next_position + noise.shape[2]))
     for sigma, next_sigma in zip(sigmas, list(sigmas[1:]) + [0.0]):
-        velocity, _ = model.forward_with_cache(x, 1000.0 * sigma, text, cache, positions=positions)
+        if step is None:
+            velocity, _ = model.forward_with_cache(x, 1000.0 * sigma, text, cache, positions=positions)
+        else:
+            velocity = step.velocity(x, 1000.0 * sigma, text, cache, positions)
         x = x + (next_sigma - sigma) * velocity
     return x
 

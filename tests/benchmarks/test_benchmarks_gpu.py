@@ -1,6 +1,9 @@
 """benchmarks/gpu.py at tiny sizes on the CPU (`--smoke`): every section runs and is reported, so the
 real-size script is ready when a GPU is (the measurements themselves need one)."""
+import json
+
 from benchmarks import gpu
+from benchmarks.__main__ import GPU_RESULTS
 
 
 def test_smoke_run_reports_every_section():
@@ -15,11 +18,13 @@ def test_smoke_run_reports_every_section():
     generation = results["causal_generation"][3]
     assert generation["generation_velocity_max_difference"] < 1e-5  # cached == recomputed prefix
     assert generation["deployed_ms_per_latent_frame"] > 0
+    assert generation["graphed_generation"] == {"skipped": "CUDA graphs (torch.compile mode reduce-overhead) "
+                                                           "need a CUDA device"}
     training = results["causal_training"][2]
     assert abs(training["teacher_forcing_loss"] - training["sequential_loss"]) < 1e-5
     assert set(results["loader"]) == {"raw", "raw_uint8", "pre_encoded"}
     text = gpu.markdown(results)
-    assert "| 2 | selective | no |" in text and "**Stage-2 step**" in text and "cached speed-up" in text and "| pre_encoded |" in text
+    assert "| 2 | selective | no |" in text and "**Stage-2 step**" in text and "cached speed-up" in text and "| skipped: CUDA graphs" in text and "| pre_encoded |" in text
 
 
 def test_peak_flops_of_the_planner_gpus_by_device_name():
@@ -27,3 +32,10 @@ def test_peak_flops_of_the_planner_gpus_by_device_name():
     assert gpu.peak_bf16_tflops("NVIDIA H200") == 989.0
     assert gpu.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert gpu.peak_bf16_tflops("NVIDIA L4") is None
+
+
+def test_results_measured_before_the_graphed_variant_still_render():
+    results = json.loads(GPU_RESULTS.read_text())
+    for row in results["causal_generation"].values():
+        row.pop("graphed_generation", None)
+    assert "| skipped: not in these results" in gpu.markdown(results)

@@ -86,6 +86,8 @@ def test_clear_errors(inputs, tmp_path, capsys):
                                                            "--episode", str(episode))
     assert "needs --prompt" in error("--weights", str(root / "vidar.pt"), "--image", str(root / "first.png"))
     assert "causal model" in error("--weights", str(root / "vidar.pt"), "--episode", str(episode), "--closed-loop")
+    assert "CUDA --device (got vidarc on cpu)" in error("--weights", str(root / "vidarc.pt"), "--episode", str(episode),
+                                                        "--compile-generation", "--device", "cpu")
     assert "comma-separated integers" in error("--weights", str(root / "vidar.pt"), "--episode", str(episode),
                                                "--gripper-dims", "six")
     assert "4k+1" in error("--weights", str(root / "vidar.pt"), "--episode", str(episode), "--num-frames", "6")

@@ -8,6 +8,8 @@ Paths that give the same numbers:
 - `forward(x, t, context)`: the whole sequence with a block-causal mask;
 - `forward_with_cache(x, t, context, cache)`: frames through an explicit `KVCache` (inference:
   prefill clean frames at t = 0, denoise a new frame against the cache, append it at t = 0);
+- `forward_static(...)`: the same against a `StaticKVCache` at static shapes (the whole buffer,
+  a mask from a tensor fill mark), for a compiled generation step (`rollouts.StaticGenerationStep`);
 - `forward_teacher_forcing(clean, noisy, t_noisy, context[, cache])`: one pass over [clean | noisy]
   where noisy frame i sees clean frames < i and itself (stage-2 training with ground-truth
   context); with a cache, one chunk of a rollout (`vidartrain.rollouts`, which holds every
@@ -25,7 +27,7 @@ from typing import Literal, Sequence
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from .kv_cache import KeyValue, KVCache
+from .kv_cache import KeyValue, KVCache, StaticStepLayer
 from .model import WanModel, group_timesteps, rope_for_grid
 
 AttentionBackend = Literal["auto", "sdpa", "flex"]
@@ -82,6 +84,35 @@ def flex_block_mask(query: FrameLayout, key: FrameLayout, tokens_per_frame: int,
                              len(key.slots) * tokens_per_frame, device=device)
 
 
+# flex_attention's default tile: rows of queries and columns of keys it skips or computes whole.
+FLEX_BLOCK_SIZE = 128
+
+
+def static_cache_mask(cached_tokens: torch.Tensor, frame_tokens: int, query_tokens: int, key_tokens: int,
+                      backend: Literal["sdpa", "flex"]) -> torch.Tensor | BlockMask:
+    """Mask of the static generation step: `query_tokens` new tokens (whole frames, written after
+    the `cached_tokens` cached ones, a 0-d tensor) over all `key_tokens` slots of the buffer. A
+    query sees the cached tokens and those of its own and earlier new frames. Built from tensors
+    only (one compiled graph for every fill): a boolean [Lq, Lk] for SDPA, or a flex BlockMask
+    whose tiles stop after the last visible key, so attention skips the unfilled slots."""
+    device = cached_tokens.device
+
+    def visible(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        return key < cached_tokens + (query // frame_tokens + 1) * frame_tokens
+
+    if backend == "sdpa":
+        return visible(torch.arange(query_tokens, device=device)[:, None], torch.arange(key_tokens, device=device))
+    query_blocks, key_blocks = -(-query_tokens // FLEX_BLOCK_SIZE), -(-key_tokens // FLEX_BLOCK_SIZE)
+    last_query = (torch.arange(query_blocks, device=device) * FLEX_BLOCK_SIZE + FLEX_BLOCK_SIZE - 1).clamp(
+        max=query_tokens - 1)
+    visible_keys = cached_tokens + (last_query // frame_tokens + 1) * frame_tokens  # of each tile's last query
+    key_tiles = -(-visible_keys // FLEX_BLOCK_SIZE)
+    tile_indices = torch.arange(key_blocks, device=device, dtype=torch.int32).expand(1, 1, query_blocks, key_blocks)
+    return BlockMask.from_kv_blocks(key_tiles.to(torch.int32).view(1, 1, query_blocks), tile_indices,
+                                    BLOCK_SIZE=FLEX_BLOCK_SIZE, mask_mod=lambda b, h, q, k: visible(q, k),
+                                    seq_lengths=(query_tokens, key_tokens))
+
+
 class WanModelCausal(WanModel):
     """Block-causal Wan2.2 DiT (Vidarc). `attention_backend`: "auto" (flex on CUDA, SDPA
     elsewhere), "sdpa" or "flex"."""
@@ -90,14 +121,17 @@ class WanModelCausal(WanModel):
 
     # --- masks, text, timesteps
 
-    def attention_mask(self, query: FrameLayout, key: FrameLayout, tokens_per_frame: int,
-                       device: torch.device) -> torch.Tensor | BlockMask | None:
+    def resolved_attention_backend(self, device: torch.device) -> Literal["sdpa", "flex"]:
         backend = self.attention_backend
         if backend not in ("auto", "sdpa", "flex"):
             raise ValueError(f"attention_backend must be 'auto', 'sdpa' or 'flex', got {backend!r}")
         if backend == "auto":
-            backend = "flex" if device.type == "cuda" else "sdpa"
-        if backend == "sdpa" or bool(frame_visibility(query, key).all()):
+            return "flex" if device.type == "cuda" else "sdpa"
+        return backend
+
+    def attention_mask(self, query: FrameLayout, key: FrameLayout, tokens_per_frame: int,
+                       device: torch.device) -> torch.Tensor | BlockMask | None:
+        if self.resolved_attention_backend(device) == "sdpa" or bool(frame_visibility(query, key).all()):
             return sdpa_mask(query, key, tokens_per_frame, device)
         return flex_block_mask(query, key, tokens_per_frame, str(device))
 
@@ -197,6 +231,30 @@ class WanModelCausal(WanModel):
                 positions: Sequence[int] | None = None) -> KVCache:
         """Append clean frames (t = 0) to the cache."""
         return self.forward_with_cache(clean, 0.0, context, cache, update_cache=True, positions=positions)[1]
+
+    def forward_static(self, x: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, text: list[KeyValue],
+                       keys: list[torch.Tensor], values: list[torch.Tensor], cached_tokens: torch.Tensor
+                       ) -> torch.Tensor:
+        """The per-chunk generation step at static shapes, capturable by CUDA graphs: frames x
+        [B, C, f, H, W] at timesteps t [B, f] and RoPE positions [f] attend to the first
+        `cached_tokens` (0-d int64 tensor) tokens of a StaticKVCache's buffers `keys`/`values` (per
+        layer [B, N, slots, D]) and block-causally to each other, as `forward_with_cache` does;
+        their keys/values are written into the slots after the cached ones (`StaticKVCache.commit`
+        keeps them). Every shape is fixed by the buffers and the chunk, and the fill enters as a
+        tensor, so one compiled graph serves every fill (`static_cache_mask`: with flex_attention,
+        CUDA's default, the unfilled tiles are skipped; SDPA computes them masked). `text`:
+        `text_key_values`. Returns the velocity of x."""
+        tokens, grid = self.embed_video(x)
+        frames, height, width = grid
+        frame_tokens = height * width
+        mask = static_cache_mask(cached_tokens, frame_tokens, tokens.shape[1], keys[0].shape[2],
+                                 self.resolved_attention_backend(tokens.device))
+        slots = cached_tokens + torch.arange(tokens.shape[1], device=tokens.device)
+        past = [StaticStepLayer(k, v, slots) for k, v in zip(keys, values)]
+        e, e0 = self.embed_time(t)
+        rope = rope_for_grid(positions, height, width, self.head_dim)
+        hidden, _ = self.run_blocks(tokens, e0, text, rope, mask, past)
+        return self.unpatchify(self.head(hidden, e), grid)
 
     def forward_teacher_forcing(self, clean: torch.Tensor, noisy: torch.Tensor, t_noisy: torch.Tensor,
                                 context, cache: KVCache | None = None) -> torch.Tensor:

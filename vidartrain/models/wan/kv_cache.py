@@ -90,19 +90,25 @@ class KVCache:
         if self.positions and tokens_per_frame != self.tokens_per_frame:
             raise ValueError(f"frames of {tokens_per_frame} tokens cannot join a cache of "
                              f"{self.tokens_per_frame}-token frames")
-        overflow = self.num_frames + len(positions) - self.capacity
+        overflow = self._overflow(len(positions))
         if overflow > 0:
-            if not self.evict_oldest:
-                raise RuntimeError(f"KV cache full: {self.num_frames} of {self.capacity} frames cached, "
-                                   f"{len(positions)} more do not fit (pop, reset, or enable evict_oldest)")
-            if len(positions) > self.capacity - self.sink:
-                raise RuntimeError(f"{len(positions)} new frames do not fit beside {self.sink} sink frames "
-                                   f"in a cache of {self.capacity}")
             self._drop_frames(self.sink, self.sink + overflow)
         self.tokens_per_frame = tokens_per_frame
         self._store(key_values)
         self.positions = self.positions + list(positions)
         return self
+
+    def _overflow(self, new_frames: int) -> int:
+        """Frames to evict before `new_frames` more fit (0 if they fit); refuses what the cache cannot do."""
+        overflow = self.num_frames + new_frames - self.capacity
+        if overflow > 0:
+            if not self.evict_oldest:
+                raise RuntimeError(f"KV cache full: {self.num_frames} of {self.capacity} frames cached, "
+                                   f"{new_frames} more do not fit (pop, reset, or enable evict_oldest)")
+            if new_frames > self.capacity - self.sink:
+                raise RuntimeError(f"{new_frames} new frames do not fit beside {self.sink} sink frames "
+                                   f"in a cache of {self.capacity}")
+        return max(overflow, 0)
 
     def _store(self, key_values: Sequence[KeyValue]) -> None:
         """Add the new frames' keys and values after the cached ones (new tensors: autograd sees them)."""
@@ -155,7 +161,9 @@ class StaticKVCache(KVCache):
     slot; `pop_last` and `reset` only move the fill mark, eviction moves the frames after the sink
     down. Attention (`layer(i).extend`) writes the new tokens into the slots after the cached ones
     and reads the filled part as a view: no step copies the cache. `scratch_frames` is the most
-    frames one call may add on top of a full cache (the generation chunk)."""
+    frames one call may add on top of a full cache (the generation chunk). The static-shape step
+    (`WanModelCausal.forward_static`, through `StaticStepLayer`) writes into the same slots and
+    reads the whole buffer; `commit` keeps what it wrote."""
 
     scratch_frames: int = DEPLOYED_FRAMES_PER_CHUNK
 
@@ -174,12 +182,31 @@ class StaticKVCache(KVCache):
         slots = (self.capacity + self.scratch_frames) * self.tokens_per_frame
         shape = (*key.shape[:2], slots, key.shape[3])
         if not self.keys or self.keys[0].shape != shape or self.keys[0].dtype != key.dtype:
-            self.keys = [torch.empty(shape, dtype=key.dtype, device=key.device) for _ in range(self.num_layers)]
-            self.values = [torch.empty_like(k) for k in self.keys]
+            # Zeros, not empty: the static step attends to every slot and masks the unfilled ones,
+            # and a masked NaN left in memory would still turn 0 * NaN into NaN.
+            self.keys = [torch.zeros(shape, dtype=key.dtype, device=key.device) for _ in range(self.num_layers)]
+            self.values = [torch.zeros_like(k) for k in self.keys]
+            for buffer in self.keys + self.values:
+                # Written in place by the static step: CUDA graphs may mutate only inputs whose
+                # address is fixed. A new buffer (another cache) re-records the graph, no recompile.
+                torch._dynamo.mark_static_address(buffer)
         start = self.cached_tokens()
         for buffer_k, buffer_v, (k, v) in zip(self.keys, self.values, key_values):
             buffer_k[:, :, start:start + k.shape[2]].copy_(k)
             buffer_v[:, :, start:start + v.shape[2]].copy_(v)
+
+    def commit(self, positions: Sequence[int]) -> "StaticKVCache":
+        """Keep the frames that the last static step (`StaticStepLayer`) wrote after the cached ones,
+        at RoPE positions `positions`: a prefill at t = 0 without a second forward. Past the
+        capacity the oldest frames after the sink are evicted, as `append` does."""
+        if not self.keys:
+            raise RuntimeError("StaticKVCache.commit: no buffers yet; prefill the first frames with "
+                               "WanModelCausal.prefill, which allocates them")
+        overflow = self._overflow(len(positions))
+        self.positions = self.positions + list(positions)  # the scratch slots hold them meanwhile
+        if overflow > 0:
+            self._drop_frames(self.sink, self.sink + overflow)
+        return self
 
     def _drop_frames(self, start: int, stop: int) -> None:
         size, tokens = self.tokens_per_frame, self.cached_tokens()
@@ -212,3 +239,20 @@ class StaticLayer:
         buffer_k[:, :, start:stop].copy_(key)
         buffer_v[:, :, start:stop].copy_(value)
         return buffer_k[:, :, :stop], buffer_v[:, :, :stop]
+
+
+@dataclass
+class StaticStepLayer:
+    """One layer of a StaticKVCache as the static-shape generation step sees it
+    (`WanModelCausal.forward_static`): this call's keys/values are written at the token `slots`
+    given as a tensor (the fill mark is a tensor, so the offset is not baked into a compiled
+    graph), and attention reads the whole buffer, whose unfilled slots the step's mask hides."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    slots: torch.Tensor
+
+    def extend(self, key: torch.Tensor, value: torch.Tensor) -> KeyValue:
+        self.keys.index_copy_(2, self.slots, key)
+        self.values.index_copy_(2, self.slots, value)
+        return self.keys, self.values
