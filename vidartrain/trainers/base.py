@@ -600,11 +600,9 @@ class Trainer:
 
     def request_stop(self, signum: int, frame: Any) -> None:
         """SIGTERM (preemption): finish the step, save, exit."""
+        # The launcher (or the scheduler) may send the same SIGTERM to the DataLoader workers: they
+        # leave it to their rank (vidartrain.data.dataset.leave_sigterm_to_the_rank).
         self.stop_requested = True
-        # The launcher (or the scheduler) sends the same SIGTERM to the DataLoader workers, which
-        # ignore it (data/dataset.py) once started; one still starting dies of it, and torch's SIGCHLD
-        # handler would then raise in the middle of whatever runs next (a collective, the save).
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints and export
