@@ -6,25 +6,15 @@ import torch
 from torch._dynamo.utils import counters
 
 from vidartrain.models.wan.kv_cache import StaticKVCache
-from vidartrain.rollouts import StaticGenerationStep, generate_frames
+from vidartrain.rollouts import StaticGenerationStep
 
+from helpers.generation import generate_one_by_one
 from test_attention_on_gpu import BF16_TOLERANCE, causal_model, relative_error
 
 
 def generate(model, first, noise, text, step=None) -> torch.Tensor:
     cache = StaticKVCache(model.num_layers, capacity=noise.shape[2] + 1, scratch_frames=1)
-    with torch.no_grad():
-        model.prefill(first, text, cache)
-    frames = []
-    for i in range(noise.shape[2]):
-        frame = generate_frames(model, noise[:, :, i:i + 1], text, cache, sigmas=(1.0, 0.5), step=step)
-        if step is None:
-            with torch.no_grad():
-                model.prefill(frame, text, cache)
-        else:
-            step.prefill(frame, text, cache)
-        frames.append(frame)
-    return torch.cat(frames, dim=2)
+    return generate_one_by_one(model, first, noise, text, cache, step)
 
 
 @pytest.mark.parametrize("backend", ["flex", "sdpa"])

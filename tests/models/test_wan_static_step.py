@@ -5,6 +5,7 @@ generation (no recompile per cache fill, no graph break)."""
 import pytest
 import torch
 from conftest import fixture_path
+from helpers.generation import generate_one_by_one
 from safetensors.torch import load_file
 from test_wan_causal import latents, max_error
 from test_wan_dit import tiny_config
@@ -77,18 +78,8 @@ def test_static_step_equals_forward_with_cache_at_every_fill_after_pops_and_rese
 
 def generate(model, text, cache, step=None, frames: int = 5) -> torch.Tensor:
     """Frames generated one by one (2 Euler steps) and prefilled, after a first real frame."""
-    with torch.no_grad():
-        model.prefill(latents(1, seed=50), text, cache)
-    generated = []
-    for i in range(frames):
-        frame = generate_frames(model, latents(1, seed=51 + i), text, cache, sigmas=(1.0, 0.5), step=step)
-        if step is None:
-            with torch.no_grad():
-                model.prefill(frame, text, cache)
-        else:
-            step.prefill(frame, text, cache)
-        generated.append(frame)
-    return torch.cat(generated, dim=2)
+    noise = torch.cat([latents(1, seed=51 + i) for i in range(frames)], dim=2)
+    return generate_one_by_one(model, latents(1, seed=50), noise, text, cache, step)
 
 
 def test_static_step_generates_the_same_frames_with_eviction(model, text):
