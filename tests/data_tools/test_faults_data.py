@@ -347,7 +347,7 @@ def test_training_stops_with_a_checkpoint_past_max_bad_samples(tmp_path):
     """Two corrupt samples, data.max_bad_samples = 1, one sample per step: the step that meets the
     second saves a checkpoint and the run stops saying why."""
     from data_tools.tiny_checkpoint import write_tiny_checkpoint
-    from helpers.trainer_launch import launcher_env, logged_steps, tail
+    from helpers.trainer_launch import TINY_CONFIG, cpu_train_args, launcher_env, logged_steps, tail
     from vidartrain.distributed.checkpointing import COMPLETE_MARKER
 
     write_tiny_checkpoint(tmp_path / "ckpt")
@@ -361,9 +361,7 @@ def test_training_stops_with_a_checkpoint_past_max_bad_samples(tmp_path):
                  "training.num_steps=6", "training.batch_size=1", "training.gradient_accumulation=1",
                  "training.warmup=1", "training.save_every=100", "training.val_every=0", "training.log_every=1",
                  "validation.every=0"]
-    command = [sys.executable, "launch/train.py", "--config", "configs/debug/tiny_vidar.yaml", "--ds-config",
-               "ds_configs/cpu_debug.json", "--output_dir", str(output_dir),
-               *[arg for override in overrides for arg in ("--set", override)]]
+    command = [sys.executable, "launch/train.py", *cpu_train_args(TINY_CONFIG, output_dir, overrides)]
     with open(log_path, "wb") as log:
         code = subprocess.run(command, cwd=REPO, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT,
                               timeout=300).returncode
@@ -419,7 +417,7 @@ def test_training_run_skips_counts_and_names_a_corrupt_sample(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from data_tools.tiny_checkpoint import write_tiny_checkpoint
-    from helpers.trainer_launch import launcher_env, logged_steps, tail
+    from helpers.trainer_launch import TINY_CONFIG, cpu_train_args, launcher_env, logged_steps, tail
 
     write_tiny_checkpoint(tmp_path / "ckpt")
     write_synthetic_episodes(tmp_path / "episodes", 6, frames=12, height=SIZE, width=SIZE, seed=2)
@@ -431,9 +429,7 @@ def test_training_run_skips_counts_and_names_a_corrupt_sample(tmp_path):
                  "data.num_workers=0", f"output.save_path={output_dir / 'vidar.pt'}", "training.num_steps=3",
                  "training.batch_size=2", "training.warmup=1", "training.save_every=3", "training.val_every=0",
                  "training.log_every=1", "validation.every=0"]
-    command = [sys.executable, "launch/train.py", "--config", "configs/debug/tiny_vidar.yaml", "--ds-config",
-               "ds_configs/cpu_debug.json", "--output_dir", str(output_dir),
-               *[arg for override in overrides for arg in ("--set", override)]]
+    command = [sys.executable, "launch/train.py", *cpu_train_args(TINY_CONFIG, output_dir, overrides)]
     with open(log_path, "wb") as log:
         code = subprocess.run(command, cwd=REPO, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT,
                               timeout=300).returncode

@@ -125,6 +125,12 @@ TINY_CONFIG = "configs/debug/tiny_vidar.yaml"
 CPU_PROFILE = "ds_configs/cpu_debug.json"
 
 
+def cpu_train_args(config: str, output_dir: Path, overrides: list[str], *extra: str) -> list[str]:
+    """launch/train.py's arguments for `config` on the CPU profile, each override as a --set."""
+    return ["--config", config, "--ds-config", CPU_PROFILE, "--output_dir", str(output_dir),
+            *(arg for override in overrides for arg in ("--set", override)), *extra]
+
+
 def single_process(root, output_dir, *overrides, script=("launch/train.py",)):
     """`python launch/train.py` (or `script`, a list: a script taking its flags and its own arguments first)
     with no launcher: one rank, micro 1 x accumulation 4 = batch 4."""

@@ -11,8 +11,9 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import (deepspeed_command, logged_steps, optimizer_state_numel, run, start, tail,
-                                    vidar_validation_loss, wait, wait_for_step, write_shards)
+from helpers.trainer_launch import (TINY_CONFIG, cpu_train_args, deepspeed_command, logged_steps,
+                                    optimizer_state_numel, run, start, tail, vidar_validation_loss, wait, wait_for_step,
+                                    write_shards)
 from vidartrain.config import load_config
 from vidartrain.distributed.checkpointing import tag_for_step
 from vidartrain.models.wan.model import WanModel
@@ -42,9 +43,7 @@ def overrides(workspace, output_dir) -> list[str]:
 
 
 def train_args(workspace, output_dir, *extra):
-    sets = [arg for override in overrides(workspace, output_dir) for arg in ("--set", override)]
-    return ["--config", "configs/debug/tiny_vidar.yaml", "--ds-config", "ds_configs/cpu_debug.json",
-            "--output_dir", str(output_dir), *sets, *extra]
+    return cpu_train_args(TINY_CONFIG, output_dir, overrides(workspace, output_dir), *extra)
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 
 from conftest import fixture_path
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import (deepspeed_command, logged_steps, optimizer_state_numel, run, start, tail,
-                                    vidar_validation_loss, wait, wait_for_step, write_shards)
+from helpers.trainer_launch import (TINY_CONFIG, cpu_train_args, deepspeed_command, logged_steps,
+                                    optimizer_state_numel, run, start, tail, vidar_validation_loss, wait, wait_for_step,
+                                    write_shards)
 from models.test_wan_lora import WAN_LORA_KEY  # tests/models/: not on sys.path when this file runs alone
 from vidartrain.config import load_config
 from vidartrain.distributed.checkpointing import tag_for_step
@@ -45,9 +46,7 @@ def overrides(workspace, output_dir) -> list[str]:
 
 
 def train_args(workspace, output_dir, *extra):
-    sets = [arg for override in overrides(workspace, output_dir) for arg in ("--set", override)]
-    return ["--config", "configs/debug/tiny_vidar.yaml", "--ds-config", "ds_configs/cpu_debug.json",
-            "--output_dir", str(output_dir), *sets, *extra]
+    return cpu_train_args(TINY_CONFIG, output_dir, overrides(workspace, output_dir), *extra)
 
 
 @pytest.fixture(scope="module")
