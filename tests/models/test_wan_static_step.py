@@ -196,6 +196,28 @@ def test_compiled_static_step_is_one_graph_for_every_frame_and_cache(model, text
     assert compiler.frame_count == 1 and counters["stats"]["unique_graphs"] == 1
 
 
+def test_compiled_static_step_compiles_one_block_and_calls_it_for_every_block(text):
+    """Compile time must not grow with depth: the step's graph holds one block body (a nested
+    compile region), called once per block, instead of every block unrolled."""
+    model = WanModelCausal(**{**tiny_config(), "num_layers": 4}).eval().requires_grad_(False)
+    graphs = []
+
+    def keep_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    text_kv = model.text_key_values(text)
+    eager = generate(model, text_kv, StaticKVCache(4, capacity=3, scratch_frames=1), StaticGenerationStep(model),
+                     frames=2)
+    compiled = generate(model, text_kv, StaticKVCache(4, capacity=3, scratch_frames=1),
+                        StaticGenerationStep(model, {"backend": keep_graph}), frames=2)
+    (graph,) = graphs
+    blocks = [node for node in graph.graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(blocks) == 4 and len({node.args[1] for node in blocks}) == 1  # 4 calls of one subgraph
+    assert torch.equal(compiled, eager)
+
+
 def test_static_step_compiled_by_inductor_equals_eager(model, text):
     """Inductor, the compiler under mode "reduce-overhead": the in-place writes into the cache
     buffers (inputs marked static, which CUDA graphs require of the inputs they mutate) survive

@@ -451,6 +451,17 @@ class WanAttentionBlock(nn.Module):
         return x, key_value
 
 
+@torch.compiler.nested_compile_region
+def run_block(block: WanAttentionBlock, x: torch.Tensor, e: torch.Tensor,
+              context: torch.Tensor | tuple[torch.Tensor, torch.Tensor], rope: Rope, mask: AttentionMask,
+              past_key_value: PastKeyValue | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """`block(x, e, context, rope, mask, past_key_value)`. Eager, a plain call. Inside a torch.compile
+    of the whole model (the static generation step) the compiler traces and compiles one block and
+    stamps that code out for every block, instead of unrolling all of them: compile time no longer
+    grows with depth (30 tiny blocks on CPU: 21 s instead of 64 s)."""
+    return block(x, e, context, rope, mask, past_key_value)
+
+
 class Head(nn.Module):
 
     def __init__(self, dim: int, out_dim: int, patch_size: tuple[int, int, int], eps: float = 1e-6):
@@ -601,8 +612,8 @@ class WanModel(nn.Module):
             x, e0, rope = sp.shard(x), sp.shard_groups(e0, length), (sp.shard(rope[0]), sp.shard(rope[1]))
         key_values = []
         for i, block in enumerate(self.blocks):
-            x, key_value = block(x, e0, context[i] if isinstance(context, list) else context, rope, mask,
-                                 past_key_values[i] if past_key_values is not None else None)
+            x, key_value = run_block(block, x, e0, context[i] if isinstance(context, list) else context, rope, mask,
+                                     past_key_values[i] if past_key_values is not None else None)
             key_values.append(key_value)
         if sp is not None:
             x = sp.gather(x)
