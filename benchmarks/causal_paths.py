@@ -5,10 +5,11 @@ the sequential ground-truth rollout through the KV cache (frame by frame, cache 
 gradient). Generation (no gradient) of every frame after the first: KV-cached (the static,
 in-place cache of generation: denoise the new frame against the cache, append it at t = 0) versus
 recomputing the whole prefix for every new frame. Cached cost grows linearly with the number of
-frames, recomputation super-linearly. On CUDA also the cached generation with every call through
-the static-shape step captured in CUDA graphs (`StaticGenerationStep` under torch.compile mode
-"reduce-overhead"; one graph serves every cache fill); elsewhere that variant is reported as
-skipped, with the reason.
+frames, recomputation super-linearly. The deployed setting (chunks of 4 latent frames, 4 Euler
+steps) is timed per generated latent frame. On CUDA also both cached generations with every call
+through the static-shape step captured in CUDA graphs (`StaticGenerationStep` under torch.compile
+mode "reduce-overhead"; one graph per chunk shape serves every cache fill and frame count, its
+compilation timed apart); elsewhere those variants are reported as skipped, with the reason.
 
 Peak memory counts the tensors allocated inside each measured call (a TorchDispatchMode that
 follows every storage until it is freed), so it works on CPU too.
@@ -35,6 +36,7 @@ SMALL_CONFIG = dict(dim=128, ffn_dim=384, num_heads=2, num_layers=2, text_len=16
 LATENT_HW = (16, 16)  # 8 x 8 = 64 tokens per latent frame
 MIB = 2**20
 GRAPHED_SKIPPED = "CUDA graphs (torch.compile mode reduce-overhead) need a CUDA device"
+CUDA_GRAPHS = {"mode": "reduce-overhead"}
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -68,11 +70,16 @@ class PeakTensorMemory(TorchDispatchMode):
 
 
 def measure(fn: Callable[[], torch.Tensor], repeats: int = 2) -> dict:
-    """Best wall time of `repeats` runs (after one warm-up run on a GPU: kernel compilation is not
-    the path's cost), and the peak tensor memory of one more run (on a GPU, the allocator's peak)."""
+    """Best wall time of `repeats` runs, and the peak tensor memory of one more run (on a GPU, the
+    allocator's peak). On a GPU one warm-up run comes first, timed apart as `first_seconds`: kernel
+    compilation (and CUDA-graph recording) is paid once, not per generation."""
     cuda = torch.cuda.is_available()
+    first = {}
     if cuda:
+        start = time.perf_counter()
         fn()
+        torch.cuda.synchronize()
+        first = {"first_seconds": time.perf_counter() - start}
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -85,8 +92,8 @@ def measure(fn: Callable[[], torch.Tensor], repeats: int = 2) -> dict:
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         value = fn()
-        return {"seconds": min(seconds), "peak_mib": (torch.cuda.max_memory_allocated() - baseline) / MIB,
-                "value": value}
+        return {"seconds": min(seconds), **first,
+                "peak_mib": (torch.cuda.max_memory_allocated() - baseline) / MIB, "value": value}
     with PeakTensorMemory() as memory:
         value = fn()
     return {"seconds": min(seconds), "peak_mib": memory.peak / MIB, "value": value}
@@ -122,8 +129,11 @@ def training_paths(model: WanModelCausal, frames: int, generator: torch.Generato
     }
 
 
+DEPLOYED_SIGMAS = (1.0, 0.75, 0.5, 0.25)  # the deployed Vidarc setting: 4 Euler steps per chunk
+
+
 def generation_paths(model: WanModelCausal, frames: int, generator: torch.Generator,
-                     latent_hw: tuple[int, int] = LATENT_HW) -> dict:
+                     latent_hw: tuple[int, int] = LATENT_HW, graphed: GraphedGeneration | None = None) -> dict:
     first, new_frames = random_inputs(model, generator, (1, 48, 1, *latent_hw), (1, 48, frames - 1, *latent_hw))
     t_new = torch.tensor([500.0], device=first.device)
     text = random_inputs(model, generator, (8, model.text_dim))
@@ -149,52 +159,74 @@ def generation_paths(model: WanModelCausal, frames: int, generator: torch.Genera
             velocities.append(model(sequence, t, text)[:, :, -1:])
         return torch.cat(velocities, dim=2)
 
-    @torch.no_grad()
     def deployed() -> torch.Tensor:
-        """The deployed Vidarc setting: chunks of 4 latent frames, 4 Euler steps each, then prefilled."""
-        text_kv = model.text_key_values(text)
-        cache = model.prefill(first, text_kv, StaticKVCache(model.num_layers, capacity=frames))
-        chunks = []
-        for start in range(0, frames - 1, DEPLOYED_FRAMES_PER_CHUNK):
-            chunk = generate_frames(model, new_frames[:, :, start:start + DEPLOYED_FRAMES_PER_CHUNK], text_kv,
-                                    cache, sigmas=(1.0, 0.75, 0.5, 0.25))
-            model.prefill(chunk, text_kv, cache)
-            chunks.append(chunk)
-        return torch.cat(chunks, dim=2)
+        return deployed_generation(model, first, new_frames, text,
+                                   StaticKVCache(model.num_layers, capacity=frames))
 
     results = {"cached_generation": measure(cached), "recompute_generation": measure(recompute),
                "deployed_generation": measure(deployed)}
-    if first.is_cuda:
-        try:
-            results["graphed_generation"] = measure(graphed_generation(model, first, new_frames, t_new, text))
-        except Exception as error:  # reported in the row; the eager variants still are
-            print(f"graphed generation failed: {traceback.format_exc()}", flush=True)
-            results["graphed_generation"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    if graphed is not None:
+        for name, run in (("graphed_generation", lambda: graphed.frame_by_frame(first, new_frames, t_new, text)),
+                          ("graphed_deployed_generation", lambda: graphed.deployed(first, new_frames, text))):
+            try:
+                results[name] = measure(run)
+            except Exception as error:  # reported in the row; the eager variants still are
+                print(f"{name} failed: {traceback.format_exc()}", flush=True)
+                results[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
     return results
 
 
-def graphed_generation(model: WanModelCausal, first: torch.Tensor, new_frames: torch.Tensor, t_new: torch.Tensor,
-                       text: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """`generation_paths`' cached generation with every call through the static step in CUDA graphs,
-    the first prefill included. One cache serves every run (reset, not rebuilt): the graphs write
-    into its buffers, and a new buffer address would record them again."""
-    step = StaticGenerationStep(model, {"mode": "reduce-overhead"})
-    frames = new_frames.shape[2] + 1
-    with torch.no_grad():  # the buffers exist from here on
-        cache = model.prefill(first, model.text_key_values(text), StaticKVCache(model.num_layers, capacity=frames))
+@torch.no_grad()
+def deployed_generation(model: WanModelCausal, first: torch.Tensor, new_frames: torch.Tensor, text: list[torch.Tensor],
+                        cache: StaticKVCache, step: StaticGenerationStep | None = None) -> torch.Tensor:
+    """The deployed Vidarc setting after a first real frame: chunks of 4 latent frames, 4 Euler
+    steps each, then prefilled; every call through `step` when given."""
+    text_kv = model.text_key_values(text)
+    prefill = model.prefill if step is None else step.prefill
+    prefill(first, text_kv, cache.reset())
+    chunks = []
+    for start in range(0, new_frames.shape[2], DEPLOYED_FRAMES_PER_CHUNK):
+        chunk = generate_frames(model, new_frames[:, :, start:start + DEPLOYED_FRAMES_PER_CHUNK], text_kv, cache,
+                                sigmas=DEPLOYED_SIGMAS, step=step)
+        prefill(chunk, text_kv, cache)
+        chunks.append(chunk)
+    return torch.cat(chunks, dim=2)
+
+
+class GraphedGeneration:
+    """`generation_paths`' cached generations with every call through the static step in CUDA
+    graphs (`StaticGenerationStep` under torch.compile mode "reduce-overhead"), the first prefill
+    included. One step and one cache of `capacity` frames serve every frame count: the step
+    compiles once per chunk shape (1 frame; 4 and the last chunk's frames when deployed), and the
+    graphs keep writing into the same buffers (a new buffer address would record them again). The
+    cache holds more frames than a shorter generation fills; flex_attention skips the empty tiles.
+    `compile_options`: torch.compile's (None: the step runs eagerly, which checks this code on CPU)."""
+
+    def __init__(self, model: WanModelCausal, capacity: int, latent_hw: tuple[int, int],
+                 compile_options: dict | None = CUDA_GRAPHS):
+        self.model = model
+        self.step = StaticGenerationStep(model, compile_options)
+        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        with torch.no_grad():  # the buffers exist from here on
+            self.cache = model.prefill(torch.zeros(1, 48, 1, *latent_hw, device=device, dtype=dtype),
+                                       model.text_key_values([torch.zeros(1, model.text_dim, device=device)]),
+                                       StaticKVCache(model.num_layers, capacity=capacity))
 
     @torch.no_grad()
-    def run() -> torch.Tensor:
-        text_kv = model.text_key_values(text)
-        step.prefill(first, text_kv, cache.reset())
+    def frame_by_frame(self, first: torch.Tensor, new_frames: torch.Tensor, t_new: torch.Tensor,
+                       text: list[torch.Tensor]) -> torch.Tensor:
+        """As `generation_paths`' cached(): each new frame denoised once against the cache, then prefilled."""
+        text_kv = self.model.text_key_values(text)
+        self.step.prefill(first, text_kv, self.cache.reset())
         velocities = []
-        for i in range(frames - 1):
+        for i in range(new_frames.shape[2]):
             frame = new_frames[:, :, i:i + 1]
-            velocities.append(step.velocity(frame, t_new, text_kv, cache))
-            step.prefill(frame, text_kv, cache)
+            velocities.append(self.step.velocity(frame, t_new, text_kv, self.cache))
+            self.step.prefill(frame, text_kv, self.cache)
         return torch.cat(velocities, dim=2)
 
-    return run
+    def deployed(self, first: torch.Tensor, new_frames: torch.Tensor, text: list[torch.Tensor]) -> torch.Tensor:
+        return deployed_generation(self.model, first, new_frames, text, self.cache, self.step)
 
 
 def measure_causal_paths(frame_counts: tuple[int, ...] = (4, 8, 16), seed: int = 0, model_config: dict | None = None,
@@ -208,6 +240,8 @@ def measure_causal_paths(frame_counts: tuple[int, ...] = (4, 8, 16), seed: int =
     if device != "cpu":
         model.to(torch.bfloat16)
     generator = torch.Generator().manual_seed(seed)
+    graphed = GraphedGeneration(model, max(frame_counts), latent_hw) \
+        if "generation" in paths and torch.device(device).type == "cuda" else None
     results = {}
     for frames in frame_counts:
         row = {}
@@ -219,20 +253,33 @@ def measure_causal_paths(frame_counts: tuple[int, ...] = (4, 8, 16), seed: int =
             row["sequential_loss"] = training["sequential"]["value"].item()
             row["training_velocity_max_difference"] = training["training_velocity_max_difference"]
         if "generation" in paths:
-            generation = generation_paths(model, frames, generator, latent_hw)
-            row.update({name: {"seconds": p["seconds"], "peak_mib": p["peak_mib"]} if "seconds" in p else p
-                        for name, p in generation.items()})
-            row["deployed_ms_per_latent_frame"] = 1000 * generation["deployed_generation"]["seconds"] / (frames - 1)
-            row["generation_velocity_max_difference"] = (generation["cached_generation"]["value"] -
-                                                         generation["recompute_generation"]["value"]).abs().max().item()
-            if "graphed_generation" not in generation:
-                row["graphed_generation"] = {"skipped": GRAPHED_SKIPPED}
-            elif "value" in generation["graphed_generation"]:
-                row["graphed_generation"]["attention"] = model.resolved_attention_backend(torch.device(device))
-                row["graphed_velocity_max_difference"] = (generation["cached_generation"]["value"] -
-                                                          generation["graphed_generation"]["value"]).abs().max().item()
+            row.update(generation_row(model, generation_paths(model, frames, generator, latent_hw, graphed), frames,
+                                      device))
         results[frames] = row
     return results
+
+
+def generation_row(model: WanModelCausal, generation: dict, frames: int, device: str) -> dict:
+    """The generation results of one frame count as reported: times and memory, per-frame costs,
+    and how far the cached and graphed velocities are from recomputation's / the eager cache's."""
+    row = {name: {key: p[key] for key in ("seconds", "first_seconds", "peak_mib") if key in p} if "seconds" in p else p
+           for name, p in generation.items()}
+    row["deployed_ms_per_latent_frame"] = 1000 * generation["deployed_generation"]["seconds"] / (frames - 1)
+    row["generation_velocity_max_difference"] = (generation["cached_generation"]["value"] -
+                                                 generation["recompute_generation"]["value"]).abs().max().item()
+    if "graphed_generation" not in generation:
+        row["graphed_generation"] = row["graphed_deployed_generation"] = {"skipped": GRAPHED_SKIPPED}
+        return row
+    if "value" in generation["graphed_generation"]:
+        row["graphed_generation"]["attention"] = model.resolved_attention_backend(torch.device(device))
+        row["graphed_velocity_max_difference"] = (generation["cached_generation"]["value"] -
+                                                  generation["graphed_generation"]["value"]).abs().max().item()
+    if "value" in generation["graphed_deployed_generation"]:
+        row["graphed_deployed_ms_per_latent_frame"] = (
+            1000 * generation["graphed_deployed_generation"]["seconds"] / (frames - 1))
+        row["graphed_deployed_max_difference"] = (generation["deployed_generation"]["value"] -
+                                                  generation["graphed_deployed_generation"]["value"]).abs().max().item()
+    return row
 
 
 PATHS = ("teacher_forcing", "sequential", "cached_generation", "recompute_generation")

@@ -255,15 +255,26 @@ def step_row(r: dict, variant: str, planned: str = "") -> str:
             f"{planned}")
 
 
-def graphed_cells(row: dict, recompute_s: float) -> tuple[str, str, str]:
-    """Seconds (attention backend), speed-up over recomputation and velocity difference from the
-    eager cache of the generation in CUDA graphs, or why it has none."""
-    graphed = row.get("graphed_generation", {"skipped": "not in these results (measured before it existed)"})
+NOT_MEASURED = {"skipped": "not in these results (measured before it existed)"}
+
+
+def graphed_cells(row: dict, recompute_s: float) -> tuple[str, str, str, str]:
+    """Of the generations in CUDA graphs: seconds (attention backend, first call with compilation),
+    speed-up over recomputation, velocity difference from the eager cache, and the deployed
+    setting's ms per latent frame; or why there are none."""
+    graphed = row.get("graphed_generation", NOT_MEASURED)
+    deployed = row.get("graphed_deployed_generation", NOT_MEASURED)
+    deployed_ms = (f"{row['graphed_deployed_ms_per_latent_frame']:.1f}" if "seconds" in deployed
+                   else failure_cell(deployed))
     if "seconds" in graphed:
-        return (f"{graphed['seconds']:.3f} ({graphed['attention']})", f"{recompute_s / graphed['seconds']:.2f}x",
-                f"{row['graphed_velocity_max_difference']:.2e}")
-    reason = f"skipped: {graphed['skipped']}" if "skipped" in graphed else f"failed ({graphed['error'][:80]})"
-    return reason, "-", "-"
+        first_call = f"; first call {graphed['first_seconds']:.1f} s" if "first_seconds" in graphed else ""
+        return (f"{graphed['seconds']:.3f} ({graphed['attention']}{first_call})",
+                f"{recompute_s / graphed['seconds']:.2f}x", f"{row['graphed_velocity_max_difference']:.2e}", deployed_ms)
+    return failure_cell(graphed), "-", "-", deployed_ms
+
+
+def failure_cell(result: dict) -> str:
+    return f"skipped: {result['skipped']}" if "skipped" in result else f"failed ({result['error'][:80]})"
 
 
 def markdown(results: dict) -> str:
@@ -292,13 +303,14 @@ def markdown(results: dict) -> str:
                   "recomputing the prefix", "",
                   "| latent frames | cached s | graphed s (attention) | recompute s | cached speed-up | graphed speed-up "
                   "| max velocity difference (cached vs recompute / vs graphed) "
-                  "| deployed ms per latent frame (4 steps, chunks of 4) |", "|---|---|---|---|---|---|---|---|"]
+                  "| deployed ms per latent frame (4 steps, chunks of 4) | graphed deployed ms per latent frame |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for frames, row in results["causal_generation"].items():
             cached, recompute = row["cached_generation"]["seconds"], row["recompute_generation"]["seconds"]
-            graphed_s, graphed_ratio, graphed_difference = graphed_cells(row, recompute)
+            graphed_s, graphed_ratio, graphed_difference, graphed_deployed = graphed_cells(row, recompute)
             lines.append(f"| {frames} | {cached:.3f} | {graphed_s} | {recompute:.3f} | {recompute / cached:.2f}x "
                          f"| {graphed_ratio} | {row['generation_velocity_max_difference']:.2e} / {graphed_difference} "
-                         f"| {row['deployed_ms_per_latent_frame']:.1f} |")
+                         f"| {row['deployed_ms_per_latent_frame']:.1f} | {graphed_deployed} |")
     if "causal_training" in results:
         lines += ["", "**Causal training** (forward + backward): one-pass teacher forcing vs the sequential rollout",
                   "", "| latent frames | teacher forcing s | sequential s | speed-up | same loss |",

@@ -2,8 +2,12 @@
 real-size script is ready when a GPU is (the measurements themselves need one)."""
 import json
 
+import torch
+
 from benchmarks import gpu
 from benchmarks.__main__ import GPU_RESULTS
+from benchmarks.causal_paths import SMALL_CONFIG, GraphedGeneration, generation_paths, generation_row
+from vidartrain.models.wan.causal import WanModelCausal
 
 
 def test_smoke_run_reports_every_section():
@@ -18,8 +22,8 @@ def test_smoke_run_reports_every_section():
     generation = results["causal_generation"][3]
     assert generation["generation_velocity_max_difference"] < 1e-5  # cached == recomputed prefix
     assert generation["deployed_ms_per_latent_frame"] > 0
-    assert generation["graphed_generation"] == {"skipped": "CUDA graphs (torch.compile mode reduce-overhead) "
-                                                           "need a CUDA device"}
+    assert generation["graphed_generation"] == generation["graphed_deployed_generation"] == {
+        "skipped": "CUDA graphs (torch.compile mode reduce-overhead) need a CUDA device"}
     training = results["causal_training"][2]
     assert abs(training["teacher_forcing_loss"] - training["sequential_loss"]) < 1e-5
     assert set(results["loader"]) == {"raw", "raw_uint8", "pre_encoded"}
@@ -39,3 +43,20 @@ def test_results_measured_before_the_graphed_variant_still_render():
     for row in results["causal_generation"].values():
         row.pop("graphed_generation", None)
     assert "| skipped: not in these results" in gpu.markdown(results)
+
+
+def test_graphed_generation_code_computes_the_eager_frames_on_cpu():
+    """The CUDA-graph variants' code run with the step uncompiled: one step and one cache serve every
+    frame count (the longest first, so the shorter one reuses a partly filled buffer), and both
+    variants compute what the eager cached paths compute."""
+    torch.manual_seed(0)
+    model = WanModelCausal(**SMALL_CONFIG)
+    graphed = GraphedGeneration(model, capacity=6, latent_hw=(8, 8), compile_options=None)
+    generator = torch.Generator().manual_seed(0)
+    for frames in (6, 3):  # 5 new frames: chunks of 4 and 1 when deployed; then one chunk of 2
+        row = generation_row(model, generation_paths(model, frames, generator, (8, 8), graphed), frames, "cpu")
+        assert row["graphed_velocity_max_difference"] < 1e-5 and row["graphed_deployed_max_difference"] < 1e-5
+        assert row["graphed_deployed_ms_per_latent_frame"] > 0 and row["graphed_generation"]["attention"] == "sdpa"
+    text = gpu.markdown({"machine": {"device": "cpu", "torch": "-", "cuda": "-", "commit": "-", "date": "-",
+                                     "peak_bf16_tflops": None}, "seconds": 1, "causal_generation": {3: row}})
+    assert f"| {row['graphed_deployed_ms_per_latent_frame']:.1f} |" in text and "(sdpa) |" in text
