@@ -26,6 +26,7 @@ BENCHMARKS = {  # module -> section title
     "causal_paths": "Causal paths: one-pass teacher forcing vs sequential rollout, cached vs recomputed generation",
     "loader": "Loader: raw-video vs pre-encoded shards",
     "plan_calibration": "Planner calibration: activation estimate vs measured CPU peak memory",
+    "compile_time": "Static generation step: compilation time, blocks as one compile region vs unrolled",
 }
 GPU_RESULTS = REPO / "benchmarks" / "results_gpu.json"
 README_BEGIN, README_END = "<!-- BEGIN PERFORMANCE -->", "<!-- END PERFORMANCE -->"

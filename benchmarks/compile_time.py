@@ -1,0 +1,82 @@
+"""Compilation time of the static generation step (`StaticGenerationStep` under torch.compile,
+inductor) on a narrow causal DiT at two depths, with the transformer blocks as one nested compile
+region (as shipped: `vidartrain.models.wan.model.run_block`) and unrolled, side by side. Each
+measurement runs in a fresh process with empty compiler caches, so no variant reuses another's
+kernels.
+
+    python -m benchmarks.compile_time [--layers 2 30]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+VARIANTS = ("one region", "unrolled")
+NARROW = dict(dim=64, ffn_dim=128, num_heads=2, text_len=16, text_dim=32)
+
+
+def first_call_seconds(layers: int, variant: str) -> float:
+    """In this process: build the model, prefill one frame, then time the step's first (compiling) call."""
+    from vidartrain.models.wan import model as wan_model
+    from vidartrain.models.wan.causal import WanModelCausal
+    from vidartrain.models.wan.kv_cache import StaticKVCache
+    from vidartrain.rollouts import StaticGenerationStep
+
+    if variant == "unrolled":  # what the step compiled before the blocks were a region
+        wan_model.run_block = lambda block, *args: block(*args)
+    torch.manual_seed(0)
+    model = WanModelCausal(**NARROW, num_layers=layers).eval().requires_grad_(False)
+    text = model.text_key_values(torch.randn(1, NARROW["text_len"], NARROW["text_dim"]))
+    frame = torch.randn(1, 48, 1, 16, 16)
+    with torch.no_grad():
+        cache = model.prefill(frame, text, StaticKVCache(layers, capacity=4))
+    step = StaticGenerationStep(model, {})
+    start = time.perf_counter()
+    step.velocity(frame, 500.0, text, cache)
+    return time.perf_counter() - start
+
+
+def measure(layers: int, variant: str) -> float:
+    """`first_call_seconds` in a child process whose inductor cache directory is new and empty."""
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
+               "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
+        out = subprocess.run([sys.executable, "-m", "benchmarks.compile_time", "--child", variant, str(layers)],
+                             env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["seconds"]
+
+
+def run(layer_counts: tuple[int, ...] = (2, 30)) -> dict:
+    return {layers: {variant: measure(layers, variant) for variant in VARIANTS} for layers in layer_counts}
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Static generation step, first call (inductor compilation), {NARROW['dim']}-wide causal DiT, "
+             f"{'GPU' if torch.cuda.is_available() else 'CPU'}.", "",
+             "| blocks | one region s | unrolled s | unrolled / one region |", "|---|---|---|---|"]
+    for layers, row in results.items():
+        region, unrolled = row["one region"], row["unrolled"]
+        lines.append(f"| {layers} | {region:.1f} | {unrolled:.1f} | {unrolled / region:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 30])
+    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "LAYERS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps({"seconds": first_call_seconds(int(args.child[1]), args.child[0])}))
+        return
+    print(markdown(run(tuple(args.layers))))
+
+
+if __name__ == "__main__":
+    main()
