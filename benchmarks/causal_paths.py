@@ -138,17 +138,9 @@ def generation_paths(model: WanModelCausal, frames: int, generator: torch.Genera
     t_new = torch.tensor([500.0], device=first.device)
     text = random_inputs(model, generator, (8, model.text_dim))
 
-    @torch.no_grad()
     def cached() -> torch.Tensor:
-        text_kv = model.text_key_values(text)
-        cache = model.prefill(first, text_kv, StaticKVCache(model.num_layers, capacity=frames))
-        velocities = []
-        for i in range(frames - 1):
-            frame = new_frames[:, :, i:i + 1]
-            velocity, cache = model.forward_with_cache(frame, t_new, text_kv, cache)
-            model.prefill(frame, text_kv, cache)
-            velocities.append(velocity)
-        return torch.cat(velocities, dim=2)
+        return frame_by_frame_generation(model, first, new_frames, t_new, text,
+                                         StaticKVCache(model.num_layers, capacity=frames))
 
     @torch.no_grad()
     def recompute() -> torch.Tensor:
@@ -166,14 +158,34 @@ def generation_paths(model: WanModelCausal, frames: int, generator: torch.Genera
     results = {"cached_generation": measure(cached), "recompute_generation": measure(recompute),
                "deployed_generation": measure(deployed)}
     if graphed is not None:
-        for name, run in (("graphed_generation", lambda: graphed.frame_by_frame(first, new_frames, t_new, text)),
-                          ("graphed_deployed_generation", lambda: graphed.deployed(first, new_frames, text))):
+        for name, run in (("graphed_generation", lambda: frame_by_frame_generation(
+                                model, first, new_frames, t_new, text, graphed.cache, graphed.step)),
+                          ("graphed_deployed_generation", lambda: deployed_generation(
+                                model, first, new_frames, text, graphed.cache, graphed.step))):
             try:
                 results[name] = measure(run)
             except Exception as error:  # reported in the row; the eager variants still are
                 print(f"{name} failed: {traceback.format_exc()}", flush=True)
                 results[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
     return results
+
+
+@torch.no_grad()
+def frame_by_frame_generation(model: WanModelCausal, first: torch.Tensor, new_frames: torch.Tensor,
+                              t_new: torch.Tensor, text: list[torch.Tensor], cache: StaticKVCache,
+                              step: StaticGenerationStep | None = None) -> torch.Tensor:
+    """After a first real frame, each new frame denoised once at `t_new` against the cache, then
+    prefilled; returns the velocities. Every call through `step` when given."""
+    text_kv = model.text_key_values(text)
+    prefill = model.prefill if step is None else step.prefill
+    prefill(first, text_kv, cache.reset())
+    velocities = []
+    for i in range(new_frames.shape[2]):
+        frame = new_frames[:, :, i:i + 1]
+        velocities.append(model.forward_with_cache(frame, t_new, text_kv, cache)[0] if step is None
+                          else step.velocity(frame, t_new, text_kv, cache))
+        prefill(frame, text_kv, cache)
+    return torch.cat(velocities, dim=2)
 
 
 @torch.no_grad()
@@ -194,9 +206,9 @@ def deployed_generation(model: WanModelCausal, first: torch.Tensor, new_frames: 
 
 
 class GraphedGeneration:
-    """`generation_paths`' cached generations with every call through the static step in CUDA
-    graphs (`StaticGenerationStep` under torch.compile mode "reduce-overhead"), the first prefill
-    included. One step and one cache of `capacity` frames serve every frame count: the step
+    """The static step in CUDA graphs (`StaticGenerationStep` under torch.compile mode
+    "reduce-overhead") and its cache, through which `generation_paths` runs every call of both
+    cached generations, the first prefill included. One step and one cache of `capacity` frames serve every frame count: the step
     compiles once per chunk shape (1 frame; 4 and the last chunk's frames when deployed), and the
     graphs keep writing into the same buffers (a new buffer address would record them again). The
     cache holds more frames than a shorter generation fills; flex_attention skips the empty tiles.
@@ -204,29 +216,12 @@ class GraphedGeneration:
 
     def __init__(self, model: WanModelCausal, capacity: int, latent_hw: tuple[int, int],
                  compile_options: dict | None = CUDA_GRAPHS):
-        self.model = model
         self.step = StaticGenerationStep(model, compile_options)
         device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
         with torch.no_grad():  # the buffers exist from here on
             self.cache = model.prefill(torch.zeros(1, 48, 1, *latent_hw, device=device, dtype=dtype),
                                        model.text_key_values([torch.zeros(1, model.text_dim, device=device)]),
                                        StaticKVCache(model.num_layers, capacity=capacity))
-
-    @torch.no_grad()
-    def frame_by_frame(self, first: torch.Tensor, new_frames: torch.Tensor, t_new: torch.Tensor,
-                       text: list[torch.Tensor]) -> torch.Tensor:
-        """As `generation_paths`' cached(): each new frame denoised once against the cache, then prefilled."""
-        text_kv = self.model.text_key_values(text)
-        self.step.prefill(first, text_kv, self.cache.reset())
-        velocities = []
-        for i in range(new_frames.shape[2]):
-            frame = new_frames[:, :, i:i + 1]
-            velocities.append(self.step.velocity(frame, t_new, text_kv, self.cache))
-            self.step.prefill(frame, text_kv, self.cache)
-        return torch.cat(velocities, dim=2)
-
-    def deployed(self, first: torch.Tensor, new_frames: torch.Tensor, text: list[torch.Tensor]) -> torch.Tensor:
-        return deployed_generation(self.model, first, new_frames, text, self.cache, self.step)
 
 
 def measure_causal_paths(frame_counts: tuple[int, ...] = (4, 8, 16), seed: int = 0, model_config: dict | None = None,
