@@ -1,10 +1,14 @@
 """The static-shape generation step as CUDA graphs (torch.compile mode "reduce-overhead"): the
 graphs are captured (not skipped for the in-place cache writes), one compilation serves every
-cache fill and a second cache, and the frames equal the eager cache's in bf16."""
+cache fill and a second cache, and the frames equal the eager cache's in bf16; the same for the
+benchmark's graphed generations."""
+from dataclasses import replace
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from benchmarks import gpu
 from vidartrain.models.wan.kv_cache import StaticKVCache
 from vidartrain.rollouts import StaticGenerationStep
 
@@ -35,3 +39,19 @@ def test_static_step_in_cuda_graphs_equals_the_eager_cache(backend):
     assert counters["inductor"]["cudagraph_skips"] == 0, "the step ran without CUDA graphs"
     assert relative_error(graphed, eager) <= BF16_TOLERANCE
     assert relative_error(again, graphed) <= BF16_TOLERANCE
+
+
+def test_the_benchmarks_graphed_generations_run_in_cuda_graphs():
+    """benchmarks.gpu's generation section at tiny sizes, before a real-size run spends minutes on
+    it: both graphed variants (one step and one cache across frame counts; chunks of 4 and of the
+    remainder when deployed) are captured and compute what the eager cache computes."""
+    torch._dynamo.reset()
+    counters.clear()
+    results = gpu.run(replace(gpu.SMOKE, generation_frames=(8, 6)), device="cuda", only=("causal_generation",))
+    assert "errors" not in results, results.get("errors")
+    for row in results["causal_generation"].values():
+        assert row["graphed_generation"]["seconds"] > 0 and row["graphed_deployed_generation"]["seconds"] > 0
+        # bf16 at these sizes: velocities and generated frames reach ~2-4; a wrong cache moves them by O(1)
+        assert row["graphed_velocity_max_difference"] <= 0.05
+        assert row["graphed_deployed_max_difference"] <= 0.1
+    assert counters["inductor"]["cudagraph_skips"] == 0, "a graphed variant ran without CUDA graphs"
