@@ -363,7 +363,8 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
-        self.stop_requested = False
+        self.sigterm_received = False  # on this rank, by `request_stop`, at any moment
+        self.stopping = False  # agreed by every rank after each step (`after_step`)
         self.last_saved_step: int | None = None
 
         seed_everything(config.training.seed)  # same on every rank: randomly initialised parts agree
@@ -426,7 +427,7 @@ class Trainer:
                 record = self.train_step(batches)
                 self.step += 1
                 self.after_step(record)
-                if self.stop_requested:
+                if self.stopping:
                     log.warning("SIGTERM received: saving a checkpoint at step %d and exiting", self.step)
                     self.save_checkpoint()
                     return self.step
@@ -493,9 +494,11 @@ class Trainer:
 
     def after_step(self, record: dict[str, Any]) -> None:
         """Logging, stop decisions, validation and checkpoints, identical on every rank."""
-        stop = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        stop = torch.tensor([1.0 if self.sigterm_received else 0.0], device=self.device)
         dist.all_reduce(stop)  # a SIGTERM seen by any rank stops all of them at the same step
-        self.stop_requested = bool(stop.item() > 0)
+        # Only this vote decides: a SIGTERM arriving after it (during the bookkeeping below) waits
+        # for the next step's vote, else its rank would save alone while the others train on.
+        self.stopping = bool(stop.item() > 0)
         record.update(step=self.step, nonfinite_total=self.nonfinite_total,
                       grad_norm=self.grad_norm() if record["finite"] else float("nan"),
                       peak_memory=peak_memory_bytes())
@@ -602,7 +605,7 @@ class Trainer:
         """SIGTERM (preemption): finish the step, save, exit."""
         # The launcher (or the scheduler) may send the same SIGTERM to the DataLoader workers: they
         # leave it to their rank (vidartrain.data.dataset.leave_sigterm_to_the_rank).
-        self.stop_requested = True
+        self.sigterm_received = True
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints and export
