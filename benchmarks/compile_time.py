@@ -1,8 +1,8 @@
 """Compilation time of the static generation step (`StaticGenerationStep` under torch.compile,
-inductor) on a narrow causal DiT at two depths, with the transformer blocks as one nested compile
-region (as shipped: `vidartrain.models.wan.model.run_block`) and unrolled, side by side. Each
-measurement runs in a fresh process with empty compiler caches, so no variant reuses another's
-kernels.
+inductor) on a narrow causal DiT on the CPU at two depths, with the transformer blocks as one
+nested compile region (as shipped: `vidartrain.models.wan.model.run_block`) and unrolled, side by
+side. Each measurement runs in a fresh process with empty compiler caches, so no variant reuses
+another's kernels.
 
     python -m benchmarks.compile_time [--layers 2 30]
 """
@@ -58,8 +58,8 @@ def run(layer_counts: tuple[int, ...] = (2, 30)) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Static generation step, first call (inductor compilation), {NARROW['dim']}-wide causal DiT, "
-             f"{'GPU' if torch.cuda.is_available() else 'CPU'}.", "",
+    lines = [f"Static generation step, first call (inductor compilation), {NARROW['dim']}-wide causal DiT on the CPU.",
+             "",
              "| blocks | one region s | unrolled s | unrolled / one region |", "|---|---|---|---|"]
     for layers, row in results.items():
         region, unrolled = row["one region"], row["unrolled"]
