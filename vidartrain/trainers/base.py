@@ -429,7 +429,8 @@ class Trainer:
                 self.after_step(record)
                 if self.stopping:
                     log.warning("SIGTERM received: saving a checkpoint at step %d and exiting", self.step)
-                    self.save_checkpoint()
+                    if self.last_saved_step != self.step:  # not saved by after_step (save_every) already
+                        self.save_checkpoint()
                     return self.step
             if self.last_saved_step != self.step:
                 self.save_checkpoint()
