@@ -208,11 +208,12 @@ def deployed_generation(model: WanModelCausal, first: torch.Tensor, new_frames: 
 class GraphedGeneration:
     """The static step in CUDA graphs (`StaticGenerationStep` under torch.compile mode
     "reduce-overhead") and its cache, through which `generation_paths` runs every call of both
-    cached generations, the first prefill included. One step and one cache of `capacity` frames serve every frame count: the step
-    compiles once per chunk shape (1 frame; 4 and the last chunk's frames when deployed), and the
-    graphs keep writing into the same buffers (a new buffer address would record them again). The
-    cache holds more frames than a shorter generation fills; flex_attention skips the empty tiles.
-    `compile_options`: torch.compile's (None: the step runs eagerly, which checks this code on CPU)."""
+    cached generations, the first prefill included. One step and one cache of `capacity` frames
+    serve every frame count: the step compiles once per chunk shape (1 frame; 4 and the last
+    chunk's frames when deployed), and the graphs keep writing into the same buffers (a new buffer
+    address would record them again). The cache holds more frames than a shorter generation fills;
+    flex_attention skips the empty tiles. `compile_options`: torch.compile's (None: the step runs
+    eagerly, which checks this code on CPU)."""
 
     def __init__(self, model: WanModelCausal, capacity: int, latent_hw: tuple[int, int],
                  compile_options: dict | None = CUDA_GRAPHS):

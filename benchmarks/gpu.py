@@ -249,7 +249,7 @@ def percent(value: float | None) -> str:
 
 def step_row(r: dict, variant: str, planned: str = "") -> str:
     if r.get("out_of_memory") or r.get("error"):
-        failure = "out of memory" if r.get("out_of_memory") else f"failed ({r['error'][:80]})"
+        failure = "out of memory" if r.get("out_of_memory") else failure_cell(r)
         return f"{variant} {failure} | - | - | - |{planned}"
     return (f"{variant} {r['step_s']:.3f} | {percent(r['mfu'])} | {percent(r['hfu'])} | {r['activation_gib']:.1f} |"
             f"{planned}")
