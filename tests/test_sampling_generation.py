@@ -6,11 +6,12 @@ import torch
 from data_tools.tiny_checkpoint import TINY_DIT
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.model import WanModel
-from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 from vidartrain.rollouts import RolloutWindow, StaticGenerationStep, closed_loop_schedule
 from vidartrain.sampling import (SamplingOptions, action_metrics, cuda_graph_step, frame_strip, psnr, ti2v_latents,
                                  video_to_uint8, vidarc_latents)
+from vidartrain.trainers.base import compile_blocks
 
 
 def tiny(model_class, seed=0):
@@ -120,6 +121,26 @@ def test_compiled_static_step_generates_what_the_cached_loop_does(closed_loop):
     assert compiler.frame_count == 2
     with pytest.raises(ValueError, match="needs a CUDA device, got cpu"):
         cuda_graph_step(model, torch.device("cpu"))
+
+
+def test_cached_generation_runs_blocks_compiled_by_training_eagerly():
+    """Validation samples during stage 2 use the blocks that training compiled in place. Without the
+    static step, the loop's calls differ in shape and cache state from call to call, and compiling
+    each one would use up the recompile limit that training's rollouts need: they run eagerly."""
+    model = tiny(WanModelCausal)
+    observed = torch.randn(1, 48, FRAMES, 4, 4, generator=torch.Generator().manual_seed(3))
+    context, null = prompts(1)
+    options = SamplingOptions(steps=2, solver="euler", seed=5)
+    eager = vidarc_latents(model, observed, context, null, FRAMES, options, WINDOW, closed_loop=True)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compile_blocks(model, backend=counter)
+    compiled = vidarc_latents(model, observed, context, null, FRAMES, options, WINDOW, closed_loop=True)
+    assert counter.frame_count == 0
+    assert torch.equal(compiled, eager)
+    with torch.no_grad():
+        model(observed[:, :, :2], torch.zeros(1, 2), context)
+    assert counter.frame_count == 1  # elsewhere the blocks are compiled
 
 
 def test_vidarc_generation_is_seeded_and_checks_its_input():

@@ -311,24 +311,30 @@ def vidarc_latents(model: WanModelCausal, observed: torch.Tensor, context: list[
     def doubled(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x])
 
-    for event in closed_loop_schedule(num_latent_frames, window):
-        frames = slice(event.frames.start, event.frames.stop)
-        if event.kind == "reprefill":
-            window_start = event.frames.start
-            if not recompute:
-                cache = reset_and_reprefill(model, doubled(source[:, :, frames]), text, cache)
-        elif event.kind == "prefill":
-            if not recompute:
-                clean = doubled(source[:, :, frames])
-                positions = range(event.position, event.position + len(event.frames))
-                cache = static_step.prefill(clean, text, cache, positions) if static_step is not None and cache.keys \
-                    else model.prefill(clean, text, cache, positions=positions)
-        else:
-            context_frames = source[:, :, window_start:event.frames.start]
-            noise = torch.randn(latents[:, :, frames].shape, generator=generator, device=device)
-            latents[:, :, frames] = denoise(
-                _chunk_velocity(model, doubled(context_frames), text, cache, event.position, options.guide_scale,
-                                recompute, static_step), noise, options.make_solver())
+    # Without the static step, every call of this loop has its own shapes (chunk, cache fill) and
+    # Python ints (layer, fill): blocks that training compiled in place (`model.compile`) would
+    # compile a graph for almost each one and use up the recompile limit that its rollouts need.
+    with torch.compiler.set_stance("default" if static_step is not None else "force_eager"):
+        for event in closed_loop_schedule(num_latent_frames, window):
+            frames = slice(event.frames.start, event.frames.stop)
+            if event.kind == "reprefill":
+                window_start = event.frames.start
+                if not recompute:
+                    cache = reset_and_reprefill(model, doubled(source[:, :, frames]), text, cache)
+            elif event.kind == "prefill":
+                if not recompute:
+                    clean = doubled(source[:, :, frames])
+                    positions = range(event.position, event.position + len(event.frames))
+                    if static_step is not None and cache.keys:
+                        cache = static_step.prefill(clean, text, cache, positions)
+                    else:
+                        cache = model.prefill(clean, text, cache, positions=positions)
+            else:
+                context_frames = source[:, :, window_start:event.frames.start]
+                noise = torch.randn(latents[:, :, frames].shape, generator=generator, device=device)
+                latents[:, :, frames] = denoise(
+                    _chunk_velocity(model, doubled(context_frames), text, cache, event.position, options.guide_scale,
+                                    recompute, static_step), noise, options.make_solver())
     return latents
 
 

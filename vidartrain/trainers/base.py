@@ -304,11 +304,20 @@ def compiles_blocks(config: Config, device: torch.device) -> bool:
     return device.type == "cuda" if config.model.compile is None else config.model.compile
 
 
-def compile_blocks(model: WanModel) -> None:
+# Graphs that one compiled block function may hold. Stage 2 calls the blocks in up to 20 distinct
+# ways (with and without gradient, with and without a KV cache, and sizes of 1 apart from larger
+# ones, on which the compiler specializes), a run of one context mode with its validation loss in up
+# to 15: more than dynamo's default of 8, past which the remaining calls would run uncompiled.
+BLOCK_RECOMPILE_LIMIT = 32
+
+
+def compile_blocks(model: WanModel, **compile_options: Any) -> None:
     """torch.compile every transformer block in place (its checkpointing included): the blocks share
-    one compiled graph; parameter names, and so checkpoints and exports, do not change."""
+    one compiled graph per way they are called; parameter names, and so checkpoints and exports, do
+    not change. `compile_options`: torch.compile's keyword arguments."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
     for block in model.blocks:
-        block.compile()
+        block.compile(**compile_options)
 
 
 def move_buffers(module: nn.Module, device: torch.device) -> None:
