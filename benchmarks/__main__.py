@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = {  # module -> section title
     "block_memory": "DiT block: saved activations per token (real width, CPU bf16 autocast)",
     "train_step": "Training step with and without activation checkpointing",
+    "residual_layout": "Training step: residual stream token-major (as shipped) vs feature-major (before)",
     "causal_paths": "Causal paths: one-pass teacher forcing vs sequential rollout, cached vs recomputed generation",
     "loader": "Loader: raw-video vs pre-encoded shards",
     "plan_calibration": "Planner calibration: activation estimate vs measured CPU peak memory",
