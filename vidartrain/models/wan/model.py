@@ -568,10 +568,13 @@ class WanModel(nn.Module):
         """[B, C, F, H, W] latents -> float32 tokens [B, F*H/2*W/2, dim] and the token grid."""
         x = self.patch_embedding(x.to(compute_dtype(self.patch_embedding.weight)))
         grid = tuple(x.shape[2:])
-        # A new contiguous tensor, not a view of the convolution's output: the first block then gets
-        # the same kind of input as the others. Compiled with dynamic shapes (stage 2's rollouts),
-        # a block guards on its input's view base and would compile a second graph for the first.
-        return x.flatten(2).transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format, copy=True), grid
+        # A new token-major tensor, not the transposed view of the convolution's output. A block's
+        # output keeps its input's strides, so from the view every block ran on a feature-major
+        # residual stream, its norms reducing over a strided axis (benchmarks/residual_layout.py);
+        # and blocks compiled with dynamic shapes (stage 2's rollouts) guard on an input's view
+        # base, so the first block compiled a second graph of each.
+        tokens = x.flatten(2).transpose(1, 2)
+        return tokens.to(torch.float32, memory_format=torch.contiguous_format, copy=True), grid
 
     def embed_text(self, context: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """Zero-pad each prompt to text_len rows, then the text MLP -> [B, text_len, dim]."""
