@@ -314,6 +314,7 @@ def vidarc_latents(model: WanModelCausal, observed: torch.Tensor, context: list[
     # Without the static step, every call of this loop has its own shapes (chunk, cache fill) and
     # Python ints (layer, fill): blocks that training compiled in place (`model.compile`) would
     # compile a graph for almost each one and use up the recompile limit that its rollouts need.
+    # flex_attention stays compiled (`attention`).
     with torch.compiler.set_stance("default" if static_step is not None else "force_eager"):
         for event in closed_loop_schedule(num_latent_frames, window):
             frames = slice(event.frames.start, event.frames.stop)
