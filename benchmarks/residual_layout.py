@@ -14,12 +14,12 @@ One step as in `benchmarks.train_step` (forward + backward, no checkpointing, no
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Callable
 
 import torch
 
-from benchmarks.train_step import StepBenchmark, build_model, time_steps
+from benchmarks.train_step import StepBenchmark, add_step_arguments, build_model, time_steps
 from vidartrain.models.wan.model import WanModel
 from vidartrain.trainers.base import compile_blocks
 
@@ -85,15 +85,11 @@ def markdown(results: dict[str, object]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for flag, field in (("--dim", "dim"), ("--ffn-dim", "ffn_dim"), ("--heads", "num_heads"),
-                        ("--layers", "num_layers"), ("--frames", "latent_frames"), ("--height", "latent_height"),
-                        ("--width", "latent_width"), ("--steps", "steps")):
-        parser.add_argument(flag, dest=field, type=int, default=getattr(DEFAULT, field))
-    parser.add_argument("--device", default=DEFAULT.device)
+    add_step_arguments(parser, DEFAULT)
     parser.add_argument("--eager-only", action="store_true", help="skip the compiled blocks (no compiler needed)")
     args = vars(parser.parse_args(argv))
     eager_only = args.pop("eager_only")
-    results = run(replace(DEFAULT, **args), compiled=(False,) if eager_only else (False, True))
+    results = run(StepBenchmark(**args), compiled=(False,) if eager_only else (False, True))
     print(markdown(results))
     return results
 

@@ -139,14 +139,18 @@ def markdown(results: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, object]:
-    defaults = StepBenchmark()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_step_arguments(parser: argparse.ArgumentParser, defaults: StepBenchmark) -> None:
+    """One flag per `StepBenchmark` field (what `StepBenchmark(**vars(args))` takes), `defaults` as defaults."""
     for flag, field in (("--dim", "dim"), ("--ffn-dim", "ffn_dim"), ("--heads", "num_heads"),
                         ("--layers", "num_layers"), ("--frames", "latent_frames"), ("--height", "latent_height"),
                         ("--width", "latent_width"), ("--batch", "batch_size"), ("--steps", "steps")):
         parser.add_argument(flag, dest=field, type=int, default=getattr(defaults, field))
     parser.add_argument("--device", default=defaults.device)
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_step_arguments(parser, StepBenchmark())
     results = run(StepBenchmark(**vars(parser.parse_args(argv))))
     print(markdown(results))
     return results

@@ -96,9 +96,7 @@ class StaticGenerationStep:
             raise ValueError("StaticGenerationStep takes the text as WanModelCausal.text_key_values(context)")
         grid = self.model.token_grid(x)
         frame_tokens = grid[1] * grid[2]
-        if frame_tokens != cache.tokens_per_frame:
-            raise ValueError(f"frames of {frame_tokens} tokens cannot join a cache of "
-                             f"{cache.tokens_per_frame}-token frames")
+        cache.check_frame_tokens(frame_tokens)
         start, slots = cache.cached_tokens(), cache.keys[0].shape[2]
         if start + grid[0] * frame_tokens > slots:
             raise RuntimeError(f"StaticKVCache: {grid[0] * frame_tokens} new tokens do not fit after {start} cached "

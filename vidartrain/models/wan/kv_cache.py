@@ -87,9 +87,8 @@ class KVCache:
         if tokens % len(positions):
             raise ValueError(f"{tokens} tokens do not split into {len(positions)} frames")
         tokens_per_frame = tokens // len(positions)
-        if self.positions and tokens_per_frame != self.tokens_per_frame:
-            raise ValueError(f"frames of {tokens_per_frame} tokens cannot join a cache of "
-                             f"{self.tokens_per_frame}-token frames")
+        if self.positions:
+            self.check_frame_tokens(tokens_per_frame)
         overflow = self._overflow(len(positions))
         if overflow > 0:
             self._drop_frames(self.sink, self.sink + overflow)
@@ -97,6 +96,12 @@ class KVCache:
         self._store(key_values)
         self.positions = self.positions + list(positions)
         return self
+
+    def check_frame_tokens(self, tokens_per_frame: int) -> None:
+        """Refuse frames whose token count differs from the cached frames'."""
+        if tokens_per_frame != self.tokens_per_frame:
+            raise ValueError(f"frames of {tokens_per_frame} tokens cannot join a cache of "
+                             f"{self.tokens_per_frame}-token frames")
 
     def _overflow(self, new_frames: int) -> int:
         """Frames to evict before `new_frames` more fit (0 if they fit); refuses what the cache cannot do."""
