@@ -5,7 +5,8 @@ the sequential ground-truth rollout through the KV cache (frame by frame, cache 
 gradient). Generation (no gradient) of every frame after the first: KV-cached (the static,
 in-place cache of generation: denoise the new frame against the cache, append it at t = 0) versus
 recomputing the whole prefix for every new frame. Cached cost grows linearly with the number of
-frames, recomputation super-linearly. The deployed setting (chunks of 4 latent frames, 4 Euler
+frames, recomputation super-linearly; their FLOP ratio (`generation_flops`) is the most the cache
+can save at equal FLOP/s, and is reported beside the measured speed-up. The deployed setting (chunks of 4 latent frames, 4 Euler
 steps) is timed per generated latent frame. On CUDA also both cached generations with every call
 through the static-shape step captured in CUDA graphs (`StaticGenerationStep` under torch.compile
 mode "reduce-overhead"; one graph per chunk shape serves every cache fill and frame count, its
@@ -22,6 +23,7 @@ import argparse
 import time
 import traceback
 import weakref
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -30,6 +32,7 @@ from torch.utils._pytree import tree_flatten
 
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.kv_cache import StaticKVCache
+from vidartrain.plan import DitShape, forward_flops, text_flops
 from vidartrain.rollouts import DEPLOYED_FRAMES_PER_CHUNK, StaticGenerationStep, generate_frames, rollout
 
 SMALL_CONFIG = dict(dim=128, ffn_dim=384, num_heads=2, num_layers=2, text_len=16, text_dim=32)
@@ -132,6 +135,37 @@ def training_paths(model: WanModelCausal, frames: int, generator: torch.Generato
 DEPLOYED_SIGMAS = (1.0, 0.75, 0.5, 0.25)  # the deployed Vidarc setting: 4 Euler steps per chunk
 
 
+def generation_flops(shape: DitShape, frames: int, tokens_per_frame: int, frames_per_chunk: int = 1,
+                     calls_per_chunk: int = 1) -> dict[str, dict[str, float]]:
+    """Forward FLOPs (split as `forward_flops`) of generating latent frames 1..frames-1 after a first
+    real frame, `frames_per_chunk` at a time in `calls_per_chunk` denoising calls each, by both paths.
+    "cached": the first frame prefilled; every call runs the chunk against the KV cache, one more
+    call at t = 0 appends it; the text's keys and values computed once. "recompute": every call runs
+    the whole prefix with the chunk last, text included. At 1 frame and 1 call per chunk this is
+    what `generation_paths` times: one new frame costs two frames' worth of matmuls either way the
+    cache is filled, so the ratio stays far below the frame count."""
+    def call(query_frames: int, cached_frames: int, with_text: bool, times: int = 1) -> Counter:
+        pairs = (query_frames * cached_frames + query_frames * (query_frames + 1) // 2) * tokens_per_frame**2
+        flops = Counter(forward_flops(shape, query_frames * tokens_per_frame, pairs, query_frames))
+        if not with_text:
+            flops["linear"] -= text_flops(shape)
+        return Counter({part: times * value for part, value in flops.items()})
+
+    cached, recompute = Counter(linear=text_flops(shape)) + call(1, 0, with_text=False), Counter()
+    for start in range(1, frames, frames_per_chunk):
+        chunk = min(frames_per_chunk, frames - start)
+        cached += call(chunk, start, with_text=False, times=calls_per_chunk + 1)
+        recompute += call(start + chunk, 0, with_text=True, times=calls_per_chunk)
+    return {"cached": dict(cached), "recompute": dict(recompute)}
+
+
+def flop_ratio(shape: DitShape, frames: int, tokens_per_frame: int, frames_per_chunk: int = 1,
+               calls_per_chunk: int = 1) -> float:
+    """Recomputation's FLOPs over the cached generation's: the cache's speed-up at equal FLOP/s."""
+    flops = generation_flops(shape, frames, tokens_per_frame, frames_per_chunk, calls_per_chunk)
+    return sum(flops["recompute"].values()) / sum(flops["cached"].values())
+
+
 def generation_paths(model: WanModelCausal, frames: int, generator: torch.Generator,
                      latent_hw: tuple[int, int] = LATENT_HW, graphed: GraphedGeneration | None = None) -> dict:
     first, new_frames = random_inputs(model, generator, (1, 48, 1, *latent_hw), (1, 48, frames - 1, *latent_hw))
@@ -142,14 +176,8 @@ def generation_paths(model: WanModelCausal, frames: int, generator: torch.Genera
         return frame_by_frame_generation(model, first, new_frames, t_new, text,
                                          StaticKVCache(model.num_layers, capacity=frames))
 
-    @torch.no_grad()
     def recompute() -> torch.Tensor:
-        velocities = []
-        for i in range(frames - 1):
-            sequence = torch.cat([first, new_frames[:, :, :i + 1]], dim=2)
-            t = torch.cat([torch.zeros(1, i + 1, device=first.device), t_new[:, None]], dim=1)
-            velocities.append(model(sequence, t, text)[:, :, -1:])
-        return torch.cat(velocities, dim=2)
+        return recompute_generation(model, first, new_frames, t_new, text)
 
     def deployed() -> torch.Tensor:
         return deployed_generation(model, first, new_frames, text,
@@ -185,6 +213,19 @@ def frame_by_frame_generation(model: WanModelCausal, first: torch.Tensor, new_fr
         velocities.append(model.forward_with_cache(frame, t_new, text_kv, cache)[0] if step is None
                           else step.velocity(frame, t_new, text_kv, cache))
         prefill(frame, text_kv, cache)
+    return torch.cat(velocities, dim=2)
+
+
+@torch.no_grad()
+def recompute_generation(model: WanModelCausal, first: torch.Tensor, new_frames: torch.Tensor, t_new: torch.Tensor,
+                         text: list[torch.Tensor]) -> torch.Tensor:
+    """Without a cache: for each new frame, the whole sequence up to it (the earlier frames at t = 0,
+    itself at `t_new`); returns its velocities, as `frame_by_frame_generation`'s."""
+    velocities = []
+    for i in range(new_frames.shape[2]):
+        sequence = torch.cat([first, new_frames[:, :, :i + 1]], dim=2)
+        t = torch.cat([torch.zeros(1, i + 1, device=first.device), t_new[:, None]], dim=1)
+        velocities.append(model(sequence, t, text)[:, :, -1:])
     return torch.cat(velocities, dim=2)
 
 
@@ -287,17 +328,20 @@ def run() -> dict:
 
 
 def markdown(results: dict) -> str:
+    tokens_per_frame = LATENT_HW[0] * LATENT_HW[1] // 4
     lines = [f"Small causal DiT {SMALL_CONFIG['dim']}x{SMALL_CONFIG['num_layers']} layers, "
-             f"{LATENT_HW[0] * LATENT_HW[1] // 4} tokens per latent frame, CPU.", "",
+             f"{tokens_per_frame} tokens per latent frame, CPU. FLOP ratio: recomputation's FLOPs over the cached "
+             "generation's (`generation_flops`), the most the cache can save at equal FLOP/s.", "",
              "| latent frames | teacher forcing s / MiB | sequential s / MiB | speed-up | cached generation s / MiB "
-             "| recompute prefix s / MiB | speed-up | same loss |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| recompute prefix s / MiB | speed-up | FLOP ratio | same loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for frames, row in results.items():
         tf, seq, cached, recompute = (row[name] for name in PATHS)
         lines.append(
             f"| {frames} | {tf['seconds']:.3f} / {tf['peak_mib']:.1f} | {seq['seconds']:.3f} / {seq['peak_mib']:.1f} "
             f"| {seq['seconds'] / tf['seconds']:.2f}x | {cached['seconds']:.3f} / {cached['peak_mib']:.1f} "
             f"| {recompute['seconds']:.3f} / {recompute['peak_mib']:.1f} | {recompute['seconds'] / cached['seconds']:.2f}x "
+            f"| {flop_ratio(DitShape(**SMALL_CONFIG), int(frames), tokens_per_frame):.2f}x "
             f"| {row['teacher_forcing_loss']:.6f} = {row['sequential_loss']:.6f} |")
     return "\n".join(lines)
 

@@ -8,7 +8,8 @@ each section, so a run cut short keeps what it measured:
 2. cached generation (static KV cache) vs recomputing the prefix at real width, 30 blocks and 460
    tokens per latent frame (8, 16 and 21 frames), eager and with the static-shape step in CUDA
    graphs (torch.compile mode reduce-overhead), and milliseconds per generated latent frame in the
-   deployed setting (chunks of 4, 4 denoising steps);
+   deployed setting (chunks of 4, 4 denoising steps); beside them the FLOP ratio of recomputation
+   to the cache, the most the cache can save at equal FLOP/s;
 3. stage 2's step: one-pass teacher forcing over a 16-frame window (14,720 tokens), selective and
    full checkpointing, eager and compiled;
 4. one-pass teacher forcing vs the sequential rollout (4 blocks; 4, 8 and 16 frames);
@@ -39,6 +40,7 @@ from benchmarks.__main__ import GPU_RESULTS, machine
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.model import CHECKPOINTING_MODES
 from vidartrain.plan import GPUS, DitShape, activation_gib, attended_pairs, forward_flops
+from vidartrain.rollouts import DEPLOYED_FRAMES_PER_CHUNK
 from vidartrain.trainers.base import compile_blocks
 
 GIB = 2**30
@@ -273,6 +275,34 @@ def graphed_cells(row: dict, recompute_s: float) -> tuple[str, str, str, str]:
     return failure_cell(graphed), "-", "-", deployed_ms
 
 
+def generation_table(generation: dict, sizes: Sizes) -> list[str]:
+    """Measured generation times beside the FLOP ratio of recomputation to the cache (what the cache
+    can save at equal FLOP/s), and that ratio at 4 denoising calls per frame and when deployed."""
+    shape, tokens_per_frame = dit_shape(sizes), sizes.latent_hw[0] * sizes.latent_hw[1] // 4
+    lines = ["**Causal generation** (no gradient): cached (eager, and the static step in CUDA graphs) vs recomputing "
+             "the prefix; one denoising call per new frame, then its prefill. FLOP ratio: recomputation's FLOPs over "
+             "the cache's, the most the cache can save at equal FLOP/s.", "",
+             "| latent frames | cached s | graphed s (attention) | recompute s | cached speed-up | graphed speed-up "
+             "| FLOP ratio | max velocity difference (cached vs recompute / vs graphed) "
+             "| deployed ms per latent frame (4 steps, chunks of 4) | graphed deployed ms per latent frame |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for frames, row in generation.items():
+        cached, recompute = row["cached_generation"]["seconds"], row["recompute_generation"]["seconds"]
+        graphed_s, graphed_ratio, graphed_difference, graphed_deployed = graphed_cells(row, recompute)
+        lines.append(f"| {frames} | {cached:.3f} | {graphed_s} | {recompute:.3f} | {recompute / cached:.2f}x "
+                     f"| {graphed_ratio} | {causal_paths.flop_ratio(shape, int(frames), tokens_per_frame):.2f}x "
+                     f"| {row['generation_velocity_max_difference']:.2e} / {graphed_difference} "
+                     f"| {row['deployed_ms_per_latent_frame']:.1f} | {graphed_deployed} |")
+    ratios = {setting: ", ".join(f"{causal_paths.flop_ratio(shape, int(frames), tokens_per_frame, *chunking):.2f}x"
+                                 for frames in generation)
+              for setting, chunking in (("4 denoising calls per frame", (1, 4)),
+                                        ("deployed (chunks of 4 frames, 4 calls each)",
+                                         (DEPLOYED_FRAMES_PER_CHUNK, len(causal_paths.DEPLOYED_SIGMAS))))}
+    lines += ["", f"FLOP ratio at {', '.join(map(str, generation))} latent frames with "
+              + "; ".join(f"{setting}: {values}" for setting, values in ratios.items()) + "."]
+    return lines
+
+
 def failure_cell(result: dict) -> str:
     return f"skipped: {result['skipped']}" if "skipped" in result else f"failed ({result['error'][:80]})"
 
@@ -299,18 +329,7 @@ def markdown(results: dict) -> str:
         lines += [step_row(r, f"| {r['checkpointing']} | {'yes' if r['compiled'] else 'no'} |")
                   for r in results["stage2_step"]]
     if "causal_generation" in results:
-        lines += ["", "**Causal generation** (no gradient): cached (eager, and the static step in CUDA graphs) vs "
-                  "recomputing the prefix", "",
-                  "| latent frames | cached s | graphed s (attention) | recompute s | cached speed-up | graphed speed-up "
-                  "| max velocity difference (cached vs recompute / vs graphed) "
-                  "| deployed ms per latent frame (4 steps, chunks of 4) | graphed deployed ms per latent frame |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for frames, row in results["causal_generation"].items():
-            cached, recompute = row["cached_generation"]["seconds"], row["recompute_generation"]["seconds"]
-            graphed_s, graphed_ratio, graphed_difference, graphed_deployed = graphed_cells(row, recompute)
-            lines.append(f"| {frames} | {cached:.3f} | {graphed_s} | {recompute:.3f} | {recompute / cached:.2f}x "
-                         f"| {graphed_ratio} | {row['generation_velocity_max_difference']:.2e} / {graphed_difference} "
-                         f"| {row['deployed_ms_per_latent_frame']:.1f} | {graphed_deployed} |")
+        lines += ["", *generation_table(results["causal_generation"], Sizes(**results["sizes"]))]
     if "causal_training" in results:
         lines += ["", "**Causal training** (forward + backward): one-pass teacher forcing vs the sequential rollout",
                   "", "| latent frames | teacher forcing s | sequential s | speed-up | same loss |",

@@ -127,13 +127,18 @@ def attended_pairs(frames: int, per_frame: int, layout: str) -> int:
     raise ValueError(f"unknown attention layout {layout!r}")
 
 
+def text_flops(shape: DitShape) -> float:
+    """FLOPs a forward call spends on the text alone: its embedding and every block's
+    cross-attention keys and values (a KV-cached generation computes them once, not per call)."""
+    d = shape.dim
+    return float(2 * shape.text_len * (shape.text_dim * d + d * d) + shape.num_layers * 2 * shape.text_len * 2 * d * d)
+
+
 def forward_flops(shape: DitShape, tokens: int, pairs: int, frames: int) -> dict[str, float]:
     """Forward FLOPs of one sample (2 per multiply-add), split as the planner reports them."""
     d, f, n = shape.dim, shape.ffn_dim, shape.num_layers
-    per_block_linear = 2 * tokens * (4 * d * d + 2 * d * d + 2 * d * f) + 2 * shape.text_len * 2 * d * d
-    linear = n * per_block_linear
+    linear = n * 2 * tokens * (4 * d * d + 2 * d * d + 2 * d * f) + text_flops(shape)
     embeddings = 2 * tokens * d * (shape.in_dim * 4 + 4 * shape.in_dim)  # patch embedding + head
-    embeddings += 2 * shape.text_len * (shape.text_dim * d + d * d)
     embeddings += 2 * frames * (shape.freq_dim * d + d * d + 6 * d * d)  # time MLPs, once per frame
     self_attention = n * 2 * 2 * pairs * d  # QK^T and AV
     cross_attention = n * 2 * 2 * tokens * shape.text_len * d
@@ -471,8 +476,7 @@ def plan_for_ds_config(config: Config, profile_name: str, ds: dict[str, Any], gp
     max_micro = 0
     while sum(memory_for(max_micro + 1).values()) <= gpu.memory_gib and max_micro < 1024:
         max_micro += 1
-    pairs = attended_pairs(frames if layout != "teacher_forcing" else frames, per_frame, layout)
-    flops = forward_flops(shape, tokens, pairs, frames)
+    flops = forward_flops(shape, tokens, attended_pairs(frames, per_frame, layout), frames)
     # forward + backward (2x: input and weight gradients), + the recomputed forward with full
     # checkpointing (selective recomputes element-wise work only, no matmul FLOPs); LoRA computes no
     # weight gradient of the frozen base (the adapters' FLOPs are negligible at small rank)

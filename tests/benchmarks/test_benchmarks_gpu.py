@@ -1,13 +1,15 @@
 """benchmarks/gpu.py at tiny sizes on the CPU (`--smoke`): every section runs and is reported, so the
 real-size script is ready when a GPU is (the measurements themselves need one)."""
 import json
+from dataclasses import asdict
 
 import torch
 
-from benchmarks import gpu
+from benchmarks import causal_paths, gpu
 from benchmarks.__main__ import GPU_RESULTS
 from benchmarks.causal_paths import SMALL_CONFIG, GraphedGeneration, generation_paths, generation_row
 from vidartrain.models.wan.causal import WanModelCausal
+from vidartrain.plan import DitShape
 
 
 def test_smoke_run_reports_every_section():
@@ -57,6 +59,11 @@ def test_graphed_generation_code_computes_the_eager_frames_on_cpu():
         row = generation_row(model, generation_paths(model, frames, generator, (8, 8), graphed), frames, "cpu")
         assert row["graphed_velocity_max_difference"] < 1e-5 and row["graphed_deployed_max_difference"] < 1e-5
         assert row["graphed_deployed_ms_per_latent_frame"] > 0 and row["graphed_generation"]["attention"] == "sdpa"
+    sizes = gpu.Sizes(**{key: SMALL_CONFIG[key] for key in ("dim", "ffn_dim", "num_heads", "num_layers", "text_len",
+                                                         "text_dim")}, latent_hw=(8, 8))
     text = gpu.markdown({"machine": {"device": "cpu", "torch": "-", "cuda": "-", "commit": "-", "date": "-",
-                                     "peak_bf16_tflops": None}, "seconds": 1, "causal_generation": {3: row}})
+                                     "peak_bf16_tflops": None}, "seconds": 1, "sizes": asdict(sizes),
+                         "causal_generation": {3: row}})
     assert f"| {row['graphed_deployed_ms_per_latent_frame']:.1f} |" in text and "(sdpa) |" in text
+    flop_ratio = causal_paths.flop_ratio(DitShape(**SMALL_CONFIG), 3, 16)
+    assert f"| {flop_ratio:.2f}x |" in text and "4 denoising calls per frame: " in text
