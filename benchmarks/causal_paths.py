@@ -6,8 +6,8 @@ gradient). Generation (no gradient) of every frame after the first: KV-cached (t
 in-place cache of generation: denoise the new frame against the cache, append it at t = 0) versus
 recomputing the whole prefix for every new frame. Cached cost grows linearly with the number of
 frames, recomputation super-linearly; their FLOP ratio (`generation_flops`) is the most the cache
-can save at equal FLOP/s, and is reported beside the measured speed-up. The deployed setting (chunks of 4 latent frames, 4 Euler
-steps) is timed per generated latent frame. On CUDA also both cached generations with every call
+can save at equal FLOP/s, and is reported beside the measured speed-up. The deployed setting
+(chunks of 4 latent frames, 4 Euler steps) is timed per generated latent frame. On CUDA also both cached generations with every call
 through the static-shape step captured in CUDA graphs (`StaticGenerationStep` under torch.compile
 mode "reduce-overhead"; one graph per chunk shape serves every cache fill and frame count, its
 compilation timed apart); elsewhere those variants are reported as skipped, with the reason.
