@@ -2,15 +2,16 @@
 
 Training (forward + backward, same loss): one-pass teacher forcing over [clean | noisy] versus
 the sequential ground-truth rollout through the KV cache (frame by frame, cache writes with
-gradient). Generation (no gradient) of every frame after the first: KV-cached (the static,
-in-place cache of generation: denoise the new frame against the cache, append it at t = 0) versus
-recomputing the whole prefix for every new frame. Cached cost grows linearly with the number of
-frames, recomputation super-linearly; their FLOP ratio (`generation_flops`) is the most the cache
-can save at equal FLOP/s, and is reported beside the measured speed-up. The deployed setting
-(chunks of 4 latent frames, 4 Euler steps) is timed per generated latent frame. On CUDA also both cached generations with every call
-through the static-shape step captured in CUDA graphs (`StaticGenerationStep` under torch.compile
-mode "reduce-overhead"; one graph per chunk shape serves every cache fill and frame count, its
-compilation timed apart); elsewhere those variants are reported as skipped, with the reason.
+gradient). Generation (no gradient) of every frame after a first real one, in three settings
+(`GENERATION_SETTINGS`: one denoising call per frame, 4 calls per frame, and the deployed chunks of
+4 frames with 4 calls each): through the static, in-place KV cache of generation (each chunk
+denoised against the cache, then appended at t = 0) versus recomputing the whole prefix for every
+call. Cached cost grows linearly with the number of frames, recomputation super-linearly; their
+FLOP ratio (`generation_flops`) is the most the cache can save at equal FLOP/s, and is reported
+beside the measured speed-up. On CUDA each setting also runs with every call through the
+static-shape step captured in CUDA graphs (`StaticGenerationStep` under torch.compile mode
+"reduce-overhead"; one graph per chunk shape serves every cache fill, setting and frame count, its
+compilation timed apart); elsewhere that variant is reported as skipped, with the reason.
 
 Peak memory counts the tensors allocated inside each measured call (a TorchDispatchMode that
 follows every storage until it is freed), so it works on CPU too.
@@ -24,6 +25,7 @@ import time
 import traceback
 import weakref
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -73,33 +75,32 @@ class PeakTensorMemory(TorchDispatchMode):
 
 
 def measure(fn: Callable[[], torch.Tensor], repeats: int = 2) -> dict:
-    """Best wall time of `repeats` runs, and the peak tensor memory of one more run (on a GPU, the
-    allocator's peak). On a GPU one warm-up run comes first, timed apart as `first_seconds`: kernel
-    compilation (and CUDA-graph recording) is paid once, not per generation."""
+    """Best wall time of `repeats` runs and a peak of memory. On a GPU one warm-up run comes first,
+    timed apart as `first_seconds` (kernel compilation and CUDA-graph recording are paid once, not
+    per generation), and the peak is the allocator's over the last timed run. Elsewhere one more
+    run counts the peak tensor memory (`PeakTensorMemory`, too slow to time)."""
     cuda = torch.cuda.is_available()
-    first = {}
+    first, seconds, peak = {}, [], 0
     if cuda:
         start = time.perf_counter()
         fn()
         torch.cuda.synchronize()
         first = {"first_seconds": time.perf_counter() - start}
-    seconds = []
     for _ in range(repeats):
+        if cuda:  # the allocator's own peak (the dispatch mode cannot follow flex_attention's operator)
+            baseline = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        fn()
+        value = fn()
         if cuda:
             torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - baseline
         seconds.append(time.perf_counter() - start)
-    if cuda:  # the allocator's own peak (the dispatch mode below cannot follow flex_attention's operator)
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        value = fn()
-        return {"seconds": min(seconds), **first,
-                "peak_mib": (torch.cuda.max_memory_allocated() - baseline) / MIB, "value": value}
-    with PeakTensorMemory() as memory:
-        value = fn()
-    return {"seconds": min(seconds), "peak_mib": memory.peak / MIB, "value": value}
+    if not cuda:
+        with PeakTensorMemory() as memory:
+            value = fn()
+        peak = memory.peak
+    return {"seconds": min(seconds), **first, "peak_mib": peak / MIB, "value": value}
 
 
 def random_inputs(model: WanModelCausal, generator: torch.Generator, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
@@ -135,15 +136,30 @@ def training_paths(model: WanModelCausal, frames: int, generator: torch.Generato
 DEPLOYED_SIGMAS = (1.0, 0.75, 0.5, 0.25)  # the deployed Vidarc setting: 4 Euler steps per chunk
 
 
-def generation_flops(shape: DitShape, frames: int, tokens_per_frame: int, frames_per_chunk: int = 1,
-                     calls_per_chunk: int = 1) -> dict[str, dict[str, float]]:
+@dataclass(frozen=True)
+class GenerationSetting:
+    """How the frames after the first are generated: `frames_per_chunk` at a time, from noise by one
+    denoising call per sigma (Euler from sigmas[0] down to 0); with a cache, each chunk is then
+    prefilled at t = 0, without one the next chunk recomputes it."""
+    frames_per_chunk: int
+    sigmas: tuple[float, ...]
+
+
+GENERATION_SETTINGS = {
+    "one call per frame": GenerationSetting(1, (0.5,)),  # what the cache saves per model call
+    "4 calls per frame": GenerationSetting(1, DEPLOYED_SIGMAS),
+    "deployed": GenerationSetting(DEPLOYED_FRAMES_PER_CHUNK, DEPLOYED_SIGMAS),  # chunks of 4, 4 steps each
+}
+
+
+def generation_flops(shape: DitShape, frames: int, tokens_per_frame: int,
+                     setting: GenerationSetting) -> dict[str, dict[str, float]]:
     """Forward FLOPs (split as `forward_flops`) of generating latent frames 1..frames-1 after a first
-    real frame, `frames_per_chunk` at a time in `calls_per_chunk` denoising calls each, by both paths.
-    "cached": the first frame prefilled; every call runs the chunk against the KV cache, one more
-    call at t = 0 appends it; the text's keys and values computed once. "recompute": every call runs
-    the whole prefix with the chunk last, text included. At 1 frame and 1 call per chunk this is
-    what `generation_paths` times: one new frame costs two frames' worth of matmuls either way the
-    cache is filled, so the ratio stays far below the frame count."""
+    real frame, by both paths. "cached": the first frame prefilled; every call runs the chunk against
+    the KV cache, one more call at t = 0 appends it; the text's keys and values computed once.
+    "recompute": every call runs the whole prefix with the chunk last, text included. One new frame
+    costs the cache two frames' worth of matmuls at one call per frame, so the ratio stays far below
+    the frame count there."""
     def call(query_frames: int, cached_frames: int, with_text: bool, times: int = 1) -> Counter:
         pairs = (query_frames * cached_frames + query_frames * (query_frames + 1) // 2) * tokens_per_frame**2
         flops = Counter(forward_flops(shape, query_frames * tokens_per_frame, pairs, query_frames))
@@ -151,106 +167,87 @@ def generation_flops(shape: DitShape, frames: int, tokens_per_frame: int, frames
             flops["linear"] -= text_flops(shape)
         return Counter({part: times * value for part, value in flops.items()})
 
+    calls = len(setting.sigmas)
     cached, recompute = Counter(linear=text_flops(shape)) + call(1, 0, with_text=False), Counter()
-    for start in range(1, frames, frames_per_chunk):
-        chunk = min(frames_per_chunk, frames - start)
-        cached += call(chunk, start, with_text=False, times=calls_per_chunk + 1)
-        recompute += call(start + chunk, 0, with_text=True, times=calls_per_chunk)
+    for start in range(1, frames, setting.frames_per_chunk):
+        chunk = min(setting.frames_per_chunk, frames - start)
+        cached += call(chunk, start, with_text=False, times=calls + 1)
+        recompute += call(start + chunk, 0, with_text=True, times=calls)
     return {"cached": dict(cached), "recompute": dict(recompute)}
 
 
-def flop_ratio(shape: DitShape, frames: int, tokens_per_frame: int, frames_per_chunk: int = 1,
-               calls_per_chunk: int = 1) -> float:
+def flop_ratio(shape: DitShape, frames: int, tokens_per_frame: int, setting: GenerationSetting) -> float:
     """Recomputation's FLOPs over the cached generation's: the cache's speed-up at equal FLOP/s."""
-    flops = generation_flops(shape, frames, tokens_per_frame, frames_per_chunk, calls_per_chunk)
+    flops = generation_flops(shape, frames, tokens_per_frame, setting)
     return sum(flops["recompute"].values()) / sum(flops["cached"].values())
 
 
-def generation_paths(model: WanModelCausal, frames: int, generator: torch.Generator,
-                     latent_hw: tuple[int, int] = LATENT_HW, graphed: GraphedGeneration | None = None) -> dict:
-    first, new_frames = random_inputs(model, generator, (1, 48, 1, *latent_hw), (1, 48, frames - 1, *latent_hw))
-    t_new = torch.tensor([500.0], device=first.device)
-    text = random_inputs(model, generator, (8, model.text_dim))
-
-    def cached() -> torch.Tensor:
-        return frame_by_frame_generation(model, first, new_frames, t_new, text,
-                                         StaticKVCache(model.num_layers, capacity=frames))
-
-    def recompute() -> torch.Tensor:
-        return recompute_generation(model, first, new_frames, t_new, text)
-
-    def deployed() -> torch.Tensor:
-        return deployed_generation(model, first, new_frames, text,
-                                   StaticKVCache(model.num_layers, capacity=frames))
-
-    results = {"cached_generation": measure(cached), "recompute_generation": measure(recompute),
-               "deployed_generation": measure(deployed)}
-    if graphed is not None:
-        for name, run in (("graphed_generation", lambda: frame_by_frame_generation(
-                                model, first, new_frames, t_new, text, graphed.cache, graphed.step)),
-                          ("graphed_deployed_generation", lambda: deployed_generation(
-                                model, first, new_frames, text, graphed.cache, graphed.step))):
-            try:
-                results[name] = measure(run)
-            except Exception as error:  # reported in the row; the eager variants still are
-                print(f"{name} failed: {traceback.format_exc()}", flush=True)
-                results[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-    return results
-
-
 @torch.no_grad()
-def frame_by_frame_generation(model: WanModelCausal, first: torch.Tensor, new_frames: torch.Tensor,
-                              t_new: torch.Tensor, text: list[torch.Tensor], cache: StaticKVCache,
-                              step: StaticGenerationStep | None = None) -> torch.Tensor:
-    """After a first real frame, each new frame denoised once at `t_new` against the cache, then
-    prefilled; returns the velocities. Every call through `step` when given."""
-    text_kv = model.text_key_values(text)
-    prefill = model.prefill if step is None else step.prefill
-    prefill(first, text_kv, cache.reset())
-    velocities = []
-    for i in range(new_frames.shape[2]):
-        frame = new_frames[:, :, i:i + 1]
-        velocities.append(model.forward_with_cache(frame, t_new, text_kv, cache)[0] if step is None
-                          else step.velocity(frame, t_new, text_kv, cache))
-        prefill(frame, text_kv, cache)
-    return torch.cat(velocities, dim=2)
-
-
-@torch.no_grad()
-def recompute_generation(model: WanModelCausal, first: torch.Tensor, new_frames: torch.Tensor, t_new: torch.Tensor,
-                         text: list[torch.Tensor]) -> torch.Tensor:
-    """Without a cache: for each new frame, the whole sequence up to it (the earlier frames at t = 0,
-    itself at `t_new`); returns its velocities, as `frame_by_frame_generation`'s."""
-    velocities = []
-    for i in range(new_frames.shape[2]):
-        sequence = torch.cat([first, new_frames[:, :, :i + 1]], dim=2)
-        t = torch.cat([torch.zeros(1, i + 1, device=first.device), t_new[:, None]], dim=1)
-        velocities.append(model(sequence, t, text)[:, :, -1:])
-    return torch.cat(velocities, dim=2)
-
-
-@torch.no_grad()
-def deployed_generation(model: WanModelCausal, first: torch.Tensor, new_frames: torch.Tensor, text: list[torch.Tensor],
-                        cache: StaticKVCache, step: StaticGenerationStep | None = None) -> torch.Tensor:
-    """The deployed Vidarc setting after a first real frame: chunks of 4 latent frames, 4 Euler
-    steps each, then prefilled; every call through `step` when given."""
+def cached_generation(model: WanModelCausal, first: torch.Tensor, noise: torch.Tensor, text: list[torch.Tensor],
+                      cache: StaticKVCache, setting: GenerationSetting,
+                      step: StaticGenerationStep | None = None) -> torch.Tensor:
+    """Prefill the real frame `first`, then generate the frames of `noise` chunk by chunk against the
+    cache and prefill each chunk; every call through `step` when given. Returns the generated frames."""
     text_kv = model.text_key_values(text)
     prefill = model.prefill if step is None else step.prefill
     prefill(first, text_kv, cache.reset())
     chunks = []
-    for start in range(0, new_frames.shape[2], DEPLOYED_FRAMES_PER_CHUNK):
-        chunk = generate_frames(model, new_frames[:, :, start:start + DEPLOYED_FRAMES_PER_CHUNK], text_kv, cache,
-                                sigmas=DEPLOYED_SIGMAS, step=step)
+    for start in range(0, noise.shape[2], setting.frames_per_chunk):
+        chunk = generate_frames(model, noise[:, :, start:start + setting.frames_per_chunk], text_kv, cache,
+                                sigmas=setting.sigmas, step=step)
         prefill(chunk, text_kv, cache)
         chunks.append(chunk)
     return torch.cat(chunks, dim=2)
 
 
+@torch.no_grad()
+def recompute_generation(model: WanModelCausal, first: torch.Tensor, noise: torch.Tensor, text: list[torch.Tensor],
+                         setting: GenerationSetting) -> torch.Tensor:
+    """`cached_generation` without a cache: every denoising call runs the whole sequence, the real
+    and generated frames so far at t = 0 and the chunk last at its noise level."""
+    frames = first
+    for start in range(0, noise.shape[2], setting.frames_per_chunk):
+        x = noise[:, :, start:start + setting.frames_per_chunk]
+        for sigma, next_sigma in zip(setting.sigmas, [*setting.sigmas[1:], 0.0]):
+            t = torch.cat([torch.zeros(1, frames.shape[2]), torch.full((1, x.shape[2]), 1000.0 * sigma)], dim=1)
+            velocity = model(torch.cat([frames, x], dim=2), t.to(x.device), text)[:, :, frames.shape[2]:]
+            x = x + (next_sigma - sigma) * velocity
+        frames = torch.cat([frames, x], dim=2)
+    return frames[:, :, 1:]
+
+
+def generation_paths(model: WanModelCausal, frames: int, generator: torch.Generator,
+                     latent_hw: tuple[int, int] = LATENT_HW, graphed: GraphedGeneration | None = None,
+                     settings: dict[str, GenerationSetting] = GENERATION_SETTINGS) -> dict:
+    """{setting: {"cached", "recompute", "graphed": measured}}: each setting generated from the same
+    first frame and noise by the eager cache, without a cache, and through the CUDA-graph step
+    (given `graphed`). On a GPU recomputation is timed once after its warm-up: it runs seconds per
+    generation at real size and compiles nothing after that first run."""
+    first, noise = random_inputs(model, generator, (1, 48, 1, *latent_hw), (1, 48, frames - 1, *latent_hw))
+    text = random_inputs(model, generator, (8, model.text_dim))
+    results = {}
+    for name, setting in settings.items():
+        results[name] = {
+            "cached": measure(lambda: cached_generation(model, first, noise, text,
+                                                        StaticKVCache(model.num_layers, capacity=frames), setting)),
+            "recompute": measure(lambda: recompute_generation(model, first, noise, text, setting),
+                                 repeats=1 if torch.cuda.is_available() else 2)}
+        if graphed is None:
+            continue
+        try:
+            results[name]["graphed"] = measure(lambda: cached_generation(model, first, noise, text, graphed.cache,
+                                                                         setting, graphed.step))
+        except Exception as error:  # reported in the row; the eager variants still are
+            print(f"graphed generation ({name}) failed: {traceback.format_exc()}", flush=True)
+            results[name]["graphed"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    return results
+
+
 class GraphedGeneration:
     """The static step in CUDA graphs (`StaticGenerationStep` under torch.compile mode
-    "reduce-overhead") and its cache, through which `generation_paths` runs every call of both
-    cached generations, the first prefill included. One step and one cache of `capacity` frames
-    serve every frame count: the step compiles once per chunk shape (1 frame; 4 and the last
+    "reduce-overhead") and its cache, through which `generation_paths` runs every call of a cached
+    generation, the first prefill included. One step and one cache of `capacity` frames serve every
+    setting and frame count: the step compiles once per chunk shape (1 frame; 4 and the last
     chunk's frames when deployed), and the graphs keep writing into the same buffers (a new buffer
     address would record them again). The cache holds more frames than a shorter generation fills;
     flex_attention skips the empty tiles. `compile_options`: torch.compile's (None: the step runs
@@ -270,7 +267,8 @@ def measure_causal_paths(frame_counts: tuple[int, ...] = (4, 8, 16), seed: int =
                          latent_hw: tuple[int, int] = LATENT_HW, device: str = "cpu",
                          paths: tuple[str, ...] = ("training", "generation")) -> dict:
     """{frames: {path: {seconds, peak_mib}}} plus the agreement of the paths being compared.
-    `paths`: "training" (teacher forcing vs sequential rollout), "generation" (cached vs recompute)."""
+    `paths`: "training" (teacher forcing vs sequential rollout), "generation" (cached vs recompute,
+    under "generation" by setting: `generation_row`)."""
     torch.manual_seed(seed)
     with torch.device(device):
         model = WanModelCausal(**(model_config or SMALL_CONFIG))
@@ -290,36 +288,31 @@ def measure_causal_paths(frame_counts: tuple[int, ...] = (4, 8, 16), seed: int =
             row["sequential_loss"] = training["sequential"]["value"].item()
             row["training_velocity_max_difference"] = training["training_velocity_max_difference"]
         if "generation" in paths:
-            row.update(generation_row(model, generation_paths(model, frames, generator, latent_hw, graphed), frames,
-                                      device))
+            row["generation"] = generation_row(model, generation_paths(model, frames, generator, latent_hw, graphed),
+                                               device)
         results[frames] = row
     return results
 
 
-def generation_row(model: WanModelCausal, generation: dict, frames: int, device: str) -> dict:
-    """The generation results of one frame count as reported: times and memory, per-frame costs,
-    and how far the cached and graphed velocities are from recomputation's / the eager cache's."""
-    row = {name: {key: p[key] for key in ("seconds", "first_seconds", "peak_mib") if key in p} if "seconds" in p else p
-           for name, p in generation.items()}
-    row["deployed_ms_per_latent_frame"] = 1000 * generation["deployed_generation"]["seconds"] / (frames - 1)
-    row["generation_velocity_max_difference"] = (generation["cached_generation"]["value"] -
-                                                 generation["recompute_generation"]["value"]).abs().max().item()
-    if "graphed_generation" not in generation:
-        row["graphed_generation"] = row["graphed_deployed_generation"] = {"skipped": GRAPHED_SKIPPED}
-        return row
-    if "value" in generation["graphed_generation"]:
-        row["graphed_generation"]["attention"] = model.resolved_attention_backend(torch.device(device))
-        row["graphed_velocity_max_difference"] = (generation["cached_generation"]["value"] -
-                                                  generation["graphed_generation"]["value"]).abs().max().item()
-    if "value" in generation["graphed_deployed_generation"]:
-        row["graphed_deployed_ms_per_latent_frame"] = (
-            1000 * generation["graphed_deployed_generation"]["seconds"] / (frames - 1))
-        row["graphed_deployed_max_difference"] = (generation["deployed_generation"]["value"] -
-                                                  generation["graphed_deployed_generation"]["value"]).abs().max().item()
+def generation_row(model: WanModelCausal, generation: dict, device: str) -> dict:
+    """The generation results of one frame count as reported: per setting, each variant's times and
+    memory (or why it is missing), and how far recomputation's and the CUDA graphs' generated frames
+    are from the eager cache's."""
+    row = {}
+    for name, variants in generation.items():
+        cached = variants["cached"]["value"]
+        reported = {variant: {key: m[key] for key in ("seconds", "first_seconds", "peak_mib") if key in m}
+                    if "value" in m else m for variant, m in variants.items()}
+        reported["recompute_max_difference"] = (variants["recompute"]["value"] - cached).abs().max().item()
+        reported.setdefault("graphed", {"skipped": GRAPHED_SKIPPED})
+        if "value" in variants.get("graphed", {}):
+            reported["graphed"]["attention"] = model.resolved_attention_backend(torch.device(device))
+            reported["graphed_max_difference"] = (variants["graphed"]["value"] - cached).abs().max().item()
+        row[name] = reported
     return row
 
 
-PATHS = ("teacher_forcing", "sequential", "cached_generation", "recompute_generation")
+TRAINING_PATHS = ("teacher_forcing", "sequential")
 
 
 def run() -> dict:
@@ -330,19 +323,26 @@ def run() -> dict:
 def markdown(results: dict) -> str:
     tokens_per_frame = LATENT_HW[0] * LATENT_HW[1] // 4
     lines = [f"Small causal DiT {SMALL_CONFIG['dim']}x{SMALL_CONFIG['num_layers']} layers, "
-             f"{tokens_per_frame} tokens per latent frame, CPU. FLOP ratio: recomputation's FLOPs over the cached "
-             "generation's (`generation_flops`), the most the cache can save at equal FLOP/s.", "",
-             "| latent frames | teacher forcing s / MiB | sequential s / MiB | speed-up | cached generation s / MiB "
-             "| recompute prefix s / MiB | speed-up | FLOP ratio | same loss |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{tokens_per_frame} tokens per latent frame, CPU.", "",
+             "| latent frames | teacher forcing s / MiB | sequential s / MiB | speed-up | same loss |",
+             "|---|---|---|---|---|"]
     for frames, row in results.items():
-        tf, seq, cached, recompute = (row[name] for name in PATHS)
-        lines.append(
-            f"| {frames} | {tf['seconds']:.3f} / {tf['peak_mib']:.1f} | {seq['seconds']:.3f} / {seq['peak_mib']:.1f} "
-            f"| {seq['seconds'] / tf['seconds']:.2f}x | {cached['seconds']:.3f} / {cached['peak_mib']:.1f} "
-            f"| {recompute['seconds']:.3f} / {recompute['peak_mib']:.1f} | {recompute['seconds'] / cached['seconds']:.2f}x "
-            f"| {flop_ratio(DitShape(**SMALL_CONFIG), int(frames), tokens_per_frame):.2f}x "
-            f"| {row['teacher_forcing_loss']:.6f} = {row['sequential_loss']:.6f} |")
+        tf, seq = (row[name] for name in TRAINING_PATHS)
+        lines.append(f"| {frames} | {tf['seconds']:.3f} / {tf['peak_mib']:.1f} "
+                     f"| {seq['seconds']:.3f} / {seq['peak_mib']:.1f} | {seq['seconds'] / tf['seconds']:.2f}x "
+                     f"| {row['teacher_forcing_loss']:.6f} = {row['sequential_loss']:.6f} |")
+    lines += ["", "Generation of every frame after the first: cached vs recomputing the prefix. FLOP ratio: "
+              "recomputation's FLOPs over the cache's (`generation_flops`), the most the cache can save at equal "
+              "FLOP/s.", "",
+              "| latent frames | generation | cached s / MiB | recompute s / MiB | speed-up | FLOP ratio |",
+              "|---|---|---|---|---|---|"]
+    for frames, row in results.items():
+        for name, measured in row["generation"].items():
+            cached, recompute = measured["cached"], measured["recompute"]
+            ratio = flop_ratio(DitShape(**SMALL_CONFIG), int(frames), tokens_per_frame, GENERATION_SETTINGS[name])
+            lines.append(f"| {frames} | {name} | {cached['seconds']:.3f} / {cached['peak_mib']:.1f} "
+                         f"| {recompute['seconds']:.3f} / {recompute['peak_mib']:.1f} "
+                         f"| {recompute['seconds'] / cached['seconds']:.2f}x | {ratio:.2f}x |")
     return "\n".join(lines)
 
 

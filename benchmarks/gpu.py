@@ -6,10 +6,10 @@ each section, so a run cut short keeps what it measured:
    seconds per step, MFU (3 x forward model FLOPs / time / the GPU's dense bf16 peak), HFU with full
    checkpointing (4 passes), and peak activation memory beside the planner's prediction;
 2. cached generation (static KV cache) vs recomputing the prefix at real width, 30 blocks and 460
-   tokens per latent frame (8, 16 and 21 frames), eager and with the static-shape step in CUDA
-   graphs (torch.compile mode reduce-overhead), and milliseconds per generated latent frame in the
-   deployed setting (chunks of 4, 4 denoising steps); beside them the FLOP ratio of recomputation
-   to the cache, the most the cache can save at equal FLOP/s;
+   tokens per latent frame (8, 16 and 21 frames) with one and with 4 denoising calls per frame and
+   in the deployed setting (chunks of 4, 4 calls each), eager and with the static-shape step in CUDA
+   graphs (torch.compile mode reduce-overhead), and milliseconds per generated latent frame; beside
+   them the FLOP ratio of recomputation to the cache, the most the cache can save at equal FLOP/s;
 3. stage 2's step: one-pass teacher forcing over a 16-frame window (14,720 tokens), selective and
    full checkpointing, eager and compiled;
 4. one-pass teacher forcing vs the sequential rollout (4 blocks; 4, 8 and 16 frames);
@@ -40,7 +40,6 @@ from benchmarks.__main__ import GPU_RESULTS, machine
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.model import CHECKPOINTING_MODES
 from vidartrain.plan import GPUS, DitShape, activation_gib, attended_pairs, forward_flops
-from vidartrain.rollouts import DEPLOYED_FRAMES_PER_CHUNK
 from vidartrain.trainers.base import compile_blocks
 
 GIB = 2**30
@@ -257,50 +256,52 @@ def step_row(r: dict, variant: str, planned: str = "") -> str:
             f"{planned}")
 
 
-NOT_MEASURED = {"skipped": "not in these results (measured before it existed)"}
-
-
-def graphed_cells(row: dict, recompute_s: float) -> tuple[str, str, str, str]:
-    """Of the generations in CUDA graphs: seconds (attention backend, first call with compilation),
-    speed-up over recomputation, velocity difference from the eager cache, and the deployed
-    setting's ms per latent frame; or why there are none."""
-    graphed = row.get("graphed_generation", NOT_MEASURED)
-    deployed = row.get("graphed_deployed_generation", NOT_MEASURED)
-    deployed_ms = (f"{row['graphed_deployed_ms_per_latent_frame']:.1f}" if "seconds" in deployed
-                   else failure_cell(deployed))
-    if "seconds" in graphed:
-        first_call = f"; first call {graphed['first_seconds']:.1f} s" if "first_seconds" in graphed else ""
-        return (f"{graphed['seconds']:.3f} ({graphed['attention']}{first_call})",
-                f"{recompute_s / graphed['seconds']:.2f}x", f"{row['graphed_velocity_max_difference']:.2e}", deployed_ms)
-    return failure_cell(graphed), "-", "-", deployed_ms
+NOT_MEASURED = {"skipped": "not in these results"}
 
 
 def generation_table(generation: dict, sizes: Sizes) -> list[str]:
-    """Measured generation times beside the FLOP ratio of recomputation to the cache (what the cache
-    can save at equal FLOP/s), and that ratio at 4 denoising calls per frame and when deployed."""
+    """Per frame count and setting, the measured generations beside the FLOP ratio of recomputation
+    to the cache (what the cache can save at equal FLOP/s)."""
     shape, tokens_per_frame = dit_shape(sizes), sizes.latent_hw[0] * sizes.latent_hw[1] // 4
-    lines = ["**Causal generation** (no gradient): cached (eager, and the static step in CUDA graphs) vs recomputing "
-             "the prefix; one denoising call per new frame, then its prefill. FLOP ratio: recomputation's FLOPs over "
-             "the cache's, the most the cache can save at equal FLOP/s.", "",
-             "| latent frames | cached s | graphed s (attention) | recompute s | cached speed-up | graphed speed-up "
-             "| FLOP ratio | max velocity difference (cached vs recompute / vs graphed) "
-             "| deployed ms per latent frame (4 steps, chunks of 4) | graphed deployed ms per latent frame |",
+    lines = ["**Causal generation** (no gradient) of every latent frame after the first: cached (eager, and the static "
+             "step in CUDA graphs) vs recomputing the prefix for every denoising call. FLOP ratio: recomputation's "
+             "FLOPs over the cache's, the most the cache can save at equal FLOP/s. Difference: the largest of the "
+             "generated frames from the eager cache's.", "",
+             "| latent frames | generation | cached s | graphed s (attention) | recompute s | cached speed-up "
+             "| graphed speed-up | FLOP ratio | max difference (recompute / graphed) "
+             "| ms per new latent frame (cached / graphed) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for frames, row in generation.items():
-        cached, recompute = row["cached_generation"]["seconds"], row["recompute_generation"]["seconds"]
-        graphed_s, graphed_ratio, graphed_difference, graphed_deployed = graphed_cells(row, recompute)
-        lines.append(f"| {frames} | {cached:.3f} | {graphed_s} | {recompute:.3f} | {recompute / cached:.2f}x "
-                     f"| {graphed_ratio} | {causal_paths.flop_ratio(shape, int(frames), tokens_per_frame):.2f}x "
-                     f"| {row['generation_velocity_max_difference']:.2e} / {graphed_difference} "
-                     f"| {row['deployed_ms_per_latent_frame']:.1f} | {graphed_deployed} |")
-    ratios = {setting: ", ".join(f"{causal_paths.flop_ratio(shape, int(frames), tokens_per_frame, *chunking):.2f}x"
-                                 for frames in generation)
-              for setting, chunking in (("4 denoising calls per frame", (1, 4)),
-                                        ("deployed (chunks of 4 frames, 4 calls each)",
-                                         (DEPLOYED_FRAMES_PER_CHUNK, len(causal_paths.DEPLOYED_SIGMAS))))}
-    lines += ["", f"FLOP ratio at {', '.join(map(str, generation))} latent frames with "
-              + "; ".join(f"{setting}: {values}" for setting, values in ratios.items()) + "."]
+        for name, measured in row["generation"].items():
+            cached = measured["cached"]
+            recompute, graphed = (measured.get(variant, NOT_MEASURED) for variant in ("recompute", "graphed"))
+            ratio = causal_paths.flop_ratio(shape, int(frames), tokens_per_frame, causal_paths.GENERATION_SETTINGS[name])
+            per_frame = {variant: f"{1000 * m['seconds'] / (int(frames) - 1):.1f}" if "seconds" in m else "-"
+                         for variant, m in (("cached", cached), ("graphed", graphed))}
+            difference = {variant: f"{measured[variant + '_max_difference']:.2e}"
+                          if variant + "_max_difference" in measured else "-" for variant in ("recompute", "graphed")}
+            lines.append(f"| {frames} | {name} | {cached['seconds']:.3f} | {graphed_cell(graphed)} "
+                         f"| {seconds_cell(recompute)} | {speed_up(recompute, cached)} | {speed_up(recompute, graphed)} "
+                         f"| {ratio:.2f}x | {difference['recompute']} / {difference['graphed']} "
+                         f"| {per_frame['cached']} / {per_frame['graphed']} |")
     return lines
+
+
+def graphed_cell(graphed: dict) -> str:
+    """Seconds of a generation in CUDA graphs, its attention backend and first call (compilation
+    included); or why there is none."""
+    if "seconds" not in graphed:
+        return failure_cell(graphed)
+    first_call = f"; first call {graphed['first_seconds']:.1f} s" if "first_seconds" in graphed else ""
+    return f"{graphed['seconds']:.3f} ({graphed['attention']}{first_call})"
+
+
+def seconds_cell(measured: dict) -> str:
+    return f"{measured['seconds']:.3f}" if "seconds" in measured else failure_cell(measured)
+
+
+def speed_up(slower: dict, faster: dict) -> str:
+    return f"{slower['seconds'] / faster['seconds']:.2f}x" if "seconds" in slower and "seconds" in faster else "-"
 
 
 def failure_cell(result: dict) -> str:

@@ -4,7 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.causal_paths import (LATENT_HW, SMALL_CONFIG, deployed_generation, flop_ratio, frame_by_frame_generation,
+from benchmarks.causal_paths import (GENERATION_SETTINGS, LATENT_HW, SMALL_CONFIG, cached_generation, flop_ratio,
                                      generation_flops, random_inputs, recompute_generation)
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.kv_cache import StaticKVCache
@@ -40,26 +40,21 @@ def counted_flops(run) -> dict[str, int]:
     return {"linear": matmuls.get_total_flops(), "attention": attention.flops}
 
 
-@pytest.mark.parametrize("frames", [2, 5])
+@pytest.mark.parametrize("frames", [2, 6])
 def test_generation_flops_are_what_the_timed_generations_compute(frames):
     torch.manual_seed(0)
     model = WanModelCausal(**SMALL_CONFIG)
-    first, new_frames = random_inputs(model, torch.Generator().manual_seed(0), (1, 48, 1, *LATENT_HW),
-                                      (1, 48, frames - 1, *LATENT_HW))
-    text, t_new = [torch.randn(8, model.text_dim)], torch.tensor([500.0])
-    counted = {
-        "cached": counted_flops(lambda: frame_by_frame_generation(
-            model, first, new_frames, t_new, text, StaticKVCache(model.num_layers, capacity=frames))),
-        "recompute": counted_flops(lambda: recompute_generation(model, first, new_frames, t_new, text)),
-        "deployed": counted_flops(lambda: deployed_generation(
-            model, first, new_frames, text, StaticKVCache(model.num_layers, capacity=frames))),
-    }
-    shape = DitShape(**SMALL_CONFIG)
-    expected = {**generation_flops(shape, frames, TOKENS_PER_FRAME),
-                "deployed": generation_flops(shape, frames, TOKENS_PER_FRAME, 4, 4)["cached"]}
-    for path, flops in expected.items():
-        assert counted[path] == {"linear": flops["linear"], "attention": flops["self_attention"] +
-                                 flops["cross_attention"]}, path
+    first, noise = random_inputs(model, torch.Generator().manual_seed(0), (1, 48, 1, *LATENT_HW),
+                                 (1, 48, frames - 1, *LATENT_HW))
+    text = [torch.randn(8, model.text_dim)]
+    for name, setting in GENERATION_SETTINGS.items():
+        counted = {
+            "cached": counted_flops(lambda: cached_generation(
+                model, first, noise, text, StaticKVCache(model.num_layers, capacity=frames), setting)),
+            "recompute": counted_flops(lambda: recompute_generation(model, first, noise, text, setting))}
+        for path, flops in generation_flops(DitShape(**SMALL_CONFIG), frames, TOKENS_PER_FRAME, setting).items():
+            assert counted[path] == {"linear": flops["linear"],
+                                     "attention": flops["self_attention"] + flops["cross_attention"]}, (name, path)
 
 
 @pytest.mark.parametrize("frames", [8, 16, 21])
@@ -67,7 +62,9 @@ def test_at_real_size_the_flop_ratio_is_about_the_ratio_of_frame_forwards(frames
     """Matmuls dominate at 460 tokens per frame: recomputing costs a forward of 2, 3, .. frames for
     the new frames, the cache two single-frame forwards each (denoise, prefill) and the first prefill."""
     prefix_frames = sum(range(2, frames + 1))
-    assert flop_ratio(DitShape(), frames, 460) == pytest.approx(prefix_frames / (2 * (frames - 1) + 1), rel=0.1)
+    one_call = GENERATION_SETTINGS["one call per frame"]
+    assert flop_ratio(DitShape(), frames, 460, one_call) == pytest.approx(prefix_frames / (2 * (frames - 1) + 1),
+                                                                         rel=0.1)
 
 
 def test_teacher_forcing_computes_what_the_sequential_rollout_computes_in_one_pass():
