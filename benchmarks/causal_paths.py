@@ -265,10 +265,11 @@ class GraphedGeneration:
 
 def measure_causal_paths(frame_counts: tuple[int, ...] = (4, 8, 16), seed: int = 0, model_config: dict | None = None,
                          latent_hw: tuple[int, int] = LATENT_HW, device: str = "cpu",
-                         paths: tuple[str, ...] = ("training", "generation")) -> dict:
+                         paths: tuple[str, ...] = ("training", "generation"),
+                         on_row: Callable[[int, dict], None] = lambda frames, row: None) -> dict:
     """{frames: {path: {seconds, peak_mib}}} plus the agreement of the paths being compared.
     `paths`: "training" (teacher forcing vs sequential rollout), "generation" (cached vs recompute,
-    under "generation" by setting: `generation_row`)."""
+    under "generation" by setting: `generation_row`). `on_row(frames, row)` after each frame count."""
     torch.manual_seed(seed)
     with torch.device(device):
         model = WanModelCausal(**(model_config or SMALL_CONFIG))
@@ -291,6 +292,7 @@ def measure_causal_paths(frame_counts: tuple[int, ...] = (4, 8, 16), seed: int =
             row["generation"] = generation_row(model, generation_paths(model, frames, generator, latent_hw, graphed),
                                                device)
         results[frames] = row
+        on_row(frames, row)
     return results
 
 

@@ -226,12 +226,19 @@ def run(sizes: Sizes = Sizes(), device: str | None = None,
 
 
 def causal(sizes: Sizes, device: str, path: str) -> dict:
-    """Causal generation on the whole model, or the causal training paths on `training_path_layers` blocks."""
+    """Causal generation on the whole model, or the causal training paths on `training_path_layers` blocks.
+    Each frame count's row is printed as it is measured: a run cut short in this (long) section
+    keeps it in its log."""
     layers = sizes.num_layers if path == "generation" else sizes.training_path_layers
     frames = sizes.generation_frames if path == "generation" else sizes.training_frames
+
+    def print_row(frames: int, row: dict) -> None:
+        print(f"causal {path}, {frames} latent frames: {json.dumps(row, default=str)}", flush=True)
+
     results = causal_paths.measure_causal_paths(frames, model_config={
         "dim": sizes.dim, "ffn_dim": sizes.ffn_dim, "num_heads": sizes.num_heads, "text_len": sizes.text_len,
-        "text_dim": sizes.text_dim, "num_layers": layers}, latent_hw=sizes.latent_hw, device=device, paths=(path,))
+        "text_dim": sizes.text_dim, "num_layers": layers}, latent_hw=sizes.latent_hw, device=device, paths=(path,),
+        on_row=print_row)
     if device == "cuda":
         torch.cuda.empty_cache()
     return results
