@@ -36,6 +36,7 @@ from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.kv_cache import StaticKVCache
 from vidartrain.plan import DitShape, forward_flops, text_flops
 from vidartrain.rollouts import DEPLOYED_FRAMES_PER_CHUNK, StaticGenerationStep, generate_frames, rollout
+from vidartrain.trainers.base import compile_blocks
 
 SMALL_CONFIG = dict(dim=128, ffn_dim=384, num_heads=2, num_layers=2, text_len=16, text_dim=32)
 LATENT_HW = (16, 16)  # 8 x 8 = 64 tokens per latent frame
@@ -266,15 +267,19 @@ class GraphedGeneration:
 def measure_causal_paths(frame_counts: tuple[int, ...] = (4, 8, 16), seed: int = 0, model_config: dict | None = None,
                          latent_hw: tuple[int, int] = LATENT_HW, device: str = "cpu",
                          paths: tuple[str, ...] = ("training", "generation"),
-                         on_row: Callable[[int, dict], None] = lambda frames, row: None) -> dict:
+                         on_row: Callable[[int, dict], None] = lambda frames, row: None,
+                         compile_options: dict | None = None) -> dict:
     """{frames: {path: {seconds, peak_mib}}} plus the agreement of the paths being compared.
     `paths`: "training" (teacher forcing vs sequential rollout), "generation" (cached vs recompute,
-    under "generation" by setting: `generation_row`). `on_row(frames, row)` after each frame count."""
+    under "generation" by setting: `generation_row`). `on_row(frames, row)` after each frame count.
+    `compile_options`: the blocks compiled with them, as the trainer compiles them (None: eager)."""
     torch.manual_seed(seed)
     with torch.device(device):
         model = WanModelCausal(**(model_config or SMALL_CONFIG))
     if device != "cpu":
         model.to(torch.bfloat16)
+    if compile_options is not None:
+        compile_blocks(model, **compile_options)
     generator = torch.Generator().manual_seed(seed)
     graphed = GraphedGeneration(model, max(frame_counts), latent_hw) \
         if "generation" in paths and torch.device(device).type == "cuda" else None

@@ -12,7 +12,8 @@ each section, so a run cut short keeps what it measured:
    them the FLOP ratio of recomputation to the cache, the most the cache can save at equal FLOP/s;
 3. stage 2's step: one-pass teacher forcing over a 16-frame window (14,720 tokens), selective and
    full checkpointing, eager and compiled;
-4. one-pass teacher forcing vs the sequential rollout (4 blocks; 4, 8 and 16 frames);
+4. one-pass teacher forcing vs the sequential rollout (4 blocks; 4, 8 and 16 frames), eager and with
+   compiled blocks (the trainer's default on CUDA);
 5. the stage-1 step at micro-batch 2 (eager);
 6. the loader: samples/s of one worker over raw and pre-encoded shards, and how many workers keep
    the fastest measured stage-1 step fed.
@@ -43,7 +44,7 @@ from vidartrain.plan import GPUS, DitShape, activation_gib, attended_pairs, forw
 from vidartrain.trainers.base import compile_blocks
 
 GIB = 2**30
-SECTIONS = ("stage1_step", "causal_generation", "stage2_step", "causal_training", "loader")
+SECTIONS = ("stage1_step", "causal_generation", "stage2_step", "causal_training", "causal_training_compiled", "loader")
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,8 @@ def run(sizes: Sizes = Sizes(), device: str | None = None,
         ("causal_generation", lambda: causal(sizes, device, "generation")),
         ("stage2_step", lambda: stage2_steps(sizes, device, peak, ("selective", "full"))),
         ("causal_training", lambda: causal(sizes, device, "training")),
+        *([("causal_training_compiled", lambda: causal(sizes, device, "training", compile_options={}))]
+          if sizes.compiled else []),
         ("stage1_step", lambda: stage1_steps(sizes, device, peak, [(False, micro, mode) for micro in more
                                                                    for mode in CHECKPOINTING_MODES])),
         ("loader", lambda: loader.run(**(sizes.loader or {}), gpu_samples_per_s=fastest_samples_per_s(results))),
@@ -225,10 +228,13 @@ def run(sizes: Sizes = Sizes(), device: str | None = None,
     return results
 
 
-def causal(sizes: Sizes, device: str, path: str) -> dict:
-    """Causal generation on the whole model, or the causal training paths on `training_path_layers` blocks.
+def causal(sizes: Sizes, device: str, path: str, compile_options: dict | None = None) -> dict:
+    """Causal generation on the whole model, or the causal training paths on `training_path_layers` blocks
+    (with `compile_options`: compiled as the trainer compiles them; the compiled code is dropped first).
     Each frame count's row is printed as it is measured: a run cut short in this (long) section
     keeps it in its log."""
+    if compile_options is not None:
+        torch._dynamo.reset()
     layers = sizes.num_layers if path == "generation" else sizes.training_path_layers
     frames = sizes.generation_frames if path == "generation" else sizes.training_frames
 
@@ -238,7 +244,7 @@ def causal(sizes: Sizes, device: str, path: str) -> dict:
     results = causal_paths.measure_causal_paths(frames, model_config={
         "dim": sizes.dim, "ffn_dim": sizes.ffn_dim, "num_heads": sizes.num_heads, "text_len": sizes.text_len,
         "text_dim": sizes.text_dim, "num_layers": layers}, latent_hw=sizes.latent_hw, device=device, paths=(path,),
-        on_row=print_row)
+        on_row=print_row, compile_options=compile_options)
     if device == "cuda":
         torch.cuda.empty_cache()
     return results
@@ -338,14 +344,16 @@ def markdown(results: dict) -> str:
                   for r in results["stage2_step"]]
     if "causal_generation" in results:
         lines += ["", *generation_table(results["causal_generation"], Sizes(**results["sizes"]))]
-    if "causal_training" in results:
-        lines += ["", "**Causal training** (forward + backward): one-pass teacher forcing vs the sequential rollout",
-                  "", "| latent frames | teacher forcing s | sequential s | speed-up | same loss |",
-                  "|---|---|---|---|---|"]
-        for frames, row in results["causal_training"].items():
-            tf, seq = row["teacher_forcing"]["seconds"], row["sequential"]["seconds"]
-            lines.append(f"| {frames} | {tf:.3f} | {seq:.3f} | {seq / tf:.2f}x "
-                         f"| {row['teacher_forcing_loss']:.5f} / {row['sequential_loss']:.5f} |")
+    for key, blocks in (("causal_training", "eager blocks"),
+                        ("causal_training_compiled", "compiled blocks, as the trainer runs them on CUDA")):
+        if key in results:
+            lines += ["", f"**Causal training** (forward + backward, {blocks}): one-pass teacher forcing vs the "
+                      "sequential rollout; both compute the same FLOPs", "",
+                      "| latent frames | teacher forcing s | sequential s | speed-up | same loss |", "|---|---|---|---|---|"]
+            for frames, row in results[key].items():
+                tf, seq = row["teacher_forcing"]["seconds"], row["sequential"]["seconds"]
+                lines.append(f"| {frames} | {tf:.3f} | {seq:.3f} | {seq / tf:.2f}x "
+                             f"| {row['teacher_forcing_loss']:.5f} / {row['sequential_loss']:.5f} |")
     if "loader" in results:
         lines += ["", f"**Loader** feeding the fastest measured step "
                       f"({fastest_samples_per_s(results):.2f} samples/s per GPU), one worker process:", "",

@@ -4,6 +4,7 @@ import json
 from dataclasses import asdict
 
 import torch
+from torch._dynamo.utils import counters
 
 from benchmarks import causal_paths, gpu
 from benchmarks.__main__ import GPU_RESULTS
@@ -35,6 +36,23 @@ def test_smoke_run_reports_every_section(capsys):
     assert set(results["loader"]) == {"raw", "raw_uint8", "pre_encoded"}
     text = gpu.markdown(results)
     assert "| 2 | selective | no |" in text and "**Stage-2 step**" in text and "cached speed-up" in text and "| skipped: CUDA graphs" in text and "| pre_encoded |" in text
+
+
+def test_causal_training_section_can_time_the_blocks_compiled():
+    """The section measuring the training paths as the trainer runs them on CUDA, here with a
+    backend that only captures graphs: the blocks run compiled, and both paths still agree."""
+    counters.clear()
+    try:
+        rows = gpu.causal(gpu.SMOKE, "cpu", "training", compile_options={"backend": "eager"})
+        assert counters["stats"]["unique_graphs"] > 0
+    finally:
+        torch._dynamo.reset()  # no compiled block code left for later tests
+    training = rows[2]
+    assert training["teacher_forcing"]["seconds"] > 0 and training["sequential"]["seconds"] > 0
+    assert abs(training["teacher_forcing_loss"] - training["sequential_loss"]) < 1e-5
+    text = gpu.markdown({"machine": {"device": "cpu", "torch": "-", "cuda": "-", "commit": "-", "date": "-",
+                                     "peak_bf16_tflops": None}, "seconds": 1, "causal_training_compiled": rows})
+    assert "**Causal training** (forward + backward, compiled blocks, as the trainer runs them on CUDA)" in text
 
 
 def test_peak_flops_of_the_planner_gpus_by_device_name():
