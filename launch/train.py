@@ -84,9 +84,13 @@ def setup_logging() -> None:
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # DeepSpeed calls torch.distributed collectives that torch deprecates: not the user's code to
+    # change, and shown on every step (code that changes the warning filters, as library code does
+    # in its steps, resets the registry that shows a warning only once)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if rank != 0:
-        # every rank runs the same code into the same library warnings (e.g. torch's FutureWarnings
-        # about the collectives DeepSpeed calls): rank 0 shows each once, the others stay quiet
+        # every rank runs the same code into the same library warnings: rank 0 shows them, the
+        # others stay quiet
         warnings.filterwarnings("ignore", module=r"(torch|deepspeed)(\.|$)")
     elif CPU_ONLY:
         logging.getLogger(__name__).info("no GPU visible: DeepSpeed runs on its CPU accelerator (gloo)")

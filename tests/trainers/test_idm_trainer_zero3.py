@@ -71,8 +71,7 @@ def test_the_log_reads_once_per_run(reference_run, workspace):
     log = (workspace / "reference.log").read_text(errors="replace")
     # at most the deepspeed launcher's two processes warn (before train.py runs); the ranks do not
     assert log.count("Setting accelerator to CPU") <= 2
-    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
-        assert log.count(f"`torch.distributed.{name}` is deprecated") <= 1
+    assert "is deprecated" not in log  # torch's notes on the collectives DeepSpeed calls
     assert "disagrees with DeepSpeed profile" not in log  # our IDM config on the bf16 CPU profile
     for phase in ("starting the process group", "building the DeepSpeed engine", "the first step is slower",
                   "saving checkpoint"):
