@@ -1,4 +1,4 @@
-"""Sequence parallelism through the real launcher (deepspeed, gloo, ZeRO-3, float32): 2 ranks as one SP group
+"""Sequence parallelism through a real launcher (torchrun, gloo, ZeRO-3, float32): 2 ranks as one SP group
 train exactly as 1 rank does, and 4 ranks as SP 2 x DP 2 resume exactly after a SIGKILL.
 
 Float32 training (distributed.mixed_precision=fp32) so that differences are summation order only. Step 1
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import BIN, deepspeed_command, logged_steps, run, start, wait_for_step, write_shards
+from helpers.trainer_launch import BIN, logged_steps, run, start, torchrun_command, wait_for_step, write_shards
 from vidartrain.distributed.checkpointing import tag_for_step
 
 STEPS = 3
@@ -61,9 +61,9 @@ def export_weights(output_dir):
 def test_two_sequence_parallel_ranks_train_as_one_rank(workspace, name):
     config, overrides = RUNS[name]
     single, parallel = workspace / f"{name}_sp1", workspace / f"{name}_sp2"
-    run(deepspeed_command("launch/train.py", train_args(workspace, single, config, 1, 1, *overrides), num_ranks=1),
+    run(torchrun_command("launch/train.py", train_args(workspace, single, config, 1, 1, *overrides), num_ranks=1),
         workspace / f"{name}_sp1.log")
-    run(deepspeed_command("launch/train.py", train_args(workspace, parallel, config, 2, 1, *overrides), num_ranks=2),
+    run(torchrun_command("launch/train.py", train_args(workspace, parallel, config, 2, 1, *overrides), num_ranks=2),
         workspace / f"{name}_sp2.log")
     reference, steps = logged_steps(single), logged_steps(parallel)
     assert sorted(steps) == sorted(reference) == list(range(1, STEPS + 1))
@@ -91,12 +91,12 @@ def sp2_dp2_run(workspace):
     output_dir, log = workspace / "sp2_dp2", workspace / "sp2_dp2.log"
     args = train_args(workspace, output_dir, "configs/debug/tiny_vidar.yaml", 2, 2, "--set", "training.num_steps=4",
                       "--set", "training.save_every=2")
-    process = start(deepspeed_command("launch/train.py", args, num_ranks=4), log)
+    process = start(torchrun_command("launch/train.py", args, num_ranks=4), log)
     wait_for_step(process, output_dir, 3, log)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     killed = logged_steps(output_dir)
-    run(deepspeed_command("launch/train.py", [*args, "--resume", "auto"], num_ranks=4), log)
+    run(torchrun_command("launch/train.py", [*args, "--resume", "auto"], num_ranks=4), log)
     return output_dir, killed
 
 
@@ -128,7 +128,7 @@ def test_universal_checkpoint_of_sp2_dp2_resumes_on_one_sequence_parallel_group(
     resumed_dir = workspace / "sp2_dp1"
     args = train_args(workspace, resumed_dir, "configs/debug/tiny_vidar.yaml", 2, 1, "--set", "training.num_steps=4",
                       "--set", "training.gradient_accumulation=4", "--resume", str(universal), "--max_steps", "3")
-    run(deepspeed_command("launch/train.py", args, num_ranks=2), workspace / "sp2_dp1.log")
+    run(torchrun_command("launch/train.py", args, num_ranks=2), workspace / "sp2_dp1.log")
     resumed, reference = logged_steps(resumed_dir), logged_steps(output_dir)
     assert sorted(resumed) == [3]
     assert sorted(resumed[3]["keys"]) == sorted(reference[3]["keys"])

@@ -1,6 +1,7 @@
-"""IDM training end to end on CPU: the real deepspeed launcher, 2 gloo ranks, ZeRO-3 (float32
-weights), (frame, action) pairs of shards made from synthetic mp4 episodes; TensorBoard metrics,
-SIGKILL + resume exactness (BatchNorm statistics included) and the upstream idm.pt export."""
+"""IDM training end to end on CPU: the deepspeed launcher (the killed and resumed run: torchrun), 2 gloo
+ranks, ZeRO-3 (float32 weights), (frame, action) pairs of shards made from synthetic mp4 episodes;
+TensorBoard metrics, SIGKILL + resume exactness (BatchNorm statistics included) and the upstream
+idm.pt export."""
 import os
 import signal
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers.trainer_launch import deepspeed_command, logged_steps, run, start, wait_for_step, write_shards
+from helpers.trainer_launch import (deepspeed_command, logged_steps, run, start, torchrun_command, wait_for_step,
+                                    write_shards)
 from vidartrain.distributed.export import main as export_main
 from vidartrain.distributed.export import state_dict_from_checkpoint
 from vidartrain.models.idm import load_idm
@@ -86,11 +88,11 @@ def test_vidar_export_of_the_idm_checkpoint_writes_the_trainers_idm_pt(reference
 
 def test_kill_and_resume_reproduces_the_idm_run_exactly(workspace, reference_run):
     output_dir, log = workspace / "killed", workspace / "killed.log"
-    process = start(deepspeed_command("launch/train.py", train_args(workspace, output_dir)), log)
+    process = start(torchrun_command("launch/train.py", train_args(workspace, output_dir)), log)
     wait_for_step(process, output_dir, 1, log, timeout=600)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    run(deepspeed_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log, timeout=600)
+    run(torchrun_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log, timeout=600)
     resumed, reference = logged_steps(output_dir), logged_steps(reference_run)
     assert {s: r["loss"] for s, r in resumed.items()} == {s: r["loss"] for s, r in reference.items()}
     exported = torch.load(output_dir / "export" / "idm.pt", weights_only=True)["model_state_dict"]

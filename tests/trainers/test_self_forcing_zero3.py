@@ -1,4 +1,4 @@
-"""Stage 2 end to end on CPU: the real deepspeed launcher, 2 gloo ranks, ZeRO-3, from a tiny Wan2.2
+"""Stage 2 end to end on CPU: torchrun, 2 gloo ranks, ZeRO-3, from a tiny Wan2.2
 checkpoint plus a stage-1 style vidar.pt, with the embodiment-aware loss from a frozen IDM.
 
 One 'mixed' run (both the teacher-forcing and the self-generated path, chosen per micro-step, the
@@ -13,7 +13,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import deepspeed_command, logged_steps, run, start, tiny_idm, wait_for_step, write_shards
+from helpers.trainer_launch import logged_steps, run, start, tiny_idm, torchrun_command, wait_for_step, write_shards
 from vidartrain.distributed.export import write_state_dict
 from vidartrain.models.idm import save_idm
 from vidartrain.models.wan.causal import WanModelCausal
@@ -54,7 +54,7 @@ def train_args(workspace, output_dir, *extra):
 @pytest.fixture(scope="module")
 def reference_run(workspace):
     output_dir = workspace / "reference"
-    run(deepspeed_command("launch/train.py", train_args(workspace, output_dir)), workspace / "reference.log",
+    run(torchrun_command("launch/train.py", train_args(workspace, output_dir)), workspace / "reference.log",
         timeout=600)
     return output_dir
 
@@ -82,12 +82,12 @@ def test_mixed_run_uses_both_contexts_logs_stage2_metrics_and_exports(workspace,
 
 def test_kill_and_resume_reproduces_the_run_exactly(workspace, reference_run):
     output_dir, log = workspace / "killed", workspace / "killed.log"
-    process = start(deepspeed_command("launch/train.py", train_args(workspace, output_dir)), log)
+    process = start(torchrun_command("launch/train.py", train_args(workspace, output_dir)), log)
     wait_for_step(process, output_dir, 1, log, timeout=600)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert max(logged_steps(output_dir)) < STEPS
-    run(deepspeed_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log, timeout=600)
+    run(torchrun_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log, timeout=600)
     resumed, reference = logged_steps(output_dir), logged_steps(reference_run)
     assert {s: r["loss"] for s, r in resumed.items()} == {s: r["loss"] for s, r in reference.items()}
     assert {s: r["keys"] for s, r in resumed.items()} == {s: r["keys"] for s, r in reference.items()}
@@ -100,7 +100,7 @@ def test_closed_loop_schedule_with_a_window_reset_trains(workspace):
     # 21 frames = 6 latent frames: prefill 1, predict 4 (17 video frames <= 17), then the window
     # would reach 21 > 17: clear, re-prefill the last 5 video frames (2 latents), predict the last.
     output_dir = workspace / "closed_loop"
-    run(deepspeed_command("launch/train.py", train_args(
+    run(torchrun_command("launch/train.py", train_args(
         workspace, output_dir, "--set", "training.num_steps=1", "--set", "training.warmup=0",
         "--set", "self_forcing.closed_loop=true", "--set", "data.num_frames=21",
         "--set", "self_forcing.chunk_size=6", "--set", "self_forcing.kv_cache_length=8",

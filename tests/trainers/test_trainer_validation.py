@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
 from launch.sample import main as sample_main
-from helpers.trainer_launch import deepspeed_command, logged_steps, run, write_shards
+from helpers.trainer_launch import logged_steps, run, torchrun_command, write_shards
 from vidartrain.config import ConfigError, load_config
 from vidartrain.distributed.checkpointing import tag_for_step
 from vidartrain.models.idm import IDM, save_idm
@@ -34,7 +34,7 @@ def workspace(tmp_path_factory):
 
 def train(workspace, name, *extra):
     output_dir = workspace / name
-    run(deepspeed_command("launch/train.py", [
+    run(torchrun_command("launch/train.py", [
         "--config", "configs/debug/tiny_vidarc.yaml", "--ds-config", "ds_configs/cpu_debug.json",
         "--output_dir", str(output_dir),
         "--set", f"model.ckpt_dir={workspace / 'ckpt'}", "--set", f"model.pt_dir={workspace / 'vidar.pt'}",

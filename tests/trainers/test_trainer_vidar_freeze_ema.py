@@ -1,4 +1,4 @@
-"""Partial freezing and the EMA under ZeRO-3 on CPU: the real deepspeed launcher, 2 gloo ranks, the
+"""Partial freezing and the EMA under ZeRO-3 on CPU: torchrun, 2 gloo ranks, the
 tiny Wan2.2 checkpoint and synthetic shards (as tests/trainers/test_trainer_vidar.py). One run freezes the
 text embedding and block 0, keeps an EMA and validates it too (training.validate_ema); a second one,
 without the EMA's validation, is killed and resumed."""
@@ -11,9 +11,8 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import (TINY_CONFIG, cpu_train_args, deepspeed_command, logged_steps,
-                                    optimizer_state_numel, run, start, tail, vidar_validation_loss, wait, wait_for_step,
-                                    write_shards)
+from helpers.trainer_launch import (TINY_CONFIG, cpu_train_args, logged_steps, optimizer_state_numel, run, start, tail,
+                                    torchrun_command, vidar_validation_loss, wait, wait_for_step, write_shards)
 from vidartrain.config import load_config
 from vidartrain.distributed.checkpointing import tag_for_step
 from vidartrain.models.wan.model import WanModel
@@ -49,7 +48,7 @@ def train_args(workspace, output_dir, *extra):
 @pytest.fixture(scope="module")
 def frozen_run(workspace):
     output_dir = workspace / "frozen"
-    run(deepspeed_command("launch/train.py", train_args(workspace, output_dir, "--set", "training.validate_ema=true")),
+    run(torchrun_command("launch/train.py", train_args(workspace, output_dir, "--set", "training.validate_ema=true")),
         workspace / "frozen.log")
     return output_dir
 
@@ -133,12 +132,12 @@ def test_killed_and_resumed_run_has_the_same_losses_and_ema(workspace, frozen_ru
     """Resumed, and without training.validate_ema: the EMA's validation left the training weights as
     they were (the same losses, validation losses and EMA)."""
     output_dir, log = workspace / "killed", workspace / "killed.log"
-    process = start(deepspeed_command("launch/train.py", train_args(workspace, output_dir)), log)
+    process = start(torchrun_command("launch/train.py", train_args(workspace, output_dir)), log)
     wait_for_step(process, output_dir, 2, log)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert max(logged_steps(output_dir)) < STEPS, "the run ended before it was killed"
-    process = start(deepspeed_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log)
+    process = start(torchrun_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log)
     assert wait(process, log) == 0, tail(log)
     assert ({s: r["loss"] for s, r in logged_steps(output_dir).items()}
             == {s: r["loss"] for s, r in logged_steps(frozen_run).items()})

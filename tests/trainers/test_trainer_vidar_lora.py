@@ -1,4 +1,4 @@
-"""LoRA under ZeRO-3 on CPU: the real deepspeed launcher, 2 gloo ranks, the tiny Wan2.2 checkpoint and
+"""LoRA under ZeRO-3 on CPU: torchrun, 2 gloo ranks, the tiny Wan2.2 checkpoint and
 synthetic shards (as tests/trainers/test_trainer_vidar.py). One run trains rank-4 adapters (dropout and an EMA
 on, selective activation checkpointing) and ends with a validation loss the engine computes; a second
 one is killed and resumed. The exports are checked against the engine."""
@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import fixture_path
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import (TINY_CONFIG, cpu_train_args, deepspeed_command, logged_steps,
-                                    optimizer_state_numel, run, start, tail, vidar_validation_loss, wait, wait_for_step,
-                                    write_shards)
+from helpers.trainer_launch import (TINY_CONFIG, cpu_train_args, logged_steps, optimizer_state_numel, run, start, tail,
+                                    torchrun_command, vidar_validation_loss, wait, wait_for_step, write_shards)
 from models.test_wan_lora import WAN_LORA_KEY  # tests/models/: not on sys.path when this file runs alone
 from vidartrain.config import load_config
 from vidartrain.distributed.checkpointing import tag_for_step
@@ -52,7 +51,7 @@ def train_args(workspace, output_dir, *extra):
 @pytest.fixture(scope="module")
 def lora_run(workspace):
     output_dir = workspace / "lora"
-    run(deepspeed_command("launch/train.py", train_args(workspace, output_dir)), workspace / "lora.log")
+    run(torchrun_command("launch/train.py", train_args(workspace, output_dir)), workspace / "lora.log")
     return output_dir
 
 
@@ -142,7 +141,7 @@ def test_exports_reproduce_the_engine(workspace, lora_run, tmp_path):
 
 def test_killed_and_resumed_run_reproduces_the_losses_and_adapters(workspace, lora_run):
     output_dir, log = workspace / "killed", workspace / "killed.log"
-    process = start(deepspeed_command("launch/train.py", train_args(workspace, output_dir)), log)
+    process = start(torchrun_command("launch/train.py", train_args(workspace, output_dir)), log)
     wait_for_step(process, output_dir, 3, log)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -150,7 +149,7 @@ def test_killed_and_resumed_run_reproduces_the_losses_and_adapters(workspace, lo
     # selective checkpointing replays the forward's operations exactly in backward: the first step after the
     # resume must gather what a first step gathers (Trainer.partition_persistent_parameters), and the dropout
     # masks must be drawn again
-    process = start(deepspeed_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log)
+    process = start(torchrun_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log)
     assert wait(process, log) == 0, tail(log)
     assert ({s: r["loss"] for s, r in logged_steps(output_dir).items()}
             == {s: r["loss"] for s, r in logged_steps(lora_run).items()})

@@ -1,10 +1,10 @@
-"""LoRA in stage 2 under ZeRO-3 on CPU: the real deepspeed launcher, 2 gloo ranks, the workspace and
+"""LoRA in stage 2 under ZeRO-3 on CPU: torchrun, 2 gloo ranks, the workspace and
 run arguments of tests/trainers/test_self_forcing_zero3.py (a stage-1 vidar.pt, the frozen IDM, the 'mixed'
 context) plus rank-4 adapters, in one run."""
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from helpers.trainer_launch import deepspeed_command, logged_steps, optimizer_state_numel, run
+from helpers.trainer_launch import logged_steps, optimizer_state_numel, run, torchrun_command
 from test_self_forcing_zero3 import STEPS, train_args, workspace  # noqa: F401  (workspace: a fixture)
 from vidartrain.distributed.checkpointing import tag_for_step
 
@@ -17,7 +17,7 @@ def is_adapter(name: str) -> bool:
 
 def test_stage2_lora_trains_only_the_adapters(workspace):
     output_dir = workspace / "lora"
-    run(deepspeed_command("launch/train.py", train_args(
+    run(torchrun_command("launch/train.py", train_args(
         workspace, output_dir, "--set", f"lora.rank={RANK}", "--set", f"lora.alpha={ALPHA}",
         "--set", "training.lr=2e-2")), workspace / "lora.log", timeout=600)
     steps = logged_steps(output_dir)
