@@ -7,7 +7,6 @@ last-digit differences of near-zero gradient elements (its update is about lr wh
 size), so later steps agree to RTOL and the exported weights (bf16 files) to lr x steps plus a bf16
 rounding. Per-parameter gradients are compared exactly in tests/distributed/test_sequence_parallel.py."""
 import os
-import signal
 import subprocess
 
 import pytest
@@ -15,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import BIN, logged_steps, run, start, torchrun_command, wait_for_step, write_shards
+from helpers.trainer_launch import (BIN, kill_launch, logged_steps, run, start, torchrun_command, wait_for_step,
+                                    write_shards)
 from vidartrain.distributed.checkpointing import tag_for_step
 
 STEPS = 3
@@ -93,8 +93,7 @@ def sp2_dp2_run(workspace):
                       "--set", "training.save_every=2")
     process = start(torchrun_command("launch/train.py", args, num_ranks=4), log)
     wait_for_step(process, output_dir, 3, log)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_launch(process)
     killed = logged_steps(output_dir)
     run(torchrun_command("launch/train.py", [*args, "--resume", "auto"], num_ranks=4), log)
     return output_dir, killed

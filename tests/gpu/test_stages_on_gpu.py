@@ -1,8 +1,6 @@
 """The three tiny stages end to end on one GPU through `python launch/train.py` (one process, NCCL):
 stage 1, the IDM (BatchNorm statistics must follow its ZeRO-3 parameters onto the GPU), stage 2 in
 every context mode with that IDM's export for Eq. 7, and a SIGKILLed run resumed to the same losses."""
-import os
-import signal
 import subprocess
 import sys
 
@@ -10,7 +8,8 @@ import pytest
 import torch
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import REPO_ROOT, launcher_env, logged_steps, start, tail, wait, wait_for_step, write_shards
+from helpers.trainer_launch import (REPO_ROOT, kill_launch, launcher_env, logged_steps, start, tail, wait, wait_for_step,
+                                    write_shards)
 
 PROFILE = "ds_configs/cpu_debug.json"  # ZeRO-3, bf16; one process: micro 1 x accumulation 2
 
@@ -85,8 +84,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_losses(data, stage1, tmp_pat
     log = tmp_path / "log.txt"
     process = start(command, log)
     wait_for_step(process, tmp_path, 2, log)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_launch(process)
     assert wait(start([*command, "--resume", "auto"], log), log) == 0, tail(log)
     resumed = logged_steps(tmp_path)
     assert sorted(resumed) == [1, 2, 3, 4]

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 
@@ -70,11 +71,25 @@ def start(command: list[str], log_path: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def kill_launch(process: subprocess.Popen) -> None:
+    """SIGKILL a launch whole, launcher and ranks at once (a crashed node). torchrun starts each rank
+    in a session of its own: killing the launcher's process group alone would leave the ranks running."""
+    ranks = psutil.Process(process.pid).children(recursive=True)
+    os.killpg(process.pid, signal.SIGKILL)
+    for rank in ranks:
+        try:
+            rank.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(ranks, timeout=30)
+    process.wait()
+
+
 def wait(process: subprocess.Popen, log_path: Path, timeout: float = 300) -> int:
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_launch(process)
         raise AssertionError(f"launcher timed out after {timeout}s; log tail:\n{tail(log_path)}") from None
 
 
@@ -106,7 +121,7 @@ def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int, log_pa
         if process.poll() is not None:
             raise AssertionError(f"run ended (code {process.returncode}) before step {step}:\n{tail(log_path)}")
         if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_launch(process)
             raise AssertionError(f"step {step} not reached in {timeout}s:\n{tail(log_path)}")
         time.sleep(0.2)
 

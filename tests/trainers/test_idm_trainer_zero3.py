@@ -2,15 +2,13 @@
 ranks, ZeRO-3 (float32 weights), (frame, action) pairs of shards made from synthetic mp4 episodes;
 TensorBoard metrics, SIGKILL + resume exactness (BatchNorm statistics included) and the upstream
 idm.pt export."""
-import os
-import signal
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers.trainer_launch import (deepspeed_command, logged_steps, run, start, torchrun_command, wait_for_step,
-                                    write_shards)
+from helpers.trainer_launch import (deepspeed_command, kill_launch, logged_steps, run, start, torchrun_command,
+                                    wait_for_step, write_shards)
 from vidartrain.distributed.export import main as export_main
 from vidartrain.distributed.export import state_dict_from_checkpoint
 from vidartrain.models.idm import load_idm
@@ -90,8 +88,7 @@ def test_kill_and_resume_reproduces_the_idm_run_exactly(workspace, reference_run
     output_dir, log = workspace / "killed", workspace / "killed.log"
     process = start(torchrun_command("launch/train.py", train_args(workspace, output_dir)), log)
     wait_for_step(process, output_dir, 1, log, timeout=600)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_launch(process)
     run(torchrun_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log, timeout=600)
     resumed, reference = logged_steps(output_dir), logged_steps(reference_run)
     assert {s: r["loss"] for s, r in resumed.items()} == {s: r["loss"] for s, r in reference.items()}

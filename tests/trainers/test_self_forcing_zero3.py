@@ -5,15 +5,14 @@ One 'mixed' run (both the teacher-forcing and the self-generated path, chosen pe
 same on both ranks) is the reference; a run killed with SIGKILL and resumed must reproduce its
 losses and export exactly; a closed-loop run exercises the deployed schedule with a window reset.
 """
-import os
-import signal
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import logged_steps, run, start, tiny_idm, torchrun_command, wait_for_step, write_shards
+from helpers.trainer_launch import (kill_launch, logged_steps, run, start, tiny_idm, torchrun_command, wait_for_step,
+                                    write_shards)
 from vidartrain.distributed.export import write_state_dict
 from vidartrain.models.idm import save_idm
 from vidartrain.models.wan.causal import WanModelCausal
@@ -84,8 +83,7 @@ def test_kill_and_resume_reproduces_the_run_exactly(workspace, reference_run):
     output_dir, log = workspace / "killed", workspace / "killed.log"
     process = start(torchrun_command("launch/train.py", train_args(workspace, output_dir)), log)
     wait_for_step(process, output_dir, 1, log, timeout=600)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_launch(process)
     assert max(logged_steps(output_dir)) < STEPS
     run(torchrun_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log, timeout=600)
     resumed, reference = logged_steps(output_dir), logged_steps(reference_run)

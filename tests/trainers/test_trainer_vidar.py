@@ -8,7 +8,6 @@ the end, must log exactly the reference's losses; a 1-rank run resumes from a un
 the export loads strictly.
 """
 import math
-import os
 import signal
 import subprocess
 
@@ -17,7 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import (BIN, deepspeed_command, free_port, logged_steps, run, start, tail, wait,
+from helpers.trainer_launch import (BIN, deepspeed_command, free_port, kill_launch, logged_steps, run, start, tail, wait,
                             wait_for_step, write_shards)
 from vidartrain.distributed.checkpointing import COMPLETE_MARKER, complete_checkpoints, tag_for_step
 from vidartrain.distributed.export import main as export_main
@@ -133,8 +132,7 @@ def test_two_nodes_preempted_killed_and_resumed_reproduce_the_single_node_losses
     #    moment (possibly in the middle of a save)
     process = start(deepspeed_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log)
     wait_for_step(process, output_dir, stopped_at + 3, log)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_launch(process)
     # 3. resume on the two 'nodes' again, to the end
     for agent in torchrun_agents(workspace, output_dir, log, "--resume", "auto"):
         assert wait(agent, log) == 0, tail(log)

@@ -3,16 +3,15 @@ tiny Wan2.2 checkpoint and synthetic shards (as tests/trainers/test_trainer_vida
 text embedding and block 0, keeps an EMA and validates it too (training.validate_ema); a second one,
 without the EMA's validation, is killed and resumed."""
 import json
-import os
-import signal
 
 import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import (TINY_CONFIG, cpu_train_args, logged_steps, optimizer_state_numel, run, start, tail,
-                                    torchrun_command, vidar_validation_loss, wait, wait_for_step, write_shards)
+from helpers.trainer_launch import (TINY_CONFIG, cpu_train_args, kill_launch, logged_steps, optimizer_state_numel, run,
+                                    start, tail, torchrun_command, vidar_validation_loss, wait, wait_for_step,
+                                    write_shards)
 from vidartrain.config import load_config
 from vidartrain.distributed.checkpointing import tag_for_step
 from vidartrain.models.wan.model import WanModel
@@ -134,8 +133,7 @@ def test_killed_and_resumed_run_has_the_same_losses_and_ema(workspace, frozen_ru
     output_dir, log = workspace / "killed", workspace / "killed.log"
     process = start(torchrun_command("launch/train.py", train_args(workspace, output_dir)), log)
     wait_for_step(process, output_dir, 2, log)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_launch(process)
     assert max(logged_steps(output_dir)) < STEPS, "the run ended before it was killed"
     process = start(torchrun_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log)
     assert wait(process, log) == 0, tail(log)

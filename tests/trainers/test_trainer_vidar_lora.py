@@ -3,9 +3,7 @@ synthetic shards (as tests/trainers/test_trainer_vidar.py). One run trains rank-
 on, selective activation checkpointing) and ends with a validation loss the engine computes; a second
 one is killed and resumed. The exports are checked against the engine."""
 import json
-import os
 import re
-import signal
 
 import pytest
 import torch
@@ -14,8 +12,9 @@ from safetensors.torch import load_file
 
 from conftest import fixture_path
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import (TINY_CONFIG, cpu_train_args, logged_steps, optimizer_state_numel, run, start, tail,
-                                    torchrun_command, vidar_validation_loss, wait, wait_for_step, write_shards)
+from helpers.trainer_launch import (TINY_CONFIG, cpu_train_args, kill_launch, logged_steps, optimizer_state_numel, run,
+                                    start, tail, torchrun_command, vidar_validation_loss, wait, wait_for_step,
+                                    write_shards)
 from models.test_wan_lora import WAN_LORA_KEY  # tests/models/: not on sys.path when this file runs alone
 from vidartrain.config import load_config
 from vidartrain.distributed.checkpointing import tag_for_step
@@ -143,8 +142,7 @@ def test_killed_and_resumed_run_reproduces_the_losses_and_adapters(workspace, lo
     output_dir, log = workspace / "killed", workspace / "killed.log"
     process = start(torchrun_command("launch/train.py", train_args(workspace, output_dir)), log)
     wait_for_step(process, output_dir, 3, log)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_launch(process)
     assert max(logged_steps(output_dir)) < STEPS, "the run ended before it was killed"
     # selective checkpointing replays the forward's operations exactly in backward: the first step after the
     # resume must gather what a first step gathers (Trainer.partition_persistent_parameters), and the dropout
