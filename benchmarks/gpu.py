@@ -371,9 +371,21 @@ def main(argv: list[str] | None = None) -> dict:
                         help="measure only these sections (default: all)")
     parser.add_argument("--out", type=Path, default=GPU_RESULTS, help="results JSON (real sizes only), rewritten "
                                                                        "after each section")
+    parser.add_argument("--generation-frames", type=int, nargs="+", metavar="FRAMES",
+                        help=f"latent frame counts of causal_generation (default: {Sizes.generation_frames})")
+    parser.add_argument("--training-frames", type=int, nargs="+", metavar="FRAMES",
+                        help=f"latent frame counts of the causal training sections (default: {Sizes.training_frames})")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: the real-size benchmark needs a GPU (--smoke checks the script anywhere)")
+    sizes = SMOKE if args.smoke else Sizes()
+    for field in ("generation_frames", "training_frames"):
+        frames = getattr(args, field)
+        if frames and min(frames) < 2:
+            parser.error(f"--{field.replace('_', '-')} {' '.join(map(str, frames))}: each count must be at least 2 "
+                         "(a first frame and one more)")
+        if frames:
+            sizes = replace(sizes, **{field: tuple(frames)})
 
     def on_section(results: dict) -> None:
         print(f"[{results['seconds']:.0f} s] measured: {', '.join(k for k in results if k not in ('machine', 'sizes', 'seconds'))}",
@@ -381,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.smoke:
             args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
-    results = run(SMOKE if args.smoke else Sizes(), on_section=on_section, only=tuple(args.sections))
+    results = run(sizes, on_section=on_section, only=tuple(args.sections))
     print(markdown(results))
     if not args.smoke:
         print(f"\nwrote {args.out}")

@@ -3,6 +3,7 @@ real-size script is ready when a GPU is (the measurements themselves need one)."
 import json
 from dataclasses import asdict
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -53,6 +54,15 @@ def test_causal_training_section_can_time_the_blocks_compiled():
     text = gpu.markdown({"machine": {"device": "cpu", "torch": "-", "cuda": "-", "commit": "-", "date": "-",
                                      "peak_bf16_tflops": None}, "seconds": 1, "causal_training_compiled": rows})
     assert "**Causal training** (forward + backward, compiled blocks, as the trainer runs them on CUDA)" in text
+
+
+def test_frame_counts_are_chosen_on_the_command_line(capsys):
+    results = gpu.main(["--smoke", "--sections", "causal_generation", "causal_training", "--generation-frames", "2", "4",
+                        "--training-frames", "3"])
+    assert list(results["causal_generation"]) == [2, 4] and list(results["causal_training"]) == [3]
+    with pytest.raises(SystemExit):
+        gpu.main(["--smoke", "--generation-frames", "1"])
+    assert "--generation-frames 1: each count must be at least 2" in capsys.readouterr().err
 
 
 def test_peak_flops_of_the_planner_gpus_by_device_name():
