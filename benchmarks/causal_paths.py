@@ -95,8 +95,9 @@ def measure(fn: Callable[[], torch.Tensor], repeats: int = 2) -> dict:
         value = fn()
         if cuda:
             torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - baseline
         seconds.append(time.perf_counter() - start)
+        if cuda:
+            peak = torch.cuda.max_memory_allocated() - baseline
     if not cuda:
         with PeakTensorMemory() as memory:
             value = fn()
