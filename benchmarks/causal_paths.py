@@ -36,6 +36,7 @@ from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.kv_cache import StaticKVCache
 from vidartrain.plan import DitShape, forward_flops, text_flops
 from vidartrain.rollouts import DEPLOYED_FRAMES_PER_CHUNK, StaticGenerationStep, generate_frames, rollout
+from vidartrain.shapes import tokens_per_latent_frame
 from vidartrain.trainers.base import compile_blocks
 
 SMALL_CONFIG = dict(dim=128, ffn_dim=384, num_heads=2, num_layers=2, text_len=16, text_dim=32)
@@ -219,8 +220,7 @@ def recompute_generation(model: WanModelCausal, first: torch.Tensor, noise: torc
 
 
 def generation_paths(model: WanModelCausal, frames: int, generator: torch.Generator,
-                     latent_hw: tuple[int, int] = LATENT_HW, graphed: GraphedGeneration | None = None,
-                     settings: dict[str, GenerationSetting] = GENERATION_SETTINGS) -> dict:
+                     latent_hw: tuple[int, int] = LATENT_HW, graphed: GraphedGeneration | None = None) -> dict:
     """{setting: {"cached", "recompute", "graphed": measured}}: each setting generated from the same
     first frame and noise by the eager cache, without a cache, and through the CUDA-graph step
     (given `graphed`). On a GPU recomputation is timed once after its warm-up: it runs seconds per
@@ -228,7 +228,7 @@ def generation_paths(model: WanModelCausal, frames: int, generator: torch.Genera
     first, noise = random_inputs(model, generator, (1, 48, 1, *latent_hw), (1, 48, frames - 1, *latent_hw))
     text = random_inputs(model, generator, (8, model.text_dim))
     results = {}
-    for name, setting in settings.items():
+    for name, setting in GENERATION_SETTINGS.items():
         results[name] = {
             "cached": measure(lambda: cached_generation(model, first, noise, text,
                                                         StaticKVCache(model.num_layers, capacity=frames), setting)),
@@ -329,7 +329,7 @@ def run() -> dict:
 
 
 def markdown(results: dict) -> str:
-    tokens_per_frame = LATENT_HW[0] * LATENT_HW[1] // 4
+    tokens_per_frame = tokens_per_latent_frame(LATENT_HW)
     lines = [f"Small causal DiT {SMALL_CONFIG['dim']}x{SMALL_CONFIG['num_layers']} layers, "
              f"{tokens_per_frame} tokens per latent frame, CPU.", "",
              "| latent frames | teacher forcing s / MiB | sequential s / MiB | speed-up | same loss |",

@@ -41,6 +41,7 @@ from benchmarks.__main__ import GPU_RESULTS, machine
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.model import CHECKPOINTING_MODES
 from vidartrain.plan import GPUS, DitShape, activation_gib, attended_pairs, forward_flops
+from vidartrain.shapes import tokens_per_latent_frame
 from vidartrain.trainers.base import compile_blocks
 
 GIB = 2**30
@@ -117,7 +118,7 @@ def stage2_steps(sizes: Sizes, device: str, peak_tflops: float | None, modes: tu
         model = WanModelCausal(dim=sizes.dim, ffn_dim=sizes.ffn_dim, num_heads=sizes.num_heads,
                                num_layers=sizes.num_layers, text_len=sizes.text_len, text_dim=sizes.text_dim)
     model.to(torch.bfloat16)
-    frames, per_frame = sizes.window_frames, sizes.latent_hw[0] * sizes.latent_hw[1] // 4
+    frames, per_frame = sizes.window_frames, tokens_per_latent_frame(sizes.latent_hw)
     tokens = 2 * frames * per_frame  # both copies of the window go through every block
     forward = sum(forward_flops(dit_shape(sizes), tokens, attended_pairs(frames, per_frame, "teacher_forcing"),
                                 frames).values())
@@ -275,7 +276,7 @@ NOT_MEASURED = {"skipped": "not in these results"}
 def generation_table(generation: dict, sizes: Sizes) -> list[str]:
     """Per frame count and setting, the measured generations beside the FLOP ratio of recomputation
     to the cache (what the cache can save at equal FLOP/s)."""
-    shape, tokens_per_frame = dit_shape(sizes), sizes.latent_hw[0] * sizes.latent_hw[1] // 4
+    shape, tokens_per_frame = dit_shape(sizes), tokens_per_latent_frame(sizes.latent_hw)
     lines = ["**Causal generation** (no gradient) of every latent frame after the first: cached (eager, and the static "
              "step in CUDA graphs) vs recomputing the prefix for every denoising call. FLOP ratio: recomputation's "
              "FLOPs over the cache's, the most the cache can save at equal FLOP/s. Difference: the largest of the "

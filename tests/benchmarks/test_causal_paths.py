@@ -10,8 +10,9 @@ from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.kv_cache import StaticKVCache
 from vidartrain.plan import DitShape
 from vidartrain.rollouts import rollout
+from vidartrain.shapes import tokens_per_latent_frame
 
-TOKENS_PER_FRAME = LATENT_HW[0] * LATENT_HW[1] // 4
+TOKENS_PER_FRAME = tokens_per_latent_frame(LATENT_HW)
 CPU_ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
 

@@ -74,14 +74,14 @@ def start(command: list[str], log_path: Path) -> subprocess.Popen:
 def kill_launch(process: subprocess.Popen) -> None:
     """SIGKILL a launch whole, launcher and ranks at once (a crashed node). torchrun starts each rank
     in a session of its own: killing the launcher's process group alone would leave the ranks running."""
-    ranks = psutil.Process(process.pid).children(recursive=True)
+    descendants = psutil.Process(process.pid).children(recursive=True)  # ranks and their data workers
     os.killpg(process.pid, signal.SIGKILL)
-    for rank in ranks:
+    for descendant in descendants:
         try:
-            rank.kill()
+            descendant.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(ranks, timeout=30)
+    psutil.wait_procs(descendants, timeout=30)
     process.wait()
 
 
