@@ -143,7 +143,7 @@ class DataConfig:
     resize: Literal["crop", "pad", "stretch"] = "crop"
     fps: int = 10
     cfg_prob: float = 0.1  # text dropout for classifier-free guidance
-    num_workers: int = 2
+    num_workers: int = 2  # DataLoader worker processes per rank of the training loader (held-out batches: none)
     seed: int = 0
     # samples that fail to decode are skipped (logged, counted as data/skipped_samples); more, summed over
     # ranks, stop the run with a checkpoint

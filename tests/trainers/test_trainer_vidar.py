@@ -11,6 +11,7 @@ import math
 import signal
 import subprocess
 
+import psutil
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -18,11 +19,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
 from helpers.trainer_launch import (BIN, deepspeed_command, free_port, kill_launch, logged_steps, run, start, tail, wait,
                             wait_for_step, write_shards)
+from vidartrain.config import load_config
+from vidartrain.data.shard_index import read_data_info
 from vidartrain.distributed.checkpointing import COMPLETE_MARKER, complete_checkpoints, tag_for_step
 from vidartrain.distributed.export import main as export_main
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.checkpoint import read_model_config
 from vidartrain.models.wan.model import WanModel
+from vidartrain.trainers.vidar_trainer import VidarStage
 
 STEPS = 12
 
@@ -159,3 +163,20 @@ def test_universal_checkpoint_resumes_on_one_rank(workspace, reference_run):
     assert resumed[11]["lr"] == reference[11]["lr"]
     # same weights and samples, other noise draws: a loss of the same size
     assert resumed[11]["loss"] == pytest.approx(reference[11]["loss"], rel=0.2)
+
+
+def test_held_out_batches_are_read_without_worker_processes(workspace):
+    """Validation reads mid-run, when forking DataLoader workers can deadlock them at birth (CPython
+    before 3.11.10): the "val" loader reads in the rank's own process, the "train" loader in
+    data.num_workers workers."""
+    config = load_config("configs/debug/tiny_vidar.yaml", [
+        f"model.ckpt_dir={workspace / 'ckpt'}", f"data.shards={workspace / 'shards'}",
+        f"data.val_shards={workspace / 'shards' / 'val'}", "data.num_workers=2"])
+    stage = VidarStage(config, read_data_info(config.data.shards))
+    this_process = psutil.Process()
+    for split, workers in (("val", 0), ("train", 2)):
+        before = set(this_process.children())  # e.g. the compiler's workers, left by earlier tests
+        batches = iter(stage.build_loader(split, 1, rank=0, world_size=1))
+        assert next(batches)["__key__"]
+        assert len(set(this_process.children()) - before) == workers, split
+        batches.close()

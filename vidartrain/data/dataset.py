@@ -535,9 +535,10 @@ class ShardLoader:
 def build_loader(shards: str | Path | list, config: Any, micro_batch_size: int, *, rank: int | None = None,
                  world_size: int | None = None, train: bool = True, epochs: int | None = None,
                  mode: str = "clips", frames_per_sample: int = 1,
-                 video_dtype: torch.dtype = torch.float32) -> ShardLoader:
+                 video_dtype: torch.dtype = torch.float32, num_workers: int | None = None) -> ShardLoader:
     """Loader over a shard directory, or a mixture of several (a list of {path, weight}),
-    configured by a DataConfig-like object.
+    configured by a DataConfig-like object; `num_workers` DataLoader worker processes (None:
+    config.num_workers; 0 reads in this process).
 
     `config` needs num_frames, height, width, fps, cfg_prob, resize, num_workers, seed and
     max_bad_samples. Training loaders shuffle, drop the incomplete last batch and repeat forever
@@ -570,7 +571,8 @@ def build_loader(shards: str | Path | list, config: Any, micro_batch_size: int, 
     stream = ShardStream(refs, spec, decoders, micro_batch_size, config.seed, rank, world_size,
                          shuffle=train, drop_last=train, epochs=epochs if train else 1,
                          max_bad_samples=config.max_bad_samples, mixture=mixture)
-    return ShardLoader(stream, config.num_workers, too_short, [path for path, _ in sources])
+    workers = config.num_workers if num_workers is None else num_workers
+    return ShardLoader(stream, workers, too_short, [path for path, _ in sources])
 
 
 def sample_decoder(index: dict, shards_dir: str | Path, spec: ClipSpec, seed: int

@@ -134,12 +134,20 @@ class Stage(ABC):
         ...
 
     def build_loader(self, split: str, micro_batch_size: int, rank: int, world_size: int) -> ResumableLoader | None:
-        """The shard loader of `split`: "train" (data.shards) or "val" (data.val_shards; None without)."""
-        shards = self.config.data.shards if split == "train" else self.config.data.val_shards
+        """The shard loader of `split`: "train" (data.shards, read by `data.num_workers` worker processes)
+        or "val" (data.val_shards, read in this process; None without).
+
+        Held-out batches are read without workers because they are read mid-run: a validation reads a
+        few batches, and a rank that forks workers while its other threads run can leave a worker
+        deadlocked at birth (CPython before 3.11.10, python/cpython#112275; seen in this project's tests).
+        The training loader forks its workers once, before the first step."""
+        train = split == "train"
+        shards = self.config.data.shards if train else self.config.data.val_shards
         if shards is None:
             return None
         return build_loader(shards, self.config.data, micro_batch_size, rank=rank, world_size=world_size,
-                            train=split == "train", **self.loader_options)
+                            train=train, num_workers=self.config.data.num_workers if train else 0,
+                            **self.loader_options)
 
     @abstractmethod
     def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
@@ -535,10 +543,11 @@ class Trainer:
                 f"resume with --resume auto")
         val_every = self.config.training.val_every
         if self.validates and self.step % val_every == 0:
-            self.monitor.log_validation(self.step, self.validation_loss())
+            batches = self.validation_batches()
+            self.monitor.log_validation(self.step, self.validation_loss(batches))
             if self.config.training.validate_ema:
                 with self.ema.swapped_in(self.engine.optimizer):
-                    self.monitor.log_validation(self.step, self.validation_loss(), name="ema_loss")
+                    self.monitor.log_validation(self.step, self.validation_loss(batches), name="ema_loss")
         if self.config.validation.every and self.step % self.config.validation.every == 0:
             self.render_validation_samples()
         if self.step % self.config.training.save_every == 0:
@@ -569,21 +578,25 @@ class Trainer:
         # one list per data-parallel group: its sequence-parallel ranks hold the same samples
         return [key for rank_keys in gathered[::self.layout.sp_size] for key in rank_keys]
 
-    @torch.no_grad()
-    def validation_loss(self) -> float:
-        """Mean loss over up to `training.val_batches` held-out micro-batches per rank, with fixed noise
-        (the same at every evaluation, so values are comparable over the run)."""
+    def validation_batches(self) -> list[dict[str, Any]]:
+        """This rank's first `training.val_batches` held-out micro-batches, as many on every rank (ZeRO-3
+        forwards are collective, so every rank evaluates the same number of batches)."""
         loader = self.stage.build_loader("val", self.micro_batch_size, self.layout.dp_rank, self.layout.dp_size)
         batches = list(itertools.islice(loader, self.config.training.val_batches))
-        # ZeRO-3 forwards are collective: every rank evaluates the same number of batches.
         count = torch.tensor([len(batches)], device=self.device)
         dist.all_reduce(count, op=dist.ReduceOp.MIN)
         if count.item() == 0:
             raise DataError(f"the held-out set gives some rank no validation batch of {self.micro_batch_size} "
                             f"samples; add held-out samples or set training.val_every=0")
+        return batches[:int(count.item())]
+
+    @torch.no_grad()
+    def validation_loss(self, batches: list[dict[str, Any]]) -> float:
+        """Mean loss over the held-out `batches`, with fixed noise (the same at every evaluation, so
+        values are comparable over the run)."""
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64)
-        for index, batch in enumerate(batches[:int(count.item())]):
+        for index, batch in enumerate(batches):
             generator = micro_batch_generator(self.config.training.seed, VALIDATION_STREAM, 0, index,
                                               self.layout.dp_rank, self.device)
             loss, _ = self.stage.training_loss(self.engine, batch, generator)
