@@ -40,6 +40,7 @@ def measure_step(dim: int, ffn_dim: int, heads: int, layers: int, micro: int, fr
     import torch
 
     from vidartrain.models.wan.model import WanModel
+    from vidartrain.shapes import tokens_per_latent_frame
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -60,7 +61,7 @@ def measure_step(dim: int, ffn_dim: int, heads: int, layers: int, micro: int, fr
     before = read_status_kib("VmRSS")
     step()
     peak = read_status_kib("VmHWM")
-    tokens = micro * frames * (height // 2) * (width // 2)
+    tokens = micro * frames * tokens_per_latent_frame((height, width))
     return {"measured_bytes": (peak - before) * 1024.0, "tokens": tokens}
 
 

@@ -26,6 +26,7 @@ import torch
 from vidartrain.losses import add_noise, flow_matching_loss, flow_matching_target, sample_sigmas
 from vidartrain.models.wan.model import CHECKPOINTING_MODES, WanModel
 from vidartrain.plan import kept_by_selective_bytes, saved_bytes
+from vidartrain.shapes import tokens_per_latent_frame
 
 
 @dataclass
@@ -45,7 +46,7 @@ class StepBenchmark:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.latent_frames * (self.latent_height // 2) * (self.latent_width // 2)
+        return self.batch_size * self.latent_frames * tokens_per_latent_frame((self.latent_height, self.latent_width))
 
 
 def build_model(settings: StepBenchmark) -> WanModel:

@@ -16,6 +16,7 @@ def tokens_per_latent_frame(latent_hw: tuple[int, int]) -> int:
     """DiT tokens of one latent frame of `latent_hw` (height, width) latents."""
     return (latent_hw[0] // DIT_PATCH_SIZE[1]) * (latent_hw[1] // DIT_PATCH_SIZE[2])
 
+
 # The published training clips: 81 frames (21 latent frames) of 736 x 640 (height x width), the
 # defaults of every clip setting (data.*, the loader's ClipSpec, pre-encoded windows).
 CLIP_NUM_FRAMES, CLIP_HEIGHT, CLIP_WIDTH = 81, 736, 640
