@@ -2,6 +2,7 @@
 performance section.
 
     python -m benchmarks [--only NAME ...] [--no-readme]
+    python -m benchmarks --render    # re-render from the committed results (after a GPU run)
 
 Each benchmark module has `run() -> dict` and `markdown(result) -> str`; every ratio is measured
 within one run on this machine. The planner's tables for every hardware profile come last.
@@ -29,6 +30,7 @@ BENCHMARKS = {  # module -> section title
     "plan_calibration": "Planner calibration: activation estimate vs measured CPU peak memory",
     "compile_time": "Static generation step: compilation time, blocks as one compile region vs unrolled",
 }
+CPU_RESULTS = REPO / "benchmarks" / "results.json"
 GPU_RESULTS = REPO / "benchmarks" / "results_gpu.json"
 README_BEGIN, README_END = "<!-- BEGIN PERFORMANCE -->", "<!-- END PERFORMANCE -->"
 
@@ -135,20 +137,32 @@ def update_readme(section: str) -> None:
     readme.write_text(f"{head}{README_BEGIN}\n{section}{README_END}{tail}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these benchmarks")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README's performance section")
-    args = parser.parse_args(argv)
+def measure(names: list[str]) -> dict:
+    """Run the named CPU benchmarks and the planner tables."""
     results: dict = {"machine": machine(), "benchmarks": {}}
-    for name in args.only or BENCHMARKS:
+    for name in names:
         print(f"running benchmarks.{name} ...", flush=True)
         started = time.perf_counter()
         results["benchmarks"][name] = importlib.import_module(f"benchmarks.{name}").run()
         print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
     results["planner"] = planner_tables()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these benchmarks")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README's performance section")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: render results.md and the README from the committed results.json and "
+                             "results_gpu.json (after adding GPU results)")
+    args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(CPU_RESULTS.read_text())
+    else:
+        results = measure(args.only or BENCHMARKS)
+        CPU_RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
     section = render(results)
-    (REPO / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (REPO / "benchmarks" / "results.md").write_text("# Benchmark results\n\n" + section)
     if not args.no_readme:
         update_readme(section)

@@ -362,6 +362,8 @@ def markdown(results: dict) -> str:
         lines += [f"| {kind} | {r['samples_per_s']:.2f} | {r['workers_per_gpu']:.2f} |"
                   for kind, r in results["loader"].items()]
     lines += [f"\nSection failed: {error}" for error in results.get("errors", [])]
+    for earlier in results.get("earlier_runs", []):  # kept by hand for the sections not measured again
+        lines += ["", "**Earlier run** (what the run above did not measure again):", "", markdown(earlier)]
     return "\n".join(lines)
 
 

@@ -104,3 +104,13 @@ def test_graphed_generation_code_computes_the_eager_frames_on_cpu():
             f"| {deployed['recompute']['seconds']:.3f} |") in text
     assert f"| {flop_ratio:.2f}x | {deployed['recompute_max_difference']:.2e} / " in text
     assert f"| {500 * deployed['cached']['seconds']:.1f} / {500 * deployed['graphed']['seconds']:.1f} |" in text
+
+
+def test_earlier_runs_render_after_the_latest_with_their_own_machine():
+    results = json.loads(GPU_RESULTS.read_text())
+    earlier = {"machine": {**results["machine"], "device": "NVIDIA H100 80GB HBM3", "commit": "abc1234"},
+               "seconds": 1, "causal_training": results["causal_training"]}
+    text = gpu.markdown({**results, "earlier_runs": [earlier]})
+    latest, rest = text.split("**Earlier run**")
+    assert latest.startswith(f"{results['machine']['device']}, ") and "**Causal generation**" in latest
+    assert "NVIDIA H100 80GB HBM3, torch" in rest and "commit abc1234" in rest and "**Causal training**" in rest
