@@ -14,12 +14,13 @@ each section, so a run cut short keeps what it measured:
    full checkpointing, eager and compiled;
 4. one-pass teacher forcing vs the sequential rollout (4 blocks; 4, 8 and 16 frames), eager and with
    compiled blocks (the trainer's default on CUDA);
-5. the stage-1 step at micro-batch 2 (eager);
+5. the stage-1 step at micro-batch 2 (eager; compiled with --compiled-only);
 6. the loader: samples/s of one worker over raw and pre-encoded shards, and how many workers keep
    the fastest measured stage-1 step fed.
 
     python -m benchmarks.gpu            # prints markdown, writes benchmarks/results_gpu.json
     python -m benchmarks.gpu --smoke    # tiny sizes, any device: checks the script, measures nothing
+    python -m benchmarks.gpu --compiled-only --sections stage1_step   # part of it, without eager baselines
 
 A step is forward + backward with bf16 weights and gradients, without the optimizer (its cost is
 paid once per `gradient_accumulation_steps` micro-steps and does not depend on checkpointing).
@@ -65,7 +66,8 @@ class Sizes:
     training_frames: tuple[int, ...] = (4, 8, 16)
     window_frames: int = 16  # stage 2's one-pass teacher forcing: the training window in latent frames
     steps: int = 2
-    compiled: bool = True  # also time compiled blocks (the trainer's default on CUDA)
+    compiled: bool = True  # time compiled blocks (the trainer's default on CUDA)
+    eager: bool = True  # time eager blocks too, the baselines (--compiled-only: not, to save device time)
     loader: dict | None = None  # benchmarks.loader.run arguments; None: its defaults (81x736x640)
 
 
@@ -112,7 +114,7 @@ def stage1_steps(sizes: Sizes, device: str, peak_tflops: float | None,
 
 def stage2_steps(sizes: Sizes, device: str, peak_tflops: float | None, modes: tuple[str, ...]) -> list[dict]:
     """Stage 2's training step at micro-batch 1: one-pass teacher forcing over [clean | noisy] of a
-    `window_frames` window (block-causal masks; flex_attention on CUDA), eager then compiled blocks."""
+    `window_frames` window (block-causal masks; flex_attention on CUDA), eager then compiled blocks (as `sizes` asks)."""
     torch.manual_seed(0)
     with torch.device(device):
         model = WanModelCausal(dim=sizes.dim, ffn_dim=sizes.ffn_dim, num_heads=sizes.num_heads,
@@ -132,7 +134,7 @@ def stage2_steps(sizes: Sizes, device: str, peak_tflops: float | None, modes: tu
         return (model.forward_teacher_forcing(clean, noisy, t, text).float() - target).pow(2).mean()
 
     rows = []
-    for compiled in (False, True) if sizes.compiled else (False,):
+    for compiled in block_variants(sizes):
         for checkpointing in modes:
             model.set_checkpointing(checkpointing)
             if compiled:
@@ -201,16 +203,16 @@ def run(sizes: Sizes = Sizes(), device: str | None = None,
     results = {"machine": {**machine(), "device": name, "cuda": torch.version.cuda,
                            "peak_bf16_tflops": peak}, "sizes": asdict(sizes)}
     first, more = sizes.micro_batches[0], sizes.micro_batches[1:]
+    blocks = block_variants(sizes)
     sections = [
         ("stage1_step", lambda: stage1_steps(sizes, device, peak, [
-            (compiled, first, mode) for compiled in ((False, True) if sizes.compiled else (False,))
-            for mode in CHECKPOINTING_MODES])),
+            (compiled, first, mode) for compiled in blocks for mode in CHECKPOINTING_MODES])),
         ("causal_generation", lambda: causal(sizes, device, "generation")),
         ("stage2_step", lambda: stage2_steps(sizes, device, peak, ("selective", "full"))),
-        ("causal_training", lambda: causal(sizes, device, "training")),
+        *([("causal_training", lambda: causal(sizes, device, "training"))] if sizes.eager else []),
         *([("causal_training_compiled", lambda: causal(sizes, device, "training", compile_options={}))]
           if sizes.compiled else []),
-        ("stage1_step", lambda: stage1_steps(sizes, device, peak, [(False, micro, mode) for micro in more
+        ("stage1_step", lambda: stage1_steps(sizes, device, peak, [(blocks[0], micro, mode) for micro in more
                                                                    for mode in CHECKPOINTING_MODES])),
         ("loader", lambda: loader.run(**(sizes.loader or {}), gpu_samples_per_s=fastest_samples_per_s(results))),
     ]
@@ -227,6 +229,15 @@ def run(sizes: Sizes = Sizes(), device: str | None = None,
         results["seconds"] = time.perf_counter() - started
         on_section(results)
     return results
+
+
+def block_variants(sizes: Sizes) -> tuple[bool, ...]:
+    """Whether the blocks run compiled, for each variant of a step that `sizes` asks for (eager first).
+    Larger micro-batches are timed with the first only: eagerly, unless the run is compiled only."""
+    variants = ((False,) if sizes.eager else ()) + ((True,) if sizes.compiled else ())
+    if not variants:
+        raise ValueError("neither eager nor compiled blocks asked for: nothing to time")
+    return variants
 
 
 def causal(sizes: Sizes, device: str, path: str, compile_options: dict | None = None) -> dict:
@@ -374,6 +385,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="measure only these sections (default: all)")
     parser.add_argument("--out", type=Path, default=GPU_RESULTS, help="results JSON (real sizes only), rewritten "
                                                                        "after each section")
+    parser.add_argument("--compiled-only", action="store_true",
+                        help="time compiled blocks only (as the trainer runs them on CUDA), without the eager "
+                             "baselines, to save device time (generation keeps its eager cache: the CUDA-graph "
+                             "frames are checked against it)")
     parser.add_argument("--generation-frames", type=int, nargs="+", metavar="FRAMES",
                         help=f"latent frame counts of causal_generation (default: {Sizes.generation_frames})")
     parser.add_argument("--training-frames", type=int, nargs="+", metavar="FRAMES",
@@ -382,6 +397,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: the real-size benchmark needs a GPU (--smoke checks the script anywhere)")
     sizes = SMOKE if args.smoke else Sizes()
+    if args.compiled_only:
+        sizes = replace(sizes, eager=False, compiled=True)
     for field in ("generation_frames", "training_frames"):
         frames = getattr(args, field)
         if frames and min(frames) < 2:

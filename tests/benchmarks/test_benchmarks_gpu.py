@@ -1,7 +1,7 @@
 """benchmarks/gpu.py at tiny sizes on the CPU (`--smoke`): every section runs and is reported, so the
 real-size script is ready when a GPU is (the measurements themselves need one)."""
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -114,3 +114,29 @@ def test_earlier_runs_render_after_the_latest_with_their_own_machine():
     latest, rest = text.split("**Earlier run**")
     assert latest.startswith(f"{results['machine']['device']}, ") and "**Causal generation**" in latest
     assert "NVIDIA H100 80GB HBM3, torch" in rest and "commit abc1234" in rest and "**Causal training**" in rest
+
+
+
+def test_compiled_only_times_no_eager_blocks(monkeypatch):
+    """--compiled-only: every step variant compiled (here by a backend that only captures graphs), the
+    eager causal-training section left out."""
+    measure = gpu.run
+    asked = []
+    monkeypatch.setattr(gpu, "run", lambda sizes, on_section, only: asked.append(sizes) or {"machine": {}})
+    monkeypatch.setattr(gpu, "markdown", lambda results: "")
+    gpu.main(["--smoke", "--compiled-only"])
+    sizes = asked[0]
+    assert (sizes.eager, sizes.compiled) == (False, True) and gpu.block_variants(sizes) == (True,)
+    for module in (gpu, causal_paths):
+        monkeypatch.setattr(module, "compile_blocks", lambda model, compile_blocks=module.compile_blocks, **options:
+                            compile_blocks(model, **{**options, "backend": "eager"}))
+    try:
+        results = measure(replace(sizes, micro_batches=(1,)), device="cpu",
+                          only=("stage1_step", "stage2_step", "causal_training", "causal_training_compiled"))
+    finally:
+        torch._dynamo.reset()
+    assert "errors" not in results, results.get("errors")
+    assert [r["compiled"] for r in results["stage1_step"] + results["stage2_step"]] == [True] * 5
+    assert "causal_training" not in results and "causal_training_compiled" in results
+    with pytest.raises(ValueError, match="nothing to time"):
+        gpu.block_variants(replace(sizes, compiled=False))
