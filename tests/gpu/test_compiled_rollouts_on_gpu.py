@@ -18,9 +18,12 @@ from helpers.compiled_rollouts import causal_model, stage2_block_graphs
 
 @pytest.mark.parametrize("backend", ["flex", "sdpa"])
 def test_every_stage2_path_compiles_within_the_recompile_limit_on_cuda(backend):
-    first, second = stage2_block_graphs("cuda", torch.bfloat16, backend)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = stage2_block_graphs("cuda", torch.bfloat16, backend)
     assert second == first
     assert first < BLOCK_RECOMPILE_LIMIT
+    assert not [w for w in caught if "lru_cache" in str(w.message)], "dynamo traced a cached function"
 
 
 def test_cached_generation_runs_the_blocks_eagerly_and_flex_attention_compiled():

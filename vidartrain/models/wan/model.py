@@ -301,10 +301,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
         # flash-attn takes [B, L, N, D]; our [B, N, L, D] tensors are transposed views of that layout.
         return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     if isinstance(mask, BlockMask):
-        if not q.is_cuda:
+        # The plain call: on the CPU (tests), and under torch.compile, which traces it into the
+        # caller's graph and compiles it there (tracing the cached compiled function instead made
+        # dynamo warn on CUDA that it ignores the function's lru_cache).
+        if not q.is_cuda or torch.compiler.is_compiling():
             return flex_attention(q, k, v, block_mask=mask)
-        if torch.compiler.is_compiling():  # traced into the caller's graph
-            return _compiled_flex_attention()(q, k, v, block_mask=mask)
         # Compiled also where the caller runs compiled code eagerly (torch.compiler.set_stance, as the
         # cached generation does with training's compiled blocks): it is the kernel, not a speed-up.
         with torch.compiler.set_stance("default"):
