@@ -116,7 +116,6 @@ def test_earlier_runs_render_after_the_latest_with_their_own_machine():
     assert "NVIDIA H100 80GB HBM3, torch" in rest and "commit abc1234" in rest and "**Causal training**" in rest
 
 
-
 def test_compiled_only_times_no_eager_blocks(monkeypatch):
     """--compiled-only: every step variant compiled (here by a backend that only captures graphs), the
     eager causal-training section left out."""

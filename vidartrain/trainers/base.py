@@ -146,8 +146,7 @@ class Stage(ABC):
         if shards is None:
             return None
         return build_loader(shards, self.config.data, micro_batch_size, rank=rank, world_size=world_size,
-                            train=train, num_workers=self.config.data.num_workers if train else 0,
-                            **self.loader_options)
+                            train=train, num_workers=None if train else 0, **self.loader_options)
 
     @abstractmethod
     def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
