@@ -10,6 +10,8 @@ each section, so a run cut short keeps what it measured:
    in the deployed setting (chunks of 4, 4 calls each), eager and with the static-shape step in CUDA
    graphs (torch.compile mode reduce-overhead), and milliseconds per generated latent frame; beside
    them the FLOP ratio of recomputation to the cache, the most the cache can save at equal FLOP/s;
+   then one eager cached generation per setting profiled (`benchmarks.generation_profile`): per model
+   call its operators, kernels and the share of the time the GPU is busy;
 3. stage 2's step: one-pass teacher forcing over a 16-frame window (14,720 tokens), selective and
    full checkpointing, eager and compiled;
 4. one-pass teacher forcing vs the sequential rollout (4 blocks; 4, 8 and 16 frames), eager and with
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import causal_paths, loader, train_step
+from benchmarks import causal_paths, generation_profile, loader, train_step
 from benchmarks.__main__ import GPU_RESULTS, machine
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.model import CHECKPOINTING_MODES
@@ -46,7 +48,7 @@ from vidartrain.shapes import tokens_per_latent_frame
 from vidartrain.trainers.base import compile_blocks
 
 GIB = 2**30
-SECTIONS = ("stage1_step", "causal_generation", "stage2_step", "causal_training", "causal_training_compiled", "loader")
+SECTIONS = ("stage1_step", "causal_generation", "generation_profile", "stage2_step", "causal_training", "causal_training_compiled", "loader")
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,7 @@ def run(sizes: Sizes = Sizes(), device: str | None = None,
         ("stage1_step", lambda: stage1_steps(sizes, device, peak, [
             (compiled, first, mode) for compiled in blocks for mode in CHECKPOINTING_MODES])),
         ("causal_generation", lambda: causal(sizes, device, "generation")),
+        ("generation_profile", lambda: profiled_generation(sizes, device)),
         ("stage2_step", lambda: stage2_steps(sizes, device, peak, ("selective", "full"))),
         *([("causal_training", lambda: causal(sizes, device, "training"))] if sizes.eager else []),
         *([("causal_training_compiled", lambda: causal(sizes, device, "training", compile_options={}))]
@@ -253,13 +256,31 @@ def causal(sizes: Sizes, device: str, path: str, compile_options: dict | None = 
     def print_row(frames: int, row: dict) -> None:
         print(f"causal {path}, {frames} latent frames: {json.dumps(row, default=str)}", flush=True)
 
-    results = causal_paths.measure_causal_paths(frames, model_config={
-        "dim": sizes.dim, "ffn_dim": sizes.ffn_dim, "num_heads": sizes.num_heads, "text_len": sizes.text_len,
-        "text_dim": sizes.text_dim, "num_layers": layers}, latent_hw=sizes.latent_hw, device=device, paths=(path,),
-        on_row=print_row, compile_options=compile_options)
+    results = causal_paths.measure_causal_paths(frames, model_config=causal_model_config(sizes, layers),
+                                                latent_hw=sizes.latent_hw, device=device, paths=(path,),
+                                                on_row=print_row, compile_options=compile_options)
     if device == "cuda":
         torch.cuda.empty_cache()
     return results
+
+
+def causal_model_config(sizes: Sizes, num_layers: int) -> dict:
+    return {"dim": sizes.dim, "ffn_dim": sizes.ffn_dim, "num_heads": sizes.num_heads, "text_len": sizes.text_len,
+            "text_dim": sizes.text_dim, "num_layers": num_layers}
+
+
+def profiled_generation(sizes: Sizes, device: str) -> dict:
+    """`generation_profile` of the whole model (eager blocks, bf16 on a GPU) at the largest generation frame count."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WanModelCausal(**causal_model_config(sizes, sizes.num_layers))
+    if device != "cpu":
+        model.to(torch.bfloat16)
+    frames = max(sizes.generation_frames)
+    result = {"frames": frames, "num_layers": sizes.num_layers,
+              "settings": generation_profile.profile_generation(model, frames, sizes.latent_hw)}
+    release(model, device)
+    return result
 
 
 def fastest_samples_per_s(results: dict) -> float:
@@ -356,6 +377,9 @@ def markdown(results: dict) -> str:
                   for r in results["stage2_step"]]
     if "causal_generation" in results:
         lines += ["", *generation_table(results["causal_generation"], Sizes(**results["sizes"]))]
+    if "generation_profile" in results:
+        profiled = results["generation_profile"]
+        lines += ["", *generation_profile.markdown(profiled["settings"], profiled["frames"], profiled["num_layers"])]
     for key, blocks in (("causal_training", "eager blocks"),
                         ("causal_training_compiled", "compiled blocks, as the trainer runs them on CUDA")):
         if key in results:

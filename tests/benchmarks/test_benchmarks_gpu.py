@@ -11,6 +11,7 @@ from benchmarks import causal_paths, gpu
 from benchmarks.__main__ import GPU_RESULTS
 from benchmarks.causal_paths import (GENERATION_SETTINGS, SMALL_CONFIG, GraphedGeneration, generation_paths,
                                      generation_row)
+from benchmarks.generation_profile import NO_GPU
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.plan import DitShape
 
@@ -32,11 +33,19 @@ def test_smoke_run_reports_every_section(capsys):
         assert measured["cached"]["seconds"] > 0 and measured["recompute"]["seconds"] > 0
         assert measured["recompute_max_difference"] < 1e-5  # cached == recomputed prefix
         assert measured["graphed"] == {"skipped": "CUDA graphs (torch.compile mode reduce-overhead) need a CUDA device"}
+    profiled = results["generation_profile"]["settings"]
+    # a first prefill, then per frame after it each denoising call and a prefill (the 2 deployed frames: one chunk)
+    assert {name: row["model_calls"] for name, row in profiled.items()} == {
+        "one call per frame": 1 + 2 * 2, "4 calls per frame": 1 + 2 * 5, "deployed": 1 + 5}
+    for row in profiled.values():
+        assert row["ms_per_call"] > 0 and row["operators_per_call"] > 100 and row["gpu"] == {"skipped": NO_GPU}
+        assert row["top_host_ops"][0]["self_cpu_ms_per_call"] >= row["top_host_ops"][-1]["self_cpu_ms_per_call"] > 0
     training = results["causal_training"][2]
     assert abs(training["teacher_forcing_loss"] - training["sequential_loss"]) < 1e-5
     assert set(results["loader"]) == {"raw", "raw_uint8", "pre_encoded"}
     text = gpu.markdown(results)
     assert "| 2 | selective | no |" in text and "**Stage-2 step**" in text and "cached speed-up" in text and "| skipped: CUDA graphs" in text and "| pre_encoded |" in text
+    assert "| one call per frame | 5 |" in text and "Host time per model call (one call per frame)" in text
 
 
 def test_causal_training_section_can_time_the_blocks_compiled():
