@@ -89,6 +89,12 @@ def test_literal_choices_listed(tmp_path):
     ("training.freeze=[t5,' ']", "entries are parameter-name patterns"),
     ("training.ema_decay=1.0", "`training.ema_decay` = 1.0: must be in [0, 1)"),
     ("training.ema_warmup=-1", "`training.ema_warmup` = -1: must be >= 0"),
+    ("training.val_batches=0", "`training.val_batches` = 0: must be > 0"),
+    ("training.seed=-1", "`training.seed` = -1: must be >= 0"),
+    ("data.seed=-3", "`data.seed` = -3: must be >= 0"),
+    ("validation.seed=-1", "`validation.seed` = -1: must be >= 0"),
+    ("loss.embodiment_aware=true", "`loss.embodiment_aware` = true weights stage 2's loss by the IDM's masks (Eq. 7), "
+                                   "but `loss.type` = flow_matching trains another stage"),
     ("training.validate_ema=true", "`training.validate_ema` = true evaluates the EMA of the weights, but "
                                    "`training.ema_decay` = 0 keeps none"),
 ])

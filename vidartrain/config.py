@@ -568,7 +568,8 @@ def value_problems(config: Config) -> typing.Iterator[str]:
         "training.lr": t.lr, "training.eps": t.eps, "training.log_every": t.log_every,
         "training.save_every": t.save_every, "training.keep_last": t.keep_last,
         "training.log_seconds": t.log_seconds,
-        "training.max_nonfinite_steps": t.max_nonfinite_steps, "loss.shift": loss.shift,
+        "training.max_nonfinite_steps": t.max_nonfinite_steps, "training.val_batches": t.val_batches,
+        "loss.shift": loss.shift,
         "data.fps": data.fps, "self_forcing.kv_cache_length": sf.kv_cache_length,
         "self_forcing.denoising_steps": sf.denoising_steps, "self_forcing.rollout_bound": sf.rollout_bound,
         "self_forcing.rollout_prefill_num": sf.rollout_prefill_num,
@@ -581,11 +582,16 @@ def value_problems(config: Config) -> typing.Iterator[str]:
         "training.grad_clip": t.grad_clip, "training.val_every": t.val_every,
         "loss.eta": loss.eta, "loss.mask_weight": loss.mask_weight,
         "data.num_workers": data.num_workers, "data.max_bad_samples": data.max_bad_samples,
-        "self_forcing.sink_frames": sf.sink_frames,
+        "self_forcing.sink_frames": sf.sink_frames, "training.seed": t.seed, "data.seed": data.seed,
+        "validation.seed": config.validation.seed,
     }
     for key, value in non_negative.items():
         if value < 0:
             yield f"`{key}` = {value}: must be >= 0"
+    if loss.embodiment_aware and not config.causal:
+        yield (f"`loss.embodiment_aware` = true weights stage 2's loss by the IDM's masks (Eq. 7), but `loss.type` = "
+               f"{loss.type} trains another stage, where it would be ignored: set it false, or train stage 2 "
+               f"(`loss.type: {CAUSAL_LOSS}`)")
     if t.gradient_accumulation is not None and t.gradient_accumulation < 1:
         yield f"`training.gradient_accumulation` = {t.gradient_accumulation}: must be >= 1"
     if t.warmup > t.num_steps:
