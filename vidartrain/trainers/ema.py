@@ -33,6 +33,7 @@ from deepspeed.utils import safe_get_local_fp32_param
 from torch import nn
 
 from vidartrain.config import Config, ConfigError
+from vidartrain.distributed.checkpointing import weights_only_loads
 from vidartrain.errors import CheckpointError
 
 
@@ -155,8 +156,8 @@ def ema_state_dict_from_checkpoint(checkpoint: str | Path) -> dict[str, torch.Te
                    key=lambda path: int(path.name.split("_")[3]))
     if not files:
         raise CheckpointError(f"{checkpoint}: no ZeRO-3 model-state files (zero_pp_rank_*_mp_rank_00_model_states.pt)")
-    # DeepSpeed's own files hold Python objects besides tensors (weights_only cannot read them)
-    states = [torch.load(path, map_location="cpu", weights_only=False).get("ema") for path in files]
+    with weights_only_loads():  # DeepSpeed's files hold a few plain Python objects besides tensors; nothing that runs
+        states = [torch.load(path, map_location="cpu").get("ema") for path in files]
     if any(state is None for state in states):
         raise CheckpointError(f"{checkpoint} holds no EMA (the run had training.ema_decay=0)")
     if len(states) != states[0]["world_size"]:
