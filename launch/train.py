@@ -63,8 +63,10 @@ def build_parser(description: str | None = None, default_config: str | None = No
     parser.add_argument("--max_steps", "--max-steps", dest="max_steps", type=int, default=None,
                         help="stop after this step (with a checkpoint); default training.num_steps")
     parser.add_argument("--overwrite", action="store_true",
-                        help="let the export replace an input of the run (output.save_path equal to model.pt_dir "
-                             "or model.idm_path, or inside model.ckpt_dir); refused otherwise")
+                        help="replace what exists, refused otherwise: an earlier run's checkpoints in the output "
+                             "dir by a run that does not --resume them (they are deleted), an input of the run by the "
+                             "export (output.save_path equal to model.pt_dir or model.idm_path, or inside "
+                             "model.ckpt_dir)")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="print the memory/time plan, run one real step into OUTPUT/dry_run, and report "
                              "the measured peak memory beside the planned one")
@@ -133,7 +135,8 @@ def dry_run(config: Config, stage: Stage, ds_path: str, ds_config: dict[str, Any
     out = Path(args.output_dir or config.output.output_dir) / "dry_run"
     config.output.save_path = str(out / "export" / f"{stage.name}.pt")
     before = peak_memory_bytes()  # CPU: the runtime's own footprint; GPU: nothing allocated yet
-    Trainer(config, stage, RunOptions(ds_config=ds_config, output_dir=str(out), max_steps=1)).train()
+    # The dry run's folder is its own: a second dry run replaces the first one's checkpoint.
+    Trainer(config, stage, RunOptions(ds_config=ds_config, output_dir=str(out), max_steps=1, overwrite=True)).train()
     measured = (peak_memory_bytes() - before) / 2**20
     planned = (plan.total_gib - plan.memory_gib["headroom"]) * 1024
     if rank == 0:

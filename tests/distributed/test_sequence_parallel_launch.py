@@ -121,7 +121,7 @@ def test_universal_checkpoint_of_sp2_dp2_resumes_on_one_sequence_parallel_group(
     (the noise follows the data-parallel index), so a loss of the same size."""
     output_dir, _ = sp2_dp2_run
     source = output_dir / "checkpoints" / tag_for_step(2)
-    universal = workspace / "sp2_dp2_step2_universal"
+    universal = source.with_name(f"{source.name}_universal")  # beside its source, whose record the resume checks
     subprocess.run([str(BIN / "python"), "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                     str(source), "--output_folder", str(universal)], check=True, capture_output=True)
     resumed_dir = workspace / "sp2_dp1"

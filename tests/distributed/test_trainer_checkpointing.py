@@ -4,10 +4,10 @@ import math
 import pytest
 
 from vidartrain.distributed.checkpointing import (
-    COMPLETE_MARKER, LATEST_FILE, complete_checkpoints, latest_complete, mark_complete, prune_checkpoints,
-    resolve_resume, tag_for_step)
-from vidartrain.errors import CheckpointError
-from vidartrain.trainers.base import lr_factor
+    COMPLETE_MARKER, LATEST_FILE, CheckpointRef, complete_checkpoints, latest_complete, mark_complete,
+    prune_checkpoints, recorded_run, resolve_resume, set_aside_checkpoints_after, tag_for_step)
+from vidartrain.errors import CheckpointError, ConfigError
+from vidartrain.trainers.base import RunOptions, check_fresh_start, lr_factor
 
 
 def fake_checkpoint(root, step, complete=True):
@@ -49,6 +49,37 @@ def test_prune_keeps_last_k_and_removes_stale_partial_saves(tmp_path):
     assert (tmp_path / LATEST_FILE).read_text() == "step_00000030"
 
 
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
+    """A run resumed from step 20 while steps 30 and 40 (one unfinished) exist: those move into
+    superseded/, so the resumed run's save at 30 neither writes into the old folder nor is pruned for
+    the old 40, and `latest` names the resumed checkpoint."""
+    for step in (10, 20, 30):
+        fake_checkpoint(tmp_path, step)
+    fake_checkpoint(tmp_path, 40, complete=False)
+    moved = set_aside_checkpoints_after(tmp_path, 20, "20261128-070000")
+    assert moved == tmp_path / "superseded" / "after_step_00000020_20261128-070000"
+    assert sorted(p.name for p in moved.iterdir()) == ["step_00000030", "step_00000040"]
+    assert (moved / "step_00000030" / COMPLETE_MARKER).is_file()  # moved whole
+    assert complete_checkpoints(tmp_path) == ["step_00000010", "step_00000020"]
+    assert (tmp_path / LATEST_FILE).read_text() == "step_00000020"
+    fake_checkpoint(tmp_path, 30)  # the resumed run's own save
+    assert prune_checkpoints(tmp_path, keep_last=1) == ["step_00000010", "step_00000020"]
+    assert complete_checkpoints(tmp_path) == ["step_00000030"]
+    assert set_aside_checkpoints_after(tmp_path, 30, "20261128-070100") is None  # nothing later: nothing moves
+
+
+def test_a_fresh_run_does_not_start_over_an_earlier_runs_checkpoints(tmp_path):
+    options = RunOptions(ds_config={})
+    assert check_fresh_start(tmp_path, options) is False  # nothing there
+    fake_checkpoint(tmp_path / "checkpoints", 10)
+    fake_checkpoint(tmp_path / "checkpoints", 20, complete=False)
+    with pytest.raises(ConfigError, match=r"holds 2 checkpoints of an earlier run \(newest step_00000020\): "
+                                          r"continue it with --resume auto.*or pass --overwrite"):
+        check_fresh_start(tmp_path, options)
+    assert check_fresh_start(tmp_path, RunOptions(ds_config={}, overwrite=True)) is True
+    assert check_fresh_start(tmp_path, RunOptions(ds_config={}, resume="auto")) is False
+
+
 def test_resume_resolution(tmp_path):
     assert resolve_resume(None, tmp_path) is None
     assert resolve_resume("auto", tmp_path / "nothing_here") is None
@@ -64,6 +95,22 @@ def test_resume_resolution(tmp_path):
     with pytest.raises(CheckpointError, match="neither a checkpoint folder"):
         resolve_resume(str(universal / "zero"), tmp_path)
     assert (tmp_path / "step_00000005" / COMPLETE_MARKER).is_file()
+
+
+def test_a_universal_checkpoint_is_checked_against_the_run_that_saved_its_source(tmp_path):
+    """ds_to_universal writes no COMPLETE record: the settings a resume is compared with are those of the
+    checkpoint it was made from, beside it, or of a COMPLETE file copied into it; without either the
+    resume is refused (it checked nothing before)."""
+    fake_checkpoint(tmp_path, 5)
+    universal = CheckpointRef(tmp_path, "step_00000005_universal", universal=True)
+    universal.path.mkdir()
+    assert recorded_run(universal) == {"step": 5}
+    elsewhere = CheckpointRef(tmp_path / "moved", "step_00000005_universal", universal=True)
+    elsewhere.path.mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="records no config.*keep the universal checkpoint next to its source"):
+        recorded_run(elsewhere)
+    (elsewhere.path / COMPLETE_MARKER).write_text((tmp_path / "step_00000005" / COMPLETE_MARKER).read_text())
+    assert recorded_run(elsewhere) == {"step": 5}
 
 
 def test_lr_warmup_then_constant_or_cosine():

@@ -21,8 +21,9 @@ from launch.forward_sigterm import ranks_under
 from helpers.trainer_launch import CPU_PROFILE, TINY_CONFIG, cpu_train_args, deepspeed_command, single_process, start
 from helpers.trainer_launch import BIN, REPO_ROOT, free_port, launcher_env, logged_steps, tail, wait, wait_for_step
 from vidartrain.config import ConfigError, load_config
-from vidartrain.distributed.checkpointing import (COMPLETE_MARKER, checkpoint_files, file_digests, mark_complete,
-                                                  resolve_resume, tag_for_step)
+from vidartrain.distributed.checkpointing import (COMPLETE_MARKER, checkpoint_files, complete_checkpoints,
+                                                  file_digests, latest_complete, mark_complete, resolve_resume,
+                                                  tag_for_step)
 from vidartrain.distributed.ds_config import load_profile
 from vidartrain.distributed.export import main as export_main
 from vidartrain.errors import CheckpointError
@@ -88,6 +89,45 @@ def test_resume_refuses_settings_that_cannot_change(pre_encoded, runs, tmp_path)
     assert "cannot change on a resume" in result.stderr
     assert "training.seed: 42 -> 7" in result.stderr and "data.height: 64 -> 128" in result.stderr
     assert metrics_steps(tmp_path) == metrics_steps(runs.first)  # nothing trained, nothing logged
+    # what the DeepSpeed profile fixes, refused before the engine is built (DeepSpeed's loader failed on files)
+    profile = load_profile(REPO_ROOT / CPU_PROFILE)
+    profile["bf16"]["enabled"] = False
+    profile["zero_optimization"]["stage"] = 2
+    changed_profile = tmp_path / "changed_profile.json"
+    changed_profile.write_text(json.dumps(profile))
+    result = train(pre_encoded, tmp_path, "--resume", "auto", "--ds-config", str(changed_profile))
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert ("DeepSpeed profile zero_stage: 3 -> 2" in result.stderr
+            and "DeepSpeed profile precision: bf16 -> fp32" in result.stderr)
+
+
+def test_a_run_that_does_not_resume_does_not_start_over_an_earlier_run(pre_encoded, runs, tmp_path):
+    shutil.copytree(runs.first, tmp_path, dirs_exist_ok=True)
+    before = {tag: (tmp_path / "checkpoints" / tag / COMPLETE_MARKER).read_text() for tag in complete_checkpoints(
+        tmp_path / "checkpoints")}
+    result = train(pre_encoded, tmp_path, "--set", "training.lr=5e-4")
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "holds 3 checkpoints of an earlier run (newest step_00000004): continue it with --resume auto" in result.stderr
+    assert {tag: (tmp_path / "checkpoints" / tag / COMPLETE_MARKER).read_text()
+            for tag in complete_checkpoints(tmp_path / "checkpoints")} == before
+    assert metrics_steps(tmp_path) == metrics_steps(runs.first)
+
+
+def test_resuming_an_earlier_checkpoint_keeps_the_later_ones_aside(pre_encoded, runs, tmp_path):
+    """Rolled back to step 2 of a run saved at 2, 3 and 4: the resumed run's own step 3 is the latest
+    checkpoint (before, keep_last pruned it in favour of the old step 4, and --resume auto went back to
+    that abandoned run), and the old 3 and 4 are kept in superseded/."""
+    shutil.copytree(runs.first, tmp_path, dirs_exist_ok=True)
+    root = tmp_path / "checkpoints"
+    old = {step: (root / tag_for_step(step) / COMPLETE_MARKER).read_text() for step in (3, 4)}
+    result = succeeded(train(pre_encoded, tmp_path, "--resume", str(root / tag_for_step(2)), "--max_steps", "3",
+                             "--set", "training.keep_last=1"))
+    assert "moved to" in result.stderr
+    assert complete_checkpoints(root) == [tag_for_step(3)] and latest_complete(root) == tag_for_step(3)
+    assert (root / tag_for_step(3) / COMPLETE_MARKER).read_text() != old[3]
+    [aside] = (root / "superseded").iterdir()
+    assert {step: (aside / tag_for_step(step) / COMPLETE_MARKER).read_text() for step in (3, 4)} == old
+    assert metrics_steps(tmp_path) == [1, 2, 3]
 
 
 # ---------------------------------------------------------------------------------------------------

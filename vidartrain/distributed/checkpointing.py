@@ -6,6 +6,7 @@
                                 step, the world size, the resolved config and the size and sha256 of
                                 every other file of the checkpoint
         latest                  name of the newest complete checkpoint, replaced atomically
+        superseded/after_step_00000010_<time>/step_00000020/   set aside by a resume from step 10
         step_00000010_universal/  optional: `python -m deepspeed.checkpoint.ds_to_universal
                                   --input_folder .../step_00000010 --output_folder .../step_00000010_universal`,
                                   loadable with any number of ranks (`--resume` that folder)
@@ -94,6 +95,22 @@ def read_complete(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{marker}: unreadable ({err})") from None
 
 
+def recorded_run(ref: CheckpointRef) -> dict[str, Any]:
+    """The COMPLETE record of the run that saved `ref`. ds_to_universal writes none into a universal
+    checkpoint: its own COMPLETE is taken if one was copied there, else that of the checkpoint it was made
+    from, beside it (`step_N` for `step_N_universal`)."""
+    if not ref.universal:
+        return read_complete(ref.path)
+    source = ref.root / ref.tag.removesuffix("_universal")
+    for folder in (ref.path, source):
+        if is_complete(folder):
+            return read_complete(folder)
+    raise CheckpointError(f"{ref.path}: a universal checkpoint records no config, so the settings of this run "
+                          f"cannot be checked against it; the one it was made from is looked for beside it as "
+                          f"{source} (where the README's ds_to_universal command puts it): keep the universal "
+                          f"checkpoint next to its source, or copy the source's {COMPLETE_MARKER} file into it")
+
+
 def checkpoint_files(path: Path) -> list[str]:
     """Every file of a checkpoint folder but its COMPLETE marker, as sorted relative paths."""
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
@@ -170,10 +187,7 @@ def save_failure(directory: Path, err: BaseException) -> CheckpointError:
 
 def complete_checkpoints(root: Path) -> list[str]:
     """Tags of complete checkpoints under `root`, oldest first."""
-    if not root.is_dir():
-        return []
-    tags = [p.name for p in root.iterdir() if TAG_PATTERN.match(p.name) and is_complete(p)]
-    return sorted(tags)
+    return [tag for tag in saved_checkpoints(root) if is_complete(root / tag)]
 
 
 def latest_complete(root: Path) -> str | None:
@@ -189,6 +203,45 @@ def latest_complete(root: Path) -> str | None:
     return tags[-1] if tags else None
 
 
+def saved_checkpoints(root: Path) -> list[str]:
+    """Tags of every checkpoint folder under `root`, complete or not, oldest first."""
+    return sorted(p.name for p in root.iterdir() if TAG_PATTERN.match(p.name)) if root.is_dir() else []
+
+
+def step_of(tag: str) -> int:
+    return int(TAG_PATTERN.match(tag).group(1))
+
+
+def remove_checkpoints(root: Path) -> list[str]:
+    """Delete every checkpoint under `root` and its `latest` (a new run replacing an earlier one, as
+    --overwrite asks). Returns the deleted tags."""
+    tags = saved_checkpoints(root)
+    for tag in tags:
+        shutil.rmtree(root / tag)
+    (root / LATEST_FILE).unlink(missing_ok=True)
+    return tags
+
+
+def set_aside_checkpoints_after(root: Path, step: int, now: str) -> Path | None:
+    """Move the checkpoints of steps after `step` (complete or not) into `root/superseded/after_step_N_<now>/`
+    and point `latest` at the newest complete one left. A run resumed from an earlier checkpoint would
+    write into their folders at the same steps, and pruning and `--resume auto` would prefer them to its
+    own; moved, nothing of them is lost. Returns the folder they went to, or None if there were none."""
+    later = [tag for tag in saved_checkpoints(root) if step_of(tag) > step]
+    if not later:
+        return None
+    destination = root / "superseded" / f"after_{tag_for_step(step)}_{now}"
+    destination.mkdir(parents=True)
+    for tag in later:
+        (root / tag).rename(destination / tag)
+    remaining = complete_checkpoints(root)
+    if remaining:
+        write_atomically(root / LATEST_FILE, lambda tmp: tmp.write_text(remaining[-1]))
+    else:
+        (root / LATEST_FILE).unlink(missing_ok=True)
+    return destination
+
+
 def prune_checkpoints(root: Path, keep_last: int) -> list[str]:
     """Delete all but the newest `keep_last` complete checkpoints, and unfinished saves older than
     the newest complete one. Returns the deleted tags."""
@@ -197,8 +250,7 @@ def prune_checkpoints(root: Path, keep_last: int) -> list[str]:
         return []
     newest = complete[-1]
     doomed = complete[:-keep_last] if keep_last > 0 else []
-    doomed += [p.name for p in root.iterdir()
-               if TAG_PATTERN.match(p.name) and not is_complete(p) and p.name < newest]
+    doomed += [tag for tag in saved_checkpoints(root) if not is_complete(root / tag) and tag < newest]
     for tag in doomed:
         shutil.rmtree(root / tag, ignore_errors=True)
     return doomed

@@ -130,9 +130,21 @@ def apply_cpu_offload(config: Config, ds: dict[str, Any], warnings: list[str]) -
         zero.pop("offload_param", None)
 
 
+def precision_of(ds: dict[str, Any]) -> str:
+    return "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+
+
+def fixed_by_checkpoint(ds: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint saved under the DeepSpeed config `ds` fixes for a run that resumes it: how the
+    optimizer states are partitioned (the ZeRO stage) and the precision of the weights (which states
+    exist). A resume under another profile is refused before the engine is built, where DeepSpeed's
+    loader would fail on missing files."""
+    return {"zero_stage": ds.get("zero_optimization", {}).get("stage", 0), "precision": precision_of(ds)}
+
+
 def apply_precision(config: Config, ds: dict[str, Any], warnings: list[str]) -> None:
     wanted = config.distributed.mixed_precision
-    current = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+    current = precision_of(ds)
     normalised = "fp32" if wanted == "no" else wanted
     if config.loss.type == "idm":
         normalised = idm_precision(normalised, current)

@@ -87,9 +87,9 @@ from vidartrain.data.dataset import BadSampleLimitError, build_loader
 from vidartrain.data.shard_index import DataInfo
 from vidartrain.distributed.checkpointing import (
     CheckpointRef, checkpoint_files, checkpoint_problems, checkpoints_dir, file_digests, first_intact,
-    latest_complete, mark_complete, prune_checkpoints, read_complete, resume_candidates, save_failure, tag_for_step,
-    weights_only_loads)
-from vidartrain.distributed.ds_config import checkpointing_mode
+    latest_complete, mark_complete, prune_checkpoints, recorded_run, remove_checkpoints, resume_candidates,
+    save_failure, saved_checkpoints, set_aside_checkpoints_after, tag_for_step, weights_only_loads)
+from vidartrain.distributed.ds_config import checkpointing_mode, fixed_by_checkpoint
 from vidartrain.distributed.export import gather_state_dict
 from vidartrain.distributed.sequence_parallel import (ParallelLayout, SequenceParallel, apply_sequence_parallel,
                                                       new_sequence_parallel_groups)
@@ -189,7 +189,9 @@ class RunOptions:
     output_dir: str | None = None  # None: config.output.output_dir
     resume: str | None = None  # None, "auto" or a checkpoint path
     max_steps: int | None = None  # stop (with a checkpoint) after this step; None: training.num_steps
-    overwrite: bool = False  # allow the export to replace an input (model.pt_dir, model.idm_path, model.ckpt_dir)
+    # replace what exists: an input of the run by the export (model.pt_dir, model.idm_path, model.ckpt_dir),
+    # an earlier run's checkpoints in output_dir by a run that does not resume them
+    overwrite: bool = False
 
 
 class NonFiniteLossError(RuntimeError):
@@ -346,6 +348,17 @@ def check_placement(module: nn.Module, device: torch.device) -> None:
                            + ", ".join(misplaced[:8]))
 
 
+def check_fresh_start(output_dir: Path, options: RunOptions) -> bool:
+    """Whether this run replaces an earlier one's checkpoints in `output_dir` (--overwrite, no --resume);
+    refuses to start over them otherwise. Rank 0 deletes them once the process group exists."""
+    earlier = saved_checkpoints(checkpoints_dir(output_dir)) if options.resume is None else []
+    if earlier and not options.overwrite:
+        raise ConfigError(f"{checkpoints_dir(output_dir)} holds {len(earlier)} checkpoints of an earlier run (newest "
+                          f"{earlier[-1]}): continue it with --resume auto, start this run in another --output_dir, "
+                          f"or pass --overwrite to replace that run (its checkpoints are deleted)")
+    return bool(earlier)
+
+
 class Trainer:
     """Runs one stage on a DeepSpeed engine; `train()` is the whole loop, top to bottom."""
 
@@ -359,6 +372,7 @@ class Trainer:
         self.ds_config = copy.deepcopy(options.ds_config)  # a resume from a universal checkpoint adds to it
         check_ema_config(config, self.ds_config)
         candidates = resume_candidates(options.resume, checkpoints_dir(self.output_dir))
+        self.replaces_earlier_run = check_fresh_start(self.output_dir, options)
         self.save_path = export_path(config, self.output_dir, stage.name)
         check_export_path(config, self.save_path, options.overwrite)
         log.info("starting the process group of %d rank(s)", self.world_size)
@@ -370,6 +384,10 @@ class Trainer:
         # seeds follow the data-parallel index `layout.dp_rank`, not the global rank.
         self.layout = ParallelLayout.of(self.rank, self.world_size, config.distributed.sequence_parallel_size)
         sequence_parallel_group = new_sequence_parallel_groups(self.layout)
+        if self.replaces_earlier_run and self.rank == 0:
+            removed = remove_checkpoints(checkpoints_dir(self.output_dir))
+            log.warning("--overwrite: deleted the %d checkpoints of the earlier run in %s (%s ... %s)", len(removed),
+                        self.output_dir, removed[0], removed[-1])
         self.resume_from: CheckpointRef | None = first_intact(candidates, options.resume, self.checkpoint_problems)
         if self.resume_from is not None:
             self.check_resumable(self.resume_from)
@@ -668,7 +686,8 @@ class Trainer:
         if self.rank == 0:
             files = {name: digest for part in gathered for name, digest in part.items()}
             mark_complete(root, tag, {"step": self.step, "world_size": self.world_size,
-                                      "config": self.config.to_dict(), "files": files})
+                                      "config": self.config.to_dict(), "deepspeed": fixed_by_checkpoint(self.ds_config),
+                                      "files": files})
             prune_checkpoints(root, keep_last=self.config.training.keep_last)
         dist.barrier()
         self.last_saved_step = self.step
@@ -684,12 +703,10 @@ class Trainer:
     def check_resumable(self, ref: CheckpointRef) -> None:
         """Refuse a checkpoint this run cannot continue (another world size with partitioned ZeRO states,
         a changed setting that cannot change) and log the settings that change."""
-        if ref.universal:
-            log.info("resuming from universal checkpoint %s: it records no config to compare with", ref.path)
-            return
-        info = read_complete(ref.path)
+        info = recorded_run(ref)
         saved_world = info.get("world_size", self.world_size)
-        if saved_world != self.world_size and self.ds_config["zero_optimization"].get("stage", 0) > 0:
+        if (not ref.universal and saved_world != self.world_size
+                and self.ds_config["zero_optimization"].get("stage", 0) > 0):
             universal = ref.path.with_name(f"{ref.tag}_universal")
             raise CheckpointError(
                 f"{ref.path} was saved by {saved_world} ranks and this run has {self.world_size}: ZeRO's partitioned "
@@ -701,6 +718,9 @@ class Trainer:
                         ref.path)
             return
         applied, refused = resume_changes(info["config"], self.config)
+        fixed, now = info.get("deepspeed", {}), fixed_by_checkpoint(self.ds_config)
+        refused += [f"DeepSpeed profile {key}: {fixed[key]} -> {now[key]}" for key in now
+                    if key in fixed and fixed[key] != now[key]]
         if refused:
             raise ConfigError(f"resuming from {ref.path}: these settings cannot change on a resume (start a new "
                               f"run in another output_dir, or set them back):\n  " + "\n  ".join(refused))
@@ -730,6 +750,13 @@ class Trainer:
             np.random.set_state(rng["numpy"])
             torch.set_rng_state(rng["torch"])
         log.info("resumed from %s at step %d", ref.path, self.step)
+        if self.rank == 0:
+            root = checkpoints_dir(self.output_dir)
+            moved = set_aside_checkpoints_after(root, self.step, time.strftime("%Y%m%d-%H%M%S"))
+            if moved is not None:
+                log.warning("%s held checkpoints after step %d, of a run that went on from there (or saves that "
+                            "--resume auto skipped): moved to %s, so that this run's saves at those steps neither "
+                            "overwrite them nor are pruned in their favour", root, self.step, moved)
 
     def partition_persistent_parameters(self) -> None:
         """Leave ZeRO-3's persistent (small, never released) parameters partitioned, as in a process that

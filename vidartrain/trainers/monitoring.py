@@ -54,11 +54,11 @@ class TrainingMonitor:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        # purge_step drops events a previous, interrupted run wrote after the checkpoint we resume from.
-        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"),
-                                    purge_step=start_step if start_step > 0 else None)
+        # purge_step drops events an earlier run wrote after the checkpoint this run resumes from (all of
+        # them when it starts afresh over an earlier run: the steps are logged again).
+        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step)
         metrics_path = output_dir / "metrics.jsonl"
-        if start_step > 0 and metrics_path.exists():
+        if metrics_path.exists():
             drop_rows_after(metrics_path, start_step)
         self.metrics_file = open(metrics_path, "a")
         # A live bar on a terminal; in a log file the log lines (with their ETA) say the same.
