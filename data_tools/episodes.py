@@ -21,7 +21,7 @@ from vidartrain.errors import DataError
 SKIP_REASONS = (
     "empty_episode",        # a folder with none of the episode files
     "missing_file",         # some files, not all (or a manifest entry without a folder)
-    "video_unreadable",     # zero bytes, truncated, not a video, unknown frame rate
+    "video_unreadable",     # zero bytes, truncated, not a video, unknown frame rate, a size H.264 cannot store
     "video_too_short",      # fewer than 2 frames (after resampling)
     "actions_invalid",      # non-finite, wrong rank or width, non-numeric or pickled object
     "length_mismatch",      # frames and action rows differ by more than one
@@ -196,6 +196,17 @@ def read_video_file(path: Path) -> bytes:
         raise EpisodeError("video_unreadable", f"cannot read {path.name} ({error})") from error
 
 
+def encode_views(views: list[np.ndarray], fps: int, qp: int, where: str) -> tuple[bytes, tuple[int, int]]:
+    """One camera as it is, or three composed into the unified observation, as H.264 mp4 bytes, and
+    the frame's (height, width). A size H.264 or the composition cannot take is video_unreadable:
+    that episode is skipped, the run goes on."""
+    try:
+        frames = views[0] if len(views) == 1 else compose_observation(*views)
+        return encode_mp4(frames, fps, qp=qp), frames.shape[1:3]
+    except ValueError as error:
+        raise EpisodeError("video_unreadable", f"{where}: {error}") from error
+
+
 def align_lengths(name: str, counts: dict[str, int]) -> int:
     """Frame counts that agree to within one are trimmed to the shortest; anything else is a mismatch."""
     if max(counts.values()) - min(counts.values()) > 1:
@@ -236,11 +247,9 @@ def load_episode(episodes_dir: Path, name: str, layout: EpisodeLayout) -> ValidE
     if length < 2:
         raise EpisodeError("video_too_short", f"{name}: {length} usable frame(s) after trimming, need at least 2")
     reencode = composing or layout.reencode or fps_of_source != layout.fps
-    if composing:
-        video = encode_mp4(compose_observation(*(decoded[file][0][:length] for file in layout.cameras)),
-                           layout.fps, qp=layout.qp)
-    elif reencode:
-        video = encode_mp4(decoded[layout.video][0][:length], layout.fps, qp=layout.qp)
+    if reencode:
+        views = [decoded[file][0][:length] for file in layout.video_files()]
+        video, _ = encode_views(views, layout.fps, layout.qp, f"{name} ({', '.join(layout.video_files())})")
     else:
         video = videos[layout.video]
     return ValidEpisode(

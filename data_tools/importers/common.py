@@ -36,10 +36,8 @@ from typing import Callable
 import av
 import numpy as np
 
-from data_tools.episodes import EpisodeError, actions_to_npy
-from vidartrain.data.observation import compose_observation
+from data_tools.episodes import EpisodeError, actions_to_npy, encode_views
 from vidartrain.data.transforms import resample_indices
-from vidartrain.data.video import encode_mp4
 from vidartrain.errors import ConfigError, DataError
 from vidartrain.files import Journal, files_fingerprint, write_atomically
 
@@ -154,15 +152,11 @@ def episode_files(recording: Recording, settings: ImportSettings, where: str) ->
     if not instruction:
         raise EpisodeError("instruction_invalid", f"{where}: the instruction is empty")
     views = [recording.read_camera(camera, indices) for camera in settings.cameras]
-    try:
-        frames = views[0] if len(views) == 1 else compose_observation(*views)
-        video = encode_mp4(frames, settings.target_fps, qp=settings.qp)
-    except ValueError as error:  # odd frame sizes: no yuv420p H.264, no half-size wrist views
-        raise EpisodeError("video_unreadable", f"{where}: {error}") from error
+    video, (height, width) = encode_views(views, settings.target_fps, settings.qp, where)
     files = {"video.mp4": video, "actions.npy": actions_to_npy(actions[indices]),
              "instruction.txt": (instruction + "\n").encode("utf-8")}
     record = {"source_frames": len(actions), "source_fps": float(recording.fps), "frames": len(indices),
-              "action_dim": int(actions.shape[1]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+              "action_dim": int(actions.shape[1]), "height": int(height), "width": int(width),
               "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
     return files, record
 

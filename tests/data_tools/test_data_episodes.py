@@ -1,7 +1,9 @@
 """Synthetic episodes and the validation every episode passes before it is written to a shard."""
+import io
 import json
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -204,3 +206,33 @@ def test_cameras_at_different_frame_rates_meet_on_the_10fps_timeline(tmp_path):
     (folder / "left_wrist.mp4").write_bytes(encode_mp4(video, 10))  # 24 frames at 10 fps: 16 too many
     with pytest.raises(EpisodeError, match="length_mismatch"):
         load_episode(tmp_path, "ep", layout)
+
+
+def odd_size_mp4(frames: np.ndarray, fps: int) -> bytes:
+    """An mp4 of odd frame size (4:4:4 H.264 allows one; the yuv420p that encode_mp4 writes does not)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv444p"
+        for index, frame in enumerate(frames):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            picture.pts = index
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def test_a_frame_size_h264_cannot_store_skips_the_episode(tmp_path):
+    # a composed 50x64 head camera gives a 75x64 frame; an odd-sized 30 fps video must be re-encoded
+    video, actions, text = synthetic_episode(np.random.default_rng(2), 12, 50, 64)
+    write_episode(tmp_path / "composed", {"head.mp4": video, "left_wrist.mp4": video, "right_wrist.mp4": video},
+                  actions, text)
+    with pytest.raises(EpisodeError) as caught:
+        load_episode(tmp_path, "composed", EpisodeLayout(cameras=("head.mp4", "left_wrist.mp4", "right_wrist.mp4")))
+    assert caught.value.reason == "video_unreadable"
+    assert "head camera size 50x64 would compose a 75x64 frame" in caught.value.detail
+    write_episode(tmp_path / "odd", video, actions[::3], text)
+    (tmp_path / "odd" / "video.mp4").write_bytes(odd_size_mp4(video[:, :45], 30))
+    with pytest.raises(EpisodeError) as caught:
+        load_episode(tmp_path, "odd", LAYOUT)
+    assert caught.value.reason == "video_unreadable" and "even height and width, got 45x64" in caught.value.detail

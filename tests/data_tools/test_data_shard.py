@@ -217,6 +217,13 @@ def test_cameras_option_composes_the_unified_observation(tmp_path):
         video = tar.extractfile("ep_0000.mp4").read()
     frames, _ = decode_all_frames(video)
     assert frames.shape == (6, 72, 64, 3)  # head 48x64 on top, two 24x32 wrist views below
+    # a head camera whose composed frame H.264 cannot store costs its episode, not the run
+    write_episode(tmp_path / "episodes" / "ep_0002",
+                  *synthetic_episode(np.random.default_rng(0), 6, height=50, width=64, cameras=True))
+    cameras = "head.mp4,left_wrist.mp4,right_wrist.mp4"
+    assert run(tmp_path / "episodes", tmp_path / "with_odd", "--cameras", cameras) == 0
+    skipped = json.loads((tmp_path / "with_odd" / "index.json").read_text())["skipped"]
+    assert [(s["episode"], s["reason"]) for s in skipped] == [("ep_0002", "video_unreadable")]
     # without --cameras the same folders lack video.mp4
     assert run(tmp_path / "episodes", tmp_path / "plain") == 2
     assert {s["reason"] for s in json.loads((tmp_path / "plain" / "index.json").read_text())["skipped"]} == {
