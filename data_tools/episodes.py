@@ -3,6 +3,11 @@
 An episode folder holds `video.mp4` (or one video per camera), `actions.npy` of shape (T, 14) and
 `instruction.txt`. `load_episode` either returns a `ValidEpisode` ready to be written, with video
 and actions on the same 10 fps timeline, or raises `EpisodeError` with one of `SKIP_REASONS`.
+
+A video at another frame rate is resampled onto the timeline (`resample_indices`). Its actions.npy
+holds one row per video frame, resampled with the same frame indices (the importers' frame-rate
+rule, data_tools.importers.common), or one row per frame of the timeline, used as it is; whichever
+count the rows are nearer to decides, and they must still be within one of it.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 
@@ -156,12 +162,19 @@ def read_actions(path: Path, action_dim: int) -> np.ndarray:
     return actions.astype(np.float32)
 
 
-def decode_on_timeline(path: Path, data: bytes, fps: int, keep_frames: bool) -> tuple[np.ndarray | None, int, float]:
+class DecodedVideo(NamedTuple):
+    frames: np.ndarray | None  # on the fps timeline; None unless kept (see decode_on_timeline)
+    length: int                # frames on the fps timeline
+    source_frames: int
+    source_fps: float
+
+
+def decode_on_timeline(path: Path, data: bytes, fps: int, keep_frames: bool) -> DecodedVideo:
     """Decode every frame (so a broken stream is caught here, not in training) and resample to `fps`.
 
-    Returns (frames on the fps timeline, their count, source frame rate). The frames are kept only
-    when asked or when the frame rate differs (the video must then be re-encoded); otherwise they
-    are None, so a long episode is checked chunk by chunk without holding it in memory.
+    The frames are kept only when asked or when the frame rate differs (the video must then be
+    re-encoded); otherwise they are None, so a long episode is checked chunk by chunk without
+    holding it in memory.
     """
     try:
         reader = open_video(data)
@@ -186,7 +199,7 @@ def decode_on_timeline(path: Path, data: bytes, fps: int, keep_frames: bool) -> 
     except VideoReadError as error:
         raise EpisodeError("video_unreadable", f"{path.name}: {error}") from error
     frames = np.concatenate(kept)[timeline] if keep_frames else None
-    return frames, len(timeline), info.fps
+    return DecodedVideo(frames, len(timeline), info.num_frames, info.fps)
 
 
 def read_video_file(path: Path) -> bytes:
@@ -207,11 +220,22 @@ def encode_views(views: list[np.ndarray], fps: int, qp: int, where: str) -> tupl
         raise EpisodeError("video_unreadable", f"{where}: {error}") from error
 
 
-def align_lengths(name: str, counts: dict[str, int]) -> int:
-    """Frame counts that agree to within one are trimmed to the shortest; anything else is a mismatch."""
+def actions_on_timeline(actions: np.ndarray, head: DecodedVideo, fps: int) -> np.ndarray:
+    """Rows recorded one per frame of the head camera's video are resampled with the video's frame
+    indices; rows on the `fps` timeline, or of any other count (align_lengths refuses those), are
+    returned as they are."""
+    off_source = abs(len(actions) - head.source_frames)
+    if off_source <= 1 and off_source < abs(len(actions) - head.length):
+        return actions[resample_indices(len(actions), head.source_fps, fps)]
+    return actions
+
+
+def align_lengths(name: str, counts: dict[str, int], expected: str = "") -> int:
+    """Frame counts that agree to within one are trimmed to the shortest; anything else is a mismatch
+    (`expected` says what the counts should have been)."""
     if max(counts.values()) - min(counts.values()) > 1:
         described = ", ".join(f"{source} {count}" for source, count in counts.items())
-        raise EpisodeError("length_mismatch", f"{name}: lengths differ by more than one ({described})")
+        raise EpisodeError("length_mismatch", f"{name}: lengths differ by more than one ({described}){expected}")
     return min(counts.values())
 
 
@@ -240,15 +264,21 @@ def load_episode(episodes_dir: Path, name: str, layout: EpisodeLayout) -> ValidE
             raise EpisodeError("video_unreadable", f"{file} is empty (0 bytes)")
         decoded[file] = decode_on_timeline(Path(file), data, layout.fps, keep_frames=composing or layout.reencode)
     # every camera is already on the fps timeline, whatever its own frame rate; the first one (the
-    # head camera) is the one recorded as the source rate
-    fps_of_source = decoded[layout.video_files()[0]][2]
-    counts = {file: count for file, (_, count, _) in decoded.items()}
-    length = align_lengths(name, {**counts, layout.actions: len(actions)})
+    # head camera) is the one recorded as the source rate, and the one actions may follow
+    head_file = layout.video_files()[0]
+    head = decoded[head_file]
+    fps_of_source = head.source_fps
+    actions = actions_on_timeline(actions, head, layout.fps)
+    expected = (f"; at {fps_of_source:g} fps, {layout.actions} needs one row per frame of {head_file} "
+                f"({head.source_frames}) or per frame of the {layout.fps} fps timeline ({head.length})"
+                if fps_of_source != layout.fps else "")
+    counts = {file: video.length for file, video in decoded.items()}
+    length = align_lengths(name, {**counts, layout.actions: len(actions)}, expected)
     if length < 2:
         raise EpisodeError("video_too_short", f"{name}: {length} usable frame(s) after trimming, need at least 2")
     reencode = composing or layout.reencode or fps_of_source != layout.fps
     if reencode:
-        views = [decoded[file][0][:length] for file in layout.video_files()]
+        views = [decoded[file].frames[:length] for file in layout.video_files()]
         video, _ = encode_views(views, layout.fps, layout.qp, f"{name} ({', '.join(layout.video_files())})")
     else:
         video = videos[layout.video]

@@ -188,7 +188,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=40, help="frames per episode (default 40)")
     parser.add_argument("--height", type=int, default=144, help="frame height (default 144; 720 for real size)")
     parser.add_argument("--width", type=int, default=128, help="frame width (default 128; 640 for real size)")
-    parser.add_argument("--fps", type=int, default=10, help="frame rate of the videos (default 10)")
+    parser.add_argument("--fps", type=int, default=10,
+                        help="frame rate of the videos (default 10); actions.npy has one row per video frame, "
+                             "which vidar-shard resamples to 10 fps with the video")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cameras", action="store_true",
                         help="write head.mp4, left_wrist.mp4, right_wrist.mp4 instead of video.mp4")

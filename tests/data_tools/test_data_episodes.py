@@ -114,6 +114,28 @@ def test_other_frame_rate_is_resampled_and_recorded(tmp_path):
     assert np.abs(stored.astype(int) - source[::3].astype(int)).mean() < 3
 
 
+@pytest.mark.parametrize("fps, frames, rows", [(30, 30, 30), (30, 31, 30), (30, 30, 31), (15, 9, 9)])
+def test_actions_with_one_row_per_source_frame_are_resampled_like_the_video(tmp_path, fps, frames, rows):
+    (folder,) = write_synthetic_episodes(tmp_path, 1, frames=frames, height=32, width=32, fps=fps)
+    recorded = random_actions(np.random.default_rng(5), rows)
+    np.save(folder / "actions.npy", recorded)
+    episode = load_episode(tmp_path, folder.name, LAYOUT)
+    # the importers' frame-rate rule: output row k is the row of the source frame shown at k / 10 s
+    rows_at_10, frames_at_10 = resample_indices(rows, fps, 10), resample_indices(frames, fps, 10)
+    assert episode.frames == min(len(rows_at_10), len(frames_at_10)) and episode.source_fps == fps
+    np.testing.assert_array_equal(episode.actions, recorded[rows_at_10][:episode.frames])
+
+
+def test_actions_of_neither_count_are_a_mismatch_that_says_what_was_expected(tmp_path):
+    (folder,) = write_synthetic_episodes(tmp_path, 1, frames=30, height=32, width=32, fps=30)
+    np.save(folder / "actions.npy", random_actions(np.random.default_rng(5), 25))
+    with pytest.raises(EpisodeError) as caught:
+        load_episode(tmp_path, folder.name, LAYOUT)
+    assert caught.value.reason == "length_mismatch"
+    assert caught.value.detail.endswith("(video.mp4 10, actions.npy 25); at 30 fps, actions.npy needs one row per "
+                                        "frame of video.mp4 (30) or per frame of the 10 fps timeline (10)")
+
+
 def test_resample_indices():
     np.testing.assert_array_equal(resample_indices(90, 30, 10), np.arange(0, 90, 3))
     np.testing.assert_array_equal(resample_indices(4, 5, 10), [0, 0, 1, 1, 2, 2, 3])
