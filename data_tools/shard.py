@@ -50,7 +50,7 @@ from vidartrain.data.transforms import RESIZE_MODES
 from vidartrain.data.shard_index import (INDEX_FILE, INDEX_FORMAT, JOURNAL_FILE, TEXT_EMBEDDINGS_FILE,
                                          episode_action_statistics, file_sha256, merge_action_statistics)
 from vidartrain.errors import ConfigError, DataError, reports_errors
-from vidartrain.files import Journal, files_fingerprint, write_atomically
+from vidartrain.files import Journal, files_fingerprint, make_directory, write_atomically
 
 VAL_DIR = "val"
 LOCK_FILE = ".vidar-shard.lock"
@@ -612,7 +612,7 @@ def convert(episodes_dir: Path, out: Path, settings: ConversionSettings, workers
     names = discover_episodes(episodes_dir, manifest)
     if not names:
         raise DataError(f"no episode folders found in {episodes_dir}")
-    out.mkdir(parents=True, exist_ok=True)
+    make_directory(out, "--out")
     with OutputLock(out):
         if overwrite:
             for stale in [*out.glob("shard-*.tar"), out / INDEX_FILE, out / JOURNAL_FILE]:

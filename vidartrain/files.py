@@ -29,6 +29,17 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     return path
 
 
+def make_directory(path: Path, option: str) -> None:
+    """Create the output directory `path` given by command-line `option` (parents too); a file in its
+    place, or a directory that cannot be created, is a DataError naming it."""
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{option} {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a parent that is a file, no permission, a read-only file system
+        raise DataError(f"{option} {path}: cannot create the directory ({error})") from error
+
+
 def files_fingerprint(root: Path, names: Iterable[str]) -> str:
     """Size and modification time of each file `root / name` ('-' if absent), hashed: what a rerun
     compares to tell changed input from the input it already processed, without reading the files."""

@@ -39,7 +39,7 @@ import numpy as np
 from data_tools.episodes import EpisodeError, actions_to_npy, encode_views
 from vidartrain.data.transforms import resample_indices
 from vidartrain.errors import ConfigError, DataError
-from vidartrain.files import Journal, files_fingerprint, write_atomically
+from vidartrain.files import Journal, files_fingerprint, make_directory, write_atomically
 
 IMPORT_FILE = "import.json"
 IMPORT_JOURNAL = ".import.jsonl"
@@ -228,7 +228,7 @@ def previous_records(out: Path, settings: ImportSettings) -> list[dict]:
 def import_episodes(episodes: list[SourceEpisode], out: Path, settings: ImportSettings, overwrite: bool = False,
                     strict: bool = False) -> dict:
     """Write one folder per valid source episode into `out`; returns the run's record (also out/import.json)."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_directory(out, "EPISODES_DIR")
     if overwrite:
         clear_output(out)
     for partial in out.glob(f".*{PARTIAL_SUFFIX}"):  # left by a run killed while writing a folder

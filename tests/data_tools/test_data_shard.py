@@ -138,6 +138,14 @@ def test_nothing_valid_is_refused(tmp_path, refused):
     assert [(s["episode"], s["reason"]) for s in skipped] == [("bad", "video_unreadable")]
 
 
+def test_an_out_that_cannot_be_a_directory_is_refused(mixed_episodes, tmp_path, refused):
+    (tmp_path / "file").write_text("mine")
+    refused(f"--out {tmp_path / 'file'} is a file, not a directory", run, mixed_episodes, tmp_path / "file")
+    refused(f"--out {tmp_path / 'file' / 'shards'}: cannot create the directory .*Not a directory", run,
+            mixed_episodes, tmp_path / "file" / "shards")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_val_split_is_deterministic_and_disjoint(mixed_episodes, tmp_path):
     run(mixed_episodes, tmp_path / "out", "--val-fraction", 0.3)
     train = json.loads((tmp_path / "out" / "index.json").read_text())

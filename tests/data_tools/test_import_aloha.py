@@ -85,3 +85,10 @@ def test_rerun_imports_changed_sources_again_and_removes_episodes_no_longer_impo
     kept = (out / "ep_0001" / "video.mp4").stat().st_mtime_ns
     assert run(source, out, "--fps", "50") == 0
     assert (out / "ep_0001" / "video.mp4").stat().st_mtime_ns == kept
+
+
+def test_an_episodes_dir_that_is_a_file_is_refused(tmp_path, refused):
+    write_aloha_episode(tmp_path / "src", 0, frames=4, sidecar="x")
+    (tmp_path / "out").write_text("mine")
+    refused(f"EPISODES_DIR {tmp_path / 'out'} is a file, not a directory", run, tmp_path / "src", tmp_path / "out",
+            "--fps", "10")
