@@ -49,7 +49,7 @@ from vidartrain.data.dataset import NULL_PROMPT
 from vidartrain.data.transforms import RESIZE_MODES
 from vidartrain.data.shard_index import (INDEX_FILE, INDEX_FORMAT, JOURNAL_FILE, TEXT_EMBEDDINGS_FILE,
                                          episode_action_statistics, file_sha256, merge_action_statistics)
-from vidartrain.errors import ConfigError, DataError, reports_errors
+from vidartrain.errors import ConfigError, DataError, listed, reports_errors
 from vidartrain.files import Journal, files_fingerprint, make_directory, write_atomically
 
 VAL_DIR = "val"
@@ -396,11 +396,6 @@ def stored_conversion(out: Path) -> dict | None:
         index = read_json(index_path)
         return {"settings": index.get("settings"), "inputs": index.get("inputs")}
     return None
-
-
-def listed(names: list[str], limit: int = 10) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def bind_inputs(out: Path, settings: ConversionSettings, inputs: dict, append: bool) -> dict:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from data_tools import episodes as episodes_module
+from data_tools import synth
 from data_tools.episodes import (SKIP_REASONS, EpisodeError, EpisodeLayout, discover_episodes, load_episode)
 from data_tools.synth import (DEFECTS, random_actions, render_frames, synthetic_episode, write_defective_episode,
                               write_episode, write_synthetic_episodes)
@@ -30,6 +31,26 @@ def test_synthetic_episodes_are_real_videos_and_deterministic(tmp_path):
     frames, info = decode_all_frames((first[0] / "video.mp4").read_bytes())
     assert frames.shape == (12, 48, 64, 3) and info.fps == 10
     assert np.load(first[0] / "actions.npy").shape == (12, 14)
+
+
+def test_synth_refuses_existing_episodes_unless_overwrite_replaces_them_whole(tmp_path, refused):
+    out = tmp_path / "episodes"
+    write_synthetic_episodes(out, 1, frames=6, height=32, width=32, cameras=True)
+    (out / "mine").mkdir()  # not a folder vidar-synth writes
+    (out / "ep_0001").mkdir()  # empty: nothing to lose
+    before = {p.name: p.read_bytes() for p in (out / "ep_0000").iterdir()}
+    args = ["--episodes", "2", "--frames", "6", "--height", "32", "--width", "32", "--out", str(out), "--seed", "5"]
+    refused(f"--out {out} already holds ep_0000; use --overwrite", synth.main, args)
+    assert {p.name: p.read_bytes() for p in (out / "ep_0000").iterdir()} == before
+    (out / "bad_empty_folder").mkdir()
+    (out / "bad_empty_folder" / "notes.txt").write_text("mine")
+    refused("already holds bad_empty_folder;", synth.main, ["--episodes", "0", "--out", str(out), "--defects"])
+    assert synth.main([*args, "--overwrite"]) == 0
+    fresh = write_synthetic_episodes(tmp_path / "fresh", 2, frames=6, height=32, width=32, seed=5)
+    for folder in fresh:  # the camera videos of the old ep_0000 are gone
+        assert {p.name: p.read_bytes() for p in (out / folder.name).iterdir()} == {
+            p.name: p.read_bytes() for p in folder.iterdir()}
+    assert (out / "mine").is_dir()
 
 
 def test_shapes_follow_the_actions():
