@@ -102,6 +102,7 @@ def write_synthetic_episodes(out: Path, episodes: int, frames: int = 40, height:
                              ) -> list[Path]:
     """Write `episodes` folders ep_0000, ep_0001, ... under `out` (and, with `defects`, one broken
     episode bad_<kind> of every kind in DEFECTS); returns the paths of the good ones."""
+    check_sizes(frames, height, width, fps, cameras)
     folders = [out / f"ep_{index:04d}" for index in range(episodes)]
     broken = {kind: out / f"bad_{kind}" for kind in DEFECTS} if defects else {}
     claim_folders(out, folders + list(broken.values()), overwrite)
@@ -112,6 +113,20 @@ def write_synthetic_episodes(out: Path, episodes: int, frames: int = 40, height:
     for kind, folder in broken.items():
         write_defective_episode(kind, folder, seed=seed)
     return folders
+
+
+def check_sizes(frames: int, height: int, width: int, fps: int, cameras: bool) -> None:
+    """Before anything is written: sizes H.264 yuv420p can store and the converter can use."""
+    if frames < 2 or fps < 1:
+        raise ConfigError(f"--frames {frames} --fps {fps}: an episode needs at least 2 frames (the converter "
+                          f"skips shorter ones) at a positive frame rate")
+    if height < 2 or width < 2 or height % 2 or width % 2:
+        raise ConfigError(f"--height {height} --width {width}: frame sizes must be positive and even "
+                          f"(H.264 yuv420p)")
+    if cameras and height % 4:
+        raise ConfigError(f"--cameras --height {height}: the head camera's height must be a multiple of 4, so that "
+                          f"vidar-shard --cameras can compose it with the half-size wrist views into a frame of "
+                          f"even size")
 
 
 def claim_folders(out: Path, folders: list[Path], overwrite: bool) -> None:

@@ -53,6 +53,18 @@ def test_synth_refuses_existing_episodes_unless_overwrite_replaces_them_whole(tm
     assert (out / "mine").is_dir()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--height", "45"], "--height 45 --width 128: frame sizes must be positive and even"),
+    (["--width", "0"], "--height 144 --width 0: frame sizes must be positive and even"),
+    (["--height", "50", "--cameras"], "--cameras --height 50: the head camera's height must be a multiple of 4"),
+    (["--frames", "1"], "--frames 1 --fps 10: an episode needs at least 2 frames"),
+    (["--fps", "0"], "--frames 40 --fps 0: an episode needs at least 2 frames"),
+])
+def test_synth_refuses_sizes_it_cannot_write_before_writing_anything(tmp_path, refused, args, message):
+    refused(message, synth.main, ["--episodes", "2", "--out", str(tmp_path / "episodes"), *args])
+    assert not (tmp_path / "episodes").exists()
+
+
 def test_shapes_follow_the_actions():
     actions = random_actions(np.random.default_rng(0), 6)
     frames = render_frames(actions, 60, 80, np.array([100, 100, 100], np.uint8))
