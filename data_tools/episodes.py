@@ -104,13 +104,18 @@ def discover_episodes(episodes_dir: Path, manifest: Path | None = None) -> list[
     entries = listing.get("episodes") if isinstance(listing, dict) else listing
     if not isinstance(entries, list):
         raise DataError(f"manifest {manifest}: expected a list of episodes or {{\"episodes\": [...]}}")
-    names = []
+    names, positions = [], {}
     for position, entry in enumerate(entries):
         if isinstance(entry, dict):
             entry = entry.get("episode", entry.get("name", entry.get("path")))
         if not isinstance(entry, str) or not entry:
             raise DataError(f"manifest {manifest}: entry {position} has no episode name")
         check_inside(manifest, position, entry)
+        folder = str(PurePosixPath(entry))  # 'ep_0000/' and './ep_0000' are the folder ep_0000 too
+        if folder in positions:  # it would be converted twice, two samples under one key
+            raise DataError(f"manifest {manifest}: entries {positions[folder]} and {position} both name episode "
+                            f"{folder!r}; list each episode once")
+        positions[folder] = position
         names.append(entry)
     return names
 

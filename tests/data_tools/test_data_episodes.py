@@ -110,6 +110,15 @@ def test_bad_manifest_names_the_file(tmp_path):
         discover_episodes(tmp_path)
 
 
+@pytest.mark.parametrize("listing", [["ep_0000", "ep_0001", "ep_0000"],
+                                     {"episodes": ["ep_0000", "ep_0001", "./ep_0000/"]}])
+def test_manifest_listing_an_episode_twice_is_refused(tmp_path, listing):
+    (tmp_path / "manifest.json").write_text(json.dumps(listing))
+    with pytest.raises(DataError, match="manifest.json: entries 0 and 2 both name episode 'ep_0000'; list each "
+                                        "episode once"):
+        discover_episodes(tmp_path)
+
+
 @pytest.mark.parametrize("extra_rows", [-1, 0, 1])
 def test_lengths_within_one_are_trimmed(tmp_path, extra_rows):
     video, actions, text = synthetic_episode(np.random.default_rng(1), 12, 32, 32)
