@@ -131,7 +131,7 @@ def check_inside(manifest: Path, position: int, entry: str) -> None:
 
 def read_instruction(path: Path) -> str:
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is not text
     except OSError as error:
         raise EpisodeError("instruction_invalid", f"cannot read {path.name} ({error})") from error
     except UnicodeDecodeError as error:

@@ -82,6 +82,12 @@ def test_valid_episode_keeps_the_video_bytes(tmp_path):
     assert episode.instruction == (folder / "instruction.txt").read_text().strip()
 
 
+def test_a_byte_order_mark_is_not_part_of_the_instruction(tmp_path):
+    (folder,) = write_synthetic_episodes(tmp_path, 1, frames=8, height=32, width=32)
+    (folder / "instruction.txt").write_bytes("\ufeffpick up the bl\u00f6ck\n".encode("utf-8"))
+    assert load_episode(tmp_path, folder.name, LAYOUT).instruction == "pick up the bl\u00f6ck"
+
+
 @pytest.mark.parametrize("kind", sorted(DEFECTS))
 def test_every_defect_is_skipped_with_its_reason(tmp_path, kind):
     expected = write_defective_episode(kind, tmp_path / "bad")
