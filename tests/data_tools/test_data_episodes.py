@@ -14,7 +14,7 @@ from data_tools.synth import (DEFECTS, random_actions, render_frames, synthetic_
                               write_episode, write_synthetic_episodes)
 from vidartrain.data.observation import compose_observation
 from vidartrain.data.transforms import resample_indices
-from vidartrain.data.video import decode_all_frames, encode_mp4
+from vidartrain.data.video import decode_all_frames, describe_decord_error, encode_mp4
 from vidartrain.errors import DataError
 
 LAYOUT = EpisodeLayout()
@@ -221,6 +221,21 @@ def test_cameras_are_composed_into_one_video(tmp_path):
     (tmp_path / "ep_0000" / "right_wrist.mp4").unlink()
     with pytest.raises(EpisodeError, match="missing_file"):
         load_episode(tmp_path, "ep_0000", layout)
+
+
+def test_undecodable_video_details_carry_no_clock_time_or_source_location(tmp_path):
+    nested = RuntimeError("[06:35:40] /src/threaded_decoder.cc:292: [06:35:40] /src/threaded_decoder.cc:218: "
+                          "Check failed: send >= 0 (-1 vs. 0) Thread worker: Error sending packet.\nStack trace")
+    assert describe_decord_error(nested) == "Check failed: send >= 0 (-1 vs. 0) Thread worker: Error sending packet."
+    # a stream damaged mid-way fails in decord's decoder thread, whose message is nested like that
+    (folder,) = write_synthetic_episodes(tmp_path, 1, frames=40, height=48, width=64)
+    data = bytearray((folder / "video.mp4").read_bytes())
+    data[len(data) // 2: len(data) // 2 + 200] = bytes(200)
+    (folder / "video.mp4").write_bytes(bytes(data))
+    with pytest.raises(EpisodeError) as caught:
+        load_episode(tmp_path, folder.name, LAYOUT)
+    assert caught.value.reason == "video_unreadable" and "Check failed" in caught.value.detail
+    assert "[" not in caught.value.detail and ".cc:" not in caught.value.detail
 
 
 def test_encode_rejects_odd_sizes():
