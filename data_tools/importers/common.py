@@ -285,8 +285,22 @@ def kept_records(out: Path, previous: list[dict], fingerprints: dict[str, str]) 
             done[name] = record
             continue
         print(f"{out / name} {why}", file=sys.stderr)
-        shutil.rmtree(out / name, ignore_errors=True)
+        remove_episode_folder(out, name)
     return done
+
+
+def remove_episode_folder(out: Path, name: str) -> None:
+    # the name comes from a record on disk: never let an edited one point rmtree anywhere else
+    if not EPISODE_NAME.fullmatch(name):
+        raise DataError(f"{out}: the import record lists episode {name!r}, not a folder name vidar-import writes "
+                        f"(ep_XXXX); use --overwrite or another --out")
+    try:
+        shutil.rmtree(out / name)
+    except FileNotFoundError:
+        pass  # already gone (removed by hand, or by a run killed after removing it)
+    except OSError as error:
+        raise DataError(f"{out / name}: cannot remove it ({error}); it must go before vidar-shard reads "
+                        f"{out}") from error
 
 
 def import_one(episode: SourceEpisode, out: Path, settings: ImportSettings, earlier: list[dict],

@@ -92,3 +92,15 @@ def test_an_episodes_dir_that_is_a_file_is_refused(tmp_path, refused):
     (tmp_path / "out").write_text("mine")
     refused(f"EPISODES_DIR {tmp_path / 'out'} is a file, not a directory", run, tmp_path / "src", tmp_path / "out",
             "--fps", "10")
+
+
+def test_an_edited_record_cannot_make_the_import_remove_other_folders(tmp_path, refused):
+    write_aloha_episode(tmp_path / "src", 0, frames=4, sidecar="x")
+    assert run(tmp_path / "src", tmp_path / "out", "--fps", "10") == 0
+    record = json.loads((tmp_path / "out" / IMPORT_FILE).read_text())
+    record["episodes"][0]["episode"] = "../victim"
+    (tmp_path / "out" / IMPORT_FILE).write_text(json.dumps(record))
+    (tmp_path / "victim").mkdir()
+    refused("lists episode '../victim', not a folder name vidar-import writes", run, tmp_path / "src",
+            tmp_path / "out", "--fps", "10")
+    assert (tmp_path / "victim").is_dir()
