@@ -3,6 +3,11 @@
 An episode folder holds `video.mp4` (or one video per camera), `actions.npy` of shape (T, 14) and
 `instruction.txt`. `load_episode` either returns a `ValidEpisode` ready to be written, with video
 and actions on the same 10 fps timeline, or raises `EpisodeError` with one of `SKIP_REASONS`.
+
+A video at another frame rate is resampled onto the timeline (`resample_indices`). Its actions.npy
+holds one row per video frame, resampled with the same frame indices (the importers' frame-rate
+rule, data_tools.importers.common), or one row per frame of the timeline, used as it is; whichever
+count the rows are nearer to decides, and they must still be within one of it.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,7 +27,7 @@ from vidartrain.errors import DataError
 SKIP_REASONS = (
     "empty_episode",        # a folder with none of the episode files
     "missing_file",         # some files, not all (or a manifest entry without a folder)
-    "video_unreadable",     # zero bytes, truncated, not a video, unknown frame rate
+    "video_unreadable",     # zero bytes, truncated, not a video, unknown frame rate, a size H.264 cannot store
     "video_too_short",      # fewer than 2 frames (after resampling)
     "actions_invalid",      # non-finite, wrong rank or width, non-numeric or pickled object
     "length_mismatch",      # frames and action rows differ by more than one
@@ -98,13 +104,18 @@ def discover_episodes(episodes_dir: Path, manifest: Path | None = None) -> list[
     entries = listing.get("episodes") if isinstance(listing, dict) else listing
     if not isinstance(entries, list):
         raise DataError(f"manifest {manifest}: expected a list of episodes or {{\"episodes\": [...]}}")
-    names = []
+    names, positions = [], {}
     for position, entry in enumerate(entries):
         if isinstance(entry, dict):
             entry = entry.get("episode", entry.get("name", entry.get("path")))
         if not isinstance(entry, str) or not entry:
             raise DataError(f"manifest {manifest}: entry {position} has no episode name")
         check_inside(manifest, position, entry)
+        folder = str(PurePosixPath(entry))  # 'ep_0000/' and './ep_0000' are the folder ep_0000 too
+        if folder in positions:  # it would be converted twice, two samples under one key
+            raise DataError(f"manifest {manifest}: entries {positions[folder]} and {position} both name episode "
+                            f"{folder!r}; list each episode once")
+        positions[folder] = position
         names.append(entry)
     return names
 
@@ -120,7 +131,7 @@ def check_inside(manifest: Path, position: int, entry: str) -> None:
 
 def read_instruction(path: Path) -> str:
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is not text
     except OSError as error:
         raise EpisodeError("instruction_invalid", f"cannot read {path.name} ({error})") from error
     except UnicodeDecodeError as error:
@@ -156,12 +167,19 @@ def read_actions(path: Path, action_dim: int) -> np.ndarray:
     return actions.astype(np.float32)
 
 
-def decode_on_timeline(path: Path, data: bytes, fps: int, keep_frames: bool) -> tuple[np.ndarray | None, int, float]:
+class DecodedVideo(NamedTuple):
+    frames: np.ndarray | None  # on the fps timeline; None unless kept (see decode_on_timeline)
+    length: int                # frames on the fps timeline
+    source_frames: int
+    source_fps: float
+
+
+def decode_on_timeline(path: Path, data: bytes, fps: int, keep_frames: bool) -> DecodedVideo:
     """Decode every frame (so a broken stream is caught here, not in training) and resample to `fps`.
 
-    Returns (frames on the fps timeline, their count, source frame rate). The frames are kept only
-    when asked or when the frame rate differs (the video must then be re-encoded); otherwise they
-    are None, so a long episode is checked chunk by chunk without holding it in memory.
+    The frames are kept only when asked or when the frame rate differs (the video must then be
+    re-encoded); otherwise they are None, so a long episode is checked chunk by chunk without
+    holding it in memory.
     """
     try:
         reader = open_video(data)
@@ -186,7 +204,7 @@ def decode_on_timeline(path: Path, data: bytes, fps: int, keep_frames: bool) -> 
     except VideoReadError as error:
         raise EpisodeError("video_unreadable", f"{path.name}: {error}") from error
     frames = np.concatenate(kept)[timeline] if keep_frames else None
-    return frames, len(timeline), info.fps
+    return DecodedVideo(frames, len(timeline), info.num_frames, info.fps)
 
 
 def read_video_file(path: Path) -> bytes:
@@ -196,11 +214,33 @@ def read_video_file(path: Path) -> bytes:
         raise EpisodeError("video_unreadable", f"cannot read {path.name} ({error})") from error
 
 
-def align_lengths(name: str, counts: dict[str, int]) -> int:
-    """Frame counts that agree to within one are trimmed to the shortest; anything else is a mismatch."""
+def encode_views(views: list[np.ndarray], fps: int, qp: int, where: str) -> tuple[bytes, tuple[int, int]]:
+    """One camera as it is, or three composed into the unified observation, as H.264 mp4 bytes, and
+    the frame's (height, width). A size H.264 or the composition cannot take is video_unreadable:
+    that episode is skipped, the run goes on."""
+    try:
+        frames = views[0] if len(views) == 1 else compose_observation(*views)
+        return encode_mp4(frames, fps, qp=qp), frames.shape[1:3]
+    except ValueError as error:
+        raise EpisodeError("video_unreadable", f"{where}: {error}") from error
+
+
+def actions_on_timeline(actions: np.ndarray, head: DecodedVideo, fps: int) -> np.ndarray:
+    """Rows recorded one per frame of the head camera's video are resampled with the video's frame
+    indices; rows on the `fps` timeline, or of any other count (align_lengths refuses those), are
+    returned as they are."""
+    off_source = abs(len(actions) - head.source_frames)
+    if off_source <= 1 and off_source < abs(len(actions) - head.length):
+        return actions[resample_indices(len(actions), head.source_fps, fps)]
+    return actions
+
+
+def align_lengths(name: str, counts: dict[str, int], expected: str = "") -> int:
+    """Frame counts that agree to within one are trimmed to the shortest; anything else is a mismatch
+    (`expected` says what the counts should have been)."""
     if max(counts.values()) - min(counts.values()) > 1:
         described = ", ".join(f"{source} {count}" for source, count in counts.items())
-        raise EpisodeError("length_mismatch", f"{name}: lengths differ by more than one ({described})")
+        raise EpisodeError("length_mismatch", f"{name}: lengths differ by more than one ({described}){expected}")
     return min(counts.values())
 
 
@@ -229,18 +269,22 @@ def load_episode(episodes_dir: Path, name: str, layout: EpisodeLayout) -> ValidE
             raise EpisodeError("video_unreadable", f"{file} is empty (0 bytes)")
         decoded[file] = decode_on_timeline(Path(file), data, layout.fps, keep_frames=composing or layout.reencode)
     # every camera is already on the fps timeline, whatever its own frame rate; the first one (the
-    # head camera) is the one recorded as the source rate
-    fps_of_source = decoded[layout.video_files()[0]][2]
-    counts = {file: count for file, (_, count, _) in decoded.items()}
-    length = align_lengths(name, {**counts, layout.actions: len(actions)})
+    # head camera) is the one recorded as the source rate, and the one actions may follow
+    head_file = layout.video_files()[0]
+    head = decoded[head_file]
+    fps_of_source = head.source_fps
+    actions = actions_on_timeline(actions, head, layout.fps)
+    expected = (f"; at {fps_of_source:g} fps, {layout.actions} needs one row per frame of {head_file} "
+                f"({head.source_frames}) or per frame of the {layout.fps} fps timeline ({head.length})"
+                if fps_of_source != layout.fps else "")
+    counts = {file: video.length for file, video in decoded.items()}
+    length = align_lengths(name, {**counts, layout.actions: len(actions)}, expected)
     if length < 2:
         raise EpisodeError("video_too_short", f"{name}: {length} usable frame(s) after trimming, need at least 2")
     reencode = composing or layout.reencode or fps_of_source != layout.fps
-    if composing:
-        video = encode_mp4(compose_observation(*(decoded[file][0][:length] for file in layout.cameras)),
-                           layout.fps, qp=layout.qp)
-    elif reencode:
-        video = encode_mp4(decoded[layout.video][0][:length], layout.fps, qp=layout.qp)
+    if reencode:
+        views = [decoded[file].frames[:length] for file in layout.video_files()]
+        video, _ = encode_views(views, layout.fps, layout.qp, f"{name} ({', '.join(layout.video_files())})")
     else:
         video = videos[layout.video]
     return ValidEpisode(

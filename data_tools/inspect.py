@@ -4,7 +4,8 @@
 
 Checks every shard's size and sha256 against index.json and (unless --no-decode) that every
 sample's members are all there, its instruction is UTF-8 and its video decodes to at least the
-recorded number of frames.
+recorded number of frames. A shard whose checksum does not match is decoded all the same (when its
+size does), so that the samples damaged in it are named.
 Exits non-zero when anything does not match.
 """
 from __future__ import annotations
@@ -19,10 +20,8 @@ from pathlib import Path
 import numpy as np
 import safetensors
 import safetensors.torch
-import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from vidartrain.data.dataset import SampleRef, read_sample_bytes
+from vidartrain.data.dataset import SAMPLE_ERRORS, SampleRef, ShardStream
 from vidartrain.data.shard_index import file_sha256, read_index, shard_file_problem
 from vidartrain.data.video import VideoReadError, open_video, read_frames
 from vidartrain.errors import reports_errors
@@ -40,13 +39,6 @@ class Report:
     shards: int = 0
     bytes: int = 0
     problems: list[str] = field(default_factory=list)
-
-
-def check_shard_file(directory: Path, shard: dict) -> str | None:
-    problem = shard_file_problem(directory, shard)
-    if problem is None and file_sha256(directory / shard["name"]) != shard["sha256"]:
-        return f"{directory / shard['name']}: sha256 does not match index.json"
-    return problem
 
 
 def check_video(sample: dict, frames: int) -> str | None:
@@ -94,24 +86,27 @@ def check_tensors(sample: dict, precompute: dict) -> str | None:
 def check_samples(directory: Path, shard: dict, index: dict) -> list[str]:
     """Every sample has its members and a video that decodes to its recorded frame count (or loadable
     latents of the recorded window size)."""
-    refs = [SampleRef(str(directory / shard["name"]), e["offset"], e["size"], e["key"], e["frames"])
-            for e in shard["entries"]]
     problems = []
-    samples = wds.DataPipeline(lambda: read_sample_bytes(refs), tar_file_expander, group_by_keys)
-    for ref, sample in zip(refs, samples):
-        where = f"{ref.shard}: sample {ref.key}"
-        if sample["__key__"] != ref.key:
-            problems.append(f"{where}: found key {sample['__key__']} at its offset")
-            continue
-        missing = [member for member in MEMBERS[index["mode"]] if member not in sample]
-        if missing:
-            problems.append(f"{where}: lacks members {missing}")
-            continue
-        problem = check_text(sample) or (check_video(sample, ref.frames) if index["mode"] == "raw"
-                                         else check_tensors(sample, index["settings"]["precompute"]))
+    for entry in shard["entries"]:
+        ref = SampleRef(str(directory / shard["name"]), entry["offset"], entry["size"], entry["key"], entry["frames"])
+        problem = check_sample(ref, index)
         if problem:
-            problems.append(f"{where}: {problem}")
+            problems.append(f"{ref.shard}: sample {ref.key}: {problem}")
     return problems
+
+
+def check_sample(ref: SampleRef, index: dict) -> str | None:
+    """What is wrong with one sample, or None; each is read on its own, as the loader reads it, so a
+    damaged tar header costs that sample and the others are still checked."""
+    try:
+        sample = ShardStream.read(ref)
+    except SAMPLE_ERRORS as error:
+        return f"cannot be read at its offset ({type(error).__name__}: {error})"
+    missing = [member for member in MEMBERS[index["mode"]] if member not in sample]
+    if missing:
+        return f"lacks members {missing}"
+    return check_text(sample) or (check_video(sample, ref.frames) if index["mode"] == "raw"
+                                  else check_tensors(sample, index["settings"]["precompute"]))
 
 
 def check_text_embeddings(directory: Path, index: dict) -> list[str]:
@@ -139,10 +134,13 @@ def inspect_split(directory: Path, decode: bool) -> tuple[dict | None, Report]:
         report.shards += 1
         report.bytes += shard["bytes"]
         report.samples += shard["samples"]
-        problem = check_shard_file(directory, shard)
-        if problem:
+        problem = shard_file_problem(directory, shard)
+        if problem:  # missing, or of another size: the recorded offsets say nothing about its bytes
             report.problems.append(problem)
-        elif decode:
+            continue
+        if file_sha256(directory / shard["name"]) != shard["sha256"]:
+            report.problems.append(f"{directory / shard['name']}: sha256 does not match index.json")
+        if decode:
             report.problems.extend(check_samples(directory, shard, index))
     report.problems.extend(check_text_embeddings(directory, index))
     report.episodes = len(index["episodes"])

@@ -49,8 +49,8 @@ from vidartrain.data.dataset import NULL_PROMPT
 from vidartrain.data.transforms import RESIZE_MODES
 from vidartrain.data.shard_index import (INDEX_FILE, INDEX_FORMAT, JOURNAL_FILE, TEXT_EMBEDDINGS_FILE,
                                          episode_action_statistics, file_sha256, merge_action_statistics)
-from vidartrain.errors import ConfigError, DataError, reports_errors
-from vidartrain.files import Journal, write_atomically
+from vidartrain.errors import ConfigError, DataError, listed, reports_errors
+from vidartrain.files import Journal, files_fingerprint, make_directory, write_atomically
 
 VAL_DIR = "val"
 LOCK_FILE = ".vidar-shard.lock"
@@ -378,23 +378,12 @@ def refuse_other_settings(directory: Path, stored: dict | None, settings: Conver
                         f"new --out directory or --overwrite")
 
 
-def episode_fingerprint(folder: Path, layout: EpisodeLayout) -> str:
-    """Size and modification time of each file the converter reads from an episode ('-' if absent)."""
-    parts = []
-    for name in layout.files():
-        try:
-            status = (folder / name).stat()
-            parts.append(f"{name}:{status.st_size}:{status.st_mtime_ns}")
-        except OSError:
-            parts.append(f"{name}:-")
-    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:16]
-
-
 def input_record(episodes_dir: Path, names: list[str], splits: dict[str, str], layout: EpisodeLayout) -> dict:
     """What an output folder is made from: the episodes directory and, in conversion order, each
-    episode's name, split and fingerprint."""
+    episode's name, split and fingerprint (the sizes and modification times of the files it reads)."""
     return {"episodes_dir": str(episodes_dir.resolve()),
-            "episodes": [[name, splits[name], episode_fingerprint(episodes_dir / name, layout)] for name in names]}
+            "episodes": [[name, splits[name], files_fingerprint(episodes_dir / name, layout.files())]
+                         for name in names]}
 
 
 def stored_conversion(out: Path) -> dict | None:
@@ -407,11 +396,6 @@ def stored_conversion(out: Path) -> dict | None:
         index = read_json(index_path)
         return {"settings": index.get("settings"), "inputs": index.get("inputs")}
     return None
-
-
-def listed(names: list[str], limit: int = 10) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def bind_inputs(out: Path, settings: ConversionSettings, inputs: dict, append: bool) -> dict:
@@ -623,7 +607,7 @@ def convert(episodes_dir: Path, out: Path, settings: ConversionSettings, workers
     names = discover_episodes(episodes_dir, manifest)
     if not names:
         raise DataError(f"no episode folders found in {episodes_dir}")
-    out.mkdir(parents=True, exist_ok=True)
+    make_directory(out, "--out")
     with OutputLock(out):
         if overwrite:
             for stale in [*out.glob("shard-*.tar"), out / INDEX_FILE, out / JOURNAL_FILE]:

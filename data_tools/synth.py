@@ -4,12 +4,14 @@
 
 Two arms are drawn as squares whose positions follow action dimensions 0-1 (left) and 7-8 (right),
 their grippers (dimensions 6 and 13) set their size, so an inverse dynamics model can recover the
-actions from the frames. Everything is a function of the seed.
+actions from the frames. Everything is a function of the seed. Episode folders that already hold
+files are refused unless --overwrite, which replaces them whole.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import numpy as np
 from data_tools.episodes import actions_to_npy
 from vidartrain.data.observation import CAMERA_ORDER
 from vidartrain.data.video import encode_mp4
-from vidartrain.errors import ConfigError, reports_errors
+from vidartrain.errors import ConfigError, DataError, listed, reports_errors
+from vidartrain.files import make_directory
 
 INSTRUCTIONS = (
     "pick up the red block and place it in the bowl",
@@ -95,16 +98,51 @@ def synthetic_episode(rng: np.random.Generator, frames: int, height: int, width:
 
 def write_synthetic_episodes(out: Path, episodes: int, frames: int = 40, height: int = 144, width: int = 128,
                              fps: int = 10, seed: int = 0, cameras: bool = False, noise: float = 0.0,
-                             action_dim: int = ACTION_DIM) -> list[Path]:
-    """Write `episodes` folders ep_0000, ep_0001, ... under `out`; returns their paths."""
+                             action_dim: int = ACTION_DIM, defects: bool = False, overwrite: bool = False
+                             ) -> list[Path]:
+    """Write `episodes` folders ep_0000, ep_0001, ... under `out` (and, with `defects`, one broken
+    episode bad_<kind> of every kind in DEFECTS); returns the paths of the good ones."""
+    check_sizes(frames, height, width, fps, cameras)
+    folders = [out / f"ep_{index:04d}" for index in range(episodes)]
+    broken = {kind: out / f"bad_{kind}" for kind in DEFECTS} if defects else {}
+    claim_folders(out, folders + list(broken.values()), overwrite)
     rng = np.random.default_rng(seed)
-    folders = []
-    for index in range(episodes):
+    for folder in folders:
         video, actions, instruction = synthetic_episode(rng, frames, height, width, cameras, noise, action_dim)
-        folder = out / f"ep_{index:04d}"
         write_episode(folder, video, actions, instruction, fps)
-        folders.append(folder)
+    for kind, folder in broken.items():
+        write_defective_episode(kind, folder, seed=seed)
     return folders
+
+
+def check_sizes(frames: int, height: int, width: int, fps: int, cameras: bool) -> None:
+    """Before anything is written: sizes H.264 yuv420p can store and the converter can use."""
+    if frames < 2 or fps < 1:
+        raise ConfigError(f"--frames {frames} --fps {fps}: an episode needs at least 2 frames (the converter "
+                          f"skips shorter ones) at a positive frame rate")
+    if height < 2 or width < 2 or height % 2 or width % 2:
+        raise ConfigError(f"--height {height} --width {width}: frame sizes must be positive and even "
+                          f"(H.264 yuv420p)")
+    if cameras and height % 4:
+        raise ConfigError(f"--cameras --height {height}: the head camera's height must be a multiple of 4, so that "
+                          f"vidar-shard --cameras can compose it with the half-size wrist views into a frame of "
+                          f"even size")
+
+
+def claim_folders(out: Path, folders: list[Path], overwrite: bool) -> None:
+    """Refuse to write into episode folders that already hold something, unless `overwrite`: they are
+    then removed whole, so no file of the old episode (a camera video the new one lacks) survives."""
+    make_directory(out, "--out")
+    taken = [folder for folder in folders
+             if folder.is_symlink() or folder.is_file() or (folder.is_dir() and any(folder.iterdir()))]
+    if taken and not overwrite:
+        raise DataError(f"--out {out} already holds {listed([folder.name for folder in taken])}; use "
+                        f"--overwrite to replace them, or another --out")
+    for folder in taken:
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+        else:
+            folder.unlink()
 
 
 # Every way an episode can be broken, and the skip reason the converter must give it.
@@ -188,7 +226,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=40, help="frames per episode (default 40)")
     parser.add_argument("--height", type=int, default=144, help="frame height (default 144; 720 for real size)")
     parser.add_argument("--width", type=int, default=128, help="frame width (default 128; 640 for real size)")
-    parser.add_argument("--fps", type=int, default=10, help="frame rate of the videos (default 10)")
+    parser.add_argument("--fps", type=int, default=10,
+                        help="frame rate of the videos (default 10); actions.npy has one row per video frame, "
+                             "which vidar-shard resamples to 10 fps with the video")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cameras", action="store_true",
                         help="write head.mp4, left_wrist.mp4, right_wrist.mp4 instead of video.mp4")
@@ -198,6 +238,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="columns of actions.npy (default 14: two arms; 7 to 13: one arm)")
     parser.add_argument("--defects", action="store_true",
                         help="also write one broken episode of every defect kind (bad_<kind>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace episode folders that already exist in --out (default: refuse)")
     return parser.parse_args(argv)
 
 
@@ -205,10 +247,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     write_synthetic_episodes(args.out, args.episodes, args.frames, args.height, args.width, args.fps,
-                             args.seed, args.cameras, args.noise, args.action_dim)
-    if args.defects:
-        for kind in DEFECTS:
-            write_defective_episode(kind, args.out / f"bad_{kind}", seed=args.seed)
+                             args.seed, args.cameras, args.noise, args.action_dim, args.defects, args.overwrite)
     extra = f" and {len(DEFECTS)} defective episodes" if args.defects else ""
     print(f"wrote {args.episodes} episodes{extra} to {args.out}", file=sys.stderr)
     return 0

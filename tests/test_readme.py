@@ -1,6 +1,7 @@
 """The README runs as written: every command of its ```bash blocks that needs neither a GPU nor the
 network is run, in order, in a fresh directory that sees the repository's configs, profiles and
-launch scripts. A command is left out only by a rule below that says why."""
+launch scripts, and then every ```python block (they read what the commands wrote). A command is
+left out only by a rule below that says why."""
 import os
 import re
 import subprocess
@@ -37,6 +38,10 @@ def readme_commands() -> list[str]:
     return commands
 
 
+def readme_python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(encoding="utf-8"), flags=re.DOTALL)
+
+
 def reason_not_run(command: str) -> str | None:
     return next((why for pattern, why in NOT_RUN if re.search(pattern, command)), None)
 
@@ -53,6 +58,12 @@ def test_every_readme_command_without_gpu_or_network_runs(tmp_path):
         result = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 0, f"README command failed: {command}\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
+    blocks = readme_python_blocks()
+    assert blocks, "the README's Python loader example is gone: update this test"
+    for block in blocks:
+        result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, f"README Python block failed:\n{block}\n{result.stderr[-3000:]}"
 
 
 def test_only_the_listed_kinds_of_commands_are_left_out():

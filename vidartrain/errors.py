@@ -34,6 +34,12 @@ class CheckpointError(VidarError, RuntimeError):
     """A checkpoint that cannot be written, trusted or loaded; the message says which and why."""
 
 
+def listed(names: list[str], limit: int = 10) -> str:
+    """'a, b, c and 7 more': names for a message, the first `limit` of them."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 Main = TypeVar("Main", bound=Callable[..., int])
 
 

@@ -1,10 +1,12 @@
-"""Files that appear whole or not at all, and append-only journals of runs in progress."""
+"""Files that appear whole or not at all, append-only journals of runs in progress, and fingerprints
+that tell a rerun whether its input files changed."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from vidartrain.errors import DataError
 
@@ -25,6 +27,30 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     finally:
         temporary.unlink(missing_ok=True)
     return path
+
+
+def make_directory(path: Path, option: str) -> None:
+    """Create the output directory `path` given by command-line `option` (parents too); a file in its
+    place, or a directory that cannot be created, is a DataError naming it."""
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{option} {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a parent that is a file, no permission, a read-only file system
+        raise DataError(f"{option} {path}: cannot create the directory ({error})") from error
+
+
+def files_fingerprint(root: Path, names: Iterable[str]) -> str:
+    """Size and modification time of each file `root / name` ('-' if absent), hashed: what a rerun
+    compares to tell changed input from the input it already processed, without reading the files."""
+    parts = []
+    for name in names:
+        try:
+            status = (root / name).stat()
+            parts.append(f"{name}:{status.st_size}:{status.st_mtime_ns}")
+        except OSError:
+            parts.append(f"{name}:-")
+    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:16]
 
 
 def current_umask() -> int:

@@ -50,5 +50,7 @@ def episodes(source: Path, settings: ImportSettings) -> list[SourceEpisode]:
                         f"{', '.join(sorted(unnumbered))}")
     if not files:
         raise DataError(f"{source}: no .hdf5 episode files")
-    return [SourceEpisode(f"ep_{number:04d}", path.name, partial(open_episode, path, settings, path.name))
+    sidecar = settings.instruction is None  # the instruction is read from <file stem>.txt
+    return [SourceEpisode(f"ep_{number:04d}", path.name, partial(open_episode, path, settings, path.name),
+                          (path.name, path.with_suffix(".txt").name) if sidecar else (path.name,))
             for number, path in sorted(files)]

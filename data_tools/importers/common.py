@@ -12,10 +12,12 @@ k = 0 .. floor((T - 1) * 10 / source_fps). A 30 fps source gives source frames 0
 
 Every fault of a source episode is an `EpisodeError` with one of the converter's skip reasons
 (data_tools.episodes.SKIP_REASONS); the episode is skipped and listed, the run goes on. The run is
-recorded in EPISODES_DIR/import.json (settings, imported and skipped episodes); while it runs, a
-journal (.import.jsonl) records each finished episode, so a run started again keeps the episode
-folders whose checksums still match and imports the rest (skipped episodes are tried again). Same
-source and options give byte-identical folders.
+recorded in EPISODES_DIR/import.json (settings, imported and skipped episodes, and the sizes and
+modification times of each episode's source files); while it runs, a journal (.import.jsonl) records
+each finished episode, so a run started again keeps the episode folders whose source files are
+unchanged and whose checksums still match, and imports the rest (skipped episodes are tried again).
+A folder the record lists whose episode is gone from the source, or skipped now, is removed, so the
+converter does not pick it up. Same source and options give byte-identical folders.
 """
 from __future__ import annotations
 
@@ -34,12 +36,10 @@ from typing import Callable
 import av
 import numpy as np
 
-from data_tools.episodes import EpisodeError, actions_to_npy
-from vidartrain.data.observation import compose_observation
+from data_tools.episodes import EpisodeError, actions_to_npy, encode_views
 from vidartrain.data.transforms import resample_indices
-from vidartrain.data.video import encode_mp4
 from vidartrain.errors import ConfigError, DataError
-from vidartrain.files import Journal, write_atomically
+from vidartrain.files import Journal, files_fingerprint, make_directory, write_atomically
 
 IMPORT_FILE = "import.json"
 IMPORT_JOURNAL = ".import.jsonl"
@@ -87,6 +87,7 @@ class SourceEpisode:
     name: str                          # the episode folder, ep_XXXX (XXXX: the source's episode number)
     source: str                        # where it comes from, relative to the source directory
     open: Callable[[], AbstractContextManager[Recording]]
+    files: tuple[str, ...]             # every source file it is read from, relative to the source directory
 
 
 def decode_jpeg(data: bytes, where: str, channels: str) -> np.ndarray:
@@ -151,15 +152,11 @@ def episode_files(recording: Recording, settings: ImportSettings, where: str) ->
     if not instruction:
         raise EpisodeError("instruction_invalid", f"{where}: the instruction is empty")
     views = [recording.read_camera(camera, indices) for camera in settings.cameras]
-    try:
-        frames = views[0] if len(views) == 1 else compose_observation(*views)
-        video = encode_mp4(frames, settings.target_fps, qp=settings.qp)
-    except ValueError as error:  # odd frame sizes: no yuv420p H.264, no half-size wrist views
-        raise EpisodeError("video_unreadable", f"{where}: {error}") from error
+    video, (height, width) = encode_views(views, settings.target_fps, settings.qp, where)
     files = {"video.mp4": video, "actions.npy": actions_to_npy(actions[indices]),
              "instruction.txt": (instruction + "\n").encode("utf-8")}
     record = {"source_frames": len(actions), "source_fps": float(recording.fps), "frames": len(indices),
-              "action_dim": int(actions.shape[1]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+              "action_dim": int(actions.shape[1]), "height": int(height), "width": int(width),
               "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
     return files, record
 
@@ -231,7 +228,7 @@ def previous_records(out: Path, settings: ImportSettings) -> list[dict]:
 def import_episodes(episodes: list[SourceEpisode], out: Path, settings: ImportSettings, overwrite: bool = False,
                     strict: bool = False) -> dict:
     """Write one folder per valid source episode into `out`; returns the run's record (also out/import.json)."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_directory(out, "EPISODES_DIR")
     if overwrite:
         clear_output(out)
     for partial in out.glob(f".*{PARTIAL_SUFFIX}"):  # left by a run killed while writing a folder
@@ -240,20 +237,13 @@ def import_episodes(episodes: list[SourceEpisode], out: Path, settings: ImportSe
     duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
         raise DataError(f"{settings.source}: several source episodes map to {', '.join(duplicates)}")
-    done = {}
-    for record in previous_records(out, settings):
-        if "reason" in record:  # skipped episodes are tried again: their source may have been repaired
-            continue
-        if folder_intact(out, record):
-            done[record["episode"]] = record
-        else:
-            print(f"{out / record['episode']} is missing or does not match its checksums: importing it again",
-                  file=sys.stderr)
+    fingerprints = {episode.name: files_fingerprint(Path(settings.source), episode.files) for episode in episodes}
+    done = kept_records(out, previous_records(out, settings), fingerprints)
     journal = Journal(out / IMPORT_JOURNAL)
     journal.start({"settings": settings.as_dict()}, [done[name] for name in names if name in done])
     records = []
     for position, episode in enumerate(episodes):
-        record = done.get(episode.name) or import_one(episode, out, settings, records)
+        record = done.get(episode.name) or import_one(episode, out, settings, records, fingerprints[episode.name])
         records.append(record)
         if episode.name not in done:
             journal.append(record)
@@ -273,8 +263,50 @@ def import_episodes(episodes: list[SourceEpisode], out: Path, settings: ImportSe
     return result
 
 
-def import_one(episode: SourceEpisode, out: Path, settings: ImportSettings, earlier: list[dict]) -> dict:
-    """Import one episode; its record, or a skip record {episode, source, reason, detail}."""
+def kept_records(out: Path, previous: list[dict], fingerprints: dict[str, str]) -> dict[str, dict]:
+    """The earlier run's imported episodes whose source files and folder are unchanged, by name.
+
+    Every other folder that run wrote is removed now, before the new journal forgets it: an episode
+    gone from the source, or now skipped, must not stay where the converter would pick it up; a
+    changed one is imported again. Only folders an import record lists are touched.
+    """
+    done = {}
+    for record in previous:
+        name = record["episode"]
+        if "reason" in record:  # skipped episodes are tried again: their source may have been repaired
+            continue
+        if name not in fingerprints:
+            why = f"was imported from {record['source']}, which is gone from the source: removing it"
+        elif record.get("source_fingerprint") != fingerprints[name]:
+            why = "was imported from source files that changed since (size or modification time): importing it again"
+        elif not folder_intact(out, record):
+            why = "is missing or does not match its checksums: importing it again"
+        else:
+            done[name] = record
+            continue
+        print(f"{out / name} {why}", file=sys.stderr)
+        remove_episode_folder(out, name)
+    return done
+
+
+def remove_episode_folder(out: Path, name: str) -> None:
+    # the name comes from a record on disk: never let an edited one point rmtree anywhere else
+    if not EPISODE_NAME.fullmatch(name):
+        raise DataError(f"{out}: the import record lists episode {name!r}, not a folder name vidar-import writes "
+                        f"(ep_XXXX); use --overwrite or another --out")
+    try:
+        shutil.rmtree(out / name)
+    except FileNotFoundError:
+        pass  # already gone (removed by hand, or by a run killed after removing it)
+    except OSError as error:
+        raise DataError(f"{out / name}: cannot remove it ({error}); it must go before vidar-shard reads "
+                        f"{out}") from error
+
+
+def import_one(episode: SourceEpisode, out: Path, settings: ImportSettings, earlier: list[dict],
+               fingerprint: str) -> dict:
+    """Import one episode; its record (with the `fingerprint` of its source files, taken before they
+    were read), or a skip record {episode, source, reason, detail}."""
     try:
         with episode.open() as recording:
             files, record = episode_files(recording, settings, episode.source)
@@ -285,7 +317,7 @@ def import_one(episode: SourceEpisode, out: Path, settings: ImportSettings, earl
     except EpisodeError as error:
         return {"episode": episode.name, "source": episode.source, "reason": error.reason, "detail": error.detail}
     write_folder(out, episode.name, files)
-    return {"episode": episode.name, "source": episode.source, **record}
+    return {"episode": episode.name, "source": episode.source, "source_fingerprint": fingerprint, **record}
 
 
 def summary(result: dict) -> str:

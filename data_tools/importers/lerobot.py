@@ -248,6 +248,25 @@ def episodes(source: Path, settings: ImportSettings) -> list[SourceEpisode]:
     locations = sorted(locate(source, info, settings.cameras), key=lambda location: location.index)
     tasks = task_table(source, version)
     fps = float(info["fps"])
+    meta = metadata_files(source, version)
     return [SourceEpisode(f"ep_{location.index:04d}", f"episode {location.index}",
-                          partial(open_episode, location, tasks, fps, settings, f"episode {location.index}"))
+                          partial(open_episode, location, tasks, fps, settings, f"episode {location.index}"),
+                          source_files(source, location, meta))
             for location in locations]
+
+
+def metadata_files(source: Path, version: str) -> tuple[str, ...]:
+    """The meta/ files `episodes` reads (frame rate, episode spans and lengths, tasks), relative to `source`."""
+    if version == "v3.0":
+        paths = [source / "meta" / "info.json", *sorted((source / "meta" / "episodes").glob("chunk-*/file-*.parquet")),
+                 source / "meta" / "tasks.parquet"]
+    else:
+        paths = [source / "meta" / name for name in ("info.json", "episodes.jsonl", "tasks.jsonl")]
+    return tuple(str(path.relative_to(source)) for path in paths)
+
+
+def source_files(source: Path, location: EpisodeLocation, meta: tuple[str, ...]) -> tuple[str, ...]:
+    """Every file an episode is read from: its data file, its cameras' videos and the metadata. A change
+    to a file several episodes share (meta/, v3.0 data and videos) imports each of them again."""
+    own = [location.data, *(path for path, _, _ in location.videos.values())]
+    return (*(str(path.relative_to(source)) for path in own), *meta)

@@ -67,5 +67,7 @@ def episodes(source: Path, settings: ImportSettings) -> list[SourceEpisode]:
         raise DataError(f"{data}: no episode{{N}}.hdf5 files (expected a RoboTwin 2.0 <task>/<setting> directory)")
     return [SourceEpisode(f"ep_{number:04d}", f"data/{path.name}",
                           partial(open_episode, path, source / "instructions" / f"episode{number}.json", settings,
-                                  f"data/{path.name}"))
+                                  f"data/{path.name}"),
+                          (f"data/{path.name}",) if settings.instruction else
+                          (f"data/{path.name}", f"instructions/episode{number}.json"))
             for number, path in sorted(files)]

@@ -1,17 +1,20 @@
 """Synthetic episodes and the validation every episode passes before it is written to a shard."""
+import io
 import json
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
 from data_tools import episodes as episodes_module
+from data_tools import synth
 from data_tools.episodes import (SKIP_REASONS, EpisodeError, EpisodeLayout, discover_episodes, load_episode)
 from data_tools.synth import (DEFECTS, random_actions, render_frames, synthetic_episode, write_defective_episode,
                               write_episode, write_synthetic_episodes)
 from vidartrain.data.observation import compose_observation
 from vidartrain.data.transforms import resample_indices
-from vidartrain.data.video import decode_all_frames, encode_mp4
+from vidartrain.data.video import decode_all_frames, describe_decord_error, encode_mp4
 from vidartrain.errors import DataError
 
 LAYOUT = EpisodeLayout()
@@ -30,6 +33,38 @@ def test_synthetic_episodes_are_real_videos_and_deterministic(tmp_path):
     assert np.load(first[0] / "actions.npy").shape == (12, 14)
 
 
+def test_synth_refuses_existing_episodes_unless_overwrite_replaces_them_whole(tmp_path, refused):
+    out = tmp_path / "episodes"
+    write_synthetic_episodes(out, 1, frames=6, height=32, width=32, cameras=True)
+    (out / "mine").mkdir()  # not a folder vidar-synth writes
+    (out / "ep_0001").mkdir()  # empty: nothing to lose
+    before = {p.name: p.read_bytes() for p in (out / "ep_0000").iterdir()}
+    args = ["--episodes", "2", "--frames", "6", "--height", "32", "--width", "32", "--out", str(out), "--seed", "5"]
+    refused(f"--out {out} already holds ep_0000; use --overwrite", synth.main, args)
+    assert {p.name: p.read_bytes() for p in (out / "ep_0000").iterdir()} == before
+    (out / "bad_empty_folder").mkdir()
+    (out / "bad_empty_folder" / "notes.txt").write_text("mine")
+    refused("already holds bad_empty_folder;", synth.main, ["--episodes", "0", "--out", str(out), "--defects"])
+    assert synth.main([*args, "--overwrite"]) == 0
+    fresh = write_synthetic_episodes(tmp_path / "fresh", 2, frames=6, height=32, width=32, seed=5)
+    for folder in fresh:  # the camera videos of the old ep_0000 are gone
+        assert {p.name: p.read_bytes() for p in (out / folder.name).iterdir()} == {
+            p.name: p.read_bytes() for p in folder.iterdir()}
+    assert (out / "mine").is_dir()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--height", "45"], "--height 45 --width 128: frame sizes must be positive and even"),
+    (["--width", "0"], "--height 144 --width 0: frame sizes must be positive and even"),
+    (["--height", "50", "--cameras"], "--cameras --height 50: the head camera's height must be a multiple of 4"),
+    (["--frames", "1"], "--frames 1 --fps 10: an episode needs at least 2 frames"),
+    (["--fps", "0"], "--frames 40 --fps 0: an episode needs at least 2 frames"),
+])
+def test_synth_refuses_sizes_it_cannot_write_before_writing_anything(tmp_path, refused, args, message):
+    refused(message, synth.main, ["--episodes", "2", "--out", str(tmp_path / "episodes"), *args])
+    assert not (tmp_path / "episodes").exists()
+
+
 def test_shapes_follow_the_actions():
     actions = random_actions(np.random.default_rng(0), 6)
     frames = render_frames(actions, 60, 80, np.array([100, 100, 100], np.uint8))
@@ -45,6 +80,12 @@ def test_valid_episode_keeps_the_video_bytes(tmp_path):
     assert episode.video == (folder / "video.mp4").read_bytes()
     assert episode.frames == 10 and episode.actions.shape == (10, 14) and not episode.reencoded
     assert episode.instruction == (folder / "instruction.txt").read_text().strip()
+
+
+def test_a_byte_order_mark_is_not_part_of_the_instruction(tmp_path):
+    (folder,) = write_synthetic_episodes(tmp_path, 1, frames=8, height=32, width=32)
+    (folder / "instruction.txt").write_bytes("\ufeffpick up the bl\u00f6ck\n".encode("utf-8"))
+    assert load_episode(tmp_path, folder.name, LAYOUT).instruction == "pick up the bl\u00f6ck"
 
 
 @pytest.mark.parametrize("kind", sorted(DEFECTS))
@@ -72,6 +113,15 @@ def test_manifest_entry_without_folder_is_missing_file(tmp_path):
 def test_bad_manifest_names_the_file(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"episodes": [3]}))
     with pytest.raises(DataError, match="manifest.json: entry 0"):
+        discover_episodes(tmp_path)
+
+
+@pytest.mark.parametrize("listing", [["ep_0000", "ep_0001", "ep_0000"],
+                                     {"episodes": ["ep_0000", "ep_0001", "./ep_0000/"]}])
+def test_manifest_listing_an_episode_twice_is_refused(tmp_path, listing):
+    (tmp_path / "manifest.json").write_text(json.dumps(listing))
+    with pytest.raises(DataError, match="manifest.json: entries 0 and 2 both name episode 'ep_0000'; list each "
+                                        "episode once"):
         discover_episodes(tmp_path)
 
 
@@ -112,6 +162,28 @@ def test_other_frame_rate_is_resampled_and_recorded(tmp_path):
     assert np.abs(stored.astype(int) - source[::3].astype(int)).mean() < 3
 
 
+@pytest.mark.parametrize("fps, frames, rows", [(30, 30, 30), (30, 31, 30), (30, 30, 31), (15, 9, 9)])
+def test_actions_with_one_row_per_source_frame_are_resampled_like_the_video(tmp_path, fps, frames, rows):
+    (folder,) = write_synthetic_episodes(tmp_path, 1, frames=frames, height=32, width=32, fps=fps)
+    recorded = random_actions(np.random.default_rng(5), rows)
+    np.save(folder / "actions.npy", recorded)
+    episode = load_episode(tmp_path, folder.name, LAYOUT)
+    # the importers' frame-rate rule: output row k is the row of the source frame shown at k / 10 s
+    rows_at_10, frames_at_10 = resample_indices(rows, fps, 10), resample_indices(frames, fps, 10)
+    assert episode.frames == min(len(rows_at_10), len(frames_at_10)) and episode.source_fps == fps
+    np.testing.assert_array_equal(episode.actions, recorded[rows_at_10][:episode.frames])
+
+
+def test_actions_of_neither_count_are_a_mismatch_that_says_what_was_expected(tmp_path):
+    (folder,) = write_synthetic_episodes(tmp_path, 1, frames=30, height=32, width=32, fps=30)
+    np.save(folder / "actions.npy", random_actions(np.random.default_rng(5), 25))
+    with pytest.raises(EpisodeError) as caught:
+        load_episode(tmp_path, folder.name, LAYOUT)
+    assert caught.value.reason == "length_mismatch"
+    assert caught.value.detail.endswith("(video.mp4 10, actions.npy 25); at 30 fps, actions.npy needs one row per "
+                                        "frame of video.mp4 (30) or per frame of the 10 fps timeline (10)")
+
+
 def test_resample_indices():
     np.testing.assert_array_equal(resample_indices(90, 30, 10), np.arange(0, 90, 3))
     np.testing.assert_array_equal(resample_indices(4, 5, 10), [0, 0, 1, 1, 2, 2, 3])
@@ -149,6 +221,21 @@ def test_cameras_are_composed_into_one_video(tmp_path):
     (tmp_path / "ep_0000" / "right_wrist.mp4").unlink()
     with pytest.raises(EpisodeError, match="missing_file"):
         load_episode(tmp_path, "ep_0000", layout)
+
+
+def test_undecodable_video_details_carry_no_clock_time_or_source_location(tmp_path):
+    nested = RuntimeError("[06:35:40] /src/threaded_decoder.cc:292: [06:35:40] /src/threaded_decoder.cc:218: "
+                          "Check failed: send >= 0 (-1 vs. 0) Thread worker: Error sending packet.\nStack trace")
+    assert describe_decord_error(nested) == "Check failed: send >= 0 (-1 vs. 0) Thread worker: Error sending packet."
+    # a stream damaged mid-way fails in decord's decoder thread, whose message is nested like that
+    (folder,) = write_synthetic_episodes(tmp_path, 1, frames=40, height=48, width=64)
+    data = bytearray((folder / "video.mp4").read_bytes())
+    data[len(data) // 2: len(data) // 2 + 200] = bytes(200)
+    (folder / "video.mp4").write_bytes(bytes(data))
+    with pytest.raises(EpisodeError) as caught:
+        load_episode(tmp_path, folder.name, LAYOUT)
+    assert caught.value.reason == "video_unreadable" and "Check failed" in caught.value.detail
+    assert "[" not in caught.value.detail and ".cc:" not in caught.value.detail
 
 
 def test_encode_rejects_odd_sizes():
@@ -204,3 +291,33 @@ def test_cameras_at_different_frame_rates_meet_on_the_10fps_timeline(tmp_path):
     (folder / "left_wrist.mp4").write_bytes(encode_mp4(video, 10))  # 24 frames at 10 fps: 16 too many
     with pytest.raises(EpisodeError, match="length_mismatch"):
         load_episode(tmp_path, "ep", layout)
+
+
+def odd_size_mp4(frames: np.ndarray, fps: int) -> bytes:
+    """An mp4 of odd frame size (4:4:4 H.264 allows one; the yuv420p that encode_mp4 writes does not)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv444p"
+        for index, frame in enumerate(frames):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            picture.pts = index
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def test_a_frame_size_h264_cannot_store_skips_the_episode(tmp_path):
+    # a composed 50x64 head camera gives a 75x64 frame; an odd-sized 30 fps video must be re-encoded
+    video, actions, text = synthetic_episode(np.random.default_rng(2), 12, 50, 64)
+    write_episode(tmp_path / "composed", {"head.mp4": video, "left_wrist.mp4": video, "right_wrist.mp4": video},
+                  actions, text)
+    with pytest.raises(EpisodeError) as caught:
+        load_episode(tmp_path, "composed", EpisodeLayout(cameras=("head.mp4", "left_wrist.mp4", "right_wrist.mp4")))
+    assert caught.value.reason == "video_unreadable"
+    assert "head camera size 50x64 would compose a 75x64 frame" in caught.value.detail
+    write_episode(tmp_path / "odd", video, actions[::3], text)
+    (tmp_path / "odd" / "video.mp4").write_bytes(odd_size_mp4(video[:, :45], 30))
+    with pytest.raises(EpisodeError) as caught:
+        load_episode(tmp_path, "odd", LAYOUT)
+    assert caught.value.reason == "video_unreadable" and "even height and width, got 45x64" in caught.value.detail

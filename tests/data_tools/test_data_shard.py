@@ -138,6 +138,14 @@ def test_nothing_valid_is_refused(tmp_path, refused):
     assert [(s["episode"], s["reason"]) for s in skipped] == [("bad", "video_unreadable")]
 
 
+def test_an_out_that_cannot_be_a_directory_is_refused(mixed_episodes, tmp_path, refused):
+    (tmp_path / "file").write_text("mine")
+    refused(f"--out {tmp_path / 'file'} is a file, not a directory", run, mixed_episodes, tmp_path / "file")
+    refused(f"--out {tmp_path / 'file' / 'shards'}: cannot create the directory .*Not a directory", run,
+            mixed_episodes, tmp_path / "file" / "shards")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_val_split_is_deterministic_and_disjoint(mixed_episodes, tmp_path):
     run(mixed_episodes, tmp_path / "out", "--val-fraction", 0.3)
     train = json.loads((tmp_path / "out" / "index.json").read_text())
@@ -207,6 +215,25 @@ def test_inspect_catches_undecodable_video_behind_a_valid_checksum(mixed_episode
     assert "video does not decode" in capsys.readouterr().err
 
 
+def test_inspect_names_the_bad_samples_of_a_shard_whose_checksum_does_not_match(mixed_episodes, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(mixed_episodes, out)
+    shard = out / "shard-000000.tar"
+    keys = [entry["key"] for entry in json.loads((out / "index.json").read_text())["shards"][0]["entries"]]
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        video, header = tar.getmember(f"{keys[1]}.mp4"), tar.getmember(f"{keys[3]}.actions.npy")
+    data[video.offset_data: video.offset_data + video.size] = bytes(video.size)  # zero an mp4 in place
+    data[header.offset: header.offset + 512] = bytes(range(256)) * 2            # garble a tar header
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert inspect_tool.main([str(out)]) == 1
+    problems = [line for line in capsys.readouterr().err.splitlines() if line.startswith("PROBLEM")]
+    assert len(problems) == 3 and problems[0] == f"PROBLEM {shard}: sha256 does not match index.json"
+    assert problems[1].startswith(f"PROBLEM {shard}: sample {keys[1]}: video does not decode")
+    assert problems[2].startswith(f"PROBLEM {shard}: sample {keys[3]}: cannot be read at its offset (ReadError")
+
+
 def test_cameras_option_composes_the_unified_observation(tmp_path):
     write_synthetic_episodes(tmp_path / "episodes", 2, frames=6, height=48, width=64, cameras=True)
     assert run(tmp_path / "episodes", tmp_path / "out", "--cameras", "head.mp4,left_wrist.mp4,right_wrist.mp4") == 0
@@ -217,6 +244,13 @@ def test_cameras_option_composes_the_unified_observation(tmp_path):
         video = tar.extractfile("ep_0000.mp4").read()
     frames, _ = decode_all_frames(video)
     assert frames.shape == (6, 72, 64, 3)  # head 48x64 on top, two 24x32 wrist views below
+    # a head camera whose composed frame H.264 cannot store costs its episode, not the run
+    write_episode(tmp_path / "episodes" / "ep_0002",
+                  *synthetic_episode(np.random.default_rng(0), 6, height=50, width=64, cameras=True))
+    cameras = "head.mp4,left_wrist.mp4,right_wrist.mp4"
+    assert run(tmp_path / "episodes", tmp_path / "with_odd", "--cameras", cameras) == 0
+    skipped = json.loads((tmp_path / "with_odd" / "index.json").read_text())["skipped"]
+    assert [(s["episode"], s["reason"]) for s in skipped] == [("ep_0002", "video_unreadable")]
     # without --cameras the same folders lack video.mp4
     assert run(tmp_path / "episodes", tmp_path / "plain") == 2
     assert {s["reason"] for s in json.loads((tmp_path / "plain" / "index.json").read_text())["skipped"]} == {

@@ -57,3 +57,50 @@ def test_jpeg_channel_order(tmp_path):
     assert run(tmp_path / "src", tmp_path / "rgb", "--fps", "10", "--cameras", "cam_high", "--jpeg-channels", "rgb") == 0
     with pytest.raises(AssertionError, match="channel order"):
         assert_round_trip(tmp_path / "rgb" / "ep_0000", expected_sources(4, 10), composed=False)
+
+
+def test_rerun_imports_changed_sources_again_and_removes_episodes_no_longer_imported(tmp_path, capsys):
+    source, out = tmp_path / "src", tmp_path / "out"
+    for number in range(4):
+        write_aloha_episode(source, number, frames=21, sidecar="stack the cups")
+    assert run(source, out, "--fps", "50") == 0
+    (out / "notes").mkdir()  # the user's own folder beside the import
+    write_aloha_episode(source, 0, frames=11, sidecar="stack the cups")   # fewer frames
+    (source / "episode_1.txt").write_text("stack the two cups", encoding="utf-8")  # another instruction
+    (source / "episode_2.hdf5").unlink()                                  # gone from the source
+    with h5py.File(source / "episode_3.hdf5", "a") as file:               # broken since: now skipped
+        del file["action"]
+    capsys.readouterr()
+    assert run(source, out, "--fps", "50") == 0
+    record = json.loads((out / IMPORT_FILE).read_text())
+    assert [e["episode"] for e in record["episodes"]] == ["ep_0000", "ep_0001"]
+    assert [s["episode"] for s in record["skipped"]] == ["ep_0003"]
+    assert sorted(p.name for p in out.iterdir()) == ["ep_0000", "ep_0001", IMPORT_FILE, "notes"]
+    assert_round_trip(out / "ep_0000", expected_sources(11, 50), composed=True)
+    assert read_episode(out / "ep_0001")[2] == "stack the two cups\n"
+    report = capsys.readouterr().err
+    assert f"{out / 'ep_0002'} was imported from episode_2.hdf5, which is gone from the source: removing it" in report
+    assert f"{out / 'ep_0000'} was imported from source files that changed since" in report
+    # an unchanged source keeps its folder as it is
+    kept = (out / "ep_0001" / "video.mp4").stat().st_mtime_ns
+    assert run(source, out, "--fps", "50") == 0
+    assert (out / "ep_0001" / "video.mp4").stat().st_mtime_ns == kept
+
+
+def test_an_episodes_dir_that_is_a_file_is_refused(tmp_path, refused):
+    write_aloha_episode(tmp_path / "src", 0, frames=4, sidecar="x")
+    (tmp_path / "out").write_text("mine")
+    refused(f"EPISODES_DIR {tmp_path / 'out'} is a file, not a directory", run, tmp_path / "src", tmp_path / "out",
+            "--fps", "10")
+
+
+def test_an_edited_record_cannot_make_the_import_remove_other_folders(tmp_path, refused):
+    write_aloha_episode(tmp_path / "src", 0, frames=4, sidecar="x")
+    assert run(tmp_path / "src", tmp_path / "out", "--fps", "10") == 0
+    record = json.loads((tmp_path / "out" / IMPORT_FILE).read_text())
+    record["episodes"][0]["episode"] = "../victim"
+    (tmp_path / "out" / IMPORT_FILE).write_text(json.dumps(record))
+    (tmp_path / "victim").mkdir()
+    refused("lists episode '../victim', not a folder name vidar-import writes", run, tmp_path / "src",
+            tmp_path / "out", "--fps", "10")
+    assert (tmp_path / "victim").is_dir()

@@ -78,3 +78,12 @@ def test_missing_video_is_a_skip_and_configuration_errors_stop_early(tmp_path, r
     assert run(tmp_path / "ds", tmp_path / "out", "--cameras", ",".join(CAMERA_KEYS)) == 0
     record = json.loads((tmp_path / "out" / IMPORT_FILE).read_text())
     assert [(s["episode"], s["reason"]) for s in record["skipped"]] == [("ep_0001", "missing_file")]
+
+
+def test_rerun_after_a_metadata_change_imports_the_episodes_again(tmp_path):
+    write_lerobot(tmp_path / "ds", "v2.1", [6, 6], fps=10)
+    assert run(tmp_path / "ds", tmp_path / "out") == 0
+    tasks = tmp_path / "ds" / "meta" / "episodes.jsonl"  # v2.1: the episode's task is its instruction
+    tasks.write_text(tasks.read_text(encoding="utf-8").replace(TASKS[0], "fold the blue towel"), encoding="utf-8")
+    assert run(tmp_path / "ds", tmp_path / "out") == 0
+    assert read_episode(tmp_path / "out" / "ep_0000")[2] == "fold the blue towel\n"

@@ -25,7 +25,8 @@ def compose_observation(head: np.ndarray, left_wrist: np.ndarray, right_wrist: n
     """uint8 camera videos [T, H, W, 3] -> unified frames [T, 3H/2, W, 3].
 
     All three must have the same frame count; the wrist views may have any size (they are resized
-    to half the head camera's height and width).
+    to half the head camera's height and width). The head camera's height must be a multiple of 4
+    and its width even: the frame is stored as H.264 yuv420p, which needs an even 3H/2 x W.
     """
     views = {"head": head, "left_wrist": left_wrist, "right_wrist": right_wrist}
     for name, view in views.items():
@@ -35,8 +36,10 @@ def compose_observation(head: np.ndarray, left_wrist: np.ndarray, right_wrist: n
     if len(set(counts.values())) != 1:
         raise ValueError(f"cameras have different frame counts: {counts}")
     height, width = head.shape[1:3]
-    if height % 2 or width % 2:
-        raise ValueError(f"head camera size {height}x{width} must be even to halve the wrist views")
+    if height % 4 or width % 2:
+        raise ValueError(f"head camera size {height}x{width} would compose a {height + height // 2}x{width} frame; "
+                         f"H.264 needs an even size, so the head camera's height must be a multiple of 4 "
+                         f"and its width even")
     half_h, half_w = height // 2, width // 2
     bottom = np.concatenate([_resize_uint8(left_wrist, half_h, half_w),
                              _resize_uint8(right_wrist, half_h, half_w)], axis=2)
