@@ -132,6 +132,11 @@ def test_index_contents_that_cannot_be_trained_on_are_data_errors(tmp_path):
     with pytest.raises(DataError, match="data.shards mixes"):
         read_common_index([{"path": str(tmp_path / "old"), "weight": 1.0},
                            {"path": str(tmp_path / "latents"), "weight": 1.0}])
+    # pre-encoded with and without the IDM's masks: Eq. 7 would find no mask in some batches
+    write_index(tmp_path / "latents_idm", mode="latents", settings={"precompute": {"precompute": ["latents", "idm"]}})
+    with pytest.raises(DataError, match="data.shards mixes"):
+        read_common_index([{"path": str(tmp_path / "latents"), "weight": 1.0},
+                           {"path": str(tmp_path / "latents_idm"), "weight": 1.0}])
 
 
 @pytest.mark.parametrize("manifest, expected", [

@@ -261,7 +261,7 @@ def test_bad_sequence_parallel_sizes_fail_before_any_process_group():
 
 def test_stages_refuse_sequence_parallel_sizes_their_model_cannot_split(tmp_path):
     write_tiny_checkpoint(tmp_path / "ckpt")  # 2 heads
-    data = DataInfo(mode="latents", text_embeddings=True, actions=())
+    data = DataInfo(mode="latents", text_embeddings=True, actions=(), idm_masks=True)
     overrides = [f"model.ckpt_dir={tmp_path / 'ckpt'}", "distributed.sequence_parallel_size=4"]
     with pytest.raises(ConfigError, match=r"does not divide the DiT's 2 attention heads.*\[1, 2\]"):
         VidarStage(load_config(CONFIGS / "debug/tiny_vidar.yaml", overrides), data)

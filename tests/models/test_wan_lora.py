@@ -136,7 +136,7 @@ def test_stage2_trains_only_the_adapters_also_through_the_kv_cache_rollout(tmp_p
         "self_forcing": {"causal": True, "chunk_size": 4, "kv_cache_length": 8, "context_mode": context_mode,
                          "denoising_steps": 2},
         "data": {"shards": "unused", "num_frames": 21, "height": 64, "width": 64}, "lora": {"rank": 4}})
-    stage = SelfForcingStage(config, DataInfo(mode="latents", text_embeddings=True, actions=()))  # the batch holds all
+    stage = SelfForcingStage(config, DataInfo(mode="latents", text_embeddings=True, actions=(), idm_masks=True))  # the batch holds all
     model = stage.build_model().float()
     add_lora(model, config.lora)
     generator = torch.Generator().manual_seed(3)

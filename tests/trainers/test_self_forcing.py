@@ -16,7 +16,7 @@ from vidartrain.trainers.self_forcing import (SelfForcingStage, closed_loop_velo
                                               self_generated_velocity, teacher_forcing_velocity)
 
 CHUNK = 4
-PRE_ENCODED = DataInfo(mode="latents", text_embeddings=True, actions=())  # the batches below hold every tensor
+PRE_ENCODED = DataInfo(mode="latents", text_embeddings=True, actions=(), idm_masks=True)  # the batches below hold every tensor
 TEXT_DIM = TINY_DIT["text_dim"]
 
 
@@ -46,6 +46,18 @@ def batch():
     return {"__key__": ["a", "b"], "latents": torch.randn(2, 48, 6, 4, 4, generator=generator),
             "text_emb": [torch.randn(5, TEXT_DIM, generator=generator), torch.randn(3, TEXT_DIM, generator=generator)],
             "idm_mask": torch.rand(2, 6, 4, 4, generator=generator)}
+
+
+def test_eq7_without_a_source_of_idm_masks_is_refused_when_the_stage_is_built(checkpoint):
+    """Pre-encoded shards without masks (the IDM cannot run on latents), or raw ones without an IDM:
+    refused before any model is built, not at the first step."""
+    config = stage_config(checkpoint)
+    with pytest.raises(ConfigError, match="the pre-encoded shards of `data.shards` .* hold none"):
+        SelfForcingStage(config, DataInfo(mode="latents", text_embeddings=True, actions=()))
+    with pytest.raises(ConfigError, match="set `model.idm_path`"):
+        SelfForcingStage(config, DataInfo(mode="raw", text_embeddings=False, actions=()))
+    config.loss.embodiment_aware = False
+    SelfForcingStage(config, DataInfo(mode="latents", text_embeddings=True, actions=()))
 
 
 def loss_of(stage, model, batch, seed=0):

@@ -164,12 +164,12 @@ def check_same_kind(sources: list[tuple[str, float]], indexes: list[dict]) -> No
 
     def kind(index: dict) -> tuple:
         window = index["settings"].get("precompute") or {}
-        return (index["mode"], bool(index.get("text_embeddings")),
+        return (index["mode"], bool(index.get("text_embeddings")), holds_idm_masks(index),
                 {k: v for k, v in window.items() if k in ("num_frames", "height", "width", "resize")})
 
     for (path, _), index in zip(sources[1:], indexes[1:]):
         if kind(index) != kind(first):
-            raise DataError(f"data.shards mixes {sources[0][0]} (mode, text embeddings, windows: {kind(first)}) "
+            raise DataError(f"data.shards mixes {sources[0][0]} (mode, text embeddings, IDM masks, windows: {kind(first)}) "
                             f"with {path} ({kind(index)}): every source must hold the same kind of samples")
 
 
@@ -182,6 +182,7 @@ class DataInfo:
     text_embeddings: bool  # captions pre-encoded by umT5 (else the text encoder runs online)
     # (source directory, its index's "actions": exact per-dimension mean / std / m2; None if not recorded)
     actions: tuple[tuple[str, dict | None], ...]
+    idm_masks: bool = False  # pre-encoded with the IDM's masks (Eq. 7), so no IDM runs in training
 
     @property
     def raw(self) -> bool:
@@ -202,4 +203,10 @@ def read_data_info(shards: str | Path | list) -> DataInfo:
     indexes = [read_index(path) for path, _ in sources]
     check_same_kind(sources, indexes)
     return DataInfo(mode=indexes[0]["mode"], text_embeddings=bool(indexes[0].get("text_embeddings")),
-                    actions=tuple((path, index.get("actions")) for (path, _), index in zip(sources, indexes)))
+                    actions=tuple((path, index.get("actions")) for (path, _), index in zip(sources, indexes)),
+                    idm_masks=holds_idm_masks(indexes[0]))
+
+
+def holds_idm_masks(index: dict) -> bool:
+    """Whether pre-encoded shards hold each sample's IDM mask (vidar-precompute with the IDM)."""
+    return "idm" in (index["settings"].get("precompute") or {}).get("precompute", [])

@@ -47,11 +47,9 @@ class FrozenConditioner:
             self.vae = load_vae(config, device)
         if data.raw or not data.text_embeddings:
             self.text_encoder = load_text_encoder(config, text_len, device)
-        if not idm_masks or not data.raw:
+        if not idm_masks or data.idm_masks:
             return
-        if config.model.idm_path is None:
-            raise ConfigError("`loss.embodiment_aware` needs IDM masks: set `model.idm_path` to an idm.pt "
-                              "(or pre-encode `idm_mask` into the shards)")
+        check_idm_mask_source(config, data)
         self.idm = load_frozen_idm(config.model.idm_path, device)
         self.idm_input_size = idm_input_size(config.data.height, config.data.width)
 
@@ -100,6 +98,22 @@ class FrozenConditioner:
             video = to_model_range(video)
         mask = pool_mask_to_latent(self.idm.get_mask(video, input_size=self.idm_input_size).float())
         return mask[:, 1:] if start > 0 else mask
+
+
+def check_idm_mask_source(config: Config, data: DataInfo) -> None:
+    """`loss.embodiment_aware` weights the loss by IDM masks (Eq. 7): from pre-encoded shards that hold
+    them, or from the IDM of `model.idm_path` run on raw shards' frames. Checked when the stage is
+    built, before any model: otherwise the first step fails."""
+    if not config.loss.embodiment_aware or data.idm_masks:
+        return
+    if not data.raw:
+        raise ConfigError(f"`loss.embodiment_aware` needs IDM masks, and the pre-encoded shards of `data.shards` "
+                          f"({config.data.shards}) hold none (the IDM runs on video frames, which they do not keep): "
+                          f"pre-encode them with the IDM (vidar-shard --precompute latents,text,idm --idm "
+                          f"IDM.pt), train on raw shards with `model.idm_path`, or set `loss.embodiment_aware: false`")
+    if config.model.idm_path is None:
+        raise ConfigError("`loss.embodiment_aware` needs IDM masks: set `model.idm_path` to an idm.pt "
+                          "(or pre-encode `idm_mask` into the shards)")
 
 
 def load_vae(config: Config, device: torch.device) -> WanVAE:

@@ -39,6 +39,7 @@ from vidartrain.losses import (add_noise, context_frame_mask, embodiment_weights
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.rollouts import (DEPLOYED_FRAMES_PER_CHUNK, ContextMode, RolloutEvent, closed_loop_rollout,
                                  closed_loop_schedule, rollout, sampling_sigmas)
+from vidartrain.trainers.conditioning import check_idm_mask_source
 from vidartrain.trainers.vidar_trainer import DitStage
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class SelfForcingStage(DitStage):
 
     def __init__(self, config: Config, data: DataInfo) -> None:
         super().__init__(config, data)
+        check_idm_mask_source(config, data)
         sf = config.self_forcing
         self.uses_idm_masks = config.loss.embodiment_aware
         self.schedule: list[RolloutEvent] = (closed_loop_schedule(sf.window_frames, self.rollout_window)
