@@ -12,7 +12,7 @@ def debug_overrides(profile: dict[str, Any]) -> list[str]:
     """--debug: log every step, no validation, a checkpoint only at the end, and a global batch of just
     what the DeepSpeed profile gives on this many ranks (micro-batch x accumulation x world size)."""
     # with gradient_accumulation set, training.batch_size is one micro-step over all ranks
-    return ["training.log_every=1", "training.val_every=0", "training.validate_ema=false",
+    return ["training.log_every=1", "training.val_every=0", "training.validate_ema=false", "validation.every=0",
             "training.save_every=1000000000",
             f"training.batch_size={profile['train_micro_batch_size_per_gpu'] * world_size_of_launch()}",
             f"training.gradient_accumulation={profile['gradient_accumulation_steps']}"]
@@ -23,7 +23,7 @@ def main_with_stage_flags(default_config: str, description: str, argv: list[str]
     parser.add_argument("--ckpt_dir", default=None, help="Wan2.2-TI2V-5B checkpoint directory (model.ckpt_dir)")
     parser.add_argument("--pt_dir", default=None, help="fine-tuned DiT weights applied on top (model.pt_dir)")
     parser.add_argument("--debug", action="store_true",
-                        help="short debugging run: log every step, no validation (nor of the EMA), checkpoint only "
+                        help="short debugging run: log every step, no validation (loss, EMA or samples), checkpoint only "
                              "at the end, global batch = the profile's micro-batch x accumulation x world size")
     args = parser.parse_args(argv)
     # flags first, so that explicit --set overrides still win

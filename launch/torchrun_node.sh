@@ -11,6 +11,11 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ $# -lt 1 ]; then echo "usage: $0 PROCESSES_PER_NODE [launch/train.py flags]" >&2; exit 2; fi
 nproc="$1"; shift
+if [ "${NNODES:-1}" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+    # every node would wait for a rendezvous on its own 127.0.0.1 until torchrun's timeout
+    echo "error: NNODES=$NNODES needs MASTER_ADDR, the host name of the node every node meets at (NODE_RANK 0)" >&2
+    exit 2
+fi
 cd "$root"
 exec "${VIDARTRAIN_VENV:-$root/.venv}/bin/torchrun" --nnodes "${NNODES:-1}" --nproc_per_node "$nproc" \
     --node_rank "${NODE_RANK:-0}" --rdzv_backend c10d --rdzv_id "${RDZV_ID:-vidartrain}" \

@@ -128,21 +128,25 @@ def dry_run(config: Config, stage: Stage, ds_path: str, ds_config: dict[str, Any
     """The planner's verdict, then one real step (written under OUTPUT/dry_run, nothing else touched),
     then measured vs planned memory of this process."""
     rank, world = int(os.environ.get("RANK", 0)), world_size_of_launch()
-    plan = plan_for_ds_config(config, Path(ds_path).stem, ds_config, resolve_gpu(args.gpu, ds_path), world,
-                              precomputed=not stage.data.raw, shape=dit_shape_of(config))
+    # The planner models the DiT; the IDM stage (a 92M-parameter model) gets its one real step unplanned.
+    plan = None if config.loss.type == "idm" else plan_for_ds_config(
+        config, Path(ds_path).stem, ds_config, resolve_gpu(args.gpu, ds_path), world, precomputed=not stage.data.raw,
+        shape=dit_shape_of(config))
     if rank == 0:
-        print(format_plan(plan), flush=True)
+        print(format_plan(plan) if plan is not None else "dry run: the planner covers the DiT stages; the IDM runs "
+              "one real step without a plan", flush=True)
     out = Path(args.output_dir or config.output.output_dir) / "dry_run"
     config.output.save_path = str(out / "export" / f"{stage.name}.pt")
     before = peak_memory_bytes()  # CPU: the runtime's own footprint; GPU: nothing allocated yet
     # The dry run's folder is its own: a second dry run replaces the first one's checkpoint.
     Trainer(config, stage, RunOptions(ds_config=ds_config, output_dir=str(out), max_steps=1, overwrite=True)).train()
     measured = (peak_memory_bytes() - before) / 2**20
-    planned = (plan.total_gib - plan.memory_gib["headroom"]) * 1024
     if rank == 0:
-        print(f"dry run: one step done; it raised this process's peak memory by {measured:,.1f} MiB, planned "
-              f"{planned:,.1f} MiB (model states + activations + KV cache + frozen encoders, before allocator "
-              f"headroom)", flush=True)
+        planned = "" if plan is None else (
+            f", planned {(plan.total_gib - plan.memory_gib['headroom']) * 1024:,.1f} MiB (model states + activations "
+            f"+ KV cache + frozen encoders, before allocator headroom)")
+        print(f"dry run: one step done; it raised this process's peak memory by {measured:,.1f} MiB{planned}",
+              flush=True)
     return 0
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script by deepspeed / torchrun: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(REPO_ROOT))
 
 from launch.train import build_parser, run  # noqa: E402
 from vidartrain.errors import reports_errors  # noqa: E402
@@ -20,7 +21,7 @@ from vidartrain.errors import reports_errors  # noqa: E402
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser("IDM training: masked inverse dynamics model on (frame, action) pairs (Eq. 4)",
-                          default_config="configs/idm.yaml")
+                          default_config=str(REPO_ROOT / "configs" / "idm.yaml"))
     return run(parser.parse_args(argv))
 
 

@@ -1,10 +1,11 @@
 """Stage 1 (Vidar) with the reference recipe's flags (docs/training.md).
 
-    python launch/train_vidar.py --ckpt_dir checkpoints/Wan2.2-TI2V-5B --debug --max_steps 100
+    python launch/train_vidar.py --ckpt_dir checkpoints/Wan2.2-TI2V-5B --ds-config ds_configs/zero3_1xgpu.json \\
+        --debug --max_steps 100
     deepspeed --num_gpus 8 launch/train_vidar.py --ckpt_dir checkpoints/Wan2.2-TI2V-5B \\
         --ds-config ds_configs/zero3_8xh100.json --output_dir outputs/vidar
 
---ckpt_dir / --pt_dir set model.ckpt_dir / model.pt_dir; --debug logs every step and validates and
+--ckpt_dir / --pt_dir set model.ckpt_dir / model.pt_dir; --debug logs every step, validates nothing and
 checkpoints only at the end (for short debugging runs on the real model). Every flag of
 launch/train.py is accepted too; --config defaults to configs/vidar_finetune.yaml.
 """

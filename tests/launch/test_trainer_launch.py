@@ -112,8 +112,8 @@ def test_reference_recipe_flags_map_onto_config_overrides(monkeypatch):
     # no validation at all: a config that validates its EMA still loads
     config = load_config("configs/vidar_finetune.yaml", ["training.ema_decay=0.999", "training.validate_ema=true",
                                                          "training.val_every=10", "data.val_shards=/data/val",
-                                                         *overrides])
-    assert not config.training.validate_ema and config.training.val_every == 0
+                                                         "validation.every=10", *overrides])
+    assert not config.training.validate_ema and config.training.val_every == 0 and config.validation.every == 0
 
 
 def test_dry_run_prints_the_plan_runs_one_step_and_reports_measured_memory(pre_encoded, tmp_path):

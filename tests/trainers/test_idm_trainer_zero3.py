@@ -3,12 +3,14 @@ ranks, ZeRO-3 (float32 weights), (frame, action) pairs of shards made from synth
 TensorBoard metrics, SIGKILL + resume exactness (BatchNorm statistics included) and the upstream
 idm.pt export."""
 
+import subprocess
+
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers.trainer_launch import (deepspeed_command, kill_launch, logged_steps, run, start, torchrun_command,
-                                    wait_for_step, write_shards)
+from helpers.trainer_launch import (BIN, REPO_ROOT, deepspeed_command, kill_launch, launcher_env, logged_steps, run,
+                                    start, torchrun_command, wait_for_step, write_shards)
 from vidartrain.distributed.export import main as export_main
 from vidartrain.distributed.export import state_dict_from_checkpoint
 from vidartrain.models.idm import load_idm
@@ -40,6 +42,19 @@ def reference_run(workspace):
     run(deepspeed_command("launch/train.py", train_args(workspace, output_dir)), workspace / "reference.log",
         timeout=600)
     return output_dir
+
+
+def test_a_dry_run_of_the_idm_runs_one_step_without_a_plan(workspace, tmp_path):
+    """--dry-run is accepted by every stage: the planner models the DiT, so the IDM gets its one real step
+    and the measured memory only (it used to fail on the planner)."""
+    args = train_args(workspace, tmp_path, "--dry-run", "--set", "training.batch_size=1",
+                      "--set", "training.gradient_accumulation=2")  # one process: micro 1 x 2 steps
+    result = subprocess.run([str(BIN / "python"), "launch/train_idm.py", *args], cwd=REPO_ROOT, env=launcher_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "the planner covers the DiT stages; the IDM runs one real step without a plan" in result.stdout
+    assert "dry run: one step done" in result.stdout and "planned" not in result.stdout
+    assert sorted(logged_steps(tmp_path / "dry_run")) == [1]
 
 
 def test_idm_run_logs_accuracy_and_exports_an_upstream_idm_pt(reference_run):
