@@ -152,6 +152,14 @@ def test_truncated_published_shard_is_a_checkpoint_error_naming_it(tmp_path, sta
         WanModel.from_pretrained(tmp_path)
 
 
+def test_an_idm_checkpoint_given_as_dit_weights_is_named_as_such(tmp_path, tiny_model):
+    path = tmp_path / "idm.pt"
+    torch.save({"model_state_dict": {"train_mean": torch.zeros(14)}, "step": 7}, path)
+    with pytest.raises(CheckpointError, match=r"idm.pt is an IDM checkpoint \(\{'model_state_dict': ..., 'step': 7\}"
+                                              r".*not model weights"):
+        load_finetuned(tiny_model, path)
+
+
 def test_weights_that_pickle_code_are_refused_unrun(tmp_path, tiny_model):
     path = tmp_path / "vidar.pt"
     torch.save({"head.head.bias": RunsCode()}, path)

@@ -160,6 +160,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         with open_safetensors(path, "cpu") as f:
             return {key: f.get_tensor(key) for key in f.keys()}
     state = load_torch_file(path)
+    if is_idm_checkpoint(state):
+        raise CheckpointError(f"{path} is an IDM checkpoint ({{'model_state_dict': ..., 'step': {state['step']}}}, "
+                              f"as idm.pt), not model weights such as the DiT's vidar.pt / vidarc.pt; an idm.pt "
+                              f"goes to model.idm_path or vidar-sample --idm")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict (a dict of name -> tensor), got {type(state).__name__}")
     return state
@@ -198,6 +202,12 @@ def pickle_refusal(file: object, error: pickle.UnpicklingError) -> CheckpointErr
     what = found.group(1) if found else str(error)
     return CheckpointError(f"{file}: refusing to load it: it pickles more than tensors and plain data (a crafted "
                            f"or foreign file?): {what}")
+
+
+def is_idm_checkpoint(state: object) -> bool:
+    """Whether `state` is laid out as an idm.pt: {"model_state_dict": {...}, "step": N} (upstream's
+    train_idm.py), which holds no model weights at its top level."""
+    return isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict) and "step" in state
 
 
 def load_finetuned(model: nn.Module, path: str | Path,
