@@ -150,3 +150,21 @@ def test_lora_plans_keep_gradients_and_optimizer_state_for_the_adapters_only():
     assert lora.memory_gib["activations"] == full.memory_gib["activations"]
     assert lora.step_seconds == pytest.approx(full.step_seconds * 3 / 4)  # no weight gradients of the base
     assert full.total_gib - lora.total_gib > 0.9 * 16 * params / 2 / GIB
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mfu", "0"], "--mfu 0.0: the share of the GPU's peak bf16 FLOP/s a step reaches, in (0, 1]"),
+    (["--mfu", "5"], "--mfu 5.0: "),
+    (["--mfu", "nan"], "--mfu nan: "),
+    (["--world-size", "0"], "--world-size 0: the number of GPUs, at least 1"),
+    (["--checkpointing", "full", "--best"], "--best picks the fastest of all three checkpointing modes that fits, "
+                                            "--checkpointing full plans that mode alone"),
+    (["--table", "--gpu", "h100", "--world-size", "2", "--checkpointing", "all"],
+     "--table plans every DeepSpeed profile on its own GPUs and world size, in every checkpointing mode: --gpu, "
+     "--world-size, --checkpointing cannot be used with it"),
+    (["--table", "--ds-config", "ds_configs/zero3_2xh200.json", "--best"], ": --ds-config, --best cannot be used"),
+])
+def test_cli_refuses_impossible_numbers_and_contradicting_flags(flags, message, capsys):
+    assert main(["--config", str(REPO / "configs/vidar_finetune.yaml"), *flags]) == 2
+    out, err = capsys.readouterr()
+    assert message in err and not out

@@ -586,6 +586,27 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([header, *body])
 
 
+# The flags --table does not use: it plans every profile on its own GPUs and world size, in every mode.
+NOT_WITH_TABLE = {"ds_config": "--ds-config", "gpu": "--gpu", "world_size": "--world-size",
+                  "checkpointing": "--checkpointing", "best": "--best"}
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse numbers the planner cannot use and flags that contradict each other, naming them."""
+    if not 0 < args.mfu <= 1:  # also refuses nan
+        raise ConfigError(f"--mfu {args.mfu}: the share of the GPU's peak bf16 FLOP/s a step reaches, in (0, 1] "
+                          f"(e.g. 0.4 for 40%)")
+    if args.world_size is not None and args.world_size < 1:
+        raise ConfigError(f"--world-size {args.world_size}: the number of GPUs, at least 1")
+    if args.best and args.checkpointing not in (None, "all"):
+        raise ConfigError(f"--best picks the fastest of all three checkpointing modes that fits, --checkpointing "
+                          f"{args.checkpointing} plans that mode alone: pass one of the two")
+    ignored = [flag for name, flag in NOT_WITH_TABLE.items() if args.table and getattr(args, name) not in (None, False)]
+    if ignored:
+        raise ConfigError(f"--table plans every DeepSpeed profile on its own GPUs and world size, in every "
+                          f"checkpointing mode: {', '.join(ignored)} cannot be used with it")
+
+
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vidar-plan", description=__doc__.split("\n\n")[0])
@@ -596,14 +617,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="the GPU (default: the one the profile is named for, e.g. zero3_2xh200 -> h200)")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
     parser.add_argument("--precomputed", action="store_true", help="shards hold latents/embeddings/masks")
-    parser.add_argument("--checkpointing", choices=[*CHECKPOINTING_MODES, "all"], default="all",
+    parser.add_argument("--checkpointing", choices=[*CHECKPOINTING_MODES, "all"],
                         help="activation checkpointing mode(s) to plan (default: all three)")
     parser.add_argument("--best", action="store_true",
-                        help="also name the fastest checkpointing mode that fits (none, then selective, then full)")
-    parser.add_argument("--table", action="store_true", help="every GPU profile beside the reference hardware table")
+                        help="plan all three checkpointing modes and name the fastest that fits (none, then "
+                             "selective, then full)")
+    parser.add_argument("--table", action="store_true",
+                        help="every GPU profile beside the reference hardware table (each profile on its own GPUs, "
+                             "every checkpointing mode)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
+    check_arguments(args)
     config = load_config(args.config, args.set)
     if args.table:
         rows = hardware_table(config, args.mfu, args.precomputed)
@@ -613,11 +638,11 @@ def main(argv: list[str] | None = None) -> int:
     if not profile_path:
         raise ConfigError("no DeepSpeed profile: pass --ds-config or set distributed.ds_config")
     profile = load_profile(profile_path)
-    world = args.world_size or profile_world_size(profile)
+    world = args.world_size if args.world_size is not None else profile_world_size(profile)
     if not world:
         raise ConfigError(f"{profile_path} has no train_batch_size to infer its world size: pass --world-size")
     gpu = resolve_gpu(args.gpu, profile_path)
-    modes = CHECKPOINTING_MODES if args.checkpointing == "all" or args.best else [args.checkpointing]
+    modes = CHECKPOINTING_MODES if args.checkpointing in (None, "all") else [args.checkpointing]
     check_plans_dit(config)
     ds, _ = build_deepspeed_config(config, profile, world)  # once: the modes share it
     plans = [plan_for_ds_config(config, Path(profile_path).stem, ds, gpu, world, args.mfu, c, args.precomputed,

@@ -233,6 +233,10 @@ def test_load_idm_names_offending_keys(tmp_path):
     with pytest.raises(CheckpointError, match="not tensors: \\['train_mean'\\]"):
         load_idm(path)
 
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="broken.pt: torch.load cannot read it .*PytorchStreamReader"):
+        load_idm(path)
+
 
 def test_preprocess_frames_maps_range_resizes_with_antialias_and_normalises():
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

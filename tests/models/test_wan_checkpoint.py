@@ -1,5 +1,7 @@
 """Reading published DiT checkpoint directories and applying vidar.pt-style fine-tunes."""
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -127,3 +129,44 @@ def test_finetune_file_that_is_not_a_state_dict_is_refused(tmp_path, tiny_model)
     torch.save([torch.zeros(1)], path)
     with pytest.raises(CheckpointError, match="expected a state dict"):
         load_finetuned(tiny_model, path)
+
+
+def truncated(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("suffix, reason", [(".pt", "torch.load cannot read it .*: PytorchStreamReader failed"),
+                                            (".safetensors", "not a readable safetensors file, truncated or corrupt")])
+def test_truncated_weights_are_a_checkpoint_error_naming_the_file(tmp_path, tiny_model, state, suffix, reason):
+    path = tmp_path / f"vidar{suffix}"
+    torch.save(state, path) if suffix == ".pt" else save_file(state, path)
+    truncated(path)
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: {reason}"):
+        load_finetuned(tiny_model, path)
+
+
+def test_truncated_published_shard_is_a_checkpoint_error_naming_it(tmp_path, state):
+    write_single_file(tmp_path, tiny_config(), state)
+    truncated(tmp_path / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors: not a readable safetensors"):
+        WanModel.from_pretrained(tmp_path)
+
+
+def test_an_idm_checkpoint_given_as_dit_weights_is_named_as_such(tmp_path, tiny_model):
+    path = tmp_path / "idm.pt"
+    torch.save({"model_state_dict": {"train_mean": torch.zeros(14)}, "step": 7}, path)
+    with pytest.raises(CheckpointError, match=r"idm.pt is an IDM checkpoint \(\{'model_state_dict': ..., 'step': 7\}"
+                                              r".*not model weights"):
+        load_finetuned(tiny_model, path)
+
+
+def test_weights_that_pickle_code_are_refused_unrun(tmp_path, tiny_model):
+    path = tmp_path / "vidar.pt"
+    torch.save({"head.head.bias": RunsCode()}, path)
+    with pytest.raises(CheckpointError, match="vidar.pt: refusing to load it: .*: posix.system"):
+        load_finetuned(tiny_model, path)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return os.system, ("false",)

@@ -25,6 +25,7 @@ from vidartrain.distributed.checkpointing import (COMPLETE_MARKER, checkpoint_fi
                                                   file_digests, latest_complete, mark_complete, resolve_resume,
                                                   tag_for_step)
 from vidartrain.distributed.ds_config import load_profile
+from vidartrain.distributed.export import check_outputs, dit_files
 from vidartrain.distributed.export import main as export_main
 from vidartrain.errors import CheckpointError
 
@@ -204,6 +205,31 @@ def test_checkpoint_pickles_cannot_run_code_in_export_or_resume(pre_encoded, tmp
 def test_export_of_a_missing_folder_says_it_is_missing(tmp_path, capsys):
     assert export_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "vidar.pt")]) == 2
     assert f"no such checkpoint directory: {tmp_path / 'nowhere'}" in capsys.readouterr().err
+
+
+def test_export_refuses_an_out_it_would_overwrite_or_cannot_write(tmp_path, capsys):
+    # --out is checked before the checkpoint is read: a missing one is reported only once --out is fine
+    published = tmp_path / "published.pt"
+    published.write_bytes(b"published weights")
+    export = [str(tmp_path / "nowhere"), "--out"]
+    assert export_main([*export, str(published)]) == 2
+    assert f"the export would overwrite {published}; pass --overwrite" in capsys.readouterr().err
+    assert export_main([*export, str(published), "--overwrite"]) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
+    assert published.read_bytes() == b"published weights"
+    assert export_main([*export, str(tmp_path / "vidar.safetensors")]) == 2
+    assert f"name the .pt file (e.g. {tmp_path / 'vidar.pt'}); the .safetensors twin" in capsys.readouterr().err
+    assert export_main([*export, str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a directory: name the .pt file" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == [published]
+    # the files beside the .pt, checked once the checkpoint shows what is exported
+    (tmp_path / "vidar_lora.safetensors").write_bytes(b"adapters")
+    with pytest.raises(ConfigError, match="overwrite .*vidar_lora.safetensors"):
+        check_outputs(dit_files(tmp_path / "vidar.pt", lora=True), overwrite=False)
+    check_outputs(dit_files(tmp_path / "vidar.pt", lora=False), overwrite=False)
+    (tmp_path / "vidar.safetensors").mkdir()
+    with pytest.raises(ConfigError, match="vidar.safetensors, which is a directory"):
+        check_outputs(dit_files(tmp_path / "vidar.pt", lora=False), overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -100,8 +100,11 @@ def test_reference_run_trains_logs_and_exports(reference_run):
 
 
 def test_export_cli_converts_a_saved_checkpoint_to_the_same_weights(reference_run, tmp_path):
-    assert export_main([str(reference_run / "checkpoints" / tag_for_step(STEPS)), "--out",
-                        str(tmp_path / "vidar.pt")]) == 0
+    export = [str(reference_run / "checkpoints" / tag_for_step(STEPS)), "--out", str(tmp_path / "vidar.pt")]
+    (tmp_path / "vidar.safetensors").write_bytes(b"an earlier export")
+    assert export_main(export) == 2  # the twin beside --out is not overwritten either without --overwrite
+    assert (tmp_path / "vidar.safetensors").read_bytes() == b"an earlier export"
+    assert export_main([*export, "--overwrite"]) == 0
     from_checkpoint = torch.load(tmp_path / "vidar.pt", weights_only=True)
     from_training = torch.load(reference_run / "export" / "vidar.pt", weights_only=True)
     assert from_checkpoint.keys() == from_training.keys()

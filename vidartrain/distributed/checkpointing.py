@@ -40,6 +40,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 
 from vidartrain.errors import CheckpointError
 from vidartrain.files import write_atomically
+from vidartrain.models.wan.checkpoint import pickle_refusal
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +163,7 @@ def weights_only_loads() -> Iterator[None]:
             try:
                 return original(file, *args, **kwargs)
             except pickle.UnpicklingError as err:
-                found = (re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-                         or re.search(r"WeightsUnpickler error: ([^\n]*)", str(err)))
-                what = found.group(1) if found else str(err)
-                raise CheckpointError(f"{file}: refusing to load it: it pickles more than tensors and plain "
-                                      f"data (a crafted or foreign file?): {what}") from None
+                raise pickle_refusal(file, err) from None
 
     torch.load = load
     try:

@@ -8,7 +8,8 @@ Two sources, both DeepSpeed's own machinery:
 
     python -m vidartrain.distributed.export OUTPUT/checkpoints[/step_00000030] --out vidar.pt
 
-writes vidar.pt (torch.save of the state dict) and vidar.safetensors, each atomically; for an IDM
+writes vidar.pt (torch.save of the state dict) and vidar.safetensors, each atomically (files already
+there only with --overwrite; --out must name the .pt); for an IDM
 checkpoint, the float32 idm.pt the IDM trainer writes ({"model_state_dict", "step"}); for a LoRA run,
 the weights with the adapters merged in and the adapters as vidar_lora.safetensors (Wan LoRA keys).
 `--ema` exports the EMA of the trained weights (training.ema_decay) instead.
@@ -26,10 +27,10 @@ from torch import nn
 
 from vidartrain.config import LoraConfig
 from vidartrain.distributed.checkpointing import TAG_PATTERN, read_complete, resolve_resume, weights_only_loads
-from vidartrain.errors import CheckpointError, reports_errors
-from vidartrain.files import write_atomically
+from vidartrain.errors import CheckpointError, ConfigError, listed, reports_errors
+from vidartrain.files import make_directory, write_atomically
 from vidartrain.models.idm import is_idm_state_dict, save_idm_state_dict
-from vidartrain.models.wan.lora import export_lora, is_adapter_key
+from vidartrain.models.wan.lora import adapter_path, export_lora, is_adapter_key
 from vidartrain.trainers.ema import ema_state_dict_from_checkpoint
 
 EXPORT_DTYPE = torch.bfloat16
@@ -101,6 +102,56 @@ def lora_alpha(checkpoint: Path) -> float:
     return LoraConfig(**saved).effective_alpha
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out the export cannot or may not write, before the checkpoint is read: a name that
+    is not the .pt (the .safetensors twin is written beside it), a directory, an existing file
+    without --overwrite. Creates its folder."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory: name the .pt file to write, e.g. {out / 'vidar.pt'}")
+    if out.suffix != ".pt":
+        raise ConfigError(f"--out {out}: name the .pt file (e.g. {out.with_suffix('.pt')}); the .safetensors twin "
+                          f"is written beside it")
+    check_outputs([out], overwrite)
+    make_directory(out.parent, "the folder of --out")
+
+
+def check_outputs(files: list[Path], overwrite: bool) -> None:
+    """Refuse to write over a directory, or over an existing file unless the user passed --overwrite."""
+    folders = [str(file) for file in files if file.is_dir()]
+    if folders:
+        raise ConfigError(f"--out: the export writes the file {listed(folders)}, which is a directory; "
+                          f"choose another --out")
+    existing = [str(file) for file in files if file.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"--out: the export would overwrite {listed(existing)}; pass --overwrite to replace "
+                          f"what is there, or choose another --out")
+
+
+def dit_files(out: Path, lora: bool) -> list[Path]:
+    """The files an export of DiT weights to `out` writes: the .pt, its .safetensors twin, and with LoRA
+    the adapters."""
+    return [out, out.with_suffix(".safetensors"), *([adapter_path(out)] if lora else [])]
+
+
+def export_idm(state_dict: dict[str, torch.Tensor], tag: str, out: Path) -> None:
+    """The float32 idm.pt the IDM trainer writes at that step (the IDM trains float32 weights)."""
+    save_idm_state_dict(state_dict, out, step=int(TAG_PATTERN.match(tag)[1]))
+    count = sum(t.numel() for t in state_dict.values())
+    print(f"exported the IDM ({len(state_dict)} tensors, {count:,} values, float32) to {out}")
+
+
+def export_dit(state_dict: dict[str, torch.Tensor], alpha: float | None, out: Path) -> None:
+    """The bf16 .pt and .safetensors; with LoRA (`alpha` given) the adapters merged in, and the adapters
+    alone beside them."""
+    count = sum(t.numel() for t in state_dict.values())
+    state_dict = {name: t.to(EXPORT_DTYPE) if t.is_floating_point() else t for name, t in state_dict.items()}
+    if alpha is not None:
+        state_dict, lora_path = export_lora(state_dict, alpha, out)
+        print(f"exported the LoRA adapters to {lora_path}; the weights below have them merged in")
+    pt_path, st_path = write_state_dict(state_dict, out)
+    print(f"exported {len(state_dict)} tensors ({count:,} values) to {pt_path} and {st_path}")
+
+
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export a DeepSpeed checkpoint as a bf16 state dict "
@@ -110,24 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output .pt path (a .safetensors is written beside it)")
     parser.add_argument("--ema", action="store_true",
                         help="the EMA of the trained weights (training.ema_decay) instead of the weights")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace files of an earlier export (the .pt, .safetensors, _lora.safetensors)")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    check_out(out, args.overwrite)
     root, tag = resolve_checkpoint(args.checkpoint)
     state_dict = read_checkpoint_weights(root, tag, torch.float32)
     if args.ema:
         state_dict.update(ema_state_dict_from_checkpoint(root / tag))
-    alpha = lora_alpha(root / tag) if any(map(is_adapter_key, state_dict)) else None
-    count = sum(t.numel() for t in state_dict.values())
     if is_idm_state_dict(state_dict):
-        # the IDM trains float32 weights: the same float32 idm.pt as the trainer writes at that step
-        save_idm_state_dict(state_dict, args.out, step=int(TAG_PATTERN.match(tag)[1]))
-        print(f"exported the IDM ({len(state_dict)} tensors, {count:,} values, float32) to {args.out}")
+        export_idm(state_dict, tag, out)
         return 0
-    state_dict = {name: t.to(EXPORT_DTYPE) if t.is_floating_point() else t for name, t in state_dict.items()}
-    if alpha is not None:
-        state_dict, lora_path = export_lora(state_dict, alpha, args.out)
-        print(f"exported the LoRA adapters to {lora_path}; the weights below have them merged in")
-    pt_path, st_path = write_state_dict(state_dict, args.out)
-    print(f"exported {len(state_dict)} tensors ({count:,} values) to {pt_path} and {st_path}")
+    lora = any(map(is_adapter_key, state_dict))
+    check_outputs(dit_files(out, lora), args.overwrite)  # the .pt was checked; now that the kind is known, the rest
+    export_dit(state_dict, lora_alpha(root / tag) if lora else None, out)
     return 0
 
 

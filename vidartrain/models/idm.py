@@ -26,6 +26,7 @@ from torch import nn
 
 from vidartrain.errors import CheckpointError
 from vidartrain.files import write_atomically
+from vidartrain.models.wan.checkpoint import load_torch_file
 
 # Action statistics of the published IDM (14 = 2 arms x (6 joints + 1 gripper)); a checkpoint's
 # buffers replace them.
@@ -423,8 +424,7 @@ def load_idm(path: str | os.PathLike, device: torch.device | str = "cpu",
     The action dimension follows the checkpoint's `train_mean`, the widths its tensor shapes. Missing, unexpected or mis-shaped
     keys raise a CheckpointError that names them.
     """
-    state_dict = idm_state_dict_from_checkpoint(
-        torch.load(path, map_location="cpu", weights_only=True), str(path))
+    state_dict = idm_state_dict_from_checkpoint(load_torch_file(path, mmap=False), str(path))
     num_actions = state_dict["train_mean"].numel() if "train_mean" in state_dict else 14
     with torch.device("meta"):
         model = IDM([0.0] * num_actions, [1.0] * num_actions, IdmArchitecture.of_state_dict(state_dict))

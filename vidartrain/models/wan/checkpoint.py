@@ -11,13 +11,15 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import pickle
+import re
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from vidartrain.errors import CheckpointError
 
@@ -97,7 +99,7 @@ def build_from_checkpoint_dir(model_class: type[nn.Module], ckpt_dir: str | Path
     loaded: dict[str, Path] = {}
     for path in weight_files(ckpt_dir):
         shard = {}
-        with safe_open(path, framework="pt", device=str(device)) as f:
+        with open_safetensors(path, str(device)) as f:
             for key in f.keys():
                 if key not in expected:
                     raise CheckpointError(f"{path}: unexpected key {key!r}, not a parameter of "
@@ -149,16 +151,63 @@ class FinetuneLoadResult(NamedTuple):
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors file or a torch.save file (memory-mapped, weights only)."""
+    """A state dict from a .safetensors file or a torch.save file (memory-mapped, weights only); a file
+    that is truncated, corrupt or holds something else is a CheckpointError saying so."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"fine-tuned weights {path} not found")
     if path.suffix == ".safetensors":
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        with open_safetensors(path, "cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    state = load_torch_file(path)
+    if is_idm_checkpoint(state):
+        raise CheckpointError(f"{path} is an IDM checkpoint ({{'model_state_dict': ..., 'step': {state['step']}}}, "
+                              f"as idm.pt), not model weights such as the DiT's vidar.pt / vidarc.pt; an idm.pt "
+                              f"goes to model.idm_path or vidar-sample --idm")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict (a dict of name -> tensor), got {type(state).__name__}")
     return state
+
+
+def open_safetensors(path: Path, device: str) -> safe_open:
+    """safe_open of `path`; a file whose header does not parse or whose data it does not cover (a truncated
+    or corrupt file) is a CheckpointError naming it."""
+    try:
+        return safe_open(path, framework="pt", device=device)
+    except SafetensorError as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt? ({error})") from None
+
+
+def load_torch_file(path: str | Path, mmap: bool = True) -> object:
+    """torch.load of `path` to the CPU, weights only, memory-mapped unless `mmap` is False (which also
+    reads torch's pre-zip format); what torch raises for a file it cannot read becomes a CheckpointError
+    naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise pickle_refusal(path, error) from None
+    except RuntimeError as error:  # torch's zip reader
+        # torch's message goes on with paragraphs of advice that do not apply here: keep its first sentence
+        reason = re.split(r"\.\s", str(error).strip(), maxsplit=1)[0]
+        raise CheckpointError(f"{path}: torch.load cannot read it (truncated or corrupt, or not written by "
+                              f"torch.save?): {reason}") from None
+
+
+def pickle_refusal(file: object, error: pickle.UnpicklingError) -> CheckpointError:
+    """The error for a file that weights-only unpickling refused: it pickles more than tensors and plain
+    data, so loading it could run code."""
+    # "Unsupported global: GLOBAL x" (a class not allowed), "unsupported GLOBAL x whose module is blocked" (os...)
+    found = (re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(error), re.IGNORECASE)
+             or re.search(r"WeightsUnpickler error: ([^\n]*)", str(error)))
+    what = found.group(1) if found else str(error)
+    return CheckpointError(f"{file}: refusing to load it: it pickles more than tensors and plain data (a crafted "
+                           f"or foreign file?): {what}")
+
+
+def is_idm_checkpoint(state: object) -> bool:
+    """Whether `state` is laid out as an idm.pt: {"model_state_dict": {...}, "step": N} (upstream's
+    train_idm.py), which holds no model weights at its top level."""
+    return isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict) and "step" in state
 
 
 def load_finetuned(model: nn.Module, path: str | Path,
