@@ -29,12 +29,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from data_tools.episodes import EpisodeError, EpisodeLayout, load_episode  # noqa: E402
+from data_tools.episodes import EpisodeError, EpisodeLayout, actions_to_npy, load_episode  # noqa: E402
 from vidartrain.config import load_config  # noqa: E402
 from vidartrain.data.transforms import video_to_model_input  # noqa: E402
 from vidartrain.data.video import decode_all_frames  # noqa: E402
 from vidartrain.distributed.export import state_dict_from_checkpoint  # noqa: E402
 from vidartrain.errors import ConfigError, DataError, reports_errors  # noqa: E402
+from vidartrain.files import write_atomically  # noqa: E402
 from vidartrain.models.idm import load_idm  # noqa: E402
 from vidartrain.models.wan.causal import WanModelCausal  # noqa: E402
 from vidartrain.models.wan.checkpoint import load_finetuned  # noqa: E402
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="vidarc with --episode: the episode's frames are the real observations "
                              "(generated chunks replaced by them in the KV cache)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run's outputs in --out (its actions.npy too, when this run has no --idm)")
     parser.add_argument("--steps", type=int, help=f"denoising steps (default {DEFAULT_STEPS} for vidar, "
                                                   f"{DEFAULT_CAUSAL_STEPS} per chunk for vidarc)")
     parser.add_argument("--solver", choices=("unipc", "euler"), default="unipc")
@@ -211,26 +213,37 @@ def run(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - start
     frames = video_to_uint8(generated)[0]
     truth = video_to_uint8(video)[0] if args.episode is not None else None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_mp4(out / "sample.mp4", frames, args.fps)
-    Image.fromarray(frame_strip(frames, truth)).save(out / "frames.png")
     metrics = {"model": kind, "weights": str(args.weights), "prompt": prompt, "closed_loop": args.closed_loop,
                "num_frames": args.num_frames, "height": args.height, "width": args.width,
                "latent_frames": latent_frames_of(args.num_frames), **vars(options), "seconds": round(seconds, 3)}
     if truth is not None:
         metrics["psnr"] = psnr(frames[1:], truth[1:])  # frame 0 is given, not generated
+    predicted = None
     if args.idm is not None:
         idm = load_idm(args.idm, device=args.device, dtype=dtype)
         predicted = idm_actions(idm, generated, idm_input_size(args.height, args.width))[0].cpu().numpy()
-        np.save(out / "actions.npy", predicted)
         if actions is not None:
             if actions.shape[1] != predicted.shape[1]:
                 raise ConfigError(f"--idm {args.idm} predicts {predicted.shape[1]} action dimensions, "
                                   f"the episode has {actions.shape[1]}")
             metrics.update(action_metrics(predicted[1:], actions[1:len(predicted)], gripper_dims(args)))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_outputs(Path(args.out), args.fps, frame_strip(frames, truth), frames, predicted, metrics)
     return metrics
+
+
+def write_outputs(out: Path, fps: int, strip: np.ndarray, frames: np.ndarray, predicted: np.ndarray | None,
+                  metrics: dict) -> None:
+    """This run's files in `out`, each whole or not at all. An earlier run's outputs go first (check_arguments
+    let them be only under --overwrite): its actions.npy must not sit beside a video generated without an IDM."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+    write_mp4(out / "sample.mp4", frames, fps)
+    write_atomically(out / "frames.png", lambda tmp: Image.fromarray(strip).save(tmp, format="PNG"))
+    if predicted is not None:
+        write_atomically(out / "actions.npy", lambda tmp: tmp.write_bytes(actions_to_npy(predicted)))
+    text = json.dumps(metrics, indent=2, ensure_ascii=False) + "\n"
+    write_atomically(out / "metrics.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 @reports_errors

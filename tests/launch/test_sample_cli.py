@@ -11,6 +11,7 @@ from PIL import Image
 
 from data_tools.synth import write_synthetic_episodes
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
+from helpers.trainer_launch import tiny_idm
 from launch.sample import main
 from vidartrain.models.idm import IDM, save_idm
 from vidartrain.models.wan.model import WanModel
@@ -29,6 +30,7 @@ def inputs(tmp_path_factory):
     episode = write_synthetic_episodes(root / "episodes", 1, frames=20, height=64, width=64, seed=3)[0]
     frame = decord.VideoReader(str(episode / "video.mp4"))[0].asnumpy()
     Image.fromarray(frame).save(root / "first.png")
+    save_idm(tiny_idm(), root / "idm.pt")  # 14 action dimensions, like the episode
     return root, ckpt, episode
 
 
@@ -101,3 +103,31 @@ def test_clear_errors(inputs, tmp_path, capsys):
     (tmp_path / "o" / "sample.mp4").write_bytes(b"keep")
     assert "--overwrite" in error("--weights", str(root / "vidar.pt"), "--episode", str(episode))
     assert (tmp_path / "o" / "sample.mp4").read_bytes() == b"keep"
+
+
+def short_run(inputs, out, *extra):
+    """The arguments of a 5-frame, 1-step vidar sample of the episode into `out`."""
+    root, ckpt, episode = inputs
+    return ["--ckpt-dir", str(ckpt), "--weights", str(root / "vidar.pt"), "--episode", str(episode),
+            "--num-frames", "5", "--steps", "1", "--out", str(out), *TINY, *extra]
+
+
+def test_overwrite_leaves_only_this_runs_outputs(inputs, tmp_path):
+    out = tmp_path / "out"
+    assert main(short_run(inputs, out, "--idm", str(inputs[0] / "idm.pt"))) == 0
+    assert (out / "actions.npy").is_file()
+    (out / "notes.txt").write_text("mine")
+    assert main(short_run(inputs, out, "--overwrite")) == 0  # without --idm: the old actions must go
+    assert sorted(p.name for p in out.iterdir()) == ["frames.png", "metrics.json", "notes.txt", "sample.mp4"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_an_output_whose_write_fails_is_not_left_half_written(inputs, tmp_path, monkeypatch):
+    def torn_save(image, file, format=None, **params):
+        Path(file).write_bytes(b"\x89PNG\r\n\x1a\n half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", torn_save)
+    with pytest.raises(OSError, match="No space left"):
+        main(short_run(inputs, tmp_path / "out"))
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["sample.mp4"]  # no frames.png, no temporary
