@@ -35,7 +35,7 @@ from vidartrain.data.transforms import video_to_model_input  # noqa: E402
 from vidartrain.data.video import decode_all_frames  # noqa: E402
 from vidartrain.distributed.export import state_dict_from_checkpoint  # noqa: E402
 from vidartrain.errors import ConfigError, DataError, reports_errors  # noqa: E402
-from vidartrain.files import write_atomically  # noqa: E402
+from vidartrain.files import make_directory, write_atomically  # noqa: E402
 from vidartrain.models.idm import load_idm  # noqa: E402
 from vidartrain.models.wan.causal import WanModelCausal  # noqa: E402
 from vidartrain.models.wan.checkpoint import load_finetuned  # noqa: E402
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(generated chunks replaced by them in the KV cache)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier run's outputs in --out (its actions.npy too, when this run has no --idm)")
+                        help="replace an earlier run's outputs in --out (its actions.npy too, without --idm)")
     parser.add_argument("--steps", type=int, help=f"denoising steps (default {DEFAULT_STEPS} for vidar, "
                                                   f"{DEFAULT_CAUSAL_STEPS} per chunk for vidarc)")
     parser.add_argument("--solver", choices=("unipc", "euler"), default="unipc")
@@ -149,9 +149,30 @@ def check_arguments(args: argparse.Namespace) -> None:
     gripper_dims(args)
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps {args.steps}: at least 1")
+    if args.fps < 1:
+        raise ConfigError(f"--fps {args.fps}: the frame rate of the written mp4, at least 1")
+    check_device(args.device)
     existing = [name for name in OUTPUT_FILES if (Path(args.out) / name).exists()]
     if existing and not args.overwrite:
         raise ConfigError(f"--out {args.out} already holds {', '.join(existing)}; pass --overwrite to replace them")
+    make_directory(Path(args.out), "--out")
+
+
+def check_device(device: str) -> None:
+    """--device must name this machine's CPU or one of its CUDA devices."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: expected cpu, cuda or cuda:N")
+    if parsed.type == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: torch sees no CUDA device on this machine; use --device cpu")
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
 def load_models(args: argparse.Namespace, dtype: torch.dtype) -> tuple[WanModel, WanVAE, TextEncoder]:
@@ -235,7 +256,6 @@ def write_outputs(out: Path, fps: int, strip: np.ndarray, frames: np.ndarray, pr
                   metrics: dict) -> None:
     """This run's files in `out`, each whole or not at all. An earlier run's outputs go first (check_arguments
     let them be only under --overwrite): its actions.npy must not sit beside a video generated without an IDM."""
-    out.mkdir(parents=True, exist_ok=True)
     for name in OUTPUT_FILES:
         (out / name).unlink(missing_ok=True)
     write_mp4(out / "sample.mp4", frames, fps)

@@ -99,7 +99,7 @@ def test_clear_errors(inputs, tmp_path, capsys):
     bad["head.head.weight"] = bad["head.head.weight"][:, :10]
     torch.save(bad, tmp_path / "vidar.pt")
     assert "head.head.weight" in error("--weights", str(tmp_path / "vidar.pt"), "--episode", str(episode))
-    (tmp_path / "o").mkdir()
+    (tmp_path / "o").mkdir(exist_ok=True)  # the refusals above created it (--out is created up front)
     (tmp_path / "o" / "sample.mp4").write_bytes(b"keep")
     assert "--overwrite" in error("--weights", str(root / "vidar.pt"), "--episode", str(episode))
     assert (tmp_path / "o" / "sample.mp4").read_bytes() == b"keep"
@@ -131,3 +131,27 @@ def test_an_output_whose_write_fails_is_not_left_half_written(inputs, tmp_path, 
     with pytest.raises(OSError, match="No space left"):
         main(short_run(inputs, tmp_path / "out"))
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["sample.mp4"]  # no frames.png, no temporary
+
+
+@pytest.fixture
+def no_generation(monkeypatch):
+    """Bad input must be refused before the generation: starting it fails the test."""
+    def generate(*args, **kwargs):
+        pytest.fail("generation started: the input should have been refused before it")
+
+    monkeypatch.setattr("launch.sample.generate_video", generate)
+
+
+def test_bad_out_fps_and_device_are_refused_before_generating(inputs, tmp_path, refused, no_generation,
+                                                                monkeypatch):
+    (tmp_path / "file").write_text("mine")
+    refused(r"--out .*/file is a file, not a directory", main, short_run(inputs, tmp_path / "file"))
+    assert (tmp_path / "file").read_text() == "mine"
+    refused(r"--fps 0: .*at least 1", main, short_run(inputs, tmp_path / "o", "--fps", "0"))
+    refused(r"--device gpu0: expected cpu, cuda or cuda:N", main, short_run(inputs, tmp_path / "o", "--device", "gpu0"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    refused(r"--device cuda: torch sees no CUDA device", main, short_run(inputs, tmp_path / "o", "--device", "cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    refused(r"--device cuda:1: this machine has 1 CUDA device", main,
+            short_run(inputs, tmp_path / "o", "--device", "cuda:1"))
