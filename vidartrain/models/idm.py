@@ -407,6 +407,9 @@ def is_idm_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
 
 def idm_state_dict_from_checkpoint(checkpoint: Mapping, source: str) -> Mapping[str, torch.Tensor]:
     """The model state dict inside an `idm.pt` payload: `{"model_state_dict": ...}` or bare."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{source}: expected an IDM state dict (or a dict with 'model_state_dict'), "
+                              f"got a {type(checkpoint).__name__}")
     if "model_state_dict" in checkpoint:
         checkpoint = checkpoint["model_state_dict"]
     not_tensors = [k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
@@ -423,8 +426,14 @@ def load_idm(path: str | os.PathLike, device: torch.device | str = "cpu",
     The action dimension follows the checkpoint's `train_mean`, the widths its tensor shapes. Missing, unexpected or mis-shaped
     keys raise a CheckpointError that names them.
     """
-    state_dict = idm_state_dict_from_checkpoint(
-        torch.load(path, map_location="cpu", weights_only=True), str(path))
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # unreadable: the error already names the file and why
+    except Exception as error:  # a foreign file fails torch.load in many ways (EOFError, KeyError, UnpicklingError, ...)
+        raise CheckpointError(f"{path}: not an idm.pt: torch.load cannot read it as tensors and plain data "
+                              f"({type(error).__name__})") from None
+    state_dict = idm_state_dict_from_checkpoint(payload, str(path))
     num_actions = state_dict["train_mean"].numel() if "train_mean" in state_dict else 14
     with torch.device("meta"):
         model = IDM([0.0] * num_actions, [1.0] * num_actions, IdmArchitecture.of_state_dict(state_dict))
