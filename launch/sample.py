@@ -36,7 +36,7 @@ from vidartrain.data.video import decode_all_frames  # noqa: E402
 from vidartrain.distributed.export import state_dict_from_checkpoint  # noqa: E402
 from vidartrain.errors import ConfigError, DataError, reports_errors  # noqa: E402
 from vidartrain.files import make_directory, write_atomically  # noqa: E402
-from vidartrain.models.idm import load_idm  # noqa: E402
+from vidartrain.models.idm import IDM, load_idm  # noqa: E402
 from vidartrain.models.wan.causal import WanModelCausal  # noqa: E402
 from vidartrain.models.wan.checkpoint import load_finetuned  # noqa: E402
 from vidartrain.models.wan.kv_cache import latent_frames_of  # noqa: E402
@@ -191,6 +191,25 @@ def load_models(args: argparse.Namespace, dtype: torch.dtype) -> tuple[WanModel,
     return model.eval(), vae, text_encoder
 
 
+def load_checked_idm(args: argparse.Namespace, actions: np.ndarray | None, dtype: torch.dtype) -> IDM | None:
+    """The --idm, loaded before any generation; against an episode, the action dimensions it predicts must be
+    the episode's and --gripper-dims must name some of them, or the scoring would fail after the sampling."""
+    if args.idm is None:
+        return None
+    idm = load_idm(args.idm, device=args.device, dtype=dtype)
+    if actions is None:
+        return idm
+    dims = idm.train_mean.numel()
+    if actions.shape[1] != dims:
+        raise ConfigError(f"--idm {args.idm} predicts {dims} action dimensions, the episode {args.episode} has "
+                          f"{actions.shape[1]}: pass an IDM trained on this robot's actions")
+    outside = [d for d in gripper_dims(args) if not 0 <= d < dims]
+    if outside:
+        raise ConfigError(f"--gripper-dims {args.gripper_dims}: {outside} not among the episode's {dims} action "
+                          f"dimensions (0 to {dims - 1}); pass this robot's gripper dimensions")
+    return idm
+
+
 def read_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, str, np.ndarray | None]:
     """Video [1, 3, T, H, W] in [-1, 1] (T = 1 for an image), the prompt, the episode's actions."""
     if args.image is not None:
@@ -226,6 +245,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--rollout-bound {args.rollout_bound} --rollout-prefill-num "
                           f"{args.rollout_prefill_num}: {error}") from None
     video, prompt, actions = read_inputs(args)
+    idm = load_checked_idm(args, actions, dtype)
     model, vae, text_encoder = load_models(args, dtype)
     start = time.perf_counter()
     context, null_context = text_encoder([prompt]), text_encoder([args.negative_prompt])
@@ -240,13 +260,9 @@ def run(args: argparse.Namespace) -> dict:
     if truth is not None:
         metrics["psnr"] = psnr(frames[1:], truth[1:])  # frame 0 is given, not generated
     predicted = None
-    if args.idm is not None:
-        idm = load_idm(args.idm, device=args.device, dtype=dtype)
+    if idm is not None:
         predicted = idm_actions(idm, generated, idm_input_size(args.height, args.width))[0].cpu().numpy()
         if actions is not None:
-            if actions.shape[1] != predicted.shape[1]:
-                raise ConfigError(f"--idm {args.idm} predicts {predicted.shape[1]} action dimensions, "
-                                  f"the episode has {actions.shape[1]}")
             metrics.update(action_metrics(predicted[1:], actions[1:len(predicted)], gripper_dims(args)))
     write_outputs(Path(args.out), args.fps, frame_strip(frames, truth), frames, predicted, metrics)
     return metrics

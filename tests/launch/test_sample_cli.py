@@ -155,3 +155,15 @@ def test_bad_out_fps_and_device_are_refused_before_generating(inputs, tmp_path, 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     refused(r"--device cuda:1: this machine has 1 CUDA device", main,
             short_run(inputs, tmp_path / "o", "--device", "cuda:1"))
+
+
+def test_idm_and_gripper_dims_are_checked_before_generating(inputs, tmp_path, refused, no_generation):
+    root, out = inputs[0], tmp_path / "o"
+    refused(r"vidar\.pt does not match the IDM", main, short_run(inputs, out, "--idm", str(root / "vidar.pt")))
+    save_idm(IDM([0.0] * 7, [1.0] * 7, tiny_idm().architecture), tmp_path / "idm7.pt")
+    refused(r"--idm .*idm7\.pt predicts 7 action dimensions, the episode .*ep_0000 has 14", main,
+            short_run(inputs, out, "--idm", str(tmp_path / "idm7.pt")))
+    for dims, outside in (("6,20", r"\[20\]"), ("-1", r"\[-1\]")):
+        refused(rf"--gripper-dims {dims}: {outside} not among the episode's 14 action dimensions \(0 to 13\)", main,
+                short_run(inputs, out, "--idm", str(root / "idm.pt"), "--gripper-dims", dims))
+    assert list(out.iterdir()) == []
