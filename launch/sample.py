@@ -11,7 +11,8 @@ Writes OUT/sample.mp4 (the generated video), OUT/frames.png (first / middle / la
 episode's frames below when there is one), OUT/actions.npy (the IDM's action per generated frame,
 with --idm) and OUT/metrics.json (settings, time, PSNR against the episode, action L1 and gripper
 accuracy against the episode's actions). `--weights` is a vidar.pt / vidarc.pt state dict or a
-DeepSpeed checkpoint folder; which model it is follows from its name or `--model`. The tiny
+DeepSpeed checkpoint folder; which model it is follows from the loss.type a checkpoint's COMPLETE
+records (a `--model` that contradicts it is refused), else from `--model` or the file's name. The tiny
 checkpoint of the demo needs its VAE / umT5 sizes from its training YAML: `--config`.
 """
 from __future__ import annotations
@@ -30,11 +31,12 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from data_tools.episodes import EpisodeError, EpisodeLayout, actions_to_npy, load_episode  # noqa: E402
-from vidartrain.config import load_config  # noqa: E402
+from vidartrain.config import CAUSAL_LOSS, load_config  # noqa: E402
 from vidartrain.data.transforms import video_to_model_input  # noqa: E402
 from vidartrain.data.video import decode_all_frames  # noqa: E402
-from vidartrain.distributed.export import state_dict_from_checkpoint  # noqa: E402
-from vidartrain.errors import ConfigError, DataError, reports_errors  # noqa: E402
+from vidartrain.distributed.checkpointing import COMPLETE_MARKER, read_complete  # noqa: E402
+from vidartrain.distributed.export import read_checkpoint_weights, resolve_checkpoint  # noqa: E402
+from vidartrain.errors import CheckpointError, ConfigError, DataError, reports_errors  # noqa: E402
 from vidartrain.files import make_directory, write_atomically  # noqa: E402
 from vidartrain.models.idm import IDM, load_idm  # noqa: E402
 from vidartrain.models.wan.causal import WanModelCausal  # noqa: E402
@@ -53,6 +55,8 @@ from vidartrain.trainers.conditioning import VAE_FILE  # noqa: E402
 # Few denoising steps per chunk for the causal model, as it is deployed.
 DEFAULT_CAUSAL_STEPS = 4
 OUTPUT_FILES = ("sample.mp4", "frames.png", "actions.npy", "metrics.json")
+# The model each training stage trains, by the loss.type a checkpoint's COMPLETE record holds.
+STAGE_MODELS = {"flow_matching": "vidar", CAUSAL_LOSS: "vidarc"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", required=True,
                         help="vidar.pt / vidarc.pt (or .safetensors), or a DeepSpeed checkpoint folder")
     parser.add_argument("--model", choices=("vidar", "vidarc"),
-                        help="bidirectional (vidar) or causal (vidarc); default: from the --weights name")
+                        help="bidirectional (vidar) or causal (vidarc); default: the stage a DeepSpeed checkpoint "
+                             "records, else from the --weights name")
     parser.add_argument("--config", help="training YAML whose model.vae_config / model.t5_config size the "
                                          "VAE and umT5 (tiny checkpoints); the published sizes otherwise")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -102,7 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def model_kind(args: argparse.Namespace) -> str:
+def model_kind(args: argparse.Namespace, checkpoint: Path | None) -> str:
+    """vidar (bidirectional) or vidarc (causal): the stage a training checkpoint's COMPLETE record names
+    (--model must agree: the other model class would sample from weights it was not trained as), else
+    --model, else the --weights name."""
+    loss = recorded_loss(checkpoint) if checkpoint is not None else None
+    if loss is not None:
+        recorded = STAGE_MODELS[loss]
+        if args.model not in (None, recorded):
+            raise ConfigError(f"--model {args.model}: --weights {args.weights} holds {recorded} weights "
+                              f"({checkpoint / COMPLETE_MARKER} records loss.type {loss}); pass --model {recorded} "
+                              f"or leave --model out")
+        return recorded
     if args.model is not None:
         return args.model
     name = Path(args.weights).name.lower()
@@ -114,6 +130,32 @@ def model_kind(args: argparse.Namespace) -> str:
                       f"or vidarc (causal); pass --model vidar or --model vidarc")
 
 
+def training_checkpoint(weights: str) -> Path | None:
+    """The DeepSpeed checkpoint folder --weights names (a step_XXXXXXXX folder, or a checkpoints directory's
+    latest complete one), its files verified against its COMPLETE record; None for a state dict file."""
+    if not Path(weights).is_dir():
+        return None
+    try:
+        root, tag = resolve_checkpoint(weights)
+    except CheckpointError as error:
+        raise CheckpointError(f"--weights {error}") from None
+    return root / tag
+
+
+def recorded_loss(checkpoint: Path) -> str | None:
+    """The loss.type of the run that saved `checkpoint`, from the config its COMPLETE records (None when it
+    records none: saved by an older version); one that trains no DiT is refused."""
+    config = read_complete(checkpoint).get("config")
+    if config is None:
+        return None
+    loss = config.get("loss", {}).get("type")
+    if loss not in STAGE_MODELS:
+        raise CheckpointError(f"--weights: {checkpoint / COMPLETE_MARKER} records loss.type {loss!r}, not a "
+                              f"DiT's ({', '.join(f'{k}: {v}' for k, v in STAGE_MODELS.items())}); an IDM run is "
+                              f"sampled with --idm and the idm.pt vidar-export writes of it")
+    return loss
+
+
 def gripper_dims(args: argparse.Namespace) -> list[int]:
     try:
         return [int(d) for d in args.gripper_dims.split(",") if d.strip()]
@@ -121,8 +163,9 @@ def gripper_dims(args: argparse.Namespace) -> list[int]:
         raise ConfigError(f"--gripper-dims {args.gripper_dims!r}: expected comma-separated integers, e.g. 6,13") from None
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    """Every problem with the inputs before any model is loaded."""
+def check_arguments(args: argparse.Namespace) -> tuple[str, Path | None]:
+    """Every problem with the inputs before any model is loaded. Returns the model kind and the training
+    checkpoint --weights names (None for a state dict file)."""
     paths = [("--ckpt-dir", args.ckpt_dir, "dir"), ("--weights", args.weights, "any"),
              ("--image", args.image, "file"), ("--episode", args.episode, "dir"), ("--idm", args.idm, "file"),
              ("--config", args.config, "file")]
@@ -139,8 +182,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError("--image needs --prompt (the instruction to follow)")
     if args.closed_loop and args.episode is None:
         raise ConfigError("--closed-loop needs --episode (the real observations)")
-    if args.closed_loop and model_kind(args) != "vidarc":
-        raise ConfigError("--closed-loop runs the causal model: pass vidarc weights (or --model vidarc)")
     if args.num_frames < 1 or (args.num_frames - 1) % 4:
         raise ConfigError(f"--num-frames {args.num_frames}: must be 4k+1 (1, 5, 9, ..., 81)")
     if args.height % 32 or args.width % 32 or args.height <= 0 or args.width <= 0:
@@ -156,6 +197,19 @@ def check_arguments(args: argparse.Namespace) -> None:
     if existing and not args.overwrite:
         raise ConfigError(f"--out {args.out} already holds {', '.join(existing)}; pass --overwrite to replace them")
     make_directory(Path(args.out), "--out")
+    checkpoint = training_checkpoint(args.weights)
+    kind = model_kind(args, checkpoint)
+    check_model_flags(args, kind)
+    return kind, checkpoint
+
+
+def check_model_flags(args: argparse.Namespace, kind: str) -> None:
+    """The flags that only one of the two models takes."""
+    if args.closed_loop and kind != "vidarc":
+        raise ConfigError("--closed-loop runs the causal model: pass vidarc weights (or --model vidarc)")
+    if args.compile_generation and (kind != "vidarc" or not args.device.startswith("cuda")):
+        raise ConfigError(f"--compile-generation captures the causal model's generation in CUDA graphs: it needs "
+                          f"a vidarc model and a CUDA --device (got {kind} on {args.device})")
 
 
 def check_device(device: str) -> None:
@@ -175,16 +229,18 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
-def load_models(args: argparse.Namespace, dtype: torch.dtype) -> tuple[WanModel, WanVAE, TextEncoder]:
+def load_models(args: argparse.Namespace, kind: str, checkpoint: Path | None, dtype: torch.dtype
+                ) -> tuple[WanModel, WanVAE, TextEncoder]:
     vae_config, t5_config = None, None
     if args.config is not None:
         config = load_config(args.config)
         vae_config, t5_config = config.model.vae_config, config.model.t5_config
-    model_class = WanModelCausal if model_kind(args) == "vidarc" else WanModel
+    model_class = WanModelCausal if kind == "vidarc" else WanModel
     model = model_class.from_pretrained(args.ckpt_dir, dtype=dtype, device=args.device)
-    weights = Path(args.weights)
-    state = state_dict_from_checkpoint(weights, dtype=dtype) if weights.is_dir() else None
-    load_finetuned(model, weights, state)
+    if checkpoint is None:
+        load_finetuned(model, args.weights)
+    else:
+        load_finetuned(model, checkpoint, read_checkpoint_weights(checkpoint.parent, checkpoint.name, dtype))
     vae = WanVAE.from_pretrained(Path(args.ckpt_dir) / VAE_FILE, dtype=dtype, device=args.device, **(vae_config or {}))
     text_encoder = TextEncoder.from_pretrained(args.ckpt_dir, dtype=dtype, device=args.device,
                                                text_len=model.text_len, encoder_config=t5_config)
@@ -229,16 +285,12 @@ def read_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, str, np.ndarray
 
 
 def run(args: argparse.Namespace) -> dict:
-    check_arguments(args)
-    kind = model_kind(args)
+    kind, checkpoint = check_arguments(args)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                            else torch.float32)
     options = SamplingOptions(steps=args.steps or (DEFAULT_CAUSAL_STEPS if kind == "vidarc" else DEFAULT_STEPS),
                               shift=args.shift, guide_scale=args.guide, solver=args.solver, seed=args.seed,
                               compile_generation=args.compile_generation)
-    if args.compile_generation and (kind != "vidarc" or not args.device.startswith("cuda")):
-        raise ConfigError(f"--compile-generation captures the causal model's generation in CUDA graphs: it needs "
-                          f"a vidarc model and a CUDA --device (got {kind} on {args.device})")
     try:
         window = RolloutWindow(args.rollout_bound, args.rollout_prefill_num)
     except ValueError as error:  # the window's own check, reported against the flags that set it
@@ -246,7 +298,7 @@ def run(args: argparse.Namespace) -> dict:
                           f"{args.rollout_prefill_num}: {error}") from None
     video, prompt, actions = read_inputs(args)
     idm = load_checked_idm(args, actions, dtype)
-    model, vae, text_encoder = load_models(args, dtype)
+    model, vae, text_encoder = load_models(args, kind, checkpoint, dtype)
     start = time.perf_counter()
     context, null_context = text_encoder([prompt]), text_encoder([args.negative_prompt])
     generated = generate_video(model, vae, video.to(args.device), context, null_context, args.num_frames,

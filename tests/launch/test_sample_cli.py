@@ -13,6 +13,8 @@ from data_tools.synth import write_synthetic_episodes
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
 from helpers.trainer_launch import tiny_idm
 from launch.sample import main
+from vidartrain.config import CAUSAL_LOSS, Config
+from vidartrain.distributed.checkpointing import mark_complete, tag_for_step
 from vidartrain.models.idm import IDM, save_idm
 from vidartrain.models.wan.model import WanModel
 
@@ -167,3 +169,28 @@ def test_idm_and_gripper_dims_are_checked_before_generating(inputs, tmp_path, re
         refused(rf"--gripper-dims {dims}: {outside} not among the episode's 14 action dimensions \(0 to 13\)", main,
                 short_run(inputs, out, "--idm", str(root / "idm.pt"), "--gripper-dims", dims))
     assert list(out.iterdir()) == []
+
+
+def recorded_run(root: Path, loss_type: str) -> Path:
+    """A checkpoints directory whose one checkpoint is a COMPLETE record of a run of `loss_type` and no
+    weights: what it trained is known before any weights are read."""
+    config = Config().to_dict()
+    config["loss"]["type"] = loss_type
+    (root / tag_for_step(1)).mkdir(parents=True)
+    mark_complete(root, tag_for_step(1), {"step": 1, "world_size": 1, "config": config, "files": {}})
+    return root
+
+
+def test_a_model_other_than_the_checkpoints_stage_is_refused(inputs, tmp_path, refused):
+    root, ckpt, episode = inputs
+    cases = [("flow_matching", "vidarc", "holds vidar weights"), (CAUSAL_LOSS, "vidar", "holds vidarc weights"),
+             ("idm", "vidar", "records loss.type 'idm', not a DiT's")]
+    for loss, model, says in cases:
+        checkpoints = recorded_run(tmp_path / loss / "checkpoints", loss)
+        message = refused(says, main, ["--ckpt-dir", str(ckpt), "--weights", str(checkpoints), "--model", model,
+                                       "--episode", str(episode), "--num-frames", "5", "--out", str(tmp_path / "o"),
+                                       *TINY])
+        assert f"{checkpoints / tag_for_step(1) / 'COMPLETE'}" in message
+    refused(r"--weights .*/ckpt: neither a checkpoint folder", main,
+            ["--ckpt-dir", str(ckpt), "--weights", str(ckpt), "--model", "vidar", "--episode", str(episode),
+             "--out", str(tmp_path / "o"), *TINY])
