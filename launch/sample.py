@@ -35,13 +35,15 @@ from vidartrain.config import CAUSAL_LOSS, load_config  # noqa: E402
 from vidartrain.data.transforms import video_to_model_input  # noqa: E402
 from vidartrain.data.video import decode_all_frames  # noqa: E402
 from vidartrain.distributed.checkpointing import COMPLETE_MARKER, read_complete  # noqa: E402
-from vidartrain.distributed.export import read_checkpoint_weights, resolve_checkpoint  # noqa: E402
+from vidartrain.distributed.export import (EXPORT_DTYPE, lora_alpha, read_checkpoint_weights,  # noqa: E402
+                                           resolve_checkpoint)
 from vidartrain.errors import CheckpointError, ConfigError, DataError, reports_errors  # noqa: E402
 from vidartrain.files import make_directory, write_atomically  # noqa: E402
 from vidartrain.models.idm import IDM, load_idm  # noqa: E402
 from vidartrain.models.wan.causal import WanModelCausal  # noqa: E402
 from vidartrain.models.wan.checkpoint import load_finetuned  # noqa: E402
 from vidartrain.models.wan.kv_cache import latent_frames_of  # noqa: E402
+from vidartrain.models.wan.lora import is_adapter_key, merge_lora, split_lora, uniform_alphas  # noqa: E402
 from vidartrain.rollouts import RolloutWindow  # noqa: E402
 from vidartrain.models.wan.model import WanModel  # noqa: E402
 from vidartrain.models.wan.text_encoder import TextEncoder  # noqa: E402
@@ -240,11 +242,23 @@ def load_models(args: argparse.Namespace, kind: str, checkpoint: Path | None, dt
     if checkpoint is None:
         load_finetuned(model, args.weights)
     else:
-        load_finetuned(model, checkpoint, read_checkpoint_weights(checkpoint.parent, checkpoint.name, dtype))
+        load_finetuned(model, checkpoint, checkpoint_weights(checkpoint, dtype))
     vae = WanVAE.from_pretrained(Path(args.ckpt_dir) / VAE_FILE, dtype=dtype, device=args.device, **(vae_config or {}))
     text_encoder = TextEncoder.from_pretrained(args.ckpt_dir, dtype=dtype, device=args.device,
                                                text_len=model.text_len, encoder_config=t5_config)
     return model.eval(), vae, text_encoder
+
+
+def checkpoint_weights(checkpoint: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The weights of training checkpoint `checkpoint`, in `dtype`. A LoRA run's adapters are merged in as
+    vidar-export merges them (in its bf16, alpha from the config COMPLETE records), so the checkpoint samples
+    as its exported vidar.pt does; unmerged, they are keys the model lacks and the base alone would sample."""
+    state = read_checkpoint_weights(checkpoint.parent, checkpoint.name, dtype)
+    if not any(map(is_adapter_key, state)):
+        return state
+    base, adapters = split_lora({name: t.to(EXPORT_DTYPE) if t.is_floating_point() else t
+                                 for name, t in state.items()})
+    return merge_lora(base, adapters, uniform_alphas(adapters, lora_alpha(checkpoint)))
 
 
 def load_checked_idm(args: argparse.Namespace, actions: np.ndarray | None, dtype: torch.dtype) -> IDM | None:

@@ -1,6 +1,8 @@
 """vidar-sample on the tiny checkpoint: videos that decode to the requested size, IDM actions and
 metrics against an episode, clear errors."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import decord
@@ -9,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from data_tools.shard import main as shard_main
 from data_tools.synth import write_synthetic_episodes
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import tiny_idm
+from helpers.trainer_launch import launcher_env, tiny_idm
 from launch.sample import main
 from vidartrain.config import CAUSAL_LOSS, Config
 from vidartrain.distributed.checkpointing import mark_complete, tag_for_step
@@ -194,3 +197,36 @@ def test_a_model_other_than_the_checkpoints_stage_is_refused(inputs, tmp_path, r
     refused(r"--weights .*/ckpt: neither a checkpoint folder", main,
             ["--ckpt-dir", str(ckpt), "--weights", str(ckpt), "--model", "vidar", "--episode", str(episode),
              "--out", str(tmp_path / "o"), *TINY])
+
+
+@pytest.fixture(scope="module")
+def lora_run(inputs):
+    """Stage 1 with rank-4 LoRA adapters on the tiny checkpoint: one step on one CPU rank, its checkpoint and
+    the vidar.pt (adapters merged in) the run exports."""
+    root, ckpt, _ = inputs
+    assert shard_main(["--episodes", str(root / "episodes"), "--out", str(root / "shards")]) == 0
+    settings = [f"model.ckpt_dir={ckpt}", f"data.shards={root / 'shards'}", "data.val_shards=null",
+                "training.batch_size=2", "training.num_steps=1", "training.warmup=0", "training.save_every=1",
+                "training.val_every=0", "validation.every=0", "training.lr=5e-2", "lora.rank=4", "lora.alpha=16",
+                f"output.save_path={root / 'lora' / 'export' / 'vidar.pt'}"]
+    command = [sys.executable, "launch/train.py", "--config", "configs/debug/tiny_vidar.yaml", "--ds-config",
+               "ds_configs/cpu_debug.json", "--output_dir", str(root / "lora")]
+    result = subprocess.run(command + [arg for setting in settings for arg in ("--set", setting)], cwd=REPO,
+                            env=launcher_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return root / "lora"
+
+
+def test_a_lora_checkpoint_samples_as_its_export(inputs, lora_run, tmp_path, caplog):
+    root, ckpt, episode = inputs
+
+    def sample(weights: Path, out: str) -> bytes:
+        assert main(["--ckpt-dir", str(ckpt), "--weights", str(weights), "--episode", str(episode),
+                     "--num-frames", "5", "--steps", "2", "--out", str(tmp_path / out), *TINY]) == 0
+        return (tmp_path / out / "sample.mp4").read_bytes()
+
+    merged = sample(lora_run / "checkpoints", "checkpoint")  # no --model: the checkpoint records stage 1
+    assert json.loads((tmp_path / "checkpoint" / "metrics.json").read_text())["model"] == "vidar"
+    assert not [r.message for r in caplog.records if "ignored" in r.message]  # no adapter left out
+    assert merged == sample(lora_run / "export" / "vidar.pt", "export")
+    assert merged != sample(root / "vidar.pt", "base")  # the adapters changed the video
