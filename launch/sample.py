@@ -168,18 +168,7 @@ def gripper_dims(args: argparse.Namespace) -> list[int]:
 def check_arguments(args: argparse.Namespace) -> tuple[str, Path | None]:
     """Every problem with the inputs before any model is loaded. Returns the model kind and the training
     checkpoint --weights names (None for a state dict file)."""
-    paths = [("--ckpt-dir", args.ckpt_dir, "dir"), ("--weights", args.weights, "any"),
-             ("--image", args.image, "file"), ("--episode", args.episode, "dir"), ("--idm", args.idm, "file"),
-             ("--config", args.config, "file")]
-    for flag, path, kind in paths:
-        if path is None:
-            continue
-        exists = {"dir": Path(path).is_dir, "file": Path(path).is_file, "any": Path(path).exists}[kind]()
-        if not exists:
-            raise ConfigError(f"{flag} {path}: no such {'folder' if kind == 'dir' else 'file'}")
-    for name in ("config.json", VAE_FILE):
-        if not (Path(args.ckpt_dir) / name).is_file():
-            raise ConfigError(f"--ckpt-dir {args.ckpt_dir}: {name} is missing (expected the Wan2.2-TI2V layout)")
+    check_input_paths(args)
     if args.image is not None and not args.prompt:
         raise ConfigError("--image needs --prompt (the instruction to follow)")
     if args.closed_loop and args.episode is None:
@@ -195,14 +184,35 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, Path | None]:
     if args.fps < 1:
         raise ConfigError(f"--fps {args.fps}: the frame rate of the written mp4, at least 1")
     check_device(args.device)
-    existing = [name for name in OUTPUT_FILES if (Path(args.out) / name).exists()]
-    if existing and not args.overwrite:
-        raise ConfigError(f"--out {args.out} already holds {', '.join(existing)}; pass --overwrite to replace them")
-    make_directory(Path(args.out), "--out")
+    check_out(args)
     checkpoint = training_checkpoint(args.weights)
     kind = model_kind(args, checkpoint)
     check_model_flags(args, kind)
     return kind, checkpoint
+
+
+def check_input_paths(args: argparse.Namespace) -> None:
+    paths = [("--ckpt-dir", args.ckpt_dir, "dir"), ("--weights", args.weights, "any"),
+             ("--image", args.image, "file"), ("--episode", args.episode, "dir"), ("--idm", args.idm, "file"),
+             ("--config", args.config, "file")]
+    for flag, path, kind in paths:
+        if path is None:
+            continue
+        exists = {"dir": Path(path).is_dir, "file": Path(path).is_file, "any": Path(path).exists}[kind]()
+        if not exists:
+            raise ConfigError(f"{flag} {path}: no such {'folder' if kind == 'dir' else 'file'}")
+    for name in ("config.json", VAE_FILE):
+        if not (Path(args.ckpt_dir) / name).is_file():
+            raise ConfigError(f"--ckpt-dir {args.ckpt_dir}: {name} is missing (expected the Wan2.2-TI2V layout)")
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """--out is a folder (created here, so a file in its place is found before the generation) whose earlier
+    outputs may be replaced only under --overwrite."""
+    existing = [name for name in OUTPUT_FILES if (Path(args.out) / name).exists()]
+    if existing and not args.overwrite:
+        raise ConfigError(f"--out {args.out} already holds {', '.join(existing)}; pass --overwrite to replace them")
+    make_directory(Path(args.out), "--out")
 
 
 def check_model_flags(args: argparse.Namespace, kind: str) -> None:
