@@ -11,7 +11,8 @@ Writes OUT/sample.mp4 (the generated video), OUT/frames.png (first / middle / la
 episode's frames below when there is one), OUT/actions.npy (the IDM's action per generated frame,
 with --idm) and OUT/metrics.json (settings, time, PSNR against the episode, action L1 and gripper
 accuracy against the episode's actions). `--weights` is a vidar.pt / vidarc.pt state dict or a
-DeepSpeed checkpoint folder; which model it is follows from its name or `--model`. The tiny
+DeepSpeed checkpoint folder; which model it is follows from the loss.type a checkpoint's COMPLETE
+records (a `--model` that contradicts it is refused), else from `--model` or the file's name. The tiny
 checkpoint of the demo needs its VAE / umT5 sizes from its training YAML: `--config`.
 """
 from __future__ import annotations
@@ -29,16 +30,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from data_tools.episodes import EpisodeError, EpisodeLayout, load_episode  # noqa: E402
-from vidartrain.config import load_config  # noqa: E402
+from data_tools.episodes import EpisodeError, EpisodeLayout, actions_to_npy, load_episode  # noqa: E402
+from vidartrain.config import CAUSAL_LOSS, load_config  # noqa: E402
 from vidartrain.data.transforms import video_to_model_input  # noqa: E402
 from vidartrain.data.video import decode_all_frames  # noqa: E402
-from vidartrain.distributed.export import state_dict_from_checkpoint  # noqa: E402
-from vidartrain.errors import ConfigError, DataError, reports_errors  # noqa: E402
-from vidartrain.models.idm import load_idm  # noqa: E402
+from vidartrain.distributed.checkpointing import COMPLETE_MARKER, read_complete  # noqa: E402
+from vidartrain.distributed.export import (EXPORT_DTYPE, lora_alpha, read_checkpoint_weights,  # noqa: E402
+                                           resolve_checkpoint)
+from vidartrain.errors import CheckpointError, ConfigError, DataError, reports_errors  # noqa: E402
+from vidartrain.files import make_directory, write_atomically  # noqa: E402
+from vidartrain.models.idm import IDM, load_idm  # noqa: E402
 from vidartrain.models.wan.causal import WanModelCausal  # noqa: E402
 from vidartrain.models.wan.checkpoint import load_finetuned  # noqa: E402
 from vidartrain.models.wan.kv_cache import latent_frames_of  # noqa: E402
+from vidartrain.models.wan.lora import is_adapter_key, merge_lora, split_lora, uniform_alphas  # noqa: E402
 from vidartrain.rollouts import RolloutWindow  # noqa: E402
 from vidartrain.models.wan.model import WanModel  # noqa: E402
 from vidartrain.models.wan.text_encoder import TextEncoder  # noqa: E402
@@ -52,6 +57,8 @@ from vidartrain.trainers.conditioning import VAE_FILE  # noqa: E402
 # Few denoising steps per chunk for the causal model, as it is deployed.
 DEFAULT_CAUSAL_STEPS = 4
 OUTPUT_FILES = ("sample.mp4", "frames.png", "actions.npy", "metrics.json")
+# The model each training stage trains, by the loss.type a checkpoint's COMPLETE record holds.
+STAGE_MODELS = {"flow_matching": "vidar", CAUSAL_LOSS: "vidarc"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", required=True,
                         help="vidar.pt / vidarc.pt (or .safetensors), or a DeepSpeed checkpoint folder")
     parser.add_argument("--model", choices=("vidar", "vidarc"),
-                        help="bidirectional (vidar) or causal (vidarc); default: from the --weights name")
+                        help="bidirectional (vidar) or causal (vidarc); default: the stage a DeepSpeed checkpoint "
+                             "records, else from the --weights name")
     parser.add_argument("--config", help="training YAML whose model.vae_config / model.t5_config size the "
                                          "VAE and umT5 (tiny checkpoints); the published sizes otherwise")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -74,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="vidarc with --episode: the episode's frames are the real observations "
                              "(generated chunks replaced by them in the KV cache)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run's outputs in --out (its actions.npy too, without --idm)")
     parser.add_argument("--steps", type=int, help=f"denoising steps (default {DEFAULT_STEPS} for vidar, "
                                                   f"{DEFAULT_CAUSAL_STEPS} per chunk for vidarc)")
     parser.add_argument("--solver", choices=("unipc", "euler"), default="unipc")
@@ -100,7 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def model_kind(args: argparse.Namespace) -> str:
+def model_kind(args: argparse.Namespace, checkpoint: Path | None) -> str:
+    """vidar (bidirectional) or vidarc (causal): the stage a training checkpoint's COMPLETE record names
+    (--model must agree: the other model class would sample from weights it was not trained as), else
+    --model, else the --weights name."""
+    loss = recorded_loss(checkpoint) if checkpoint is not None else None
+    if loss is not None:
+        recorded = STAGE_MODELS[loss]
+        if args.model not in (None, recorded):
+            raise ConfigError(f"--model {args.model}: --weights {args.weights} holds {recorded} weights "
+                              f"({checkpoint / COMPLETE_MARKER} records loss.type {loss}); pass --model {recorded} "
+                              f"or leave --model out")
+        return recorded
     if args.model is not None:
         return args.model
     name = Path(args.weights).name.lower()
@@ -112,6 +132,32 @@ def model_kind(args: argparse.Namespace) -> str:
                       f"or vidarc (causal); pass --model vidar or --model vidarc")
 
 
+def training_checkpoint(weights: str) -> Path | None:
+    """The DeepSpeed checkpoint folder --weights names (a step_XXXXXXXX folder, or a checkpoints directory's
+    latest complete one), its files verified against its COMPLETE record; None for a state dict file."""
+    if not Path(weights).is_dir():
+        return None
+    try:
+        root, tag = resolve_checkpoint(weights)
+    except CheckpointError as error:
+        raise CheckpointError(f"--weights {error}") from None
+    return root / tag
+
+
+def recorded_loss(checkpoint: Path) -> str | None:
+    """The loss.type of the run that saved `checkpoint`, from the config its COMPLETE records (None when it
+    records none: saved by an older version); one that trains no DiT is refused."""
+    config = read_complete(checkpoint).get("config")
+    if config is None:
+        return None
+    loss = config.get("loss", {}).get("type")
+    if loss not in STAGE_MODELS:
+        raise CheckpointError(f"--weights: {checkpoint / COMPLETE_MARKER} records loss.type {loss!r}, not a "
+                              f"DiT's ({', '.join(f'{k}: {v}' for k, v in STAGE_MODELS.items())}); an IDM run is "
+                              f"sampled with --idm and the idm.pt vidar-export writes of it")
+    return loss
+
+
 def gripper_dims(args: argparse.Namespace) -> list[int]:
     try:
         return [int(d) for d in args.gripper_dims.split(",") if d.strip()]
@@ -119,8 +165,33 @@ def gripper_dims(args: argparse.Namespace) -> list[int]:
         raise ConfigError(f"--gripper-dims {args.gripper_dims!r}: expected comma-separated integers, e.g. 6,13") from None
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    """Every problem with the inputs before any model is loaded."""
+def check_arguments(args: argparse.Namespace) -> tuple[str, Path | None]:
+    """Every problem with the inputs before any model is loaded. Returns the model kind and the training
+    checkpoint --weights names (None for a state dict file)."""
+    check_input_paths(args)
+    if args.image is not None and not args.prompt:
+        raise ConfigError("--image needs --prompt (the instruction to follow)")
+    if args.closed_loop and args.episode is None:
+        raise ConfigError("--closed-loop needs --episode (the real observations)")
+    if args.num_frames < 1 or (args.num_frames - 1) % 4:
+        raise ConfigError(f"--num-frames {args.num_frames}: must be 4k+1 (1, 5, 9, ..., 81)")
+    if args.height % 32 or args.width % 32 or args.height <= 0 or args.width <= 0:
+        raise ConfigError(f"--height {args.height} --width {args.width}: both must be positive multiples of 32 "
+                          f"(VAE stride 16 x DiT patch 2)")
+    gripper_dims(args)
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps {args.steps}: at least 1")
+    if args.fps < 1:
+        raise ConfigError(f"--fps {args.fps}: the frame rate of the written mp4, at least 1")
+    check_device(args.device)
+    check_out(args)
+    checkpoint = training_checkpoint(args.weights)
+    kind = model_kind(args, checkpoint)
+    check_model_flags(args, kind)
+    return kind, checkpoint
+
+
+def check_input_paths(args: argparse.Namespace) -> None:
     paths = [("--ckpt-dir", args.ckpt_dir, "dir"), ("--weights", args.weights, "any"),
              ("--image", args.image, "file"), ("--episode", args.episode, "dir"), ("--idm", args.idm, "file"),
              ("--config", args.config, "file")]
@@ -133,39 +204,90 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name in ("config.json", VAE_FILE):
         if not (Path(args.ckpt_dir) / name).is_file():
             raise ConfigError(f"--ckpt-dir {args.ckpt_dir}: {name} is missing (expected the Wan2.2-TI2V layout)")
-    if args.image is not None and not args.prompt:
-        raise ConfigError("--image needs --prompt (the instruction to follow)")
-    if args.closed_loop and args.episode is None:
-        raise ConfigError("--closed-loop needs --episode (the real observations)")
-    if args.closed_loop and model_kind(args) != "vidarc":
-        raise ConfigError("--closed-loop runs the causal model: pass vidarc weights (or --model vidarc)")
-    if args.num_frames < 1 or (args.num_frames - 1) % 4:
-        raise ConfigError(f"--num-frames {args.num_frames}: must be 4k+1 (1, 5, 9, ..., 81)")
-    if args.height % 32 or args.width % 32 or args.height <= 0 or args.width <= 0:
-        raise ConfigError(f"--height {args.height} --width {args.width}: both must be positive multiples of 32 "
-                          f"(VAE stride 16 x DiT patch 2)")
-    gripper_dims(args)
-    if args.steps is not None and args.steps < 1:
-        raise ConfigError(f"--steps {args.steps}: at least 1")
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """--out is a folder (created here, so a file in its place is found before the generation) whose earlier
+    outputs may be replaced only under --overwrite."""
     existing = [name for name in OUTPUT_FILES if (Path(args.out) / name).exists()]
     if existing and not args.overwrite:
         raise ConfigError(f"--out {args.out} already holds {', '.join(existing)}; pass --overwrite to replace them")
+    make_directory(Path(args.out), "--out")
 
 
-def load_models(args: argparse.Namespace, dtype: torch.dtype) -> tuple[WanModel, WanVAE, TextEncoder]:
+def check_model_flags(args: argparse.Namespace, kind: str) -> None:
+    """The flags that only one of the two models takes."""
+    if args.closed_loop and kind != "vidarc":
+        raise ConfigError("--closed-loop runs the causal model: pass vidarc weights (or --model vidarc)")
+    if args.compile_generation and (kind != "vidarc" or not args.device.startswith("cuda")):
+        raise ConfigError(f"--compile-generation captures the causal model's generation in CUDA graphs: it needs "
+                          f"a vidarc model and a CUDA --device (got {kind} on {args.device})")
+
+
+def check_device(device: str) -> None:
+    """--device must name this machine's CPU or one of its CUDA devices."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: expected cpu, cuda or cuda:N")
+    if parsed.type == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: torch sees no CUDA device on this machine; use --device cpu")
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def load_models(args: argparse.Namespace, kind: str, checkpoint: Path | None, dtype: torch.dtype
+                ) -> tuple[WanModel, WanVAE, TextEncoder]:
     vae_config, t5_config = None, None
     if args.config is not None:
         config = load_config(args.config)
         vae_config, t5_config = config.model.vae_config, config.model.t5_config
-    model_class = WanModelCausal if model_kind(args) == "vidarc" else WanModel
+    model_class = WanModelCausal if kind == "vidarc" else WanModel
     model = model_class.from_pretrained(args.ckpt_dir, dtype=dtype, device=args.device)
-    weights = Path(args.weights)
-    state = state_dict_from_checkpoint(weights, dtype=dtype) if weights.is_dir() else None
-    load_finetuned(model, weights, state)
+    if checkpoint is None:
+        load_finetuned(model, args.weights)
+    else:
+        load_finetuned(model, checkpoint, checkpoint_weights(checkpoint, dtype))
     vae = WanVAE.from_pretrained(Path(args.ckpt_dir) / VAE_FILE, dtype=dtype, device=args.device, **(vae_config or {}))
     text_encoder = TextEncoder.from_pretrained(args.ckpt_dir, dtype=dtype, device=args.device,
                                                text_len=model.text_len, encoder_config=t5_config)
     return model.eval(), vae, text_encoder
+
+
+def checkpoint_weights(checkpoint: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The weights of training checkpoint `checkpoint`, in `dtype`. A LoRA run's adapters are merged in as
+    vidar-export merges them (in its bf16, alpha from the config COMPLETE records), so the checkpoint samples
+    as its exported vidar.pt does; unmerged, they are keys the model lacks and the base alone would sample."""
+    state = read_checkpoint_weights(checkpoint.parent, checkpoint.name, dtype)
+    if not any(map(is_adapter_key, state)):
+        return state
+    base, adapters = split_lora({name: t.to(EXPORT_DTYPE) if t.is_floating_point() else t
+                                 for name, t in state.items()})
+    return merge_lora(base, adapters, uniform_alphas(adapters, lora_alpha(checkpoint)))
+
+
+def load_checked_idm(args: argparse.Namespace, actions: np.ndarray | None, dtype: torch.dtype) -> IDM | None:
+    """The --idm, loaded before any generation; against an episode, the action dimensions it predicts must be
+    the episode's and --gripper-dims must name some of them, or the scoring would fail after the sampling."""
+    if args.idm is None:
+        return None
+    idm = load_idm(args.idm, device=args.device, dtype=dtype)
+    if actions is None:
+        return idm
+    dims = idm.train_mean.numel()
+    if actions.shape[1] != dims:
+        raise ConfigError(f"--idm {args.idm} predicts {dims} action dimensions, the episode {args.episode} has "
+                          f"{actions.shape[1]}: pass an IDM trained on this robot's actions")
+    outside = [d for d in gripper_dims(args) if not 0 <= d < dims]
+    if outside:
+        raise ConfigError(f"--gripper-dims {args.gripper_dims}: {outside} not among the episode's {dims} action "
+                          f"dimensions (0 to {dims - 1}); pass this robot's gripper dimensions")
+    return idm
 
 
 def read_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, str, np.ndarray | None]:
@@ -187,23 +309,20 @@ def read_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, str, np.ndarray
 
 
 def run(args: argparse.Namespace) -> dict:
-    check_arguments(args)
-    kind = model_kind(args)
+    kind, checkpoint = check_arguments(args)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                            else torch.float32)
     options = SamplingOptions(steps=args.steps or (DEFAULT_CAUSAL_STEPS if kind == "vidarc" else DEFAULT_STEPS),
                               shift=args.shift, guide_scale=args.guide, solver=args.solver, seed=args.seed,
                               compile_generation=args.compile_generation)
-    if args.compile_generation and (kind != "vidarc" or not args.device.startswith("cuda")):
-        raise ConfigError(f"--compile-generation captures the causal model's generation in CUDA graphs: it needs "
-                          f"a vidarc model and a CUDA --device (got {kind} on {args.device})")
     try:
         window = RolloutWindow(args.rollout_bound, args.rollout_prefill_num)
     except ValueError as error:  # the window's own check, reported against the flags that set it
         raise ConfigError(f"--rollout-bound {args.rollout_bound} --rollout-prefill-num "
                           f"{args.rollout_prefill_num}: {error}") from None
     video, prompt, actions = read_inputs(args)
-    model, vae, text_encoder = load_models(args, dtype)
+    idm = load_checked_idm(args, actions, dtype)
+    model, vae, text_encoder = load_models(args, kind, checkpoint, dtype)
     start = time.perf_counter()
     context, null_context = text_encoder([prompt]), text_encoder([args.negative_prompt])
     generated = generate_video(model, vae, video.to(args.device), context, null_context, args.num_frames,
@@ -211,26 +330,32 @@ def run(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - start
     frames = video_to_uint8(generated)[0]
     truth = video_to_uint8(video)[0] if args.episode is not None else None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_mp4(out / "sample.mp4", frames, args.fps)
-    Image.fromarray(frame_strip(frames, truth)).save(out / "frames.png")
     metrics = {"model": kind, "weights": str(args.weights), "prompt": prompt, "closed_loop": args.closed_loop,
                "num_frames": args.num_frames, "height": args.height, "width": args.width,
                "latent_frames": latent_frames_of(args.num_frames), **vars(options), "seconds": round(seconds, 3)}
     if truth is not None:
         metrics["psnr"] = psnr(frames[1:], truth[1:])  # frame 0 is given, not generated
-    if args.idm is not None:
-        idm = load_idm(args.idm, device=args.device, dtype=dtype)
+    predicted = None
+    if idm is not None:
         predicted = idm_actions(idm, generated, idm_input_size(args.height, args.width))[0].cpu().numpy()
-        np.save(out / "actions.npy", predicted)
         if actions is not None:
-            if actions.shape[1] != predicted.shape[1]:
-                raise ConfigError(f"--idm {args.idm} predicts {predicted.shape[1]} action dimensions, "
-                                  f"the episode has {actions.shape[1]}")
             metrics.update(action_metrics(predicted[1:], actions[1:len(predicted)], gripper_dims(args)))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_outputs(Path(args.out), args.fps, frame_strip(frames, truth), frames, predicted, metrics)
     return metrics
+
+
+def write_outputs(out: Path, fps: int, strip: np.ndarray, frames: np.ndarray, predicted: np.ndarray | None,
+                  metrics: dict) -> None:
+    """This run's files in `out`, each whole or not at all. An earlier run's outputs go first (check_arguments
+    let them be only under --overwrite): its actions.npy must not sit beside a video generated without an IDM."""
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+    write_mp4(out / "sample.mp4", frames, fps)
+    write_atomically(out / "frames.png", lambda tmp: Image.fromarray(strip).save(tmp, format="PNG"))
+    if predicted is not None:
+        write_atomically(out / "actions.npy", lambda tmp: tmp.write_bytes(actions_to_npy(predicted)))
+    text = json.dumps(metrics, indent=2, ensure_ascii=False) + "\n"
+    write_atomically(out / "metrics.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 @reports_errors

@@ -238,6 +238,17 @@ def test_load_idm_names_offending_keys(tmp_path):
         load_idm(path)
 
 
+@pytest.mark.parametrize("content", [b"", b"\x00\x00\x00\x18ftypisom", b"hello", b"PK\x03\x04 not a torch zip", "tensor"])
+def test_load_idm_refuses_a_file_that_is_no_idm_checkpoint(tmp_path, content):
+    path = tmp_path / "idm.pt"
+    if content == "tensor":
+        torch.save(torch.zeros(3), path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"^{path}: (torch.load cannot read it|expected an IDM state dict)"):
+        load_idm(path)
+
+
 def test_preprocess_frames_maps_range_resizes_with_antialias_and_normalises():
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -408,6 +408,9 @@ def is_idm_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
 
 def idm_state_dict_from_checkpoint(checkpoint: Mapping, source: str) -> Mapping[str, torch.Tensor]:
     """The model state dict inside an `idm.pt` payload: `{"model_state_dict": ...}` or bare."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{source}: expected an IDM state dict (or a dict with 'model_state_dict'), "
+                              f"got a {type(checkpoint).__name__}")
     if "model_state_dict" in checkpoint:
         checkpoint = checkpoint["model_state_dict"]
     not_tensors = [k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]

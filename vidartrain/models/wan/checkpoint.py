@@ -186,20 +186,27 @@ def load_torch_file(path: str | Path, mmap: bool = True) -> object:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as error:
         raise pickle_refusal(path, error) from None
-    except RuntimeError as error:  # torch's zip reader
+    except OSError:
+        raise  # unreadable: the error names the file and why
+    except Exception as error:  # a truncated or foreign file fails torch.load in many ways (RuntimeError, EOFError, KeyError...)
         # torch's message goes on with paragraphs of advice that do not apply here: keep its first sentence
-        reason = re.split(r"\.\s", str(error).strip(), maxsplit=1)[0]
+        reason = re.split(r"\.\s", str(error).strip(), maxsplit=1)[0] or type(error).__name__
         raise CheckpointError(f"{path}: torch.load cannot read it (truncated or corrupt, or not written by "
                               f"torch.save?): {reason}") from None
 
 
 def pickle_refusal(file: object, error: pickle.UnpicklingError) -> CheckpointError:
-    """The error for a file that weights-only unpickling refused: it pickles more than tensors and plain
-    data, so loading it could run code."""
+    """The error for a file that weights-only unpickling refused: either it pickles more than tensors and
+    plain data, so loading it could run code, or its bytes are no pickle at all (a truncated or foreign
+    file: "Unsupported operand")."""
+    text = str(error)
     # "Unsupported global: GLOBAL x" (a class not allowed), "unsupported GLOBAL x whose module is blocked" (os...)
-    found = (re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(error), re.IGNORECASE)
-             or re.search(r"WeightsUnpickler error: ([^\n]*)", str(error)))
-    what = found.group(1) if found else str(error)
+    found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    what = found.group(1) if found else detail.group(1).strip() if detail else text
+    if what.startswith("Unsupported operand"):
+        return CheckpointError(f"{file}: torch.load cannot read it (truncated or corrupt, or not written by "
+                               f"torch.save?): {what}")
     return CheckpointError(f"{file}: refusing to load it: it pickles more than tensors and plain data (a crafted "
                            f"or foreign file?): {what}")
 
