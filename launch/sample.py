@@ -35,7 +35,7 @@ from vidartrain.config import CAUSAL_LOSS, load_config  # noqa: E402
 from vidartrain.data.transforms import video_to_model_input  # noqa: E402
 from vidartrain.data.video import decode_all_frames  # noqa: E402
 from vidartrain.distributed.checkpointing import COMPLETE_MARKER, read_complete  # noqa: E402
-from vidartrain.distributed.export import (EXPORT_DTYPE, lora_alpha, read_checkpoint_weights,  # noqa: E402
+from vidartrain.distributed.export import (in_export_dtype, lora_alpha, read_checkpoint_weights,  # noqa: E402
                                            resolve_checkpoint)
 from vidartrain.errors import CheckpointError, ConfigError, DataError, reports_errors  # noqa: E402
 from vidartrain.files import make_directory, write_atomically  # noqa: E402
@@ -43,7 +43,7 @@ from vidartrain.models.idm import IDM, load_idm  # noqa: E402
 from vidartrain.models.wan.causal import WanModelCausal  # noqa: E402
 from vidartrain.models.wan.checkpoint import load_finetuned  # noqa: E402
 from vidartrain.models.wan.kv_cache import latent_frames_of  # noqa: E402
-from vidartrain.models.wan.lora import is_adapter_key, merge_lora, split_lora, uniform_alphas  # noqa: E402
+from vidartrain.models.wan.lora import is_adapter_key, merge_adapters  # noqa: E402
 from vidartrain.rollouts import RolloutWindow  # noqa: E402
 from vidartrain.models.wan.model import WanModel  # noqa: E402
 from vidartrain.models.wan.text_encoder import TextEncoder  # noqa: E402
@@ -266,9 +266,8 @@ def checkpoint_weights(checkpoint: Path, dtype: torch.dtype) -> dict[str, torch.
     state = read_checkpoint_weights(checkpoint.parent, checkpoint.name, dtype)
     if not any(map(is_adapter_key, state)):
         return state
-    base, adapters = split_lora({name: t.to(EXPORT_DTYPE) if t.is_floating_point() else t
-                                 for name, t in state.items()})
-    return merge_lora(base, adapters, uniform_alphas(adapters, lora_alpha(checkpoint)))
+    merged, _, _ = merge_adapters(in_export_dtype(state), lora_alpha(checkpoint))
+    return merged
 
 
 def load_checked_idm(args: argparse.Namespace, actions: np.ndarray | None, dtype: torch.dtype) -> IDM | None:

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from helpers.trainer_launch import (BIN, REPO_ROOT, deepspeed_command, kill_launch, launcher_env, logged_steps, run,
                                     start, torchrun_command, wait_for_step, write_shards)
 from vidartrain.distributed.export import main as export_main
-from vidartrain.distributed.export import state_dict_from_checkpoint
+from vidartrain.distributed.export import read_checkpoint_weights, resolve_checkpoint
 from vidartrain.models.idm import load_idm
 
 STEPS = 2
@@ -76,7 +76,7 @@ def test_idm_run_logs_accuracy_and_exports_an_upstream_idm_pt(reference_run):
     assert int(state["model.mask_model.in_conv.1.num_batches_tracked"]) == STEPS * 2  # 2 micro-steps per step
     load_idm(reference_run / "export" / "idm.pt")
     # float32 export: exactly the fp32 weights of the final DeepSpeed checkpoint, not bf16-rounded
-    master = state_dict_from_checkpoint(reference_run / "checkpoints", dtype=torch.float32)
+    master = read_checkpoint_weights(*resolve_checkpoint(reference_run / "checkpoints"), torch.float32)
     weight = "model.mask_model.in_conv.0.weight"
     assert torch.equal(state[weight], master[weight])
     assert not torch.equal(state[weight], state[weight].bfloat16().float())

@@ -68,11 +68,9 @@ def write_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path) -> t
     return path, safetensors_path
 
 
-def state_dict_from_checkpoint(checkpoint: str | Path, dtype: torch.dtype = EXPORT_DTYPE) -> dict[str, torch.Tensor]:
-    """State dict (floating tensors in `dtype`) from a DeepSpeed checkpoint folder (step_XXXXXXXX)
-    or a checkpoints directory (its latest complete checkpoint), verified and read weights-only."""
-    root, tag = resolve_checkpoint(checkpoint)
-    return read_checkpoint_weights(root, tag, dtype)
+def in_export_dtype(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating tensors in the export's bf16 (LoRA adapters are merged at that precision)."""
+    return {name: t.to(EXPORT_DTYPE) if t.is_floating_point() else t for name, t in state_dict.items()}
 
 
 def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, str]:
@@ -144,7 +142,7 @@ def export_dit(state_dict: dict[str, torch.Tensor], alpha: float | None, out: Pa
     """The bf16 .pt and .safetensors; with LoRA (`alpha` given) the adapters merged in, and the adapters
     alone beside them."""
     count = sum(t.numel() for t in state_dict.values())
-    state_dict = {name: t.to(EXPORT_DTYPE) if t.is_floating_point() else t for name, t in state_dict.items()}
+    state_dict = in_export_dtype(state_dict)
     if alpha is not None:
         state_dict, lora_path = export_lora(state_dict, alpha, out)
         print(f"exported the LoRA adapters to {lora_path}; the weights below have them merged in")

@@ -197,10 +197,18 @@ def adapter_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}_lora.safetensors")
 
 
+def merge_adapters(state_dict: dict[str, torch.Tensor], alpha: float
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
+    """An adapted model's `state_dict` with its adapters (all trained with `alpha`) merged into the
+    base weights; also the adapters and their alphas."""
+    base, adapters = split_lora(state_dict)
+    alphas = uniform_alphas(adapters, alpha)
+    return merge_lora(base, adapters, alphas), adapters, alphas
+
+
 def export_lora(state_dict: dict[str, torch.Tensor], alpha: float, path: str | Path
                 ) -> tuple[dict[str, torch.Tensor], Path]:
     """Write the adapters of an adapted model's `state_dict` beside the export `path` (a Wan LoRA
     file); returns the merged state dict, for `path`, and the adapter file's path."""
-    base, adapters = split_lora(state_dict)
-    alphas = uniform_alphas(adapters, alpha)
-    return merge_lora(base, adapters, alphas), write_wan_lora(adapters, alphas, adapter_path(path))
+    merged, adapters, alphas = merge_adapters(state_dict, alpha)
+    return merged, write_wan_lora(adapters, alphas, adapter_path(path))
