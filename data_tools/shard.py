@@ -130,6 +130,17 @@ def sample_key(name: str) -> str:
     return name.replace(".", "_")
 
 
+def check_sample_keys(names: list[str]) -> None:
+    """Refuse episodes whose names differ only where `sample_key` changes them: they would share one key."""
+    by_key: dict[str, list[str]] = {}
+    for name in names:
+        by_key.setdefault(sample_key(name), []).append(name)
+    shared = [" and ".join(group) for group in by_key.values() if len(group) > 1]
+    if shared:
+        raise DataError(f"episodes {listed(shared)} would share one sample key (a key cannot hold a dot, which "
+                        f"becomes '_'): rename one of each")
+
+
 def convert_episode(task: tuple[Path, str, int, ConversionSettings]) -> EpisodeResult:
     """Validate one episode and build its samples (runs in a worker process)."""
     episodes_dir, name, position, settings = task
@@ -607,6 +618,7 @@ def convert(episodes_dir: Path, out: Path, settings: ConversionSettings, workers
     names = discover_episodes(episodes_dir, manifest)
     if not names:
         raise DataError(f"no episode folders found in {episodes_dir}")
+    check_sample_keys(names)
     make_directory(out, "--out")
     with OutputLock(out):
         if overwrite:

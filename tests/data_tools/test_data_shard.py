@@ -138,6 +138,14 @@ def test_nothing_valid_is_refused(tmp_path, refused):
     assert [(s["episode"], s["reason"]) for s in skipped] == [("bad", "video_unreadable")]
 
 
+def test_episodes_that_would_share_a_sample_key_are_refused(tmp_path, refused):
+    write_synthetic_episodes(tmp_path / "episodes", 2, frames=4, height=16, width=16)
+    (tmp_path / "episodes" / "ep_0000").rename(tmp_path / "episodes" / "arm.v2")
+    (tmp_path / "episodes" / "ep_0001").rename(tmp_path / "episodes" / "arm_v2")
+    refused("episodes arm.v2 and arm_v2 would share one sample key", run, tmp_path / "episodes", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_out_that_cannot_be_a_directory_is_refused(mixed_episodes, tmp_path, refused):
     (tmp_path / "file").write_text("mine")
     refused(f"--out {tmp_path / 'file'} is a file, not a directory", run, mixed_episodes, tmp_path / "file")

@@ -78,8 +78,8 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, str]:
     files verified against its COMPLETE record."""
     ref = resolve_resume(str(checkpoint), Path(checkpoint))
     if ref.universal:
-        raise CheckpointError(f"{checkpoint}: a universal checkpoint; export the DeepSpeed checkpoint it was "
-                              f"converted from")
+        raise CheckpointError(f"{checkpoint}: a universal checkpoint (ds_to_universal), which is for resuming; "
+                              f"read the weights from the DeepSpeed checkpoint it was converted from")
     return ref.root, ref.tag
 
 
