@@ -1,5 +1,6 @@
 """ZeRO-3 engine on 2 CPU ranks through the real `deepspeed` launcher: partitioning, activation
-checkpointing gradients, and the gathered bf16 export reproducing the engine's outputs."""
+checkpointing gradients, and the gathered bf16 export reproducing the engine's outputs; on one rank,
+that a skipped step's gradients are discarded under every ZeRO stage."""
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from helpers.trainer_launch import deepspeed_command, run
+from helpers.trainer_launch import deepspeed_command, run, torchrun_command
 from vidartrain.config import Config
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.model import WanModel
@@ -82,6 +83,16 @@ def fake_zero3_partition(module, config_dict_or_path):
     for submodule in module.modules():
         for name, parameter in list(submodule._parameters.items()):
             submodule._parameters[name] = nn.Parameter(parameter.data.to("meta"), parameter.requires_grad)
+
+
+def test_a_skipped_steps_gradients_do_not_reach_the_next_step_under_any_zero_stage(tmp_path):
+    """The trainer drops a step whose micro-batch went non-finite after earlier micro-batches were
+    backpropagated (`discard_gradients`). ZeRO-2 kept their reduced gradients (all_grad_tensors) past
+    zero_grad() and added them into the next step: the weights then differed by about an lr."""
+    log = tmp_path / "log.txt"
+    run(torchrun_command("tests/helpers/discarded_gradients_script.py", [], num_ranks=1), log)
+    differences = json.loads(next(line for line in log.read_text().splitlines() if line.startswith("{")))
+    assert differences == {"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.0}
 
 
 def test_build_engine_puts_buffers_on_the_device_of_the_zero3_parameters(monkeypatch):

@@ -308,6 +308,16 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any], config: Config) ->
     return engine
 
 
+def discard_gradients(optimizer: Any) -> None:
+    """Drop every gradient accumulated since the last optimizer step. zero_grad() clears the parameters'
+    gradients; ZeRO-1/2's optimizer also sums each micro-step's reduced gradients into `all_grad_tensors`
+    and keeps them until the step, which would apply a skipped step's gradients with the next one's."""
+    optimizer.zero_grad()
+    pending = getattr(optimizer, "all_grad_tensors", None)
+    for group in pending or {}:
+        pending[group] = None
+
+
 def compiles_blocks(config: Config, device: torch.device) -> bool:
     """`model.compile`, where None means: on CUDA yes (fused element-wise kernels), elsewhere no."""
     return device.type == "cuda" if config.model.compile is None else config.model.compile
@@ -514,7 +524,7 @@ class Trainer:
                 self.ema.update()
             self.nonfinite_in_a_row = 0
         else:
-            engine.optimizer.zero_grad()  # drop the gradients of the micro-batches before the bad one
+            discard_gradients(engine.optimizer)  # of the micro-batches before the bad one
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
         compute = time.perf_counter() - start
