@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates (once) and updates the project's virtual environment in .venv.
-# CPU machines get the CPU build of torch 2.13.0 first, so that nothing pulls a CUDA build.
+# torch 2.13.0 is installed first, so that requirements.txt keeps it; VIDARTRAIN_TORCH_INDEX_URL picks
+# its build (e.g. https://download.pytorch.org/whl/cpu where the default index serves the CUDA one).
 # Idempotent: a second run does nothing unless requirements.txt or pyproject.toml changed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,7 +26,7 @@ pip_install() {
 }
 pip_install --upgrade pip
 if ! "$py" -c "import torch" 2>/dev/null; then
-  pip_install "torch==${VIDARTRAIN_TORCH_VERSION:-2.13.0}"
+  pip_install "torch==${VIDARTRAIN_TORCH_VERSION:-2.13.0}" ${VIDARTRAIN_TORCH_INDEX_URL:+--index-url "$VIDARTRAIN_TORCH_INDEX_URL"}
 fi
 pip_install -r "$root/requirements.txt"
 pip_install --no-deps -e "$root"

@@ -1,7 +1,7 @@
 """IDM training (the masked inverse dynamics model) with the defaults of configs/idm.yaml.
 
     deepspeed --num_gpus 8 launch/train_idm.py --ds-config ds_configs/zero3_8xh100.json \\
-        [--set model.idm_path=checkpoints/vidar/idm.pt] [--resume auto] [--max_steps N]
+        --set data.shards=data/shards [--set model.idm_path=checkpoints/vidar/idm.pt] [--resume auto] [--max_steps N]
 
 Every flag of launch/train.py is accepted; --config defaults to configs/idm.yaml.
 """

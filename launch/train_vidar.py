@@ -1,9 +1,9 @@
 """Stage 1 (Vidar) with the reference recipe's flags (docs/training.md).
 
     python launch/train_vidar.py --ckpt_dir checkpoints/Wan2.2-TI2V-5B --ds-config ds_configs/zero3_1xgpu.json \\
-        --debug --max_steps 100
+        --set data.shards=data/shards --debug --max_steps 100
     deepspeed --num_gpus 8 launch/train_vidar.py --ckpt_dir checkpoints/Wan2.2-TI2V-5B \\
-        --ds-config ds_configs/zero3_8xh100.json --output_dir outputs/vidar
+        --ds-config ds_configs/zero3_8xh100.json --set data.shards=data/shards --output_dir outputs/vidar
 
 --ckpt_dir / --pt_dir set model.ckpt_dir / model.pt_dir; --debug logs every step, validates nothing and
 checkpoints only at the end (for short debugging runs on the real model). Every flag of

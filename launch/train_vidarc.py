@@ -1,7 +1,7 @@
 """Stage 2 (Vidarc) with the reference recipe's flags (docs/training.md).
 
     python launch/train_vidarc.py --ckpt_dir checkpoints/Wan2.2-TI2V-5B --pt_dir checkpoints/vidar/vidar.pt \\
-        --ds-config ds_configs/zero3_1xgpu.json --debug --max_steps 100
+        --ds-config ds_configs/zero3_1xgpu.json --set data.shards=data/shards --debug --max_steps 100
 
 --ckpt_dir / --pt_dir set model.ckpt_dir / model.pt_dir; --debug logs every step, validates nothing and
 checkpoints only at the end. Every flag of launch/train.py is accepted too; --config defaults to
