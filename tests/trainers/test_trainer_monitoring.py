@@ -1,6 +1,10 @@
-"""What a person reads in a log file: a progress line at least every training.log_seconds."""
+"""What a person reads in a log file: a progress line at least every training.log_seconds; what a
+resumed run leaves in TensorBoard and metrics.jsonl."""
+import json
 import logging
 import time
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vidartrain.trainers.monitoring import TrainingMonitor
 
@@ -25,3 +29,18 @@ def test_without_a_terminal_a_progress_line_comes_every_log_seconds(tmp_path, ca
     assert beats[0].startswith("progress: step 1/10") and "samples/s" in beats[0] and "ETA" in beats[0]
     assert "no step finished for" in beats[0]
     assert not monitor.heartbeat.thread.is_alive()
+
+
+def test_a_resumed_run_replaces_the_steps_after_its_checkpoint_and_keeps_the_checkpoints_own(tmp_path):
+    """Steps 1-4 logged, the run resumed from its checkpoint at step 2 and logging 3-5: TensorBoard and
+    metrics.jsonl both hold 1-5 once each (TensorBoard lost step 2 when the purge began at the checkpoint)."""
+    for start, steps in ((0, (1, 2, 3, 4)), (2, (3, 4, 5))):
+        monitor = TrainingMonitor(tmp_path, enabled=True, start_step=start, total_steps=5)
+        for step in steps:
+            monitor.log_step(record(step), log_scalars=True)
+        monitor.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    rows = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4, 5]

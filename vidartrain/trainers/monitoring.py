@@ -55,8 +55,9 @@ class TrainingMonitor:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         # purge_step drops events an earlier run wrote after the checkpoint this run resumes from (all of
-        # them when it starts afresh over an earlier run: the steps are logged again).
-        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step)
+        # them when it starts afresh over an earlier run: the steps are logged again); the checkpoint's
+        # own step stays, as in metrics.jsonl.
+        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step + 1)
         metrics_path = output_dir / "metrics.jsonl"
         if metrics_path.exists():
             drop_rows_after(metrics_path, start_step)
