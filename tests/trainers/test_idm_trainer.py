@@ -11,7 +11,7 @@ from vidartrain.data.shard_index import DataInfo, read_data_info, read_index
 from vidartrain.errors import DataError
 from vidartrain.losses import action_accuracy, idm_loss
 from vidartrain.models.idm import IDM, IDM_INPUT_SIZE, IdmArchitecture, load_idm, preprocess_frames, save_idm
-from vidartrain.trainers.idm_trainer import IdmStage, idm_input_size
+from vidartrain.trainers.idm_trainer import IdmStage, action_space, idm_input_size
 
 
 def tiny_config(*overrides: str):
@@ -145,3 +145,16 @@ def test_the_idm_is_built_for_the_robot_of_the_shards(seven_dim_shards, tmp_path
         idm_stage(config(f"model.idm_path={tmp_path / 'idm14.pt'}")).build_model()
     with pytest.raises(ConfigError, match="unknown IDM architecture keys \\['widths'\\]"):
         idm_stage(config("model.idm_config={widths: 4}")).build_model()
+
+
+def test_an_action_dimension_that_never_varies_is_refused_with_how_to_set_its_statistics():
+    """A padded or unused dimension has std 0 in the shards' statistics: the IDM's loss would be NaN on
+    every step, and the run would stop blaming the learning rate."""
+    stats = {"dim": 3, "count": 4, "mean": [0.5, 0.0, 1.0], "m2": [1.0, 0.0, 2.0]}
+    data = DataInfo("raw", False, (("shards/a", stats),))
+    config = tiny_config("idm.action_mean=null", "idm.action_std=null")  # statistics from the shards
+    with pytest.raises(ConfigError, match=r"shards/a\) never vary in dimension\(s\) \[1\].*`idm.action_std`"):
+        action_space(config, data)
+    stats["m2"][1] = 0.5
+    mean, std = action_space(config, data)
+    assert std[1] > 0

@@ -50,6 +50,12 @@ def action_space(config: Config, data: DataInfo) -> tuple[list[float], list[floa
         stats = merge_action_statistics(data.action_statistics(), "`data.shards`")
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    constant = [dim for dim, std in enumerate(stats["std"]) if std == 0]
+    if constant:  # the IDM divides by the std: its loss would be NaN on every step
+        raise ConfigError(f"the actions of `data.shards` ({', '.join(path for path, _ in data.actions)}) never vary "
+                          f"in dimension(s) {constant} (std 0), which the IDM cannot normalise: set "
+                          f"`idm.action_mean` and `idm.action_std` (a std > 0 there, e.g. 1.0), or drop the "
+                          f"dimension from the actions")
     log.info("IDM: action statistics of the training shards: %d dimensions over %d action rows",
              stats["dim"], stats["count"])
     return stats["mean"], stats["std"]
