@@ -90,6 +90,8 @@ def test_literal_choices_listed(tmp_path):
     ("training.ema_decay=1.0", "`training.ema_decay` = 1.0: must be in [0, 1)"),
     ("training.ema_warmup=-1", "`training.ema_warmup` = -1: must be >= 0"),
     ("training.val_batches=0", "`training.val_batches` = 0: must be > 0"),
+    ("training.min_lr=1e-6", "`training.min_lr` = 1e-06 is where the cosine schedule ends, and "
+                             "`training.lr_schedule` = constant has none"),
     ("training.seed=-1", "`training.seed` = -1: must be >= 0"),
     ("data.seed=-3", "`data.seed` = -3: must be >= 0"),
     ("validation.seed=-1", "`validation.seed` = -1: must be >= 0"),

@@ -598,6 +598,9 @@ def value_problems(config: Config) -> typing.Iterator[str]:
         yield f"`training.warmup` = {t.warmup} exceeds `training.num_steps` = {t.num_steps}"
     if t.min_lr > t.lr:
         yield f"`training.min_lr` = {t.min_lr} exceeds `training.lr` = {t.lr}"
+    if t.min_lr > 0 and t.lr_schedule == "constant":
+        yield (f"`training.min_lr` = {t.min_lr} is where the cosine schedule ends, and `training.lr_schedule` = "
+               f"constant has none: set lr_schedule: cosine, or min_lr: 0")
     for i, beta in enumerate(t.betas):
         if not 0.0 <= beta < 1.0:
             yield f"`training.betas[{i}]` = {beta}: must be in [0, 1)"
