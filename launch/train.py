@@ -115,7 +115,7 @@ def run(args: argparse.Namespace, profile_overrides: Callable[[dict[str, Any]], 
         raise ConfigError(f"--max_steps {args.max_steps}: must be > 0")
     ds_config, _ = build_deepspeed_config(config, profile, world_size_of_launch())
     check_inputs_exist(config)
-    stage = stage_for(config, read_data_info(config.data.shards))
+    stage = stage_for(config, read_data_info(config.data.shards, config.data.val_shards))
     if args.dry_run:
         return dry_run(config, stage, ds_path, ds_config, args)
     options = RunOptions(ds_config=ds_config, output_dir=args.output_dir, resume=args.resume,

@@ -21,7 +21,7 @@ from launch import sample as sample_cli
 from launch import train_vidar
 from helpers.trainer_launch import REPO_ROOT, launcher_env
 from vidartrain.data.shard_index import (INDEX_FORMAT, JOURNAL_FILE, action_statistics, merge_action_statistics,
-                                         read_common_index, read_index)
+                                         read_common_index, read_data_info, read_index)
 from vidartrain.data.video import VideoReadError
 from vidartrain.errors import CheckpointError, ConfigError, DataError, VidarError, reports_errors
 from vidartrain.files import Journal
@@ -132,6 +132,9 @@ def test_index_contents_that_cannot_be_trained_on_are_data_errors(tmp_path):
     with pytest.raises(DataError, match="data.shards mixes"):
         read_common_index([{"path": str(tmp_path / "old"), "weight": 1.0},
                            {"path": str(tmp_path / "latents"), "weight": 1.0}])
+    # held-out shards of another kind than the training shards: refused at start, not at the first validation
+    with pytest.raises(DataError, match="data.val_shards mixes"):
+        read_data_info(tmp_path / "old", tmp_path / "latents")
     # pre-encoded with and without the IDM's masks: Eq. 7 would find no mask in some batches
     write_index(tmp_path / "latents_idm", mode="latents", settings={"precompute": {"precompute": ["latents", "idm"]}})
     with pytest.raises(DataError, match="data.shards mixes"):

@@ -157,9 +157,10 @@ def read_common_index(shards: str | Path | list) -> dict:
     return indexes[0]
 
 
-def check_same_kind(sources: list[tuple[str, float]], indexes: list[dict]) -> None:
+def check_same_kind(sources: list[tuple[str, float]], indexes: list[dict], key: str = "data.shards") -> None:
     """Every source of a mixture holds the same kind of samples: same mode (raw / latents), text
-    embeddings in all or none, and for pre-encoded shards the same windows."""
+    embeddings in all or none, and for pre-encoded shards the same windows. `key`: the setting that
+    names the sources after the first."""
     first = indexes[0]
 
     def kind(index: dict) -> tuple:
@@ -169,7 +170,7 @@ def check_same_kind(sources: list[tuple[str, float]], indexes: list[dict]) -> No
 
     for (path, _), index in zip(sources[1:], indexes[1:]):
         if kind(index) != kind(first):
-            raise DataError(f"data.shards mixes {sources[0][0]} (mode, text embeddings, IDM masks, windows: {kind(first)}) "
+            raise DataError(f"{key} mixes {sources[0][0]} (mode, text embeddings, IDM masks, windows: {kind(first)}) "
                             f"with {path} ({kind(index)}): every source must hold the same kind of samples")
 
 
@@ -197,11 +198,17 @@ class DataInfo:
         return [(path, actions["dim"]) for path, actions in self.actions if actions]
 
 
-def read_data_info(shards: str | Path | list) -> DataInfo:
-    """`DataInfo` of `data.shards` (a directory or a mixture), each index.json read once."""
+def read_data_info(shards: str | Path | list, val_shards: str | Path | list | None = None) -> DataInfo:
+    """`DataInfo` of `data.shards` (a directory or a mixture), each index.json read once. Held-out
+    `val_shards` must hold the same kind of samples: the stage loads its encoders for that kind, and
+    a mismatch would only show at the first validation, steps into the run."""
     sources = shard_sources(shards)
     indexes = [read_index(path) for path, _ in sources]
     check_same_kind(sources, indexes)
+    if val_shards is not None:
+        held_out = shard_sources(val_shards)
+        check_same_kind(sources[:1] + held_out, indexes[:1] + [read_index(path) for path, _ in held_out],
+                        "data.val_shards")
     return DataInfo(mode=indexes[0]["mode"], text_embeddings=bool(indexes[0].get("text_embeddings")),
                     actions=tuple((path, index.get("actions")) for (path, _), index in zip(sources, indexes)),
                     idm_masks=holds_idm_masks(indexes[0]))
