@@ -159,7 +159,7 @@ def test_resume_on_another_world_size_neither_repeats_nor_skips(shards):
 def test_state_from_another_seed_is_refused(shards):
     state = build_loader(shards, config(shards), 1, rank=0, world_size=1).state_dict()
     other = build_loader(shards, config(shards, seed=1), 1, rank=0, world_size=1)
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(DataError, match="the training data changed since the checkpoint: its loader state has seed"):
         other.load_state_dict(state)
 
 

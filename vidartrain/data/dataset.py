@@ -525,8 +525,11 @@ class ShardLoader:
                     "sources": [[size, weight] for size, weight in zip(stream.mixture.sizes, stream.mixture.weights)]}
         for name, value in expected.items():
             if name in state and state[name] != value:  # states saved before mixtures have no "sources"
-                raise ValueError(f"data loader state has {name} {state[name]}, this loader has {value}: "
-                                 f"resuming would not continue the same sequence")
+                raise DataError(f"the training data changed since the checkpoint: its loader state has {name} "
+                                f"{state[name]}, `data.shards` now gives {value} (episodes appended with vidar-shard "
+                                f"--append, shards converted again, other mixture weights or data.seed?); resuming "
+                                f"would not continue the same sample sequence. Resume with the data as it was, or "
+                                f"start a new run from the checkpoint's weights (vidar-export, then model.pt_dir)")
         self.epoch, self.consumed = int(state["epoch"]), int(state["samples_consumed"])
         self.counted_epochs, self.counted = 0, np.zeros(len(self.source_names), dtype=np.int64)
         self.skipped_samples = int(state.get("skipped_samples", 0))  # absent in states saved before it existed

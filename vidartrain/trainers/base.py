@@ -749,7 +749,10 @@ class Trainer:
         self.nonfinite_total = int(client["nonfinite_total"])
         self.nonfinite_in_a_row = int(client["nonfinite_in_a_row"])
         self.last_saved_step = self.step
-        self.train_loader.load_state_dict(client["loader"])
+        try:
+            self.train_loader.load_state_dict(client["loader"])
+        except DataError as error:
+            raise DataError(f"resuming from {ref.path}: {error}") from None
         if self.ema is not None:
             self.ema.load_state_dict(client.get("ema"), ref.path)
         elif client.get("ema") is not None:
