@@ -371,6 +371,14 @@ def test_training_stops_with_a_checkpoint_past_max_bad_samples(tmp_path):
     assert last < 6 and steps[last]["skipped_samples"] == 2
     assert "2 samples failed to decode on all ranks, more than data.max_bad_samples = 1" in log_path.read_text()
     assert (output_dir / "checkpoints" / f"step_{last:08d}" / COMPLETE_MARKER).is_file()
+    # resumed with a higher limit, the run goes on counting from the run's total (the checkpoint's), not from 0
+    command = [sys.executable, "launch/train.py",
+               *cpu_train_args(TINY_CONFIG, output_dir, [*overrides, "data.max_bad_samples=10"]),
+               "--resume", "auto", "--max_steps", str(last + 1)]
+    with open(log_path, "ab") as log:
+        assert subprocess.run(command, cwd=REPO, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT,
+                              timeout=300).returncode == 0, tail(log_path)
+    assert logged_steps(output_dir)[last + 1]["skipped_samples"] >= 2
 
 
 def test_inspect_names_a_non_utf8_instruction(shards, tmp_path, capsys):

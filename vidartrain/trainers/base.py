@@ -663,7 +663,8 @@ class Trainer:
     def client_state(self) -> dict[str, Any]:
         return {"step": self.step, "nonfinite_total": self.nonfinite_total,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                "loader": self.train_loader.state_dict(), "world_size": self.world_size,
+                "loader": self.train_loader.state_dict(), "skipped_samples_total": self.skipped_samples(),
+                "world_size": self.world_size,
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                         "torch": torch.get_rng_state()},
                 "ema": self.ema.state_dict() if self.ema is not None else None}
@@ -753,6 +754,10 @@ class Trainer:
             self.train_loader.load_state_dict(client["loader"])
         except DataError as error:
             raise DataError(f"resuming from {ref.path}: {error}") from None
+        if "skipped_samples_total" in client:
+            # The run's count, not this rank's: under ZeRO-0/1/2 every rank reads rank 0's client state, and
+            # the world size may have changed. The first data-parallel group carries it, the others count anew.
+            self.train_loader.skipped_samples = client["skipped_samples_total"] if self.layout.dp_rank == 0 else 0
         if self.ema is not None:
             self.ema.load_state_dict(client.get("ema"), ref.path)
         elif client.get("ema") is not None:
