@@ -80,7 +80,15 @@ def mark_complete(root: Path, tag: str, info: dict[str, Any]) -> None:
     """Declare `root/tag` complete and make it the latest (call only after every rank has saved).
     `info` holds the step, the world size, the config and `files` (see `file_digests`)."""
     write_atomically(root / tag / COMPLETE_MARKER, lambda tmp: tmp.write_text(json.dumps(info) + "\n"))
-    write_atomically(root / LATEST_FILE, lambda tmp: tmp.write_text(tag))
+    point_latest(root, tag)
+
+
+def point_latest(root: Path, tag: str | None) -> None:
+    """Make `latest` name `tag` (atomically), or remove it when no checkpoint is left (None)."""
+    if tag is None:
+        (root / LATEST_FILE).unlink(missing_ok=True)
+    else:
+        write_atomically(root / LATEST_FILE, lambda tmp: tmp.write_text(tag))
 
 
 def is_complete(path: Path) -> bool:
@@ -215,7 +223,7 @@ def remove_checkpoints(root: Path) -> list[str]:
     tags = saved_checkpoints(root)
     for tag in tags:
         shutil.rmtree(root / tag)
-    (root / LATEST_FILE).unlink(missing_ok=True)
+    point_latest(root, None)
     return tags
 
 
@@ -232,10 +240,7 @@ def set_aside_checkpoints_after(root: Path, step: int, now: str) -> Path | None:
     for tag in later:
         (root / tag).rename(destination / tag)
     remaining = complete_checkpoints(root)
-    if remaining:
-        write_atomically(root / LATEST_FILE, lambda tmp: tmp.write_text(remaining[-1]))
-    else:
-        (root / LATEST_FILE).unlink(missing_ok=True)
+    point_latest(root, remaining[-1] if remaining else None)
     return destination
 
 
