@@ -12,9 +12,11 @@ A bad config or profile fails here, before any model is built.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -98,11 +100,20 @@ def setup_logging() -> None:
         logging.getLogger(__name__).info("no GPU visible: DeepSpeed runs on its CPU accelerator (gloo)")
 
 
+def dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` prints every thread's Python stack of that rank to its log and the run goes on.
+    A hung run is otherwise a silent one: this shows where each rank waits (a collective, a batch, a
+    lock) before anyone kills it. DataLoader workers forked later inherit the handler. It writes to
+    file descriptor 2, the process's standard error, whatever object `sys.stderr` is at the time."""
+    faulthandler.register(signal.SIGUSR1, file=2, all_threads=True)
+
+
 def run(args: argparse.Namespace, profile_overrides: Callable[[dict[str, Any]], list[str]] | None = None) -> int:
     """Train (or dry-run) the stage of `args.config`. The DeepSpeed profile and the shards' index.json
     files are read once here and handed down. `profile_overrides(profile)`: overrides that depend on
     the profile (launch/stage_flags.py --debug), applied before the command line's own."""
     setup_logging()
+    dump_stacks_on_sigusr1()
     config = load_config(args.config, args.overrides)
     ds_path = args.ds_config or config.distributed.ds_config
     if ds_path is None:

@@ -85,12 +85,26 @@ def kill_launch(process: subprocess.Popen) -> None:
     process.wait()
 
 
+def dump_stacks(process: subprocess.Popen, settle_s: float = 3.0) -> None:
+    """Have every process under the launcher print its threads' stacks to the log (the ranks'
+    SIGUSR1 handler, launch/train.py's dump_stacks_on_sigusr1; their data workers inherit it): a run
+    that timed out says where it waited. Launcher processes die of the signal, as they would of the
+    kill that follows."""
+    for descendant in psutil.Process(process.pid).children(recursive=True):
+        try:
+            descendant.send_signal(signal.SIGUSR1)
+        except psutil.NoSuchProcess:
+            pass
+    time.sleep(settle_s)
+
+
 def wait(process: subprocess.Popen, log_path: Path, timeout: float = 300) -> int:
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        dump_stacks(process)
         kill_launch(process)
-        raise AssertionError(f"launcher timed out after {timeout}s; log tail:\n{tail(log_path)}") from None
+        raise AssertionError(f"launcher timed out after {timeout}s; log tail:\n{tail(log_path, 40000)}") from None
 
 
 def run(command: list[str], log_path: Path, timeout: float = 300) -> None:
@@ -121,8 +135,9 @@ def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int, log_pa
         if process.poll() is not None:
             raise AssertionError(f"run ended (code {process.returncode}) before step {step}:\n{tail(log_path)}")
         if time.monotonic() > deadline:
+            dump_stacks(process)
             kill_launch(process)
-            raise AssertionError(f"step {step} not reached in {timeout}s:\n{tail(log_path)}")
+            raise AssertionError(f"step {step} not reached in {timeout}s:\n{tail(log_path, 40000)}")
         time.sleep(0.2)
 
 

@@ -2,6 +2,8 @@
 launcher trains on pre-encoded shards; non-finite losses are skipped, counted, and stop the run."""
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -36,6 +38,16 @@ def test_bad_config_or_profile_fails_before_anything_is_built(extra, message, ca
     args = ["--config", TINY_CONFIG, "--ds-config", CPU_PROFILE, *extra]
     assert train_cli.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_run_goes_on():
+    program = ("import os, signal, threading, time; from launch.train import dump_stacks_on_sigusr1\n"
+               "def waiting_for_a_batch(): time.sleep(30)\n"
+               "threading.Thread(target=waiting_for_a_batch, daemon=True).start(); time.sleep(0.2)\n"
+               "dump_stacks_on_sigusr1(); os.kill(os.getpid(), signal.SIGUSR1); print('still running')")
+    done = subprocess.run([sys.executable, "-c", program], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("still running"), done.stderr
+    assert "Current thread" in done.stderr and "in waiting_for_a_batch" in done.stderr, done.stderr
 
 
 def test_an_export_onto_the_runs_own_weights_is_refused_before_anything_is_built(
