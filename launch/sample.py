@@ -38,7 +38,7 @@ from vidartrain.distributed.checkpointing import COMPLETE_MARKER, read_complete 
 from vidartrain.distributed.export import (in_export_dtype, lora_alpha, read_checkpoint_weights,  # noqa: E402
                                            resolve_checkpoint)
 from vidartrain.errors import CheckpointError, ConfigError, DataError, reports_errors  # noqa: E402
-from vidartrain.files import make_directory, write_atomically  # noqa: E402
+from vidartrain.files import check_outputs, make_directory, write_atomically  # noqa: E402
 from vidartrain.models.idm import IDM, load_idm  # noqa: E402
 from vidartrain.models.wan.causal import WanModelCausal  # noqa: E402
 from vidartrain.models.wan.checkpoint import load_finetuned  # noqa: E402
@@ -209,9 +209,7 @@ def check_input_paths(args: argparse.Namespace) -> None:
 def check_out(args: argparse.Namespace) -> None:
     """--out is a folder (created here, so a file in its place is found before the generation) whose earlier
     outputs may be replaced only under --overwrite."""
-    existing = [name for name in OUTPUT_FILES if (Path(args.out) / name).exists()]
-    if existing and not args.overwrite:
-        raise ConfigError(f"--out {args.out} already holds {', '.join(existing)}; pass --overwrite to replace them")
+    check_outputs([Path(args.out) / name for name in OUTPUT_FILES], args.overwrite, "the sample")
     make_directory(Path(args.out), "--out")
 
 

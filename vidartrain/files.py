@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
-from vidartrain.errors import DataError
+from vidartrain.errors import ConfigError, DataError, listed
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -38,6 +38,21 @@ def make_directory(path: Path, option: str) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a parent that is a file, no permission, a read-only file system
         raise DataError(f"{option} {path}: cannot create the directory ({error})") from error
+
+
+def check_outputs(files: Iterable[Path], overwrite: bool, writer: str, option: str = "--out") -> None:
+    """Refuse, before any work, outputs that `writer` (the command, in words) cannot or may not write: a
+    file whose path is a directory, and a file that exists unless the user passed --overwrite.
+    `option`: the command-line option that chose where they go."""
+    files = list(files)
+    folders = [str(file) for file in files if file.is_dir()]
+    if folders:
+        raise ConfigError(f"{option}: {writer} writes the file {listed(folders)}, which is a directory; "
+                          f"choose another {option}")
+    existing = [str(file) for file in files if file.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{option}: {writer} would overwrite {listed(existing)}; pass --overwrite to replace "
+                          f"what is there, or choose another {option}")
 
 
 def files_fingerprint(root: Path, names: Iterable[str]) -> str:

@@ -25,9 +25,10 @@ from vidartrain.distributed.checkpointing import (COMPLETE_MARKER, checkpoint_fi
                                                   file_digests, latest_complete, mark_complete, resolve_resume,
                                                   tag_for_step)
 from vidartrain.distributed.ds_config import load_profile
-from vidartrain.distributed.export import check_outputs, dit_files
+from vidartrain.distributed.export import dit_files
 from vidartrain.distributed.export import main as export_main
 from vidartrain.errors import CheckpointError
+from vidartrain.files import check_outputs
 
 # checkpoints at steps 2 and 4 (and wherever --max_steps stops), all kept
 SHORT_RUN = ("--set", "training.num_steps=4", "--set", "training.save_every=2", "--set", "training.warmup=1",
@@ -225,11 +226,11 @@ def test_export_refuses_an_out_it_would_overwrite_or_cannot_write(tmp_path, caps
     # the files beside the .pt, checked once the checkpoint shows what is exported
     (tmp_path / "vidar_lora.safetensors").write_bytes(b"adapters")
     with pytest.raises(ConfigError, match="overwrite .*vidar_lora.safetensors"):
-        check_outputs(dit_files(tmp_path / "vidar.pt", lora=True), overwrite=False)
-    check_outputs(dit_files(tmp_path / "vidar.pt", lora=False), overwrite=False)
+        check_outputs(dit_files(tmp_path / "vidar.pt", lora=True), False, "the export")
+    check_outputs(dit_files(tmp_path / "vidar.pt", lora=False), False, "the export")
     (tmp_path / "vidar.safetensors").mkdir()
     with pytest.raises(ConfigError, match="vidar.safetensors, which is a directory"):
-        check_outputs(dit_files(tmp_path / "vidar.pt", lora=False), overwrite=True)
+        check_outputs(dit_files(tmp_path / "vidar.pt", lora=False), True, "the export")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ from torch import nn
 
 from vidartrain.config import LoraConfig
 from vidartrain.distributed.checkpointing import TAG_PATTERN, read_complete, resolve_resume, weights_only_loads
-from vidartrain.errors import CheckpointError, ConfigError, listed, reports_errors
-from vidartrain.files import make_directory, write_atomically
+from vidartrain.errors import CheckpointError, ConfigError, reports_errors
+from vidartrain.files import check_outputs, make_directory, write_atomically
 from vidartrain.models.idm import is_idm_state_dict, save_idm_state_dict
 from vidartrain.models.wan.lora import adapter_path, export_lora, is_adapter_key
 from vidartrain.trainers.ema import ema_state_dict_from_checkpoint
@@ -109,20 +109,8 @@ def check_out(out: Path, overwrite: bool) -> None:
     if out.suffix != ".pt":
         raise ConfigError(f"--out {out}: name the .pt file (e.g. {out.with_suffix('.pt')}); the .safetensors twin "
                           f"is written beside it")
-    check_outputs([out], overwrite)
+    check_outputs([out], overwrite, "the export")
     make_directory(out.parent, "the folder of --out")
-
-
-def check_outputs(files: list[Path], overwrite: bool) -> None:
-    """Refuse to write over a directory, or over an existing file unless the user passed --overwrite."""
-    folders = [str(file) for file in files if file.is_dir()]
-    if folders:
-        raise ConfigError(f"--out: the export writes the file {listed(folders)}, which is a directory; "
-                          f"choose another --out")
-    existing = [str(file) for file in files if file.exists()]
-    if existing and not overwrite:
-        raise ConfigError(f"--out: the export would overwrite {listed(existing)}; pass --overwrite to replace "
-                          f"what is there, or choose another --out")
 
 
 def dit_files(out: Path, lora: bool) -> list[Path]:
@@ -172,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         export_idm(state_dict, tag, out)
         return 0
     lora = any(map(is_adapter_key, state_dict))
-    check_outputs(dit_files(out, lora), args.overwrite)  # the .pt was checked; now that the kind is known, the rest
+    check_outputs(dit_files(out, lora), args.overwrite, "the export")  # the .pt was checked; now that the kind is known, the rest
     export_dit(state_dict, lora_alpha(root / tag) if lora else None, out)
     return 0
 
