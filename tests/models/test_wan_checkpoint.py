@@ -124,6 +124,16 @@ def test_finetune_with_wrong_shape_is_refused_and_nothing_changes(tmp_path, tiny
     assert torch.equal(tiny_model.head.head.bias, state["head.head.bias"])
 
 
+def test_finetune_with_unmerged_lora_adapters_is_refused_and_nothing_changes(tmp_path, tiny_model, state):
+    path = tmp_path / "vidar.pt"
+    torch.save({"head.head.bias": torch.zeros(192), "blocks.0.ffn.0.lora_A.weight": torch.zeros(4, 96),
+                "blocks.0.ffn.0.lora_B.weight": torch.zeros(384, 4)}, path)
+    with pytest.raises(CheckpointError, match=r"holds 2 LoRA adapter tensors .*'blocks.0.ffn.0.lora_A.weight'.*"
+                                              r"would drop them"):
+        load_finetuned(tiny_model, path)
+    assert torch.equal(tiny_model.head.head.bias, state["head.head.bias"])
+
+
 def test_finetune_file_that_is_not_a_state_dict_is_refused(tmp_path, tiny_model):
     path = tmp_path / "vidar.pt"
     torch.save([torch.zeros(1)], path)

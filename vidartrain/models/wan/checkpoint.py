@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vidartrain.errors import CheckpointError
+from vidartrain.models.wan.lora import is_adapter_key
 
 logger = logging.getLogger(__name__)
 
@@ -221,10 +222,17 @@ def load_finetuned(model: nn.Module, path: str | Path,
                    state: dict[str, torch.Tensor] | None = None) -> FinetuneLoadResult:
     """Apply a vidar.pt / vidarc.pt style state dict like the published code does
     (`load_state_dict(sd, strict=False)`), but report missing and unexpected keys, and refuse a
-    file whose keys match none of the model's or whose shapes differ. `state`: the state dict
+    file whose keys match none of the model's or whose shapes differ, and one holding LoRA adapters the
+    model does not have (unmerged: loading would silently drop them). `state`: the state dict
     already read from `path` (e.g. gathered from a DeepSpeed checkpoint folder)."""
     state = read_state_dict(path) if state is None else state
     own = model.state_dict()
+    adapters = [key for key in state if is_adapter_key(key) and key not in own]
+    if adapters:
+        raise CheckpointError(f"{path}: holds {len(adapters)} LoRA adapter tensors (e.g. {adapters[0]!r}) that "
+                              f"{type(model).__name__} has no layers for: loading it would drop them and keep the "
+                              f"base weights. Use the .pt vidar-export writes from that run's checkpoint: it has "
+                              f"them merged in")
     matched = [key for key in state if key in own]
     if not matched:
         raise CheckpointError(f"{path}: none of its {len(state)} keys is a parameter of {type(model).__name__} "
