@@ -169,3 +169,21 @@ def test_adapters_on_float32_layers_of_a_bf16_model():
     with torch.no_grad():
         out, reference = model(*inputs()), base(*inputs())
     assert out.dtype == torch.float32 and torch.isfinite(out).all() and not torch.equal(out, reference)
+
+
+def one_adapter_file(path, rank_a: int, rank_b: int):
+    linear = tiny_model().blocks[0].self_attn.q
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.randn(rank_a, linear.in_features),
+               "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.randn(linear.out_features, rank_b),
+               "diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor(4.0)}, str(path))
+    return path
+
+
+def test_an_adapter_whose_b_has_another_rank_than_a_is_refused(tmp_path):
+    # a [out, 1] lora_B would broadcast over lora_A's 4 rows when copied into the attached adapter
+    path = one_adapter_file(tmp_path / "unpaired.safetensors", rank_a=4, rank_b=1)
+    model = tiny_model()
+    with pytest.raises(CheckpointError, match=r"same rank; not so for \['blocks.0.self_attn.q \(lora_A \[4, 64\], "
+                                              r"lora_B \[64, 1\]\)'\]"):
+        load_wan_lora(model, path)
+    assert not hasattr(model.blocks[0].self_attn.q, "lora_A")

@@ -167,6 +167,12 @@ def read_wan_lora(path: str | Path) -> tuple[Adapters, dict[str, float]]:
         raise CheckpointError(f"{path}: every adapted module needs lora_A, lora_B and alpha; "
                          f"incomplete: {sorted(set(state) ^ expected)[:4]}")
     adapters = {name: (state[FILE_PREFIX + name + A_SUFFIX], state[FILE_PREFIX + name + B_SUFFIX]) for name in names}
+    # B [out, r] must take A's rank: a [out, 1] B would otherwise broadcast over A's rank when loaded
+    unpaired = [f"{name} (lora_A {list(a.shape)}, lora_B {list(b.shape)})" for name, (a, b) in adapters.items()
+                if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]]
+    if unpaired:
+        raise CheckpointError(f"{path}: lora_A must be [rank, in_features] and lora_B [out_features, rank] of the "
+                              f"same rank; not so for {unpaired[:4]}")
     return adapters, {name: float(state[FILE_PREFIX + name + ALPHA_SUFFIX]) for name in names}
 
 
