@@ -187,3 +187,16 @@ def test_an_adapter_whose_b_has_another_rank_than_a_is_refused(tmp_path):
                                               r"lora_B \[64, 1\]\)'\]"):
         load_wan_lora(model, path)
     assert not hasattr(model.blocks[0].self_attn.q, "lora_A")
+
+
+def test_loading_adapters_onto_a_layer_that_has_one_is_refused_and_changes_nothing(tmp_path):
+    # a second hook on the layer would add both adapters' updates (the same file twice: twice the update)
+    path = one_adapter_file(tmp_path / "q.safetensors", rank_a=4, rank_b=4)
+    model = tiny_model().eval()
+    load_wan_lora(model, path)
+    with torch.no_grad():
+        expected = model(*inputs())
+    with pytest.raises(CheckpointError, match="blocks.0.self_attn.q of the WanModel already has a LoRA adapter"):
+        load_wan_lora(model, path)
+    with torch.no_grad():
+        assert torch.equal(model(*inputs()), expected)

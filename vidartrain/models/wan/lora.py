@@ -177,8 +177,9 @@ def read_wan_lora(path: str | Path) -> tuple[Adapters, dict[str, float]]:
 
 
 def load_wan_lora(model: nn.Module, path: str | Path) -> list[str]:
-    """Attach the adapters of a Wan LoRA file to `model` (a WanModel with its base weights) and load
-    them; returns the adapted module names."""
+    """Attach the adapters of a Wan LoRA file to `model` (a WanModel with its base weights, without
+    adapters) and load them; returns the adapted module names. Every adapter is checked before any is
+    attached, so a refused file leaves the model as it was."""
     adapters, alphas = read_wan_lora(path)
     modules = dict(model.named_modules())
     for name, (a, b) in adapters.items():
@@ -186,6 +187,11 @@ def load_wan_lora(model: nn.Module, path: str | Path) -> list[str]:
         if not isinstance(linear, nn.Linear) or a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
             raise CheckpointError(f"{path}: adapter {name} ({list(b.shape)} @ {list(a.shape)}) fits no linear layer of the "
                              f"{type(model).__name__}")
+        if hasattr(linear, "lora_A"):  # a second hook would add both adapters' updates
+            raise CheckpointError(f"{path}: {name} of the {type(model).__name__} already has a LoRA adapter (from "
+                                  f"another file or training); load the file into a model without adapters")
+    for name, (a, b) in adapters.items():
+        linear = modules[name]
         attach_adapter(linear, a.shape[0], alphas[name])
         linear.lora_A.weight.data.copy_(a)
         linear.lora_B.weight.data.copy_(b)
