@@ -161,7 +161,8 @@ class IdmConfig:
     """The robot's action space as the IDM sees it."""
 
     # Per-dimension statistics the IDM de-normalises its output with. None: the exact mean/std of
-    # the training shards' actions (index.json "actions"). A fine-tuned idm.pt keeps its own.
+    # the training shards' actions (index.json "actions"). A fine-tuned idm.pt keeps its own (others
+    # set here beside model.idm_path are refused).
     action_mean: list[float] | None = None
     action_std: list[float] | None = None
     # Gripper dimensions for the action accuracy (error < 0.6 there, < 0.06 on the others);

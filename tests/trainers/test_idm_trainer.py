@@ -158,3 +158,19 @@ def test_an_action_dimension_that_never_varies_is_refused_with_how_to_set_its_st
     stats["m2"][1] = 0.5
     mean, std = action_space(config, data)
     assert std[1] > 0
+
+
+def test_action_statistics_other_than_those_of_a_fine_tuned_idm_are_refused(seven_dim_shards, tmp_path):
+    # the fine-tuned IDM keeps its own train_mean / train_std: configured ones would be ignored
+    save_idm(IDM([0.5] * 7, [0.3] * 7, IdmArchitecture(8, 8, (1, 1, 1, 1))), tmp_path / "idm7.pt")
+
+    def build(*overrides):
+        return idm_stage(load_config("configs/debug/tiny_idm.yaml", [
+            f"data.shards={seven_dim_shards}", "data.height=32", "data.width=32", "idm.gripper_dims=[6]",
+            f"model.idm_path={tmp_path / 'idm7.pt'}", *overrides])).build_model()
+
+    with pytest.raises(ConfigError, match=r"`idm.action_mean` / `idm.action_std` are set, but `model.idm_path`"):
+        build(f"idm.action_mean={[0.0] * 7}", f"idm.action_std={[1.0] * 7}")
+    assert build(f"idm.action_mean={[0.5] * 7}", f"idm.action_std={[0.3] * 7}").train_std.tolist() == pytest.approx(
+        [0.3] * 7)
+    assert build().train_mean.tolist() == pytest.approx([0.5] * 7)

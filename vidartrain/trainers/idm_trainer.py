@@ -69,6 +69,21 @@ def check_data_action_dim(config: Config, data: DataInfo, num_actions: int) -> N
                               f"the shards {path} hold {dim}")
 
 
+def check_no_other_statistics(config: Config, model: IDM) -> None:
+    """A fine-tuned idm.pt keeps the action statistics its head was trained with: `idm.action_mean` /
+    `idm.action_std` asking for others would otherwise be ignored without a word."""
+    if config.idm.action_mean is None:
+        return
+    asked = (torch.tensor(config.idm.action_mean, dtype=torch.float32),
+             torch.tensor(config.idm.action_std, dtype=torch.float32))
+    if asked[0].shape != model.train_mean.shape or not (torch.equal(asked[0], model.train_mean)
+                                                        and torch.equal(asked[1], model.train_std)):
+        raise ConfigError(f"`idm.action_mean` / `idm.action_std` are set, but `model.idm_path` = "
+                          f"{config.model.idm_path} is fine-tuned with its own statistics (train_mean "
+                          f"{[round(v, 4) for v in model.train_mean.tolist()]}): drop them, or train a new IDM "
+                          f"(model.idm_path: null)")
+
+
 def check_gripper_dims(gripper_dims: list[int], num_actions: int) -> None:
     outside = [d for d in gripper_dims if d >= num_actions]
     if outside:
@@ -118,6 +133,7 @@ class IdmStage(Stage):
                                   f"{config.model.idm_path} holds {model.architecture}: drop one of them")
             log.info("IDM: fine-tuning %s (its own action statistics)", config.model.idm_path)
             check_data_action_dim(config, self.data, model.train_mean.numel())
+            check_no_other_statistics(config, model)
         else:
             mean, std = action_space(config, self.data)
             model = IDM(mean, std, architecture)
