@@ -213,7 +213,14 @@ def test_save_and_load_round_trip_in_upstream_format(tmp_path):
     half = load_idm(bare, dtype=torch.bfloat16)
     assert half.model.mask_model.out.weight.dtype == torch.bfloat16
     assert half.model.mask_model.in_conv[1].num_batches_tracked.dtype == torch.int64
-    torch.testing.assert_close(half.train_std, eval_idm.train_std.bfloat16(), rtol=0, atol=0)
+    # the action statistics stay float32, so the de-normalised actions are float32 and not rounded to bf16
+    assert half.train_mean.dtype == half.train_std.dtype == torch.float32
+    torch.testing.assert_close(half.train_std, eval_idm.train_std, rtol=0, atol=0)
+    with torch.no_grad():
+        actions = half(images.bfloat16())
+        normalized, _ = half.model(images.bfloat16())
+    assert actions.dtype == torch.float32
+    torch.testing.assert_close(actions, normalized.float() * eval_idm.train_std + eval_idm.train_mean, rtol=0, atol=0)
 
 
 def test_load_idm_names_offending_keys(tmp_path):

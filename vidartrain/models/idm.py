@@ -422,7 +422,9 @@ def idm_state_dict_from_checkpoint(checkpoint: Mapping, source: str) -> Mapping[
 
 def load_idm(path: str | os.PathLike, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> IDM:
-    """Load a published or exported `idm.pt` strictly; returns the IDM in eval mode.
+    """Load a published or exported `idm.pt` strictly; returns the IDM in eval mode, its networks in
+    `dtype` and its action statistics (`train_mean`, `train_std`) in float32, as trained: the actions
+    come out de-normalised in float32 (in bf16 the statistics alone would move them by up to ~0.01).
 
     The action dimension follows the checkpoint's `train_mean`, the widths its tensor shapes. Missing, unexpected or mis-shaped
     keys raise a CheckpointError that names them.
@@ -441,4 +443,5 @@ def load_idm(path: str | os.PathLike, device: torch.device | str = "cpu",
                               f"({len(missing)}), unexpected keys {unexpected[:10]} ({len(unexpected)}), "
                               f"mis-shaped {mis_shaped[:10]}")
     model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval()
+    model.model.to(dtype=dtype)
+    return model.to(device=device).eval()
