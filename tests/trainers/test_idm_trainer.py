@@ -174,3 +174,13 @@ def test_action_statistics_other_than_those_of_a_fine_tuned_idm_are_refused(seve
     assert build(f"idm.action_mean={[0.5] * 7}", f"idm.action_std={[0.3] * 7}").train_std.tolist() == pytest.approx(
         [0.3] * 7)
     assert build().train_mean.tolist() == pytest.approx([0.5] * 7)
+
+
+def test_configured_statistics_of_another_action_dimension_than_the_shards_are_refused_at_build(seven_dim_shards):
+    # built, the IDM would predict 14 actions and the first step would fail on the 7-dim batch
+    config = load_config("configs/debug/tiny_idm.yaml", [
+        f"data.shards={seven_dim_shards}", "data.height=32", "data.width=32", "idm.gripper_dims=[6]",
+        f"idm.action_mean={[0.0] * 14}", f"idm.action_std={[1.0] * 14}"])
+    with pytest.raises(ConfigError, match=r"`idm.action_mean` / `idm.action_std`: the IDM predicts 14 action "
+                                          r"dimensions, the shards .* hold 7"):
+        idm_stage(config).build_model()

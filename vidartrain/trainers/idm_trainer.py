@@ -44,6 +44,7 @@ def action_space(config: Config, data: DataInfo) -> tuple[list[float], list[floa
     """Mean and std the IDM de-normalises its actions with: `idm.action_mean` / `idm.action_std` when
     set, else the exact statistics of the training shards' actions (pooled over a mixture)."""
     if config.idm.action_mean is not None:
+        check_data_action_dim(data, len(config.idm.action_mean), "`idm.action_mean` / `idm.action_std`")
         log.info("IDM: action statistics from the config (%d dimensions)", len(config.idm.action_mean))
         return list(config.idm.action_mean), list(config.idm.action_std)
     try:
@@ -61,12 +62,13 @@ def action_space(config: Config, data: DataInfo) -> tuple[list[float], list[floa
     return stats["mean"], stats["std"]
 
 
-def check_data_action_dim(config: Config, data: DataInfo, num_actions: int) -> None:
-    """A fine-tuned idm.pt predicts its own number of actions: the shards must have as many."""
+def check_data_action_dim(data: DataInfo, num_actions: int, source: str) -> None:
+    """The IDM predicts `num_actions` actions (the length of the statistics of `source`): the shards must
+    have as many, or the first step would fail after the engine is built."""
     for path, dim in data.action_dims():
         if dim != num_actions:
-            raise ConfigError(f"`model.idm_path` = {config.model.idm_path} predicts {num_actions} action dimensions, "
-                              f"the shards {path} hold {dim}")
+            raise ConfigError(f"{source}: the IDM predicts {num_actions} action dimensions, the shards {path} "
+                              f"hold {dim}")
 
 
 def check_no_other_statistics(config: Config, model: IDM) -> None:
@@ -132,7 +134,7 @@ class IdmStage(Stage):
                 raise ConfigError(f"`model.idm_config` asks for {architecture}, but `model.idm_path` = "
                                   f"{config.model.idm_path} holds {model.architecture}: drop one of them")
             log.info("IDM: fine-tuning %s (its own action statistics)", config.model.idm_path)
-            check_data_action_dim(config, self.data, model.train_mean.numel())
+            check_data_action_dim(self.data, model.train_mean.numel(), f"`model.idm_path` = {config.model.idm_path}")
             check_no_other_statistics(config, model)
         else:
             mean, std = action_space(config, self.data)
