@@ -520,7 +520,9 @@ class Trainer:
                 metrics[name] = metrics.get(name, 0) + value.detach().double().cpu()
         if finite:
             engine.step()
-            if self.ema is not None:
+            # fp16 loss scaling skips the update of a step whose gradients overflowed: the weights did not
+            # move, and neither does the EMA nor its warm-up count
+            if self.ema is not None and engine.was_step_applied():
                 self.ema.update()
             self.nonfinite_in_a_row = 0
         else:
