@@ -182,8 +182,12 @@ def self_generated_context(model: WanModelCausal, ground_truth: torch.Tensor, st
                            text, cache: KVCache, sigmas: Sequence[float],
                            generator: torch.Generator | None) -> torch.Tensor:
     """Context of a chunk as the deployed model would see it: frames generated one by one, each
-    appended (no gradient) for the next; then popped so the caller writes the chunk once."""
+    appended (no gradient) for the next to a fork of `cache`. The caller's cache stays as it was, for
+    the caller to write the chunk once: appending to it without gradient would replace its tensors by
+    ones that carry no gradient of the earlier frames, and in a bounded cache the generated frames
+    would evict real context frames that dropping them afterwards cannot bring back."""
     frames = []
+    generation_cache = cache.fork()
     with torch.no_grad():
         for i in range(ground_truth.shape[2]):
             if start + i < num_ground_truth:
@@ -191,10 +195,9 @@ def self_generated_context(model: WanModelCausal, ground_truth: torch.Tensor, st
             else:
                 noise = torch.randn(ground_truth[:, :, i:i + 1].shape, generator=generator,
                                     device=ground_truth.device, dtype=ground_truth.dtype)
-                frame = generate_frames(model, noise, text, cache, sigmas)
-            model.prefill(frame, text, cache)
+                frame = generate_frames(model, noise, text, generation_cache, sigmas)
+            model.prefill(frame, text, generation_cache)
             frames.append(frame)
-    cache.pop_last(len(frames))
     return torch.cat(frames, dim=2)
 
 

@@ -160,27 +160,48 @@ def test_teacher_forcing_frame_i_equals_full_forward_over_clean_prefix_and_noisy
             assert max_error(teacher_forcing[:, :, i], model(sequence, t_seq, text)[:, :, i]) <= ATOL
 
 
+def loss_and_gradients(model, velocity_of_window):
+    """Squared error of the velocity `velocity_of_window()` against a fixed target, and every
+    parameter's gradient of it."""
+    model.zero_grad()
+    loss = (velocity_of_window() - latents(4, seed=12)).pow(2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_same_loss_and_gradients(got, expected):
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=0)
+    for name, grad in got[1].items():
+        torch.testing.assert_close(grad, expected[1][name], rtol=1e-5, atol=1e-8, msg=name)
+
+
 def test_teacher_forcing_equals_ground_truth_rollout_in_loss_and_gradients(weights, text):
     model = WanModelCausal(**tiny_config())
     model.load_state_dict(weights)
     clean, noisy = latents(4, seed=10), latents(4, seed=11)
     t = torch.tensor([[0.0, 300.0, 500.0, 700.0], [0.0, 800.0, 600.0, 400.0]])
-    target = latents(4, seed=12)
-
-    def loss_and_gradients(fn):
-        model.zero_grad()
-        loss = (fn() - target).pow(2).mean()
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    reference_loss, reference = loss_and_gradients(lambda: model.forward_teacher_forcing(clean, noisy, t, text))
-    assert all(g.abs().sum() > 0 for g in reference.values())
+    reference = loss_and_gradients(model, lambda: model.forward_teacher_forcing(clean, noisy, t, text))
+    assert all(g.abs().sum() > 0 for g in reference[1].values())
     for chunk in (1, 3):
-        loss, gradients = loss_and_gradients(
-            lambda: rollout(model, clean, noisy, t, text, frames_per_chunk=chunk, cache_grad=True))
-        torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=0)
-        for name, grad in gradients.items():
-            torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-8, msg=name)
+        assert_same_loss_and_gradients(loss_and_gradients(
+            model, lambda: rollout(model, clean, noisy, t, text, frames_per_chunk=chunk, cache_grad=True)), reference)
+
+
+def test_generating_a_chunks_context_leaves_the_cached_context_and_its_gradient(weights, text):
+    """Ground truth up to frame 2 of 4: the one generated frame (3) is context for no noisy frame,
+    so the self-generated rollout must give teacher forcing's loss and gradients. Generating it
+    must neither cut the gradient of the cached frames 0-1 nor, in a bounded cache (3 frames, sink
+    1), evict frame 1 for a generated frame that is then dropped."""
+    model = WanModelCausal(**tiny_config())
+    model.load_state_dict(weights)
+    clean, noisy = latents(4, seed=10), latents(4, seed=11)
+    t = torch.tensor([[0.0, 300.0, 500.0, 700.0], [0.0, 800.0, 600.0, 400.0]])
+    reference = loss_and_gradients(model, lambda: model.forward_teacher_forcing(clean, noisy, t, text))
+    for kv_cache_length in (None, 3):
+        assert_same_loss_and_gradients(loss_and_gradients(model, lambda: rollout(
+            model, clean, noisy, t, text, frames_per_chunk=2, context_mode="self_generated", num_ground_truth_frames=3,
+            cache_grad=True, kv_cache_length=kv_cache_length, sink=1, sigmas=(1.0,),
+            generator=torch.Generator().manual_seed(0))), reference)
 
 
 def test_self_forcing_rollout_generates_its_own_context(model, text):
@@ -312,6 +333,8 @@ def test_static_cache_refuses_gradients_and_overflowing_chunks(model, text):
         trainable.prefill(latents(1, batch=1), text[:1], grad_cache)
     with pytest.raises(RuntimeError, match="for generation without gradient"):
         trainable.forward_with_cache(latents(1, batch=1), 500.0, text[:1], grad_cache)
+    with pytest.raises(TypeError, match="writes its buffers in place"):
+        grad_cache.fork()
 
 
 def test_cache_refuses_what_it_cannot_do(model, text):
@@ -363,3 +386,4 @@ def test_causal_model_reads_the_published_checkpoint_layout(tmp_path, weights):
     model = WanModelCausal.from_pretrained(tmp_path, dtype=torch.float32)
     assert isinstance(model, WanModelCausal)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
