@@ -24,6 +24,7 @@ from typing import Literal, Sequence
 import torch
 
 from vidartrain.losses import shift_sigma
+from vidartrain.shapes import MIN_CAUSAL_LATENT_FRAMES
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.kv_cache import (DEPLOYED_FRAMES_PER_CHUNK, VAE_TEMPORAL_STRIDE, KVCache, StaticKVCache,
                                             latent_frames_of, video_frames_of)
@@ -265,8 +266,9 @@ def closed_loop_schedule(num_frames: int, window: RolloutWindow,
     Prefills that no later prediction reads (the last one of each window) are left out: in training
     they would only cost time.
     """
-    if num_frames < 2:
-        raise ValueError(f"a closed-loop rollout needs at least 2 latent frames, got {num_frames}")
+    if num_frames < MIN_CAUSAL_LATENT_FRAMES:
+        raise ValueError(f"a closed-loop rollout needs at least {MIN_CAUSAL_LATENT_FRAMES} latent frames, "
+                         f"got {num_frames}")
     events = [RolloutEvent("prefill", range(0, 1), 0)]
     window_start, next_frame = 0, 1
     while next_frame < num_frames:
