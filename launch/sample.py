@@ -51,6 +51,7 @@ from vidartrain.models.wan.vae import WanVAE  # noqa: E402
 from vidartrain.sampling import (DEFAULT_GUIDE_SCALE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_SHIFT, DEFAULT_STEPS,  # noqa: E402
                                  SamplingOptions, action_metrics, frame_strip, generate_video, idm_actions,
                                  psnr, video_to_uint8, write_mp4)
+from vidartrain.shapes import MIN_CAUSAL_LATENT_FRAMES, MIN_CAUSAL_VIDEO_FRAMES  # noqa: E402
 from vidartrain.trainers.idm_trainer import idm_input_size  # noqa: E402
 from vidartrain.trainers.conditioning import VAE_FILE  # noqa: E402
 
@@ -179,6 +180,8 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, Path | None]:
         raise ConfigError(f"--height {args.height} --width {args.width}: both must be positive multiples of 32 "
                           f"(VAE stride 16 x DiT patch 2)")
     gripper_dims(args)
+    if args.shift <= 0:
+        raise ConfigError(f"--shift {args.shift}: must be > 0 (the timestep shift s of s*sigma / (1 + (s-1)*sigma))")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps {args.steps}: at least 1")
     if args.fps < 1:
@@ -215,6 +218,9 @@ def check_out(args: argparse.Namespace) -> None:
 
 def check_model_flags(args: argparse.Namespace, kind: str) -> None:
     """The flags that only one of the two models takes."""
+    if kind == "vidarc" and args.num_frames < MIN_CAUSAL_VIDEO_FRAMES:
+        raise ConfigError(f"--num-frames {args.num_frames}: vidarc generates latent frames after the given first one, "
+                          f"so at least {MIN_CAUSAL_VIDEO_FRAMES} ({MIN_CAUSAL_LATENT_FRAMES} latent frames)")
     if args.closed_loop and kind != "vidarc":
         raise ConfigError("--closed-loop runs the causal model: pass vidarc weights (or --model vidarc)")
     if args.compile_generation and (kind != "vidarc" or not args.device.startswith("cuda")):

@@ -117,12 +117,32 @@ def test_validation_that_cannot_run_is_refused_not_skipped():
 
 
 def test_causal_chunk_must_fit_sample_and_cache():
-    with pytest.raises(ConfigError, match="`self_forcing.window_frames` = 0: must be >= 1"):
+    with pytest.raises(ConfigError, match="`self_forcing.window_frames` = 0: must be >= 2"):
         load_config(CONFIGS / "vidarc_causal.yaml", ["self_forcing.chunk_size=0"])
+    with pytest.raises(ConfigError, match=r"`self_forcing.window_frames` = 1: must be >= 2 \(frame 0 is clean context"):
+        load_config(CONFIGS / "vidarc_causal.yaml", ["self_forcing.window_frames=1"])
     with pytest.raises(ConfigError, match="only 21 latent frames"):
         load_config(CONFIGS / "vidarc_causal.yaml", ["self_forcing.chunk_size=22"])
     with pytest.raises(ConfigError, match="exceeds `self_forcing.kv_cache_length` = 8"):
         load_config(CONFIGS / "vidarc_causal.yaml", ["self_forcing.kv_cache_length=8"])
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["self_forcing.rollout_prefill_num=32"], "`self_forcing.rollout_prefill_num` = 32: must be 4n+1 video frames"),
+    (["self_forcing.rollout_prefill_num=61"], "`self_forcing.rollout_prefill_num` = 61 must be below "
+                                              "`self_forcing.rollout_bound` = 60"),
+    (["self_forcing.rollout_bound=33"], "`self_forcing.rollout_prefill_num` = 33 must be below "
+                                        "`self_forcing.rollout_bound` = 33"),
+    (["validation.every=10", "data.val_shards=/data/val", "validation.num_frames=1"],
+     "`validation.num_frames` = 1: stage 2 samples latent frames after the clip's first one, so at least 5"),
+])
+def test_stage_2_values_its_rollouts_refuse_are_refused_at_load(overrides, fragment):
+    """Stage 2 builds the deployed window from these keys at start and samples validation videos in
+    closed loop: a value they refuse must stop the run at load, naming the key, not at start or at
+    the first validation."""
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "vidarc_causal.yaml", overrides)
+    assert fragment in str(err.value)
 
 
 def test_overrides_are_typed():

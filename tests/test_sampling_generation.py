@@ -104,6 +104,26 @@ def test_cached_generation_equals_recomputing_the_prefix(closed_loop):
     assert (other[:, :, 5:] - cached[:, :, 5:]).abs().max() > 1e-4
 
 
+def test_a_window_reset_before_every_chunk_generates_what_recomputing_does():
+    """A bound below one chunk (2 video frames, 1 re-prefilled): the cache is cleared and refilled
+    with the newest real frame at position 0 before every chunk, the first one included, so the
+    first prefill is a re-prefill. Cached (eager and static step) and recomputed generation agree."""
+    window = RolloutWindow(rollout_bound=2, rollout_prefill_num=1)
+    kinds = [(e.kind, e.frames.start, e.frames.stop, e.position) for e in closed_loop_schedule(7, window)]
+    assert kinds == [("reprefill", 0, 1, 0), ("predict", 1, 5, 1), ("reprefill", 4, 5, 0), ("predict", 5, 7, 1)]
+    model = tiny(WanModelCausal)
+    observed = torch.randn(1, 48, 7, 4, 4, generator=torch.Generator().manual_seed(3))
+    context, null = prompts(1)
+    options = SamplingOptions(steps=2, shift=5.0, guide_scale=3.0, solver="euler", seed=5)
+    for closed_loop in (True, False):
+        recomputed = vidarc_latents(model, observed, context, null, 7, options, window, closed_loop, recompute=True)
+        cached = vidarc_latents(model, observed, context, null, 7, options, window, closed_loop)
+        static = vidarc_latents(model, observed, context, null, 7, options, window, closed_loop,
+                                static_step=StaticGenerationStep(model))
+        torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(static, cached, atol=2e-6, rtol=0)
+
+
 @pytest.mark.parametrize("closed_loop", [True, False])
 def test_compiled_static_step_generates_what_the_cached_loop_does(closed_loop):
     """The loop through `StaticGenerationStep` compiled (aot_eager on CPU: the graph CUDA graphs

@@ -20,7 +20,8 @@ import yaml
 
 from vidartrain.data.shard_index import check_shard_files, read_index, shard_sources
 from vidartrain.errors import ConfigError
-from vidartrain.shapes import CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH, DIT_PATCH_SIZE, PIXELS_PER_TOKEN, VAE_STRIDE
+from vidartrain.shapes import (CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH, DIT_PATCH_SIZE, MIN_CAUSAL_LATENT_FRAMES,
+                               MIN_CAUSAL_VIDEO_FRAMES, PIXELS_PER_TOKEN, VAE_STRIDE)
 
 
 CAUSAL_LOSS = "causal_flow_matching"  # the loss.type of stage 2 (Vidarc, WanModelCausal)
@@ -633,8 +634,9 @@ def value_problems(config: Config) -> typing.Iterator[str]:
             yield (f"`{key}` = {value}: must be a positive multiple of {PIXELS_PER_TOKEN} "
                    f"(VAE stride {VAE_STRIDE[1]} x DiT patch {DIT_PATCH_SIZE[1]}), e.g. {CLIP_HEIGHT}x{CLIP_WIDTH}")
     window = sf.window_frames
-    if window < 1:
-        yield f"`self_forcing.window_frames` = {window}: must be >= 1"
+    if window < MIN_CAUSAL_LATENT_FRAMES:
+        yield (f"`self_forcing.window_frames` = {window}: must be >= {MIN_CAUSAL_LATENT_FRAMES} (frame 0 is clean "
+               f"context, the later ones are predicted)")
     if config.causal:
         latent_frames = (data.num_frames - 1) // frame_stride + 1
         if window > latent_frames:
@@ -643,13 +645,22 @@ def value_problems(config: Config) -> typing.Iterator[str]:
         if window > sf.kv_cache_length:
             yield (f"`self_forcing.window_frames` = {window} exceeds `self_forcing.kv_cache_length` = "
                    f"{sf.kv_cache_length}")
-        if sf.rollout_prefill_num > sf.rollout_bound:
-            yield (f"`self_forcing.rollout_prefill_num` = {sf.rollout_prefill_num} exceeds "
-                   f"`self_forcing.rollout_bound` = {sf.rollout_bound}")
+        yield from rollout_window_problems(sf)
     yield from validation_problems(config)
     yield from lora_problems(config)
     yield from idm_problems(config.idm)
     yield from mixture_problems(data)
+
+
+def rollout_window_problems(sf: SelfForcingConfig) -> typing.Iterator[str]:
+    """The deployed window policy's rules (`vidartrain.rollouts.RolloutWindow`, which stage 2 builds
+    from these keys): the re-prefilled real frames are whole latent frames and fewer than the bound."""
+    if (sf.rollout_prefill_num - 1) % VAE_STRIDE[0]:
+        yield (f"`self_forcing.rollout_prefill_num` = {sf.rollout_prefill_num}: must be {VAE_STRIDE[0]}n+1 video frames "
+               f"(the re-prefilled frames are VAE latent frames), e.g. 33")
+    if sf.rollout_prefill_num >= sf.rollout_bound:
+        yield (f"`self_forcing.rollout_prefill_num` = {sf.rollout_prefill_num} must be below "
+               f"`self_forcing.rollout_bound` = {sf.rollout_bound} (the window is re-prefilled when it would pass it)")
 
 
 def validation_problems(config: Config) -> typing.Iterator[str]:
@@ -668,6 +679,9 @@ def validation_problems(config: Config) -> typing.Iterator[str]:
             yield f"`{key}` = {value}: must be > 0"
     if v.num_frames < 1 or (v.num_frames - 1) % VAE_STRIDE[0]:
         yield f"`validation.num_frames` = {v.num_frames}: must be {VAE_STRIDE[0]}n+1, e.g. {CLIP_NUM_FRAMES}"
+    elif config.causal and v.num_frames < MIN_CAUSAL_VIDEO_FRAMES:
+        yield (f"`validation.num_frames` = {v.num_frames}: stage 2 samples latent frames after the clip's first one, "
+               f"so at least {MIN_CAUSAL_VIDEO_FRAMES}")
     elif v.num_frames > config.data.num_frames:
         yield (f"`validation.num_frames` = {v.num_frames} exceeds `data.num_frames` = {config.data.num_frames} "
                f"(the held-out clips are that long)")

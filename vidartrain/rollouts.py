@@ -24,6 +24,7 @@ from typing import Literal, Sequence
 import torch
 
 from vidartrain.losses import shift_sigma
+from vidartrain.shapes import MIN_CAUSAL_LATENT_FRAMES
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.kv_cache import (DEPLOYED_FRAMES_PER_CHUNK, VAE_TEMPORAL_STRIDE, KVCache, StaticKVCache,
                                             latent_frames_of, video_frames_of)
@@ -182,8 +183,12 @@ def self_generated_context(model: WanModelCausal, ground_truth: torch.Tensor, st
                            text, cache: KVCache, sigmas: Sequence[float],
                            generator: torch.Generator | None) -> torch.Tensor:
     """Context of a chunk as the deployed model would see it: frames generated one by one, each
-    appended (no gradient) for the next; then popped so the caller writes the chunk once."""
+    appended (no gradient) for the next to a fork of `cache`. The caller's cache stays as it was, for
+    the caller to write the chunk once: appending to it without gradient would replace its tensors by
+    ones that carry no gradient of the earlier frames, and in a bounded cache the generated frames
+    would evict real context frames that dropping them afterwards cannot bring back."""
     frames = []
+    generation_cache = cache.fork()
     with torch.no_grad():
         for i in range(ground_truth.shape[2]):
             if start + i < num_ground_truth:
@@ -191,10 +196,9 @@ def self_generated_context(model: WanModelCausal, ground_truth: torch.Tensor, st
             else:
                 noise = torch.randn(ground_truth[:, :, i:i + 1].shape, generator=generator,
                                     device=ground_truth.device, dtype=ground_truth.dtype)
-                frame = generate_frames(model, noise, text, cache, sigmas)
-            model.prefill(frame, text, cache)
+                frame = generate_frames(model, noise, text, generation_cache, sigmas)
+            model.prefill(frame, text, generation_cache)
             frames.append(frame)
-    cache.pop_last(len(frames))
     return torch.cat(frames, dim=2)
 
 
@@ -262,8 +266,9 @@ def closed_loop_schedule(num_frames: int, window: RolloutWindow,
     Prefills that no later prediction reads (the last one of each window) are left out: in training
     they would only cost time.
     """
-    if num_frames < 2:
-        raise ValueError(f"a closed-loop rollout needs at least 2 latent frames, got {num_frames}")
+    if num_frames < MIN_CAUSAL_LATENT_FRAMES:
+        raise ValueError(f"a closed-loop rollout needs at least {MIN_CAUSAL_LATENT_FRAMES} latent frames, "
+                         f"got {num_frames}")
     events = [RolloutEvent("prefill", range(0, 1), 0)]
     window_start, next_frame = 0, 1
     while next_frame < num_frames:

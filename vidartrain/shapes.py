@@ -17,6 +17,11 @@ def tokens_per_latent_frame(latent_hw: tuple[int, int]) -> int:
     return (latent_hw[0] // DIT_PATCH_SIZE[1]) * (latent_hw[1] // DIT_PATCH_SIZE[2])
 
 
+# Stage 2's windows and causal generation: latent frame 0 is given (clean context), at least one
+# more is predicted; in video frames, 1 + VAE_STRIDE[0] * (MIN_CAUSAL_LATENT_FRAMES - 1).
+MIN_CAUSAL_LATENT_FRAMES = 2
+MIN_CAUSAL_VIDEO_FRAMES = 1 + VAE_STRIDE[0] * (MIN_CAUSAL_LATENT_FRAMES - 1)
+
 # The published training clips: 81 frames (21 latent frames) of 736 x 640 (height x width), the
 # defaults of every clip setting (data.*, the loader's ClipSpec, pre-encoded windows).
 CLIP_NUM_FRAMES, CLIP_HEIGHT, CLIP_WIDTH = 81, 736, 640

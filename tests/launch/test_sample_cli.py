@@ -162,6 +162,14 @@ def test_bad_out_fps_and_device_are_refused_before_generating(inputs, tmp_path, 
             short_run(inputs, tmp_path / "o", "--device", "cuda:1"))
 
 
+def test_vidarc_frame_count_and_shift_are_checked_before_generating(inputs, tmp_path, refused, no_generation):
+    root, out = inputs[0], tmp_path / "o"
+    vidarc = ["--weights", str(root / "vidarc.pt")]
+    refused(r"--num-frames 1: vidarc .* at least 5", main, short_run(inputs, out, "--num-frames", "1", *vidarc))
+    refused(r"--shift 0.0: must be > 0", main, short_run(inputs, out, "--shift", "0"))
+    assert list(out.iterdir()) == []
+
+
 def test_idm_and_gripper_dims_are_checked_before_generating(inputs, tmp_path, refused, no_generation):
     root, out = inputs[0], tmp_path / "o"
     refused(r"vidar\.pt does not match the IDM", main, short_run(inputs, out, "--idm", str(root / "vidar.pt")))

@@ -12,7 +12,7 @@ The deployed Vidarc controller (published inference code) counts video frames: w
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -125,6 +125,11 @@ class KVCache:
             self.keys = [k.clone() for k, _ in key_values]
             self.values = [v.clone() for _, v in key_values]
 
+    def fork(self) -> "KVCache":
+        """A cache of the same frames whose appends, pops and evictions leave this one as it is:
+        the key/value tensors are shared, and neither cache writes them in place."""
+        return replace(self, keys=list(self.keys), values=list(self.values), positions=list(self.positions))
+
     def detach(self) -> "KVCache":
         """Drop the autograd history of every cached key/value (a rollout without cache gradients)."""
         self.keys = [k.detach() for k in self.keys]
@@ -171,6 +176,10 @@ class StaticKVCache(KVCache):
     reads the whole buffer; `commit` keeps what it wrote."""
 
     scratch_frames: int = DEPLOYED_FRAMES_PER_CHUNK
+
+    def fork(self) -> "StaticKVCache":
+        raise TypeError("a StaticKVCache writes its buffers in place, so a fork would change with it; "
+                        "fork a KVCache")
 
     def layer(self, index: int) -> "StaticLayer | None":
         return StaticLayer(self, index) if self.positions else None
