@@ -63,7 +63,8 @@ class TrainingConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     # fnmatch patterns of trained parameters kept frozen (e.g. `text_embedding.*`, `blocks.[0-9].*`);
-    # t5, vae and idm name the helper models, which are always frozen (vidartrain/trainers/freezing.py)
+    # t5, vae and idm name the helper models, which are always frozen (vidartrain/trainers/freezing.py);
+    # BatchNorm running statistics of a frozen part still update (they are buffers, not parameters)
     freeze: list[str] = field(default_factory=lambda: ["t5", "vae"])
     seed: int = 42
     log_every: int = 10

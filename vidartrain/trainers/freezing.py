@@ -4,7 +4,9 @@ Each entry of `training.freeze` is an fnmatch pattern over the trained model's p
 (`named_parameters()`, the exported key names), e.g. `text_embedding.*` or `blocks.[0-9].*`. A
 matching parameter gets requires_grad=False before the engine is built, so DeepSpeed gives it no
 fp32 master copy, no optimizer state and no gradient hook: it is neither updated nor part of the
-gradient reduce-scatter, and stays in the bf16 it was loaded in.
+gradient reduce-scatter, and stays in the bf16 it was loaded in. Only parameters freeze: the model
+still trains in train mode, so the IDM's BatchNorm layers in a frozen part normalise with batch
+statistics and keep updating their running statistics (buffers, saved and exported with the weights).
 
 The words `t5`, `vae` and `idm` name the frozen helper models (umT5, the VAE, the IDM of stage
 2), which are always frozen and never trained; they are accepted, for the shipped configs, and
