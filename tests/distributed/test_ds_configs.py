@@ -141,3 +141,17 @@ def test_our_idm_configs_run_float32_on_a_bf16_profile_without_a_warning():
     with pytest.raises(ConfigError, match="the IDM trains float32 weights"):
         build_deepspeed_config(load_config(REPO / "configs/debug/tiny_idm.yaml", ["distributed.mixed_precision=bf16"]),
                                load_profile(REPO / "ds_configs/cpu_debug.json"), 2)
+
+
+def test_an_offloaded_optimizer_is_the_trainers_adamw(monkeypatch):
+    # the trainer hands DeepSpeed torch's AdamW; with the optimizer offloaded DeepSpeed refuses it at
+    # deepspeed.initialize unless zero_force_ds_cpu_optimizer is false
+    config = load_config(REPO / "configs/vidarc_2xh200.yaml", ["distributed.cpu_offload=true"])
+    profile = load_profile(REPO / "ds_configs/zero3_2xh200.json")
+    ds, _ = build_deepspeed_config(config, profile, 2)
+    assert parse_with_deepspeed(ds, 2, monkeypatch).zero_force_ds_cpu_optimizer is False
+    assert "zero_force_ds_cpu_optimizer" not in build_deepspeed_config(load_config(REPO / "configs/vidarc_2xh200.yaml"),
+                                                                       profile, 2)[0]
+    forced = {**load_profile(REPO / "ds_configs/zero3_1xgpu.json"), "zero_force_ds_cpu_optimizer": True}
+    with pytest.raises(ConfigError, match="`zero_force_ds_cpu_optimizer` = true refuses the trainer's optimizer"):
+        build_deepspeed_config(load_config(REPO / "configs/vidar_finetune.yaml"), forced, 1)

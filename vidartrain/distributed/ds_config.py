@@ -67,6 +67,7 @@ def build_deepspeed_config(config: Config, profile: dict[str, Any], world_size: 
     warnings: list[str] = []
     apply_zero_stage(config, ds, warnings)
     apply_cpu_offload(config, ds, warnings)
+    allow_offloaded_client_optimizer(ds)
     apply_precision(config, ds, warnings)
     apply_activation_checkpointing(config, warnings)
     sequence_parallel = config.distributed.sequence_parallel_size
@@ -128,6 +129,27 @@ def apply_cpu_offload(config: Config, ds: dict[str, Any], warnings: list[str]) -
     else:
         zero.pop("offload_optimizer", None)
         zero.pop("offload_param", None)
+
+
+def offloads(ds: dict[str, Any], what: str) -> bool:
+    """Whether ZeRO's `what` ("offload_optimizer" or "offload_param") moves off the GPU: present with
+    a device other than "none" (DeepSpeed's own reading)."""
+    offload = ds.get("zero_optimization", {}).get(what) or {}
+    return offload.get("device", "none") != "none"
+
+
+def allow_offloaded_client_optimizer(ds: dict[str, Any]) -> None:
+    """The trainer hands DeepSpeed torch's AdamW (trainers/base.py `build_optimizer`), which steps the
+    offloaded partitions on the CPU. With the optimizer offloaded, deepspeed.initialize refuses any
+    optimizer but its own CPU Adam unless `zero_force_ds_cpu_optimizer` is false, so it is set false
+    here (the YAML's cpu_offload and a profile's offload alike); a profile that forces it is refused
+    now, not minutes later when the engine is built."""
+    if not offloads(ds, "offload_optimizer"):
+        return
+    if ds.get("zero_force_ds_cpu_optimizer", False):
+        raise ConfigError("DeepSpeed profile `zero_force_ds_cpu_optimizer` = true refuses the trainer's optimizer "
+                          "(torch's AdamW, stepping the offloaded partitions on the CPU): remove it or set it false")
+    ds["zero_force_ds_cpu_optimizer"] = False
 
 
 def precision_of(ds: dict[str, Any]) -> str:
