@@ -168,3 +168,19 @@ def test_cli_refuses_impossible_numbers_and_contradicting_flags(flags, message, 
     assert main(["--config", str(REPO / "configs/vidar_finetune.yaml"), *flags]) == 2
     out, err = capsys.readouterr()
     assert message in err and not out
+
+
+def test_offload_sections_are_read_as_deepspeed_reads_them():
+    config = load_config(REPO / "configs/vidar_finetune.yaml")
+    profile = load_profile(REPO / "ds_configs/zero3_8xh100.json")
+    params = 4_999_787_712
+    zero = profile["zero_optimization"]
+    # device "none": nothing leaves the GPU
+    kept = {**profile, "zero_optimization": {**zero, "offload_optimizer": {"device": "none"}}}
+    plan = make_plan(config, "zero3_8xh100", kept, "h100", 8, checkpointing="full")
+    assert plan.memory_gib["optimizer"] * GIB == pytest.approx(12 * params / 8)
+    # ZeRO-3 parameters offloaded, the optimizer kept on the GPU (DeepSpeed's estimator has no such case)
+    parameters_only = {**profile, "zero_optimization": {**zero, "offload_param": {"device": "cpu"}}}
+    plan = make_plan(config, "zero3_8xh100", parameters_only, "h100", 8, checkpointing="full")
+    assert plan.memory_gib["parameters"] == 0.0
+    assert plan.memory_gib["optimizer"] * GIB == pytest.approx(12 * params / 8)

@@ -30,7 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from vidartrain.config import Config, ConfigError, LoraConfig, load_config
-from vidartrain.distributed.ds_config import build_deepspeed_config, checkpointing_mode, load_profile, profile_world_size
+from vidartrain.distributed.ds_config import (build_deepspeed_config, checkpointing_mode, load_profile, offloads,
+                                              profile_world_size)
 from vidartrain.distributed.sequence_parallel import check_sequence_parallel_size
 from vidartrain.errors import reports_errors
 from vidartrain.models.idm import IDM
@@ -312,7 +313,8 @@ def model_state_gib(params: int, largest_layer: int, stage: int, world: int, off
     """Parameters, gradients and optimizer states per GPU in DeepSpeed's accounting: bf16 parameters
     (2 bytes), fp32 gradient partitions (4), fp32 master weights + Adam moments (12); ZeRO-1 shards
     the optimizer, ZeRO-2 also the gradients, ZeRO-3 also the parameters. For ZeRO-3 the total is
-    DeepSpeed's own estimator, which adds the largest layer gathered in full. `trainable` (default:
+    DeepSpeed's own estimator, which adds the largest layer gathered in full (it has no case of the
+    parameters offloaded without the optimizer: that total is ours alone). `trainable` (default:
     all `params`): the parameters that have gradients and optimizer states - with LoRA the adapters
     only; the frozen base keeps its bf16 partitions and nothing else. DeepSpeed's estimator assumes
     every parameter trains, so it checks full fine-tuning only."""
@@ -334,7 +336,8 @@ def model_state_gib(params: int, largest_layer: int, stage: int, world: int, off
             params, largest_layer, num_gpus_per_node=min(world, 8), num_nodes=max(1, world // 8),
             cpu_offload=offload_optimizer, cpu_offload_params=offload_optimizer and offload_params)
         parts["gathered_layer"] = float(largest)
-        if trainable == params and abs(sum(parts.values()) - gpu_bytes) > world:
+        estimated = trainable == params and (offload_optimizer or not offload_params)
+        if estimated and abs(sum(parts.values()) - gpu_bytes) > world:
             raise RuntimeError(f"planner disagrees with DeepSpeed's ZeRO-3 estimator: {sum(parts.values())} vs {gpu_bytes}")
     return {name: value / GIB for name, value in parts.items()}
 
@@ -463,7 +466,7 @@ def plan_for_ds_config(config: Config, profile_name: str, ds: dict[str, Any], gp
         # LoRA: activations as for full fine-tuning (an upper bound; the adapters' own [tokens, rank]
         # outputs are negligible, the frozen base's weight-gradient inputs need not be kept)
         parts = model_state_gib(params + adapters, largest, zero.get("stage", 0), world_size,
-                                "offload_optimizer" in zero, "offload_param" in zero,
+                                offloads(ds, "offload_optimizer"), offloads(ds, "offload_param"),
                                 trainable=adapters if config.lora.enabled else None)
         parts["activations"] = activation_gib(shape, tokens, m, checkpointing, sp)
         parts["kv_cache"] = kv_cache_gib(config, shape, per_frame, m, sp)
