@@ -155,3 +155,11 @@ def test_an_offloaded_optimizer_is_the_trainers_adamw(monkeypatch):
     forced = {**load_profile(REPO / "ds_configs/zero3_1xgpu.json"), "zero_force_ds_cpu_optimizer": True}
     with pytest.raises(ConfigError, match="`zero_force_ds_cpu_optimizer` = true refuses the trainer's optimizer"):
         build_deepspeed_config(load_config(REPO / "configs/vidar_finetune.yaml"), forced, 1)
+
+
+def test_offload_without_zero_is_refused():
+    # DeepSpeed offloads through the ZeRO optimizer only: at stage 0 it would keep everything on the GPU
+    config = load_config(REPO / "configs/vidarc_2xh200.yaml",
+                         ["distributed.sharding_strategy=NO_SHARD", "distributed.cpu_offload=true"])
+    with pytest.raises(ConfigError, match=r"offload_optimizer.*needs ZeRO stage 1, 2 or 3, but the stage is 0"):
+        build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_2xh200.json"), 2)

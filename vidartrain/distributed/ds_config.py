@@ -142,10 +142,15 @@ def allow_offloaded_client_optimizer(ds: dict[str, Any]) -> None:
     """The trainer hands DeepSpeed torch's AdamW (trainers/base.py `build_optimizer`), which steps the
     offloaded partitions on the CPU. With the optimizer offloaded, deepspeed.initialize refuses any
     optimizer but its own CPU Adam unless `zero_force_ds_cpu_optimizer` is false, so it is set false
-    here (the YAML's cpu_offload and a profile's offload alike); a profile that forces it is refused
-    now, not minutes later when the engine is built."""
+    here (the YAML's cpu_offload and a profile's offload alike); a profile that forces it, and an
+    offload at ZeRO stage 0, are refused now, not found out when the engine is built or runs."""
     if not offloads(ds, "offload_optimizer"):
         return
+    stage = ds["zero_optimization"].get("stage", 0)
+    if stage == 0:  # DeepSpeed offloads through its ZeRO optimizer alone and would ignore the section
+        raise ConfigError(f"`zero_optimization.offload_optimizer` (YAML distributed.cpu_offload or the profile) needs "
+                          f"ZeRO stage 1, 2 or 3, but the stage is {stage}: DeepSpeed would keep the optimizer "
+                          f"on the GPU")
     if ds.get("zero_force_ds_cpu_optimizer", False):
         raise ConfigError("DeepSpeed profile `zero_force_ds_cpu_optimizer` = true refuses the trainer's optimizer "
                           "(torch's AdamW, stepping the offloaded partitions on the CPU): remove it or set it false")
