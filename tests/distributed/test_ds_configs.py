@@ -163,3 +163,11 @@ def test_offload_without_zero_is_refused():
                          ["distributed.sharding_strategy=NO_SHARD", "distributed.cpu_offload=true"])
     with pytest.raises(ConfigError, match=r"offload_optimizer.*needs ZeRO stage 1, 2 or 3, but the stage is 0"):
         build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_2xh200.json"), 2)
+
+
+def test_a_profiles_gradient_clipping_that_the_yaml_overrules_is_named():
+    config = load_config(REPO / "configs/vidarc_2xh200.yaml", ["training.grad_clip=0.5"])
+    ds, warnings = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_2xh200.json"), 2)
+    assert ds["gradient_clipping"] == 0.5
+    assert warnings == ["YAML `training.grad_clip` = 0.5 disagrees with DeepSpeed profile `gradient_clipping` = 1.0; "
+                        "using the YAML value"]

@@ -76,7 +76,7 @@ def build_deepspeed_config(config: Config, profile: dict[str, Any], world_size: 
     # DeepSpeed counts every rank of a sequence-parallel group as a data-parallel rank (they see the
     # same samples; distributed/sequence_parallel.py says why its gradient average is still right).
     ds["train_batch_size"] *= sequence_parallel
-    ds["gradient_clipping"] = config.training.grad_clip
+    apply_gradient_clipping(config, ds, warnings)
     for message in warnings:
         log.warning(message)
     return ds, warnings
@@ -85,6 +85,14 @@ def build_deepspeed_config(config: Config, profile: dict[str, Any], world_size: 
 def disagree(warnings: list[str], yaml_key: str, yaml_value: Any, json_key: str, json_value: Any) -> None:
     warnings.append(f"YAML `{yaml_key}` = {yaml_value!r} disagrees with DeepSpeed profile "
                     f"`{json_key}` = {json_value!r}; using the YAML value")
+
+
+def apply_gradient_clipping(config: Config, ds: dict[str, Any], warnings: list[str]) -> None:
+    """`training.grad_clip` (the YAML always has one: default 1.0) replaces the profile's clipping."""
+    current = ds.get("gradient_clipping")
+    if current is not None and current != config.training.grad_clip:
+        disagree(warnings, "training.grad_clip", config.training.grad_clip, "gradient_clipping", current)
+    ds["gradient_clipping"] = config.training.grad_clip
 
 
 def yaml_zero_stage(config: Config) -> tuple[str, Any, int] | None:
