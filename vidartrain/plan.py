@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from vidartrain.config import Config, ConfigError, LoraConfig, load_config
 from vidartrain.distributed.ds_config import (build_deepspeed_config, checkpointing_mode, load_profile, offloads,
-                                              profile_world_size)
+                                              precision_of, profile_world_size)
 from vidartrain.distributed.sequence_parallel import check_sequence_parallel_size
 from vidartrain.errors import reports_errors
 from vidartrain.models.idm import IDM
@@ -428,10 +428,23 @@ def meta_dit(shape: DitShape) -> WanModel:
                         num_layers=shape.num_layers, text_len=shape.text_len, text_dim=shape.text_dim)
 
 
-def check_plans_dit(config: Config) -> None:
+def unplannable(config: Config, ds: dict[str, Any] | None = None) -> str | None:
+    """Why the planner cannot plan this run (None: it can). It models the DiT stages with 16-bit
+    weights (`ds`, the run's DeepSpeed config, says which precision it trains)."""
     if config.loss.type == "idm":
-        raise ConfigError("the planner plans the DiT stages (loss.type flow_matching or causal_flow_matching), "
-                          "not the 92M-parameter IDM")
+        return ("the planner plans the DiT stages (loss.type flow_matching or causal_flow_matching), "
+                "not the 92M-parameter IDM")
+    if ds is not None and precision_of(ds) == "fp32":
+        return ("the planner models 16-bit (bf16 or fp16) DiT training, but this DeepSpeed config trains float32 "
+                "weights (distributed.mixed_precision fp32, or a profile with neither bf16 nor fp16 enabled): its "
+                "weights, gradients and activations hold about twice the bytes")
+    return None
+
+
+def check_plans_dit(config: Config, ds: dict[str, Any] | None = None) -> None:
+    reason = unplannable(config, ds)
+    if reason is not None:
+        raise ConfigError(reason)
 
 
 def make_plan(config: Config, profile_name: str, profile: dict[str, Any], gpu_key: str, world_size: int,
@@ -447,7 +460,7 @@ def plan_for_ds_config(config: Config, profile_name: str, ds: dict[str, Any], gp
                        mfu: float = 0.4, checkpointing: str | None = None, precomputed: bool = False,
                        shape: DitShape | None = None) -> Plan:
     """`make_plan` for a DeepSpeed config already built for `world_size` ranks (a run's own)."""
-    check_plans_dit(config)
+    check_plans_dit(config, ds)
     shape = shape or DitShape()
     gpu = GPUS[gpu_key]
     micro, accumulation = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
