@@ -171,3 +171,13 @@ def test_a_profiles_gradient_clipping_that_the_yaml_overrules_is_named():
     assert ds["gradient_clipping"] == 0.5
     assert warnings == ["YAML `training.grad_clip` = 0.5 disagrees with DeepSpeed profile `gradient_clipping` = 1.0; "
                         "using the YAML value"]
+
+
+def test_a_profile_whose_batch_is_no_whole_number_of_ranks_is_refused(tmp_path):
+    # its world size (train_batch_size / (micro x accumulation)) is what vidar-plan plans for by default
+    profile = {**load_profile(REPO / "ds_configs/zero3_8xh100.json"), "train_batch_size": 100}
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(profile))
+    with pytest.raises(ConfigError, match=r"odd.json: `train_batch_size` = 100 is not a multiple of micro-batch 2 x "
+                                          r"gradient accumulation 8"):
+        load_profile(path)

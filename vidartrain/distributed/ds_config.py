@@ -40,6 +40,12 @@ def load_profile(path: str | Path) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"DeepSpeed profile {path}: `{key}` = {json.dumps(value)} "
                               f"({type(value).__name__}): expected a positive integer")
+    per_rank = profile["train_micro_batch_size_per_gpu"] * profile["gradient_accumulation_steps"]
+    if profile.get("train_batch_size", per_rank) % per_rank:
+        raise ConfigError(f"DeepSpeed profile {path}: `train_batch_size` = {profile['train_batch_size']} is not a "
+                          f"multiple of micro-batch {profile['train_micro_batch_size_per_gpu']} x gradient "
+                          f"accumulation {profile['gradient_accumulation_steps']}: no whole number of ranks "
+                          f"(the world size it is written for)")
     zero = profile["zero_optimization"]
     if not isinstance(zero, dict):
         raise ConfigError(f"DeepSpeed profile {path}: `zero_optimization` = {json.dumps(zero)}: expected an "
