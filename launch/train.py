@@ -37,7 +37,7 @@ from vidartrain.config import Config, ConfigError, check_inputs_exist, load_conf
 from vidartrain.data.shard_index import DataInfo, read_data_info  # noqa: E402
 from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile  # noqa: E402
 from vidartrain.errors import reports_errors  # noqa: E402
-from vidartrain.plan import GPUS, dit_shape_of, format_plan, plan_for_ds_config, resolve_gpu  # noqa: E402
+from vidartrain.plan import GPUS, dit_shape_of, format_plan, plan_for_ds_config, resolve_gpu, unplannable  # noqa: E402
 from vidartrain.trainers.base import RunOptions, Stage, Trainer, world_size_of_launch  # noqa: E402
 from vidartrain.trainers.monitoring import peak_memory_bytes  # noqa: E402
 
@@ -139,13 +139,14 @@ def dry_run(config: Config, stage: Stage, ds_path: str, ds_config: dict[str, Any
     """The planner's verdict, then one real step (written under OUTPUT/dry_run, nothing else touched),
     then measured vs planned memory of this process."""
     rank, world = int(os.environ.get("RANK", 0)), world_size_of_launch()
-    # The planner models the DiT; the IDM stage (a 92M-parameter model) gets its one real step unplanned.
-    plan = None if config.loss.type == "idm" else plan_for_ds_config(
+    # What the planner does not model (the IDM stage, float32 DiT weights) gets its one real step unplanned.
+    reason = unplannable(config, ds_config)
+    plan = None if reason is not None else plan_for_ds_config(
         config, Path(ds_path).stem, ds_config, resolve_gpu(args.gpu, ds_path), world, precomputed=not stage.data.raw,
         shape=dit_shape_of(config))
     if rank == 0:
-        print(format_plan(plan) if plan is not None else "dry run: the planner covers the DiT stages; the IDM runs "
-              "one real step without a plan", flush=True)
+        print(format_plan(plan) if plan is not None else f"dry run: no plan ({reason}); one real step follows",
+              flush=True)
     out = Path(args.output_dir or config.output.output_dir) / "dry_run"
     config.output.save_path = str(out / "export" / f"{stage.name}.pt")
     before = peak_memory_bytes()  # CPU: the runtime's own footprint; GPU: nothing allocated yet

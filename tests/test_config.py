@@ -290,3 +290,17 @@ def test_stage_2_overlay_without_base_says_to_layer_it(tmp_path):
     assert "add `base: vidarc_causal.yaml`" in message
     with pytest.raises(ConfigError, match="`self_forcing.context_mode`: stage-2"):
         load_config(CONFIGS / "vidar_finetune.yaml", ["self_forcing.context_mode=mixed"])
+
+
+def test_sequence_parallel_size_must_divide_the_tokens_of_every_sequence_the_dit_runs():
+    # 81 frames of 736x640: 21 latent frames of 460 tokens, 9,660 in all
+    sp = "distributed.sequence_parallel_size"
+    load_config(CONFIGS / "vidar_finetune.yaml", [f"{sp}=3"])
+    with pytest.raises(ConfigError, match=f"`{sp}` = 8 does not divide the 9,660 tokens of a training clip"):
+        load_config(CONFIGS / "vidar_finetune.yaml", [f"{sp}=8"])
+    # stage 2's teacher forcing runs [clean | noisy] windows: 2 x 16 x 460 = 14,720 tokens
+    load_config(CONFIGS / "vidarc_causal.yaml", [f"{sp}=8"])
+    # its cached rollouts prefill one frame at a time
+    with pytest.raises(ConfigError, match=f"`{sp}` = 8 does not divide the 460 tokens of one latent frame"):
+        load_config(CONFIGS / "vidarc_causal.yaml", [f"{sp}=8", "self_forcing.context_mode=mixed"])
+    load_config(CONFIGS / "vidarc_causal.yaml", [f"{sp}=4", "self_forcing.context_mode=mixed"])

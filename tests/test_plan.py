@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from vidartrain.config import load_config
+from vidartrain.config import ConfigError, load_config
 from vidartrain.distributed.ds_config import load_profile
 from vidartrain.plan import (GIB, DitShape, activation_gib, attended_pairs, dit_parameters, forward_flops,
                              hardware_table, latent_grid, main, make_plan, measure_activation_model, model_state_gib)
@@ -168,3 +168,29 @@ def test_cli_refuses_impossible_numbers_and_contradicting_flags(flags, message, 
     assert main(["--config", str(REPO / "configs/vidar_finetune.yaml"), *flags]) == 2
     out, err = capsys.readouterr()
     assert message in err and not out
+
+
+def test_offload_sections_are_read_as_deepspeed_reads_them():
+    config = load_config(REPO / "configs/vidar_finetune.yaml")
+    profile = load_profile(REPO / "ds_configs/zero3_8xh100.json")
+    params = 4_999_787_712
+    zero = profile["zero_optimization"]
+    # device "none": nothing leaves the GPU
+    kept = {**profile, "zero_optimization": {**zero, "offload_optimizer": {"device": "none"}}}
+    plan = make_plan(config, "zero3_8xh100", kept, "h100", 8, checkpointing="full")
+    assert plan.memory_gib["optimizer"] * GIB == pytest.approx(12 * params / 8)
+    # ZeRO-3 parameters offloaded, the optimizer kept on the GPU (DeepSpeed's estimator has no such case)
+    parameters_only = {**profile, "zero_optimization": {**zero, "offload_param": {"device": "cpu"}}}
+    plan = make_plan(config, "zero3_8xh100", parameters_only, "h100", 8, checkpointing="full")
+    assert plan.memory_gib["parameters"] == 0.0
+    assert plan.memory_gib["optimizer"] * GIB == pytest.approx(12 * params / 8)
+
+
+def test_float32_weights_are_not_planned_as_bf16(capsys):
+    # float32 weights, gradients and activations hold about twice the bytes the planner's 16-bit model counts
+    config = load_config(REPO / "configs/vidar_finetune.yaml", ["distributed.mixed_precision=fp32"])
+    with pytest.raises(ConfigError, match="this DeepSpeed config trains float32 weights"):
+        make_plan(config, "zero3_8xh100", load_profile(REPO / "ds_configs/zero3_8xh100.json"), "h100", 8)
+    assert main(["--config", str(REPO / "configs/vidar_finetune.yaml"), "--set", "distributed.mixed_precision=fp32",
+                 "--ds-config", str(REPO / "ds_configs/zero3_8xh100.json")]) == 2
+    assert "trains float32 weights" in capsys.readouterr().err

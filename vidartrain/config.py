@@ -193,7 +193,8 @@ class DistributedConfig:
     cpu_offload: bool | None = None
     # Ulysses sequence parallelism (distributed/sequence_parallel.py): groups of this many consecutive
     # ranks split every sample's tokens; data parallelism runs over world / this many groups. It must
-    # divide the world size and the DiT's attention heads (24: 1, 2, 3, 4, 6, 8, 12, 24).
+    # divide the world size, the DiT's attention heads (24: 1, 2, 3, 4, 6, 8, 12, 24) and the tokens
+    # of every sequence the DiT runs (`sequence_parallel_problems`).
     sequence_parallel_size: int = 1
 
 
@@ -648,6 +649,7 @@ def value_problems(config: Config) -> typing.Iterator[str]:
                    f"{sf.kv_cache_length}")
         yield from rollout_window_problems(sf)
     yield from validation_problems(config)
+    yield from sequence_parallel_problems(config)
     yield from lora_problems(config)
     yield from idm_problems(config.idm)
     yield from mixture_problems(data)
@@ -662,6 +664,42 @@ def rollout_window_problems(sf: SelfForcingConfig) -> typing.Iterator[str]:
     if sf.rollout_prefill_num >= sf.rollout_bound:
         yield (f"`self_forcing.rollout_prefill_num` = {sf.rollout_prefill_num} must be below "
                f"`self_forcing.rollout_bound` = {sf.rollout_bound} (the window is re-prefilled when it would pass it)")
+
+
+def sequence_parallel_problems(config: Config) -> typing.Iterator[str]:
+    """Each rank of a sequence-parallel group holds tokens / SP of every sequence the DiT runs
+    (distributed/sequence_parallel.py): an SP size that does not divide one of them would pass every
+    other check and fail at the first forward, after the model is loaded. (The world size and the
+    heads are checked where they are known; the IDM stage refuses SP > 1 itself.)"""
+    size = config.distributed.sequence_parallel_size
+    if size <= 1 or config.loss.type == "idm":
+        return
+    for what, tokens in dit_sequences(config).items():
+        if tokens % size:
+            yield (f"`distributed.sequence_parallel_size` = {size} does not divide the {tokens:,} tokens of {what} "
+                   f"(each rank holds tokens / SP of them): use an SP size that divides {tokens}, or change "
+                   f"data.num_frames / height / width")
+
+
+def dit_sequences(config: Config) -> dict[str, int]:
+    """The token counts of the sequences the DiT runs in training and validation, by what they are."""
+    data, sf = config.data, config.self_forcing
+    per_frame = (data.height // PIXELS_PER_TOKEN) * (data.width // PIXELS_PER_TOKEN)
+
+    def clip(frames: int) -> int:
+        return (1 + (frames - 1) // VAE_STRIDE[0]) * per_frame
+
+    if not config.causal:  # stage 1 runs whole clips, training and validation samples alike
+        sequences = {f"a training clip (data.num_frames = {data.num_frames})": clip(data.num_frames)}
+        if config.validation.every:
+            sequences[f"a validation sample (validation.num_frames = {config.validation.num_frames})"] = \
+                clip(config.validation.num_frames)
+        return sequences
+    if sf.context_mode == "ground_truth" and not sf.closed_loop and not config.validation.every:
+        return {f"a teacher-forcing window ([clean | noisy], 2 x self_forcing.window_frames = {sf.window_frames})":
+                2 * sf.window_frames * per_frame}
+    # cached rollouts, the closed loop and closed-loop validation samples prefill single frames
+    return {f"one latent frame ({data.height}x{data.width})": per_frame}
 
 
 def validation_problems(config: Config) -> typing.Iterator[str]:

@@ -30,7 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from vidartrain.config import Config, ConfigError, LoraConfig, load_config
-from vidartrain.distributed.ds_config import build_deepspeed_config, checkpointing_mode, load_profile, profile_world_size
+from vidartrain.distributed.ds_config import (build_deepspeed_config, checkpointing_mode, load_profile, offloads,
+                                              precision_of, profile_world_size)
 from vidartrain.distributed.sequence_parallel import check_sequence_parallel_size
 from vidartrain.errors import reports_errors
 from vidartrain.models.idm import IDM
@@ -312,7 +313,8 @@ def model_state_gib(params: int, largest_layer: int, stage: int, world: int, off
     """Parameters, gradients and optimizer states per GPU in DeepSpeed's accounting: bf16 parameters
     (2 bytes), fp32 gradient partitions (4), fp32 master weights + Adam moments (12); ZeRO-1 shards
     the optimizer, ZeRO-2 also the gradients, ZeRO-3 also the parameters. For ZeRO-3 the total is
-    DeepSpeed's own estimator, which adds the largest layer gathered in full. `trainable` (default:
+    DeepSpeed's own estimator, which adds the largest layer gathered in full (it has no case of the
+    parameters offloaded without the optimizer: that total is ours alone). `trainable` (default:
     all `params`): the parameters that have gradients and optimizer states - with LoRA the adapters
     only; the frozen base keeps its bf16 partitions and nothing else. DeepSpeed's estimator assumes
     every parameter trains, so it checks full fine-tuning only."""
@@ -334,7 +336,8 @@ def model_state_gib(params: int, largest_layer: int, stage: int, world: int, off
             params, largest_layer, num_gpus_per_node=min(world, 8), num_nodes=max(1, world // 8),
             cpu_offload=offload_optimizer, cpu_offload_params=offload_optimizer and offload_params)
         parts["gathered_layer"] = float(largest)
-        if trainable == params and abs(sum(parts.values()) - gpu_bytes) > world:
+        estimated = trainable == params and (offload_optimizer or not offload_params)
+        if estimated and abs(sum(parts.values()) - gpu_bytes) > world:
             raise RuntimeError(f"planner disagrees with DeepSpeed's ZeRO-3 estimator: {sum(parts.values())} vs {gpu_bytes}")
     return {name: value / GIB for name, value in parts.items()}
 
@@ -425,10 +428,23 @@ def meta_dit(shape: DitShape) -> WanModel:
                         num_layers=shape.num_layers, text_len=shape.text_len, text_dim=shape.text_dim)
 
 
-def check_plans_dit(config: Config) -> None:
+def unplannable(config: Config, ds: dict[str, Any] | None = None) -> str | None:
+    """Why the planner cannot plan this run (None: it can). It models the DiT stages with 16-bit
+    weights (`ds`, the run's DeepSpeed config, says which precision it trains)."""
     if config.loss.type == "idm":
-        raise ConfigError("the planner plans the DiT stages (loss.type flow_matching or causal_flow_matching), "
-                          "not the 92M-parameter IDM")
+        return ("the planner plans the DiT stages (loss.type flow_matching or causal_flow_matching), "
+                "not the 92M-parameter IDM")
+    if ds is not None and precision_of(ds) == "fp32":
+        return ("the planner models 16-bit (bf16 or fp16) DiT training, but this DeepSpeed config trains float32 "
+                "weights (distributed.mixed_precision fp32, or a profile with neither bf16 nor fp16 enabled): its "
+                "weights, gradients and activations hold about twice the bytes")
+    return None
+
+
+def check_plans_dit(config: Config, ds: dict[str, Any] | None = None) -> None:
+    reason = unplannable(config, ds)
+    if reason is not None:
+        raise ConfigError(reason)
 
 
 def make_plan(config: Config, profile_name: str, profile: dict[str, Any], gpu_key: str, world_size: int,
@@ -444,7 +460,7 @@ def plan_for_ds_config(config: Config, profile_name: str, ds: dict[str, Any], gp
                        mfu: float = 0.4, checkpointing: str | None = None, precomputed: bool = False,
                        shape: DitShape | None = None) -> Plan:
     """`make_plan` for a DeepSpeed config already built for `world_size` ranks (a run's own)."""
-    check_plans_dit(config)
+    check_plans_dit(config, ds)
     shape = shape or DitShape()
     gpu = GPUS[gpu_key]
     micro, accumulation = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
@@ -463,7 +479,7 @@ def plan_for_ds_config(config: Config, profile_name: str, ds: dict[str, Any], gp
         # LoRA: activations as for full fine-tuning (an upper bound; the adapters' own [tokens, rank]
         # outputs are negligible, the frozen base's weight-gradient inputs need not be kept)
         parts = model_state_gib(params + adapters, largest, zero.get("stage", 0), world_size,
-                                "offload_optimizer" in zero, "offload_param" in zero,
+                                offloads(ds, "offload_optimizer"), offloads(ds, "offload_param"),
                                 trainable=adapters if config.lora.enabled else None)
         parts["activations"] = activation_gib(shape, tokens, m, checkpointing, sp)
         parts["kv_cache"] = kv_cache_gib(config, shape, per_frame, m, sp)

@@ -141,3 +141,43 @@ def test_our_idm_configs_run_float32_on_a_bf16_profile_without_a_warning():
     with pytest.raises(ConfigError, match="the IDM trains float32 weights"):
         build_deepspeed_config(load_config(REPO / "configs/debug/tiny_idm.yaml", ["distributed.mixed_precision=bf16"]),
                                load_profile(REPO / "ds_configs/cpu_debug.json"), 2)
+
+
+def test_an_offloaded_optimizer_is_the_trainers_adamw(monkeypatch):
+    # the trainer hands DeepSpeed torch's AdamW; with the optimizer offloaded DeepSpeed refuses it at
+    # deepspeed.initialize unless zero_force_ds_cpu_optimizer is false
+    config = load_config(REPO / "configs/vidarc_2xh200.yaml", ["distributed.cpu_offload=true"])
+    profile = load_profile(REPO / "ds_configs/zero3_2xh200.json")
+    ds, _ = build_deepspeed_config(config, profile, 2)
+    assert parse_with_deepspeed(ds, 2, monkeypatch).zero_force_ds_cpu_optimizer is False
+    assert "zero_force_ds_cpu_optimizer" not in build_deepspeed_config(load_config(REPO / "configs/vidarc_2xh200.yaml"),
+                                                                       profile, 2)[0]
+    forced = {**load_profile(REPO / "ds_configs/zero3_1xgpu.json"), "zero_force_ds_cpu_optimizer": True}
+    with pytest.raises(ConfigError, match="`zero_force_ds_cpu_optimizer` = true refuses the trainer's optimizer"):
+        build_deepspeed_config(load_config(REPO / "configs/vidar_finetune.yaml"), forced, 1)
+
+
+def test_offload_without_zero_is_refused():
+    # DeepSpeed offloads through the ZeRO optimizer only: at stage 0 it would keep everything on the GPU
+    config = load_config(REPO / "configs/vidarc_2xh200.yaml",
+                         ["distributed.sharding_strategy=NO_SHARD", "distributed.cpu_offload=true"])
+    with pytest.raises(ConfigError, match=r"offload_optimizer.*needs ZeRO stage 1, 2 or 3, but the stage is 0"):
+        build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_2xh200.json"), 2)
+
+
+def test_a_profiles_gradient_clipping_that_the_yaml_overrules_is_named():
+    config = load_config(REPO / "configs/vidarc_2xh200.yaml", ["training.grad_clip=0.5"])
+    ds, warnings = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_2xh200.json"), 2)
+    assert ds["gradient_clipping"] == 0.5
+    assert warnings == ["YAML `training.grad_clip` = 0.5 disagrees with DeepSpeed profile `gradient_clipping` = 1.0; "
+                        "using the YAML value"]
+
+
+def test_a_profile_whose_batch_is_no_whole_number_of_ranks_is_refused(tmp_path):
+    # its world size (train_batch_size / (micro x accumulation)) is what vidar-plan plans for by default
+    profile = {**load_profile(REPO / "ds_configs/zero3_8xh100.json"), "train_batch_size": 100}
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(profile))
+    with pytest.raises(ConfigError, match=r"odd.json: `train_batch_size` = 100 is not a multiple of micro-batch 2 x "
+                                          r"gradient accumulation 8"):
+        load_profile(path)

@@ -40,6 +40,12 @@ def load_profile(path: str | Path) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"DeepSpeed profile {path}: `{key}` = {json.dumps(value)} "
                               f"({type(value).__name__}): expected a positive integer")
+    per_rank = profile["train_micro_batch_size_per_gpu"] * profile["gradient_accumulation_steps"]
+    if profile.get("train_batch_size", per_rank) % per_rank:
+        raise ConfigError(f"DeepSpeed profile {path}: `train_batch_size` = {profile['train_batch_size']} is not a "
+                          f"multiple of micro-batch {profile['train_micro_batch_size_per_gpu']} x gradient "
+                          f"accumulation {profile['gradient_accumulation_steps']}: no whole number of ranks "
+                          f"(the world size it is written for)")
     zero = profile["zero_optimization"]
     if not isinstance(zero, dict):
         raise ConfigError(f"DeepSpeed profile {path}: `zero_optimization` = {json.dumps(zero)}: expected an "
@@ -67,6 +73,7 @@ def build_deepspeed_config(config: Config, profile: dict[str, Any], world_size: 
     warnings: list[str] = []
     apply_zero_stage(config, ds, warnings)
     apply_cpu_offload(config, ds, warnings)
+    allow_offloaded_client_optimizer(ds)
     apply_precision(config, ds, warnings)
     apply_activation_checkpointing(config, warnings)
     sequence_parallel = config.distributed.sequence_parallel_size
@@ -75,7 +82,7 @@ def build_deepspeed_config(config: Config, profile: dict[str, Any], world_size: 
     # DeepSpeed counts every rank of a sequence-parallel group as a data-parallel rank (they see the
     # same samples; distributed/sequence_parallel.py says why its gradient average is still right).
     ds["train_batch_size"] *= sequence_parallel
-    ds["gradient_clipping"] = config.training.grad_clip
+    apply_gradient_clipping(config, ds, warnings)
     for message in warnings:
         log.warning(message)
     return ds, warnings
@@ -84,6 +91,14 @@ def build_deepspeed_config(config: Config, profile: dict[str, Any], world_size: 
 def disagree(warnings: list[str], yaml_key: str, yaml_value: Any, json_key: str, json_value: Any) -> None:
     warnings.append(f"YAML `{yaml_key}` = {yaml_value!r} disagrees with DeepSpeed profile "
                     f"`{json_key}` = {json_value!r}; using the YAML value")
+
+
+def apply_gradient_clipping(config: Config, ds: dict[str, Any], warnings: list[str]) -> None:
+    """`training.grad_clip` (the YAML always has one: default 1.0) replaces the profile's clipping."""
+    current = ds.get("gradient_clipping")
+    if current is not None and current != config.training.grad_clip:
+        disagree(warnings, "training.grad_clip", config.training.grad_clip, "gradient_clipping", current)
+    ds["gradient_clipping"] = config.training.grad_clip
 
 
 def yaml_zero_stage(config: Config) -> tuple[str, Any, int] | None:
@@ -128,6 +143,32 @@ def apply_cpu_offload(config: Config, ds: dict[str, Any], warnings: list[str]) -
     else:
         zero.pop("offload_optimizer", None)
         zero.pop("offload_param", None)
+
+
+def offloads(ds: dict[str, Any], what: str) -> bool:
+    """Whether ZeRO's `what` ("offload_optimizer" or "offload_param") moves off the GPU: present with
+    a device other than "none" (DeepSpeed's own reading)."""
+    offload = ds.get("zero_optimization", {}).get(what) or {}
+    return offload.get("device", "none") != "none"
+
+
+def allow_offloaded_client_optimizer(ds: dict[str, Any]) -> None:
+    """The trainer hands DeepSpeed torch's AdamW (trainers/base.py `build_optimizer`), which steps the
+    offloaded partitions on the CPU. With the optimizer offloaded, deepspeed.initialize refuses any
+    optimizer but its own CPU Adam unless `zero_force_ds_cpu_optimizer` is false, so it is set false
+    here (the YAML's cpu_offload and a profile's offload alike); a profile that forces it, and an
+    offload at ZeRO stage 0, are refused now, not found out when the engine is built or runs."""
+    if not offloads(ds, "offload_optimizer"):
+        return
+    stage = ds["zero_optimization"].get("stage", 0)
+    if stage == 0:  # DeepSpeed offloads through its ZeRO optimizer alone and would ignore the section
+        raise ConfigError(f"`zero_optimization.offload_optimizer` (YAML distributed.cpu_offload or the profile) needs "
+                          f"ZeRO stage 1, 2 or 3, but the stage is {stage}: DeepSpeed would keep the optimizer "
+                          f"on the GPU")
+    if ds.get("zero_force_ds_cpu_optimizer", False):
+        raise ConfigError("DeepSpeed profile `zero_force_ds_cpu_optimizer` = true refuses the trainer's optimizer "
+                          "(torch's AdamW, stepping the offloaded partitions on the CPU): remove it or set it false")
+    ds["zero_force_ds_cpu_optimizer"] = False
 
 
 def precision_of(ds: dict[str, Any]) -> str:

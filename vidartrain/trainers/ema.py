@@ -34,6 +34,7 @@ from torch import nn
 
 from vidartrain.config import Config, ConfigError
 from vidartrain.distributed.checkpointing import weights_only_loads
+from vidartrain.distributed.ds_config import offloads
 from vidartrain.errors import CheckpointError
 
 
@@ -52,8 +53,7 @@ def check_ema_config(config: Config, ds_config: dict[str, Any]) -> None:
 
 def ema_device(ds_config: dict[str, Any], device: torch.device) -> torch.device:
     """Where the fp32 master partitions live: the CPU with an offloaded optimizer, else `device`."""
-    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
-    return torch.device("cpu") if offload.get("device", "none") != "none" else device
+    return torch.device("cpu") if offloads(ds_config, "offload_optimizer") else device
 
 
 def unpartition(partitions: list[torch.Tensor], shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
