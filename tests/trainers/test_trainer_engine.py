@@ -115,3 +115,11 @@ def test_check_placement_names_the_tensors_off_the_engine_device():
     model[1].running_mean = model[1].running_mean.to("meta")
     with pytest.raises(RuntimeError, match=r"1\.running_mean \(meta\)"):
         base.check_placement(model, torch.device("cpu"))
+
+
+def test_the_optimizer_is_adamw_with_the_fused_kernel_and_the_configured_hyperparameters():
+    config = Config()
+    optimizer = base.build_optimizer([nn.Parameter(torch.zeros(3))], config)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+    assert optimizer.defaults["weight_decay"] == config.training.weight_decay
+    assert optimizer.defaults["betas"] == config.training.betas
