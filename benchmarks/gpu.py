@@ -224,11 +224,11 @@ def run(sizes: Sizes = Sizes(), device: str | None = None,
             continue
         try:
             value = measure()
-        except Exception as error:  # reported with the results; the next sections still run
+        except Exception as error:  # reported with the results (and written like them); the next sections still run
             results.setdefault("errors", []).append(f"{key}: {type(error).__name__}: {str(error)[:300]}")
             print(f"section {key} failed: {traceback.format_exc()}", flush=True)
-            continue
-        results[key] = results.get(key, []) + value if isinstance(value, list) else value
+        else:
+            results[key] = results.get(key, []) + value if isinstance(value, list) else value
         results["seconds"] = time.perf_counter() - started
         on_section(results)
     return results
@@ -432,7 +432,8 @@ def main(argv: list[str] | None = None) -> dict:
             sizes = replace(sizes, **{field: tuple(frames)})
 
     def on_section(results: dict) -> None:
-        print(f"[{results['seconds']:.0f} s] measured: {', '.join(k for k in results if k not in ('machine', 'sizes', 'seconds'))}",
+        measured = [k for k in results if k not in ("machine", "sizes", "seconds", "errors")]
+        print(f"[{results['seconds']:.0f} s] measured: {', '.join(measured)}; failed: {len(results.get('errors', []))}",
               flush=True)
         if not args.smoke:
             args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -148,3 +148,18 @@ def test_compiled_only_times_no_eager_blocks(monkeypatch):
     assert "causal_training" not in results and "causal_training_compiled" in results
     with pytest.raises(ValueError, match="nothing to time"):
         gpu.block_variants(replace(sizes, compiled=False))
+
+
+def test_a_failed_section_is_written_and_reported(monkeypatch):
+    """A section that fails (here the only one asked for) is recorded in the results file like a
+    measured one, and the report says so (a run with nothing measured reports its failures too)."""
+    def fail(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gpu, "stage2_steps", fail)
+    written = []
+    results = gpu.run(gpu.SMOKE, device="cpu", only=("stage2_step",),
+                      on_section=lambda results: written.append(json.loads(json.dumps(results, default=str))))
+    error = "stage2_step: RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert written and written[-1]["errors"] == [error]
+    assert f"Section failed: {error}" in gpu.markdown(results)
