@@ -217,7 +217,8 @@ def run(sizes: Sizes = Sizes(), device: str | None = None,
           if sizes.compiled else []),
         ("stage1_step", lambda: stage1_steps(sizes, device, peak, [(blocks[0], micro, mode) for micro in more
                                                                    for mode in CHECKPOINTING_MODES])),
-        ("loader", lambda: loader.run(**(sizes.loader or {}), gpu_samples_per_s=fastest_samples_per_s(results))),
+        ("loader", lambda: loader.run(**(sizes.loader or {}),
+                                      gpu_samples_per_s=fastest_samples_per_s(results) or loader.H100_SAMPLES_PER_S)),
     ]
     for key, measure in sections:
         if only and key not in only:
@@ -283,11 +284,12 @@ def profiled_generation(sizes: Sizes, device: str) -> dict:
     return result
 
 
-def fastest_samples_per_s(results: dict) -> float:
-    """Samples per second of the fastest measured stage-1 step (the loader must keep up with it)."""
+def fastest_samples_per_s(results: dict) -> float | None:
+    """Samples per second of the fastest measured stage-1 step (the loader must keep up with it);
+    None if no step was measured."""
     fastest = min((r["step_s"] / r["micro_batch"] for r in results.get("stage1_step", []) if "step_s" in r),
                   default=None)
-    return 1 / fastest if fastest else loader.H100_SAMPLES_PER_S
+    return 1 / fastest if fastest else None
 
 
 def percent(value: float | None) -> str:
@@ -391,8 +393,11 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {frames} | {tf:.3f} | {seq:.3f} | {seq / tf:.2f}x "
                              f"| {row['teacher_forcing_loss']:.5f} / {row['sequential_loss']:.5f} |")
     if "loader" in results:
-        lines += ["", f"**Loader** feeding the fastest measured step "
-                      f"({fastest_samples_per_s(results):.2f} samples/s per GPU), one worker process:", "",
+        fastest = fastest_samples_per_s(results)
+        fed = (f"the fastest measured step ({fastest:.2f} samples/s per GPU)" if fastest else
+               f"an assumed step ({loader.H100_SAMPLES_PER_S} samples/s per GPU, one H100 at ~40% MFU: no "
+               "stage-1 step measured in this run)")
+        lines += ["", f"**Loader** feeding {fed}, one worker process:", "",
                   "| shards | samples/s per worker | workers per GPU |", "|---|---|---|"]
         lines += [f"| {kind} | {r['samples_per_s']:.2f} | {r['workers_per_gpu']:.2f} |"
                   for kind, r in results["loader"].items()]

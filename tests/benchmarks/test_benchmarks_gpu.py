@@ -163,3 +163,10 @@ def test_a_failed_section_is_written_and_reported(monkeypatch):
     error = "stage2_step: RuntimeError: CUDA error: an illegal memory access was encountered"
     assert written and written[-1]["errors"] == [error]
     assert f"Section failed: {error}" in gpu.markdown(results)
+
+
+def test_a_loader_run_without_a_measured_step_says_its_rate_is_assumed():
+    loader_rows = {"raw": {"samples_per_s": 0.5, "workers_per_gpu": 2.2}}
+    text = gpu.markdown({"machine": {"device": "cpu", "torch": "-", "cuda": "-", "commit": "-", "date": "-",
+                                     "peak_bf16_tflops": None}, "seconds": 1, "loader": loader_rows})
+    assert "fastest measured step" not in text and "assumed" in text
