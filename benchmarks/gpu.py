@@ -78,10 +78,19 @@ SMOKE = Sizes(dim=64, ffn_dim=128, num_heads=2, num_layers=2, training_path_laye
               loader=dict(episodes=2, frames=12, num_frames=9, height=64, width=64, samples=2))
 
 
+# The planner's GPUs are SXM parts. PCIe and NVL cards of the same chip run at lower clocks and
+# power, and peak lower (H100 PCIe: 756 dense bf16 TFLOP/s, H100 and H200 NVL: 835, not 989).
+OTHER_FORM_FACTORS = ("pcie", "nvl")
+
+
 def peak_bf16_tflops(device_name: str) -> float | None:
-    """The dense bf16 peak of the planner's GPU whose name the device's contains (H100, H200, A100)."""
+    """The dense bf16 peak of the planner's GPU whose name the device's contains (H100, H200, A100);
+    None for another GPU or another form factor of one (no MFU then)."""
+    name = device_name.lower()
+    if any(form in name for form in OTHER_FORM_FACTORS):
+        return None
     for key, gpu in GPUS.items():
-        if key.split("-")[0] in device_name.lower():
+        if key.split("-")[0] in name:
             return gpu.bf16_tflops
     return None
 

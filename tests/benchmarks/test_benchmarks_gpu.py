@@ -81,6 +81,13 @@ def test_peak_flops_of_the_planner_gpus_by_device_name():
     assert gpu.peak_bf16_tflops("NVIDIA L4") is None
 
 
+@pytest.mark.parametrize("name", ["NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200 NVL"])
+def test_no_peak_flops_for_a_form_factor_the_planner_does_not_list(name):
+    """The planner's GPUs are SXM parts; the PCIe and NVL cards of the same chip peak lower (H100
+    PCIe: 756 dense bf16 TFLOP/s), so their MFU against the SXM peak would read low."""
+    assert gpu.peak_bf16_tflops(name) is None
+
+
 def test_results_measured_before_a_variant_existed_still_render():
     results = json.loads(GPU_RESULTS.read_text())
     for row in results["causal_generation"].values():
