@@ -76,12 +76,13 @@ class PeakTensorMemory(TorchDispatchMode):
         self.current -= self.live.pop(key, 0)
 
 
-def measure(fn: Callable[[], torch.Tensor], repeats: int = 2) -> dict:
-    """Best wall time of `repeats` runs and a peak of memory. On a GPU one warm-up run comes first,
-    timed apart as `first_seconds` (kernel compilation and CUDA-graph recording are paid once, not
-    per generation), and the peak is the allocator's over the last timed run. Elsewhere one more
-    run counts the peak tensor memory (`PeakTensorMemory`, too slow to time)."""
-    cuda = torch.cuda.is_available()
+def measure(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int = 2) -> dict:
+    """Best wall time of `repeats` runs of `fn` (which computes on `device`) and a peak of memory. On
+    a GPU one warm-up run comes first, timed apart as `first_seconds` (kernel compilation and
+    CUDA-graph recording are paid once, not per generation), and the peak is the allocator's over
+    the last timed run. Elsewhere one more run counts the peak tensor memory (`PeakTensorMemory`,
+    too slow to time): the CUDA allocator does not see CPU tensors, even where a GPU is present."""
+    cuda = device.type == "cuda"
     first, seconds, peak = {}, [], 0
     if cuda:
         start = time.perf_counter()
@@ -130,8 +131,8 @@ def training_paths(model: WanModelCausal, frames: int, generator: torch.Generato
         velocity_difference = (model.forward_teacher_forcing(clean, noisy, t, text) -
                                rollout(model, clean, noisy, t, text)).abs().max().item()
     return {
-        "teacher_forcing": measure(step(lambda: model.forward_teacher_forcing(clean, noisy, t, text))),
-        "sequential": measure(step(lambda: rollout(model, clean, noisy, t, text, cache_grad=True))),
+        "teacher_forcing": measure(step(lambda: model.forward_teacher_forcing(clean, noisy, t, text)), clean.device),
+        "sequential": measure(step(lambda: rollout(model, clean, noisy, t, text, cache_grad=True)), clean.device),
         "training_velocity_max_difference": velocity_difference,
     }
 
@@ -227,18 +228,20 @@ def generation_paths(model: WanModelCausal, frames: int, generator: torch.Genera
     generation at real size and compiles nothing after that first run."""
     first, noise = random_inputs(model, generator, (1, 48, 1, *latent_hw), (1, 48, frames - 1, *latent_hw))
     text = random_inputs(model, generator, (8, model.text_dim))
+    device = first.device
     results = {}
     for name, setting in GENERATION_SETTINGS.items():
         results[name] = {
             "cached": measure(lambda: cached_generation(model, first, noise, text,
-                                                        StaticKVCache(model.num_layers, capacity=frames), setting)),
-            "recompute": measure(lambda: recompute_generation(model, first, noise, text, setting),
-                                 repeats=1 if torch.cuda.is_available() else 2)}
+                                                        StaticKVCache(model.num_layers, capacity=frames), setting),
+                              device),
+            "recompute": measure(lambda: recompute_generation(model, first, noise, text, setting), device,
+                                 repeats=1 if device.type == "cuda" else 2)}
         if graphed is None:
             continue
         try:
             results[name]["graphed"] = measure(lambda: cached_generation(model, first, noise, text, graphed.cache,
-                                                                         setting, graphed.step))
+                                                                         setting, graphed.step), device)
         except Exception as error:  # reported in the row; the eager variants still are
             print(f"graphed generation ({name}) failed: {traceback.format_exc()}", flush=True)
             results[name]["graphed"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}

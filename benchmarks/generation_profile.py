@@ -24,7 +24,7 @@ from benchmarks.causal_paths import GENERATION_SETTINGS, GenerationSetting, cach
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.kv_cache import StaticKVCache
 
-NO_GPU = "no CUDA device: nothing runs on a GPU"
+NO_GPU = "the model is not on a CUDA device: nothing runs on a GPU"
 TOP_HOST_OPS = 6
 
 
@@ -53,9 +53,9 @@ def called_by_aten(event: torch.autograd.profiler_util.FunctionEvent) -> bool:
     return False
 
 
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def profile_setting(model: WanModelCausal, frames: int, latent_hw: tuple[int, int], setting: GenerationSetting,
@@ -65,21 +65,22 @@ def profile_setting(model: WanModelCausal, frames: int, latent_hw: tuple[int, in
     first, noise = random_inputs(model, generator, (1, 48, 1, *latent_hw), (1, 48, frames - 1, *latent_hw))
     text = random_inputs(model, generator, (8, model.text_dim))
     cache = StaticKVCache(model.num_layers, capacity=frames)
+    device = first.device
 
     def run() -> torch.Tensor:
         return cached_generation(model, first, noise, text, cache, setting)
 
     calls = count_model_calls(model, run)  # also the warm-up: kernels compiled, buffers allocated
-    synchronize()
+    synchronize(device)
     start = time.perf_counter()
     run()
-    synchronize()
+    synchronize(device)
     wall = time.perf_counter() - start
-    cuda = torch.cuda.is_available()
+    cuda = device.type == "cuda"  # a model on the CPU launches no kernels, even where a GPU is present
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as profiled:
         run()
-        synchronize()
+        synchronize(device)
     # Operators the host issued: aten ops not called by another one (a linear counts once, not again as its addmm).
     issued = sum(1 for e in profiled.events() if e.name.startswith("aten::") and not called_by_aten(e))
     events = profiled.key_averages()

@@ -78,10 +78,19 @@ SMOKE = Sizes(dim=64, ffn_dim=128, num_heads=2, num_layers=2, training_path_laye
               loader=dict(episodes=2, frames=12, num_frames=9, height=64, width=64, samples=2))
 
 
+# The planner's GPUs are SXM parts. PCIe and NVL cards of the same chip run at lower clocks and
+# power, and peak lower (H100 PCIe: 756 dense bf16 TFLOP/s, H100 and H200 NVL: 835, not 989).
+OTHER_FORM_FACTORS = ("pcie", "nvl")
+
+
 def peak_bf16_tflops(device_name: str) -> float | None:
-    """The dense bf16 peak of the planner's GPU whose name the device's contains (H100, H200, A100)."""
+    """The dense bf16 peak of the planner's GPU whose name the device's contains (H100, H200, A100);
+    None for another GPU or another form factor of one (no MFU then)."""
+    name = device_name.lower()
+    if any(form in name for form in OTHER_FORM_FACTORS):
+        return None
     for key, gpu in GPUS.items():
-        if key.split("-")[0] in device_name.lower():
+        if key.split("-")[0] in name:
             return gpu.bf16_tflops
     return None
 
@@ -217,18 +226,19 @@ def run(sizes: Sizes = Sizes(), device: str | None = None,
           if sizes.compiled else []),
         ("stage1_step", lambda: stage1_steps(sizes, device, peak, [(blocks[0], micro, mode) for micro in more
                                                                    for mode in CHECKPOINTING_MODES])),
-        ("loader", lambda: loader.run(**(sizes.loader or {}), gpu_samples_per_s=fastest_samples_per_s(results))),
+        ("loader", lambda: loader.run(**(sizes.loader or {}),
+                                      gpu_samples_per_s=fastest_samples_per_s(results) or loader.H100_SAMPLES_PER_S)),
     ]
     for key, measure in sections:
         if only and key not in only:
             continue
         try:
             value = measure()
-        except Exception as error:  # reported with the results; the next sections still run
+        except Exception as error:  # reported with the results (and written like them); the next sections still run
             results.setdefault("errors", []).append(f"{key}: {type(error).__name__}: {str(error)[:300]}")
             print(f"section {key} failed: {traceback.format_exc()}", flush=True)
-            continue
-        results[key] = results.get(key, []) + value if isinstance(value, list) else value
+        else:
+            results[key] = results.get(key, []) + value if isinstance(value, list) else value
         results["seconds"] = time.perf_counter() - started
         on_section(results)
     return results
@@ -283,11 +293,12 @@ def profiled_generation(sizes: Sizes, device: str) -> dict:
     return result
 
 
-def fastest_samples_per_s(results: dict) -> float:
-    """Samples per second of the fastest measured stage-1 step (the loader must keep up with it)."""
+def fastest_samples_per_s(results: dict) -> float | None:
+    """Samples per second of the fastest measured stage-1 step (the loader must keep up with it);
+    None if no step was measured."""
     fastest = min((r["step_s"] / r["micro_batch"] for r in results.get("stage1_step", []) if "step_s" in r),
                   default=None)
-    return 1 / fastest if fastest else loader.H100_SAMPLES_PER_S
+    return 1 / fastest if fastest else None
 
 
 def percent(value: float | None) -> str:
@@ -391,8 +402,11 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {frames} | {tf:.3f} | {seq:.3f} | {seq / tf:.2f}x "
                              f"| {row['teacher_forcing_loss']:.5f} / {row['sequential_loss']:.5f} |")
     if "loader" in results:
-        lines += ["", f"**Loader** feeding the fastest measured step "
-                      f"({fastest_samples_per_s(results):.2f} samples/s per GPU), one worker process:", "",
+        fastest = fastest_samples_per_s(results)
+        fed = (f"the fastest measured step ({fastest:.2f} samples/s per GPU)" if fastest else
+               f"an assumed step ({loader.H100_SAMPLES_PER_S} samples/s per GPU, one H100 at ~40% MFU: no "
+               "stage-1 step measured in this run)")
+        lines += ["", f"**Loader** feeding {fed}, one worker process:", "",
                   "| shards | samples/s per worker | workers per GPU |", "|---|---|---|"]
         lines += [f"| {kind} | {r['samples_per_s']:.2f} | {r['workers_per_gpu']:.2f} |"
                   for kind, r in results["loader"].items()]
@@ -432,7 +446,8 @@ def main(argv: list[str] | None = None) -> dict:
             sizes = replace(sizes, **{field: tuple(frames)})
 
     def on_section(results: dict) -> None:
-        print(f"[{results['seconds']:.0f} s] measured: {', '.join(k for k in results if k not in ('machine', 'sizes', 'seconds'))}",
+        measured = [k for k in results if k not in ("machine", "sizes", "seconds", "errors")]
+        print(f"[{results['seconds']:.0f} s] measured: {', '.join(measured)}; failed: {len(results.get('errors', []))}",
               flush=True)
         if not args.smoke:
             args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")

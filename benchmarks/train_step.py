@@ -126,7 +126,7 @@ def run(settings: StepBenchmark | None = None) -> dict[str, object]:
 
 def markdown(results: dict[str, object]) -> str:
     settings = results["settings"]
-    memory = "GPU allocator peak" if settings["device"] == "cuda" else "bytes saved for backward"
+    memory = "GPU allocator peak" if torch.device(settings["device"]).type == "cuda" else "bytes saved for backward"
     lines = [f"WanModel dim {settings['dim']}, {settings['num_layers']} blocks, {results['tokens_per_step']} tokens "
              f"per step, bf16, {settings['device']}; activation memory = {memory}.", "",
              "| checkpointing | tokens/s | step (s) | activation memory (MiB) |", "|---|---|---|---|"]

@@ -81,6 +81,13 @@ def test_peak_flops_of_the_planner_gpus_by_device_name():
     assert gpu.peak_bf16_tflops("NVIDIA L4") is None
 
 
+@pytest.mark.parametrize("name", ["NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200 NVL"])
+def test_no_peak_flops_for_a_form_factor_the_planner_does_not_list(name):
+    """The planner's GPUs are SXM parts; the PCIe and NVL cards of the same chip peak lower (H100
+    PCIe: 756 dense bf16 TFLOP/s), so their MFU against the SXM peak would read low."""
+    assert gpu.peak_bf16_tflops(name) is None
+
+
 def test_results_measured_before_a_variant_existed_still_render():
     results = json.loads(GPU_RESULTS.read_text())
     for row in results["causal_generation"].values():
@@ -148,3 +155,25 @@ def test_compiled_only_times_no_eager_blocks(monkeypatch):
     assert "causal_training" not in results and "causal_training_compiled" in results
     with pytest.raises(ValueError, match="nothing to time"):
         gpu.block_variants(replace(sizes, compiled=False))
+
+
+def test_a_failed_section_is_written_and_reported(monkeypatch):
+    """A section that fails (here the only one asked for) is recorded in the results file like a
+    measured one, and the report says so (a run with nothing measured reports its failures too)."""
+    def fail(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gpu, "stage2_steps", fail)
+    written = []
+    results = gpu.run(gpu.SMOKE, device="cpu", only=("stage2_step",),
+                      on_section=lambda results: written.append(json.loads(json.dumps(results, default=str))))
+    error = "stage2_step: RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert written and written[-1]["errors"] == [error]
+    assert f"Section failed: {error}" in gpu.markdown(results)
+
+
+def test_a_loader_run_without_a_measured_step_says_its_rate_is_assumed():
+    loader_rows = {"raw": {"samples_per_s": 0.5, "workers_per_gpu": 2.2}}
+    text = gpu.markdown({"machine": {"device": "cpu", "torch": "-", "cuda": "-", "commit": "-", "date": "-",
+                                     "peak_bf16_tflops": None}, "seconds": 1, "loader": loader_rows})
+    assert "fastest measured step" not in text and "assumed" in text

@@ -5,7 +5,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.causal_paths import (GENERATION_SETTINGS, LATENT_HW, SMALL_CONFIG, cached_generation, flop_ratio,
-                                     generation_flops, random_inputs, recompute_generation)
+                                     generation_flops, measure_causal_paths, random_inputs,
+                                     recompute_generation)
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.kv_cache import StaticKVCache
 from vidartrain.plan import DitShape
@@ -79,3 +80,14 @@ def test_teacher_forcing_computes_what_the_sequential_rollout_computes_in_one_pa
         one_pass = counted_flops(lambda: model.forward_teacher_forcing(clean, noisy, t, text))
         sequential = counted_flops(lambda: rollout(model, clean, noisy, t, text, cache_grad=True))
     assert one_pass == sequential and one_pass["attention"] > 0
+
+
+
+def test_a_cpu_run_counts_its_tensors_where_a_gpu_is_present(monkeypatch):
+    """Paths run on the CPU are measured as on the CPU on a machine with a GPU too: the CUDA
+    allocator does not see their tensors (its peak would read 0)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    rows = measure_causal_paths((2,), model_config={**SMALL_CONFIG, "num_layers": 1}, latent_hw=(8, 8), device="cpu")
+    measured = [rows[2][path] for path in ("teacher_forcing", "sequential")]
+    measured += [m[variant] for m in rows[2]["generation"].values() for variant in ("cached", "recompute")]
+    assert all(m["peak_mib"] > 0 and "first_seconds" not in m for m in measured)
