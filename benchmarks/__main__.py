@@ -4,6 +4,9 @@ performance section.
     python -m benchmarks [--only NAME ...] [--no-readme]
     python -m benchmarks --render    # re-render from the committed results (after a GPU run)
 
+`--only` replaces those benchmarks' results in results.json and keeps the others, each section saying
+where and when it was measured if not with the rest.
+
 Each benchmark module has `run() -> dict` and `markdown(result) -> str`; every ratio is measured
 within one run on this machine. The planner's tables for every hardware profile come last.
 """
@@ -29,6 +32,7 @@ BENCHMARKS = {  # module -> section title
     "loader": "Loader: raw-video vs pre-encoded shards",
     "plan_calibration": "Planner calibration: activation estimate vs measured CPU peak memory",
     "compile_time": "Static generation step: compilation time, blocks as one compile region vs unrolled",
+    "optimizer_step": "Optimizer step: AdamW's fused kernel vs torch's default (an offloaded optimizer on the host)",
 }
 CPU_RESULTS = REPO / "benchmarks" / "results.json"
 GPU_RESULTS = REPO / "benchmarks" / "results_gpu.json"
@@ -112,8 +116,12 @@ def render(results: dict) -> str:
     for name, title in BENCHMARKS.items():
         if name in results["benchmarks"]:
             module = importlib.import_module(f"benchmarks.{name}")
-            lines += [f"### {title}", "", f"`python -m benchmarks.{name}`", "",
-                      module.markdown(results["benchmarks"][name]), ""]
+            lines += [f"### {title}", "", f"`python -m benchmarks.{name}`", ""]
+            separately = results.get("measured_separately", {}).get(name)
+            if separately is not None:
+                lines += [f"Measured separately on {separately['cpu']} ({separately['cores']} cores), torch "
+                          f"{separately['torch']}, commit {separately['commit']}, {separately['date']}.", ""]
+            lines += [module.markdown(results["benchmarks"][name]), ""]
     lines += ["### Planner: every hardware profile beside the reference hardware table", "",
               "`vidar-plan --config CONFIG --table` (memory per GPU with DeepSpeed's ZeRO-3 estimator, activations "
               "measured from our block; time at 40% MFU, 4 passes per step with checkpointing, 3 without).", ""]
@@ -149,6 +157,17 @@ def measure(names: list[str]) -> dict:
     return results
 
 
+def merged(earlier: dict, new: dict) -> dict:
+    """`earlier` results with the benchmarks of `new` (measured alone, by --only) in place of theirs, each
+    recorded with the machine and commit it was measured on; the planner tables are `new`'s (today's code)."""
+    results = dict(earlier, benchmarks=dict(earlier["benchmarks"]), planner=new["planner"],
+                   measured_separately=dict(earlier.get("measured_separately", {})))
+    for name, result in new["benchmarks"].items():
+        results["benchmarks"][name] = result
+        results["measured_separately"][name] = new["machine"]
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these benchmarks")
@@ -161,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(CPU_RESULTS.read_text())
     else:
         results = measure(args.only or BENCHMARKS)
+        if args.only and CPU_RESULTS.is_file():
+            results = merged(json.loads(CPU_RESULTS.read_text()), results)
         CPU_RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
     section = render(results)
     (REPO / "benchmarks" / "results.md").write_text("# Benchmark results\n\n" + section)
