@@ -22,6 +22,7 @@ from vidartrain.distributed.export import write_state_dict
 from vidartrain.distributed.sequence_parallel import check_sequence_parallel_size
 from vidartrain.losses import (NUM_TRAIN_TIMESTEPS, add_noise, context_frame_mask, flow_matching_loss,
                                flow_matching_target, sample_sigmas)
+from vidartrain.models.idm import idm_input_size
 from vidartrain.models.wan.checkpoint import load_finetuned, model_arguments
 from vidartrain.models.wan.model import WanModel
 from vidartrain.shapes import VAE_STRIDE
@@ -30,7 +31,6 @@ from vidartrain.sampling import (DEFAULT_NEGATIVE_PROMPT, SamplingOptions, actio
                                  idm_actions, psnr, video_to_uint8)
 from vidartrain.trainers.base import Stage, ValidationSample
 from vidartrain.trainers.conditioning import FrozenConditioner
-from vidartrain.trainers.idm_trainer import idm_input_size
 
 SIGMA_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
