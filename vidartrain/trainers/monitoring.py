@@ -137,7 +137,9 @@ class TrainingMonitor:
         self.writer.add_scalar("time/validation_samples_s", seconds, step)
         self.writer.flush()
         report = {"step": step, "seconds": seconds, "samples": [{"key": s.key, **s.metrics} for s in samples]}
-        (directory / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        text = json.dumps(report, indent=2) + "\n"
+        # whole or not at all, as the mp4s: a resumed run renders again the steps after its checkpoint
+        write_atomically(directory / "metrics.json", lambda tmp: tmp.write_text(text))
         log.info("step %d  %d validation samples in %.1f s -> %s  %s", step, len(samples), seconds, directory,
                  "  ".join(f"{name} {value:.4f}" for name, value in means.items()))
 
