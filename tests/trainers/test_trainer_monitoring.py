@@ -59,7 +59,7 @@ def test_a_samples_report_cut_short_leaves_the_earlier_one_whole(tmp_path, monke
     folder = tmp_path / "samples" / "step_00000002"
     monitor = TrainingMonitor(tmp_path, enabled=True, start_step=0, total_steps=5)
     try:
-        monitor.log_samples(2, [sample], folder, fps=10, seconds=1.0)
+        monitor.log_samples(2, [sample], fps=10, seconds=1.0)
         before = (folder / "metrics.json").read_text()
         write_text = Path.write_text
 
@@ -69,7 +69,20 @@ def test_a_samples_report_cut_short_leaves_the_earlier_one_whole(tmp_path, monke
 
         monkeypatch.setattr(Path, "write_text", cut_short)
         with pytest.raises(OSError, match="No space"):
-            monitor.log_samples(2, [sample], folder, fps=10, seconds=2.0)
+            monitor.log_samples(2, [sample], fps=10, seconds=2.0)
     finally:
         monitor.close()
     assert (folder / "metrics.json").read_text() == before
+
+
+def test_a_resumed_run_drops_the_validation_samples_after_its_checkpoint(tmp_path):
+    """Like its rows of metrics.jsonl: samples an earlier run rendered after the checkpoint this run
+    resumes from come from weights this run no longer has (and it may render at other steps)."""
+    sample = ValidationSample("ep_0000", np.zeros((5, 16, 16, 3), np.uint8), np.zeros((5, 16, 16, 3), np.uint8),
+                              {"psnr": 20.0})
+    monitor = TrainingMonitor(tmp_path, enabled=True, start_step=0, total_steps=5)
+    for step in (2, 4):
+        monitor.log_samples(step, [sample], fps=10, seconds=1.0)
+    monitor.close()
+    TrainingMonitor(tmp_path, enabled=True, start_step=2, total_steps=5).close()
+    assert sorted(path.name for path in (tmp_path / "samples").iterdir()) == ["step_00000002"]

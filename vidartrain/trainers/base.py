@@ -651,8 +651,7 @@ class Trainer:
         self.engine.eval()
         samples = [self.stage.validation_sample(self.engine.module, batch, index) for index, batch in enumerate(batches)]
         self.engine.train()
-        self.monitor.log_samples(self.step, samples, self.output_dir / "samples" / tag_for_step(self.step),
-                                 self.config.data.fps, time.perf_counter() - start)
+        self.monitor.log_samples(self.step, samples, self.config.data.fps, time.perf_counter() - start)
         dist.barrier()
 
     def request_stop(self, signum: int, frame: Any) -> None:
