@@ -17,7 +17,7 @@ import torch
 from vidartrain.data.transforms import resample_indices, resize_frames, to_model_range
 from vidartrain.data.video import decode_all_frames
 from vidartrain.errors import ConfigError
-from vidartrain.models.idm import IDM, load_idm, pool_mask_to_latent
+from vidartrain.models.idm import IDM, idm_input_size, load_idm, pool_mask_to_latent
 from vidartrain.models.wan.text_encoder import TextEncoder
 from vidartrain.models.wan.vae import WanVAE, latent_shape
 from vidartrain.shapes import CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH
@@ -78,24 +78,23 @@ class Precomputer:
     """Runs the frozen VAE (and IDM, and umT5 for instructions) on the converter's main process."""
 
     def __init__(self, what: tuple[str, ...], vae: WanVAE, text_encoder: TextEncoder | None = None,
-                 idm: IDM | None = None, latent_dtype: torch.dtype = torch.bfloat16,
-                 idm_input_size: tuple[int, int] = (518, 518)):
+                 idm: IDM | None = None, latent_dtype: torch.dtype = torch.bfloat16):
         if "text" in what and text_encoder is None:
             raise ValueError("precompute 'text' needs a text encoder")
         if "idm" in what and idm is None:
             raise ValueError("precompute 'idm' needs an IDM checkpoint (--idm)")
         self.what, self.vae, self.text_encoder, self.idm = what, vae, text_encoder, idm
-        self.latent_dtype, self.idm_input_size = latent_dtype, idm_input_size
+        self.latent_dtype = latent_dtype
 
     @classmethod
     def from_checkpoints(cls, what: tuple[str, ...], ckpt_dir: Path, idm_path: Path | None, device: str,
-                         latent_dtype: str, vae_config: dict | None = None, t5_config: dict | None = None,
-                         idm_input_size: tuple[int, int] = (518, 518)) -> "Precomputer":
+                         latent_dtype: str, vae_config: dict | None = None, t5_config: dict | None = None
+                         ) -> "Precomputer":
         vae = WanVAE.from_pretrained(ckpt_dir / VAE_CHECKPOINT_NAME, device=device, **(vae_config or {}))
         text_encoder = (TextEncoder.from_pretrained(ckpt_dir, device=device, encoder_config=t5_config)
                         if "text" in what else None)
         idm = load_idm(idm_path, device=device) if "idm" in what and idm_path is not None else None
-        return cls(what, vae, text_encoder, idm, DTYPES[latent_dtype], idm_input_size)
+        return cls(what, vae, text_encoder, idm, DTYPES[latent_dtype])
 
     @torch.no_grad()
     def window_tensors(self, frames: np.ndarray) -> dict[str, torch.Tensor]:
@@ -104,7 +103,8 @@ class Precomputer:
         video = to_model_range(torch.from_numpy(frames)).permute(1, 0, 2, 3).unsqueeze(0).to(device)
         tensors = {"latents": self.vae.encode(video)[0].to(self.latent_dtype).cpu().contiguous()}
         if "idm" in self.what:
-            mask = self.idm.get_mask(video, input_size=self.idm_input_size).float()
+            # the size training uses online (Eq. 7), so pre-encoded and online masks agree
+            mask = self.idm.get_mask(video, input_size=idm_input_size(*frames.shape[-2:])).float()
             tensors["idm_mask"] = pool_mask_to_latent(mask)[0].to(self.latent_dtype).cpu().contiguous()
         return tensors
 
@@ -121,11 +121,11 @@ class Precomputer:
 
 
 def settings_record(what: tuple[str, ...], window: WindowSettings, ckpt_dir: Path | None, idm_path: Path | None,
-                    latent_dtype: str, vae_config: dict | None = None, t5_config: dict | None = None,
-                    idm_input_size: int = 518) -> dict:
+                    latent_dtype: str, vae_config: dict | None = None, t5_config: dict | None = None) -> dict:
     """What decides the pre-encoded bytes, for index.json."""
     return json.loads(json.dumps({
         "precompute": list(what), "num_frames": window.num_frames, "stride": window.stride,
         "height": window.height, "width": window.width, "resize": window.resize, "latent_dtype": latent_dtype,
         "ckpt_dir": str(ckpt_dir) if ckpt_dir else None, "idm": str(idm_path) if idm_path else None,
-        "vae_config": vae_config, "t5_config": t5_config, "idm_input_size": idm_input_size}))
+        "vae_config": vae_config, "t5_config": t5_config,
+        "idm_input_size": list(idm_input_size(window.height, window.width)) if "idm" in what else None}))

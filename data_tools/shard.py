@@ -708,7 +708,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="JSON WanVAE constructor overrides (tiny debug checkpoints)")
     parser.add_argument("--t5-config", type=json.loads, default=None,
                         help="JSON UMT5Encoder constructor overrides (tiny debug checkpoints)")
-    parser.add_argument("--idm-input-size", type=int, default=518, help="square frame size the IDM sees")
     parser.add_argument("--strict", action="store_true", help="stop with an error at the first bad episode")
     parser.add_argument("--overwrite", action="store_true", help="discard shards already in --out")
     parser.add_argument("--append", action="store_true",
@@ -735,7 +734,7 @@ def settings_from_args(args: argparse.Namespace) -> ConversionSettings:
         if args.ckpt_dir is None or ("idm" in what and args.idm is None):
             raise ConfigError("--precompute needs --ckpt-dir, and --idm when it includes idm")
         precompute = settings_record(what, window, args.ckpt_dir, args.idm, args.latent_dtype, args.vae_config,
-                                     args.t5_config, args.idm_input_size)
+                                     args.t5_config)
     return ConversionSettings(layout=layout, max_samples=args.samples_per_shard, max_bytes=args.bytes_per_shard,
                               val_fraction=args.val_fraction, split_seed=args.split_seed, precompute=precompute)
 
@@ -744,11 +743,9 @@ def precomputer_from_settings(settings: ConversionSettings, device: str) -> Prec
     record = settings.precompute
     if record is None:
         return None
-    size = record["idm_input_size"]
     return Precomputer.from_checkpoints(tuple(record["precompute"]), Path(record["ckpt_dir"]),
                                         Path(record["idm"]) if record["idm"] else None, device,
-                                        record["latent_dtype"], record["vae_config"], record["t5_config"],
-                                        (size, size))
+                                        record["latent_dtype"], record["vae_config"], record["t5_config"])
 
 
 @reports_errors

@@ -39,7 +39,7 @@ from vidartrain.distributed.export import (in_export_dtype, lora_alpha, read_che
                                            resolve_checkpoint)
 from vidartrain.errors import CheckpointError, ConfigError, DataError, reports_errors  # noqa: E402
 from vidartrain.files import check_outputs, make_directory, write_atomically  # noqa: E402
-from vidartrain.models.idm import IDM, load_idm  # noqa: E402
+from vidartrain.models.idm import IDM, idm_input_size, load_idm  # noqa: E402
 from vidartrain.models.wan.causal import WanModelCausal  # noqa: E402
 from vidartrain.models.wan.checkpoint import load_finetuned  # noqa: E402
 from vidartrain.models.wan.kv_cache import latent_frames_of  # noqa: E402
@@ -52,7 +52,6 @@ from vidartrain.sampling import (DEFAULT_GUIDE_SCALE, DEFAULT_NEGATIVE_PROMPT, D
                                  SamplingOptions, action_metrics, frame_strip, generate_video, idm_actions,
                                  psnr, video_to_uint8, write_mp4)
 from vidartrain.shapes import MIN_CAUSAL_LATENT_FRAMES, MIN_CAUSAL_VIDEO_FRAMES  # noqa: E402
-from vidartrain.trainers.idm_trainer import idm_input_size  # noqa: E402
 from vidartrain.trainers.conditioning import VAE_FILE  # noqa: E402
 
 # Few denoising steps per chunk for the causal model, as it is deployed.

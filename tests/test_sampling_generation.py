@@ -194,3 +194,5 @@ def test_frames_strip_psnr_and_action_metrics():
     assert metrics["gripper_accuracy"] == pytest.approx(7 / 8)
     with pytest.raises(ValueError, match="differ in shape"):
         action_metrics(predicted[:3], actual)
+    # a robot without grippers (`idm.gripper_dims: []`, `--gripper-dims ""`) has no gripper accuracy
+    assert set(action_metrics(predicted, actual, gripper_dims=[])) == {"action_l1", "action_l1_per_dim"}

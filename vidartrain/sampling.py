@@ -447,15 +447,18 @@ def idm_actions(idm: IDM, video: torch.Tensor, input_size: tuple[int, int], fram
 def action_metrics(predicted: np.ndarray, actual: np.ndarray, gripper_dims: Sequence[int] = (6, 13)
                    ) -> dict[str, float | list[float]]:
     """Predicted vs the episode's actions [T, A]: L1 per dimension and overall, and gripper
-    open/close accuracy (each gripper dimension split at the midpoint of the episode's range)."""
+    open/close accuracy (each gripper dimension split at the midpoint of the episode's range; none
+    without gripper dimensions, rather than the NaN mean of nothing)."""
     if predicted.shape != actual.shape:
         raise ValueError(f"predicted actions {predicted.shape} and the episode's {actual.shape} differ in shape")
     if any(not 0 <= d < actual.shape[1] for d in gripper_dims):
         raise ValueError(f"gripper dimensions {tuple(gripper_dims)} outside the {actual.shape[1]} action dimensions")
     l1 = np.abs(predicted - actual).mean(axis=0)
+    metrics = {"action_l1": float(l1.mean()), "action_l1_per_dim": [float(v) for v in l1]}
     correct = []
     for d in gripper_dims:
         threshold = (actual[:, d].min() + actual[:, d].max()) / 2
         correct.append((predicted[:, d] > threshold) == (actual[:, d] > threshold))
-    return {"action_l1": float(l1.mean()), "action_l1_per_dim": [float(v) for v in l1],
-            "gripper_accuracy": float(np.mean(correct))}
+    if correct:
+        metrics["gripper_accuracy"] = float(np.mean(correct))
+    return metrics

@@ -20,6 +20,7 @@ from vidartrain.config import DataConfig
 from vidartrain.data.dataset import build_loader
 from vidartrain.data.transforms import to_model_range
 from vidartrain.errors import ConfigError
+from vidartrain.models.idm import idm_input_size, save_idm
 from vidartrain.trainers.conditioning import FrozenConditioner
 from helpers.trainer_launch import tiny_idm
 from vidartrain.models.wan.text_encoder import TextEncoder
@@ -49,9 +50,9 @@ def pre_encoded(workspace):
     torch.manual_seed(0)
     idm = tiny_idm().eval()
     what = ("idm", "latents", "text")
-    precomputer = Precomputer(what, vae, text_encoder, idm, torch.float32, idm_input_size=(32, 32))
+    precomputer = Precomputer(what, vae, text_encoder, idm, torch.float32)
     settings = shard_tool.ConversionSettings(
-        max_samples=5, precompute=settings_record(what, WINDOW, ckpt, None, "float32", TINY_VAE, TINY_T5, 32))
+        max_samples=5, precompute=settings_record(what, WINDOW, ckpt, None, "float32", TINY_VAE, TINY_T5))
     shard_tool.convert(workspace / "episodes", workspace / "shards", settings, precomputer=precomputer)
     return workspace / "shards", precomputer
 
@@ -192,3 +193,23 @@ def test_inspect_verifies_pre_encoded_shards(pre_encoded, tmp_path, capsys):
     safetensors.torch.save_file({k: v for k, v in kept.items() if k != dropped}, copy / index["text_embeddings"])
     assert inspect_tool.main([str(copy), "--no-decode"]) == 1
     assert f"no embedding for text_key {dropped}" in capsys.readouterr().err
+
+
+def test_pre_encoded_idm_masks_equal_those_training_computes_online(workspace, tmp_path):
+    """The IDM sees frames smaller than 518x518 at their own size in training (Eq. 7 online); the
+    converter's masks must be made the same way, or a run's loss weights would depend on whether
+    its shards were pre-encoded."""
+    torch.manual_seed(0)
+    idm = tiny_idm().eval()
+    save_idm(idm, tmp_path / "idm.pt")
+    argv = ["--episodes", str(workspace / "episodes"), "--out", str(tmp_path / "shards"), "--precompute",
+            "latents,idm", "--ckpt-dir", str(workspace / "ckpt"), "--idm", str(tmp_path / "idm.pt"),
+            "--num-frames", "5", "--height", "32", "--width", "32", "--latent-dtype", "float32",
+            "--vae-config", json.dumps(TINY_VAE)]
+    precomputer = shard_tool.precomputer_from_settings(shard_tool.settings_from_args(shard_tool.parse_args(argv)), "cpu")
+    video = (workspace / "episodes" / "ep_0001" / "video.mp4").read_bytes()
+    _, frames = episode_windows(video, 10.0, 10, FRAMES, WINDOW)[0]
+    online = FrozenConditioner(idm=precomputer.idm, idm_input_size=idm_input_size(32, 32))
+    batch = {"__key__": ["ep_0001"], "video": torch.from_numpy(frames).permute(1, 0, 2, 3)[None]}
+    expected = online.window_mask(batch, 0, 2)[0]
+    torch.testing.assert_close(precomputer.window_tensors(frames)["idm_mask"], expected, rtol=0, atol=0)

@@ -13,8 +13,8 @@ from helpers.trainer_launch import tiny_idm
 
 from vidartrain.errors import CheckpointError
 from vidartrain.losses import idm_loss
-from vidartrain.models.idm import (IMAGENET_MEAN, IMAGENET_STD, IDM, IdmArchitecture, load_idm, preprocess_frames,
-                                   save_idm)
+from vidartrain.models.idm import (IDM_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD, IDM, IdmArchitecture, idm_input_size,
+                                   load_idm, preprocess_frames, save_idm)
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +254,12 @@ def test_load_idm_refuses_a_file_that_is_no_idm_checkpoint(tmp_path, content):
         path.write_bytes(content)
     with pytest.raises(CheckpointError, match=f"^{path}: (torch.load cannot read it|expected an IDM state dict)"):
         load_idm(path)
+
+
+def test_input_size_is_the_published_one_unless_frames_are_smaller():
+    assert idm_input_size(736, 640) == IDM_INPUT_SIZE == (518, 518)
+    assert idm_input_size(480, 640) == IDM_INPUT_SIZE
+    assert idm_input_size(64, 96) == (64, 96)
 
 
 def test_preprocess_frames_maps_range_resizes_with_antialias_and_normalises():

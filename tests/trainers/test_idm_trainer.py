@@ -1,4 +1,4 @@
-"""IDM stage on a bare IDM (no DeepSpeed): input size rule, Eq. 4 wiring, metrics, export, overfit."""
+"""IDM stage on a bare IDM (no DeepSpeed): Eq. 4 wiring, metrics, export, overfit."""
 from pathlib import Path
 
 import pytest
@@ -10,8 +10,8 @@ from vidartrain.config import ConfigError, load_config
 from vidartrain.data.shard_index import DataInfo, read_data_info, read_index
 from vidartrain.errors import DataError
 from vidartrain.losses import action_accuracy, idm_loss
-from vidartrain.models.idm import IDM, IDM_INPUT_SIZE, IdmArchitecture, load_idm, preprocess_frames, save_idm
-from vidartrain.trainers.idm_trainer import IdmStage, action_space, idm_input_size
+from vidartrain.models.idm import IDM, IdmArchitecture, load_idm, preprocess_frames, save_idm
+from vidartrain.trainers.idm_trainer import IdmStage, action_space
 
 
 def tiny_config(*overrides: str):
@@ -43,12 +43,6 @@ def batch():
     return {"__key__": [f"ep/{i}" for i in range(4)],
             "frame": torch.rand(4, 3, 32, 32, generator=generator) * 2 - 1,
             "action": torch.randn(4, 14, generator=generator) * 0.3 + 0.5}
-
-
-def test_input_size_is_the_published_one_unless_frames_are_smaller():
-    assert idm_input_size(736, 640) == IDM_INPUT_SIZE == (518, 518)
-    assert idm_input_size(480, 640) == IDM_INPUT_SIZE
-    assert idm_input_size(64, 96) == (64, 96)
 
 
 def test_loss_is_eq4_of_the_model_output_with_its_metrics(stage_and_model, batch):

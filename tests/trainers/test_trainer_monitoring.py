@@ -3,9 +3,13 @@ resumed run leaves in TensorBoard and metrics.jsonl."""
 import json
 import logging
 import time
+from pathlib import Path
 
+import numpy as np
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from vidartrain.trainers.base import ValidationSample
 from vidartrain.trainers.monitoring import TrainingMonitor
 
 
@@ -44,3 +48,41 @@ def test_a_resumed_run_replaces_the_steps_after_its_checkpoint_and_keeps_the_che
     assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
     rows = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2, 3, 4, 5]
+
+
+def test_a_samples_report_cut_short_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    """Validation samples at a step an earlier run rendered too (it went on past the checkpoint this
+    run resumed from): a write stopped midway (a kill, a full disk) must leave that run's
+    metrics.json readable, not half of this one."""
+    sample = ValidationSample("ep_0000", np.zeros((5, 16, 16, 3), np.uint8), np.zeros((5, 16, 16, 3), np.uint8),
+                              {"psnr": 20.0})
+    folder = tmp_path / "samples" / "step_00000002"
+    monitor = TrainingMonitor(tmp_path, enabled=True, start_step=0, total_steps=5)
+    try:
+        monitor.log_samples(2, [sample], fps=10, seconds=1.0)
+        before = (folder / "metrics.json").read_text()
+        write_text = Path.write_text
+
+        def cut_short(path, text, *args, **kwargs):
+            write_text(path, text[:10], *args, **kwargs)
+            raise OSError("No space left on device")
+
+        monkeypatch.setattr(Path, "write_text", cut_short)
+        with pytest.raises(OSError, match="No space"):
+            monitor.log_samples(2, [sample], fps=10, seconds=2.0)
+    finally:
+        monitor.close()
+    assert (folder / "metrics.json").read_text() == before
+
+
+def test_a_resumed_run_drops_the_validation_samples_after_its_checkpoint(tmp_path):
+    """Like its rows of metrics.jsonl: samples an earlier run rendered after the checkpoint this run
+    resumes from come from weights this run no longer has (and it may render at other steps)."""
+    sample = ValidationSample("ep_0000", np.zeros((5, 16, 16, 3), np.uint8), np.zeros((5, 16, 16, 3), np.uint8),
+                              {"psnr": 20.0})
+    monitor = TrainingMonitor(tmp_path, enabled=True, start_step=0, total_steps=5)
+    for step in (2, 4):
+        monitor.log_samples(step, [sample], fps=10, seconds=1.0)
+    monitor.close()
+    TrainingMonitor(tmp_path, enabled=True, start_step=2, total_steps=5).close()
+    assert sorted(path.name for path in (tmp_path / "samples").iterdir()) == ["step_00000002"]

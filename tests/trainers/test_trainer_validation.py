@@ -2,6 +2,7 @@
 writes), closed loop against held-out clips with IDM actions; mp4s, TensorBoard strips and metrics;
 the same losses as a run without samples."""
 import json
+from types import SimpleNamespace
 
 import decord
 import pytest
@@ -10,11 +11,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
 from launch.sample import main as sample_main
-from helpers.trainer_launch import logged_steps, run, torchrun_command, write_shards
-from vidartrain.config import ConfigError, load_config
+from helpers.trainer_launch import logged_steps, run, tiny_idm, torchrun_command, write_shards
+from vidartrain.config import Config, ConfigError, load_config
+from vidartrain.data.shard_index import DataInfo
 from vidartrain.distributed.checkpointing import tag_for_step
 from vidartrain.models.idm import IDM, save_idm
 from vidartrain.models.wan.model import WanModel
+from vidartrain.trainers import base
+from vidartrain.trainers.base import Stage
+from vidartrain.trainers.vidar_trainer import VidarStage
 
 STEPS = 2
 
@@ -93,3 +98,44 @@ def test_validation_section_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="IDM stage renders none"):
         load_config("configs/debug/tiny_idm.yaml", ["validation.every=5"])
     assert load_config("configs/vidar_finetune.yaml").validation.every == 0  # off unless asked for
+
+
+class MeanOfValues(Stage):
+    """A stage whose loss is the mean of the batch's `value`s (nothing else is called)."""
+
+    def training_loss(self, module, batch, generator):
+        return batch["value"].mean(), {}
+
+    build_model = load_frozen = tokens_in = export = None
+
+
+def test_validation_loss_is_the_mean_over_held_out_samples_with_a_partial_last_batch(monkeypatch):
+    # 3 held-out samples in micro-batches of 2: the last batch holds 1. Its loss must count once,
+    # not as much as the full batch's 2 (a mean of batch means would give (1 + 4) / 2 = 2.5).
+    monkeypatch.setattr(base.dist, "all_reduce", lambda tensor, op=None: None)  # one rank: the sum is itself
+    trainer = object.__new__(base.Trainer)
+    trainer.config, trainer.device = Config(), torch.device("cpu")
+    trainer.stage = MeanOfValues(Config(), DataInfo("raw", False, ()))
+    trainer.engine, trainer.layout = torch.nn.Module(), SimpleNamespace(dp_rank=0)
+    batches = [{"__key__": ["a", "b"], "value": torch.tensor([1.0, 1.0])},
+               {"__key__": ["c"], "value": torch.tensor([4.0])}]
+    assert trainer.validation_loss(batches) == 2.0
+
+
+def test_an_idm_that_does_not_fit_the_validation_settings_is_refused_before_training(tmp_path):
+    # A one-arm robot (7 action dimensions) with the default `idm.gripper_dims` [6, 13]: the samples'
+    # action metrics would fail at the first validation, steps into the run.
+    write_tiny_checkpoint(tmp_path / "ckpt")
+    save_idm(IDM([0.0] * 7, [1.0] * 7, tiny_idm().architecture), tmp_path / "idm.pt")
+
+    def load_validation(data: DataInfo, *overrides: str) -> None:
+        config = load_config("configs/debug/tiny_vidar.yaml", [
+            f"model.ckpt_dir={tmp_path / 'ckpt'}", f"model.idm_path={tmp_path / 'idm.pt'}", *overrides])
+        VidarStage(config, data).load_validation(torch.device("cpu"))
+
+    seven = DataInfo("raw", False, (("shards", {"dim": 7}),))
+    with pytest.raises(ConfigError, match=r"`idm.gripper_dims` = \[6, 13\]: \[13\] outside the IDM's 7"):
+        load_validation(seven)
+    with pytest.raises(ConfigError, match="the IDM predicts 7 action dimensions, the shards shards hold 14"):
+        load_validation(DataInfo("raw", False, (("shards", {"dim": 14}),)), "idm.gripper_dims=[6]")
+    load_validation(seven, "idm.gripper_dims=[6]")

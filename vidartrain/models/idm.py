@@ -38,6 +38,16 @@ DEFAULT_ACTION_STD = (0.32683188, 0.99261242, 0.78208578, 0.66655099, 0.24993508
                       0.62372464, 0.45181707)
 
 IDM_INPUT_SIZE = (518, 518)
+
+
+def idm_input_size(height: int, width: int) -> tuple[int, int]:
+    """IDM input size for frames of height x width: the published 518x518, or the frame's own size
+    when it is smaller in both dimensions (tiny debug runs: not blown up; the IDM works at any size).
+    The one rule for every caller (IDM training, Eq. 7 masks online and pre-encoded, sampling), so a
+    mask does not depend on where it was computed."""
+    if height < IDM_INPUT_SIZE[0] and width < IDM_INPUT_SIZE[1]:
+        return height, width
+    return IDM_INPUT_SIZE
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

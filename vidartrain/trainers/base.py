@@ -624,15 +624,17 @@ class Trainer:
 
     @torch.no_grad()
     def validation_loss(self, batches: list[dict[str, Any]]) -> float:
-        """Mean loss over the held-out `batches`, with fixed noise (the same at every evaluation, so
-        values are comparable over the run)."""
+        """Mean loss per held-out sample over the `batches`, with fixed noise (the same at every
+        evaluation, so values are comparable over the run). A batch's loss is its samples' mean, so it
+        counts as many times as it has samples: the last held-out batch may be a partial one."""
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64)
         for index, batch in enumerate(batches):
             generator = micro_batch_generator(self.config.training.seed, VALIDATION_STREAM, 0, index,
                                               self.layout.dp_rank, self.device)
             loss, _ = self.stage.training_loss(self.engine, batch, generator)
-            total += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+            samples = len(batch["__key__"])
+            total += torch.tensor([loss.item() * samples, samples], dtype=torch.float64)
         self.engine.train()
         total = total.to(self.device)
         dist.all_reduce(total)
@@ -652,8 +654,7 @@ class Trainer:
         self.engine.eval()
         samples = [self.stage.validation_sample(self.engine.module, batch, index) for index, batch in enumerate(batches)]
         self.engine.train()
-        self.monitor.log_samples(self.step, samples, self.output_dir / "samples" / tag_for_step(self.step),
-                                 self.config.data.fps, time.perf_counter() - start)
+        self.monitor.log_samples(self.step, samples, self.config.data.fps, time.perf_counter() - start)
         dist.barrier()
 
     def request_stop(self, signum: int, frame: Any) -> None:

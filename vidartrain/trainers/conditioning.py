@@ -18,11 +18,10 @@ from vidartrain.config import Config, ConfigError
 from vidartrain.data.shard_index import DataInfo
 from vidartrain.data.transforms import to_model_range
 from vidartrain.errors import DataError
-from vidartrain.models.idm import IDM, IDM_INPUT_SIZE, load_idm, pool_mask_to_latent
+from vidartrain.models.idm import IDM, IDM_INPUT_SIZE, idm_input_size, load_idm, pool_mask_to_latent
 from vidartrain.models.wan.kv_cache import VAE_TEMPORAL_STRIDE
 from vidartrain.models.wan.text_encoder import TextEncoder
 from vidartrain.models.wan.vae import WanVAE
-from vidartrain.trainers.idm_trainer import idm_input_size
 
 VAE_FILE = "Wan2.2_VAE.pth"
 FROZEN_DTYPE = torch.bfloat16

@@ -25,19 +25,11 @@ from vidartrain.config import Config, ConfigError
 from vidartrain.losses import action_accuracy, idm_loss
 from vidartrain.data.shard_index import DataInfo, merge_action_statistics
 from vidartrain.errors import DataError
-from vidartrain.models.idm import (IDM, IDM_INPUT_SIZE, IdmArchitecture, load_idm, preprocess_frames,
+from vidartrain.models.idm import (IDM, IdmArchitecture, idm_input_size, load_idm, preprocess_frames,
                                    save_idm_state_dict)
 from vidartrain.trainers.base import Stage
 
 log = logging.getLogger(__name__)
-
-
-def idm_input_size(height: int, width: int) -> tuple[int, int]:
-    """IDM input size for frames of height x width: the published 518x518, or the frame's own size
-    when it is smaller in both dimensions (tiny debug runs)."""
-    if height < IDM_INPUT_SIZE[0] and width < IDM_INPUT_SIZE[1]:
-        return height, width
-    return IDM_INPUT_SIZE
 
 
 def action_space(config: Config, data: DataInfo) -> tuple[list[float], list[float]]:

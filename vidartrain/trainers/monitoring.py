@@ -5,6 +5,7 @@ import datetime
 import json
 import logging
 import resource
+import shutil
 import sys
 import threading
 import time
@@ -16,6 +17,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from vidartrain.distributed.checkpointing import TAG_PATTERN, step_of, tag_for_step
 from vidartrain.files import write_atomically
 from vidartrain.sampling import frame_strip, write_mp4
 
@@ -45,9 +47,20 @@ def drop_rows_after(path: Path, step: int) -> None:
         write_atomically(path, lambda tmp: tmp.write_text("".join(kept)))
 
 
+def drop_samples_after(samples_dir: Path, step: int) -> None:
+    """Delete the validation samples (samples_dir/step_N) of steps after `step`: as the rows of
+    metrics.jsonl, an earlier run rendered them from weights past the checkpoint this run resumes
+    from, and this run renders its own, at its own `validation.every` and `num_samples`."""
+    if not samples_dir.is_dir():
+        return
+    for folder in samples_dir.iterdir():
+        if folder.is_dir() and TAG_PATTERN.match(folder.name) and step_of(folder.name) > step:
+            shutil.rmtree(folder)
+
+
 class TrainingMonitor:
-    """Writes under output_dir: tensorboard/ (event files) and metrics.jsonl (one line per step, with
-    the step's sample keys). Does nothing on ranks other than 0."""
+    """Writes under output_dir: tensorboard/ (event files), metrics.jsonl (one line per step, with
+    the step's sample keys) and samples/step_N/ (validation samples). Does nothing on ranks other than 0."""
 
     def __init__(self, output_dir: Path, enabled: bool, start_step: int, total_steps: int, log_seconds: float = 30.0):
         self.enabled = enabled
@@ -61,6 +74,8 @@ class TrainingMonitor:
         metrics_path = output_dir / "metrics.jsonl"
         if metrics_path.exists():
             drop_rows_after(metrics_path, start_step)
+        self.samples_dir = output_dir / "samples"
+        drop_samples_after(self.samples_dir, start_step)
         self.metrics_file = open(metrics_path, "a")
         # A live bar on a terminal; in a log file the log lines (with their ETA) say the same.
         self.progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
@@ -120,11 +135,12 @@ class TrainingMonitor:
         self.metrics_file.flush()
         log.info("step %d  validation %s %.5f", step, name.replace("_", " "), loss)
 
-    def log_samples(self, step: int, samples: list, directory: Path, fps: int, seconds: float) -> None:
-        """Validation samples: mp4 per sample under `directory` with metrics.json, TensorBoard image
+    def log_samples(self, step: int, samples: list, fps: int, seconds: float) -> None:
+        """Validation samples: mp4 per sample under samples/step_N/ with metrics.json, TensorBoard image
         strips (first / middle / last frame, generated above ground truth) and mean metrics."""
         if not self.enabled:
             return
+        directory = self.samples_dir / tag_for_step(step)
         directory.mkdir(parents=True, exist_ok=True)
         for index, sample in enumerate(samples):
             write_mp4(directory / f"sample_{index:02d}.mp4", sample.frames, fps)
@@ -137,7 +153,9 @@ class TrainingMonitor:
         self.writer.add_scalar("time/validation_samples_s", seconds, step)
         self.writer.flush()
         report = {"step": step, "seconds": seconds, "samples": [{"key": s.key, **s.metrics} for s in samples]}
-        (directory / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        text = json.dumps(report, indent=2) + "\n"
+        # whole or not at all, as the mp4s: a resumed run renders again the steps after its checkpoint
+        write_atomically(directory / "metrics.json", lambda tmp: tmp.write_text(text))
         log.info("step %d  %d validation samples in %.1f s -> %s  %s", step, len(samples), seconds, directory,
                  "  ".join(f"{name} {value:.4f}" for name, value in means.items()))
 

@@ -22,6 +22,7 @@ from vidartrain.distributed.export import write_state_dict
 from vidartrain.distributed.sequence_parallel import check_sequence_parallel_size
 from vidartrain.losses import (NUM_TRAIN_TIMESTEPS, add_noise, context_frame_mask, flow_matching_loss,
                                flow_matching_target, sample_sigmas)
+from vidartrain.models.idm import idm_input_size
 from vidartrain.models.wan.checkpoint import load_finetuned, model_arguments
 from vidartrain.models.wan.model import WanModel
 from vidartrain.shapes import VAE_STRIDE
@@ -30,7 +31,7 @@ from vidartrain.sampling import (DEFAULT_NEGATIVE_PROMPT, SamplingOptions, actio
                                  idm_actions, psnr, video_to_uint8)
 from vidartrain.trainers.base import Stage, ValidationSample
 from vidartrain.trainers.conditioning import FrozenConditioner
-from vidartrain.trainers.idm_trainer import idm_input_size
+from vidartrain.trainers.idm_trainer import check_data_action_dim, check_gripper_dims
 
 SIGMA_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -114,8 +115,15 @@ class DitStage(Stage):
     # --- validation samples
 
     def load_validation(self, device: torch.device) -> None:
+        """The frozen models of the samples; an IDM scoring their actions must fit `idm.gripper_dims`
+        and the shards' actions, or the first validation would fail, steps into the run."""
         self.device = device
         self.conditioner.load_for_validation(self.config, self.text_len, device)
+        idm = self.conditioner.idm
+        if idm is not None:
+            source = f"`model.idm_path` = {self.config.model.idm_path}"
+            check_gripper_dims(self.config.idm.gripper_dims, idm.train_mean.numel())
+            check_data_action_dim(self.data, idm.train_mean.numel(), source)
 
     @torch.no_grad()
     def validation_sample(self, module: nn.Module, batch: dict[str, Any], index: int) -> ValidationSample:
