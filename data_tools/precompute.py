@@ -120,6 +120,19 @@ class Precomputer:
         return embeddings
 
 
+def in_current_form(settings: dict | None) -> dict | None:
+    """Conversion settings (ConversionSettings.as_dict) as this version records them. Earlier versions
+    recorded one square `idm_input_size` for every pre-encoded folder (518 unless --idm-input-size said
+    otherwise), IDM masks or not: it reads as [n, n] with masks and null without, so their folders still
+    resume and take --append where nothing that decides the bytes changed."""
+    record = (settings or {}).get("precompute")
+    if record is None or not isinstance(record.get("idm_input_size"), int):
+        return settings
+    size = record["idm_input_size"]
+    current = [size, size] if "idm" in record["precompute"] else None
+    return {**settings, "precompute": {**record, "idm_input_size": current}}
+
+
 def settings_record(what: tuple[str, ...], window: WindowSettings, ckpt_dir: Path | None, idm_path: Path | None,
                     latent_dtype: str, vae_config: dict | None = None, t5_config: dict | None = None) -> dict:
     """What decides the pre-encoded bytes, for index.json."""

@@ -44,7 +44,7 @@ import safetensors.torch
 from data_tools.episodes import (EpisodeError, EpisodeLayout, ValidEpisode, actions_to_npy, discover_episodes,
                                  load_episode)
 from data_tools.precompute import (PRECOMPUTABLE, DTYPES, Precomputer, WindowSettings, episode_windows,
-                                   parse_precompute, settings_record, text_key)
+                                   in_current_form, parse_precompute, settings_record, text_key)
 from vidartrain.data.dataset import NULL_PROMPT
 from vidartrain.data.transforms import RESIZE_MODES
 from vidartrain.data.shard_index import (INDEX_FILE, INDEX_FORMAT, JOURNAL_FILE, TEXT_EMBEDDINGS_FILE,
@@ -383,7 +383,7 @@ def setting_differences(stored: dict, current: dict, prefix: str = "") -> list[s
 
 
 def refuse_other_settings(directory: Path, stored: dict | None, settings: ConversionSettings) -> None:
-    differences = setting_differences(stored or {}, settings.as_dict())
+    differences = setting_differences(in_current_form(stored) or {}, settings.as_dict())
     if differences:
         raise DataError(f"{directory} holds shards made with other settings ({'; '.join(differences)}); use a "
                         f"new --out directory or --overwrite")

@@ -175,6 +175,10 @@ def test_precompute_from_the_command_line(workspace, tmp_path, refused):
     batch = next(iter(build_loader(out, data_config(out), 1, rank=0, world_size=1)))
     assert batch["latents"].dtype == torch.bfloat16 and "idm_mask" not in batch
     assert shard_tool.main(argv) == 0  # finished already: nothing is redone, still complete
+    # a folder of an earlier version, which recorded a square IDM input size without IDM masks too
+    index["settings"]["precompute"]["idm_input_size"] = 518
+    (out / "index.json").write_text(json.dumps(index))
+    assert shard_tool.main(argv) == 0
     refused("must include 'latents'", shard_tool.main, argv[:4] + ["--precompute", "text"] + argv[6:])
     refused("1 \\+ 4\\*n", shard_tool.main, argv[:8] + ["--num-frames", "6"] + argv[10:])
 
