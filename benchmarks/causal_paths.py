@@ -358,8 +358,12 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16],
+                        help="latent frame counts to measure, each at least 2 (a first frame and one more)")
     args = parser.parse_args()
+    if min(args.frames) < 2:
+        parser.error(f"--frames {' '.join(map(str, args.frames))}: each count must be at least 2 (a first frame and "
+                     f"one more)")
     print(markdown(measure_causal_paths(tuple(args.frames))))
 
 
