@@ -1,12 +1,16 @@
 """The memory and time planner: geometry, FLOPs, DeepSpeed's model-state accounting, verdicts."""
+import json
 from pathlib import Path
 
 import pytest
 
+from data_tools.tiny_checkpoint import TINY_DIT
 from vidartrain.config import ConfigError, load_config
 from vidartrain.distributed.ds_config import load_profile
-from vidartrain.plan import (GIB, DitShape, activation_gib, attended_pairs, dit_parameters, forward_flops,
-                             hardware_table, latent_grid, main, make_plan, measure_activation_model, model_state_gib)
+from vidartrain.models.wan.model import WanModel
+from vidartrain.plan import (GIB, DitShape, activation_gib, attended_pairs, dit_parameters, dit_shape_of,
+                             forward_flops, hardware_table, latent_grid, main, make_plan, measure_activation_model,
+                             model_state_gib)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +41,17 @@ def test_parameter_count_and_deepspeed_model_states():
     assert parts["optimizer"] * GIB == pytest.approx(12 * params / 8)
     replicated = model_state_gib(params, largest, stage=0, world=8, offload_optimizer=False)
     assert replicated["parameters"] * GIB == pytest.approx(2 * params)
+
+
+@pytest.mark.parametrize("changes", [{}, {"in_dim": 16, "out_dim": 32, "qk_norm": False, "cross_attn_norm": False}])
+def test_parameters_are_counted_for_the_checkpoints_own_config(changes, tmp_path):
+    # the tiny checkpoint's config.json (freq_dim 64, not TI2V-5B's 256), and one whose every other
+    # parameter-shaping argument differs from the defaults too
+    arguments = {**TINY_DIT, **changes}
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "WanModel", **arguments}))
+    config = load_config(REPO / "configs/debug/tiny_vidar.yaml", [f"model.ckpt_dir={tmp_path}"])
+    params, _ = dit_parameters(dit_shape_of(config))
+    assert params == sum(p.numel() for p in WanModel(**arguments).parameters())
 
 
 def test_activation_model_is_measured_from_our_block():

@@ -19,6 +19,7 @@ import copy
 import functools
 import itertools
 import json
+import math
 import sys
 import weakref
 from dataclasses import asdict, dataclass, fields
@@ -98,7 +99,8 @@ WAN_DEFAULTS = constructor_defaults(WanModel)
 
 @dataclass(frozen=True)
 class DitShape:
-    """The widths the planner needs of a DiT; defaults: WanModel's own (TI2V-5B)."""
+    """The WanModel constructor arguments that size a DiT's parameters and work (`meta_dit` builds
+    the model from all of them); defaults: WanModel's own (TI2V-5B)."""
 
     dim: int = WAN_DEFAULTS["dim"]
     ffn_dim: int = WAN_DEFAULTS["ffn_dim"]
@@ -107,7 +109,11 @@ class DitShape:
     text_len: int = WAN_DEFAULTS["text_len"]
     text_dim: int = WAN_DEFAULTS["text_dim"]
     in_dim: int = WAN_DEFAULTS["in_dim"]
+    out_dim: int = WAN_DEFAULTS["out_dim"]
     freq_dim: int = WAN_DEFAULTS["freq_dim"]
+    patch_size: tuple[int, ...] = tuple(WAN_DEFAULTS["patch_size"])
+    qk_norm: bool = WAN_DEFAULTS["qk_norm"]
+    cross_attn_norm: bool = WAN_DEFAULTS["cross_attn_norm"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +145,7 @@ def forward_flops(shape: DitShape, tokens: int, pairs: int, frames: int) -> dict
     """Forward FLOPs of one sample (2 per multiply-add), split as the planner reports them."""
     d, f, n = shape.dim, shape.ffn_dim, shape.num_layers
     linear = n * 2 * tokens * (4 * d * d + 2 * d * d + 2 * d * f) + text_flops(shape)
-    embeddings = 2 * tokens * d * (shape.in_dim * 4 + 4 * shape.in_dim)  # patch embedding + head
+    embeddings = 2 * tokens * d * math.prod(shape.patch_size) * (shape.in_dim + shape.out_dim)  # patch embedding + head
     embeddings += 2 * frames * (shape.freq_dim * d + d * d + 6 * d * d)  # time MLPs, once per frame
     self_attention = n * 2 * 2 * pairs * d  # QK^T and AV
     cross_attention = n * 2 * 2 * tokens * shape.text_len * d
@@ -369,6 +375,8 @@ def dit_shape_of(config: Config) -> DitShape:
     if not ckpt_dir or not (Path(ckpt_dir) / CONFIG_FILE).is_file():
         return DitShape()
     arguments = read_model_config(ckpt_dir, WanModel)
+    if "patch_size" in arguments:  # a JSON list
+        arguments["patch_size"] = tuple(arguments["patch_size"])
     return DitShape(**{f.name: arguments[f.name] for f in fields(DitShape) if f.name in arguments})
 
 
@@ -424,8 +432,7 @@ def lora_parameters(shape: DitShape, lora: LoraConfig) -> int:
 
 def meta_dit(shape: DitShape) -> WanModel:
     with torch.device("meta"):
-        return WanModel(dim=shape.dim, ffn_dim=shape.ffn_dim, num_heads=shape.num_heads,
-                        num_layers=shape.num_layers, text_len=shape.text_len, text_dim=shape.text_dim)
+        return WanModel(**asdict(shape))
 
 
 def unplannable(config: Config, ds: dict[str, Any] | None = None) -> str | None:
