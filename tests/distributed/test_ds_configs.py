@@ -181,3 +181,25 @@ def test_a_profile_whose_batch_is_no_whole_number_of_ranks_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"odd.json: `train_batch_size` = 100 is not a multiple of micro-batch 2 x "
                                           r"gradient accumulation 8"):
         load_profile(path)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("zero_optimization.stage", "3", "an integer 0, 1, 2 or 3"),
+    ("zero_optimization.stage", 2.5, "an integer 0, 1, 2 or 3"),
+    ("zero_optimization.stage", True, "an integer 0, 1, 2 or 3"),
+    ("zero_optimization.stage", 4, "an integer 0, 1, 2 or 3"),
+    ("zero_optimization.stage", 3.0, "an integer 0, 1, 2 or 3"),
+    ("zero_optimization.offload_optimizer", True, "an object"),
+    ("zero_optimization.offload_param", "cpu", "an object"),
+    ("bf16", True, "an object"),
+    ("fp16", 1, "an object"),
+])
+def test_a_profiles_zero_stage_and_sections_of_the_wrong_type_are_refused_at_load(key, value, expected, tmp_path):
+    # the planner and the builder compare the stage with integers and read these sections as objects
+    profile = load_profile(REPO / "ds_configs/zero3_2xh200.json")
+    section, _, name = key.rpartition(".")
+    (profile[section] if section else profile)[name] = value
+    path = tmp_path / "typed.json"
+    path.write_text(json.dumps(profile))
+    with pytest.raises(ConfigError, match=f"typed.json: `{key}` = {json.dumps(value)}: expected {expected}"):
+        load_profile(path)

@@ -50,7 +50,26 @@ def load_profile(path: str | Path) -> dict[str, Any]:
     if not isinstance(zero, dict):
         raise ConfigError(f"DeepSpeed profile {path}: `zero_optimization` = {json.dumps(zero)}: expected an "
                           f"object, e.g. {{\"stage\": {json.dumps(zero)}}}")
+    check_section_types(path, profile)
     return profile
+
+
+def check_section_types(path: Path, profile: dict[str, Any]) -> None:
+    """The ZeRO stage is compared with integers, and the offload and precision sections are read as
+    objects (`offloads`, `precision_of`): a string "3", 2.5 or true there is refused here, naming the
+    key, instead of failing or silently meaning another stage later."""
+    zero = profile["zero_optimization"]
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"DeepSpeed profile {path}: `zero_optimization.stage` = {json.dumps(stage)}: expected "
+                          f"an integer 0, 1, 2 or 3")
+    sections = [(f"zero_optimization.{key}", zero.get(key), '{"device": "cpu"}')
+                for key in ("offload_optimizer", "offload_param")]
+    sections += [(key, profile.get(key), '{"enabled": true}') for key in ("bf16", "fp16")]
+    for key, value, example in sections:
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"DeepSpeed profile {path}: `{key}` = {json.dumps(value)}: expected an object, "
+                              f"e.g. {example}")
 
 
 def profile_world_size(profile: dict[str, Any]) -> int | None:
