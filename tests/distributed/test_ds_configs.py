@@ -203,3 +203,17 @@ def test_a_profiles_zero_stage_and_sections_of_the_wrong_type_are_refused_at_loa
     path.write_text(json.dumps(profile))
     with pytest.raises(ConfigError, match=f"typed.json: `{key}` = {json.dumps(value)}: expected {expected}"):
         load_profile(path)
+
+
+def test_a_profiles_global_batch_that_the_yaml_overrules_is_named():
+    # zero3_8xh100 is written for 8 GPUs (train_batch_size 128); on 4 the YAML's 64 is used, and said so
+    config = load_config(REPO / "configs/vidar_finetune.yaml", ["training.batch_size=64"])
+    ds, warnings = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_8xh100.json"), 4)
+    assert ds["train_batch_size"] == 64
+    assert warnings == ["YAML `training.batch_size` = 64 disagrees with DeepSpeed profile `train_batch_size` = 128; "
+                        "using the YAML value"]
+    # with the accumulation in the YAML, the warning names both words of the global batch
+    config = load_config(REPO / "configs/vidarc_2xh200.yaml", ["training.batch_size=32"])  # 8 per GPU, x 8
+    _, warnings = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_2xh200.json"), 4)
+    assert warnings == ["YAML `training.batch_size x training.gradient_accumulation` = 256 disagrees with DeepSpeed "
+                        "profile `train_batch_size` = 128; using the YAML value"]

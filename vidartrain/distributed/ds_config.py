@@ -272,6 +272,11 @@ def apply_batch_sizes(config: Config, ds: dict[str, Any], world_size: int, warni
             f"x gradient accumulation {accumulation} x world size {world_size} = "
             f"{micro * accumulation * world_size}. Use the profile written for this world size, or set "
             f"training.batch_size / training.gradient_accumulation to match")
+    written = ds.get("train_batch_size")  # the profile's global batch, for the world size it is written for
+    if written is not None and written != global_batch:
+        key = "training.batch_size" + ("" if training.gradient_accumulation is None else
+                                       " x training.gradient_accumulation")
+        disagree(warnings, key, global_batch, "train_batch_size", written)
     ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = accumulation
     ds["train_batch_size"] = global_batch
