@@ -209,3 +209,23 @@ def test_float32_weights_are_not_planned_as_bf16(capsys):
     assert main(["--config", str(REPO / "configs/vidar_finetune.yaml"), "--set", "distributed.mixed_precision=fp32",
                  "--ds-config", str(REPO / "ds_configs/zero3_8xh100.json")]) == 2
     assert "trains float32 weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["self_forcing.context_mode=self_generated"], "self_forcing.context_mode self_generated"),
+    (["self_forcing.context_mode=mixed"], "self_forcing.context_mode mixed"),
+    (["self_forcing.closed_loop=true"], "self_forcing.closed_loop"),
+])
+def test_stage_2_rollouts_through_the_kv_cache_are_not_planned_as_teacher_forcing(overrides, named, capsys):
+    # a rollout through the KV cache keeps what each chunk saw of the cache for backward (measured on a tiny
+    # model with full checkpointing: 24 frames' keys and values for a window of 16 in chunks of 4, and it
+    # grows with the square of the window) and, self-generated, runs the generation too; the planner models
+    # the one-pass teacher-forcing layout only, so it says so instead of a verdict for another layout
+    args = ["--config", str(REPO / "configs/vidarc_causal.yaml"), "--ds-config", str(REPO / "ds_configs/zero3_8xh100.json"),
+            "--checkpointing", "full"]
+    assert main([*args, *(f for o in overrides for f in ("--set", o))]) == 2
+    out, err = capsys.readouterr()
+    assert not out and "plans stage 2's one-pass teacher forcing" in err and named in err
+    # a mixed context that never self-generates is teacher forcing
+    assert main([*args, "--set", "self_forcing.context_mode=mixed", "--set", "self_forcing.self_generated_prob=0"]) == 0
+

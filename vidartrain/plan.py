@@ -3,11 +3,13 @@
     python -m vidartrain.plan --config configs/vidarc_2xh200.yaml --ds-config ds_configs/zero3_2xh200.json
 
 Per-GPU memory = model states (DeepSpeed's own ZeRO estimator) + activations (our DiT block's real
-saved tensors, measured at the real width on a few tokens and scaled per token) + KV cache of rollouts
-+ frozen encoders + allocator headroom. Time = training FLOPs per step / (MFU x peak bf16 FLOP/s).
+saved tensors, measured at the real width on a few tokens and scaled per token) + frozen encoders +
+allocator headroom. Time = training FLOPs per step / (MFU x peak bf16 FLOP/s). Stage 2 is planned in
+its one-pass teacher-forcing layout; runs that roll out through the KV cache instead (self-generated
+context, the closed loop) are refused (`unplannable`).
 
 Sequence parallelism (distributed.sequence_parallel_size = SP) divides what the blocks keep per GPU
-and the KV cache by SP (each rank holds 1/SP of a sample's tokens; what runs outside the blocks - the
+by SP (each rank holds 1/SP of a sample's tokens; what runs outside the blocks - the
 patch embedding's input, the gathered residual stream and the head - stays whole), divides the FLOPs
 per GPU by SP, and adds the all-to-all traffic of self-attention, timed on NVLink (SP groups are
 consecutive ranks, inside one node) and not overlapped with compute.
@@ -348,15 +350,6 @@ def model_state_gib(params: int, largest_layer: int, stage: int, world: int, off
     return {name: value / GIB for name, value in parts.items()}
 
 
-def kv_cache_gib(config: Config, shape: DitShape, per_frame: int, micro: int, sequence_parallel: int = 1) -> float:
-    """Self-generated rollouts keep K and V of every layer for the cached frames (bf16); under
-    sequence parallelism each rank caches its share of the heads."""
-    if not config.causal or config.self_forcing.context_mode == "ground_truth":
-        return 0.0
-    frames = min(config.self_forcing.kv_cache_length, config.self_forcing.window_frames)
-    return micro * frames * per_frame * shape.num_layers * 2 * shape.dim * 2 / sequence_parallel / GIB
-
-
 def frozen_gib(config: Config, precomputed: bool) -> float:
     """umT5, VAE (and the IDM for Eq. 7) in bf16, as the config builds them, unless the shards
     hold their outputs."""
@@ -441,10 +434,31 @@ def unplannable(config: Config, ds: dict[str, Any] | None = None) -> str | None:
     if config.loss.type == "idm":
         return ("the planner plans the DiT stages (loss.type flow_matching or causal_flow_matching), "
                 "not the 92M-parameter IDM")
+    rollout = rollout_layout(config)
+    if rollout is not None:
+        return (f"the planner plans stage 2's one-pass teacher forcing (self_forcing.context_mode ground_truth), "
+                f"but {rollout} runs a sequential rollout through the KV cache: each chunk keeps what it saw of "
+                f"the cache for backward (growing with the square of the window), and self-generated context "
+                f"adds the generation's forward passes. Plan the teacher-forcing layout with --set "
+                f"self_forcing.context_mode=ground_truth --set self_forcing.closed_loop=false, and measure one "
+                f"real step with launch/train.py --dry-run")
     if ds is not None and precision_of(ds) == "fp32":
         return ("the planner models 16-bit (bf16 or fp16) DiT training, but this DeepSpeed config trains float32 "
                 "weights (distributed.mixed_precision fp32, or a profile with neither bf16 nor fp16 enabled): its "
                 "weights, gradients and activations hold about twice the bytes")
+    return None
+
+
+def rollout_layout(config: Config) -> str | None:
+    """The setting that makes stage 2 train through the KV cache instead of teacher forcing (None:
+    teacher forcing, as `sample_layout` plans)."""
+    if not config.causal:
+        return None
+    sf = config.self_forcing
+    if sf.closed_loop:
+        return "self_forcing.closed_loop"
+    if sf.context_mode == "self_generated" or (sf.context_mode == "mixed" and sf.self_generated_prob > 0):
+        return f"self_forcing.context_mode {sf.context_mode}"
     return None
 
 
@@ -489,7 +503,6 @@ def plan_for_ds_config(config: Config, profile_name: str, ds: dict[str, Any], gp
                                 offloads(ds, "offload_optimizer"), offloads(ds, "offload_param"),
                                 trainable=adapters if config.lora.enabled else None)
         parts["activations"] = activation_gib(shape, tokens, m, checkpointing, sp)
-        parts["kv_cache"] = kv_cache_gib(config, shape, per_frame, m, sp)
         parts["frozen_encoders"] = frozen_gib(config, precomputed)
         parts["headroom"] = CUDA_CONTEXT_GIB + FRAGMENTATION * gpu.memory_gib
         return parts
