@@ -1,8 +1,11 @@
 """The memory and time planner: geometry, FLOPs, DeepSpeed's model-state accounting, verdicts."""
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
+from deepspeed.accelerator import get_accelerator
 
 from data_tools.tiny_checkpoint import TINY_DIT
 from vidartrain.config import ConfigError, load_config
@@ -229,3 +232,15 @@ def test_stage_2_rollouts_through_the_kv_cache_are_not_planned_as_teacher_forcin
     # a mixed context that never self-generates is teacher forcing
     assert main([*args, "--set", "self_forcing.context_mode=mixed", "--set", "self_forcing.self_generated_prob=0"]) == 0
 
+
+def test_the_readmes_vidar_plan_outputs_are_what_vidar_plan_prints(capsys, monkeypatch):
+    # each README block titled with a `vidar-plan ...` command (rendered by benchmarks/__main__.py) shows its output
+    blocks = re.findall(r"\*\*[^*\n]*\(`(vidar-plan [^`]*)`\)[^*\n]*\*\*\n\n```\n(.*?)```",
+                        (REPO / "README.md").read_text(encoding="utf-8"), flags=re.DOTALL)
+    assert len(blocks) == 2
+    monkeypatch.chdir(REPO)
+    get_accelerator()  # DeepSpeed names the accelerator it found on stdout, once per process: before the capture
+    capsys.readouterr()
+    for command, shown in blocks:
+        assert main(shlex.split(command)[1:]) == 0
+        assert capsys.readouterr().out == shown, command
