@@ -101,6 +101,14 @@ def test_cli_prints_plan_and_rejects_bad_config(capsys, tmp_path):
     assert "did you mean `training.lr`" in capsys.readouterr().err
 
 
+def test_zero3_model_states_on_a_world_size_that_is_no_multiple_of_8():
+    # 12 GPUs (3 nodes of 4, or 2 of 6): DeepSpeed's estimator is asked for 12 GPUs, not 1 node of 8
+    params, largest = dit_parameters(DitShape())
+    parts = model_state_gib(params, largest, stage=3, world=12, offload_optimizer=False)
+    assert parts["parameters"] * GIB == pytest.approx(2 * params / 12)
+    assert parts["optimizer"] * GIB == pytest.approx(12 * params / 12)
+
+
 def test_offloading_the_optimizer_keeps_only_bf16_parameters_on_one_gpu():
     params, largest = dit_parameters(DitShape())
     parts = model_state_gib(params, largest, stage=3, world=1, offload_optimizer=True)

@@ -340,8 +340,10 @@ def model_state_gib(params: int, largest_layer: int, stage: int, world: int, off
     if offload_params and stage == 3:
         parts["parameters"] = 0.0
     if stage == 3:
+        # Its GPU side depends on the number of GPUs alone (nodes x GPUs per node), which the planner
+        # knows; how they split into nodes (its CPU side) the planner neither knows nor uses.
         _, gpu_bytes, largest = estimate_zero3_model_states_mem_needs(
-            params, largest_layer, num_gpus_per_node=min(world, 8), num_nodes=max(1, world // 8),
+            params, largest_layer, num_gpus_per_node=world, num_nodes=1,
             cpu_offload=offload_optimizer, cpu_offload_params=offload_optimizer and offload_params)
         parts["gathered_layer"] = float(largest)
         estimated = trainable == params and (offload_optimizer or not offload_params)
