@@ -217,3 +217,22 @@ def test_a_profiles_global_batch_that_the_yaml_overrules_is_named():
     _, warnings = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_2xh200.json"), 4)
     assert warnings == ["YAML `training.batch_size x training.gradient_accumulation` = 256 disagrees with DeepSpeed "
                         "profile `train_batch_size` = 128; using the YAML value"]
+
+
+def test_what_cpu_offload_changes_in_a_profile_is_named():
+    # zero3_1xgpu offloads the optimizer only: the YAML's cpu_offload (FSDP's: parameters too, under
+    # ZeRO-3) also moves the parameters to the CPU, which the warning says
+    config = load_config(REPO / "configs/vidar_finetune.yaml", ["distributed.cpu_offload=true"])
+    ds, warnings = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_1xgpu.json"), 1)
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert len(warnings) == 1 and "`distributed.cpu_offload` = True" in warnings[0]
+    assert "zero_optimization.offload_param" in warnings[0]
+    # an offload section with device "none" offloads nothing (DeepSpeed's reading): turning it on is a change
+    profile = load_profile(REPO / "ds_configs/zero3_8xh100.json")
+    profile["zero_optimization"]["offload_optimizer"] = {"device": "none"}
+    ds, warnings = build_deepspeed_config(config, profile, 8)
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert len(warnings) == 1 and "'device': 'none'" in warnings[0]
+    # and turning it off changes nothing, so nothing is said
+    config = load_config(REPO / "configs/vidar_finetune.yaml", ["distributed.cpu_offload=false"])
+    assert build_deepspeed_config(config, profile, 8)[1] == []

@@ -148,13 +148,15 @@ def apply_zero_stage(config: Config, ds: dict[str, Any], warnings: list[str]) ->
 
 
 def apply_cpu_offload(config: Config, ds: dict[str, Any], warnings: list[str]) -> None:
+    """FSDP's CPU offload: the optimizer, and under ZeRO-3 the parameters too, on the CPU (or neither)."""
     wanted = config.distributed.cpu_offload
     if wanted is None:
         return
     zero = ds["zero_optimization"]
-    current = "offload_optimizer" in zero
-    if wanted != current:
-        disagree(warnings, "distributed.cpu_offload", wanted, "zero_optimization.offload_optimizer", zero.get("offload_optimizer"))
+    sections = ("offload_optimizer", "offload_param") if zero.get("stage", 0) == 3 else ("offload_optimizer",)
+    if any(offloads(ds, key) != wanted for key in sections):
+        keys = " and ".join(f"zero_optimization.{key}" for key in sections)
+        disagree(warnings, "distributed.cpu_offload", wanted, keys, {key: zero.get(key) for key in sections})
     if wanted:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if zero.get("stage", 0) == 3:
