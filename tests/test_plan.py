@@ -232,8 +232,8 @@ def test_stage_2_rollouts_through_the_kv_cache_are_not_planned_as_teacher_forcin
     # model with full checkpointing: 24 frames' keys and values for a window of 16 in chunks of 4, and it
     # grows with the square of the window) and, self-generated, runs the generation too; the planner models
     # the one-pass teacher-forcing layout only, so it says so instead of a verdict for another layout
-    args = ["--config", str(REPO / "configs/vidarc_causal.yaml"), "--ds-config", str(REPO / "ds_configs/zero3_8xh100.json"),
-            "--checkpointing", "full"]
+    args = ["--config", str(REPO / "configs/vidarc_causal.yaml"),
+            "--ds-config", str(REPO / "ds_configs/zero3_8xh100.json"), "--checkpointing", "full"]
     assert main([*args, *(f for o in overrides for f in ("--set", o))]) == 2
     out, err = capsys.readouterr()
     assert not out and "plans stage 2's one-pass teacher forcing" in err and named in err
