@@ -1,6 +1,7 @@
 """DeepSpeed profiles: accepted by DeepSpeed's own parser at the world size each is written for,
 batch arithmetic checked, and the reference recipe's FSDP words mapped onto ZeRO with warnings."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,25 @@ def test_what_cpu_offload_changes_in_a_profile_is_named():
     # and turning it off changes nothing, so nothing is said
     config = load_config(REPO / "configs/vidar_finetune.yaml", ["distributed.cpu_offload=false"])
     assert build_deepspeed_config(config, profile, 8)[1] == []
+
+
+@pytest.mark.parametrize("words, named", [
+    (["distributed.zero_stage=2", "distributed.sharding_strategy=FULL_SHARD"],
+     "`distributed.zero_stage` = 2 (ZeRO-2) and `distributed.sharding_strategy` = 'FULL_SHARD' (ZeRO-3)"),
+    (["distributed.zero_stage=3", "distributed.use_fsdp=false"],
+     "`distributed.zero_stage` = 3 (ZeRO-3) and `distributed.use_fsdp` = False (ZeRO-0)"),
+    (["distributed.use_fsdp=false", "distributed.sharding_strategy=SHARD_GRAD_OP"],
+     "`distributed.use_fsdp` = False (ZeRO-0) and `distributed.sharding_strategy` = 'SHARD_GRAD_OP' (ZeRO-2)"),
+])
+def test_yaml_words_that_ask_for_different_zero_stages_are_refused(words, named):
+    # one of them would otherwise be dropped without a word
+    config = load_config(REPO / "configs/vidar_finetune.yaml", words)
+    with pytest.raises(ConfigError, match=re.escape(f"{named} ask for different ZeRO stages")):
+        build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_8xh100.json"), 8)
+
+
+def test_fsdp_with_a_sharding_strategy_is_that_strategys_stage():
+    config = load_config(REPO / "configs/vidar_finetune.yaml",
+                         ["distributed.use_fsdp=true", "distributed.sharding_strategy=SHARD_GRAD_OP"])
+    ds, _ = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_8xh100.json"), 8)
+    assert ds["zero_optimization"]["stage"] == 2

@@ -121,17 +121,25 @@ def apply_gradient_clipping(config: Config, ds: dict[str, Any], warnings: list[s
 
 
 def yaml_zero_stage(config: Config) -> tuple[str, Any, int] | None:
-    """The ZeRO stage the YAML asks for, with the key and value that asked; None if it is silent."""
+    """The ZeRO stage the YAML asks for, with the key and value that asked; None if it is silent.
+    Words that ask for different stages are refused: one of them would be dropped unsaid."""
     dist = config.distributed
+    asked = []
     if dist.zero_stage is not None:
-        return "distributed.zero_stage", dist.zero_stage, dist.zero_stage
+        asked.append(("distributed.zero_stage", dist.zero_stage, dist.zero_stage))
     if dist.use_fsdp is False:
-        return "distributed.use_fsdp", False, 0
+        asked.append(("distributed.use_fsdp", False, 0))
     if dist.sharding_strategy is not None:
-        return "distributed.sharding_strategy", dist.sharding_strategy, ZERO_STAGE_OF_SHARDING[dist.sharding_strategy]
-    if dist.use_fsdp:
-        return "distributed.use_fsdp", True, 3  # FSDP's default strategy is FULL_SHARD
-    return None
+        asked.append(("distributed.sharding_strategy", dist.sharding_strategy,
+                      ZERO_STAGE_OF_SHARDING[dist.sharding_strategy]))
+    elif dist.use_fsdp:
+        asked.append(("distributed.use_fsdp", True, 3))  # FSDP's default strategy is FULL_SHARD
+    for key, value, stage in asked[1:]:
+        first_key, first_value, first_stage = asked[0]
+        if stage != first_stage:
+            raise ConfigError(f"`{first_key}` = {first_value!r} (ZeRO-{first_stage}) and `{key}` = {value!r} "
+                              f"(ZeRO-{stage}) ask for different ZeRO stages: keep one of them")
+    return asked[0] if asked else None
 
 
 def apply_zero_stage(config: Config, ds: dict[str, Any], warnings: list[str]) -> None:
