@@ -8,7 +8,8 @@ import pytest
 from deepspeed.runtime.config import DeepSpeedConfig
 
 from vidartrain.config import ConfigError, load_config
-from vidartrain.distributed.ds_config import build_deepspeed_config, checkpointing_mode, load_profile, profile_world_size
+from vidartrain.distributed.ds_config import (build_deepspeed_config, checkpointing_mode, load_profile, offloads,
+                                              precision_of, profile_world_size)
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILES = {  # profile -> (world size, micro, accumulation), from the reference hardware table (docs/training.md)
@@ -259,3 +260,12 @@ def test_fsdp_with_a_sharding_strategy_is_that_strategys_stage():
                          ["distributed.use_fsdp=true", "distributed.sharding_strategy=SHARD_GRAD_OP"])
     ds, _ = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_8xh100.json"), 8)
     assert ds["zero_optimization"]["stage"] == 2
+
+
+def test_a_null_section_is_read_as_absent_as_deepspeed_reads_it(tmp_path):
+    profile = {**load_profile(REPO / "ds_configs/zero3_2xh200.json"), "bf16": None, "fp16": {"enabled": True}}
+    profile["zero_optimization"]["offload_optimizer"] = None
+    path = tmp_path / "nulls.json"
+    path.write_text(json.dumps(profile))
+    ds = load_profile(path)
+    assert precision_of(ds) == "fp16" and not offloads(ds, "offload_optimizer")

@@ -201,7 +201,9 @@ def allow_offloaded_client_optimizer(ds: dict[str, Any]) -> None:
 
 
 def precision_of(ds: dict[str, Any]) -> str:
-    return "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+    """bf16, fp16 or fp32, as DeepSpeed reads the sections (a null one as absent)."""
+    enabled = {key: (ds.get(key) or {}).get("enabled") for key in ("bf16", "fp16")}
+    return "bf16" if enabled["bf16"] else "fp16" if enabled["fp16"] else "fp32"
 
 
 def fixed_by_checkpoint(ds: dict[str, Any]) -> dict[str, Any]:
