@@ -58,6 +58,7 @@ LORA_TABLE_NOTE = (
 def planner_tables() -> dict[str, str]:
     from vidartrain.config import load_config
     from vidartrain.distributed.ds_config import load_profile
+    from vidartrain.models.wan.model import CHECKPOINTING_MODES
     from vidartrain.plan import format_plan, hardware_table, make_plan, markdown_table
 
     tables = {}
@@ -76,7 +77,7 @@ def planner_tables() -> dict[str, str]:
     config = load_config(REPO / "configs/vidarc_2xh200.yaml", ["model.chunk_size=21"])
     profile = load_profile(REPO / "ds_configs/zero3_2xh200.json")
     plans = [format_plan(make_plan(config, "zero3_2xh200", profile, "h200", 2, checkpointing=mode))
-             for mode in ("full", "selective", "none")]
+             for mode in CHECKPOINTING_MODES]  # the order vidar-plan prints them in
     tables["2x H200, micro-batch 8 of 81x736x640 (`vidar-plan --config configs/vidarc_2xh200.yaml --set "
            "model.chunk_size=21 --gpu h200`): where the memory goes"] = "```\n" + "\n\n".join(plans) + "\n```"
     tables.update(sequence_parallel_tables())

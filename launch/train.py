@@ -139,7 +139,8 @@ def dry_run(config: Config, stage: Stage, ds_path: str, ds_config: dict[str, Any
     """The planner's verdict, then one real step (written under OUTPUT/dry_run, nothing else touched),
     then measured vs planned memory of this process."""
     rank, world = int(os.environ.get("RANK", 0)), world_size_of_launch()
-    # What the planner does not model (the IDM stage, float32 DiT weights) gets its one real step unplanned.
+    # What the planner does not model (the IDM stage, float32 DiT weights, stage-2 rollouts through the KV cache)
+    # gets its one real step unplanned.
     reason = unplannable(config, ds_config)
     plan = None if reason is not None else plan_for_ds_config(
         config, Path(ds_path).stem, ds_config, resolve_gpu(args.gpu, ds_path), world, precomputed=not stage.data.raw,
@@ -156,7 +157,7 @@ def dry_run(config: Config, stage: Stage, ds_path: str, ds_config: dict[str, Any
     if rank == 0:
         planned = "" if plan is None else (
             f", planned {(plan.total_gib - plan.memory_gib['headroom']) * 1024:,.1f} MiB (model states + activations "
-            f"+ KV cache + frozen encoders, before allocator headroom)")
+            f"+ frozen encoders, before allocator headroom)")
         print(f"dry run: one step done; it raised this process's peak memory by {measured:,.1f} MiB{planned}",
               flush=True)
     return 0

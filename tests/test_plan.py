@@ -1,12 +1,19 @@
 """The memory and time planner: geometry, FLOPs, DeepSpeed's model-state accounting, verdicts."""
+import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
+from deepspeed.accelerator import get_accelerator
 
+from data_tools.tiny_checkpoint import TINY_DIT
 from vidartrain.config import ConfigError, load_config
 from vidartrain.distributed.ds_config import load_profile
-from vidartrain.plan import (GIB, DitShape, activation_gib, attended_pairs, dit_parameters, forward_flops,
-                             hardware_table, latent_grid, main, make_plan, measure_activation_model, model_state_gib)
+from vidartrain.models.wan.model import WanModel
+from vidartrain.plan import (GIB, DitShape, activation_gib, attended_pairs, dit_parameters, dit_shape_of,
+                             forward_flops, hardware_table, latent_grid, main, make_plan, measure_activation_model,
+                             model_state_gib)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +44,17 @@ def test_parameter_count_and_deepspeed_model_states():
     assert parts["optimizer"] * GIB == pytest.approx(12 * params / 8)
     replicated = model_state_gib(params, largest, stage=0, world=8, offload_optimizer=False)
     assert replicated["parameters"] * GIB == pytest.approx(2 * params)
+
+
+@pytest.mark.parametrize("changes", [{}, {"in_dim": 16, "out_dim": 32, "qk_norm": False, "cross_attn_norm": False}])
+def test_parameters_are_counted_for_the_checkpoints_own_config(changes, tmp_path):
+    # the tiny checkpoint's config.json (freq_dim 64, not TI2V-5B's 256), and one whose every other
+    # parameter-shaping argument differs from the defaults too
+    arguments = {**TINY_DIT, **changes}
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "WanModel", **arguments}))
+    config = load_config(REPO / "configs/debug/tiny_vidar.yaml", [f"model.ckpt_dir={tmp_path}"])
+    params, _ = dit_parameters(dit_shape_of(config))
+    assert params == sum(p.numel() for p in WanModel(**arguments).parameters())
 
 
 def test_activation_model_is_measured_from_our_block():
@@ -81,6 +99,14 @@ def test_cli_prints_plan_and_rejects_bad_config(capsys, tmp_path):
     bad.write_text("training:\n  lrr: 1\n")
     assert main(["--config", str(bad), "--ds-config", str(REPO / "ds_configs/zero3_2xh200.json")]) == 2
     assert "did you mean `training.lr`" in capsys.readouterr().err
+
+
+def test_zero3_model_states_on_a_world_size_that_is_no_multiple_of_8():
+    # 12 GPUs (3 nodes of 4, or 2 of 6): DeepSpeed's estimator is asked for 12 GPUs, not 1 node of 8
+    params, largest = dit_parameters(DitShape())
+    parts = model_state_gib(params, largest, stage=3, world=12, offload_optimizer=False)
+    assert parts["parameters"] * GIB == pytest.approx(2 * params / 12)
+    assert parts["optimizer"] * GIB == pytest.approx(12 * params / 12)
 
 
 def test_offloading_the_optimizer_keeps_only_bf16_parameters_on_one_gpu():
@@ -194,3 +220,35 @@ def test_float32_weights_are_not_planned_as_bf16(capsys):
     assert main(["--config", str(REPO / "configs/vidar_finetune.yaml"), "--set", "distributed.mixed_precision=fp32",
                  "--ds-config", str(REPO / "ds_configs/zero3_8xh100.json")]) == 2
     assert "trains float32 weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["self_forcing.context_mode=self_generated"], "self_forcing.context_mode self_generated"),
+    (["self_forcing.context_mode=mixed"], "self_forcing.context_mode mixed"),
+    (["self_forcing.closed_loop=true"], "self_forcing.closed_loop"),
+])
+def test_stage_2_rollouts_through_the_kv_cache_are_not_planned_as_teacher_forcing(overrides, named, capsys):
+    # a rollout through the KV cache keeps what each chunk saw of the cache for backward (measured on a tiny
+    # model with full checkpointing: 24 frames' keys and values for a window of 16 in chunks of 4, and it
+    # grows with the square of the window) and, self-generated, runs the generation too; the planner models
+    # the one-pass teacher-forcing layout only, so it says so instead of a verdict for another layout
+    args = ["--config", str(REPO / "configs/vidarc_causal.yaml"),
+            "--ds-config", str(REPO / "ds_configs/zero3_8xh100.json"), "--checkpointing", "full"]
+    assert main([*args, *(f for o in overrides for f in ("--set", o))]) == 2
+    out, err = capsys.readouterr()
+    assert not out and "plans stage 2's one-pass teacher forcing" in err and named in err
+    # a mixed context that never self-generates is teacher forcing
+    assert main([*args, "--set", "self_forcing.context_mode=mixed", "--set", "self_forcing.self_generated_prob=0"]) == 0
+
+
+def test_the_readmes_vidar_plan_outputs_are_what_vidar_plan_prints(capsys, monkeypatch):
+    # each README block titled with a `vidar-plan ...` command (rendered by benchmarks/__main__.py) shows its output
+    blocks = re.findall(r"\*\*[^*\n]*\(`(vidar-plan [^`]*)`\)[^*\n]*\*\*\n\n```\n(.*?)```",
+                        (REPO / "README.md").read_text(encoding="utf-8"), flags=re.DOTALL)
+    assert len(blocks) == 2
+    monkeypatch.chdir(REPO)
+    get_accelerator()  # DeepSpeed names the accelerator it found on stdout, once per process: before the capture
+    capsys.readouterr()
+    for command, shown in blocks:
+        assert main(shlex.split(command)[1:]) == 0
+        assert capsys.readouterr().out == shown, command

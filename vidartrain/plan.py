@@ -3,11 +3,13 @@
     python -m vidartrain.plan --config configs/vidarc_2xh200.yaml --ds-config ds_configs/zero3_2xh200.json
 
 Per-GPU memory = model states (DeepSpeed's own ZeRO estimator) + activations (our DiT block's real
-saved tensors, measured at the real width on a few tokens and scaled per token) + KV cache of rollouts
-+ frozen encoders + allocator headroom. Time = training FLOPs per step / (MFU x peak bf16 FLOP/s).
+saved tensors, measured at the real width on a few tokens and scaled per token) + frozen encoders +
+allocator headroom. Time = training FLOPs per step / (MFU x peak bf16 FLOP/s). Stage 2 is planned in
+its one-pass teacher-forcing layout; runs that roll out through the KV cache instead (self-generated
+context, the closed loop) are refused (`unplannable`).
 
 Sequence parallelism (distributed.sequence_parallel_size = SP) divides what the blocks keep per GPU
-and the KV cache by SP (each rank holds 1/SP of a sample's tokens; what runs outside the blocks - the
+by SP (each rank holds 1/SP of a sample's tokens; what runs outside the blocks - the
 patch embedding's input, the gathered residual stream and the head - stays whole), divides the FLOPs
 per GPU by SP, and adds the all-to-all traffic of self-attention, timed on NVLink (SP groups are
 consecutive ranks, inside one node) and not overlapped with compute.
@@ -19,6 +21,7 @@ import copy
 import functools
 import itertools
 import json
+import math
 import sys
 import weakref
 from dataclasses import asdict, dataclass, fields
@@ -98,7 +101,8 @@ WAN_DEFAULTS = constructor_defaults(WanModel)
 
 @dataclass(frozen=True)
 class DitShape:
-    """The widths the planner needs of a DiT; defaults: WanModel's own (TI2V-5B)."""
+    """The WanModel constructor arguments that size a DiT's parameters and work (`meta_dit` builds
+    the model from all of them); defaults: WanModel's own (TI2V-5B)."""
 
     dim: int = WAN_DEFAULTS["dim"]
     ffn_dim: int = WAN_DEFAULTS["ffn_dim"]
@@ -107,7 +111,11 @@ class DitShape:
     text_len: int = WAN_DEFAULTS["text_len"]
     text_dim: int = WAN_DEFAULTS["text_dim"]
     in_dim: int = WAN_DEFAULTS["in_dim"]
+    out_dim: int = WAN_DEFAULTS["out_dim"]
     freq_dim: int = WAN_DEFAULTS["freq_dim"]
+    patch_size: tuple[int, ...] = tuple(WAN_DEFAULTS["patch_size"])
+    qk_norm: bool = WAN_DEFAULTS["qk_norm"]
+    cross_attn_norm: bool = WAN_DEFAULTS["cross_attn_norm"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +147,7 @@ def forward_flops(shape: DitShape, tokens: int, pairs: int, frames: int) -> dict
     """Forward FLOPs of one sample (2 per multiply-add), split as the planner reports them."""
     d, f, n = shape.dim, shape.ffn_dim, shape.num_layers
     linear = n * 2 * tokens * (4 * d * d + 2 * d * d + 2 * d * f) + text_flops(shape)
-    embeddings = 2 * tokens * d * (shape.in_dim * 4 + 4 * shape.in_dim)  # patch embedding + head
+    embeddings = 2 * tokens * d * math.prod(shape.patch_size) * (shape.in_dim + shape.out_dim)  # patch embedding + head
     embeddings += 2 * frames * (shape.freq_dim * d + d * d + 6 * d * d)  # time MLPs, once per frame
     self_attention = n * 2 * 2 * pairs * d  # QK^T and AV
     cross_attention = n * 2 * 2 * tokens * shape.text_len * d
@@ -332,23 +340,16 @@ def model_state_gib(params: int, largest_layer: int, stage: int, world: int, off
     if offload_params and stage == 3:
         parts["parameters"] = 0.0
     if stage == 3:
+        # Its GPU side depends on the number of GPUs alone (nodes x GPUs per node), which the planner
+        # knows; how they split into nodes (its CPU side) the planner neither knows nor uses.
         _, gpu_bytes, largest = estimate_zero3_model_states_mem_needs(
-            params, largest_layer, num_gpus_per_node=min(world, 8), num_nodes=max(1, world // 8),
+            params, largest_layer, num_gpus_per_node=world, num_nodes=1,
             cpu_offload=offload_optimizer, cpu_offload_params=offload_optimizer and offload_params)
         parts["gathered_layer"] = float(largest)
         estimated = trainable == params and (offload_optimizer or not offload_params)
         if estimated and abs(sum(parts.values()) - gpu_bytes) > world:
             raise RuntimeError(f"planner disagrees with DeepSpeed's ZeRO-3 estimator: {sum(parts.values())} vs {gpu_bytes}")
     return {name: value / GIB for name, value in parts.items()}
-
-
-def kv_cache_gib(config: Config, shape: DitShape, per_frame: int, micro: int, sequence_parallel: int = 1) -> float:
-    """Self-generated rollouts keep K and V of every layer for the cached frames (bf16); under
-    sequence parallelism each rank caches its share of the heads."""
-    if not config.causal or config.self_forcing.context_mode == "ground_truth":
-        return 0.0
-    frames = min(config.self_forcing.kv_cache_length, config.self_forcing.window_frames)
-    return micro * frames * per_frame * shape.num_layers * 2 * shape.dim * 2 / sequence_parallel / GIB
 
 
 def frozen_gib(config: Config, precomputed: bool) -> float:
@@ -369,6 +370,8 @@ def dit_shape_of(config: Config) -> DitShape:
     if not ckpt_dir or not (Path(ckpt_dir) / CONFIG_FILE).is_file():
         return DitShape()
     arguments = read_model_config(ckpt_dir, WanModel)
+    if "patch_size" in arguments:  # a JSON list
+        arguments["patch_size"] = tuple(arguments["patch_size"])
     return DitShape(**{f.name: arguments[f.name] for f in fields(DitShape) if f.name in arguments})
 
 
@@ -424,8 +427,7 @@ def lora_parameters(shape: DitShape, lora: LoraConfig) -> int:
 
 def meta_dit(shape: DitShape) -> WanModel:
     with torch.device("meta"):
-        return WanModel(dim=shape.dim, ffn_dim=shape.ffn_dim, num_heads=shape.num_heads,
-                        num_layers=shape.num_layers, text_len=shape.text_len, text_dim=shape.text_dim)
+        return WanModel(**asdict(shape))
 
 
 def unplannable(config: Config, ds: dict[str, Any] | None = None) -> str | None:
@@ -434,10 +436,31 @@ def unplannable(config: Config, ds: dict[str, Any] | None = None) -> str | None:
     if config.loss.type == "idm":
         return ("the planner plans the DiT stages (loss.type flow_matching or causal_flow_matching), "
                 "not the 92M-parameter IDM")
+    rollout = rollout_layout(config)
+    if rollout is not None:
+        return (f"the planner plans stage 2's one-pass teacher forcing (self_forcing.context_mode ground_truth), "
+                f"but {rollout} runs a sequential rollout through the KV cache: each chunk keeps what it saw of "
+                f"the cache for backward (growing with the square of the window), and self-generated context "
+                f"adds the generation's forward passes. Plan the teacher-forcing layout with --set "
+                f"self_forcing.context_mode=ground_truth --set self_forcing.closed_loop=false, and measure one "
+                f"real step with launch/train.py --dry-run")
     if ds is not None and precision_of(ds) == "fp32":
         return ("the planner models 16-bit (bf16 or fp16) DiT training, but this DeepSpeed config trains float32 "
                 "weights (distributed.mixed_precision fp32, or a profile with neither bf16 nor fp16 enabled): its "
                 "weights, gradients and activations hold about twice the bytes")
+    return None
+
+
+def rollout_layout(config: Config) -> str | None:
+    """The setting that makes stage 2 train through the KV cache instead of teacher forcing (None:
+    teacher forcing, as `sample_layout` plans)."""
+    if not config.causal:
+        return None
+    sf = config.self_forcing
+    if sf.closed_loop:
+        return "self_forcing.closed_loop"
+    if sf.context_mode == "self_generated" or (sf.context_mode == "mixed" and sf.self_generated_prob > 0):
+        return f"self_forcing.context_mode {sf.context_mode}"
     return None
 
 
@@ -482,7 +505,6 @@ def plan_for_ds_config(config: Config, profile_name: str, ds: dict[str, Any], gp
                                 offloads(ds, "offload_optimizer"), offloads(ds, "offload_param"),
                                 trainable=adapters if config.lora.enabled else None)
         parts["activations"] = activation_gib(shape, tokens, m, checkpointing, sp)
-        parts["kv_cache"] = kv_cache_gib(config, shape, per_frame, m, sp)
         parts["frozen_encoders"] = frozen_gib(config, precomputed)
         parts["headroom"] = CUDA_CONTEXT_GIB + FRAGMENTATION * gpu.memory_gib
         return parts

@@ -1,13 +1,15 @@
 """DeepSpeed profiles: accepted by DeepSpeed's own parser at the world size each is written for,
 batch arithmetic checked, and the reference recipe's FSDP words mapped onto ZeRO with warnings."""
 import json
+import re
 from pathlib import Path
 
 import pytest
 from deepspeed.runtime.config import DeepSpeedConfig
 
 from vidartrain.config import ConfigError, load_config
-from vidartrain.distributed.ds_config import build_deepspeed_config, checkpointing_mode, load_profile, profile_world_size
+from vidartrain.distributed.ds_config import (build_deepspeed_config, checkpointing_mode, load_profile, offloads,
+                                              precision_of, profile_world_size)
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILES = {  # profile -> (world size, micro, accumulation), from the reference hardware table (docs/training.md)
@@ -181,3 +183,89 @@ def test_a_profile_whose_batch_is_no_whole_number_of_ranks_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"odd.json: `train_batch_size` = 100 is not a multiple of micro-batch 2 x "
                                           r"gradient accumulation 8"):
         load_profile(path)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("zero_optimization.stage", "3", "an integer 0, 1, 2 or 3"),
+    ("zero_optimization.stage", 2.5, "an integer 0, 1, 2 or 3"),
+    ("zero_optimization.stage", True, "an integer 0, 1, 2 or 3"),
+    ("zero_optimization.stage", 4, "an integer 0, 1, 2 or 3"),
+    ("zero_optimization.stage", 3.0, "an integer 0, 1, 2 or 3"),
+    ("zero_optimization.offload_optimizer", True, "an object"),
+    ("zero_optimization.offload_param", "cpu", "an object"),
+    ("bf16", True, "an object"),
+    ("fp16", 1, "an object"),
+])
+def test_a_profiles_zero_stage_and_sections_of_the_wrong_type_are_refused_at_load(key, value, expected, tmp_path):
+    # the planner and the builder compare the stage with integers and read these sections as objects
+    profile = load_profile(REPO / "ds_configs/zero3_2xh200.json")
+    section, _, name = key.rpartition(".")
+    (profile[section] if section else profile)[name] = value
+    path = tmp_path / "typed.json"
+    path.write_text(json.dumps(profile))
+    with pytest.raises(ConfigError, match=f"typed.json: `{key}` = {json.dumps(value)}: expected {expected}"):
+        load_profile(path)
+
+
+def test_a_profiles_global_batch_that_the_yaml_overrules_is_named():
+    # zero3_8xh100 is written for 8 GPUs (train_batch_size 128); on 4 the YAML's 64 is used, and said so
+    config = load_config(REPO / "configs/vidar_finetune.yaml", ["training.batch_size=64"])
+    ds, warnings = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_8xh100.json"), 4)
+    assert ds["train_batch_size"] == 64
+    assert warnings == ["YAML `training.batch_size` = 64 disagrees with DeepSpeed profile `train_batch_size` = 128; "
+                        "using the YAML value"]
+    # with the accumulation in the YAML, the warning names both words of the global batch
+    config = load_config(REPO / "configs/vidarc_2xh200.yaml", ["training.batch_size=32"])  # 8 per GPU, x 8
+    _, warnings = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_2xh200.json"), 4)
+    assert warnings == ["YAML `training.batch_size x training.gradient_accumulation` = 256 disagrees with DeepSpeed "
+                        "profile `train_batch_size` = 128; using the YAML value"]
+
+
+def test_what_cpu_offload_changes_in_a_profile_is_named():
+    # zero3_1xgpu offloads the optimizer only: the YAML's cpu_offload (FSDP's: parameters too, under
+    # ZeRO-3) also moves the parameters to the CPU, which the warning says
+    config = load_config(REPO / "configs/vidar_finetune.yaml", ["distributed.cpu_offload=true"])
+    ds, warnings = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_1xgpu.json"), 1)
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert len(warnings) == 1 and "`distributed.cpu_offload` = True" in warnings[0]
+    assert "zero_optimization.offload_param" in warnings[0]
+    # an offload section with device "none" offloads nothing (DeepSpeed's reading): turning it on is a change
+    profile = load_profile(REPO / "ds_configs/zero3_8xh100.json")
+    profile["zero_optimization"]["offload_optimizer"] = {"device": "none"}
+    ds, warnings = build_deepspeed_config(config, profile, 8)
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert len(warnings) == 1 and "'device': 'none'" in warnings[0]
+    # and turning it off changes nothing, so nothing is said
+    config = load_config(REPO / "configs/vidar_finetune.yaml", ["distributed.cpu_offload=false"])
+    assert build_deepspeed_config(config, profile, 8)[1] == []
+
+
+@pytest.mark.parametrize("words, named", [
+    (["distributed.zero_stage=2", "distributed.sharding_strategy=FULL_SHARD"],
+     "`distributed.zero_stage` = 2 (ZeRO-2) and `distributed.sharding_strategy` = 'FULL_SHARD' (ZeRO-3)"),
+    (["distributed.zero_stage=3", "distributed.use_fsdp=false"],
+     "`distributed.zero_stage` = 3 (ZeRO-3) and `distributed.use_fsdp` = False (ZeRO-0)"),
+    (["distributed.use_fsdp=false", "distributed.sharding_strategy=SHARD_GRAD_OP"],
+     "`distributed.use_fsdp` = False (ZeRO-0) and `distributed.sharding_strategy` = 'SHARD_GRAD_OP' (ZeRO-2)"),
+])
+def test_yaml_words_that_ask_for_different_zero_stages_are_refused(words, named):
+    # one of them would otherwise be dropped without a word
+    config = load_config(REPO / "configs/vidar_finetune.yaml", words)
+    with pytest.raises(ConfigError, match=re.escape(f"{named} ask for different ZeRO stages")):
+        build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_8xh100.json"), 8)
+
+
+def test_fsdp_with_a_sharding_strategy_is_that_strategys_stage():
+    config = load_config(REPO / "configs/vidar_finetune.yaml",
+                         ["distributed.use_fsdp=true", "distributed.sharding_strategy=SHARD_GRAD_OP"])
+    ds, _ = build_deepspeed_config(config, load_profile(REPO / "ds_configs/zero3_8xh100.json"), 8)
+    assert ds["zero_optimization"]["stage"] == 2
+
+
+def test_a_null_section_is_read_as_absent_as_deepspeed_reads_it(tmp_path):
+    profile = {**load_profile(REPO / "ds_configs/zero3_2xh200.json"), "bf16": None, "fp16": {"enabled": True}}
+    profile["zero_optimization"]["offload_optimizer"] = None
+    path = tmp_path / "nulls.json"
+    path.write_text(json.dumps(profile))
+    ds = load_profile(path)
+    assert precision_of(ds) == "fp16" and not offloads(ds, "offload_optimizer")

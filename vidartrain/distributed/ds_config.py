@@ -50,7 +50,26 @@ def load_profile(path: str | Path) -> dict[str, Any]:
     if not isinstance(zero, dict):
         raise ConfigError(f"DeepSpeed profile {path}: `zero_optimization` = {json.dumps(zero)}: expected an "
                           f"object, e.g. {{\"stage\": {json.dumps(zero)}}}")
+    check_section_types(path, profile)
     return profile
+
+
+def check_section_types(path: Path, profile: dict[str, Any]) -> None:
+    """The ZeRO stage is compared with integers, and the offload and precision sections are read as
+    objects (`offloads`, `precision_of`): a string "3", 2.5 or true there is refused here, naming the
+    key, instead of failing or silently meaning another stage later."""
+    zero = profile["zero_optimization"]
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"DeepSpeed profile {path}: `zero_optimization.stage` = {json.dumps(stage)}: expected "
+                          f"an integer 0, 1, 2 or 3")
+    sections = [(f"zero_optimization.{key}", zero.get(key), '{"device": "cpu"}')
+                for key in ("offload_optimizer", "offload_param")]
+    sections += [(key, profile.get(key), '{"enabled": true}') for key in ("bf16", "fp16")]
+    for key, value, example in sections:
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"DeepSpeed profile {path}: `{key}` = {json.dumps(value)}: expected an object, "
+                              f"e.g. {example}")
 
 
 def profile_world_size(profile: dict[str, Any]) -> int | None:
@@ -102,17 +121,25 @@ def apply_gradient_clipping(config: Config, ds: dict[str, Any], warnings: list[s
 
 
 def yaml_zero_stage(config: Config) -> tuple[str, Any, int] | None:
-    """The ZeRO stage the YAML asks for, with the key and value that asked; None if it is silent."""
+    """The ZeRO stage the YAML asks for, with the key and value that asked; None if it is silent.
+    Words that ask for different stages are refused: one of them would be dropped unsaid."""
     dist = config.distributed
+    asked = []
     if dist.zero_stage is not None:
-        return "distributed.zero_stage", dist.zero_stage, dist.zero_stage
+        asked.append(("distributed.zero_stage", dist.zero_stage, dist.zero_stage))
     if dist.use_fsdp is False:
-        return "distributed.use_fsdp", False, 0
+        asked.append(("distributed.use_fsdp", False, 0))
     if dist.sharding_strategy is not None:
-        return "distributed.sharding_strategy", dist.sharding_strategy, ZERO_STAGE_OF_SHARDING[dist.sharding_strategy]
-    if dist.use_fsdp:
-        return "distributed.use_fsdp", True, 3  # FSDP's default strategy is FULL_SHARD
-    return None
+        asked.append(("distributed.sharding_strategy", dist.sharding_strategy,
+                      ZERO_STAGE_OF_SHARDING[dist.sharding_strategy]))
+    elif dist.use_fsdp:
+        asked.append(("distributed.use_fsdp", True, 3))  # FSDP's default strategy is FULL_SHARD
+    for key, value, stage in asked[1:]:
+        first_key, first_value, first_stage = asked[0]
+        if stage != first_stage:
+            raise ConfigError(f"`{first_key}` = {first_value!r} (ZeRO-{first_stage}) and `{key}` = {value!r} "
+                              f"(ZeRO-{stage}) ask for different ZeRO stages: keep one of them")
+    return asked[0] if asked else None
 
 
 def apply_zero_stage(config: Config, ds: dict[str, Any], warnings: list[str]) -> None:
@@ -129,13 +156,15 @@ def apply_zero_stage(config: Config, ds: dict[str, Any], warnings: list[str]) ->
 
 
 def apply_cpu_offload(config: Config, ds: dict[str, Any], warnings: list[str]) -> None:
+    """FSDP's CPU offload: the optimizer, and under ZeRO-3 the parameters too, on the CPU (or neither)."""
     wanted = config.distributed.cpu_offload
     if wanted is None:
         return
     zero = ds["zero_optimization"]
-    current = "offload_optimizer" in zero
-    if wanted != current:
-        disagree(warnings, "distributed.cpu_offload", wanted, "zero_optimization.offload_optimizer", zero.get("offload_optimizer"))
+    sections = ("offload_optimizer", "offload_param") if zero.get("stage", 0) == 3 else ("offload_optimizer",)
+    if any(offloads(ds, key) != wanted for key in sections):
+        keys = " and ".join(f"zero_optimization.{key}" for key in sections)
+        disagree(warnings, "distributed.cpu_offload", wanted, keys, {key: zero.get(key) for key in sections})
     if wanted:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if zero.get("stage", 0) == 3:
@@ -172,7 +201,9 @@ def allow_offloaded_client_optimizer(ds: dict[str, Any]) -> None:
 
 
 def precision_of(ds: dict[str, Any]) -> str:
-    return "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+    """bf16, fp16 or fp32, as DeepSpeed reads the sections (a null one as absent)."""
+    enabled = {key: (ds.get(key) or {}).get("enabled") for key in ("bf16", "fp16")}
+    return "bf16" if enabled["bf16"] else "fp16" if enabled["fp16"] else "fp32"
 
 
 def fixed_by_checkpoint(ds: dict[str, Any]) -> dict[str, Any]:
@@ -253,6 +284,11 @@ def apply_batch_sizes(config: Config, ds: dict[str, Any], world_size: int, warni
             f"x gradient accumulation {accumulation} x world size {world_size} = "
             f"{micro * accumulation * world_size}. Use the profile written for this world size, or set "
             f"training.batch_size / training.gradient_accumulation to match")
+    written = ds.get("train_batch_size")  # the profile's global batch, for the world size it is written for
+    if written is not None and written != global_batch:
+        key = "training.batch_size" + ("" if training.gradient_accumulation is None else
+                                       " x training.gradient_accumulation")
+        disagree(warnings, key, global_batch, "train_batch_size", written)
     ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = accumulation
     ds["train_batch_size"] = global_batch
