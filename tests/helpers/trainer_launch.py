@@ -142,7 +142,7 @@ def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int, log_pa
 
 
 def vidar_validation_loss(config: Config, model: nn.Module, split: str = "val", world_size: int = 2) -> float:
-    """The engine's stage-1 validation loss (Trainer.validation_loss) recomputed in one process: each
+    """The engine's stage-1 validation loss (Trainer.validate) recomputed in one process: each
     rank's held-out micro-batches (of 1 sample) with that rank's fixed noise, averaged over the ranks
     (split "train": the same on training batches)."""
     stage = VidarStage(config, read_data_info(config.data.shards))

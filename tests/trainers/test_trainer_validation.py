@@ -101,17 +101,20 @@ def test_validation_section_is_checked(tmp_path):
 
 
 class MeanOfValues(Stage):
-    """A stage whose loss is the mean of the batch's `value`s (nothing else is called)."""
+    """A stage whose loss is the mean of the batch's `value`s and whose metric `largest` their largest,
+    as a [sum, count] pair per sample like the stages' (nothing else is called)."""
 
     def training_loss(self, module, batch, generator):
-        return batch["value"].mean(), {}
+        values = batch["value"]
+        return values.mean(), {"largest": torch.stack([values.max() * len(values), torch.tensor(len(values))])}
 
     build_model = load_frozen = tokens_in = export = None
 
 
-def test_validation_loss_is_the_mean_over_held_out_samples_with_a_partial_last_batch(monkeypatch):
+def test_validation_is_the_mean_over_held_out_samples_with_a_partial_last_batch_and_has_the_metrics(monkeypatch):
     # 3 held-out samples in micro-batches of 2: the last batch holds 1. Its loss must count once,
-    # not as much as the full batch's 2 (a mean of batch means would give (1 + 4) / 2 = 2.5).
+    # not as much as the full batch's 2 (a mean of batch means would give (1 + 4) / 2 = 2.5). The
+    # stage's metrics (the IDM's held-out action accuracy, ...) are averaged the same way.
     monkeypatch.setattr(base.dist, "all_reduce", lambda tensor, op=None: None)  # one rank: the sum is itself
     trainer = object.__new__(base.Trainer)
     trainer.config, trainer.device = Config(), torch.device("cpu")
@@ -119,7 +122,7 @@ def test_validation_loss_is_the_mean_over_held_out_samples_with_a_partial_last_b
     trainer.engine, trainer.layout = torch.nn.Module(), SimpleNamespace(dp_rank=0)
     batches = [{"__key__": ["a", "b"], "value": torch.tensor([1.0, 1.0])},
                {"__key__": ["c"], "value": torch.tensor([4.0])}]
-    assert trainer.validation_loss(batches) == 2.0
+    assert trainer.validate(batches) == {"loss": 2.0, "largest": (2 * 1.0 + 4.0) / 3}
 
 
 def test_an_idm_that_does_not_fit_the_validation_settings_is_refused_before_training(tmp_path):

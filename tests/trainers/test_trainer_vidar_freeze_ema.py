@@ -112,6 +112,11 @@ def validation_records(output_dir) -> dict[tuple[int, str], float]:
 def test_ema_validation_evaluates_the_exported_ema(workspace, frozen_run):
     logged = validation_records(frozen_run)
     assert set(logged) == {(step, name) for step in (3, 6) for name in ("val_loss", "val_ema_loss")}
+    # beside each loss, the stage's metrics on the held-out batches: stage 1's loss by noise level
+    rows = [json.loads(line) for line in (frozen_run / "metrics.jsonl").read_text().splitlines()]
+    validations = [row for row in rows if "val_loss" in row or "val_ema_loss" in row]
+    assert len(validations) == 4 and all(any(key.startswith(("val_loss_by_sigma/", "val_ema_loss_by_sigma/"))
+                                             for key in row) for row in validations)
     config = load_config("configs/debug/tiny_vidar.yaml", overrides(workspace, frozen_run))
     recomputed = {}
     for name, file in (("val_loss", "vidar.pt"), ("val_ema_loss", "vidar_ema.pt")):

@@ -576,10 +576,10 @@ class Trainer:
         val_every = self.config.training.val_every
         if self.validates and self.step % val_every == 0:
             batches = self.validation_batches()
-            self.monitor.log_validation(self.step, self.validation_loss(batches))
+            self.monitor.log_validation(self.step, self.validate(batches))
             if self.config.training.validate_ema:
                 with self.ema.swapped_in(self.engine.optimizer):
-                    self.monitor.log_validation(self.step, self.validation_loss(batches), name="ema_loss")
+                    self.monitor.log_validation(self.step, self.validate(batches), prefix="ema_")
         if self.config.validation.every and self.step % self.config.validation.every == 0:
             self.render_validation_samples()
         if self.step % self.config.training.save_every == 0:
@@ -623,22 +623,24 @@ class Trainer:
         return batches[:int(count.item())]
 
     @torch.no_grad()
-    def validation_loss(self, batches: list[dict[str, Any]]) -> float:
-        """Mean loss per held-out sample over the `batches`, with fixed noise (the same at every
-        evaluation, so values are comparable over the run). A batch's loss is its samples' mean, so it
-        counts as many times as it has samples: the last held-out batch may be a partial one."""
+    def validate(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+        """The loss per held-out sample over the `batches`, and the stage's metrics of its training
+        steps (the IDM's action accuracy, stage 1's loss by noise level, ...) over them, with fixed
+        noise (the same at every evaluation, so values are comparable over the run). A batch's loss is
+        its samples' mean, so it counts as many times as it has samples: the last held-out batch may be
+        a partial one."""
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        metrics: dict[str, torch.Tensor] = {"loss": torch.zeros(2, dtype=torch.float64)}
         for index, batch in enumerate(batches):
             generator = micro_batch_generator(self.config.training.seed, VALIDATION_STREAM, 0, index,
                                               self.layout.dp_rank, self.device)
-            loss, _ = self.stage.training_loss(self.engine, batch, generator)
+            loss, batch_metrics = self.stage.training_loss(self.engine, batch, generator)
             samples = len(batch["__key__"])
-            total += torch.tensor([loss.item() * samples, samples], dtype=torch.float64)
+            metrics["loss"] += torch.tensor([loss.item() * samples, samples], dtype=torch.float64)
+            for name, value in batch_metrics.items():
+                metrics[name] = metrics.get(name, 0) + value.detach().double().cpu()
         self.engine.train()
-        total = total.to(self.device)
-        dist.all_reduce(total)
-        return float(total[0] / total[1])
+        return self.reduce_metrics(metrics)
 
     @torch.no_grad()
     def render_validation_samples(self) -> None:

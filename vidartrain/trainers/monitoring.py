@@ -125,15 +125,19 @@ class TrainingMonitor:
         per_step = (time.monotonic() - self.start_time) / max(1, step - self.start_step)
         return str(datetime.timedelta(seconds=round(per_step * (self.total_steps - step))))
 
-    def log_validation(self, step: int, loss: float, name: str = "loss") -> None:
-        """A validation loss as TensorBoard's val/NAME and metrics.jsonl's val_NAME (loss: the training
-        weights, ema_loss: their EMA)."""
+    def log_validation(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        """A validation's loss and metrics as TensorBoard's val/PREFIXNAME and metrics.jsonl's
+        val_PREFIXNAME (prefix "": the training weights, "ema_": their EMA). The log line shows the
+        loss and the metrics that are not one of a family (loss_by_sigma/..., loss_by_position/...)."""
         if not self.enabled:
             return
-        self.writer.add_scalar(f"val/{name}", loss, step)
-        self.metrics_file.write(json.dumps({"step": step, f"val_{name}": loss}) + "\n")
+        for name, value in values.items():
+            self.writer.add_scalar(f"val/{prefix}{name}", value, step)
+        self.metrics_file.write(json.dumps({"step": step, **{f"val_{prefix}{k}": v for k, v in values.items()}}) + "\n")
         self.metrics_file.flush()
-        log.info("step %d  validation %s %.5f", step, name.replace("_", " "), loss)
+        shown = "  ".join(f"{name} {value:.5f}" for name, value in values.items() if name != "loss" and "/" not in name)
+        log.info("step %d  validation %s%.5f%s", step, f"{prefix.replace('_', ' ')}loss ", values["loss"],
+                 f"  ({shown})" if shown else "")
 
     def log_samples(self, step: int, samples: list, fps: int, seconds: float) -> None:
         """Validation samples: mp4 per sample under samples/step_N/ with metrics.json, TensorBoard image
