@@ -269,3 +269,16 @@ def test_a_null_section_is_read_as_absent_as_deepspeed_reads_it(tmp_path):
     path.write_text(json.dumps(profile))
     ds = load_profile(path)
     assert precision_of(ds) == "fp16" and not offloads(ds, "offload_optimizer")
+
+
+def test_a_profiles_older_bfloat16_section_is_read_as_bf16_and_two_precisions_are_refused(tmp_path):
+    profile = load_profile(REPO / "ds_configs/zero3_2xh200.json")
+    path = tmp_path / "older.json"
+    path.write_text(json.dumps({**{k: v for k, v in profile.items() if k != "bf16"}, "bfloat16": {"enabled": True}}))
+    assert precision_of(load_profile(path)) == "bf16"  # read as fp32 before, as DeepSpeed does not
+    path.write_text(json.dumps({**profile, "bf16": {"enabled": True}, "fp16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="older.json: `bf16.enabled` and `fp16.enabled` are both true"):
+        load_profile(path)
+    path.write_text(json.dumps({**profile, "bfloat16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="both `bf16` and its older name `bfloat16`"):
+        load_profile(path)

@@ -50,8 +50,23 @@ def load_profile(path: str | Path) -> dict[str, Any]:
     if not isinstance(zero, dict):
         raise ConfigError(f"DeepSpeed profile {path}: `zero_optimization` = {json.dumps(zero)}: expected an "
                           f"object, e.g. {{\"stage\": {json.dumps(zero)}}}")
+    check_precision_sections(path, profile)
     check_section_types(path, profile)
     return profile
+
+
+def check_precision_sections(path: Path, profile: dict[str, Any]) -> None:
+    """One precision section each: DeepSpeed's older name `bfloat16` is taken as `bf16` (as DeepSpeed
+    reads it; the planner, the resume record and the IDM's float32 rule read `bf16`), and bf16 and fp16
+    enabled together are refused now rather than when the engine is built."""
+    if "bfloat16" in profile:
+        if "bf16" in profile:
+            raise ConfigError(f"DeepSpeed profile {path}: both `bf16` and its older name `bfloat16`; keep `bf16`")
+        profile["bf16"] = profile.pop("bfloat16")
+    enabled = [key for key in ("bf16", "fp16") if isinstance(profile.get(key), dict) and profile[key].get("enabled")]
+    if len(enabled) == 2:
+        raise ConfigError(f"DeepSpeed profile {path}: `bf16.enabled` and `fp16.enabled` are both true; enable one "
+                          f"(bf16 on Ampere and newer GPUs)")
 
 
 def check_section_types(path: Path, profile: dict[str, Any]) -> None:
