@@ -238,6 +238,18 @@ def test_undecodable_video_details_carry_no_clock_time_or_source_location(tmp_pa
     assert "[" not in caught.value.detail and ".cc:" not in caught.value.detail
 
 
+def test_a_video_whose_first_frame_does_not_decode_is_skipped_not_raised(tmp_path):
+    # the frame size is read from frame 0: decord's DECORDError (not a RuntimeError) must become a skip
+    (folder,) = write_synthetic_episodes(tmp_path, 1, frames=12, height=48, width=64)
+    data = bytearray((folder / "video.mp4").read_bytes())
+    first_frame = data.find(b"mdat") + 4
+    data[first_frame: first_frame + 200] = bytes(200)
+    (folder / "video.mp4").write_bytes(bytes(data))
+    with pytest.raises(EpisodeError) as caught:
+        load_episode(tmp_path, folder.name, LAYOUT)
+    assert caught.value.reason == "video_unreadable" and "cannot decode frames 0..0" in caught.value.detail
+
+
 def test_encode_rejects_odd_sizes():
     with pytest.raises(ValueError, match="even"):
         encode_mp4(np.zeros((2, 31, 32, 3), np.uint8), 10)

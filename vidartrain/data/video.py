@@ -54,7 +54,9 @@ def open_video(data: bytes) -> decord.VideoReader:
 
 
 def video_info(reader: decord.VideoReader) -> VideoInfo:
-    height, width = reader[0].shape[:2] if len(reader) else (0, 0)
+    """Frame count, rate and size; the size comes from decoding frame 0, so a video whose first frame
+    does not decode raises VideoReadError here."""
+    height, width = read_frames(reader, [0]).shape[1:3] if len(reader) else (0, 0)
     return VideoInfo(num_frames=len(reader), fps=float(reader.get_avg_fps()), height=height, width=width)
 
 
