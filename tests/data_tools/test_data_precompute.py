@@ -138,6 +138,8 @@ def test_config_must_match_the_pre_encoded_windows(pre_encoded):
         build_loader(shards, data_config(shards, num_frames=9), 1, rank=0, world_size=1)
     with pytest.raises(ConfigError, match="resize pad \\(shards: crop\\)"):
         build_loader(shards, data_config(shards, resize="pad"), 1, rank=0, world_size=1)
+    with pytest.raises(ConfigError, match="fps 5 \\(shards: 10\\)"):  # latents cannot be resampled in time
+        build_loader(shards, data_config(shards, fps=5), 1, rank=0, world_size=1)
     with pytest.raises(ConfigError, match="IDM frame pairs need raw video"):
         build_loader(shards, data_config(shards), 1, rank=0, world_size=1, mode="frames")
 

@@ -115,12 +115,14 @@ class ClipSpec:
 
 
 def check_pre_encoded_matches(index: dict, shards_dir: str | Path, spec: ClipSpec) -> None:
-    """Pre-encoded windows have a fixed length and size: the data config must ask for exactly those."""
-    stored = index["settings"]["precompute"]
+    """Pre-encoded windows have a fixed length, size and frame rate (the shards' timeline; raw video is
+    resampled to data.fps, latents cannot be): the data config must ask for exactly those."""
+    stored = {**index["settings"]["precompute"], "fps": index["settings"]["layout"]["fps"]}
     if spec.mode != "clips":
         raise ConfigError(f"{shards_dir}: pre-encoded shards hold latents, not frames; IDM frame pairs need "
                           f"raw video shards")
-    wanted = {"num_frames": spec.num_frames, "height": spec.height, "width": spec.width, "resize": spec.resize}
+    wanted = {"num_frames": spec.num_frames, "height": spec.height, "width": spec.width, "resize": spec.resize,
+              "fps": spec.fps}
     # shards pre-encoded before the resize setting existed were stretched
     differ = {name: (value, stored.get(name, "stretch")) for name, value in wanted.items()
               if stored.get(name, "stretch") != value}
