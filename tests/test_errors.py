@@ -140,6 +140,12 @@ def test_index_contents_that_cannot_be_trained_on_are_data_errors(tmp_path):
     with pytest.raises(DataError, match="data.shards mixes"):
         read_common_index([{"path": str(tmp_path / "latents"), "weight": 1.0},
                            {"path": str(tmp_path / "latents_idm"), "weight": 1.0}])
+    # robots with other action spaces: a batch drawing from both could not stack its actions
+    for dim in (7, 14):
+        write_index(tmp_path / f"arm_{dim}", settings={"layout": {"action_dim": dim}})
+    with pytest.raises(DataError, match="data.shards mixes .*arm_7 .*'raw', False, False, 7,"):
+        read_data_info([{"path": str(tmp_path / "arm_14"), "weight": 1.0},
+                        {"path": str(tmp_path / "arm_7"), "weight": 1.0}])
 
 
 @pytest.mark.parametrize("manifest, expected", [
