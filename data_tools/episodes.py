@@ -161,10 +161,18 @@ def read_actions(path: Path, action_dim: int) -> np.ndarray:
     if actions.ndim != 2 or actions.shape[1] != action_dim:
         raise EpisodeError("actions_invalid",
                            f"{path.name} has shape {actions.shape}, expected (T, {action_dim})")
-    if not np.isfinite(actions).all():
-        bad = int((~np.isfinite(actions)).any(axis=1).sum())
-        raise EpisodeError("actions_invalid", f"{path.name} has non-finite values in {bad} rows")
-    return actions.astype(np.float32)
+    return finite_float32(actions, path.name)
+
+
+def finite_float32(actions: np.ndarray, where: str) -> np.ndarray:
+    """Numeric actions [T, D] as the float32 they are stored as, checked finite after the cast: a
+    float64 beyond float32's range (about 3.4e38) is finite before it and inf after."""
+    with np.errstate(over="ignore"):  # the overflow is reported below, as the episode's skip reason
+        values = actions.astype(np.float32)
+    if not np.isfinite(values).all():
+        rows = int((~np.isfinite(values)).any(axis=1).sum())
+        raise EpisodeError("actions_invalid", f"{where} has non-finite values (as float32) in {rows} rows")
+    return values
 
 
 class DecodedVideo(NamedTuple):

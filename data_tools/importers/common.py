@@ -36,7 +36,7 @@ from typing import Callable
 import av
 import numpy as np
 
-from data_tools.episodes import EpisodeError, actions_to_npy, encode_views
+from data_tools.episodes import EpisodeError, actions_to_npy, encode_views, finite_float32
 from vidartrain.data.transforms import resample_indices
 from vidartrain.errors import ConfigError, DataError
 from vidartrain.files import Journal, files_fingerprint, make_directory, write_atomically
@@ -133,10 +133,7 @@ def select_actions(actions: np.ndarray, settings: ImportSettings, where: str) ->
             raise EpisodeError("actions_invalid", f"{where}: {settings.action_key} has {actions.shape[1]} columns, "
                                                   f"--action-columns asks for {outside}")
         actions = actions[:, list(settings.action_columns)]
-    if not np.isfinite(actions).all():
-        rows = int((~np.isfinite(actions)).any(axis=1).sum())
-        raise EpisodeError("actions_invalid", f"{where}: {settings.action_key} has non-finite values in {rows} rows")
-    return actions.astype(np.float32)
+    return finite_float32(actions, f"{where}: {settings.action_key}")
 
 
 def episode_files(recording: Recording, settings: ImportSettings, where: str) -> tuple[dict[str, bytes], dict]:

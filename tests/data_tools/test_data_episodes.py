@@ -238,6 +238,16 @@ def test_undecodable_video_details_carry_no_clock_time_or_source_location(tmp_pa
     assert "[" not in caught.value.detail and ".cc:" not in caught.value.detail
 
 
+def test_actions_beyond_the_float32_range_are_invalid(tmp_path):
+    # finite as stored (float64), inf in the float32 actions the shards hold
+    video, actions, text = synthetic_episode(np.random.default_rng(0), 4, 32, 32)
+    huge = actions.astype(np.float64)
+    huge[1, 3] = 1e39
+    write_episode(tmp_path / "ep_0000", video, huge, text)
+    with pytest.raises(EpisodeError, match="actions.npy has non-finite values \\(as float32\\) in 1 rows"):
+        load_episode(tmp_path, "ep_0000", LAYOUT)
+
+
 def test_a_video_whose_first_frame_does_not_decode_is_skipped_not_raised(tmp_path):
     # the frame size is read from frame 0: decord's DECORDError (not a RuntimeError) must become a skip
     (folder,) = write_synthetic_episodes(tmp_path, 1, frames=12, height=48, width=64)

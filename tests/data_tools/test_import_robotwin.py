@@ -63,12 +63,15 @@ def test_faulty_episodes_are_skipped_with_the_converters_reasons(tmp_path, capsy
     write_robotwin_episode(source, 6, frames=8)
     (source / "data" / "episode6.hdf5").write_bytes(b"not an hdf5 file" * 10)
     write_robotwin_episode(source, 7, frames=1)
+    huge_actions = np.ones((8, 14), np.float64)
+    huge_actions[2, 0] = 1e39  # finite in float64, inf in the float32 actions.npy
+    write_robotwin_episode(source, 8, frames=8, actions=huge_actions)
     assert run(source, tmp_path / "out", "--fps", "10") == 0
     record = json.loads((tmp_path / "out" / IMPORT_FILE).read_text())
     reasons = {skip["episode"]: skip["reason"] for skip in record["skipped"]}
     assert reasons == {"ep_0001": "video_unreadable", "ep_0002": "length_mismatch", "ep_0003": "missing_file",
                        "ep_0004": "instruction_invalid", "ep_0005": "actions_invalid",
-                       "ep_0006": "video_unreadable", "ep_0007": "video_too_short"}
+                       "ep_0006": "video_unreadable", "ep_0007": "video_too_short", "ep_0008": "actions_invalid"}
     assert [e["episode"] for e in record["episodes"]] == ["ep_0000"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ep_0000", IMPORT_FILE]
     report = capsys.readouterr().err
@@ -79,7 +82,7 @@ def test_faulty_episodes_are_skipped_with_the_converters_reasons(tmp_path, capsy
     kept = (tmp_path / "out" / "ep_0000" / "video.mp4").stat().st_mtime_ns
     assert run(source, tmp_path / "out", "--fps", "10") == 0
     record = json.loads((tmp_path / "out" / IMPORT_FILE).read_text())
-    assert [e["episode"] for e in record["episodes"]] == ["ep_0000", "ep_0003"] and len(record["skipped"]) == 6
+    assert [e["episode"] for e in record["episodes"]] == ["ep_0000", "ep_0003"] and len(record["skipped"]) == 7
     assert (tmp_path / "out" / "ep_0000" / "video.mp4").stat().st_mtime_ns == kept
 
 
