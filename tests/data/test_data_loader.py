@@ -318,6 +318,12 @@ def test_mixture_resumes_exactly_and_refuses_other_weights(two_sources):
         build_loader(other.shards, other, 2, rank=0, world_size=1).load_state_dict(state)
 
 
+def test_mixture_evaluation_reads_every_sample_once_whatever_the_weights(two_sources):
+    data = mixture_config(two_sources)  # weights 3:1 over 5 and 3 samples
+    loader = build_loader(data.shards, data, 3, rank=0, world_size=1, train=False)
+    assert keys_of(loader) == keys_of_source(two_sources[0]) + keys_of_source(two_sources[1])
+
+
 def build_loader_after(data, batches):
     loader = build_loader(data.shards, data, 2, rank=0, world_size=1)
     for _ in islice(loader, batches):

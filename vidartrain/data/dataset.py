@@ -547,8 +547,8 @@ def build_loader(shards: str | Path | list, config: Any, micro_batch_size: int, 
 
     `config` needs num_frames, height, width, fps, cfg_prob, resize, num_workers, seed and
     max_bad_samples. Training loaders shuffle, drop the incomplete last batch and repeat forever
-    (unless `epochs`); evaluation loaders (train=False) read every sample once, in order, with no
-    text dropout. `video_dtype=torch.uint8` moves raw video as uint8 (4x fewer bytes from workers;
+    (unless `epochs`); evaluation loaders (train=False) read every sample once, in order (a mixture's
+    sources one after the other, their weights aside), with no text dropout. `video_dtype=torch.uint8` moves raw video as uint8 (4x fewer bytes from workers;
     apply `transforms.to_model_range` on the device).
     """
     if rank is None or world_size is None:
@@ -572,7 +572,8 @@ def build_loader(shards: str | Path | list, config: Any, micro_batch_size: int, 
         too_short += source_too_short
         sizes.append(len(source_refs))
         decoders.append(sample_decoder(index, shards_dir, spec, config.seed))
-    mixture = Mixture(sizes, [weight for _, weight in sources])
+    # an evaluation reads every sample once: each source's share is its size, whatever its weight
+    mixture = Mixture(sizes, [weight for _, weight in sources] if train else sizes)
     stream = ShardStream(refs, spec, decoders, micro_batch_size, config.seed, rank, world_size,
                          shuffle=train, drop_last=train, epochs=epochs if train else 1,
                          max_bad_samples=config.max_bad_samples, mixture=mixture)
