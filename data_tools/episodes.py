@@ -88,7 +88,8 @@ class ValidEpisode:
 
 
 def discover_episodes(episodes_dir: Path, manifest: Path | None = None) -> list[str]:
-    """Episode folder names, from the manifest when there is one, else every subfolder, sorted.
+    """Episode folder names, from the manifest when there is one, else every subfolder that is not
+    hidden (vidar-import's unfinished `.ep_XXXX.partial` folders, `.git`, ...), sorted.
 
     A manifest is a JSON list of names, or {"episodes": [...]} whose items are names or objects
     with an "episode", "name" or "path" field.
@@ -96,7 +97,7 @@ def discover_episodes(episodes_dir: Path, manifest: Path | None = None) -> list[
     if manifest is None and (episodes_dir / "manifest.json").exists():
         manifest = episodes_dir / "manifest.json"
     if manifest is None:
-        return sorted(p.name for p in episodes_dir.iterdir() if p.is_dir())
+        return sorted(p.name for p in episodes_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     try:
         listing = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -671,7 +671,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--episodes", type=Path, required=True, help="directory of episode folders")
     parser.add_argument("--out", type=Path, required=True, help="output directory for shards and index.json")
     parser.add_argument("--manifest", type=Path, default=None,
-                        help="JSON list of episodes (default: EPISODES/manifest.json if present, else all folders)")
+                        help="JSON list of episodes (default: EPISODES/manifest.json if present, else every "
+                             "folder that is not hidden)")
     parser.add_argument("--samples-per-shard", type=int, default=1000,
                         help="close a shard once it holds this many samples (an episode's windows stay in one shard)")
     parser.add_argument("--bytes-per-shard", type=int, default=1 << 30,

@@ -1,6 +1,7 @@
 """Synthetic episodes and the validation every episode passes before it is written to a shard."""
 import io
 import json
+import shutil
 from pathlib import Path
 
 import av
@@ -108,6 +109,14 @@ def test_manifest_entry_without_folder_is_missing_file(tmp_path):
     with pytest.raises(EpisodeError) as caught:
         load_episode(tmp_path, "ep_0042", LAYOUT)
     assert caught.value.reason == "missing_file"
+
+
+def test_hidden_folders_are_not_episodes(tmp_path):
+    # e.g. vidar-import's .ep_0000.altered.partial: the old copy of an episode it was replacing when killed
+    (folder,) = write_synthetic_episodes(tmp_path, 1, frames=4, height=32, width=32)
+    shutil.copytree(folder, tmp_path / ".ep_0000.altered.partial")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    assert discover_episodes(tmp_path) == ["ep_0000"]
 
 
 def test_bad_manifest_names_the_file(tmp_path):
