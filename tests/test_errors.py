@@ -140,6 +140,12 @@ def test_index_contents_that_cannot_be_trained_on_are_data_errors(tmp_path):
     with pytest.raises(DataError, match="data.shards mixes"):
         read_common_index([{"path": str(tmp_path / "latents"), "weight": 1.0},
                            {"path": str(tmp_path / "latents_idm"), "weight": 1.0}])
+    # latents stored in other dtypes: a batch would be collated into its first sample's
+    write_index(tmp_path / "latents_fp32", mode="latents", settings={"precompute": {"latent_dtype": "float32"}})
+    write_index(tmp_path / "latents_bf16", mode="latents", settings={"precompute": {"latent_dtype": "bfloat16"}})
+    with pytest.raises(DataError, match="data.shards mixes .*'latent_dtype': 'float32'"):
+        read_common_index([{"path": str(tmp_path / "latents_fp32"), "weight": 1.0},
+                           {"path": str(tmp_path / "latents_bf16"), "weight": 1.0}])
     # robots with other action spaces: a batch drawing from both could not stack its actions
     for dim in (7, 14):
         write_index(tmp_path / f"arm_{dim}", settings={"layout": {"action_dim": dim}})
