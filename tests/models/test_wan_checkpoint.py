@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from test_wan_dit import tiny_config, write_published_layout
 
 from vidartrain.errors import CheckpointError
-from vidartrain.models.wan.checkpoint import load_finetuned, read_model_config
+from vidartrain.models.wan.checkpoint import load_finetuned, read_model_config, read_state_dict
 from vidartrain.models.wan.model import WanModel
 
 
@@ -153,6 +153,15 @@ def test_truncated_weights_are_a_checkpoint_error_naming_the_file(tmp_path, tiny
     truncated(path)
     with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: {reason}"):
         load_finetuned(tiny_model, path)
+
+
+def test_truncated_small_torch_file_is_a_checkpoint_error_naming_it(tmp_path):
+    # Under 64 KiB torch's zip reader fails with a bare OSError (EINVAL) that names no file.
+    path = tmp_path / "idm.pt"
+    torch.save({"weight": torch.zeros(64, 64)}, path)
+    truncated(path)
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: torch.load cannot read it"):
+        read_state_dict(path)
 
 
 def test_truncated_published_shard_is_a_checkpoint_error_naming_it(tmp_path, state):

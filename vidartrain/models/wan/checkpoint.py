@@ -187,8 +187,12 @@ def load_torch_file(path: str | Path, mmap: bool = True) -> object:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as error:
         raise pickle_refusal(path, error) from None
-    except OSError:
-        raise  # unreadable: the error names the file and why
+    except OSError as error:
+        if error.filename is not None:
+            raise  # unreadable (absent, no permission): the error names the file and why
+        # torch's zip reader fails on a truncated file under 64 KiB with a bare EINVAL, naming nothing
+        raise CheckpointError(f"{path}: torch.load cannot read it (truncated or corrupt, or not written by "
+                              f"torch.save?): {error}") from None
     except Exception as error:  # a truncated or foreign file fails torch.load in many ways (RuntimeError, EOFError, KeyError...)
         # torch's message goes on with paragraphs of advice that do not apply here: keep its first sentence
         reason = re.split(r"\.\s", str(error).strip(), maxsplit=1)[0] or type(error).__name__
