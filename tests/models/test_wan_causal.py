@@ -55,6 +55,13 @@ def test_one_latent_frame_equals_the_bidirectional_model(model, weights, text):
         assert max_error(model(x, t, text), plain(x, t, text)) <= ATOL
 
 
+def test_text_for_another_batch_size_is_refused(model, text):
+    with pytest.raises(ValueError, match="text of 1 prompts for a batch of 2 samples"):
+        model(latents(2), torch.zeros(2), text[:1])
+    with pytest.raises(ValueError, match="text of 1 prompts for a batch of 2 samples"):
+        model.forward_with_cache(latents(1), 0.0, model.text_key_values(text[:1]), KVCache(model.num_layers, 4))
+
+
 def test_frame_visibility_rules():
     clean = FrameLayout.context(0, 3)
     assert frame_visibility(clean, clean).tolist() == [[True, False, False], [True, True, False], [True, True, True]]

@@ -626,6 +626,11 @@ class WanModel(nn.Module):
         Under sequence parallelism the tokens, their RoPE angles and timestep groups are cut to this
         rank's share before the blocks and the residual stream is gathered after them; the keys and
         values (and `past_key_values`) are then the head split of all tokens."""
+        # Cross-attention would broadcast one prompt over the whole batch without a word.
+        text_batch = (context[0][0] if isinstance(context, list) else context).shape[0]
+        if text_batch != x.shape[0]:
+            raise ValueError(f"text of {text_batch} prompts for a batch of {x.shape[0]} samples: "
+                             f"give one text embedding per sample")
         sp = self.sequence_parallel
         if sp is not None:
             length = x.shape[1]
