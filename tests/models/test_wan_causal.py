@@ -379,6 +379,19 @@ def test_cache_refuses_what_it_cannot_do(model, text):
         model(latents(2), torch.arange(12.0).view(1, 12).expand(2, 12), text)
 
 
+@pytest.mark.parametrize("cache_class", [KVCache, StaticKVCache])
+def test_frames_of_another_size_than_the_cached_ones_are_refused(model, text, cache_class):
+    # A single frame needs no mask, so it attended to the cached frames of another grid unchecked.
+    cache = cache_class(model.num_layers, capacity=4)
+    smaller = torch.zeros(1, 48, 1, 2, 6)
+    with torch.no_grad():
+        model.prefill(latents(2, batch=1), text[:1], cache)
+        with pytest.raises(ValueError, match="frames of 3 tokens cannot join a cache of 6-token frames"):
+            model.forward_with_cache(smaller, 500.0, text[:1], cache)
+        with pytest.raises(ValueError, match="frames of 3 tokens cannot join a cache of 6-token frames"):
+            model.forward_teacher_forcing(smaller, smaller, torch.zeros(1), text[:1], cache)
+
+
 def test_video_and_latent_frame_counts_of_the_deployed_window():
     window = RolloutWindow()
     assert (window.rollout_bound, window.rollout_prefill_num, window.prefill_latent_frames) == (60, 33, 9)
