@@ -139,6 +139,11 @@ def test_finetune_file_that_is_not_a_state_dict_is_refused(tmp_path, tiny_model)
     torch.save([torch.zeros(1)], path)
     with pytest.raises(CheckpointError, match="expected a state dict"):
         load_finetuned(tiny_model, path)
+    # A state dict wrapped in another dict was reported as "got dict": name what is not a tensor.
+    torch.save({"state_dict": {"head.head.bias": torch.zeros(192)}, "epoch": 3}, path)
+    with pytest.raises(CheckpointError, match=r"expected a state dict .*not tensors: 'state_dict' \(dict\), "
+                                              r"'epoch' \(int\)"):
+        load_finetuned(tiny_model, path)
 
 
 def truncated(path):

@@ -165,8 +165,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is an IDM checkpoint ({{'model_state_dict': ..., 'step': {state['step']}}}, "
                               f"as idm.pt), not model weights such as the DiT's vidar.pt / vidarc.pt; an idm.pt "
                               f"goes to model.idm_path or vidar-sample --idm")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict (a dict of name -> tensor), got {type(state).__name__}")
+    not_tensors = [f"{key!r} ({type(value).__name__})" for key, value in state.items()
+                   if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        # e.g. a state dict wrapped as {"state_dict": ..., "epoch": ...}: say which entries are the trouble
+        raise CheckpointError(f"{path}: expected a state dict (a dict of name -> tensor); these entries are "
+                              f"not tensors: {', '.join(not_tensors[:5])}")
     return state
 
 
