@@ -55,6 +55,13 @@ def test_one_latent_frame_equals_the_bidirectional_model(model, weights, text):
         assert max_error(model(x, t, text), plain(x, t, text)) <= ATOL
 
 
+def test_text_for_another_batch_size_is_refused(model, text):
+    with pytest.raises(ValueError, match="text of 1 prompts for a batch of 2 samples"):
+        model(latents(2), torch.zeros(2), text[:1])
+    with pytest.raises(ValueError, match="text of 1 prompts for a batch of 2 samples"):
+        model.forward_with_cache(latents(1), 0.0, model.text_key_values(text[:1]), KVCache(model.num_layers, 4))
+
+
 def test_frame_visibility_rules():
     clean = FrameLayout.context(0, 3)
     assert frame_visibility(clean, clean).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
@@ -370,6 +377,19 @@ def test_cache_refuses_what_it_cannot_do(model, text):
         KVCache(2, capacity=2, sink=2)
     with pytest.raises(ValueError, match="one timestep per latent frame"):
         model(latents(2), torch.arange(12.0).view(1, 12).expand(2, 12), text)
+
+
+@pytest.mark.parametrize("cache_class", [KVCache, StaticKVCache])
+def test_frames_of_another_size_than_the_cached_ones_are_refused(model, text, cache_class):
+    # A single frame needs no mask, so it attended to the cached frames of another grid unchecked.
+    cache = cache_class(model.num_layers, capacity=4)
+    smaller = torch.zeros(1, 48, 1, 2, 6)
+    with torch.no_grad():
+        model.prefill(latents(2, batch=1), text[:1], cache)
+        with pytest.raises(ValueError, match="frames of 3 tokens cannot join a cache of 6-token frames"):
+            model.forward_with_cache(smaller, 500.0, text[:1], cache)
+        with pytest.raises(ValueError, match="frames of 3 tokens cannot join a cache of 6-token frames"):
+            model.forward_teacher_forcing(smaller, smaller, torch.zeros(1), text[:1], cache)
 
 
 def test_video_and_latent_frame_counts_of_the_deployed_window():

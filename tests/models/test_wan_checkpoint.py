@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from test_wan_dit import tiny_config, write_published_layout
 
 from vidartrain.errors import CheckpointError
-from vidartrain.models.wan.checkpoint import load_finetuned, read_model_config
+from vidartrain.models.wan.checkpoint import load_finetuned, read_model_config, read_state_dict
 from vidartrain.models.wan.model import WanModel
 
 
@@ -139,6 +139,11 @@ def test_finetune_file_that_is_not_a_state_dict_is_refused(tmp_path, tiny_model)
     torch.save([torch.zeros(1)], path)
     with pytest.raises(CheckpointError, match="expected a state dict"):
         load_finetuned(tiny_model, path)
+    # A state dict wrapped in another dict was reported as "got dict": name what is not a tensor.
+    torch.save({"state_dict": {"head.head.bias": torch.zeros(192)}, "epoch": 3}, path)
+    with pytest.raises(CheckpointError, match=r"expected a state dict .*not tensors: 'state_dict' \(dict\), "
+                                              r"'epoch' \(int\)"):
+        load_finetuned(tiny_model, path)
 
 
 def truncated(path):
@@ -153,6 +158,15 @@ def test_truncated_weights_are_a_checkpoint_error_naming_the_file(tmp_path, tiny
     truncated(path)
     with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: {reason}"):
         load_finetuned(tiny_model, path)
+
+
+def test_truncated_small_torch_file_is_a_checkpoint_error_naming_it(tmp_path):
+    # Under 64 KiB torch's zip reader fails with a bare OSError (EINVAL) that names no file.
+    path = tmp_path / "idm.pt"
+    torch.save({"weight": torch.zeros(64, 64)}, path)
+    truncated(path)
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: torch.load cannot read it"):
+        read_state_dict(path)
 
 
 def test_truncated_published_shard_is_a_checkpoint_error_naming_it(tmp_path, state):

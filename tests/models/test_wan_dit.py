@@ -238,6 +238,28 @@ def test_bad_inputs_are_refused(model, io):
         model(io["x.0"][None], torch.zeros(1), [torch.zeros(17, 32)])
 
 
+def test_text_for_another_batch_size_is_refused(model, io):
+    # One prompt for two samples broadcast silently through cross-attention (both samples got
+    # sample 0's text); two prompts for one sample failed deep inside a block.
+    x = torch.stack([io["x.0"], io["x.0"]])
+    with pytest.raises(ValueError, match="text of 1 prompts for a batch of 2 samples"):
+        model(x, torch.zeros(2), [io["context.0"]])
+    with pytest.raises(ValueError, match="text of 2 prompts for a batch of 1 samples"):
+        model(x[:1], torch.zeros(1), [io["context.0"], io["context.1"]])
+    with pytest.raises(ValueError, match="text of 1 prompts for a batch of 2 samples"):
+        model([io["x.0"], io["x.1"]], torch.zeros(2), [io["context.0"]])
+
+
+@pytest.mark.parametrize("shape", [(48, 3, 5, 6), (48, 3, 4, 7)])
+def test_latents_the_patch_does_not_tile_are_refused(model, io, shape):
+    # A 720-pixel-high video encodes to 45 latent rows: the 2x2 patch embedding would drop the
+    # last row and return a velocity one row short of the latents.
+    with pytest.raises(ValueError, match=r"latent grid \[3, \d, \d\] .* multiple of the patch size \[1, 2, 2\]"):
+        model(torch.zeros(1, *shape), torch.zeros(1), [io["context.0"]])
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model([torch.zeros(shape)], torch.zeros(1), [io["context.0"]])
+
+
 def test_block_memory_benchmark_counts_about_40_dim_plus_2_ffn_bytes_per_token():
     """Per token a block keeps 3 float32 residuals (12 dim bytes), 14 bf16 [dim] activations
     (28) and the bf16 FFN input of ffn.2 (2 ffn_dim): 40 dim + 2 ffn_dim bytes, plus RoPE

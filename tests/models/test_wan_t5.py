@@ -1,6 +1,7 @@
 """umT5 encoder: parity with upstream Wan2.2 (golden fixtures); the prompt -> embedding wrapper."""
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -123,6 +124,23 @@ def test_load_checkpoint_errors_name_the_key(tmp_path):
 
     with pytest.raises(CheckpointError, match="absent.pth"):
         load_umt5_encoder(tmp_path / "absent.pth", config=TINY)
+
+
+def test_unreadable_checkpoints_are_checkpoint_errors_naming_the_file(tmp_path):
+    path = tmp_path / "enc.pth"
+    torch.save(UMT5Encoder(**TINY).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="enc.pth: torch.load cannot read it"):
+        load_umt5_encoder(path, config=TINY)
+
+    torch.save({"norm.weight": RunsCode()}, path)
+    with pytest.raises(CheckpointError, match="enc.pth: refusing to load it: .*posix.system"):
+        load_umt5_encoder(path, config=TINY)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return os.system, ("false",)
 
 
 def test_load_checkpoint_is_bitwise_and_frozen(tmp_path):

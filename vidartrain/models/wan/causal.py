@@ -177,6 +177,9 @@ class WanModelCausal(WanModel):
         frames, height, width = grid
         frame_tokens = height * width
         cached = cache.num_frames if cache is not None else 0
+        if cached:
+            # The mask counts every frame at this call's size; one frame needs no mask at all.
+            cache.check_frame_tokens(frame_tokens)
         query = FrameLayout.context(cached, frames)
         t_all, all_positions = t, positions
         if noisy is not None:

@@ -165,8 +165,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is an IDM checkpoint ({{'model_state_dict': ..., 'step': {state['step']}}}, "
                               f"as idm.pt), not model weights such as the DiT's vidar.pt / vidarc.pt; an idm.pt "
                               f"goes to model.idm_path or vidar-sample --idm")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict (a dict of name -> tensor), got {type(state).__name__}")
+    not_tensors = [f"{key!r} ({type(value).__name__})" for key, value in state.items()
+                   if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        # e.g. a state dict wrapped as {"state_dict": ..., "epoch": ...}: say which entries are the trouble
+        raise CheckpointError(f"{path}: expected a state dict (a dict of name -> tensor); these entries are "
+                              f"not tensors: {', '.join(not_tensors[:5])}")
     return state
 
 
@@ -187,8 +193,12 @@ def load_torch_file(path: str | Path, mmap: bool = True) -> object:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as error:
         raise pickle_refusal(path, error) from None
-    except OSError:
-        raise  # unreadable: the error names the file and why
+    except OSError as error:
+        if error.filename is not None:
+            raise  # unreadable (absent, no permission): the error names the file and why
+        # torch's zip reader fails on a truncated file under 64 KiB with a bare EINVAL, naming nothing
+        raise CheckpointError(f"{path}: torch.load cannot read it (truncated or corrupt, or not written by "
+                              f"torch.save?): {error}") from None
     except Exception as error:  # a truncated or foreign file fails torch.load in many ways (RuntimeError, EOFError, KeyError...)
         # torch's message goes on with paragraphs of advice that do not apply here: keep its first sentence
         reason = re.split(r"\.\s", str(error).strip(), maxsplit=1)[0] or type(error).__name__

@@ -573,6 +573,13 @@ class WanModel(nn.Module):
 
     def embed_video(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """[B, C, F, H, W] latents -> float32 tokens [B, F*H/2*W/2, dim] and the token grid."""
+        sizes = list(x.shape[2:])
+        if any(size % patch for size, patch in zip(sizes, self.patch_size)):
+            # The strided patch convolution would drop the rows and columns left over, and the
+            # velocity would come back smaller than the latents.
+            raise ValueError(f"latent grid {sizes} (F, H, W) must be a multiple of the patch size "
+                             f"{list(self.patch_size)}: video height and width multiples of "
+                             f"{VAE_STRIDE[1] * self.patch_size[1]}")
         x = self.patch_embedding(x.to(compute_dtype(self.patch_embedding.weight)))
         grid = tuple(x.shape[2:])
         # A new token-major tensor, not the transposed view of the convolution's output. A block's
@@ -619,6 +626,11 @@ class WanModel(nn.Module):
         Under sequence parallelism the tokens, their RoPE angles and timestep groups are cut to this
         rank's share before the blocks and the residual stream is gathered after them; the keys and
         values (and `past_key_values`) are then the head split of all tokens."""
+        # Cross-attention would broadcast one prompt over the whole batch without a word.
+        text_batch = (context[0][0] if isinstance(context, list) else context).shape[0]
+        if text_batch != x.shape[0]:
+            raise ValueError(f"text of {text_batch} prompts for a batch of {x.shape[0]} samples: "
+                             f"give one text embedding per sample")
         sp = self.sequence_parallel
         if sp is not None:
             length = x.shape[1]

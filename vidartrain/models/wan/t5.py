@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vidartrain.errors import CheckpointError
+from vidartrain.models.wan.checkpoint import read_state_dict
 
 __all__ = ["UMT5Encoder", "load_umt5_encoder", "check_state_dict_matches"]
 
@@ -202,10 +203,7 @@ def load_umt5_encoder(checkpoint: str | Path, dtype: torch.dtype = torch.bfloat1
         raise CheckpointError(f"umT5 encoder checkpoint {checkpoint} does not exist")
     with torch.device("meta"):
         model = UMT5Encoder(**(config or {}))
-    state_dict = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
-    if not isinstance(state_dict, Mapping):
-        raise CheckpointError(f"{checkpoint}: expected a state_dict (mapping of name -> tensor), "
-                              f"got {type(state_dict).__name__}")
+    state_dict = read_state_dict(checkpoint)
     check_state_dict_matches(model, state_dict, str(checkpoint))
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
