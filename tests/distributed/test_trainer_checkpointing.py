@@ -37,6 +37,16 @@ def test_latest_naming_an_incomplete_checkpoint_falls_back_to_newest_complete(tm
     assert latest_complete(tmp_path) == "step_00000030"
 
 
+def test_a_save_stopped_between_its_complete_marker_and_latest_is_the_one_resumed(tmp_path):
+    """`latest` moves after COMPLETE is written: a save killed in between left `latest` one behind, and
+    --resume auto went back to that older checkpoint and set the newer, complete one aside."""
+    fake_checkpoint(tmp_path, 10)
+    fake_checkpoint(tmp_path, 20)
+    (tmp_path / LATEST_FILE).write_text("step_00000010")
+    assert latest_complete(tmp_path) == "step_00000020"
+    assert resolve_resume("auto", tmp_path).tag == "step_00000020"
+
+
 def test_prune_keeps_last_k_and_removes_stale_partial_saves(tmp_path):
     for step in (10, 20, 30):
         fake_checkpoint(tmp_path, step)

@@ -199,16 +199,16 @@ def complete_checkpoints(root: Path) -> list[str]:
 
 
 def latest_complete(root: Path) -> str | None:
-    """The checkpoint `latest` names if it is complete, else the newest complete one."""
-    latest = root / LATEST_FILE
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if is_complete(root / tag):
-            return tag
-        log.warning("%s names %s, which is not a complete checkpoint; looking for the newest complete one",
-                    latest, tag)
+    """The newest complete checkpoint. `latest` names it once its save has finished; a save stopped after
+    its COMPLETE marker but before `latest` moved leaves `latest` naming the one before, so the markers
+    decide (and a `latest` that disagrees is reported)."""
     tags = complete_checkpoints(root)
-    return tags[-1] if tags else None
+    newest = tags[-1] if tags else None
+    latest = root / LATEST_FILE
+    if latest.is_file() and (named := latest.read_text().strip()) != newest:
+        log.warning("%s names %s, but the newest complete checkpoint is %s (a save stopped before it moved %s)",
+                    latest, named, newest, LATEST_FILE)
+    return newest
 
 
 def saved_checkpoints(root: Path) -> list[str]:
@@ -263,17 +263,15 @@ def prune_checkpoints(root: Path, keep_last: int) -> list[str]:
 
 def resume_candidates(resume: str | None, root: Path) -> list[CheckpointRef]:
     """`--resume` -> the checkpoints to try, best first. None: none (start fresh). "auto": every complete
-    checkpoint under `root`, the latest first (none: a fresh start). A path: a checkpoint folder (complete,
-    or converted to universal by ds_to_universal) or a checkpoints directory (its latest complete)."""
+    checkpoint under `root`, the newest first (none: a fresh start). A path: a checkpoint folder (complete,
+    or converted to universal by ds_to_universal) or a checkpoints directory (its newest complete)."""
     if resume is None:
         return []
     if resume == "auto":
-        latest = latest_complete(root)
-        if latest is None:
+        if latest_complete(root) is None:
             log.info("--resume auto: no complete checkpoint under %s, starting from scratch", root)
             return []
-        tags = [latest] + [tag for tag in reversed(complete_checkpoints(root)) if tag != latest]
-        return [CheckpointRef(root, tag) for tag in tags]
+        return [CheckpointRef(root, tag) for tag in reversed(complete_checkpoints(root))]
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"no such checkpoint directory: {resume}")
