@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
@@ -49,11 +49,11 @@ COMPLETE_MARKER = "COMPLETE"
 LATEST_FILE = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 UNIVERSAL_MARKER = Path("zero") / "optimizer_state.pt"  # written by ds_to_universal
-# What checkpoint files hold besides tensors and plain containers: three DeepSpeed classes (optimizer
-# states; ZeRO-1/2 map each parameter to its slice of the flat partition with fragment_address) and
-# numpy's generator state (a uint32 array, in the trainer's client_state). Unpickling these builds
-# objects but calls nothing else.
-SAFE_CHECKPOINT_GLOBALS = [ZeroStageEnum, LossScaler, fragment_address, np.ndarray, np.dtype,
+# What checkpoint files hold besides tensors and plain containers: DeepSpeed classes of the optimizer
+# states (the loss scaler: static under bf16/fp32, dynamic under fp16; ZeRO-1/2 map each parameter to its
+# slice of the flat partition with fragment_address) and numpy's generator state (a uint32 array, in the
+# trainer's client_state). Unpickling these builds objects but calls nothing else.
+SAFE_CHECKPOINT_GLOBALS = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address, np.ndarray, np.dtype,
                            type(np.dtype(np.uint32)),
                            np.zeros(0).__reduce__()[0]]  # numpy's array reconstructor, whichever module has it
 
