@@ -2,10 +2,12 @@
 import math
 
 import pytest
+import torch
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
 from vidartrain.distributed.checkpointing import (
     COMPLETE_MARKER, LATEST_FILE, CheckpointRef, complete_checkpoints, latest_complete, mark_complete,
-    prune_checkpoints, recorded_run, resolve_resume, set_aside_checkpoints_after, tag_for_step)
+    prune_checkpoints, recorded_run, resolve_resume, set_aside_checkpoints_after, tag_for_step, weights_only_loads)
 from vidartrain.errors import CheckpointError, ConfigError
 from vidartrain.trainers.base import RunOptions, check_fresh_start, lr_factor
 
@@ -35,6 +37,16 @@ def test_latest_naming_an_incomplete_checkpoint_falls_back_to_newest_complete(tm
     fake_checkpoint(tmp_path, 40, complete=False)
     (tmp_path / LATEST_FILE).write_text("step_00000040")
     assert latest_complete(tmp_path) == "step_00000030"
+
+
+def test_a_save_stopped_between_its_complete_marker_and_latest_is_the_one_resumed(tmp_path):
+    """`latest` moves after COMPLETE is written: a save killed in between left `latest` one behind, and
+    --resume auto went back to that older checkpoint and set the newer, complete one aside."""
+    fake_checkpoint(tmp_path, 10)
+    fake_checkpoint(tmp_path, 20)
+    (tmp_path / LATEST_FILE).write_text("step_00000010")
+    assert latest_complete(tmp_path) == "step_00000020"
+    assert resolve_resume("auto", tmp_path).tag == "step_00000020"
 
 
 def test_prune_keeps_last_k_and_removes_stale_partial_saves(tmp_path):
@@ -111,6 +123,19 @@ def test_a_universal_checkpoint_is_checked_against_the_run_that_saved_its_source
         recorded_run(elsewhere)
     (elsewhere.path / COMPLETE_MARKER).write_text((tmp_path / "step_00000005" / COMPLETE_MARKER).read_text())
     assert recorded_run(elsewhere) == {"step": 5}
+
+
+def test_the_dynamic_loss_scaler_of_an_fp16_run_loads_weights_only(tmp_path):
+    """DeepSpeed's ZeRO optimizers save their loss scaler in the optimizer states; under fp16 it is the
+    DynamicLossScaler (DeepSpeed's default there), which the weights-only loads refused: no checkpoint of
+    an fp16 run resumed."""
+    scaler = DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False, dtype=torch.float16)
+    scaler.cur_scale, scaler.cur_iter = 2.0**12, 345
+    torch.save({"optimizer_state_dict": {"loss_scaler": scaler, "dynamic_loss_scale": True}}, tmp_path / "optim.pt")
+    with weights_only_loads():
+        loaded = torch.load(tmp_path / "optim.pt")["optimizer_state_dict"]["loss_scaler"]
+    assert type(loaded) is DynamicLossScaler and vars(loaded) == vars(scaler)
 
 
 def test_lr_warmup_then_constant_or_cosine():

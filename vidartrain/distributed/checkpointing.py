@@ -35,8 +35,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from vidartrain.errors import CheckpointError
 from vidartrain.files import write_atomically
@@ -48,10 +49,12 @@ COMPLETE_MARKER = "COMPLETE"
 LATEST_FILE = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 UNIVERSAL_MARKER = Path("zero") / "optimizer_state.pt"  # written by ds_to_universal
-# What checkpoint files hold besides tensors and plain containers: two DeepSpeed classes (optimizer
-# states) and numpy's generator state (a uint32 array, in the trainer's client_state). Unpickling these
-# builds objects but calls nothing else.
-SAFE_CHECKPOINT_GLOBALS = [ZeroStageEnum, LossScaler, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+# What checkpoint files hold besides tensors and plain containers: DeepSpeed classes of the optimizer
+# states (the loss scaler: static under bf16/fp32, dynamic under fp16; ZeRO-1/2 map each parameter to its
+# slice of the flat partition with fragment_address) and numpy's generator state (a uint32 array, in the
+# trainer's client_state). Unpickling these builds objects but calls nothing else.
+SAFE_CHECKPOINT_GLOBALS = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address, np.ndarray, np.dtype,
+                           type(np.dtype(np.uint32)),
                            np.zeros(0).__reduce__()[0]]  # numpy's array reconstructor, whichever module has it
 
 
@@ -196,16 +199,16 @@ def complete_checkpoints(root: Path) -> list[str]:
 
 
 def latest_complete(root: Path) -> str | None:
-    """The checkpoint `latest` names if it is complete, else the newest complete one."""
-    latest = root / LATEST_FILE
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if is_complete(root / tag):
-            return tag
-        log.warning("%s names %s, which is not a complete checkpoint; looking for the newest complete one",
-                    latest, tag)
+    """The newest complete checkpoint. `latest` names it once its save has finished; a save stopped after
+    its COMPLETE marker but before `latest` moved leaves `latest` naming the one before, so the markers
+    decide (and a `latest` that disagrees is reported)."""
     tags = complete_checkpoints(root)
-    return tags[-1] if tags else None
+    newest = tags[-1] if tags else None
+    latest = root / LATEST_FILE
+    if latest.is_file() and (named := latest.read_text().strip()) != newest:
+        log.warning("%s names %s, but the newest complete checkpoint is %s (a save stopped before it moved %s)",
+                    latest, named, newest, LATEST_FILE)
+    return newest
 
 
 def saved_checkpoints(root: Path) -> list[str]:
@@ -260,17 +263,15 @@ def prune_checkpoints(root: Path, keep_last: int) -> list[str]:
 
 def resume_candidates(resume: str | None, root: Path) -> list[CheckpointRef]:
     """`--resume` -> the checkpoints to try, best first. None: none (start fresh). "auto": every complete
-    checkpoint under `root`, the latest first (none: a fresh start). A path: a checkpoint folder (complete,
-    or converted to universal by ds_to_universal) or a checkpoints directory (its latest complete)."""
+    checkpoint under `root`, the newest first (none: a fresh start). A path: a checkpoint folder (complete,
+    or converted to universal by ds_to_universal) or a checkpoints directory (its newest complete)."""
     if resume is None:
         return []
     if resume == "auto":
-        latest = latest_complete(root)
-        if latest is None:
+        if latest_complete(root) is None:
             log.info("--resume auto: no complete checkpoint under %s, starting from scratch", root)
             return []
-        tags = [latest] + [tag for tag in reversed(complete_checkpoints(root)) if tag != latest]
-        return [CheckpointRef(root, tag) for tag in tags]
+        return [CheckpointRef(root, tag) for tag in reversed(complete_checkpoints(root))]
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"no such checkpoint directory: {resume}")

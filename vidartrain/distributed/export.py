@@ -4,7 +4,8 @@ Two sources, both DeepSpeed's own machinery:
 - a live ZeRO-3 engine: `gather_state_dict` all-gathers each parameter with
   `deepspeed.zero.GatheredParameters` and keeps a CPU copy on rank 0;
 - a saved DeepSpeed checkpoint (any ZeRO stage): `deepspeed.utils.zero_to_fp32` rebuilds the fp32
-  master weights offline, without a process group, which are then cast to bf16.
+  master weights offline, without a process group, which are then cast to bf16 (under ZeRO-0/1/2 what
+  the partitions lack comes from the module state rank 0 saved, `read_checkpoint_weights`).
 
     python -m vidartrain.distributed.export OUTPUT/checkpoints[/step_00000030] --out vidar.pt
 
@@ -34,6 +35,7 @@ from vidartrain.models.wan.lora import adapter_path, export_lora, is_adapter_key
 from vidartrain.trainers.ema import ema_state_dict_from_checkpoint
 
 EXPORT_DTYPE = torch.bfloat16
+MODULE_STATES = "mp_rank_00_model_states.pt"  # ZeRO stages 0-2: the module's whole state dict, saved by rank 0
 
 
 def gather_state_dict(module: nn.Module, rank: int, dtype: torch.dtype = EXPORT_DTYPE) -> dict[str, torch.Tensor]:
@@ -84,11 +86,19 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, str]:
 
 
 def read_checkpoint_weights(root: Path, tag: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The fp32 master weights of checkpoint root/tag (floating tensors cast to `dtype`), unpickled
-    weights-only: a crafted file is refused, not run."""
+    """The weights of checkpoint root/tag (floating tensors cast to `dtype`), unpickled weights-only: a
+    crafted file is refused, not run. The fp32 master weights of ZeRO's optimizer partitions, completed
+    from the module state that rank 0 saves under ZeRO stages 0 to 2 (MODULE_STATES): stage 0 has no
+    partitions, so everything comes from there, and at stage 1 DeepSpeed records nothing else of the
+    parameters outside the optimizer (training.freeze, the base under LoRA; from stage 2 on it does)."""
+    folder = root / tag
     with weights_only_loads():
-        fp32 = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    return {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in fp32.items()}
+        module = (torch.load(folder / MODULE_STATES, map_location="cpu", mmap=True)["module"]
+                  if (folder / MODULE_STATES).is_file() else {})
+        partitioned = any(folder.glob("*_optim_states.pt"))
+        master = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag) if partitioned else {}
+    weights = {**module, **master}
+    return {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
 
 
 def lora_alpha(checkpoint: Path) -> float:
