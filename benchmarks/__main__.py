@@ -39,11 +39,19 @@ GPU_RESULTS = REPO / "benchmarks" / "results_gpu.json"
 README_BEGIN, README_END = "<!-- BEGIN PERFORMANCE -->", "<!-- END PERFORMANCE -->"
 
 
+def measured_commit() -> str:
+    """HEAD, marked when tracked code differs from it (the results and the README it renders into aside)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                              ":!benchmarks/results.*", ":!README.md"], cwd=REPO, capture_output=True, text=True)
+    commit = head.stdout.strip() or "unknown"
+    return f"{commit} with uncommitted changes" if changed.stdout.strip() else commit
+
+
 def machine() -> dict[str, str]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return {"commit": commit.stdout.strip() or "unknown", "cpu": cpu, "cores": str(os.cpu_count()),
+    return {"commit": measured_commit(), "cpu": cpu, "cores": str(os.cpu_count()),
             "torch": torch.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
