@@ -328,12 +328,13 @@ def test_a_sigterm_after_the_ranks_agreed_to_go_on_stops_them_all_at_the_next_st
     """The ranks vote after every step whether one of them got SIGTERM. A SIGTERM that reaches a
     rank after that vote (rank 0, at the end of step 2's bookkeeping) waits for the next one: a rank
     that stopped alone would wait in the save's collectives while the others trained on. Step 3 is
-    also a save_every step: its checkpoint is written once, not rewritten by the stop."""
+    also a save_every step: its checkpoint is written once, not rewritten by the stop. And it is the
+    run's last step: the run is finished, so its export is written after the checkpoint."""
     log = tmp_path / "log.txt"
     flags = cpu_train_args(TINY_CONFIG, tmp_path, [
         f"model.ckpt_dir={pre_encoded / 'ckpt'}", f"data.shards={pre_encoded / 'shards'}", "data.val_shards=null",
-        "training.val_every=0", "validation.every=0", "training.save_every=3", "training.log_every=1"],
-        "--max_steps", "6")
+        "training.val_every=0", "validation.every=0", "training.save_every=3", "training.log_every=1",
+        "training.num_steps=3", "training.warmup=1", f"output.save_path={tmp_path / 'export' / 'vidar.pt'}"])
     code = wait(start(deepspeed_command(FAULTY_TRAINER, ["late_sigterm", *flags], local_rank_flag=False), log),
                 log, timeout=240)
     assert code == 0, tail(log)
@@ -341,6 +342,7 @@ def test_a_sigterm_after_the_ranks_agreed_to_go_on_stops_them_all_at_the_next_st
     assert max(logged_steps(tmp_path)) == 3
     assert (tmp_path / "checkpoints" / tag_for_step(3) / COMPLETE_MARKER).is_file()
     assert log.read_text().count(f"checkpoint {tmp_path / 'checkpoints' / tag_for_step(3)} saved") == 1, tail(log)
+    assert (tmp_path / "export" / "vidar.pt").is_file(), tail(log)
 
 
 def test_sigterm_to_the_launcher_script_checkpoints_and_stops_every_rank(preempted):

@@ -476,11 +476,10 @@ class Trainer:
                 self.after_step(record)
                 if self.stopping:
                     log.warning("SIGTERM received: saving a checkpoint at step %d and exiting", self.step)
-                    if self.last_saved_step != self.step:  # not saved by after_step (save_every) already
-                        self.save_checkpoint()
-                    return self.step
-            if self.last_saved_step != self.step:
+                    break
+            if self.last_saved_step != self.step:  # not saved by after_step (save_every) already
                 self.save_checkpoint()
+            # a run stopped at its last step is finished too: its export follows the checkpoint
             if self.step >= self.config.training.num_steps:
                 self.export(self.save_path)
         finally:
