@@ -22,6 +22,7 @@ from launch import train_vidar
 from helpers.trainer_launch import REPO_ROOT, launcher_env
 from vidartrain.data.shard_index import (INDEX_FORMAT, JOURNAL_FILE, action_statistics, merge_action_statistics,
                                          read_common_index, read_data_info, read_index)
+from vidartrain.data.dataset import check_one_action_space
 from vidartrain.data.video import VideoReadError
 from vidartrain.errors import CheckpointError, ConfigError, DataError, VidarError, reports_errors
 from vidartrain.files import Journal
@@ -146,12 +147,13 @@ def test_index_contents_that_cannot_be_trained_on_are_data_errors(tmp_path):
     with pytest.raises(DataError, match="data.shards mixes .*'latent_dtype': 'float32'"):
         read_common_index([{"path": str(tmp_path / "latents_fp32"), "weight": 1.0},
                            {"path": str(tmp_path / "latents_bf16"), "weight": 1.0}])
-    # robots with other action spaces: a batch drawing from both could not stack its actions
+    # robots with other action spaces: one training set for the DiT stages, not for anything that stacks actions
     for dim in (7, 14):
         write_index(tmp_path / f"arm_{dim}", settings={"layout": {"action_dim": dim}})
-    with pytest.raises(DataError, match="data.shards mixes .*arm_7 .*'raw', False, False, 7,"):
-        read_data_info([{"path": str(tmp_path / "arm_14"), "weight": 1.0},
-                        {"path": str(tmp_path / "arm_7"), "weight": 1.0}])
+    arms = [{"path": str(tmp_path / "arm_14"), "weight": 1.0}, {"path": str(tmp_path / "arm_7"), "weight": 1.0}]
+    read_data_info(arms)
+    with pytest.raises(DataError, match="actions of different dimensions .*arm_14: 14, .*arm_7: 7"):
+        check_one_action_space([(arm["path"], arm["weight"]) for arm in arms])
 
 
 @pytest.mark.parametrize("manifest, expected", [

@@ -318,6 +318,23 @@ def test_mixture_resumes_exactly_and_refuses_other_weights(two_sources):
         build_loader(other.shards, other, 2, rank=0, world_size=1).load_state_dict(state)
 
 
+def test_a_mixture_of_robots_with_other_action_spaces_gives_clips_without_actions(two_sources, tmp_path):
+    # a one-arm robot (7 action dimensions) beside the two-arm sources (14): the DiT stages train on it
+    for folder in write_synthetic_episodes(tmp_path / "episodes", 2, frames=6, height=32, width=32, seed=3,
+                                           action_dim=7):
+        folder.rename(folder.with_name(f"c{folder.name}"))
+    assert shard_tool.main(["--episodes", str(tmp_path / "episodes"), "--out", str(tmp_path / "shards"),
+                            "--action-dim", "7"]) == 0
+    sources = [two_sources[0], {"path": str(tmp_path / "shards"), "weight": 1}]
+    loader = build_loader(sources, mixture_config(sources), 2, rank=0, world_size=1, epochs=1, actions=False)
+    batches = list(loader)
+    assert {key[0] for key in keys_of(batches)} == {"a", "c"} and not any("actions" in b for b in batches)
+    # batches that carry actions would stack 14 and 7 dimensions: refused when the loader is built
+    for options in ({}, {"mode": "frames"}):
+        with pytest.raises(DataError, match=r"actions of different dimensions .*shards: 14.*shards: 7"):
+            build_loader(sources, mixture_config(sources), 2, rank=0, world_size=1, **options)
+
+
 def test_mixture_evaluation_reads_every_sample_once_whatever_the_weights(two_sources):
     data = mixture_config(two_sources)  # weights 3:1 over 5 and 3 samples
     loader = build_loader(data.shards, data, 3, rank=0, world_size=1, train=False)

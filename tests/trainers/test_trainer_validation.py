@@ -13,7 +13,7 @@ from data_tools.tiny_checkpoint import write_tiny_checkpoint
 from launch.sample import main as sample_main
 from helpers.trainer_launch import logged_steps, run, tiny_idm, torchrun_command, write_shards
 from vidartrain.config import Config, ConfigError, load_config
-from vidartrain.data.shard_index import DataInfo
+from vidartrain.data.shard_index import INDEX_FORMAT, DataInfo
 from vidartrain.distributed.checkpointing import tag_for_step
 from vidartrain.models.idm import IDM, save_idm
 from vidartrain.models.wan.model import WanModel
@@ -127,18 +127,26 @@ def test_validation_is_the_mean_over_held_out_samples_with_a_partial_last_batch_
 
 def test_an_idm_that_does_not_fit_the_validation_settings_is_refused_before_training(tmp_path):
     # A one-arm robot (7 action dimensions) with the default `idm.gripper_dims` [6, 13]: the samples'
-    # action metrics would fail at the first validation, steps into the run.
+    # action metrics would fail at the first validation, steps into the run. The held-out clips are what
+    # it scores: training shards of another robot (a mixture) do not matter.
     write_tiny_checkpoint(tmp_path / "ckpt")
     save_idm(IDM([0.0] * 7, [1.0] * 7, tiny_idm().architecture), tmp_path / "idm.pt")
 
-    def load_validation(data: DataInfo, *overrides: str) -> None:
+    def held_out(dim: int) -> str:
+        folder = tmp_path / f"val_{dim}"
+        folder.mkdir(exist_ok=True)
+        (folder / "index.json").write_text(json.dumps({
+            "format": INDEX_FORMAT, "complete": True, "mode": "raw", "settings": {}, "shards": [], "episodes": [],
+            "skipped": [], "actions": {"dim": dim}}))
+        return f"data.val_shards={folder}"
+
+    def load_validation(*overrides: str) -> None:
         config = load_config("configs/debug/tiny_vidar.yaml", [
             f"model.ckpt_dir={tmp_path / 'ckpt'}", f"model.idm_path={tmp_path / 'idm.pt'}", *overrides])
-        VidarStage(config, data).load_validation(torch.device("cpu"))
+        VidarStage(config, DataInfo("raw", False, (("train", {"dim": 14}),))).load_validation(torch.device("cpu"))
 
-    seven = DataInfo("raw", False, (("shards", {"dim": 7}),))
     with pytest.raises(ConfigError, match=r"`idm.gripper_dims` = \[6, 13\]: \[13\] outside the IDM's 7"):
-        load_validation(seven)
-    with pytest.raises(ConfigError, match="the IDM predicts 7 action dimensions, the shards shards hold 14"):
-        load_validation(DataInfo("raw", False, (("shards", {"dim": 14}),)), "idm.gripper_dims=[6]")
-    load_validation(seven, "idm.gripper_dims=[6]")
+        load_validation(held_out(7))
+    with pytest.raises(ConfigError, match="the IDM predicts 7 action dimensions, the shards .*val_14 hold 14"):
+        load_validation(held_out(14), "idm.gripper_dims=[6]")
+    load_validation(held_out(7), "idm.gripper_dims=[6]")

@@ -106,6 +106,7 @@ class ClipSpec:
     frames_per_sample: int = 1   # "frames" mode: pairs drawn from each episode
     video_dtype: torch.dtype = torch.float32  # or torch.uint8: the consumer maps to [-1, 1] on its device
     resize: str = "crop"         # frames of another aspect ratio: transforms.resize_frames mode
+    actions: bool = True         # "clips" mode: each clip carries its actions (the DiT stages train without)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -255,11 +256,13 @@ class SampleDecoder:
         chosen = ticks[start: start + spec.num_frames]
         dropped = bool(rng.random() < spec.cfg_prob)
         text = sample["txt"].decode("utf-8")
-        return {"__key__": sample["__key__"],
+        item = {"__key__": sample["__key__"],
                 "video": video_to_model_input(read_frames(reader, video_map[chosen]), spec.height, spec.width,
                                               spec.video_dtype, spec.resize),
-                "actions": torch.from_numpy(actions[chosen].astype(np.float32)),
                 "text": NULL_PROMPT if dropped else text, "text_dropped": dropped}
+        if spec.actions:
+            item["actions"] = torch.from_numpy(actions[chosen].astype(np.float32))
+        return item
 
     def frame_pairs(self, sample: dict, epoch: int) -> list[dict]:
         reader, actions, video_map, ticks = self.timelines(sample)
@@ -297,9 +300,10 @@ class PreEncodedDecoder:
         dropped = bool(rng.random() < self.spec.cfg_prob)
         text = sample["txt"].decode("utf-8")
         item = {"__key__": sample["__key__"], "latents": tensors["latents"],
-                "actions": torch.from_numpy(np.load(io.BytesIO(sample["actions.npy"]),
-                                                    allow_pickle=False).astype(np.float32)),
                 "text": NULL_PROMPT if dropped else text, "text_dropped": dropped}
+        if self.spec.actions:
+            item["actions"] = torch.from_numpy(np.load(io.BytesIO(sample["actions.npy"]),
+                                                       allow_pickle=False).astype(np.float32))
         if "idm_mask" in tensors:
             item["idm_mask"] = tensors["idm_mask"]
         if self.text_embeddings is not None:
@@ -539,8 +543,8 @@ class ShardLoader:
 
 def build_loader(shards: str | Path | list, config: Any, micro_batch_size: int, *, rank: int | None = None,
                  world_size: int | None = None, train: bool = True, epochs: int | None = None,
-                 mode: str = "clips", frames_per_sample: int = 1,
-                 video_dtype: torch.dtype = torch.float32, num_workers: int | None = None) -> ShardLoader:
+                 mode: str = "clips", frames_per_sample: int = 1, video_dtype: torch.dtype = torch.float32,
+                 actions: bool = True, num_workers: int | None = None) -> ShardLoader:
     """Loader over a shard directory, or a mixture of several (a list of {path, weight}),
     configured by a DataConfig-like object; `num_workers` DataLoader worker processes (None:
     config.num_workers; 0 reads in this process).
@@ -549,15 +553,18 @@ def build_loader(shards: str | Path | list, config: Any, micro_batch_size: int, 
     max_bad_samples. Training loaders shuffle, drop the incomplete last batch and repeat forever
     (unless `epochs`); evaluation loaders (train=False) read every sample once, in order (a mixture's
     sources one after the other, their weights aside), with no text dropout. `video_dtype=torch.uint8` moves raw video as uint8 (4x fewer bytes from workers;
-    apply `transforms.to_model_range` on the device).
+    apply `transforms.to_model_range` on the device). `actions=False`: clips without their actions,
+    so a mixture may join robots of other action spaces (batches that carry actions stack them).
     """
     if rank is None or world_size is None:
         rank, world_size = distributed_position()
     spec = ClipSpec(num_frames=config.num_frames, height=config.height, width=config.width, fps=config.fps,
                     cfg_prob=config.cfg_prob if train else 0.0, mode=mode, frames_per_sample=frames_per_sample,
-                    video_dtype=video_dtype, resize=config.resize)
+                    video_dtype=video_dtype, resize=config.resize, actions=actions)
     sources = shard_sources(shards)
     read_common_index(shards)  # every source holds the same kind of samples
+    if spec.actions or spec.mode == "frames":
+        check_one_action_space(sources)
     refs, too_short, decoders, sizes = [], [], [], []
     for number, (shards_dir, _) in enumerate(sources):
         index = read_index(shards_dir)
@@ -579,6 +586,16 @@ def build_loader(shards: str | Path | list, config: Any, micro_batch_size: int, 
                          max_bad_samples=config.max_bad_samples, mixture=mixture)
     workers = config.num_workers if num_workers is None else num_workers
     return ShardLoader(stream, workers, too_short, [path for path, _ in sources])
+
+
+def check_one_action_space(sources: list[tuple[str, float]]) -> None:
+    """Batches that carry actions stack them: every source of a mixture must have as many dimensions."""
+    dims = {path: read_index(path)["settings"]["layout"]["action_dim"] for path, _ in sources}
+    if len(set(dims.values())) > 1:
+        raise DataError(f"the sources of this mixture have actions of different dimensions "
+                        f"({', '.join(f'{path}: {dim}' for path, dim in dims.items())}), which one batch cannot "
+                        f"stack: the IDM learns one robot's action space (its shards must share it); the DiT "
+                        f"stages train on clips without their actions and take such a mixture")
 
 
 def sample_decoder(index: dict, shards_dir: str | Path, spec: ClipSpec, seed: int

@@ -159,23 +159,21 @@ def read_common_index(shards: str | Path | list) -> dict:
 
 def check_same_kind(sources: list[tuple[str, float]], indexes: list[dict], key: str = "data.shards") -> None:
     """Every source of a mixture holds the same kind of samples: same mode (raw / latents), text
-    embeddings in all or none, the same number of action dimensions (a batch stacks its samples'
-    actions), and for pre-encoded shards the same windows. `key`: the setting that names the sources
-    after the first. (Pre-encoded windows include their dtype: a batch is collated into its first
-    sample's.)"""
+    embeddings in all or none, and for pre-encoded shards the same windows. `key`: the setting that
+    names the sources after the first. (Pre-encoded windows include their dtype: a batch is collated
+    into its first sample's. Action spaces may differ: the loaders that stack actions check them,
+    `vidartrain.data.dataset.check_one_action_space`.)"""
     first = indexes[0]
 
     def kind(index: dict) -> tuple:
         window = index["settings"].get("precompute") or {}
         return (index["mode"], bool(index.get("text_embeddings")), holds_idm_masks(index),
-                (index["settings"].get("layout") or {}).get("action_dim"),
                 {k: v for k, v in window.items() if k in ("num_frames", "height", "width", "resize", "latent_dtype")})
 
     for (path, _), index in zip(sources[1:], indexes[1:]):
         if kind(index) != kind(first):
-            raise DataError(f"{key} mixes {sources[0][0]} (mode, text embeddings, IDM masks, action dimensions, "
-                            f"windows: {kind(first)}) with {path} ({kind(index)}): every source must hold the "
-                            f"same kind of samples")
+            raise DataError(f"{key} mixes {sources[0][0]} (mode, text embeddings, IDM masks, windows: {kind(first)}) "
+                            f"with {path} ({kind(index)}): every source must hold the same kind of samples")
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,7 @@ class Stage(ABC):
     name: str = "stage"
     export_dtype: torch.dtype = torch.bfloat16  # dtype of the exported weights
     loader_options: ClassVar[dict[str, Any]] = {}  # further `build_loader` arguments of this stage
+    train_actions: ClassVar[bool] = True  # whether training clips carry their actions (held-out ones always do)
 
     def __init__(self, config: Config, data: DataInfo) -> None:
         self.config, self.data = config, data
@@ -146,7 +147,8 @@ class Stage(ABC):
         if shards is None:
             return None
         return build_loader(shards, self.config.data, micro_batch_size, rank=rank, world_size=world_size,
-                            train=train, num_workers=None if train else 0, **self.loader_options)
+                            train=train, actions=self.train_actions or not train, num_workers=None if train else 0,
+                            **self.loader_options)
 
     @abstractmethod
     def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator

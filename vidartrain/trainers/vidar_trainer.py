@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from vidartrain.config import Config, ConfigError
-from vidartrain.data.shard_index import DataInfo
+from vidartrain.data.shard_index import DataInfo, read_data_info
 from vidartrain.data.transforms import to_model_range
 from vidartrain.distributed.export import write_state_dict
 from vidartrain.distributed.sequence_parallel import check_sequence_parallel_size
@@ -66,6 +66,9 @@ class DitStage(Stage):
     closed_loop_samples = False  # validation samples: TI2V (stage 2: the deployed closed loop)
     # raw video travels from the loader workers as uint8 (4x fewer bytes) and is scaled on the device
     loader_options = {"video_dtype": torch.uint8}
+    # The DiT learns video: training clips leave their actions out, so a mixture may join robots of
+    # other action spaces. Held-out clips keep them for the samples' action metrics.
+    train_actions = False
 
     def __init__(self, config: Config, data: DataInfo) -> None:
         super().__init__(config, data)
@@ -116,14 +119,15 @@ class DitStage(Stage):
 
     def load_validation(self, device: torch.device) -> None:
         """The frozen models of the samples; an IDM scoring their actions must fit `idm.gripper_dims`
-        and the shards' actions, or the first validation would fail, steps into the run."""
+        and the held-out shards' actions (the samples' robot: a training mixture may join others), or
+        the first validation would fail, steps into the run."""
         self.device = device
         self.conditioner.load_for_validation(self.config, self.text_len, device)
         idm = self.conditioner.idm
         if idm is not None:
             source = f"`model.idm_path` = {self.config.model.idm_path}"
             check_gripper_dims(self.config.idm.gripper_dims, idm.train_mean.numel())
-            check_data_action_dim(self.data, idm.train_mean.numel(), source)
+            check_data_action_dim(read_data_info(self.config.data.val_shards), idm.train_mean.numel(), source)
 
     @torch.no_grad()
     def validation_sample(self, module: nn.Module, batch: dict[str, Any], index: int) -> ValidationSample:
