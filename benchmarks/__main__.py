@@ -133,7 +133,8 @@ def render(results: dict) -> str:
             lines += [module.markdown(results["benchmarks"][name]), ""]
     lines += ["### Planner: every hardware profile beside the reference hardware table", "",
               "`vidar-plan --config CONFIG --table` (memory per GPU with DeepSpeed's ZeRO-3 estimator, activations "
-              "measured from our block; time at 40% MFU, 4 passes per step with checkpointing, 3 without).", ""]
+              "measured from our block; time at 40% MFU, 4 passes per step with full checkpointing, 3 with selective "
+              "(it recomputes no matmul) or none).", ""]
     for title, table in results["planner"].items():
         lines += [f"**{title}**", "", table, ""]
     if GPU_RESULTS.is_file():  # measured on a GPU by `python -m benchmarks.gpu`, beside the CPU numbers
