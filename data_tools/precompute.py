@@ -20,7 +20,8 @@ from vidartrain.errors import ConfigError
 from vidartrain.models.idm import IDM, idm_input_size, load_idm, pool_mask_to_latent
 from vidartrain.models.wan.text_encoder import TextEncoder
 from vidartrain.models.wan.vae import WanVAE, latent_shape
-from vidartrain.shapes import CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH
+from vidartrain.shapes import (CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH, DIT_PATCH_SIZE, PIXELS_PER_TOKEN,
+                               VAE_STRIDE)
 
 PRECOMPUTABLE = ("latents", "text", "idm")
 VAE_CHECKPOINT_NAME = "Wan2.2_VAE.pth"
@@ -56,6 +57,11 @@ class WindowSettings:
         except ValueError as error:
             raise ConfigError(f"--num-frames {self.num_frames} --height {self.height} --width {self.width}: "
                               f"{error}") from None
+        if self.height % PIXELS_PER_TOKEN or self.width % PIXELS_PER_TOKEN:
+            # the VAE would encode them, but no training config could load the windows (data.height/width)
+            raise ConfigError(f"--height {self.height} --width {self.width}: must be multiples of {PIXELS_PER_TOKEN} "
+                              f"(VAE stride {VAE_STRIDE[1]} x DiT patch {DIT_PATCH_SIZE[1]}), as the training "
+                              f"configs' data.height / data.width")
         if self.stride < 1:
             raise ConfigError(f"--stride must be positive, got {self.stride}")
 

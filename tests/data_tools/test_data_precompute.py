@@ -183,6 +183,9 @@ def test_precompute_from_the_command_line(workspace, tmp_path, refused):
     assert shard_tool.main(argv) == 0
     refused("must include 'latents'", shard_tool.main, argv[:4] + ["--precompute", "text"] + argv[6:])
     refused("1 \\+ 4\\*n", shard_tool.main, argv[:8] + ["--num-frames", "6"] + argv[10:])
+    # a multiple of the VAE's 16 that no training config can load (the DiT's patch makes it 32)
+    refused("--height 48 --width 32: must be multiples of 32", shard_tool.main,
+            argv[:12] + ["--height", "48"] + argv[14:])
 
 
 def test_inspect_verifies_pre_encoded_shards(pre_encoded, tmp_path, capsys):
