@@ -135,6 +135,8 @@ def test_causal_chunk_must_fit_sample_and_cache():
                                         "`self_forcing.rollout_bound` = 33"),
     (["validation.every=10", "data.val_shards=/data/val", "validation.num_frames=1"],
      "`validation.num_frames` = 1: stage 2 samples latent frames after the clip's first one, so at least 5"),
+    (["self_forcing.closed_loop=true", "self_forcing.context_mode=mixed"],
+     "`self_forcing.context_mode` = mixed would be ignored"),
 ])
 def test_stage_2_values_its_rollouts_refuse_are_refused_at_load(overrides, fragment):
     """Stage 2 builds the deployed window from these keys at start and samples validation videos in

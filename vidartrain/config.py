@@ -648,6 +648,10 @@ def value_problems(config: Config) -> typing.Iterator[str]:
             yield (f"`self_forcing.window_frames` = {window} exceeds `self_forcing.kv_cache_length` = "
                    f"{sf.kv_cache_length}")
         yield from rollout_window_problems(sf)
+        if sf.closed_loop and sf.context_mode != "ground_truth":
+            yield (f"`self_forcing.closed_loop` = true trains on the deployed schedule, whose context is the real "
+                   f"frames, so `self_forcing.context_mode` = {sf.context_mode} would be ignored: set it to "
+                   f"ground_truth, or closed_loop to false")
     yield from validation_problems(config)
     yield from sequence_parallel_problems(config)
     yield from lora_problems(config)
