@@ -56,16 +56,27 @@ def test_batch_format(shards):
     assert sorted(keys_of(batches)) == sorted([f"ep_{i:04d}" for i in range(EPISODES - 1)] + ["ep_fast"])
 
 
-def test_frames_match_actions_including_resampled_episode(shards):
-    """The red square sits where the sampled frame's action puts it: video and actions are aligned."""
-    cfg = config(shards, height=HEIGHT, width=WIDTH, num_frames=5, cfg_prob=0.0)
+def assert_square_at_action(frame: torch.Tensor, action: torch.Tensor, key: str) -> None:
+    """The red square of a synthetic frame [3, H, W] in [-1, 1] sits where its action puts it."""
+    pixels = ((frame.permute(1, 2, 0) + 1) * 127.5).numpy()  # [H, W, 3]
+    rows, cols = np.nonzero(np.abs(pixels - (220, 60, 40)).max(-1) < 40)
+    assert abs(cols.mean() - (float(action[0]) + 1) / 2 * (WIDTH - 1)) < 2.5, key
+    assert abs(rows.mean() - (float(action[1]) + 1) / 2 * (HEIGHT - 1)) < 2.5, key
+
+
+@pytest.mark.parametrize("fps", [10, 5])
+def test_frames_match_actions_including_resampled_episode(shards, fps):
+    """The red square sits where the sampled frame's action puts it: video and actions are aligned, also
+    when data.fps (5) resamples the shards' 10 fps, where a clip takes every other recorded step."""
+    cfg = config(shards, height=HEIGHT, width=WIDTH, num_frames=5, cfg_prob=0.0, fps=fps)
+    step = 10 // fps
     for batch in build_loader(shards, cfg, micro_batch_size=1, rank=0, world_size=1, epochs=1):
-        frames = ((batch["video"][0].permute(1, 2, 3, 0) + 1) * 127.5).numpy()  # [F, H, W, 3]
-        for frame, action in zip(frames, batch["actions"][0].numpy()):
-            red = (np.abs(frame - (220, 60, 40)).max(-1) < 40)
-            rows, cols = np.nonzero(red)
-            assert abs(cols.mean() - (action[0] + 1) / 2 * (WIDTH - 1)) < 2.5, batch["__key__"]
-            assert abs(rows.mean() - (action[1] + 1) / 2 * (HEIGHT - 1)) < 2.5, batch["__key__"]
+        key, clip = batch["__key__"][0], batch["actions"][0].numpy()
+        recorded = np.load(shards.parent / "episodes" / key / "actions.npy")
+        assert any(np.array_equal(clip, recorded[start: start + step * len(clip): step])
+                   for start in range(len(recorded))), key
+        for frame, action in zip(batch["video"][0].unbind(1), batch["actions"][0]):
+            assert_square_at_action(frame, action, key)
 
 
 def test_two_ranks_two_workers_are_disjoint_and_cover(shards):
@@ -196,6 +207,14 @@ def test_idm_frame_pairs(shards):
     assert batch["frame"].shape == (4, 3, HEIGHT, WIDTH) and batch["action"].shape == (4, 14)
     episode, frame = batch["__key__"][0].split("/")
     assert 0 <= int(frame) < 20
+    # at 5 fps (the shards hold 10) each pair's action is that of its frame on the dataset's timeline, and an
+    # episode's pairs are distinct frames
+    slower = config(shards, height=HEIGHT, width=WIDTH, fps=5)
+    for batch in build_loader(shards, slower, micro_batch_size=8, rank=0, world_size=1, epochs=1, mode="frames",
+                              frames_per_sample=8):
+        assert len(set(batch["__key__"])) == 8
+        for frame, action, key in zip(batch["frame"], batch["action"], batch["__key__"]):
+            assert_square_at_action(frame, action, key)
     with pytest.raises(ValueError, match="multiple of frames_per_sample"):
         build_loader(shards, config(shards), 3, rank=0, world_size=1, mode="frames", frames_per_sample=2)
 
