@@ -136,6 +136,18 @@ def test_seed_decides_the_order_and_epochs_differ(shards):
     assert sorted(first[:EPISODES]) == sorted(first[EPISODES:]) and first[:EPISODES] != first[EPISODES:]
 
 
+def test_each_epoch_draws_new_clip_windows_and_text_dropout(shards):
+    """Per-sample randomness is seeded by (seed, epoch, key): a sample read again in the next epoch gets
+    another window of its episode (20 frames, windows of 6) and another dropout draw."""
+    loader = build_loader(shards, config(shards), micro_batch_size=1, rank=0, world_size=1, epochs=2)
+    clips = [{}, {}]
+    for count, batch in enumerate(loader):
+        clips[count // EPISODES][batch["__key__"][0]] = (batch["actions"][0], bool(batch["text_dropped"][0]))
+    assert sorted(clips[0]) == sorted(clips[1])
+    assert any(not torch.equal(clips[0][key][0], clips[1][key][0]) for key in clips[0])
+    assert any(clips[0][key][1] != clips[1][key][1] for key in clips[0])
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_yields_exactly_the_rest(shards, workers):
     cfg = config(shards, num_workers=workers)
