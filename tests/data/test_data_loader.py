@@ -14,7 +14,7 @@ import torch
 from data_tools import shard as shard_tool
 from data_tools.synth import synthetic_episode, write_episode, write_synthetic_episodes
 from vidartrain.config import DataConfig
-from vidartrain.data.dataset import build_loader
+from vidartrain.data.dataset import build_loader, largest_remainder_counts
 from vidartrain.errors import DataError
 
 EPISODES = 8
@@ -251,7 +251,7 @@ RANK_SCRIPT = """
 import json, sys
 import torch.distributed as dist
 from vidartrain.config import DataConfig
-from vidartrain.data.dataset import build_loader
+from vidartrain.data.dataset import build_loader, largest_remainder_counts
 dist.init_process_group("gloo")
 config = DataConfig(shards=sys.argv[1], num_frames=6, height=40, width=32, num_workers=2, seed=3)
 loader = build_loader(config.shards, config, 1, epochs=1)  # rank and world size from torch.distributed
@@ -323,9 +323,24 @@ def test_mixture_draws_sources_by_weight_and_counts_them(two_sources):
     assert abs(from_a / 400 - 0.75) <= 0.05 * 0.75
     counts = loader.samples_by_source()
     assert counts == {two_sources[0]["path"]: from_a, two_sources[1]["path"]: 400 - from_a}
-    # every sample of a source comes up before any comes up twice
-    first_a = [key for key in keys_of(batches) if key in set(keys_of_source(two_sources[0]))][:5]
-    assert len(set(first_a)) == 5
+    assert loader.samples_by_source() == counts  # asking again counts no epoch twice
+    # each source's samples come as its endless stream, one new permutation after another, across epochs
+    for source in two_sources:
+        names = keys_of_source(source)
+        stream = [key for key in keys_of(batches) if key in set(names)]
+        cycles = [stream[i: i + len(names)] for i in range(0, len(stream) - len(names) + 1, len(names))]
+        assert all(sorted(cycle) == sorted(names) for cycle in cycles)
+        assert len({tuple(cycle) for cycle in cycles}) > 1
+    # and which source fills which position is drawn anew each epoch (8 samples)
+    from_which = [key in set(keys_of_source(two_sources[0])) for key in keys_of(batches)]
+    assert from_which[:8] != from_which[8:16]
+
+
+def test_mixture_shares_are_rounded_by_largest_remainder():
+    # the fixtures' mixtures divide evenly; these leave remainders to hand out
+    assert largest_remainder_counts(10, [2.0, 1.0]) == [7, 3]  # 6.67, 3.33
+    assert largest_remainder_counts(5, [1.0, 3.0]) == [1, 4]  # 1.25, 3.75
+    assert largest_remainder_counts(3, [1.0, 1.0, 1.0, 1.0]) == [1, 1, 1, 0]  # ties: the first sources
 
 
 def keys_of_source(source):
