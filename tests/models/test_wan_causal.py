@@ -398,6 +398,7 @@ def test_video_and_latent_frame_counts_of_the_deployed_window():
     assert (window.rollout_bound, window.rollout_prefill_num, window.prefill_latent_frames) == (60, 33, 9)
     assert video_frames_of(15) == 57 and video_frames_of(16) == 61 and latent_frames_of(81) == 21
     assert window.needs_reset(49, 16) and not window.needs_reset(33, 16)
+    assert not window.needs_reset(44, 16) and window.needs_reset(45, 16)  # a window may reach the bound exactly
 
 
 def test_closed_loop_rollout_keeps_real_frames_as_context_without_gradient(weights, text):
