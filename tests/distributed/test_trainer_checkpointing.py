@@ -144,6 +144,9 @@ def test_a_universal_checkpoint_is_checked_against_the_run_that_saved_its_source
         recorded_run(elsewhere)
     (elsewhere.path / COMPLETE_MARKER).write_text((tmp_path / "step_00000005" / COMPLETE_MARKER).read_text())
     assert recorded_run(elsewhere) == {"step": 5}
+    # a COMPLETE copied into the universal checkpoint is its own record, before its source's
+    (universal.path / COMPLETE_MARKER).write_text('{"step": 5, "copied": true}')
+    assert recorded_run(universal) == {"step": 5, "copied": True}
 
 
 def test_the_dynamic_loss_scaler_of_an_fp16_run_loads_weights_only(tmp_path):
