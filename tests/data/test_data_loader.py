@@ -14,7 +14,7 @@ import torch
 from data_tools import shard as shard_tool
 from data_tools.synth import synthetic_episode, write_episode, write_synthetic_episodes
 from vidartrain.config import DataConfig
-from vidartrain.data.dataset import build_loader
+from vidartrain.data.dataset import build_loader, largest_remainder_counts
 from vidartrain.errors import DataError
 
 EPISODES = 8
@@ -56,16 +56,27 @@ def test_batch_format(shards):
     assert sorted(keys_of(batches)) == sorted([f"ep_{i:04d}" for i in range(EPISODES - 1)] + ["ep_fast"])
 
 
-def test_frames_match_actions_including_resampled_episode(shards):
-    """The red square sits where the sampled frame's action puts it: video and actions are aligned."""
-    cfg = config(shards, height=HEIGHT, width=WIDTH, num_frames=5, cfg_prob=0.0)
+def assert_square_at_action(frame: torch.Tensor, action: torch.Tensor, key: str) -> None:
+    """The red square of a synthetic frame [3, H, W] in [-1, 1] sits where its action puts it."""
+    pixels = ((frame.permute(1, 2, 0) + 1) * 127.5).numpy()  # [H, W, 3]
+    rows, cols = np.nonzero(np.abs(pixels - (220, 60, 40)).max(-1) < 40)
+    assert abs(cols.mean() - (float(action[0]) + 1) / 2 * (WIDTH - 1)) < 2.5, key
+    assert abs(rows.mean() - (float(action[1]) + 1) / 2 * (HEIGHT - 1)) < 2.5, key
+
+
+@pytest.mark.parametrize("fps", [10, 5])
+def test_frames_match_actions_including_resampled_episode(shards, fps):
+    """The red square sits where the sampled frame's action puts it: video and actions are aligned, also
+    when data.fps (5) resamples the shards' 10 fps, where a clip takes every other recorded step."""
+    cfg = config(shards, height=HEIGHT, width=WIDTH, num_frames=5, cfg_prob=0.0, fps=fps)
+    step = 10 // fps
     for batch in build_loader(shards, cfg, micro_batch_size=1, rank=0, world_size=1, epochs=1):
-        frames = ((batch["video"][0].permute(1, 2, 3, 0) + 1) * 127.5).numpy()  # [F, H, W, 3]
-        for frame, action in zip(frames, batch["actions"][0].numpy()):
-            red = (np.abs(frame - (220, 60, 40)).max(-1) < 40)
-            rows, cols = np.nonzero(red)
-            assert abs(cols.mean() - (action[0] + 1) / 2 * (WIDTH - 1)) < 2.5, batch["__key__"]
-            assert abs(rows.mean() - (action[1] + 1) / 2 * (HEIGHT - 1)) < 2.5, batch["__key__"]
+        key, clip = batch["__key__"][0], batch["actions"][0].numpy()
+        recorded = np.load(shards.parent / "episodes" / key / "actions.npy")
+        assert any(np.array_equal(clip, recorded[start: start + step * len(clip): step])
+                   for start in range(len(recorded))), key
+        for frame, action in zip(batch["video"][0].unbind(1), batch["actions"][0]):
+            assert_square_at_action(frame, action, key)
 
 
 def test_two_ranks_two_workers_are_disjoint_and_cover(shards):
@@ -123,6 +134,18 @@ def test_seed_decides_the_order_and_epochs_differ(shards):
     first = order(7)
     assert first == order(7) and first != order(8)
     assert sorted(first[:EPISODES]) == sorted(first[EPISODES:]) and first[:EPISODES] != first[EPISODES:]
+
+
+def test_each_epoch_draws_new_clip_windows_and_text_dropout(shards):
+    """Per-sample randomness is seeded by (seed, epoch, key): a sample read again in the next epoch gets
+    another window of its episode (20 frames, windows of 6) and another dropout draw."""
+    loader = build_loader(shards, config(shards), micro_batch_size=1, rank=0, world_size=1, epochs=2)
+    clips = [{}, {}]
+    for count, batch in enumerate(loader):
+        clips[count // EPISODES][batch["__key__"][0]] = (batch["actions"][0], bool(batch["text_dropped"][0]))
+    assert sorted(clips[0]) == sorted(clips[1])
+    assert any(not torch.equal(clips[0][key][0], clips[1][key][0]) for key in clips[0])
+    assert any(clips[0][key][1] != clips[1][key][1] for key in clips[0])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -196,6 +219,14 @@ def test_idm_frame_pairs(shards):
     assert batch["frame"].shape == (4, 3, HEIGHT, WIDTH) and batch["action"].shape == (4, 14)
     episode, frame = batch["__key__"][0].split("/")
     assert 0 <= int(frame) < 20
+    # at 5 fps (the shards hold 10) each pair's action is that of its frame on the dataset's timeline, and an
+    # episode's pairs are distinct frames
+    slower = config(shards, height=HEIGHT, width=WIDTH, fps=5)
+    for batch in build_loader(shards, slower, micro_batch_size=8, rank=0, world_size=1, epochs=1, mode="frames",
+                              frames_per_sample=8):
+        assert len(set(batch["__key__"])) == 8
+        for frame, action, key in zip(batch["frame"], batch["action"], batch["__key__"]):
+            assert_square_at_action(frame, action, key)
     with pytest.raises(ValueError, match="multiple of frames_per_sample"):
         build_loader(shards, config(shards), 3, rank=0, world_size=1, mode="frames", frames_per_sample=2)
 
@@ -220,7 +251,7 @@ RANK_SCRIPT = """
 import json, sys
 import torch.distributed as dist
 from vidartrain.config import DataConfig
-from vidartrain.data.dataset import build_loader
+from vidartrain.data.dataset import build_loader, largest_remainder_counts
 dist.init_process_group("gloo")
 config = DataConfig(shards=sys.argv[1], num_frames=6, height=40, width=32, num_workers=2, seed=3)
 loader = build_loader(config.shards, config, 1, epochs=1)  # rank and world size from torch.distributed
@@ -292,9 +323,24 @@ def test_mixture_draws_sources_by_weight_and_counts_them(two_sources):
     assert abs(from_a / 400 - 0.75) <= 0.05 * 0.75
     counts = loader.samples_by_source()
     assert counts == {two_sources[0]["path"]: from_a, two_sources[1]["path"]: 400 - from_a}
-    # every sample of a source comes up before any comes up twice
-    first_a = [key for key in keys_of(batches) if key in set(keys_of_source(two_sources[0]))][:5]
-    assert len(set(first_a)) == 5
+    assert loader.samples_by_source() == counts  # asking again counts no epoch twice
+    # each source's samples come as its endless stream, one new permutation after another, across epochs
+    for source in two_sources:
+        names = keys_of_source(source)
+        stream = [key for key in keys_of(batches) if key in set(names)]
+        cycles = [stream[i: i + len(names)] for i in range(0, len(stream) - len(names) + 1, len(names))]
+        assert all(sorted(cycle) == sorted(names) for cycle in cycles)
+        assert len({tuple(cycle) for cycle in cycles}) > 1
+    # and which source fills which position is drawn anew each epoch (8 samples)
+    from_which = [key in set(keys_of_source(two_sources[0])) for key in keys_of(batches)]
+    assert from_which[:8] != from_which[8:16]
+
+
+def test_mixture_shares_are_rounded_by_largest_remainder():
+    # the fixtures' mixtures divide evenly; these leave remainders to hand out
+    assert largest_remainder_counts(10, [2.0, 1.0]) == [7, 3]  # 6.67, 3.33
+    assert largest_remainder_counts(5, [1.0, 3.0]) == [1, 4]  # 1.25, 3.75
+    assert largest_remainder_counts(3, [1.0, 1.0, 1.0, 1.0]) == [1, 1, 1, 0]  # ties: the first sources
 
 
 def keys_of_source(source):

@@ -6,8 +6,9 @@ import torch
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
 from vidartrain.distributed.checkpointing import (
-    COMPLETE_MARKER, LATEST_FILE, CheckpointRef, complete_checkpoints, latest_complete, mark_complete,
-    prune_checkpoints, recorded_run, resolve_resume, set_aside_checkpoints_after, tag_for_step, weights_only_loads)
+    COMPLETE_MARKER, LATEST_FILE, CheckpointRef, checkpoint_files, checkpoint_problems, complete_checkpoints,
+    file_digests, latest_complete, mark_complete, prune_checkpoints, recorded_run, resolve_resume,
+    set_aside_checkpoints_after, tag_for_step, weights_only_loads)
 from vidartrain.errors import CheckpointError, ConfigError
 from vidartrain.trainers.base import RunOptions, check_fresh_start, lr_factor
 
@@ -109,6 +110,26 @@ def test_resume_resolution(tmp_path):
     assert (tmp_path / "step_00000005" / COMPLETE_MARKER).is_file()
 
 
+def test_ranks_share_the_verification_and_together_check_every_file(tmp_path):
+    """Each rank hashes every world_size-th file of the COMPLETE record; the union of their answers is the
+    verdict, so a damaged file is found whichever rank's share it falls in, nested folders included."""
+    checkpoint = tmp_path / tag_for_step(1)
+    names = [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(4)] + ["zero/sub/state.pt"]
+    for name in names:
+        (checkpoint / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkpoint / name).write_bytes(name.encode())
+    assert checkpoint_files(checkpoint) == sorted(names)
+    mark_complete(tmp_path, checkpoint.name,
+                  {"step": 1, "files": file_digests(checkpoint, checkpoint_files(checkpoint))})
+    assert [checkpoint_problems(checkpoint, rank, 2) for rank in range(2)] == [[], []]
+    for name in names:
+        original = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(original[::-1])  # same size, other bytes
+        found = [problem for rank in range(2) for problem in checkpoint_problems(checkpoint, rank, 2)]
+        assert found == [f"{checkpoint / name}: sha256 differs from the one {COMPLETE_MARKER} recorded (corrupted)"]
+        (checkpoint / name).write_bytes(original)
+
+
 def test_a_universal_checkpoint_is_checked_against_the_run_that_saved_its_source(tmp_path):
     """ds_to_universal writes no COMPLETE record: the settings a resume is compared with are those of the
     checkpoint it was made from, beside it, or of a COMPLETE file copied into it; without either the
@@ -123,6 +144,9 @@ def test_a_universal_checkpoint_is_checked_against_the_run_that_saved_its_source
         recorded_run(elsewhere)
     (elsewhere.path / COMPLETE_MARKER).write_text((tmp_path / "step_00000005" / COMPLETE_MARKER).read_text())
     assert recorded_run(elsewhere) == {"step": 5}
+    # a COMPLETE copied into the universal checkpoint is its own record, before its source's
+    (universal.path / COMPLETE_MARKER).write_text('{"step": 5, "copied": true}')
+    assert recorded_run(universal) == {"step": 5, "copied": True}
 
 
 def test_the_dynamic_loss_scaler_of_an_fp16_run_loads_weights_only(tmp_path):

@@ -8,7 +8,8 @@ from test_wan_dit import tiny_config
 from vidartrain.models.wan.causal import FrameLayout, WanModelCausal, frame_visibility
 from vidartrain.models.wan.kv_cache import KVCache, StaticKVCache, latent_frames_of, video_frames_of
 from vidartrain.models.wan.model import WanModel
-from vidartrain.rollouts import RolloutWindow, generate_frames, reset_and_reprefill, rollout
+from vidartrain.rollouts import (RolloutWindow, closed_loop_rollout, closed_loop_schedule, generate_frames,
+                                 reset_and_reprefill, rollout)
 
 ATOL = 1e-5
 FRAME_TOKENS = 6  # latent 4x6 -> 2x3 tokens per frame
@@ -397,6 +398,24 @@ def test_video_and_latent_frame_counts_of_the_deployed_window():
     assert (window.rollout_bound, window.rollout_prefill_num, window.prefill_latent_frames) == (60, 33, 9)
     assert video_frames_of(15) == 57 and video_frames_of(16) == 61 and latent_frames_of(81) == 21
     assert window.needs_reset(49, 16) and not window.needs_reset(33, 16)
+    assert not window.needs_reset(44, 16) and window.needs_reset(45, 16)  # a window may reach the bound exactly
+
+
+def test_closed_loop_rollout_keeps_real_frames_as_context_without_gradient(weights, text):
+    """As at inference, the real frames (prefilled, and re-prefilled after a window reset) are fixed
+    context: the loss reaches the inputs through the predicted chunks only. Frame 0 is never predicted
+    and its slot holds zeros."""
+    model = WanModelCausal(**tiny_config())
+    model.load_state_dict(weights)
+    clean, noisy = latents(4, seed=10).requires_grad_(True), latents(4, seed=11).requires_grad_(True)
+    t = torch.tensor([[0.0, 300.0, 500.0, 700.0], [0.0, 800.0, 600.0, 400.0]])
+    events = closed_loop_schedule(4, RolloutWindow(rollout_bound=9, rollout_prefill_num=5), chunk=1)
+    assert [event.kind for event in events] == ["prefill", "predict", "prefill", "predict", "reprefill", "predict"]
+    velocity = closed_loop_rollout(model, clean, noisy, t, text, events, kv_cache_length=4)
+    assert torch.equal(velocity[:, :, 0], torch.zeros_like(velocity[:, :, 0]))
+    velocity.square().mean().backward()
+    assert clean.grad is None
+    assert noisy.grad[:, :, 0].abs().sum() == 0 and all(noisy.grad[:, :, i].abs().sum() > 0 for i in (1, 2, 3))
 
 
 def test_bounded_rollout_evicts_the_oldest_non_sink_frames(model, text):

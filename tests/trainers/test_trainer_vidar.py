@@ -20,7 +20,7 @@ from data_tools.tiny_checkpoint import write_tiny_checkpoint
 from helpers.trainer_launch import (BIN, deepspeed_command, free_port, kill_launch, logged_steps, run, start, tail, wait,
                             wait_for_step, write_shards)
 from vidartrain.config import load_config
-from vidartrain.data.shard_index import read_data_info
+from vidartrain.data.shard_index import DataInfo, read_data_info
 from vidartrain.distributed.checkpointing import COMPLETE_MARKER, complete_checkpoints, tag_for_step
 from vidartrain.distributed.export import main as export_main
 from vidartrain.models.wan.causal import WanModelCausal
@@ -183,3 +183,32 @@ def test_held_out_batches_are_read_without_worker_processes(workspace):
         assert next(batches)["__key__"]
         assert len(set(this_process.children()) - before) == workers, split
         batches.close()
+
+
+class RecordingDit(torch.nn.Module):
+    """Stands in for the DiT: keeps the latents and timesteps it is given and predicts the latents."""
+
+    def forward(self, x, t, context):
+        self.inputs = (x, t)
+        return x.clone()
+
+
+def test_stage_1_loss_conditions_on_a_clean_first_frame_and_leaves_it_out(tmp_path):
+    """TI2V training as at inference: frame 0 enters clean at timestep 0, the others share their sample's
+    noise level, and the loss is the velocity error of frames 1.. alone."""
+    checkpoint = write_tiny_checkpoint(tmp_path / "ckpt")
+    config = load_config("configs/debug/tiny_vidar.yaml", [f"model.ckpt_dir={checkpoint}"])
+    stage = VidarStage(config, DataInfo(mode="latents", text_embeddings=True, actions=()))
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randn(2, 48, 3, 4, 4, generator=generator)
+    batch = {"__key__": ["a", "b"], "latents": clean, "text_emb": [torch.randn(5, 32), torch.randn(3, 32)]}
+    dit = RecordingDit()
+    loss, _ = stage.training_loss(dit, batch, generator)
+    x, t = dit.inputs
+    sigma = t[:, 1] / 1000
+    assert torch.equal(t[:, 0], torch.zeros(2)) and torch.equal(t[:, 1:], t[:, 1:2].expand(2, 2))
+    assert torch.equal(x[:, :, 0], clean[:, :, 0])
+    s = sigma.view(2, 1, 1, 1, 1)
+    noise = (x[:, :, 1:] - (1 - s) * clean[:, :, 1:]) / s  # x = (1 - sigma) clean + sigma noise
+    velocity = noise - clean[:, :, 1:]  # the target: noise minus data
+    torch.testing.assert_close(loss, (x[:, :, 1:] - velocity).square().mean(), rtol=1e-4, atol=0)
