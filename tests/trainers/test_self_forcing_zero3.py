@@ -100,7 +100,8 @@ def test_closed_loop_schedule_with_a_window_reset_trains(workspace):
     output_dir = workspace / "closed_loop"
     run(torchrun_command("launch/train.py", train_args(
         workspace, output_dir, "--set", "training.num_steps=1", "--set", "training.warmup=0",
-        "--set", "self_forcing.closed_loop=true", "--set", "data.num_frames=21",
+        "--set", "self_forcing.closed_loop=true", "--set", "self_forcing.context_mode=ground_truth",
+        "--set", "data.num_frames=21",
         "--set", "self_forcing.chunk_size=6", "--set", "self_forcing.kv_cache_length=8",
         "--set", "self_forcing.rollout_bound=17", "--set", "self_forcing.rollout_prefill_num=5")),
         workspace / "closed_loop.log", timeout=600)
