@@ -21,7 +21,7 @@ from launch import sample as sample_cli
 from launch import train_vidar
 from helpers.trainer_launch import REPO_ROOT, launcher_env
 from vidartrain.data.shard_index import (INDEX_FORMAT, JOURNAL_FILE, action_statistics, merge_action_statistics,
-                                         read_common_index, read_data_info, read_index)
+                                         read_data_info, read_index)
 from vidartrain.data.dataset import check_one_action_space
 from vidartrain.data.video import VideoReadError
 from vidartrain.errors import CheckpointError, ConfigError, DataError, VidarError, reports_errors
@@ -131,7 +131,7 @@ def test_index_contents_that_cannot_be_trained_on_are_data_errors(tmp_path):
                                  {"count": 1, "mean": [0.0] * 14, "m2": [0.0] * 14}], "`data.shards`")
     write_index(tmp_path / "latents", mode="latents")
     with pytest.raises(DataError, match="data.shards mixes"):
-        read_common_index([{"path": str(tmp_path / "old"), "weight": 1.0},
+        read_data_info([{"path": str(tmp_path / "old"), "weight": 1.0},
                            {"path": str(tmp_path / "latents"), "weight": 1.0}])
     # held-out shards of another kind than the training shards: refused at start, not at the first validation
     with pytest.raises(DataError, match="data.val_shards mixes"):
@@ -139,13 +139,13 @@ def test_index_contents_that_cannot_be_trained_on_are_data_errors(tmp_path):
     # pre-encoded with and without the IDM's masks: Eq. 7 would find no mask in some batches
     write_index(tmp_path / "latents_idm", mode="latents", settings={"precompute": {"precompute": ["latents", "idm"]}})
     with pytest.raises(DataError, match="data.shards mixes"):
-        read_common_index([{"path": str(tmp_path / "latents"), "weight": 1.0},
+        read_data_info([{"path": str(tmp_path / "latents"), "weight": 1.0},
                            {"path": str(tmp_path / "latents_idm"), "weight": 1.0}])
     # latents stored in other dtypes: a batch would be collated into its first sample's
     write_index(tmp_path / "latents_fp32", mode="latents", settings={"precompute": {"latent_dtype": "float32"}})
     write_index(tmp_path / "latents_bf16", mode="latents", settings={"precompute": {"latent_dtype": "bfloat16"}})
     with pytest.raises(DataError, match="data.shards mixes .*'latent_dtype': 'float32'"):
-        read_common_index([{"path": str(tmp_path / "latents_fp32"), "weight": 1.0},
+        read_data_info([{"path": str(tmp_path / "latents_fp32"), "weight": 1.0},
                            {"path": str(tmp_path / "latents_bf16"), "weight": 1.0}])
     # robots with other action spaces: one training set for the DiT stages, not for anything that stacks actions
     for dim in (7, 14):
@@ -153,7 +153,8 @@ def test_index_contents_that_cannot_be_trained_on_are_data_errors(tmp_path):
     arms = [{"path": str(tmp_path / "arm_14"), "weight": 1.0}, {"path": str(tmp_path / "arm_7"), "weight": 1.0}]
     read_data_info(arms)
     with pytest.raises(DataError, match="actions of different dimensions .*arm_14: 14, .*arm_7: 7"):
-        check_one_action_space([(arm["path"], arm["weight"]) for arm in arms])
+        check_one_action_space([(arm["path"], arm["weight"]) for arm in arms],
+                               [read_index(arm["path"]) for arm in arms])
 
 
 @pytest.mark.parametrize("manifest, expected", [

@@ -56,7 +56,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from vidartrain.data.shard_index import INDEX_FILE, check_shard_files, read_common_index, read_index, shard_sources
+from vidartrain.data.shard_index import INDEX_FILE, check_same_kind, check_shard_files, read_index, shard_sources
 from vidartrain.data.transforms import resample_indices, video_to_model_input, window_start
 from vidartrain.data.video import VideoReadError, open_video, read_frames
 from vidartrain.errors import ConfigError, DataError
@@ -552,9 +552,10 @@ def build_loader(shards: str | Path | list, config: Any, micro_batch_size: int, 
     `config` needs num_frames, height, width, fps, cfg_prob, resize, num_workers, seed and
     max_bad_samples. Training loaders shuffle, drop the incomplete last batch and repeat forever
     (unless `epochs`); evaluation loaders (train=False) read every sample once, in order (a mixture's
-    sources one after the other, their weights aside), with no text dropout. `video_dtype=torch.uint8` moves raw video as uint8 (4x fewer bytes from workers;
-    apply `transforms.to_model_range` on the device). `actions=False`: clips without their actions,
-    so a mixture may join robots of other action spaces (batches that carry actions stack them).
+    sources one after the other, their weights aside), with no text dropout. `video_dtype=torch.uint8`
+    moves raw video as uint8 (4x fewer bytes from workers; apply `transforms.to_model_range` on the
+    device). `actions=False`: clips without their actions, so a mixture may join robots of other
+    action spaces (batches that carry actions stack them).
     """
     if rank is None or world_size is None:
         rank, world_size = distributed_position()
@@ -562,12 +563,12 @@ def build_loader(shards: str | Path | list, config: Any, micro_batch_size: int, 
                     cfg_prob=config.cfg_prob if train else 0.0, mode=mode, frames_per_sample=frames_per_sample,
                     video_dtype=video_dtype, resize=config.resize, actions=actions)
     sources = shard_sources(shards)
-    read_common_index(shards)  # every source holds the same kind of samples
+    indexes = [read_index(path) for path, _ in sources]
+    check_same_kind(sources, indexes)  # every source holds the same kind of samples
     if spec.actions or spec.mode == "frames":
-        check_one_action_space(sources)
+        check_one_action_space(sources, indexes)
     refs, too_short, decoders, sizes = [], [], [], []
-    for number, (shards_dir, _) in enumerate(sources):
-        index = read_index(shards_dir)
+    for number, ((shards_dir, _), index) in enumerate(zip(sources, indexes)):
         check_shard_files(index, shards_dir)
         source_refs, source_too_short = sample_refs(index, shards_dir, spec, number)
         if source_too_short:
@@ -588,9 +589,10 @@ def build_loader(shards: str | Path | list, config: Any, micro_batch_size: int, 
     return ShardLoader(stream, workers, too_short, [path for path, _ in sources])
 
 
-def check_one_action_space(sources: list[tuple[str, float]]) -> None:
-    """Batches that carry actions stack them: every source of a mixture must have as many dimensions."""
-    dims = {path: read_index(path)["settings"]["layout"]["action_dim"] for path, _ in sources}
+def check_one_action_space(sources: list[tuple[str, float]], indexes: list[dict]) -> None:
+    """Batches that carry actions stack them: every source of a mixture (with its index.json) must have as
+    many dimensions."""
+    dims = {path: index["settings"]["layout"]["action_dim"] for (path, _), index in zip(sources, indexes)}
     if len(set(dims.values())) > 1:
         raise DataError(f"the sources of this mixture have actions of different dimensions "
                         f"({', '.join(f'{path}: {dim}' for path, dim in dims.items())}), which one batch cannot "

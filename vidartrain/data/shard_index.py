@@ -148,15 +148,6 @@ def shard_sources(shards: str | Path | list) -> list[tuple[str, float]]:
             else (str(entry[0]), float(entry[1])) for entry in shards]
 
 
-def read_common_index(shards: str | Path | list) -> dict:
-    """The index.json of the (first) source, after checking that every source of a mixture holds the
-    same kind of samples (`check_same_kind`)."""
-    sources = shard_sources(shards)
-    indexes = [read_index(path) for path, _ in sources]
-    check_same_kind(sources, indexes)
-    return indexes[0]
-
-
 def check_same_kind(sources: list[tuple[str, float]], indexes: list[dict], key: str = "data.shards") -> None:
     """Every source of a mixture holds the same kind of samples: same mode (raw / latents), text
     embeddings in all or none, and for pre-encoded shards the same windows. `key`: the setting that
