@@ -278,6 +278,13 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def add_metrics(total: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> None:
+    """Add a micro-batch's [sum, count] metric pairs to `total` (float64 on the CPU; `Trainer.reduce_metrics`
+    turns them into means over all ranks)."""
+    for name, value in metrics.items():
+        total[name] = total.get(name, 0) + value.detach().double().cpu()
+
+
 def build_optimizer(parameters: Any, config: Config) -> torch.optim.Optimizer:
     """AdamW with torch's fused kernel: DeepSpeed steps it over flat fp32 partitions, on the GPU or, with the
     optimizer offloaded, on the host, where the default per-tensor loop is several times slower
@@ -520,8 +527,7 @@ class Trainer:
                 break
             engine.backward(loss)
             loss_sum += global_loss.cpu()[0]
-            for name, value in micro_metrics.items():
-                metrics[name] = metrics.get(name, 0) + value.detach().double().cpu()
+            add_metrics(metrics, micro_metrics)
         if finite:
             engine.step()
             # fp16 loss scaling skips the update of a step whose gradients overflowed: the weights did not
@@ -638,8 +644,7 @@ class Trainer:
             loss, batch_metrics = self.stage.training_loss(self.engine, batch, generator)
             samples = len(batch["__key__"])
             metrics["loss"] += torch.tensor([loss.item() * samples, samples], dtype=torch.float64)
-            for name, value in batch_metrics.items():
-                metrics[name] = metrics.get(name, 0) + value.detach().double().cpu()
+            add_metrics(metrics, batch_metrics)
         self.engine.train()
         return self.reduce_metrics(metrics)
 
