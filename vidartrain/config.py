@@ -21,7 +21,7 @@ import yaml
 from vidartrain.data.shard_index import check_shard_files, read_index, shard_sources
 from vidartrain.errors import ConfigError
 from vidartrain.shapes import (CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH, DIT_PATCH_SIZE, MIN_CAUSAL_LATENT_FRAMES,
-                               MIN_CAUSAL_VIDEO_FRAMES, PIXELS_PER_TOKEN, VAE_STRIDE)
+                               MIN_CAUSAL_VIDEO_FRAMES, PIXELS_PER_TOKEN, VAE_STRIDE, tokens_per_latent_frame)
 
 
 CAUSAL_LOSS = "causal_flow_matching"  # the loss.type of stage 2 (Vidarc, WanModelCausal)
@@ -663,8 +663,8 @@ def rollout_window_problems(sf: SelfForcingConfig) -> typing.Iterator[str]:
     """The deployed window policy's rules (`vidartrain.rollouts.RolloutWindow`, which stage 2 builds
     from these keys): the re-prefilled real frames are whole latent frames and fewer than the bound."""
     if (sf.rollout_prefill_num - 1) % VAE_STRIDE[0]:
-        yield (f"`self_forcing.rollout_prefill_num` = {sf.rollout_prefill_num}: must be {VAE_STRIDE[0]}n+1 video frames "
-               f"(the re-prefilled frames are VAE latent frames), e.g. 33")
+        yield (f"`self_forcing.rollout_prefill_num` = {sf.rollout_prefill_num}: must be {VAE_STRIDE[0]}n+1 video "
+               f"frames (the re-prefilled frames are VAE latent frames), e.g. 33")
     if sf.rollout_prefill_num >= sf.rollout_bound:
         yield (f"`self_forcing.rollout_prefill_num` = {sf.rollout_prefill_num} must be below "
                f"`self_forcing.rollout_bound` = {sf.rollout_bound} (the window is re-prefilled when it would pass it)")
@@ -688,7 +688,7 @@ def sequence_parallel_problems(config: Config) -> typing.Iterator[str]:
 def dit_sequences(config: Config) -> dict[str, int]:
     """The token counts of the sequences the DiT runs in training and validation, by what they are."""
     data, sf = config.data, config.self_forcing
-    per_frame = (data.height // PIXELS_PER_TOKEN) * (data.width // PIXELS_PER_TOKEN)
+    per_frame = tokens_per_latent_frame((data.height // VAE_STRIDE[1], data.width // VAE_STRIDE[2]))
 
     def clip(frames: int) -> int:
         return (1 + (frames - 1) // VAE_STRIDE[0]) * per_frame
