@@ -12,6 +12,15 @@ from vidartrain.distributed.ds_config import (build_deepspeed_config, checkpoint
                                               precision_of, profile_world_size)
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def profile_file(tmp_path: Path, name: str, profile: dict) -> Path:
+    """`profile` written to tmp_path/name, for load_profile to read."""
+    path = tmp_path / name
+    path.write_text(json.dumps(profile))
+    return path
+
+
 PROFILES = {  # profile -> (world size, micro, accumulation), from the reference hardware table (docs/training.md)
     "zero3_64xh100": (64, 2, 1),
     "zero3_8xh100": (8, 2, 8),
@@ -178,11 +187,9 @@ def test_a_profiles_gradient_clipping_that_the_yaml_overrules_is_named():
 def test_a_profile_whose_batch_is_no_whole_number_of_ranks_is_refused(tmp_path):
     # its world size (train_batch_size / (micro x accumulation)) is what vidar-plan plans for by default
     profile = {**load_profile(REPO / "ds_configs/zero3_8xh100.json"), "train_batch_size": 100}
-    path = tmp_path / "odd.json"
-    path.write_text(json.dumps(profile))
     with pytest.raises(ConfigError, match=r"odd.json: `train_batch_size` = 100 is not a multiple of micro-batch 2 x "
                                           r"gradient accumulation 8"):
-        load_profile(path)
+        load_profile(profile_file(tmp_path, "odd.json", profile))
 
 
 @pytest.mark.parametrize("key, value, expected", [
@@ -201,10 +208,8 @@ def test_a_profiles_zero_stage_and_sections_of_the_wrong_type_are_refused_at_loa
     profile = load_profile(REPO / "ds_configs/zero3_2xh200.json")
     section, _, name = key.rpartition(".")
     (profile[section] if section else profile)[name] = value
-    path = tmp_path / "typed.json"
-    path.write_text(json.dumps(profile))
     with pytest.raises(ConfigError, match=f"typed.json: `{key}` = {json.dumps(value)}: expected {expected}"):
-        load_profile(path)
+        load_profile(profile_file(tmp_path, "typed.json", profile))
 
 
 def test_a_profiles_global_batch_that_the_yaml_overrules_is_named():
@@ -265,20 +270,17 @@ def test_fsdp_with_a_sharding_strategy_is_that_strategys_stage():
 def test_a_null_section_is_read_as_absent_as_deepspeed_reads_it(tmp_path):
     profile = {**load_profile(REPO / "ds_configs/zero3_2xh200.json"), "bf16": None, "fp16": {"enabled": True}}
     profile["zero_optimization"]["offload_optimizer"] = None
-    path = tmp_path / "nulls.json"
-    path.write_text(json.dumps(profile))
-    ds = load_profile(path)
+    ds = load_profile(profile_file(tmp_path, "nulls.json", profile))
     assert precision_of(ds) == "fp16" and not offloads(ds, "offload_optimizer")
 
 
 def test_a_profiles_older_bfloat16_section_is_read_as_bf16_and_two_precisions_are_refused(tmp_path):
     profile = load_profile(REPO / "ds_configs/zero3_2xh200.json")
-    path = tmp_path / "older.json"
-    path.write_text(json.dumps({**{k: v for k, v in profile.items() if k != "bf16"}, "bfloat16": {"enabled": True}}))
-    assert precision_of(load_profile(path)) == "bf16"  # read as fp32 before, as DeepSpeed does not
-    path.write_text(json.dumps({**profile, "bf16": {"enabled": True}, "fp16": {"enabled": True}}))
-    with pytest.raises(ConfigError, match="older.json: `bf16.enabled` and `fp16.enabled` are both true"):
-        load_profile(path)
-    path.write_text(json.dumps({**profile, "bfloat16": {"enabled": True}}))
+    older = {**{k: v for k, v in profile.items() if k != "bf16"}, "bfloat16": {"enabled": True}}
+    # read as fp32 before; DeepSpeed reads it as bf16
+    assert precision_of(load_profile(profile_file(tmp_path, "older.json", older))) == "bf16"
+    both = {**profile, "bf16": {"enabled": True}, "fp16": {"enabled": True}}
+    with pytest.raises(ConfigError, match="both.json: `bf16.enabled` and `fp16.enabled` are both true"):
+        load_profile(profile_file(tmp_path, "both.json", both))
     with pytest.raises(ConfigError, match="both `bf16` and its older name `bfloat16`"):
-        load_profile(path)
+        load_profile(profile_file(tmp_path, "twice.json", {**profile, "bfloat16": {"enabled": True}}))
