@@ -698,8 +698,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-frames", type=int, default=WindowSettings.num_frames,
                         help="frames per pre-encoded window (1 + 4n)")
     parser.add_argument("--stride", type=int, default=WindowSettings.stride, help="frames between pre-encoded window starts")
-    parser.add_argument("--height", type=int, default=WindowSettings.height, help="pre-encoded frame height (multiple of 32)")
-    parser.add_argument("--width", type=int, default=WindowSettings.width, help="pre-encoded frame width (multiple of 32)")
+    parser.add_argument("--height", type=int, default=WindowSettings.height,
+                        help="pre-encoded frame height (multiple of 32)")
+    parser.add_argument("--width", type=int, default=WindowSettings.width,
+                        help="pre-encoded frame width (multiple of 32)")
     parser.add_argument("--resize", choices=RESIZE_MODES, default="crop",
                         help="pre-encoded frames of another aspect ratio: crop the centre (default), pad, or "
                              "stretch; use the training config's data.resize")

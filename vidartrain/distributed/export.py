@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         export_idm(state_dict, tag, out)
         return 0
     lora = any(map(is_adapter_key, state_dict))
-    check_outputs(dit_files(out, lora), args.overwrite, "the export")  # the .pt was checked; now that the kind is known, the rest
+    # the .pt was checked; now that the kind is known, the rest
+    check_outputs(dit_files(out, lora), args.overwrite, "the export")
     export_dit(state_dict, lora_alpha(root / tag) if lora else None, out)
     return 0
 
