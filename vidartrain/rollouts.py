@@ -96,8 +96,8 @@ class StaticGenerationStep:
         if not (isinstance(text, list) and text and isinstance(text[0], tuple)):
             raise ValueError("StaticGenerationStep takes the text as WanModelCausal.text_key_values(context)")
         grid = self.model.token_grid(x)
+        cache.check_frame_grid(grid[1:])
         frame_tokens = grid[1] * grid[2]
-        cache.check_frame_tokens(frame_tokens)
         start, slots = cache.cached_tokens(), cache.keys[0].shape[2]
         if start + grid[0] * frame_tokens > slots:
             raise RuntimeError(f"StaticKVCache: {grid[0] * frame_tokens} new tokens do not fit after {start} cached "

@@ -381,16 +381,19 @@ def test_cache_refuses_what_it_cannot_do(model, text):
 
 
 @pytest.mark.parametrize("cache_class", [KVCache, StaticKVCache])
-def test_frames_of_another_size_than_the_cached_ones_are_refused(model, text, cache_class):
-    # A single frame needs no mask, so it attended to the cached frames of another grid unchecked.
+@pytest.mark.parametrize("other_grid", [(2, 6), (6, 4)], ids=["fewer_tokens", "transposed_grid"])
+def test_frames_of_another_size_than_the_cached_ones_are_refused(model, text, cache_class, other_grid):
+    # A single frame needs no mask, so it attended to the cached frames of another grid unchecked;
+    # a transposed grid has as many tokens, but its keys carry other spatial RoPE positions.
     cache = cache_class(model.num_layers, capacity=4)
-    smaller = torch.zeros(1, 48, 1, 2, 6)
+    other = torch.zeros(1, 48, 1, *other_grid)
+    tokens = f"{other_grid[0] // 2}x{other_grid[1] // 2}"
     with torch.no_grad():
         model.prefill(latents(2, batch=1), text[:1], cache)
-        with pytest.raises(ValueError, match="frames of 3 tokens cannot join a cache of 6-token frames"):
-            model.forward_with_cache(smaller, 500.0, text[:1], cache)
-        with pytest.raises(ValueError, match="frames of 3 tokens cannot join a cache of 6-token frames"):
-            model.forward_teacher_forcing(smaller, smaller, torch.zeros(1), text[:1], cache)
+        with pytest.raises(ValueError, match=f"frames of {tokens} tokens cannot join a cache of 2x3-token frames"):
+            model.forward_with_cache(other, 500.0, text[:1], cache)
+        with pytest.raises(ValueError, match=f"frames of {tokens} tokens cannot join a cache of 2x3-token frames"):
+            model.forward_teacher_forcing(other, other, torch.zeros(1), text[:1], cache)
 
 
 def test_video_and_latent_frame_counts_of_the_deployed_window():

@@ -160,8 +160,10 @@ def test_static_step_refuses_what_it_cannot_do(model, text):
         step.velocity(latents(1), 500.0, text_kv, model.prefill(latents(1), text_kv, KVCache(model.num_layers, 2)))
     with pytest.raises(ValueError, match="text_key_values"):
         step.velocity(latents(1), 500.0, text, cache)
-    with pytest.raises(ValueError, match="frames of 4 tokens cannot join a cache of 6-token frames"):
+    with pytest.raises(ValueError, match="frames of 2x2 tokens cannot join a cache of 2x3-token frames"):
         step.velocity(torch.zeros(2, 48, 1, 4, 4), 500.0, text_kv, cache)
+    with pytest.raises(ValueError, match="frames of 3x2 tokens cannot join a cache of 2x3-token frames"):
+        step.velocity(torch.zeros(2, 48, 1, 6, 4), 500.0, text_kv, cache)
     with pytest.raises(ValueError, match="2 positions given for 1 frames"):
         step.velocity(latents(1), 500.0, text_kv, cache, positions=[1, 2])
     step.prefill(latents(1), text_kv, cache)

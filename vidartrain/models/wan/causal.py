@@ -179,7 +179,7 @@ class WanModelCausal(WanModel):
         cached = cache.num_frames if cache is not None else 0
         if cached:
             # The mask counts every frame at this call's size; one frame needs no mask at all.
-            cache.check_frame_tokens(frame_tokens)
+            cache.check_frame_grid((height, width))
         query = FrameLayout.context(cached, frames)
         t_all, all_positions = t, positions
         if noisy is not None:
@@ -227,7 +227,7 @@ class WanModelCausal(WanModel):
         velocity, key_values = self._forward_frames(
             x, self.frame_timesteps(t, x.shape[0], grid), torch.tensor(positions), self._text(context), cache)
         if update_cache:
-            cache.append(key_values, positions)
+            cache.append(key_values, positions, grid[1:])
         return velocity, cache
 
     def prefill(self, clean: torch.Tensor, context, cache: KVCache,
@@ -276,7 +276,7 @@ class WanModelCausal(WanModel):
         velocity, key_values = self._forward_frames(clean, torch.zeros_like(t_noisy), torch.tensor(positions),
                                                     self._text(context), cache, noisy=noisy, t_noisy=t_noisy)
         if cache is not None:
-            cache.append(key_values, positions)
+            cache.append(key_values, positions, grid[1:])
         return velocity
 
     def _check_latents(self, x: torch.Tensor, name: str) -> None:

@@ -54,7 +54,7 @@ class KVCache:
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
-    tokens_per_frame: int = 0
+    frame_grid: tuple[int, int] | None = None  # (height, width) in tokens of every cached frame
 
     def __post_init__(self):
         if self.capacity < 1:
@@ -71,6 +71,10 @@ class KVCache:
         return video_frames_of(self.num_frames)
 
     @property
+    def tokens_per_frame(self) -> int:
+        return self.frame_grid[0] * self.frame_grid[1] if self.frame_grid else 0
+
+    @property
     def next_position(self) -> int:
         """RoPE position of a frame appended now: one past the last cached frame."""
         return self.positions[-1] + 1 if self.positions else 0
@@ -79,29 +83,31 @@ class KVCache:
         """(keys, values) of layer `index`, or None when the cache is empty."""
         return (self.keys[index], self.values[index]) if self.positions else None
 
-    def append(self, key_values: Sequence[KeyValue], positions: Sequence[int]) -> "KVCache":
-        """Add frames: one (k, v) [B, N, frames*S, D] per layer, and their absolute positions."""
+    def append(self, key_values: Sequence[KeyValue], positions: Sequence[int],
+               frame_grid: tuple[int, int]) -> "KVCache":
+        """Add frames: one (k, v) [B, N, frames*S, D] per layer, their absolute positions, and their
+        (height, width) token grid (S = height * width)."""
         if len(key_values) != self.num_layers:
             raise ValueError(f"expected key/values for {self.num_layers} layers, got {len(key_values)}")
         tokens = key_values[0][0].shape[2]
-        if tokens % len(positions):
-            raise ValueError(f"{tokens} tokens do not split into {len(positions)} frames")
-        tokens_per_frame = tokens // len(positions)
+        if tokens != len(positions) * frame_grid[0] * frame_grid[1]:
+            raise ValueError(f"{tokens} tokens are not {len(positions)} frames of {frame_grid[0]}x{frame_grid[1]}")
         if self.positions:
-            self.check_frame_tokens(tokens_per_frame)
+            self.check_frame_grid(frame_grid)
         overflow = self._overflow(len(positions))
         if overflow > 0:
             self._drop_frames(self.sink, self.sink + overflow)
-        self.tokens_per_frame = tokens_per_frame
+        self.frame_grid = tuple(frame_grid)
         self._store(key_values)
         self.positions = self.positions + list(positions)
         return self
 
-    def check_frame_tokens(self, tokens_per_frame: int) -> None:
-        """Refuse frames whose token count differs from the cached frames'."""
-        if tokens_per_frame != self.tokens_per_frame:
-            raise ValueError(f"frames of {tokens_per_frame} tokens cannot join a cache of "
-                             f"{self.tokens_per_frame}-token frames")
+    def check_frame_grid(self, frame_grid: tuple[int, int]) -> None:
+        """Refuse frames whose token grid differs from the cached frames': a 4x6 frame has as many
+        tokens as a 6x4 one, but their keys carry other spatial RoPE positions."""
+        if tuple(frame_grid) != self.frame_grid:
+            raise ValueError(f"frames of {frame_grid[0]}x{frame_grid[1]} tokens cannot join a cache of "
+                             f"{self.frame_grid[0]}x{self.frame_grid[1]}-token frames")
 
     def _overflow(self, new_frames: int) -> int:
         """Frames to evict before `new_frames` more fit (0 if they fit); refuses what the cache cannot do."""
@@ -145,7 +151,7 @@ class KVCache:
 
     def reset(self) -> "KVCache":
         """Forget every frame."""
-        self.keys, self.values, self.positions, self.tokens_per_frame = [], [], [], 0
+        self.keys, self.values, self.positions, self.frame_grid = [], [], [], None
         return self
 
     def _drop_frames(self, start: int, stop: int) -> None:
