@@ -101,9 +101,12 @@ def run(episodes: int = 4, frames: int = 90, num_frames: int = 81, height: int =
     return results
 
 
-def markdown(results: dict, workers: int = 1, gpu_samples_per_s: float = H100_SAMPLES_PER_S) -> str:
-    lines = [f"81x736x640 clips, {max(workers, 1)} worker process(es), micro-batch 1; one H100 consumes "
-             f"~{gpu_samples_per_s} samples/s (stage 1, 40% MFU).", "",
+def markdown(results: dict, workers: int = 1, gpu_samples_per_s: float = H100_SAMPLES_PER_S,
+             clip: tuple[int, int, int] = (81, 736, 640)) -> str:
+    consumer = ("one H100 at ~40% MFU in stage 1" if gpu_samples_per_s == H100_SAMPLES_PER_S
+                else "--gpu-samples-per-s")
+    lines = [f"{clip[0]}x{clip[1]}x{clip[2]} clips, {max(workers, 1)} worker process(es), micro-batch 1; one GPU "
+             f"consumes ~{gpu_samples_per_s:g} samples/s ({consumer}).", "",
              "| shards | samples/s | MB/s read | MB/sample on disk | batch MB | workers per GPU |",
              "|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     results = run(args.episodes, args.frames, args.num_frames, args.height, args.width, args.samples, args.workers,
                   args.gpu_samples_per_s, args.noise)
-    print(markdown(results, args.workers, args.gpu_samples_per_s))
+    print(markdown(results, args.workers, args.gpu_samples_per_s, (args.num_frames, args.height, args.width)))
     return results
 
 

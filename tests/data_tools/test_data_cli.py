@@ -37,9 +37,12 @@ def test_synth_shard_inspect_load(tmp_path):
     assert len(val) == 1 and len(val[0]["__key__"]) == 1
 
 
-def test_loader_benchmark_runs_at_a_tiny_size():
-    from benchmarks.loader import run
-    results = run(episodes=2, frames=12, num_frames=5, height=32, width=32, samples=2, workers=1)
+def test_loader_benchmark_runs_at_a_tiny_size_and_says_so(capsys):
+    from benchmarks.loader import main
+    results = main(["--episodes", "2", "--frames", "12", "--num-frames", "5", "--height", "32", "--width", "32",
+                    "--samples", "2", "--gpu-samples-per-s", "2.5"])
+    caption = capsys.readouterr().out.splitlines()[0]
+    assert caption.startswith("5x32x32 clips, 1 worker process(es)") and "~2.5 samples/s (--gpu-samples-per-s)" in caption
     assert set(results) == {"raw", "raw_uint8", "pre_encoded"}
     assert results["raw"]["batch_tensor_bytes"] == 3 * 5 * 32 * 32 * 4  # float32 video [1, 3, 5, 32, 32]
     assert results["raw_uint8"]["batch_tensor_bytes"] == 3 * 5 * 32 * 32
