@@ -1,6 +1,7 @@
 """The training loader: batch format, rank/worker partition, determinism and exact resume."""
 import json
 import multiprocessing
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -300,12 +301,10 @@ def test_resume_on_more_ranks_than_the_epoch_rest_can_feed(shards):
 
 @pytest.fixture(scope="module")
 def two_sources(tmp_path_factory):
-    """Two small shard directories (5 and 3 episodes) for mixtures."""
+    """Two small shard directories (5 and 3 episodes, both from ep_0000 on) for mixtures."""
     root = tmp_path_factory.mktemp("mixture")
     for name, count, seed in (("a", 5, 1), ("b", 3, 2)):
-        for folder in write_synthetic_episodes(root / name / "episodes", count, frames=6, height=32, width=32,
-                                               seed=seed):
-            folder.rename(folder.with_name(f"{name}{folder.name}"))  # keys tell the sources apart
+        write_synthetic_episodes(root / name / "episodes", count, frames=6, height=32, width=32, seed=seed)
         assert shard_tool.main(["--episodes", str(root / name / "episodes"), "--out", str(root / name / "shards")]) == 0
     return [{"path": str(root / "a" / "shards"), "weight": 3}, {"path": str(root / "b" / "shards"), "weight": 1}]
 
@@ -319,20 +318,20 @@ def test_mixture_draws_sources_by_weight_and_counts_them(two_sources):
     data = mixture_config(two_sources)
     loader = build_loader(data.shards, data, 4, rank=0, world_size=1)
     batches = list(islice(loader, 100))  # 400 samples
-    from_a = sum(key in set(keys_of_source(two_sources[0])) for key in keys_of(batches))
+    from_a = sum(key in set(keys_of_source(two_sources, 0)) for key in keys_of(batches))
     assert abs(from_a / 400 - 0.75) <= 0.05 * 0.75
     counts = loader.samples_by_source()
     assert counts == {two_sources[0]["path"]: from_a, two_sources[1]["path"]: 400 - from_a}
     assert loader.samples_by_source() == counts  # asking again counts no epoch twice
     # each source's samples come as its endless stream, one new permutation after another, across epochs
-    for source in two_sources:
-        names = keys_of_source(source)
+    for number in range(len(two_sources)):
+        names = keys_of_source(two_sources, number)
         stream = [key for key in keys_of(batches) if key in set(names)]
         cycles = [stream[i: i + len(names)] for i in range(0, len(stream) - len(names) + 1, len(names))]
         assert all(sorted(cycle) == sorted(names) for cycle in cycles)
         assert len({tuple(cycle) for cycle in cycles}) > 1
     # and which source fills which position is drawn anew each epoch (8 samples)
-    from_which = [key in set(keys_of_source(two_sources[0])) for key in keys_of(batches)]
+    from_which = [key in set(keys_of_source(two_sources, 0)) for key in keys_of(batches)]
     assert from_which[:8] != from_which[8:16]
 
 
@@ -343,9 +342,10 @@ def test_mixture_shares_are_rounded_by_largest_remainder():
     assert largest_remainder_counts(3, [1.0, 1.0, 1.0, 1.0]) == [1, 1, 1, 0]  # ties: the first sources
 
 
-def keys_of_source(source):
-    index = json.loads((Path(source["path"]) / "index.json").read_text())
-    return [entry["key"] for shard in index["shards"] for entry in shard["entries"]]
+def keys_of_source(sources, number):
+    """The keys a mixture of `sources` gives the samples of sources[number]."""
+    index = json.loads((Path(sources[number]["path"]) / "index.json").read_text())
+    return [f"{number}:{entry['key']}" for shard in index["shards"] for entry in shard["entries"]]
 
 
 def test_mixture_resumes_exactly_and_refuses_other_weights(two_sources):
@@ -366,25 +366,37 @@ def test_mixture_resumes_exactly_and_refuses_other_weights(two_sources):
 
 def test_a_mixture_of_robots_with_other_action_spaces_gives_clips_without_actions(two_sources, tmp_path):
     # a one-arm robot (7 action dimensions) beside the two-arm sources (14): the DiT stages train on it
-    for folder in write_synthetic_episodes(tmp_path / "episodes", 2, frames=6, height=32, width=32, seed=3,
-                                           action_dim=7):
-        folder.rename(folder.with_name(f"c{folder.name}"))
+    write_synthetic_episodes(tmp_path / "episodes", 2, frames=6, height=32, width=32, seed=3, action_dim=7)
     assert shard_tool.main(["--episodes", str(tmp_path / "episodes"), "--out", str(tmp_path / "shards"),
                             "--action-dim", "7"]) == 0
     sources = [two_sources[0], {"path": str(tmp_path / "shards"), "weight": 1}]
     loader = build_loader(sources, mixture_config(sources), 2, rank=0, world_size=1, epochs=1, actions=False)
     batches = list(loader)
-    assert {key[0] for key in keys_of(batches)} == {"a", "c"} and not any("actions" in b for b in batches)
+    assert {key[:2] for key in keys_of(batches)} == {"0:", "1:"} and not any("actions" in b for b in batches)
     # batches that carry actions would stack 14 and 7 dimensions: refused when the loader is built
     for options in ({}, {"mode": "frames"}):
         with pytest.raises(DataError, match=r"actions of different dimensions .*shards: 14.*shards: 7"):
             build_loader(sources, mixture_config(sources), 2, rank=0, world_size=1, **options)
 
 
+def test_sources_with_the_same_episode_names_keep_apart_in_keys_and_draws(shards, tmp_path):
+    """Two sources may both hold an `ep_0000`: a mixture puts each source's place in data.shards before
+    its keys, so a step's keys tell its samples apart and the per-sample draws seeded by them (clip
+    window, text dropout) are independent."""
+    shutil.copytree(shards, tmp_path / "copy")
+    sources = [{"path": str(shards), "weight": 1}, {"path": str(tmp_path / "copy"), "weight": 1}]
+    loader = build_loader(sources, config(sources), micro_batch_size=1, rank=0, world_size=1, epochs=1)
+    clips = {batch["__key__"][0]: (batch["actions"][0], bool(batch["text_dropped"][0])) for batch in loader}
+    names = keys_of(build_loader(shards, config(shards), micro_batch_size=1, rank=0, world_size=1, epochs=1))
+    assert sorted(clips) == sorted(f"{source}:{name}" for source in (0, 1) for name in names)
+    assert any(not torch.equal(clips[f"0:{name}"][0], clips[f"1:{name}"][0]) for name in names)
+    assert any(clips[f"0:{name}"][1] != clips[f"1:{name}"][1] for name in names)
+
+
 def test_mixture_evaluation_reads_every_sample_once_whatever_the_weights(two_sources):
     data = mixture_config(two_sources)  # weights 3:1 over 5 and 3 samples
     loader = build_loader(data.shards, data, 3, rank=0, world_size=1, train=False)
-    assert keys_of(loader) == keys_of_source(two_sources[0]) + keys_of_source(two_sources[1])
+    assert keys_of(loader) == keys_of_source(two_sources, 0) + keys_of_source(two_sources, 1)
 
 
 def build_loader_after(data, batches):

@@ -30,7 +30,10 @@ as one dataset whose epoch has as many samples as all sources together; source i
 round(weight_i / sum of weights x epoch length) of its positions (largest remainders), in an order
 seeded by (seed, epoch), with its own samples taken from its own endless stream of seeded
 permutations. The epoch's order is again a function of (seed, epoch) alone, so ranks, workers and
-resuming follow the rules above unchanged.
+resuming follow the rules above unchanged. Two sources may hold samples of the same key (both have
+an `ep_0000`): in a mixture a sample's key starts with its source's place in the list ("1:ep_0000"),
+so the keys of a batch stay unique and the per-sample draws seeded by them are independent; a single
+directory's keys are its own.
 """
 from __future__ import annotations
 
@@ -91,6 +94,18 @@ class SampleRef:
     key: str
     frames: int  # on the dataset's timeline (index.json settings fps)
     source: int = 0  # which shard directory of a mixture
+    key_prefix: str = ""  # a mixture's: the source (`source_key_prefix`)
+
+    @property
+    def name(self) -> str:
+        """The sample's key in batches and in its per-sample seeds: unique across a mixture's sources."""
+        return self.key_prefix + self.key
+
+
+def source_key_prefix(source: int, num_sources: int) -> str:
+    """What goes before the keys of source `source`'s samples: its place in a mixture ("1:"), as two
+    sources may hold samples of the same key; nothing for one directory, whose keys are its own."""
+    return f"{source}:" if num_sources > 1 else ""
 
 
 @dataclass(frozen=True)
@@ -133,9 +148,10 @@ def check_pre_encoded_matches(index: dict, shards_dir: str | Path, spec: ClipSpe
                           f"pre-encode again or change the config")
 
 
-def sample_refs(index: dict, shards_dir: str | Path, spec: ClipSpec, source: int = 0
+def sample_refs(index: dict, shards_dir: str | Path, spec: ClipSpec, source: int = 0, key_prefix: str = ""
                 ) -> tuple[list[SampleRef], list[str]]:
-    """Samples of a shard directory long enough for `spec`, and the keys of those that are not."""
+    """Samples of a shard directory (source `source` of a mixture, its keys prefixed by `key_prefix`)
+    long enough for `spec`, and the keys of those that are not."""
     if index["mode"] == "latents":
         check_pre_encoded_matches(index, shards_dir, spec)
     dataset_fps = index["settings"]["layout"]["fps"]
@@ -147,7 +163,8 @@ def sample_refs(index: dict, shards_dir: str | Path, spec: ClipSpec, source: int
             if len(resample_indices(entry["frames"], dataset_fps, spec.fps)) < needed:
                 too_short.append(entry["key"])
             else:
-                refs.append(SampleRef(path, entry["offset"], entry["size"], entry["key"], entry["frames"], source))
+                refs.append(SampleRef(path, entry["offset"], entry["size"], entry["key"], entry["frames"], source,
+                                      key_prefix))
     return refs, too_short
 
 
@@ -380,7 +397,7 @@ class ShardStream(IterableDataset):
         """`ref` decoded; if it fails, it is added to `skipped` and the next sample of an order seeded by
         (seed, epoch, its key) takes its place (and so on, if that one fails too)."""
         substitutes = None
-        tried = {ref.key}
+        tried = {ref.name}
         while True:
             try:
                 return self.decode(self.read(ref), epoch, ref.source)
@@ -390,22 +407,22 @@ class ShardStream(IterableDataset):
                     raise BadSampleLimitError(bad_sample_limit_message(len(skipped), self.max_bad_samples,
                                                                        skipped[-1])) from error
             if substitutes is None:
-                order = sample_rng(self.seed, epoch, f"substitute for {ref.key}").permutation(len(self.refs))
+                order = sample_rng(self.seed, epoch, f"substitute for {ref.name}").permutation(len(self.refs))
                 substitutes = (self.refs[i] for i in order)
-            ref = next((candidate for candidate in substitutes if candidate.key not in tried), None)
+            ref = next((candidate for candidate in substitutes if candidate.name not in tried), None)
             if ref is None:
                 raise BadSampleLimitError(f"every one of the {len(self.refs)} samples failed to decode; the last: "
                                           f"{skipped[-1]['key']} in {skipped[-1]['shard']} ({skipped[-1]['error']})")
-            tried.add(ref.key)
+            tried.add(ref.name)
 
     @staticmethod
     def read(ref: SampleRef) -> dict:
-        """The sample's tar members, read with one ranged read."""
+        """The sample's tar members, read with one ranged read, under its key in the mixture (`ref.name`)."""
         found = list(wds.DataPipeline(lambda: read_sample_bytes([ref]), tar_file_expander, group_by_keys))
         if [sample["__key__"] for sample in found] != [ref.key]:
             raise KeyError(f"expected sample {ref.key} at offset {ref.offset}, found "
                            f"{[sample['__key__'] for sample in found]}")
-        return found[0]
+        return {**found[0], "__key__": ref.name}
 
     def decode(self, sample: dict, epoch: int, source: int) -> list[dict]:
         decoder = self.decoders[source]
@@ -570,7 +587,8 @@ def build_loader(shards: str | Path | list, config: Any, micro_batch_size: int, 
     refs, too_short, decoders, sizes = [], [], [], []
     for number, ((shards_dir, _), index) in enumerate(zip(sources, indexes)):
         check_shard_files(index, shards_dir)
-        source_refs, source_too_short = sample_refs(index, shards_dir, spec, number)
+        source_refs, source_too_short = sample_refs(index, shards_dir, spec, number,
+                                                    source_key_prefix(number, len(sources)))
         if source_too_short:
             warnings.warn(f"{shards_dir}: {len(source_too_short)} samples have fewer than {spec.num_frames} frames "
                           f"at {spec.fps} fps and are left out (e.g. {source_too_short[:3]})", stacklevel=2)
