@@ -14,10 +14,11 @@ from typing import Iterator
 
 from data_tools.episodes import EpisodeError, read_instruction
 from data_tools.importers.common import ImportSettings, Recording, SourceEpisode, episode_number
-from data_tools.importers.hdf5 import open_hdf5, read_actions, read_camera
+from data_tools.importers.hdf5 import check_cameras, open_hdf5, read_actions, read_camera
 from vidartrain.errors import DataError
 
 CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
+CAMERA_DATASET = "observations/images/{camera}"
 ACTION_KEY = "action"
 
 
@@ -36,8 +37,8 @@ def open_episode(path: Path, settings: ImportSettings, where: str) -> Iterator[R
         actions = read_actions(file, settings.action_key, where)
 
         def camera_frames(camera, indices):
-            return read_camera(file, f"observations/images/{camera}", indices, len(actions), settings.jpeg_channels,
-                               where)
+            return read_camera(file, CAMERA_DATASET.format(camera=camera), indices, len(actions),
+                               settings.jpeg_channels, where)
 
         yield Recording(actions, settings.fps, instruction, camera_frames)
 
@@ -50,6 +51,7 @@ def episodes(source: Path, settings: ImportSettings) -> list[SourceEpisode]:
                         f"{', '.join(sorted(unnumbered))}")
     if not files:
         raise DataError(f"{source}: no .hdf5 episode files")
+    check_cameras([path for _, path in sorted(files)], CAMERA_DATASET, settings.cameras)
     sidecar = settings.instruction is None  # the instruction is read from <file stem>.txt
     return [SourceEpisode(f"ep_{number:04d}", path.name, partial(open_episode, path, settings, path.name),
                           (path.name, path.with_suffix(".txt").name) if sidecar else (path.name,))

@@ -2,7 +2,8 @@
 
 A camera dataset is one of: raw uint8 frames (T, H, W, 3); JPEG bytes, one per frame, as fixed-width
 zero-padded strings `S{max_len}` (RoboTwin) or variable-length bytes; or uint8 rows (T, N) of
-zero-padded JPEG bytes (ALOHA's compressed episodes).
+zero-padded JPEG bytes (ALOHA's compressed episodes). A format names its camera datasets with a
+pattern, e.g. "observations/images/{camera}".
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from data_tools.episodes import EpisodeError
 from data_tools.importers.common import decode_jpeg, gather, stack_frames
+from vidartrain.errors import DataError
 
 
 @contextmanager
@@ -25,6 +27,34 @@ def open_hdf5(path: Path) -> Iterator[h5py.File]:
         raise EpisodeError("video_unreadable", f"{path.name}: cannot open as HDF5 ({error})") from error
     with file:
         yield file
+
+
+def check_cameras(paths: list[Path], camera_dataset: str, cameras: tuple[str, ...]) -> None:
+    """The `cameras` have their datasets (`camera_dataset` filled in) in the first of `paths` that opens,
+    checked before any episode is imported: a camera named wrong would otherwise skip every episode, one
+    by one. Files that do not open are passed over (each is skipped as its episode is imported)."""
+    for path in paths:
+        try:
+            with h5py.File(path, "r") as file:
+                present = cameras_in(file, camera_dataset)
+        except OSError:
+            continue
+        missing = [camera for camera in cameras if camera not in present]
+        if missing:
+            absent = ", ".join(f"/{camera_dataset.format(camera=camera)} for camera {camera}" for camera in missing)
+            raise DataError(f"{path}: no dataset {absent}; the cameras of this file: {', '.join(present) or 'none'} "
+                            f"(/{camera_dataset.format(camera='*')}). Choose one camera, or three "
+                            f"(head,left_wrist,right_wrist), with --cameras")
+        return
+
+
+def cameras_in(file: h5py.File, camera_dataset: str) -> list[str]:
+    """The cameras whose dataset `camera_dataset` names are in `file`, e.g. the members of
+    /observations/images for "observations/images/{camera}"."""
+    parent = file.get(camera_dataset.split("{camera}")[0].rstrip("/"))
+    if not isinstance(parent, h5py.Group):
+        return []
+    return [name for name in parent if isinstance(file.get(camera_dataset.format(camera=name)), h5py.Dataset)]
 
 
 def member(file: h5py.File, key: str, reason: str, where: str) -> h5py.Dataset:

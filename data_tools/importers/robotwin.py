@@ -16,10 +16,11 @@ from typing import Iterator
 
 from data_tools.episodes import EpisodeError
 from data_tools.importers.common import ImportSettings, Recording, SourceEpisode, episode_number
-from data_tools.importers.hdf5 import open_hdf5, read_actions, read_camera
+from data_tools.importers.hdf5 import check_cameras, open_hdf5, read_actions, read_camera
 from vidartrain.errors import DataError
 
 CAMERAS = ("head_camera", "left_camera", "right_camera")
+CAMERA_DATASET = "observation/{camera}/rgb"
 ACTION_KEY = "joint_action/vector"
 
 
@@ -52,7 +53,8 @@ def open_episode(path: Path, instructions: Path, settings: ImportSettings, where
         actions = read_actions(file, settings.action_key, where)
 
         def camera_frames(camera, indices):
-            return read_camera(file, f"observation/{camera}/rgb", indices, len(actions), settings.jpeg_channels, where)
+            return read_camera(file, CAMERA_DATASET.format(camera=camera), indices, len(actions),
+                               settings.jpeg_channels, where)
 
         yield Recording(actions, settings.fps, instruction, camera_frames)
 
@@ -65,6 +67,7 @@ def episodes(source: Path, settings: ImportSettings) -> list[SourceEpisode]:
         raise DataError(f"{data}: files without an episode number: {', '.join(sorted(unnumbered))}")
     if not files:
         raise DataError(f"{data}: no episode{{N}}.hdf5 files (expected a RoboTwin 2.0 <task>/<setting> directory)")
+    check_cameras([path for _, path in sorted(files)], CAMERA_DATASET, settings.cameras)
     return [SourceEpisode(f"ep_{number:04d}", f"data/{path.name}",
                           partial(open_episode, path, source / "instructions" / f"episode{number}.json", settings,
                                   f"data/{path.name}"),

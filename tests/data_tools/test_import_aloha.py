@@ -104,3 +104,15 @@ def test_an_edited_record_cannot_make_the_import_remove_other_folders(tmp_path, 
     refused("lists episode '../victim', not a folder name vidar-import writes", run, tmp_path / "src",
             tmp_path / "out", "--fps", "10")
     assert (tmp_path / "victim").is_dir()
+
+
+def test_a_camera_the_files_lack_is_refused_before_any_episode_is_imported(tmp_path, refused):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "episode_0.hdf5").write_bytes(b"not an hdf5 file" * 10)  # passed over: skipped as an episode
+    write_aloha_episode(source, 1, frames=6, sidecar="x")
+    write_aloha_episode(source, 2, frames=6, sidecar="x")
+    refused(r"episode_1.hdf5: no dataset /observations/images/cam_hihg for camera cam_hihg; the cameras of this "
+            r"file: cam_high, cam_left_wrist, cam_right_wrist \(/observations/images/\*\).*--cameras",
+            run, source, tmp_path / "out", "--fps", "10", "--cameras", "cam_hihg")
+    assert not (tmp_path / "out").exists()  # no episode was read, skipped or written

@@ -155,3 +155,13 @@ def test_configuration_errors_fail_before_any_work(tmp_path, refused):
     refused("one camera or three", run, source, tmp_path / "out", "--fps", "10", "--cameras", "head_camera,left_camera")
     refused("need --shards", run, source, tmp_path / "out", "--fps", "10", "--val-fraction", "0.1")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_camera_the_files_lack_is_refused_before_any_episode_is_imported(tmp_path, refused):
+    source = tmp_path / "src"
+    write_robotwin_episode(source, 0, frames=6)
+    write_robotwin_episode(source, 1, frames=6)
+    refused(r"data/episode0.hdf5: no dataset /observation/head_cam/rgb for camera head_cam; the cameras of this "
+            r"file: head_camera, left_camera, right_camera \(/observation/\*/rgb\).*--cameras",
+            run, source, tmp_path / "out", "--fps", "10", "--cameras", "head_cam")
+    assert not (tmp_path / "out").exists()
