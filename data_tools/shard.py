@@ -22,6 +22,7 @@ import ctypes
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -101,19 +102,42 @@ class ConversionFailed(DataError):
 
 
 def assign_splits(names: list[str], val_fraction: float, seed: int) -> dict[str, str]:
-    """'train' or 'val' per episode: the episodes with the smallest seeded hashes go to val.
+    """'train' or 'val' per episode: val iff its `split_draw` is below `val_fraction`.
 
-    Depends only on the names, the fraction and the seed (not on which episodes turn out valid),
-    so growing a dataset moves few episodes between splits.
+    An episode's split depends only on its name, the seed and the fraction (not on the other episodes,
+    nor on which turn out valid), so converting a grown dataset again never moves an episode between
+    splits: a held-out episode never leaks into training. The share held out is `val_fraction` on
+    average, not exactly; `check_split_sizes` refuses a draw that holds out none or all of several.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    ranked = sorted(names, key=lambda name: hashlib.sha256(f"{seed}:{name}".encode()).hexdigest())
-    count = round(val_fraction * len(names))
-    if val_fraction > 0 and count == 0 and len(names) > 1:
-        count = 1
-    val = set(ranked[:count])
-    return {name: "val" if name in val else "train" for name in names}
+    return {name: "val" if split_draw(name, seed) < val_fraction else "train" for name in names}
+
+
+def split_draw(name: str, seed: int) -> float:
+    """The episode's seeded hash read as a number in [0, 1)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def check_split_sizes(inputs: dict, val_fraction: float, seed: int) -> None:
+    """A non-zero --val-fraction over several episodes holds out at least one and trains on at least one.
+    Checked on the conversion's assignment (a resumed or appended conversion keeps its recorded one), and
+    refused rather than mended: moving an episode to the other split would undo `assign_splits`' rule."""
+    names = [name for name, _, _ in inputs["episodes"]]
+    held_out = sum(split == "val" for _, split, _ in inputs["episodes"])
+    if val_fraction == 0 or len(names) < 2 or 0 < held_out < len(names):
+        return
+    draws = [split_draw(name, seed) for name in names]
+    if held_out == 0:
+        problem = f"holds out none of the {len(names)} episodes"
+        hint = f"a --val-fraction of {math.floor(min(draws) * 1e4 + 1) / 1e4:.4f} or more holds out at least one"
+    else:
+        problem = f"holds out every one of the {len(names)} episodes"
+        hint = f"a --val-fraction of {math.floor(max(draws) * 1e4) / 1e4:.4f} or less trains on at least one"
+    raise ConfigError(f"--val-fraction {val_fraction} {problem} with --split-seed {seed} (an episode is held "
+                      f"out when its seeded hash, a number in [0, 1), is below the fraction, so that a growing "
+                      f"dataset never moves an episode between splits): {hint}, or try another --split-seed")
 
 
 def raw_samples(episode: ValidEpisode) -> tuple[list[dict], list[dict]]:
@@ -627,6 +651,7 @@ def convert(episodes_dir: Path, out: Path, settings: ConversionSettings, workers
             shutil.rmtree(out / VAL_DIR, ignore_errors=True)
         splits = assign_splits(names, settings.val_fraction, settings.split_seed)
         inputs = bind_inputs(out, settings, input_record(episodes_dir, names, splits, settings.layout), append)
+        check_split_sizes(inputs, settings.val_fraction, settings.split_seed)
         return convert_bound(out, episodes_dir, inputs, settings, workers, strict, overwrite, precomputer)
 
 
@@ -679,7 +704,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="close a shard once it reaches this many bytes (default 1 GiB)")
     parser.add_argument("--workers", type=int, default=1, help="processes validating and encoding episodes")
     parser.add_argument("--val-fraction", type=float, default=0.0,
-                        help="fraction of episodes for the validation split, written to OUT/val/")
+                        help="share of episodes held out for validation, in OUT/val/: an episode is held out "
+                             "when its name's seeded hash, in [0, 1), is below it")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/val assignment")
     parser.add_argument("--video", choices=("keep", "reencode"), default="keep",
                         help="store the mp4 as is, or re-encode it (H.264, --qp). Videos at another frame "

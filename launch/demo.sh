@@ -26,7 +26,8 @@ step "1/7 synthetic episodes (real H.264 mp4, 10 fps)"
 [ "${DEMO_KEEP:-0}" = 1 ] && [ -d "$out/episodes" ] ||
     "$py" -m data_tools.synth --episodes 12 --frames 24 --height 64 --width 64 --out "$out/episodes"
 step "2/7 episodes -> WebDataset shards"
-"$py" -m data_tools.shard --episodes "$out/episodes" --out "$out/shards" --samples-per-shard 4 --val-fraction 0.2 --workers 2
+# --val-fraction 0.4: an episode is held out when its seeded hash is below it; here 2 of the 12, one per rank
+"$py" -m data_tools.shard --episodes "$out/episodes" --out "$out/shards" --samples-per-shard 4 --val-fraction 0.4 --workers 2
 "$py" -m data_tools.inspect "$out/shards"
 step "3/7 tiny Wan2.2-TI2V checkpoint in the published layout"
 "$py" -m data_tools.tiny_checkpoint --out "$out/checkpoints/Wan2.2-TI2V-tiny"

@@ -1,6 +1,7 @@
 """The converter (episodes -> WebDataset shards + index.json) and the inspection tool."""
 import io
 import json
+import re
 import sys
 import tarfile
 
@@ -166,6 +167,30 @@ def test_val_split_is_deterministic_and_disjoint(mixed_episodes, tmp_path):
     names = sorted(p.name for p in mixed_episodes.iterdir())
     assert shard_tool.assign_splits(names, 0.3, 0) == shard_tool.assign_splits(names, 0.3, 0)
     assert shard_tool.assign_splits(names, 0.3, 0) != shard_tool.assign_splits(names, 0.3, 1)
+
+
+def test_growing_a_dataset_never_moves_an_episode_between_splits():
+    # a grown dataset converted again into a new folder: no earlier val episode may leak into training
+    names = [f"ep_{i:04d}" for i in range(20)]
+    grown = names + [f"ep_{i:04d}" for i in range(20, 400)]
+    before, after = shard_tool.assign_splits(names, 0.2, 0), shard_tool.assign_splits(grown, 0.2, 0)
+    assert before == {name: after[name] for name in names} and "val" in before.values()
+    assert abs(list(after.values()).count("val") / len(grown) - 0.2) < 0.05  # the fraction, on average
+
+
+def test_a_fraction_that_holds_out_no_episode_or_every_episode_is_refused(mixed_episodes, tmp_path, refused):
+    # (an episode is held out iff its draw is below the fraction; the error says which fraction would do)
+    names = sorted(p.name for p in mixed_episodes.iterdir())
+    draws = sorted(shard_tool.split_draw(name, 0) for name in names)
+    none = refused(rf"--val-fraction {draws[0]} holds out none of the {len(names)} episodes",
+                   run, mixed_episodes, tmp_path / "none", "--val-fraction", draws[0])
+    every = refused(rf"--val-fraction {draws[-1] + 1e-9} holds out every one of the {len(names)} episodes",
+                    run, mixed_episodes, tmp_path / "all", "--val-fraction", draws[-1] + 1e-9)
+    assert not (tmp_path / "none" / "index.json").exists() and not (tmp_path / "all" / "index.json").exists()
+    enough = float(re.search(r"a --val-fraction of ([0-9.]+) or more holds out at least one", none).group(1))
+    at_most = float(re.search(r"a --val-fraction of ([0-9.]+) or less trains on at least one", every).group(1))
+    assert "val" in shard_tool.assign_splits(names, enough, 0).values()
+    assert "train" in shard_tool.assign_splits(names, at_most, 0).values()
 
 
 def test_progress_line(mixed_episodes, tmp_path, capsys):

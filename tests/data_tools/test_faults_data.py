@@ -127,6 +127,25 @@ def test_append_keeps_the_validation_split_of_existing_episodes(six_episodes, tm
     assert inspect_tool.main([str(out)]) == 0
 
 
+def test_a_rerun_or_append_keeps_the_recorded_split_whatever_the_rule_gives_now(six_episodes, tmp_path, monkeypatch):
+    # a folder converted under an earlier split rule (here: ep_0000 and ep_0001 held out; the rule now
+    # holds out ep_0002): finishing or growing it keeps its recorded assignment, else it would be refused
+    # as other input or move episodes between splits
+    out = tmp_path / "shards"
+    with monkeypatch.context() as earlier_rule:
+        earlier_rule.setattr(shard_tool, "assign_splits", lambda names, fraction, seed: {
+            name: "val" if name in ("ep_0000", "ep_0001") else "train" for name in names})
+        assert run(six_episodes, out, "--val-fraction", 0.3) == 0
+    assert shard_tool.assign_splits(sorted(p.name for p in six_episodes.iterdir()), 0.3, 0)["ep_0002"] == "val"
+    assert run(six_episodes, out, "--val-fraction", 0.3) == 0
+    add_episode(six_episodes, "ep_0006", seed=6)
+    assert run(six_episodes, out, "--val-fraction", 0.3, "--append") == 0
+    val = [e["episode"] for e in index_of(out / "val")["episodes"]]
+    train = [e["episode"] for e in index_of(out)["episodes"]]
+    assert val[:2] == ["ep_0000", "ep_0001"] and "ep_0002" in train and sorted(train + val) == [
+        f"ep_{i:04d}" for i in range(7)]
+
+
 # ------------------------------------------------------------------------------------------------
 # 2 and 10a. A second converter on the same --out; SIGKILL of a converter with workers
 

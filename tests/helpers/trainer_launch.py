@@ -28,7 +28,9 @@ BIN = Path(sys.executable).parent
 
 
 def write_shards(root: Path, episodes: int, frames: int, val_fraction: float) -> Path:
-    """Synthetic 64x64 episodes under root/episodes, sharded into root/shards (and root/shards/val)."""
+    """Synthetic 64x64 episodes under root/episodes, sharded into root/shards (and root/shards/val).
+    An episode is held out when its seeded hash is below `val_fraction`: 0.4 holds out 2 of 8 or 10
+    episodes, one per rank for a 2-rank validation."""
     write_synthetic_episodes(root / "episodes", episodes, frames=frames, height=64, width=64)
     assert shard_main(["--episodes", str(root / "episodes"), "--out", str(root / "shards"),
                        "--val-fraction", str(val_fraction)]) == 0

@@ -34,7 +34,7 @@ def workspace(tmp_path_factory):
     write_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, root / "vidar.pt")
     torch.manual_seed(0)
     save_idm(tiny_idm(), root / "idm.pt")
-    write_shards(root, 10, frames=24, val_fraction=0.2)
+    write_shards(root, 10, frames=24, val_fraction=0.4)
     return root
 
 

@@ -32,7 +32,7 @@ def workspace(tmp_path_factory):
     torch.save(model.state_dict(), root / "vidar.pt")
     torch.manual_seed(0)
     save_idm(IDM().to(torch.bfloat16), root / "idm.pt")
-    write_shards(root, 8, frames=20, val_fraction=0.25)
+    write_shards(root, 8, frames=20, val_fraction=0.4)
     yield root
     (root / "idm.pt").unlink()
 

@@ -27,7 +27,7 @@ VAL_EVERY = 3
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("freeze_ema")
     write_tiny_checkpoint(root / "ckpt")
-    write_shards(root, 10, frames=16, val_fraction=0.2)
+    write_shards(root, 10, frames=16, val_fraction=0.4)
     return root
 
 

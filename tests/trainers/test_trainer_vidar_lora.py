@@ -30,7 +30,7 @@ RANK, ALPHA = 4, 16.0
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     write_tiny_checkpoint(root / "ckpt")
-    write_shards(root, 10, frames=16, val_fraction=0.2)
+    write_shards(root, 10, frames=16, val_fraction=0.4)
     return root
 
 
