@@ -89,7 +89,7 @@ def test_literal_choices_listed(tmp_path):
     ("training.freeze=[t5,' ']", "entries are parameter-name patterns"),
     ("training.ema_decay=1.0", "`training.ema_decay` = 1.0: must be in [0, 1)"),
     ("training.ema_warmup=-1", "`training.ema_warmup` = -1: must be >= 0"),
-    ("training.val_batches=0", "`training.val_batches` = 0: must be > 0"),
+    ("training.val_samples=0", "`training.val_samples` = 0: must be > 0 (null: every held-out sample)"),
     ("training.min_lr=1e-6", "`training.min_lr` = 1e-06 is where the cosine schedule ends, and "
                              "`training.lr_schedule` = constant has none"),
     ("training.seed=-1", "`training.seed` = -1: must be >= 0"),
@@ -114,6 +114,16 @@ def test_validation_that_cannot_run_is_refused_not_skipped():
     config = load_config(CONFIGS / "vidar_finetune.yaml", ["training.ema_decay=0.999", "training.validate_ema=true",
                                                            "training.val_every=100", "data.val_shards=/data/val"])
     assert config.training.validate_ema and config.data.val_shards == "/data/val"
+
+
+def test_the_per_rank_validation_budget_of_earlier_versions_is_refused_saying_what_replaced_it(tmp_path):
+    # training.val_batches counted micro-batches per rank: as a number of samples it would be wrong
+    with pytest.raises(ConfigError, match=r"`training.val_batches` = 2 is replaced by `training.val_samples`.*"
+                                          r"val_samples = val_batches x micro-batch x data-parallel ranks"):
+        load_config(write(tmp_path, f"base: {CONFIGS / 'debug/tiny_vidar.yaml'}\ntraining:\n  val_batches: 2\n"))
+    with pytest.raises(ConfigError, match="`training.val_batches` = 4 is replaced"):
+        load_config(CONFIGS / "debug/tiny_vidar.yaml", ["training.val_batches=4"])
+    assert load_config(CONFIGS / "debug/tiny_vidar.yaml", ["training.val_samples=null"]).training.val_samples is None
 
 
 def test_causal_chunk_must_fit_sample_and_cache():
@@ -246,6 +256,9 @@ def test_resume_changes_apply_hyper_parameters_and_refuse_the_rest():
     assert applied == ["training.batch_size: 4 -> 1", "training.gradient_accumulation: null -> 4",
                        "training.lr: 0.001 -> 1e-05"]
     assert refused == []
+    # the validation budget may change, and the resume says so
+    assert resume_changes(saved, load_config(CONFIGS / "debug/tiny_vidar.yaml", ["training.val_samples=8"])) == (
+        ["training.val_samples: 4 -> 8"], [])
     other = load_config(CONFIGS / "debug/tiny_vidar.yaml",
                         ["training.seed=7", "data.num_frames=13", "training.batch_size=8"])
     _, refused = resume_changes(saved, other)

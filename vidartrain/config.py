@@ -72,7 +72,9 @@ class TrainingConfig:
     save_every: int = 500
     keep_last: int = 3
     val_every: int = 0  # 0 disables periodic validation
-    val_batches: int = 4
+    # held-out samples each validation evaluates: the first ones of data.val_shards (all of them if it holds
+    # fewer; null: all), whatever the world size and micro-batch
+    val_samples: int | None = 32
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
     # EMA of the trained weights (vidartrain/trainers/ema.py): 0 = off; the decay ramps up linearly
     # over the first ema_warmup optimizer steps (0 = full decay from the first step)
@@ -287,10 +289,22 @@ def read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from a plain (YAML-shaped) dictionary."""
+    check_replaced_keys(raw)
     config = build_dataclass(Config, map_aliases(raw), prefix="")
     check_stage_2_keys(raw, config)
     validate(config)
     return config
+
+
+def check_replaced_keys(raw: dict[str, Any]) -> None:
+    """Refuse a key of an earlier version whose setting now means something else, saying what replaced it."""
+    training = raw.get("training")
+    if isinstance(training, dict) and "val_batches" in training:
+        raise ConfigError(f"`training.val_batches` = {training['val_batches']!r} is replaced by "
+                          f"`training.val_samples`, the number of held-out samples each validation evaluates "
+                          f"(counted per rank in micro-batches, the validation loss changed with the world size): "
+                          f"for as many as before, set val_samples = val_batches x micro-batch x data-parallel "
+                          f"ranks (null: every held-out sample)")
 
 
 def map_aliases(raw: dict[str, Any]) -> dict[str, Any]:
@@ -572,7 +586,7 @@ def value_problems(config: Config) -> typing.Iterator[str]:
         "training.lr": t.lr, "training.eps": t.eps, "training.log_every": t.log_every,
         "training.save_every": t.save_every, "training.keep_last": t.keep_last,
         "training.log_seconds": t.log_seconds,
-        "training.max_nonfinite_steps": t.max_nonfinite_steps, "training.val_batches": t.val_batches,
+        "training.max_nonfinite_steps": t.max_nonfinite_steps,
         "loss.shift": loss.shift,
         "data.fps": data.fps, "self_forcing.kv_cache_length": sf.kv_cache_length,
         "self_forcing.denoising_steps": sf.denoising_steps, "self_forcing.rollout_bound": sf.rollout_bound,
@@ -581,6 +595,8 @@ def value_problems(config: Config) -> typing.Iterator[str]:
     for key, value in positive.items():
         if value <= 0:
             yield f"`{key}` = {value}: must be > 0"
+    if t.val_samples is not None and t.val_samples <= 0:
+        yield f"`training.val_samples` = {t.val_samples}: must be > 0 (null: every held-out sample)"
     non_negative = {
         "training.warmup": t.warmup, "training.weight_decay": t.weight_decay, "training.min_lr": t.min_lr,
         "training.grad_clip": t.grad_clip, "training.val_every": t.val_every,
@@ -792,7 +808,7 @@ CHANGEABLE_ON_RESUME = frozenset({
     "model.compile", "model.attention",
     "training.num_steps", "training.lr", "training.warmup", "training.lr_schedule", "training.min_lr",
     "training.betas", "training.eps", "training.weight_decay", "training.grad_clip", "training.log_every",
-    "training.save_every", "training.keep_last", "training.val_every", "training.val_batches",
+    "training.save_every", "training.keep_last", "training.val_every", "training.val_samples",
     "training.max_nonfinite_steps", "training.log_seconds", "training.ema_decay", "training.ema_warmup",
     "training.validate_ema",
     "loss.embodiment_aware", "loss.eta", "loss.shift", "loss.mask_weight",

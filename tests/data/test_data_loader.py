@@ -209,6 +209,10 @@ def test_evaluation_loader_reads_everything_in_order_without_dropout(shards):
     index = json.loads((shards / "index.json").read_text())
     assert keys_of(batches) == [e["key"] for s in index["shards"] for e in s["entries"]]
     assert not any(b["text_dropped"].any() for b in batches)
+    # on 3 ranks too, each sample once: rank r reads positions r, r + 3, ... (training ranks drop the 2 left over)
+    by_rank = [keys_of(build_loader(shards, config(shards), 1, rank=rank, world_size=3, train=False))
+               for rank in range(3)]
+    assert by_rank == [keys_of(batches)[rank::3] for rank in range(3)]
 
 
 def test_idm_frame_pairs(shards):

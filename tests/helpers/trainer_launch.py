@@ -19,7 +19,7 @@ from data_tools.synth import write_synthetic_episodes
 from vidartrain.config import Config, load_config
 from vidartrain.data.shard_index import read_data_info
 from vidartrain.models.idm import IDM, IdmArchitecture
-from vidartrain.trainers.base import VALIDATION_STREAM, micro_batch_generator
+from vidartrain.trainers.base import held_out_generator
 from vidartrain.trainers.base import free_port  # noqa: F401  (re-exported for the tests)
 from vidartrain.trainers.vidar_trainer import VidarStage
 
@@ -143,21 +143,18 @@ def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int, log_pa
         time.sleep(0.2)
 
 
-def vidar_validation_loss(config: Config, model: nn.Module, split: str = "val", world_size: int = 2) -> float:
-    """The engine's stage-1 validation loss (Trainer.validate) recomputed in one process: each
-    rank's held-out micro-batches (of 1 sample) with that rank's fixed noise, averaged over the ranks
-    (split "train": the same on training batches)."""
+def vidar_validation_loss(config: Config, model: nn.Module, split: str = "val") -> float:
+    """The engine's stage-1 validation loss (Trainer.validate) recomputed in one process, which it equals on
+    any number of ranks: the mean over the first `training.val_samples` held-out samples, each with the
+    noise of its key (split "train": the same on training samples)."""
     stage = VidarStage(config, read_data_info(config.data.shards))
     stage.load_frozen(torch.device("cpu"))
     model.eval()
     losses = []
     with torch.no_grad():
-        for rank in range(world_size):
-            loader = stage.build_loader(split, 1, rank, world_size)
-            for index, batch in enumerate(itertools.islice(loader, config.training.val_batches)):
-                generator = micro_batch_generator(config.training.seed, VALIDATION_STREAM, 0, index, rank,
-                                                  torch.device("cpu"))
-                losses.append(stage.training_loss(model, batch, generator)[0].item())
+        for batch in itertools.islice(stage.build_loader(split, 1, 0, 1), config.training.val_samples):
+            generator = held_out_generator(batch["__key__"][0], torch.device("cpu"))
+            losses.append(stage.validation_loss(model, batch, generator)[0].item())
     return sum(losses) / len(losses)
 
 

@@ -130,6 +130,26 @@ def test_loss_falls_when_overfitting_one_batch(checkpoint, batch):
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_mixed_context_is_validated_as_the_mean_over_the_coin(checkpoint, batch):
+    """A held-out sample of a `mixed` run: its loss and metrics under either context, weighted by
+    self_generated_prob, with no coin (rank 0's, broadcast, would tie a sample's loss to rank 0's sample)."""
+    stage, model = build(checkpoint, context_mode="mixed", self_generated_prob=0.25)
+    sample = {key: value[:1] for key, value in batch.items()}
+
+    def validation_loss(mode):
+        stage.config.self_forcing.context_mode = mode
+        return stage.validation_loss(model, sample, torch.Generator().manual_seed(0))
+
+    with torch.no_grad():
+        (ground_truth, truth_metrics), (generated, generated_metrics) = map(validation_loss, ("ground_truth",
+                                                                                              "self_generated"))
+        mixed, metrics = validation_loss("mixed")
+    torch.testing.assert_close(mixed, 0.75 * ground_truth + 0.25 * generated, rtol=1e-6, atol=0)
+    assert metrics["context_self_generated"].tolist() == [0.25, 1.0]
+    torch.testing.assert_close(metrics["loss_in_mask"],
+                               0.75 * truth_metrics["loss_in_mask"] + 0.25 * generated_metrics["loss_in_mask"])
+
+
 def test_clear_errors(checkpoint, batch):
     stage, model = build(checkpoint)
     no_mask = {k: v for k, v in batch.items() if k != "idm_mask"}

@@ -12,8 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
 from launch.sample import main as sample_main
 from helpers.trainer_launch import logged_steps, run, tiny_idm, torchrun_command, write_shards
-from vidartrain.config import Config, ConfigError, load_config
-from vidartrain.data.shard_index import INDEX_FORMAT, DataInfo
+from vidartrain.config import ConfigError, load_config
+from vidartrain.data.shard_index import INDEX_FORMAT, DataInfo, read_data_info
 from vidartrain.distributed.checkpointing import tag_for_step
 from vidartrain.models.idm import IDM, save_idm
 from vidartrain.models.wan.model import WanModel
@@ -100,29 +100,76 @@ def test_validation_section_is_checked(tmp_path):
     assert load_config("configs/vidar_finetune.yaml").validation.every == 0  # off unless asked for
 
 
-class MeanOfValues(Stage):
-    """A stage whose loss is the mean of the batch's `value`s and whose metric `largest` their largest,
-    as a [sum, count] pair per sample like the stages' (nothing else is called)."""
-
-    def training_loss(self, module, batch, generator):
-        values = batch["value"]
-        return values.mean(), {"largest": torch.stack([values.max() * len(values), torch.tensor(len(values))])}
-
-    build_model = load_frozen = tokens_in = export = None
-
-
-def test_validation_is_the_mean_over_held_out_samples_with_a_partial_last_batch_and_has_the_metrics(monkeypatch):
-    # 3 held-out samples in micro-batches of 2: the last batch holds 1. Its loss must count once,
-    # not as much as the full batch's 2 (a mean of batch means would give (1 + 4) / 2 = 2.5). The
-    # stage's metrics (the IDM's held-out action accuracy, ...) are averaged the same way.
-    monkeypatch.setattr(base.dist, "all_reduce", lambda tensor, op=None: None)  # one rank: the sum is itself
+def stub_trainer(stage: Stage, model: torch.nn.Module, dp_rank: int, dp_size: int, micro_batch_size: int,
+                 val_samples: int) -> base.Trainer:
+    """A Trainer with just what its validation reads: data-parallel rank `dp_rank` of `dp_size`."""
     trainer = object.__new__(base.Trainer)
-    trainer.config, trainer.device = Config(), torch.device("cpu")
-    trainer.stage = MeanOfValues(Config(), DataInfo("raw", False, ()))
-    trainer.engine, trainer.layout = torch.nn.Module(), SimpleNamespace(dp_rank=0)
-    batches = [{"__key__": ["a", "b"], "value": torch.tensor([1.0, 1.0])},
-               {"__key__": ["c"], "value": torch.tensor([4.0])}]
-    assert trainer.validate(batches) == {"loss": 2.0, "largest": (2 * 1.0 + 4.0) / 3}
+    trainer.config, trainer.stage, trainer.engine, trainer.device = stage.config, stage, model, torch.device("cpu")
+    trainer.layout = SimpleNamespace(dp_rank=dp_rank, dp_size=dp_size)
+    trainer.micro_batch_size, trainer.val_samples = micro_batch_size, val_samples
+    return trainer
+
+
+def validation_over_ranks(stage, model, dp_size, micro_batch_size, val_samples, monkeypatch):
+    """Trainer.validation_batches + Trainer.validate on each of `dp_size` data-parallel ranks in turn, their
+    [sum, count] pairs summed as the all-reduce does: (means, counts, forwards run by each rank)."""
+    monkeypatch.setattr(base.dist, "all_reduce", lambda tensor, op=None: None)
+    monkeypatch.setattr(base.Trainer, "reduce_metrics", lambda self, metrics: metrics)
+    totals, forwards = {}, []
+
+    def counted_loss(*args):
+        forwards[-1] += 1
+        return type(stage).training_loss(stage, *args)
+
+    monkeypatch.setattr(stage, "training_loss", counted_loss)
+    for rank in range(dp_size):
+        forwards.append(0)
+        trainer = stub_trainer(stage, model, rank, dp_size, micro_batch_size, val_samples)
+        for name, pair in trainer.validate(trainer.validation_batches()).items():
+            totals[name] = totals.get(name, 0) + pair
+    return ({name: float(s / c) for name, (s, c) in totals.items() if c > 0},
+            {name: int(c) for name, (_, c) in totals.items()}, forwards)
+
+
+@pytest.fixture(scope="module")
+def held_out(pre_encoded):
+    """Stage 1 on the 4 pre-encoded samples as its held-out set, and the tiny DiT."""
+    config = load_config("configs/debug/tiny_vidar.yaml", [
+        f"model.ckpt_dir={pre_encoded / 'ckpt'}", f"data.shards={pre_encoded / 'shards'}",
+        f"data.val_shards={pre_encoded / 'shards'}"])
+    stage = VidarStage(config, read_data_info(config.data.shards))
+    stage.load_frozen(torch.device("cpu"))
+    return stage, WanModel.from_pretrained(pre_encoded / "ckpt", dtype=torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("val_samples", [4, 3])
+def test_validation_loss_is_the_same_on_any_world_size_and_micro_batch(held_out, val_samples, monkeypatch):
+    # Each held-out sample's noise and noise level come from its key, and the held-out samples are the first
+    # val_samples whatever the ranks: 1 rank with micro-batches of 2 and 2 ranks with micro-batches of 1
+    # evaluate the same samples with the same draws. 3 samples on 2 ranks: rank 1 evaluates one, and runs
+    # a second forward (ZeRO-3's are collective) that does not count.
+    stage, model = held_out
+    one_rank = validation_over_ranks(stage, model, 1, 2, val_samples, monkeypatch)
+    two_ranks = validation_over_ranks(stage, model, 2, 1, val_samples, monkeypatch)
+    assert one_rank[1]["loss"] == two_ranks[1]["loss"] == val_samples
+    assert two_ranks[0]["loss"] == pytest.approx(one_rank[0]["loss"], rel=1e-6)
+    assert one_rank[1] == two_ranks[1]  # the sigma buckets hold the same samples
+    for name, value in one_rank[0].items():
+        assert two_ranks[0][name] == pytest.approx(value, rel=1e-6), name
+    assert two_ranks[2] == [2, 2]
+
+
+def test_validation_takes_every_held_out_sample_when_fewer_and_refuses_more_ranks_than_samples(held_out,
+                                                                                              monkeypatch):
+    stage, model = held_out
+
+    def count(asked: int | None, dp_size: int) -> int:
+        monkeypatch.setattr(stage.config.training, "val_samples", asked)
+        return stub_trainer(stage, model, 0, dp_size, 1, None).validation_sample_count()
+
+    assert [count(None, 2), count(32, 2), count(3, 2)] == [4, 4, 3]  # null: all; more than the 4 held out: all
+    with pytest.raises(ConfigError, match="validation evaluates 3 held-out samples .* on 4 data-parallel ranks"):
+        count(3, 4)
 
 
 def test_an_idm_that_does_not_fit_the_validation_settings_is_refused_before_training(tmp_path):

@@ -2,11 +2,12 @@
 
 Order. Each epoch has one global order of all samples: a permutation seeded by (seed, epoch) of the
 samples listed in index.json. Every rank takes an interleaved slice of what remains of that order
-(rank r: positions r, r + W, r + 2W, ...; equal counts, the few left over are dropped), cuts its
-slice into micro-batches, and hands batch c of the run to DataLoader worker c mod num_workers,
-which is the order in which torch's DataLoader collects them. So the batch rank r gets at step s is
-a function of (seed, s, r, world size) alone, and resuming is moving the start of the slice: a
-resumed run yields exactly the batches the uninterrupted run would have yielded next.
+(rank r: positions r, r + W, r + 2W, ...; training: equal counts, the few left over are dropped;
+an evaluation reads every sample, the first ranks one more), cuts its slice into micro-batches, and
+hands batch c of the run to DataLoader worker c mod num_workers, which is the order in which torch's
+DataLoader collects them. So the batch rank r gets at step s is a function of (seed, s, r, world size)
+alone, and resuming is moving the start of the slice: a resumed run yields exactly the batches the
+uninterrupted run would have yielded next.
 
 Reading. Index.json records where each sample's tar members sit inside its shard; a worker reads
 just its samples (one ranged read each) and expands them with webdataset's tar stages. Per-sample
@@ -219,11 +220,13 @@ def largest_remainder_counts(total: int, weights: list[float]) -> list[int]:
     return counts.tolist()
 
 
-def rank_slice(order: np.ndarray, consumed: int, rank: int, world_size: int) -> np.ndarray:
-    """Rank's share of what remains of the epoch's order after `consumed` samples (all ranks together)."""
+def rank_slice(order: np.ndarray, consumed: int, rank: int, world_size: int, equal: bool = True) -> np.ndarray:
+    """Rank's share of what remains of the epoch's order after `consumed` samples (all ranks together).
+    `equal`: as many on every rank, the few left over dropped (training ranks step together); else the
+    first ranks take one more, and every sample is read once (an evaluation)."""
     remaining = order[consumed:]
-    per_rank = len(remaining) // world_size
-    return remaining[rank::world_size][:per_rank]
+    share = remaining[rank::world_size]
+    return share[:len(remaining) // world_size] if equal else share
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -360,7 +363,7 @@ class ShardStream(IterableDataset):
     def batches_in_epoch(self, epoch: int, consumed: int) -> list[np.ndarray]:
         """Sample indices of each of this rank's remaining batches in the epoch."""
         positions = rank_slice(self.mixture.order(self.seed, epoch, self.shuffle), consumed,
-                               self.rank, self.world_size)
+                               self.rank, self.world_size, equal=self.drop_last)
         cut = range(0, len(positions), self.samples_per_batch)
         batches = [positions[i: i + self.samples_per_batch] for i in cut]
         if self.drop_last and batches and len(batches[-1]) < self.samples_per_batch:

@@ -23,6 +23,9 @@ engine, optimizer, schedule, accumulation, checkpoints, monitoring. The trainer 
             # (seed, step, micro-batch, rank) - all noise must come from it, which makes resumed
             # runs bit-identical. metrics: name -> tensor([sum, count]) summed over micro-batches
             # and ranks, logged as sum / count (e.g. loss per sigma bucket).
+        def validation_loss(self, module, batch, generator) -> (loss, metrics)
+            # optional: the same for one held-out sample (a batch of one), `generator` seeded by its key;
+            # by default its training loss.
         def tokens_in(self, batch) -> int          # DiT tokens of the batch, for tokens/s
         def export(self, state_dict, path) -> None  # write the final weights (rank 0 only)
 
@@ -61,6 +64,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import copy
+import hashlib
 import importlib
 import itertools
 import logging
@@ -154,6 +158,12 @@ class Stage(ABC):
     def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ...
+
+    def validation_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`training_loss` of one held-out sample (a batch of one), every draw from `generator`
+        (`held_out_generator`: seeded by the sample's key)."""
+        return self.training_loss(module, batch, generator)
 
     @abstractmethod
     def tokens_in(self, batch: dict[str, Any]) -> int:
@@ -264,6 +274,16 @@ def micro_batch_generator(seed: int, stream: int, step: int, micro: int, rank: i
     """A generator seeded with `micro_batch_seed`."""
     generator = torch.Generator(device=device)
     generator.manual_seed(micro_batch_seed(seed, stream, step, micro, rank))
+    return generator
+
+
+def held_out_generator(key: str, device: torch.device) -> torch.Generator:
+    """The generator of one held-out sample's draws (noise, noise level, window), seeded by its key alone:
+    its validation loss is a function of the weights and the sample, whatever the world size, the rank
+    that evaluates it and the micro-batch - and the training seed, so that the curves of runs compare."""
+    digest = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(np.random.SeedSequence([VALIDATION_STREAM, digest]).generate_state(1, np.uint64)[0]))
     return generator
 
 
@@ -405,6 +425,8 @@ class Trainer:
         # Ranks of a sequence-parallel group work on the same samples: the loader, the noise and the
         # seeds follow the data-parallel index `layout.dp_rank`, not the global rank.
         self.layout = ParallelLayout.of(self.rank, self.world_size, config.distributed.sequence_parallel_size)
+        self.validates = bool(config.training.val_every) and config.data.val_shards is not None
+        self.val_samples = self.validation_sample_count() if self.validates else 0
         sequence_parallel_group = new_sequence_parallel_groups(self.layout)
         if self.replaces_earlier_run and self.rank == 0:
             removed = remove_checkpoints(checkpoints_dir(self.output_dir))
@@ -452,7 +474,6 @@ class Trainer:
         self.accumulation = self.engine.gradient_accumulation_steps()
         self.train_loader = stage.build_loader("train", self.micro_batch_size, self.layout.dp_rank,
                                                self.layout.dp_size)
-        self.validates = bool(config.training.val_every) and config.data.val_shards is not None
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
         self.monitor = TrainingMonitor(self.output_dir, enabled=self.rank == 0, start_step=self.step,
@@ -617,34 +638,50 @@ class Trainer:
         # one list per data-parallel group: its sequence-parallel ranks hold the same samples
         return [key for rank_keys in gathered[::self.layout.sp_size] for key in rank_keys]
 
+    def validation_sample_count(self) -> int:
+        """The held-out samples each validation evaluates: the first `training.val_samples` of
+        data.val_shards (all of them if it holds fewer). Refused before training if the data-parallel ranks
+        outnumber them: every rank evaluates one at least (ZeRO-3's forwards are collective)."""
+        asked, shards = self.config.training.val_samples, self.config.data.val_shards
+        held_out = len(self.stage.build_loader("val", 1, rank=0, world_size=1).stream.refs)
+        count = held_out if asked is None else min(asked, held_out)
+        if count < self.layout.dp_size:
+            raise ConfigError(f"validation evaluates {count} held-out samples (`training.val_samples` = {asked}, "
+                              f"{shards} holds {held_out}) on {self.layout.dp_size} data-parallel ranks, and every "
+                              f"rank evaluates one at least: raise training.val_samples, add held-out samples, or "
+                              f"set training.val_every=0")
+        if asked is not None and held_out < asked:
+            log.info("validation: %s holds %d held-out samples, fewer than training.val_samples = %d: each "
+                     "validation evaluates all of them", shards, held_out, asked)
+        return count
+
     def validation_batches(self) -> list[dict[str, Any]]:
-        """This rank's first `training.val_batches` held-out micro-batches, as many on every rank (ZeRO-3
-        forwards are collective, so every rank evaluates the same number of batches)."""
-        loader = self.stage.build_loader("val", self.micro_batch_size, self.layout.dp_rank, self.layout.dp_size)
-        batches = list(itertools.islice(loader, self.config.training.val_batches))
-        count = torch.tensor([len(batches)], device=self.device)
-        dist.all_reduce(count, op=dist.ReduceOp.MIN)
-        if count.item() == 0:
-            raise DataError(f"the held-out set gives some rank no validation batch of {self.micro_batch_size} "
-                            f"samples; add held-out samples or set training.val_every=0")
-        return batches[:int(count.item())]
+        """This rank's share of the `val_samples` first held-out samples, one per batch: held-out sample i
+        goes to data-parallel rank i mod dp_size, whatever the micro-batch."""
+        dp_rank, dp_size = self.layout.dp_rank, self.layout.dp_size
+        loader = self.stage.build_loader("val", 1, dp_rank, dp_size)
+        return list(itertools.islice(loader, len(range(dp_rank, self.val_samples, dp_size))))
 
     @torch.no_grad()
     def validate(self, batches: list[dict[str, Any]]) -> dict[str, float]:
-        """The loss per held-out sample over the `batches`, and the stage's metrics of its training
-        steps (the IDM's action accuracy, stage 1's loss by noise level, ...) over them, with fixed
-        noise (the same at every evaluation, so values are comparable over the run). A batch's loss is
-        its samples' mean, so it counts as many times as it has samples: the last held-out batch may be
-        a partial one."""
+        """The mean over the held-out samples of every rank's `batches` (one sample each) of the loss and of
+        the stage's metrics of its training steps (the IDM's action accuracy, stage 1's loss by noise level,
+        ...). Each sample draws from its own `held_out_generator`, so its loss is the same at every
+        evaluation and on any number of ranks. Every rank runs as many forwards as rank 0 (ZeRO-3 gathers
+        each layer for all ranks together): a rank with a sample fewer evaluates its last one again,
+        left out of the mean."""
         self.engine.eval()
         metrics: dict[str, torch.Tensor] = {"loss": torch.zeros(2, dtype=torch.float64)}
-        for index, batch in enumerate(batches):
-            generator = micro_batch_generator(self.config.training.seed, VALIDATION_STREAM, 0, index,
-                                              self.layout.dp_rank, self.device)
-            loss, batch_metrics = self.stage.training_loss(self.engine, batch, generator)
-            samples = len(batch["__key__"])
-            metrics["loss"] += torch.tensor([loss.item() * samples, samples], dtype=torch.float64)
-            add_metrics(metrics, batch_metrics)
+        for index in range(len(range(0, self.val_samples, self.layout.dp_size))):
+            batch = batches[min(index, len(batches) - 1)]
+            if len(batch["__key__"]) != 1:
+                raise ValueError(f"validation evaluates one held-out sample at a time, got a batch of "
+                                 f"{len(batch['__key__'])} ({batch['__key__']})")
+            generator = held_out_generator(batch["__key__"][0], self.device)
+            loss, sample_metrics = self.stage.validation_loss(self.engine, batch, generator)
+            if index < len(batches):
+                metrics["loss"] += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+                add_metrics(metrics, sample_metrics)
         self.engine.train()
         return self.reduce_metrics(metrics)
 

@@ -194,16 +194,47 @@ class SelfForcingStage(DitStage):
 
     def training_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        config, sf = self.config, self.config.self_forcing
-        model = unwrap_model(module)
-        clean = self.conditioner.clean_latents(batch)
-        context = self.conditioner.text_context(batch)
-        window = prepare_causal_window(clean, sf.window_frames, self.shift, generator)
-        if config.loss.embodiment_aware:
-            window = replace(window, mask=self.conditioner.window_mask(batch, window.start, window.num_frames))
+        sf = self.config.self_forcing
+        model, window, context = self.sample_window(module, batch, generator)
         # The closed-loop controller always re-prefills real frames: its context is the ground truth.
         source = "ground_truth" if sf.closed_loop else choose_context(sf.context_mode, sf.self_generated_prob,
                                                                         generator)
+        return self.window_loss(model, window, context, source, generator)
+
+    def validation_loss(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`mixed`: the loss (and metrics) under either context, weighted by `self_generated_prob` - the
+        mean over the coin. Ranks evaluate different held-out samples together and ZeRO-3 needs them on
+        one path: a coin of each sample's own would split them, rank 0's would tie a sample's loss to
+        the sample rank 0 holds."""
+        sf = self.config.self_forcing
+        if sf.closed_loop or sf.context_mode != "mixed":
+            return self.training_loss(module, batch, generator)
+        model, window, context = self.sample_window(module, batch, generator)
+        weights = {"ground_truth": 1.0 - sf.self_generated_prob, "self_generated": sf.self_generated_prob}
+        loss, metrics = torch.zeros(()), {}
+        for source, weight in weights.items():
+            source_loss, source_metrics = self.window_loss(model, window, context, source, generator)
+            loss = loss + weight * source_loss.detach().float().cpu()
+            for name, value in source_metrics.items():
+                metrics[name] = metrics.get(name, 0) + weight * value
+        return loss, metrics
+
+    def sample_window(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator
+                      ) -> tuple[WanModelCausal, CausalWindow, Any]:
+        """The causal DiT, the batch's training window (with its IDM mask for Eq. 7) and its text context."""
+        model = unwrap_model(module)
+        clean = self.conditioner.clean_latents(batch)
+        context = self.conditioner.text_context(batch)
+        window = prepare_causal_window(clean, self.config.self_forcing.window_frames, self.shift, generator)
+        if self.config.loss.embodiment_aware:
+            window = replace(window, mask=self.conditioner.window_mask(batch, window.start, window.num_frames))
+        return model, window, context
+
+    def window_loss(self, model: WanModelCausal, window: CausalWindow, context: Any, source: ContextMode,
+                    generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Eq. 6 (weighted by Eq. 7) of the window's noisy frames predicted from the `source` context."""
+        config, sf = self.config, self.config.self_forcing
         if sf.closed_loop:
             velocity = closed_loop_velocity(model, window, context, self.schedule, sf.kv_cache_length)
         elif source == "ground_truth":
