@@ -256,9 +256,13 @@ def test_resume_changes_apply_hyper_parameters_and_refuse_the_rest():
     assert applied == ["training.batch_size: 4 -> 1", "training.gradient_accumulation: null -> 4",
                        "training.lr: 0.001 -> 1e-05"]
     assert refused == []
-    # the validation budget may change, and the resume says so
+    # the validation budget may change, and the resume says so; so it does for an earlier version's budget
     assert resume_changes(saved, load_config(CONFIGS / "debug/tiny_vidar.yaml", ["training.val_samples=8"])) == (
         ["training.val_samples: 4 -> 8"], [])
+    saved["training"]["val_batches"] = saved["training"].pop("val_samples")
+    assert resume_changes(saved, load_config(CONFIGS / "debug/tiny_vidar.yaml")) == (
+        ["training.val_batches: 4 -> training.val_samples: 4 (from here on the validation loss is over other held-out "
+         "samples and noise)"], [])
     other = load_config(CONFIGS / "debug/tiny_vidar.yaml",
                         ["training.seed=7", "data.num_frames=13", "training.batch_size=8"])
     _, refused = resume_changes(saved, other)

@@ -839,6 +839,10 @@ def resume_changes(saved: dict[str, Any], config: Config) -> tuple[list[str], li
             line = f"{dotted}: {json.dumps(saved[section][key])} -> {json.dumps(value)}"
             (applied if dotted in CHANGEABLE_ON_RESUME else refused).append(line)
     saved_training = saved.get("training", {})
+    if "val_batches" in saved_training:  # an earlier version's per-rank budget (check_replaced_keys)
+        applied.append(f"training.val_batches: {json.dumps(saved_training['val_batches'])} -> training.val_samples: "
+                       f"{json.dumps(config.training.val_samples)} (from here on the validation loss is over other "
+                       f"held-out samples and noise)")
     if "batch_size" in saved_training:
         saved_batch = saved_training["batch_size"] * (saved_training.get("gradient_accumulation") or 1)
         if saved_batch != config.global_batch_size:
