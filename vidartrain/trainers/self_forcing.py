@@ -12,7 +12,8 @@ level and is predicted from the context frames before it and itself:
                   few-step prediction of the earlier frames, as at inference (self-forcing).
 - mixed           self_generated with probability `self_generated_prob`, else ground_truth: one
                   coin per micro-step, the same on every rank (ZeRO-3 needs every rank to run the
-                  same sequence of forwards).
+                  same sequence of forwards); a held-out sample's validation loss is the mean over
+                  the coin (`SelfForcingStage.validation_loss`).
 - closed_loop     (option) the deployed controller's schedule: prefill the first real frame,
                   predict chunks of 4 latent frames, drop them and prefill the real ones, clear and
                   re-prefill the window when it would pass `rollout_bound` video frames.
