@@ -6,6 +6,8 @@ same on both ranks) is the reference; a run killed with SIGKILL and resumed must
 losses and export exactly; a closed-loop run exercises the deployed schedule with a window reset.
 """
 
+import json
+
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -65,6 +67,9 @@ def test_mixed_run_uses_both_contexts_logs_stage2_metrics_and_exports(workspace,
     # Per step: the fraction of micro-steps (2 per step, shared by both ranks) with self-generated context.
     shares = [steps[s]["context_self_generated"] for s in sorted(steps)]
     assert set(shares) <= {0.0, 0.5, 1.0} and 0 < sum(shares) < STEPS, shares
+    # A held-out sample flips no coin: its loss is the mean over both contexts (self_generated_prob 0.5).
+    rows = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["val_context_self_generated"] for row in rows if "val_loss" in row] == [0.5]
 
     tags = set(EventAccumulator(str(reference_run / "tensorboard")).Reload().Tags()["scalars"])
     for tag in ("train/loss", "train/lr", "val/loss", "train/loss_by_position/01", "train/loss_by_position/02",
