@@ -258,10 +258,10 @@ def test_resume_changes_apply_hyper_parameters_and_refuse_the_rest():
     assert refused == []
     # the validation budget may change, and the resume says so; so it does for an earlier version's budget
     assert resume_changes(saved, load_config(CONFIGS / "debug/tiny_vidar.yaml", ["training.val_samples=8"])) == (
-        ["training.val_samples: 4 -> 8"], [])
+        ["training.val_samples: 2 -> 8"], [])
     saved["training"]["val_batches"] = saved["training"].pop("val_samples")
     assert resume_changes(saved, load_config(CONFIGS / "debug/tiny_vidar.yaml")) == (
-        ["training.val_batches: 4 -> training.val_samples: 4 (from here on the validation loss is over other held-out "
+        ["training.val_batches: 2 -> training.val_samples: 2 (from here on the validation loss is over other held-out "
          "samples and noise)"], [])
     other = load_config(CONFIGS / "debug/tiny_vidar.yaml",
                         ["training.seed=7", "data.num_frames=13", "training.batch_size=8"])
