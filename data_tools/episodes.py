@@ -57,7 +57,7 @@ class EpisodeLayout:
     instruction: str = "instruction.txt"
     # head, left wrist, right wrist videos composed into the unified observation frame
     cameras: tuple[str, str, str] | None = None
-    action_dim: int = 14
+    action_dim: int | None = 14  # columns of actions.npy; None: any (vidar-sample reads any robot's episode)
     fps: int = 10
     reencode: bool = False
     qp: int = 20  # x264 constant quantiser when re-encoding (lower = better, larger)
@@ -142,7 +142,7 @@ def read_instruction(path: Path) -> str:
     return text.strip()
 
 
-def read_actions(path: Path, action_dim: int) -> np.ndarray:
+def read_actions(path: Path, action_dim: int | None) -> np.ndarray:
     try:
         with open(path, "rb") as stream:
             magic = stream.read(len(NPY_MAGIC))
@@ -159,9 +159,9 @@ def read_actions(path: Path, action_dim: int) -> np.ndarray:
     if not isinstance(actions, np.ndarray) or actions.dtype.kind not in "iuf":
         kind = actions.dtype if isinstance(actions, np.ndarray) else type(actions).__name__
         raise EpisodeError("actions_invalid", f"{path.name} has non-numeric dtype {kind}")
-    if actions.ndim != 2 or actions.shape[1] != action_dim:
-        raise EpisodeError("actions_invalid",
-                           f"{path.name} has shape {actions.shape}, expected (T, {action_dim})")
+    if actions.ndim != 2 or (action_dim is not None and actions.shape[1] != action_dim):
+        expected = "D" if action_dim is None else action_dim
+        raise EpisodeError("actions_invalid", f"{path.name} has shape {actions.shape}, expected (T, {expected})")
     return finite_float32(actions, path.name)
 
 

@@ -299,7 +299,8 @@ def read_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, str, np.ndarray
         return video_to_model_input(image, args.height, args.width)[None], args.prompt, None
     folder = Path(args.episode).resolve()
     try:
-        episode = load_episode(folder.parent, folder.name, EpisodeLayout())
+        # actions of any width: this robot's, checked against --idm by load_checked_idm
+        episode = load_episode(folder.parent, folder.name, EpisodeLayout(action_dim=None))
     except EpisodeError as error:
         raise DataError(f"--episode {args.episode}: {error}") from error
     frames, _ = decode_all_frames(episode.video)

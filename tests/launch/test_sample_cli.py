@@ -117,6 +117,15 @@ def short_run(inputs, out, *extra):
             "--num-frames", "5", "--steps", "1", "--out", str(out), *TINY, *extra]
 
 
+def test_an_episode_of_a_robot_with_other_actions_samples(inputs, tmp_path):
+    # a one-armed robot's episode (7 action dimensions): the vidar-shard --action-dim 7 data of the README
+    episode = write_synthetic_episodes(tmp_path / "episodes", 1, frames=8, height=64, width=64, action_dim=7)[0]
+    args = short_run(inputs, tmp_path / "out")
+    args[args.index("--episode") + 1] = str(episode)
+    assert main(args) == 0
+    assert decoded(tmp_path / "out" / "sample.mp4").shape == (5, 64, 64, 3)
+
+
 def test_overwrite_leaves_only_this_runs_outputs(inputs, tmp_path):
     out = tmp_path / "out"
     assert main(short_run(inputs, out, "--idm", str(inputs[0] / "idm.pt"))) == 0
