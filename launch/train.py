@@ -68,7 +68,7 @@ def build_parser(description: str | None = None, default_config: str | None = No
                         help="replace what exists, refused otherwise: an earlier run's checkpoints in the output "
                              "dir by a run that does not --resume them (they are deleted), an input of the run by the "
                              "export (output.save_path equal to model.pt_dir or model.idm_path, or inside "
-                             "model.ckpt_dir)")
+                             "model.ckpt_dir), an earlier run's export by a run that resumes no checkpoint")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="print the memory/time plan, run one real step into OUTPUT/dry_run, and report "
                              "the measured peak memory beside the planned one")

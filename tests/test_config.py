@@ -224,10 +224,24 @@ def test_exports_default_inside_the_output_dir_and_never_replace_inputs_unasked(
             (["output.save_path=w/vidar.pt", "model.pt_dir=w/vidar.safetensors"], "`model.pt_dir`")]:
         config = load_config(CONFIGS / "vidarc_causal.yaml", overrides)
         with pytest.raises(ConfigError, match="--overwrite") as err:
-            check_export_path(config, export_path(config, tmp_path, "vidarc"), overwrite=False)
+            check_export_path(config, export_path(config, tmp_path, "vidarc"), overwrite=False, resuming=False)
         assert clash in str(err.value)
-        check_export_path(config, export_path(config, tmp_path, "vidarc"), overwrite=True)
-    check_export_path(stage2, export_path(stage2, tmp_path, "vidarc"), overwrite=False)
+        check_export_path(config, export_path(config, tmp_path, "vidarc"), overwrite=True, resuming=False)
+    check_export_path(stage2, export_path(stage2, tmp_path, "vidarc"), overwrite=False, resuming=False)
+
+
+def test_an_earlier_runs_export_is_replaced_only_by_a_resumed_run_or_overwrite(tmp_path):
+    # the tiny configs fix output.save_path: a run into another --output_dir would replace the demo's export
+    from vidartrain.config import check_export_path
+
+    config = load_config(CONFIGS / "vidar_finetune.yaml", [f"output.save_path={tmp_path / 'vidar.pt'}"])
+    for earlier in ("vidar.pt", "vidar.safetensors"):
+        (tmp_path / earlier).write_bytes(b"earlier run")
+        with pytest.raises(ConfigError, match=f"overwrite an earlier run's export .*{earlier}.*--overwrite"):
+            check_export_path(config, tmp_path / "vidar.pt", overwrite=False, resuming=False)
+        check_export_path(config, tmp_path / "vidar.pt", overwrite=False, resuming=True)  # its own, at the end
+        check_export_path(config, tmp_path / "vidar.pt", overwrite=True, resuming=False)
+        (tmp_path / earlier).unlink()
 
 
 def test_a_mixture_of_shard_directories_is_checked_entry_by_entry(tmp_path):

@@ -551,9 +551,10 @@ def export_path(config: Config, output_dir: Path, stage_name: str) -> Path:
     return output_dir / "export" / f"{stage_name}.pt"
 
 
-def check_export_path(config: Config, path: Path, overwrite: bool) -> None:
+def check_export_path(config: Config, path: Path, overwrite: bool, resuming: bool) -> None:
     """Refuse an export that would replace the run's own inputs (e.g. the published weights the
-    README downloads into checkpoints/), unless the user asked for it with --overwrite."""
+    README downloads into checkpoints/), or, in a run that resumes no checkpoint, an earlier run's
+    export (a save_path that --output_dir does not move), unless the user asked for it with --overwrite."""
     if overwrite:
         return
     written = [path.resolve(), path.with_suffix(".safetensors").resolve()]
@@ -566,6 +567,11 @@ def check_export_path(config: Config, path: Path, overwrite: bool) -> None:
         raise ConfigError(f"the export path {path} (`output.save_path`) would overwrite an input of this run: "
                           f"{'; '.join(clashes)}. Choose another output.save_path (default: OUTPUT_DIR/export/), "
                           f"or pass --overwrite to replace it")
+    existing = [str(file) for file in written if file.exists()]
+    if existing and not resuming:
+        raise ConfigError(f"the export path {path} (`output.save_path`) would overwrite an earlier run's export "
+                          f"({', '.join(existing)}) at the end of this run, which resumes no checkpoint. Choose "
+                          f"another output.save_path (default: OUTPUT_DIR/export/), or pass --overwrite to replace it")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Checkpoint bookkeeping: complete markers, `latest`, pruning, --resume resolution; LR schedule."""
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,8 +11,11 @@ from vidartrain.distributed.checkpointing import (
     COMPLETE_MARKER, LATEST_FILE, CheckpointRef, checkpoint_files, checkpoint_problems, complete_checkpoints,
     file_digests, latest_complete, mark_complete, prune_checkpoints, recorded_run, resolve_resume,
     set_aside_checkpoints_after, tag_for_step, weights_only_loads)
+from vidartrain.config import load_config
 from vidartrain.errors import CheckpointError, ConfigError
-from vidartrain.trainers.base import RunOptions, check_fresh_start, lr_factor
+from vidartrain.trainers.base import RunOptions, Trainer, check_fresh_start, lr_factor
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def fake_checkpoint(root, step, complete=True):
@@ -91,6 +96,18 @@ def test_a_fresh_run_does_not_start_over_an_earlier_runs_checkpoints(tmp_path):
         check_fresh_start(tmp_path, options)
     assert check_fresh_start(tmp_path, RunOptions(ds_config={}, overwrite=True)) is True
     assert check_fresh_start(tmp_path, RunOptions(ds_config={}, resume="auto")) is False
+
+
+def test_a_fresh_run_does_not_replace_an_earlier_runs_export(tmp_path, monkeypatch):
+    """A save_path outside the output dir (the tiny configs' demo_run/export/): a run into a new
+    --output_dir is refused before any process group, not found replaced at its end."""
+    monkeypatch.setattr("vidartrain.trainers.base.init_distributed",
+                        lambda: pytest.fail("a process group started: the export path should have been refused"))
+    config = load_config(CONFIGS / "debug" / "tiny_vidar.yaml", [f"output.save_path={tmp_path / 'vidar.pt'}"])
+    (tmp_path / "vidar.pt").write_bytes(b"the demo's export")
+    with pytest.raises(ConfigError, match="would overwrite an earlier run's export"):
+        Trainer(config, SimpleNamespace(name="vidar"), RunOptions(ds_config={}, output_dir=str(tmp_path / "run")))
+    assert (tmp_path / "vidar.pt").read_bytes() == b"the demo's export"
 
 
 def test_resume_resolution(tmp_path):

@@ -202,7 +202,7 @@ class RunOptions:
     resume: str | None = None  # None, "auto" or a checkpoint path
     max_steps: int | None = None  # stop (with a checkpoint) after this step; None: training.num_steps
     # replace what exists: an input of the run by the export (model.pt_dir, model.idm_path, model.ckpt_dir),
-    # an earlier run's checkpoints in output_dir by a run that does not resume them
+    # an earlier run's checkpoints in output_dir by a run that does not resume them, an earlier run's export
     overwrite: bool = False
 
 
@@ -416,7 +416,7 @@ class Trainer:
         candidates = resume_candidates(options.resume, checkpoints_dir(self.output_dir))
         self.replaces_earlier_run = check_fresh_start(self.output_dir, options)
         self.save_path = export_path(config, self.output_dir, stage.name)
-        check_export_path(config, self.save_path, options.overwrite)
+        check_export_path(config, self.save_path, options.overwrite, resuming=bool(candidates))
         log.info("starting the process group of %d rank(s)", self.world_size)
         init_distributed()
         self.rank = dist.get_rank()
