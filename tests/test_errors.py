@@ -157,6 +157,20 @@ def test_index_contents_that_cannot_be_trained_on_are_data_errors(tmp_path):
                                [read_index(arm["path"]) for arm in arms])
 
 
+def test_held_out_shards_of_other_data_than_the_training_shards_are_named(tmp_path, recwarn):
+    # a tiny config pointed at one's own shards by data.shards alone validated on demo_run/shards/val unsaid
+    write_index(tmp_path / "mine", val="val")
+    write_index(tmp_path / "mine" / "val")
+    write_index(tmp_path / "demo" / "val")
+    with pytest.warns(UserWarning, match=f"`data.val_shards` = {tmp_path / 'demo' / 'val'} is not the held-out "
+                                         f"split of `data.shards` = {tmp_path / 'mine'} "):
+        read_data_info(tmp_path / "mine", tmp_path / "demo" / "val")
+    recwarn.clear()
+    read_data_info(tmp_path / "mine", tmp_path / "mine" / "val")
+    read_data_info(tmp_path / "demo" / "val", tmp_path / "mine" / "val")  # no split of its own: a choice
+    assert not [w for w in recwarn if "held-out split" in str(w.message)]
+
+
 @pytest.mark.parametrize("manifest, expected", [
     ("[not json", "cannot read JSON"),
     (json.dumps({"names": []}), "expected a list of episodes"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,9 +203,24 @@ def read_data_info(shards: str | Path | list, val_shards: str | Path | list | No
         held_out = shard_sources(val_shards)
         check_same_kind(sources[:1] + held_out, indexes[:1] + [read_index(path) for path, _ in held_out],
                         "data.val_shards")
+        warn_of_another_held_out_split(sources, indexes, held_out)
     return DataInfo(mode=indexes[0]["mode"], text_embeddings=bool(indexes[0].get("text_embeddings")),
                     actions=tuple((path, index.get("actions")) for (path, _), index in zip(sources, indexes)),
                     idm_masks=holds_idm_masks(indexes[0]))
+
+
+def warn_of_another_held_out_split(sources: list[tuple[str, float]], indexes: list[dict],
+                                   held_out: list[tuple[str, float]]) -> None:
+    """One training directory with its own held-out split (vidar-shard --val-fraction) and `data.val_shards`
+    elsewhere: a config written for other data (the tiny configs name demo_run/shards/val) validates on that
+    data's episodes, with no other sign of it."""
+    if len(sources) != 1 or len(held_out) != 1 or not indexes[0].get("val"):
+        return
+    own = Path(sources[0][0]) / indexes[0]["val"]
+    if own.resolve() != Path(held_out[0][0]).resolve():
+        warnings.warn(f"`data.val_shards` = {held_out[0][0]} is not the held-out split of `data.shards` = "
+                      f"{sources[0][0]} ({own}): validation runs on other episodes than those held out of the "
+                      f"training data; set data.val_shards={own} to validate on them")
 
 
 def holds_idm_masks(index: dict) -> bool:
