@@ -160,8 +160,8 @@ def read_actions(path: Path, action_dim: int | None) -> np.ndarray:
         kind = actions.dtype if isinstance(actions, np.ndarray) else type(actions).__name__
         raise EpisodeError("actions_invalid", f"{path.name} has non-numeric dtype {kind}")
     if actions.ndim != 2 or (action_dim is not None and actions.shape[1] != action_dim):
-        expected = "D" if action_dim is None else action_dim
-        raise EpisodeError("actions_invalid", f"{path.name} has shape {actions.shape}, expected (T, {expected})")
+        expected = "(T, D)" if action_dim is None else f"(T, {action_dim}) (--action-dim {action_dim})"
+        raise EpisodeError("actions_invalid", f"{path.name} has shape {actions.shape}, expected {expected}")
     return finite_float32(actions, path.name)
 
 

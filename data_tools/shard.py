@@ -598,11 +598,14 @@ def convert_split(split: str, directory: Path, episodes_dir: Path, inputs: dict,
 
 
 def describe_skips(skipped: list[dict]) -> str:
-    """Why a split holds no valid episode."""
+    """Why a split holds no valid episode: the count of each reason and the first episode's detail
+    (all skipped alike, e.g. actions of another width than --action-dim, it says what to change)."""
     if not skipped:
         return "no input episode is assigned to it"
     reasons = Counter(skip["reason"] for skip in skipped)
-    return f"all {len(skipped)} skipped: " + ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
+    first = min(skipped, key=lambda skip: skip["position"])
+    counts = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
+    return f"all {len(skipped)} skipped: {counts}; first {first['episode']}: {first['detail']}"
 
 
 def write_text_embeddings(directory: Path, index: dict, precomputer: Precomputer) -> None:

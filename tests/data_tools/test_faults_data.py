@@ -260,8 +260,8 @@ def test_all_defective_input_fails_and_the_folder_is_not_a_dataset(tmp_path, cap
     episodes, out = tmp_path / "episodes", tmp_path / "shards"
     write_defective_episode("video_truncated", episodes / "bad_video", height=SIZE, width=SIZE)
     write_defective_episode("actions_nan", episodes / "bad_actions", height=SIZE, width=SIZE)
-    refused(re.escape("no valid episode in the train split (all 2 skipped: actions_invalid 1, video_unreadable 1)"),
-            run, episodes, out)
+    refused(re.escape("no valid episode in the train split (all 2 skipped: actions_invalid 1, video_unreadable 1; "
+                      "first bad_actions: actions.npy has non-finite values"), run, episodes, out)
     index = index_of(out)
     assert index["complete"] is False and index["shards"] == [] and "no valid episode" in index["failed"]
     assert sorted(s["episode"] for s in index["skipped"]) == ["bad_actions", "bad_video"]
@@ -270,6 +270,13 @@ def test_all_defective_input_fails_and_the_folder_is_not_a_dataset(tmp_path, cap
     config = DataConfig(shards=str(out), num_frames=5, height=32, width=32, num_workers=0)
     with pytest.raises(DataError, match="the conversion failed"):
         build_loader(out, config, 1, rank=0, world_size=1)
+
+
+def test_actions_of_another_width_than_action_dim_fail_saying_so(tmp_path, refused):
+    # a one-armed robot converted without --action-dim 7: the refusal says what to change
+    write_synthetic_episodes(tmp_path / "episodes", 2, frames=6, height=SIZE, width=SIZE, action_dim=7)
+    refused(re.escape("(all 2 skipped: actions_invalid 2; first ep_0000: actions.npy has shape (6, 7), expected "
+                      "(T, 14) (--action-dim 14))"), run, tmp_path / "episodes", tmp_path / "shards")
 
 
 # ------------------------------------------------------------------------------------------------
