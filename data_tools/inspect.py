@@ -166,6 +166,8 @@ def inspect(shards_dir: Path, decode: bool = True) -> tuple[str, list[str]]:
         _, val = inspect_split(shards_dir / index["val"], decode)
         lines.append(describe("val", val, fps))
         problems += val.problems
+    kind = "pre-encoded latents" if index["mode"] == "latents" else "video"
+    lines.append(f"samples: {kind}, actions of {index['settings']['layout']['action_dim']} dimensions")
     reasons = Counter(skip["reason"] for skip in index["skipped"])
     lines.append(f"skipped: {sum(reasons.values())}" + "".join(f"\n  {reason}: {count}"
                                                               for reason, count in sorted(reasons.items())))

@@ -217,6 +217,7 @@ def test_inspect_reports_and_verifies(mixed_episodes, tmp_path, capsys):
     assert inspect_tool.main([str(out)]) == 0
     text = capsys.readouterr().out
     assert "train: 5 episodes" in text and "val  : 1 episodes" in text and "OK" in text
+    assert "samples: video, actions of 14 dimensions" in text  # what idm.gripper_dims and the IDM must fit
     assert f"skipped: {len(DEFECTS)}" in text and "actions_invalid: 7" in text
     assert inspect_tool.main([str(out / "val")]) == 0
     assert capsys.readouterr().out.startswith("val  : 1 episodes")  # names the split it reads
