@@ -690,8 +690,11 @@ def summary(index: dict) -> str:
     skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items())) or "none"
     samples = sum(shard["samples"] for shard in index["shards"])
     totals = index["totals"]
-    return (f"{totals['train_episodes']} train episodes ({samples} samples in {len(index['shards'])} shards), "
-            f"{totals['val_episodes']} val episodes; skipped: {skipped}")
+    lines = [f"{totals['train_episodes']} train episodes ({samples} samples in {len(index['shards'])} shards), "
+             f"{totals['val_episodes']} val episodes; skipped: {skipped}"]
+    lines += [f"  skipped {skip['episode']} ({skip['split']}): {skip['reason']}: {skip['detail']}"
+              for skip in index["skipped"]]
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
