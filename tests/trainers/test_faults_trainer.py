@@ -304,7 +304,7 @@ def preempted(pre_encoded, tmp_path_factory):
                "--set", f"data.shards={pre_encoded / 'shards'}", "--set", "data.val_shards=null",
                "--set", "validation.every=0", "--set", "training.val_every=0",
                "--set", "training.num_steps=100000", "--set", "training.save_every=100000",
-               "--set", "training.log_every=1"]
+               "--set", "training.log_every=1", "--set", f"output.save_path={output_dir / 'export' / 'vidar.pt'}"]
     environment = dict(launcher_env(), VIDARTRAIN_VENV=str(BIN.parent), MASTER_PORT=str(free_port()))
     with open(log_path, "ab") as log:
         wrapper = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT,
