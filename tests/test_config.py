@@ -175,9 +175,20 @@ def test_malformed_override_is_rejected():
         load_config(CONFIGS / "vidar_finetune.yaml", ["lr=1"])
 
 
-def test_missing_file_and_bad_yaml(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+def test_missing_file_and_bad_yaml(tmp_path, monkeypatch):
+    from vidartrain.config import check_inputs_exist
+
+    with pytest.raises(ConfigError, match="does not exist") as absolute:
         load_config(tmp_path / "nope.yaml")
+    assert "relative" not in str(absolute.value)
+    # the launch scripts run from the repository root: a relative path says where it was looked for
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"config file nope.yaml does not exist \\(relative paths are read "
+                                          f"from {tmp_path}\\)"):
+        load_config("nope.yaml")
+    with pytest.raises(ConfigError, match=f"missing inputs \\(relative paths are read from {tmp_path}\\):\n"
+                                          f"  `data.shards` = mine: mine/index.json does not exist"):
+        check_inputs_exist(load_config(CONFIGS / "vidar_finetune.yaml", ["data.shards=mine"]))
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "training: [unclosed\n"))
 

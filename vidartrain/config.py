@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from vidartrain.data.shard_index import check_shard_files, read_index, shard_sources
-from vidartrain.errors import ConfigError
+from vidartrain.errors import ConfigError, cwd_note
 from vidartrain.shapes import (CLIP_HEIGHT, CLIP_NUM_FRAMES, CLIP_WIDTH, DIT_PATCH_SIZE, MIN_CAUSAL_LATENT_FRAMES,
                                MIN_CAUSAL_VIDEO_FRAMES, PIXELS_PER_TOKEN, VAE_STRIDE, tokens_per_latent_frame)
 
@@ -263,7 +263,7 @@ def read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     """Read a YAML mapping; a top-level `base: other.yaml` (relative to this file) is read first and
     this file's sections are merged over it key by key."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist{cwd_note(path)}")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: `base` chain loops back to itself")
     try:
@@ -532,11 +532,11 @@ def check_inputs_exist(config: Config) -> None:
         needed.append(("model.ckpt_dir", model.ckpt_dir, "config.json"))
     if data.shards is None:
         raise ConfigError("`data.shards` is not set: point it at a directory written by `vidar-shard`")
-    missing = [f"`{key}` = {value}: {Path(value) / inside if inside else value} does not exist"
-               for key, value, inside in needed
-               if value is not None and not (Path(value) / inside if inside else Path(value)).exists()]
-    if missing:
-        raise ConfigError("missing inputs:\n  " + "\n  ".join(missing))
+    absent = [(key, value, Path(value) / inside) for key, value, inside in needed
+              if value is not None and not (Path(value) / inside).exists()]
+    if absent:
+        raise ConfigError(f"missing inputs{cwd_note(*(value for _, value, _ in absent))}:\n  " + "\n  ".join(
+            f"`{key}` = {value}: {path} does not exist" for key, value, path in absent))
     for key, shards in shard_dirs:
         try:  # an unfinished conversion or a lost shard fails here, before any model is built
             check_shard_files(read_index(shards), shards)

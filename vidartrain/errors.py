@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 from typing import Callable, TypeVar
 
 EXIT_USER_ERROR = 2  # what argparse uses for bad arguments, too
@@ -32,6 +33,12 @@ class DataError(VidarError, ValueError):
 
 class CheckpointError(VidarError, RuntimeError):
     """A checkpoint that cannot be written, trusted or loaded; the message says which and why."""
+
+
+def cwd_note(*paths: str | Path) -> str:
+    """' (relative paths are read from CWD)' when some of `paths` is relative, else '': the launch scripts
+    run from the repository root, which need not be where the command was typed."""
+    return f" (relative paths are read from {Path.cwd()})" if any(not Path(p).is_absolute() for p in paths) else ""
 
 
 def listed(names: list[str], limit: int = 10) -> str:

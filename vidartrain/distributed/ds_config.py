@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vidartrain.config import Config, ConfigError
+from vidartrain.errors import cwd_note
 from vidartrain.distributed.sequence_parallel import check_sequence_parallel_size
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def load_profile(path: str | Path) -> dict[str, Any]:
     """Read a DeepSpeed JSON profile with a clear error for a missing or malformed file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"DeepSpeed profile {path} does not exist (profiles live in ds_configs/)")
+        raise ConfigError(f"DeepSpeed profile {path} does not exist{cwd_note(path)} (profiles live in ds_configs/)")
     try:
         profile = json.loads(path.read_text())
     except json.JSONDecodeError as err:
