@@ -58,8 +58,9 @@ def test_a_bad_config_through_the_launcher_exits_2_with_only_the_message_on_stde
                             cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-4000:]
     assert result.stdout == ""
-    assert "error: configs/debug/tiny_vidar.yaml: unknown key `training.lrr`; did you mean `training.lr`?" \
-        in result.stderr
+    # the typo is the override's, not the file's: named with it
+    assert ("error: configs/debug/tiny_vidar.yaml (--set training.lrr=1e-4): unknown key `training.lrr`; did you "
+            "mean `training.lr`?") in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -256,7 +256,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     try:
         return config_from_dict(raw)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        # errors name their keys in backticks: those an override set are named with it (not the file's fault)
+        culprits = " ".join(f"--set {o}" for o in overrides or [] if f"`{o.split('=', 1)[0].strip()}`" in str(err))
+        raise ConfigError(f"{path}{f' ({culprits})' if culprits else ''}: {err}") from None
 
 
 def read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
