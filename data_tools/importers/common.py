@@ -37,6 +37,7 @@ import av
 import numpy as np
 
 from data_tools.episodes import EpisodeError, actions_to_npy, encode_views, finite_float32
+from data_tools.shard import Progress
 from vidartrain.data.transforms import resample_indices
 from vidartrain.errors import ConfigError, DataError
 from vidartrain.files import Journal, files_fingerprint, make_directory, write_atomically
@@ -239,16 +240,15 @@ def import_episodes(episodes: list[SourceEpisode], out: Path, settings: ImportSe
     journal = Journal(out / IMPORT_JOURNAL)
     journal.start({"settings": settings.as_dict()}, [done[name] for name in names if name in done])
     records = []
-    for position, episode in enumerate(episodes):
+    progress = Progress("import", len(episodes))
+    for episode in episodes:
         record = done.get(episode.name) or import_one(episode, out, settings, records, fingerprints[episode.name])
         records.append(record)
         if episode.name not in done:
             journal.append(record)
-        print(f"\r[import] {position + 1}/{len(episodes)} episodes", end="", file=sys.stderr)
+        progress.update(skipped="reason" in record)
         if strict and "reason" in record:
-            print(file=sys.stderr)
             raise DataError(f"vidar-import --strict: {episode.source}: {record['reason']}: {record['detail']}")
-    print(file=sys.stderr)
     imported = [r for r in records if "reason" not in r]
     result = {"format": IMPORT_FORMAT, "settings": settings.as_dict(), "episodes": imported,
               "skipped": [r for r in records if "reason" in r],

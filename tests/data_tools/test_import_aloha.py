@@ -23,10 +23,13 @@ def test_round_trip_three_cameras(tmp_path, compressed):
     assert read_episode(tmp_path / "out" / "ep_0012")[2] == "stack the cups\n"
 
 
-def test_one_camera_with_a_command_line_instruction(tmp_path):
+def test_one_camera_with_a_command_line_instruction(tmp_path, capsys):
     write_aloha_episode(tmp_path / "src", 3, frames=9)
     assert run(tmp_path / "src", tmp_path / "out", "--fps", "20", "--cameras", "cam_high",
                "--instruction", "wipe the table") == 0
+    # progress as vidar-shard writes it: whole lines in a log (stderr is no terminal here), no carriage returns
+    report = capsys.readouterr().err
+    assert "\r" not in report and report.startswith("[import] 1/1 episodes") and "skipped 0\n" in report
     assert_round_trip(tmp_path / "out" / "ep_0003", expected_sources(9, 20), composed=False)
     assert read_episode(tmp_path / "out" / "ep_0003")[2] == "wipe the table\n"
 
