@@ -192,8 +192,14 @@ def test_an_idm_that_does_not_fit_the_validation_settings_is_refused_before_trai
             f"model.ckpt_dir={tmp_path / 'ckpt'}", f"model.idm_path={tmp_path / 'idm.pt'}", *overrides])
         VidarStage(config, DataInfo("raw", False, (("train", {"dim": 14}),))).load_validation(torch.device("cpu"))
 
-    with pytest.raises(ConfigError, match=r"`idm.gripper_dims` = \[6, 13\]: \[13\] outside the IDM's 7"):
-        load_validation(held_out(7))
+    # refused when the stage is built, before any model: the held-out clips' actions are what the samples score
+    config = load_config("configs/debug/tiny_vidar.yaml", [
+        f"model.ckpt_dir={tmp_path / 'ckpt'}", f"model.idm_path={tmp_path / 'idm.pt'}", held_out(7)])
+    with pytest.raises(ConfigError, match=r"`idm.gripper_dims` = \[6, 13\]: \[13\] outside the held-out shards' 7"):
+        VidarStage(config, DataInfo("raw", False, ()))
+    save_idm(IDM([0.0] * 6, [1.0] * 6, tiny_idm().architecture), tmp_path / "idm6.pt")
+    with pytest.raises(ConfigError, match=r"`idm.gripper_dims` = \[6\]: \[6\] outside the IDM's 6"):
+        load_validation(held_out(7), "idm.gripper_dims=[6]", f"model.idm_path={tmp_path / 'idm6.pt'}")
     with pytest.raises(ConfigError, match="the IDM predicts 7 action dimensions, the shards .*val_14 hold 14"):
         load_validation(held_out(14), "idm.gripper_dims=[6]")
     load_validation(held_out(7), "idm.gripper_dims=[6]")

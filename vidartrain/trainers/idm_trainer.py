@@ -78,10 +78,10 @@ def check_no_other_statistics(config: Config, model: IDM) -> None:
                           f"(model.idm_path: null)")
 
 
-def check_gripper_dims(gripper_dims: list[int], num_actions: int) -> None:
+def check_gripper_dims(gripper_dims: list[int], num_actions: int, whose: str = "the IDM's") -> None:
     outside = [d for d in gripper_dims if d >= num_actions]
     if outside:
-        raise ConfigError(f"`idm.gripper_dims` = {gripper_dims}: {outside} outside the IDM's {num_actions} "
+        raise ConfigError(f"`idm.gripper_dims` = {gripper_dims}: {outside} outside {whose} {num_actions} "
                           f"action dimensions (the default [6, 13] is the 14-dim bimanual layout; set "
                           f"--set idm.gripper_dims=[...] for this robot, [] for none)")
 

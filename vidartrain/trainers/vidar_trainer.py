@@ -83,6 +83,11 @@ class DitStage(Stage):
         self.conditioner = FrozenConditioner()
         self.rollout_window = RolloutWindow(config.self_forcing.rollout_bound,
                                             config.self_forcing.rollout_prefill_num)
+        if config.validation.every and config.model.idm_path is not None and config.data.val_shards is not None:
+            # the samples' gripper accuracy reads the held-out clips' actions: checked before any model is built
+            # (load_validation checks the IDM against them too, once it is loaded)
+            for _, dim in read_data_info(config.data.val_shards).action_dims():
+                check_gripper_dims(config.idm.gripper_dims, dim, whose="the held-out shards'")
 
     def build_model(self) -> nn.Module:
         model = self.model_class.from_pretrained(self.config.model.ckpt_dir, dtype=torch.bfloat16, device="cpu")
