@@ -198,7 +198,8 @@ def test_progress_line(mixed_episodes, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"[train] {GOOD + len(DEFECTS)}/{GOOD + len(DEFECTS)} episodes" in err and "ep/s" in err and "ETA" in err
     # each skipped episode with its reason, as vidar-import lists them (not only in index.json)
-    assert "  skipped bad_missing_instruction (train): missing_file: bad_missing_instruction lacks instruction.txt" in err
+    assert ("  skipped bad_missing_instruction (train): missing_file: bad_missing_instruction lacks instruction.txt"
+            in err)
 
 
 def test_progress_in_a_log_file_is_one_line_per_update(monkeypatch):

@@ -62,7 +62,8 @@ def test_an_export_onto_the_runs_own_weights_is_refused_before_anything_is_built
     (tmp_path / "vidar.pt").write_bytes(b"the published weights")
     # its own --output_dir: the config's (demo_run/stage1) holds the demo's checkpoints once the demo has run
     args = ["--config", TINY_CONFIG, "--ds-config", CPU_PROFILE, "--output_dir", str(tmp_path / "run"),
-            "--set", f"data.shards={tmp_path / 'shards'}", "--set", "data.val_shards=null", "--set", "validation.every=0", "--set", "training.val_every=0",
+            "--set", f"data.shards={tmp_path / 'shards'}", "--set", "data.val_shards=null",
+            "--set", "validation.every=0", "--set", "training.val_every=0",
             "--set", f"model.ckpt_dir={tmp_path / 'ckpt'}",
             "--set", f"model.pt_dir={tmp_path / 'vidar.pt'}", "--set", f"output.save_path={tmp_path / 'vidar.pt'}",
             "--set", "training.batch_size=2"]
