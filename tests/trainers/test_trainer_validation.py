@@ -168,8 +168,12 @@ def test_validation_takes_every_held_out_sample_when_fewer_and_refuses_more_rank
         return stub_trainer(stage, model, 0, dp_size, 1, None).validation_sample_count()
 
     assert [count(None, 2), count(32, 2), count(3, 2)] == [4, 4, 3]  # null: all; more than the 4 held out: all
-    with pytest.raises(ConfigError, match="validation evaluates 3 held-out samples .* on 4 data-parallel ranks"):
+    with pytest.raises(ConfigError, match="validation evaluates 3 held-out samples .* on 4 data-parallel ranks, "
+                                          "and every rank evaluates one at least: raise training.val_samples, add"):
         count(3, 4)
+    # raising training.val_samples cannot help when the 4 held-out samples are fewer than the ranks
+    with pytest.raises(ConfigError, match="5 data-parallel ranks, .* rank evaluates one at least: add held-out"):
+        count(32, 5)
 
 
 def test_an_idm_that_does_not_fit_the_validation_settings_is_refused_before_training(tmp_path):

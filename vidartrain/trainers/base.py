@@ -646,10 +646,12 @@ class Trainer:
         held_out = len(self.stage.build_loader("val", 1, rank=0, world_size=1).stream.refs)
         count = held_out if asked is None else min(asked, held_out)
         if count < self.layout.dp_size:
+            # raising training.val_samples helps only while the held-out set holds more than it asks
+            remedy = ("raise training.val_samples, " if held_out >= self.layout.dp_size else "") + \
+                "add held-out samples"
             raise ConfigError(f"validation evaluates {count} held-out samples (`training.val_samples` = {asked}, "
                               f"{shards} holds {held_out}) on {self.layout.dp_size} data-parallel ranks, and every "
-                              f"rank evaluates one at least: raise training.val_samples, add held-out samples, or "
-                              f"set training.val_every=0")
+                              f"rank evaluates one at least: {remedy}, or set training.val_every=0")
         if asked is not None and held_out < asked:
             log.info("validation: %s holds %d held-out samples, fewer than training.val_samples = %d: each "
                      "validation evaluates all of them", shards, held_out, asked)
