@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from vidartrain.data.transforms import resample_indices, resize_frames, to_model_range
 from vidartrain.data.video import decode_all_frames
-from vidartrain.errors import ConfigError
+from vidartrain.errors import ArchitectureMismatch, ConfigError
 from vidartrain.models.idm import IDM, idm_input_size, load_idm, pool_mask_to_latent
 from vidartrain.models.wan.text_encoder import TextEncoder
 from vidartrain.models.wan.vae import WanVAE, latent_shape
@@ -80,6 +82,20 @@ def episode_windows(video: bytes, video_fps: float, fps: int, frames: int,
     return [(start, resized[start: start + window.num_frames]) for start in window_starts(frames, window)]
 
 
+@contextmanager
+def dimensions_hint(option: str, given: dict | None) -> Iterator[None]:
+    """A checkpoint of other dimensions than the published model's, loaded without `option`, is
+    refused with a hint: the converter builds the published architecture unless told otherwise."""
+    try:
+        yield
+    except ArchitectureMismatch as error:
+        if given is not None:
+            raise
+        raise ArchitectureMismatch(f"{error}. Without {option} the converter builds the published model's "
+                              f"dimensions; for other ones (a tiny debug checkpoint) give them with {option} "
+                              f"(the training config's model.{option[2:].replace('-', '_')})") from error
+
+
 class Precomputer:
     """Runs the frozen VAE (and IDM, and umT5 for instructions) on the converter's main process."""
 
@@ -96,9 +112,11 @@ class Precomputer:
     def from_checkpoints(cls, what: tuple[str, ...], ckpt_dir: Path, idm_path: Path | None, device: str,
                          latent_dtype: str, vae_config: dict | None = None, t5_config: dict | None = None
                          ) -> "Precomputer":
-        vae = WanVAE.from_pretrained(ckpt_dir / VAE_CHECKPOINT_NAME, device=device, **(vae_config or {}))
-        text_encoder = (TextEncoder.from_pretrained(ckpt_dir, device=device, encoder_config=t5_config)
-                        if "text" in what else None)
+        with dimensions_hint("--vae-config", vae_config):
+            vae = WanVAE.from_pretrained(ckpt_dir / VAE_CHECKPOINT_NAME, device=device, **(vae_config or {}))
+        with dimensions_hint("--t5-config", t5_config):
+            text_encoder = (TextEncoder.from_pretrained(ckpt_dir, device=device, encoder_config=t5_config)
+                            if "text" in what else None)
         idm = load_idm(idm_path, device=device) if "idm" in what and idm_path is not None else None
         return cls(what, vae, text_encoder, idm, DTYPES[latent_dtype])
 

@@ -35,6 +35,10 @@ class CheckpointError(VidarError, RuntimeError):
     """A checkpoint that cannot be written, trusted or loaded; the message says which and why."""
 
 
+class ArchitectureMismatch(CheckpointError):
+    """A checkpoint whose tensor names or shapes do not fit the model built to hold it."""
+
+
 def cwd_note(*paths: str | Path) -> str:
     """' (relative paths are read from CWD)' when some of `paths` is relative, else '': the launch scripts
     run from the repository root, which need not be where the command was typed."""

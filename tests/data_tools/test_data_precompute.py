@@ -186,6 +186,12 @@ def test_precompute_from_the_command_line(workspace, tmp_path, refused):
     # a multiple of the VAE's 16 that no training config can load (the DiT's patch makes it 32)
     refused("--height 48 --width 32: must be multiples of 32", shard_tool.main,
             argv[:12] + ["--height", "48"] + argv[14:])
+    # a tiny checkpoint without its dimensions: the error says which option gives them
+    elsewhere = argv[:3] + [str(tmp_path / "elsewhere")] + argv[4:]
+    refused("Wan2.2_VAE.pth: key .* expects .* Without --vae-config the converter builds the published model's "
+            "dimensions; .* give them with --vae-config \\(the training config's model.vae_config\\)",
+            shard_tool.main, elsewhere[:16] + elsewhere[18:])
+    refused("Without --t5-config .* model.t5_config", shard_tool.main, elsewhere[:18])
 
 
 def test_inspect_verifies_pre_encoded_shards(pre_encoded, tmp_path, capsys):

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vidartrain.errors import CheckpointError
+from vidartrain.errors import ArchitectureMismatch, CheckpointError
 from vidartrain.models.wan.checkpoint import read_state_dict
 
 __all__ = ["UMT5Encoder", "load_umt5_encoder", "check_state_dict_matches"]
@@ -174,18 +174,18 @@ class UMT5Encoder(nn.Module):
 
 def check_state_dict_matches(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
                              source: str) -> None:
-    """Raise a CheckpointError naming the offending keys unless names and shapes match exactly."""
+    """Raise an ArchitectureMismatch naming the offending keys unless names and shapes match exactly."""
     expected = model.state_dict()
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
     if missing or unexpected:
-        raise CheckpointError(f"{source}: state_dict keys do not match {type(model).__name__}: "
+        raise ArchitectureMismatch(f"{source}: state_dict keys do not match {type(model).__name__}: "
                               f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''} "
                               f"({len(missing)} in all), unexpected {unexpected[:10]}"
                               f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} in all)")
     for key, tensor in expected.items():
         if tuple(state_dict[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state_dict[key].shape)}, "
+            raise ArchitectureMismatch(f"{source}: key {key!r} has shape {tuple(state_dict[key].shape)}, "
                                   f"{type(model).__name__} expects {tuple(tensor.shape)}")
 
 
