@@ -13,7 +13,8 @@ with --idm) and OUT/metrics.json (settings, time, PSNR against the episode, acti
 accuracy against the episode's actions). `--weights` is a vidar.pt / vidarc.pt state dict or a
 DeepSpeed checkpoint folder; which model it is follows from the loss.type a checkpoint's COMPLETE
 records (a `--model` that contradicts it is refused), else from `--model` or the file's name. The tiny
-checkpoint of the demo needs its VAE / umT5 sizes from its training YAML: `--config`.
+checkpoint of the demo needs its VAE / umT5 sizes from its training YAML: `--config`, whose
+model.ckpt_dir is also the default `--ckpt-dir`.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from vidartrain.data.video import decode_all_frames  # noqa: E402
 from vidartrain.distributed.checkpointing import COMPLETE_MARKER, read_complete  # noqa: E402
 from vidartrain.distributed.export import (in_export_dtype, lora_alpha, read_checkpoint_weights,  # noqa: E402
                                            resolve_checkpoint)
-from vidartrain.errors import CheckpointError, ConfigError, DataError, reports_errors  # noqa: E402
+from vidartrain.errors import CheckpointError, ConfigError, DataError, cwd_note, reports_errors  # noqa: E402
 from vidartrain.files import check_outputs, make_directory, write_atomically  # noqa: E402
 from vidartrain.models.idm import IDM, idm_input_size, load_idm  # noqa: E402
 from vidartrain.models.wan.causal import WanModelCausal  # noqa: E402
@@ -64,7 +65,8 @@ STAGE_MODELS = {"flow_matching": "vidar", CAUSAL_LOSS: "vidarc"}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidar-sample", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--ckpt-dir", required=True, help="Wan2.2-TI2V checkpoint dir (config.json, DiT, VAE, umT5)")
+    parser.add_argument("--ckpt-dir", help="Wan2.2-TI2V checkpoint dir (config.json, DiT, VAE, umT5); default: "
+                                           "--config's model.ckpt_dir")
     parser.add_argument("--weights", required=True,
                         help="vidar.pt / vidarc.pt (or .safetensors), or a DeepSpeed checkpoint folder")
     parser.add_argument("--model", choices=("vidar", "vidarc"),
@@ -203,6 +205,14 @@ def check_input_paths(args: argparse.Namespace) -> None:
         exists = {"dir": Path(path).is_dir, "file": Path(path).is_file, "any": Path(path).exists}[kind]()
         if not exists:
             raise ConfigError(f"{flag} {path}: no such {'folder' if kind == 'dir' else 'file'}")
+    if args.ckpt_dir is None:
+        if args.config is None:
+            raise ConfigError("give --ckpt-dir (the Wan2.2-TI2V checkpoint dir), or --config whose model.ckpt_dir "
+                              "names it")
+        args.ckpt_dir = load_config(args.config).model.ckpt_dir
+        if not Path(args.ckpt_dir).is_dir():
+            raise ConfigError(f"--config {args.config}: model.ckpt_dir {args.ckpt_dir}: no such folder"
+                              f"{cwd_note(args.ckpt_dir)}")
     for name in ("config.json", VAE_FILE):
         if not (Path(args.ckpt_dir) / name).is_file():
             raise ConfigError(f"--ckpt-dir {args.ckpt_dir}: {name} is missing (expected the Wan2.2-TI2V layout)")

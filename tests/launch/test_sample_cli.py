@@ -126,6 +126,21 @@ def test_an_episode_of_a_robot_with_other_actions_samples(inputs, tmp_path):
     assert decoded(tmp_path / "out" / "sample.mp4").shape == (5, 64, 64, 3)
 
 
+def test_the_checkpoint_dir_defaults_to_the_configs(inputs, tmp_path, refused):
+    root, ckpt, episode = inputs
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"base: {REPO / 'configs/debug/tiny_vidar.yaml'}\nmodel:\n  ckpt_dir: {ckpt}\n")
+    args = short_run(inputs, tmp_path / "out")
+    del args[args.index("--ckpt-dir"):args.index("--ckpt-dir") + 2]
+    args[args.index("--config") + 1] = str(config)
+    assert main(args) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["model"] == "vidar"
+    refused("give --ckpt-dir .* or --config whose model.ckpt_dir names it", main,
+            [a for a in args if a not in ("--config", str(config))] + ["--overwrite"])
+    config.write_text(f"base: {REPO / 'configs/debug/tiny_vidar.yaml'}\nmodel:\n  ckpt_dir: {tmp_path / 'none'}\n")
+    refused(f"--config {config}: model.ckpt_dir {tmp_path / 'none'}: no such folder", main, args + ["--overwrite"])
+
+
 def test_overwrite_leaves_only_this_runs_outputs(inputs, tmp_path):
     out = tmp_path / "out"
     assert main(short_run(inputs, out, "--idm", str(inputs[0] / "idm.pt"))) == 0
