@@ -1,7 +1,11 @@
 """launch/torchrun_node.sh refuses what would leave every node waiting for a rendezvous that never comes,
-before torchrun starts."""
+before torchrun starts; launch/slurm_multi_node.sbatch requeues a job stopped at its time limit, and only that."""
 import os
+import signal
 import subprocess
+import time
+
+import pytest
 
 from helpers.trainer_launch import REPO_ROOT
 
@@ -27,3 +31,63 @@ def test_the_process_count_is_required():
 def test_one_node_needs_no_master_addr():
     done = run_script("2", NNODES="1")  # past the checks: the (absent) torchrun is what fails
     assert done.returncode == 127 and "/nonexistent/bin/torchrun" in done.stderr
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# the step: records its arguments, runs until it ends by itself or a SIGTERM stops it
+trap 'echo TERM >> "$FAKE_LOG/events"; exit 0' TERM
+echo "$@" > "$FAKE_LOG/srun_args"
+for _ in $(seq 600); do
+    [ -f "$FAKE_LOG/finish" ] && exit "$(cat "$FAKE_LOG/finish")"
+    sleep 0.05
+done
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+case "$1" in
+    show) echo node-01; echo node-02 ;;
+    requeue) echo "requeue $2" >> "$FAKE_LOG/events" ;;
+esac
+"""
+
+
+def start_slurm_script(tmp_path):
+    """launch/slurm_multi_node.sbatch under a fake SLURM (srun, scontrol) once its step has started."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path),
+           "SLURM_SUBMIT_DIR": str(REPO_ROOT), "SLURM_JOB_NODELIST": "node-[01-02]", "SLURM_NNODES": "2",
+           "SLURM_JOB_ID": "4242"}
+    script = subprocess.Popen(["bash", "launch/slurm_multi_node.sbatch"], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "srun_args").exists():
+        assert script.poll() is None and time.monotonic() < deadline, script.communicate()
+        time.sleep(0.05)
+    return script
+
+
+def events(tmp_path) -> list[str]:
+    log = tmp_path / "events"
+    return log.read_text().split("\n")[:-1] if log.exists() else []
+
+
+def test_slurm_job_near_its_time_limit_stops_the_ranks_then_requeues_itself(tmp_path):
+    script = start_slurm_script(tmp_path)
+    assert "--rdzv_endpoint node-01:29500" in (tmp_path / "srun_args").read_text()
+    assert "--resume auto" in (tmp_path / "srun_args").read_text()
+    script.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends
+    _, stderr = script.communicate(timeout=30)
+    assert script.returncode == 0, stderr
+    assert events(tmp_path) == ["TERM", "requeue 4242"]  # the checkpoint is saved before the requeue
+
+
+@pytest.mark.parametrize("exit_status", [0, 1])
+def test_slurm_job_that_ends_by_itself_or_fails_is_not_requeued(tmp_path, exit_status):
+    script = start_slurm_script(tmp_path)
+    (tmp_path / "finish").write_text(str(exit_status))
+    _, stderr = script.communicate(timeout=30)
+    assert script.returncode == exit_status, stderr
+    assert events(tmp_path) == []
