@@ -55,6 +55,42 @@ def test_a_save_stopped_between_its_complete_marker_and_latest_is_the_one_resume
     assert resolve_resume("auto", tmp_path).tag == "step_00000020"
 
 
+@pytest.mark.parametrize("latest", ["garbage", "binary", "dangling", "folder"])
+def test_resume_auto_takes_the_newest_complete_checkpoint_whatever_latest_holds(tmp_path, caplog, latest):
+    """`latest` is only a pointer: the COMPLETE markers decide. Bytes that are no text (a torn disk block)
+    crashed `--resume auto` with a UnicodeDecodeError."""
+    fake_checkpoint(tmp_path, 10)
+    fake_checkpoint(tmp_path, 20)
+    pointer = tmp_path / LATEST_FILE
+    pointer.unlink()
+    if latest == "garbage":
+        pointer.write_text("step_00000099 and more\n")
+    elif latest == "binary":
+        pointer.write_bytes(b"\xff\xfe\x00step")
+    elif latest == "dangling":
+        pointer.symlink_to(tmp_path / "nowhere")
+    else:
+        pointer.mkdir()
+    assert resolve_resume("auto", tmp_path).tag == "step_00000020"
+    assert str(pointer) in caplog.text and "the newest complete checkpoint is step_00000020" in caplog.text
+
+
+@pytest.mark.parametrize("latest", ["names_a_deleted_checkpoint", "binary"])
+def test_resume_auto_does_not_start_afresh_where_latest_shows_checkpoints_that_are_gone(tmp_path, latest):
+    """Only a checkpoint's completion writes `latest`: with it there and no complete checkpoint left, the run's
+    checkpoints were deleted or moved, and starting from step 0 would drop the run's progress unasked."""
+    fake_checkpoint(tmp_path, 10, complete=False)  # an unfinished save is no checkpoint to resume
+    if latest == "binary":
+        (tmp_path / LATEST_FILE).write_bytes(b"\xff\xfe\x00step")
+    else:
+        (tmp_path / LATEST_FILE).write_text("step_00000020")
+    with pytest.raises(CheckpointError, match=rf"{LATEST_FILE} shows that this run saved checkpoints, but "
+                                              rf"{tmp_path} holds no complete one .*remove {LATEST_FILE} to start"):
+        resolve_resume("auto", tmp_path)
+    (tmp_path / LATEST_FILE).unlink()
+    assert resolve_resume("auto", tmp_path) is None
+
+
 def test_prune_keeps_last_k_and_removes_stale_partial_saves(tmp_path):
     for step in (10, 20, 30):
         fake_checkpoint(tmp_path, step)

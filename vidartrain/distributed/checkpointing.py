@@ -201,14 +201,25 @@ def complete_checkpoints(root: Path) -> list[str]:
 def latest_complete(root: Path) -> str | None:
     """The newest complete checkpoint. `latest` names it once its save has finished; a save stopped after
     its COMPLETE marker but before `latest` moved leaves `latest` naming the one before, so the markers
-    decide (and a `latest` that disagrees is reported)."""
+    decide (and a `latest` that disagrees, or cannot be read, is reported)."""
     tags = complete_checkpoints(root)
     newest = tags[-1] if tags else None
     latest = root / LATEST_FILE
-    if latest.is_file() and (named := latest.read_text().strip()) != newest:
-        log.warning("%s names %s, but the newest complete checkpoint is %s (a save stopped before it moved %s)",
-                    latest, named, newest, LATEST_FILE)
+    if has_latest(root):
+        try:
+            named = latest.read_text().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            log.warning("%s is unreadable (%s); the newest complete checkpoint is %s", latest, err, newest)
+        else:
+            if named != newest:
+                log.warning("%s names %s, but the newest complete checkpoint is %s (a save stopped before it "
+                            "moved %s)", latest, named, newest, LATEST_FILE)
     return newest
+
+
+def has_latest(root: Path) -> bool:
+    """Whether `root` has a `latest` entry of any kind (a broken link or a folder too)."""
+    return (root / LATEST_FILE).exists() or (root / LATEST_FILE).is_symlink()
 
 
 def saved_checkpoints(root: Path) -> list[str]:
@@ -269,6 +280,11 @@ def resume_candidates(resume: str | None, root: Path) -> list[CheckpointRef]:
         return []
     if resume == "auto":
         if latest_complete(root) is None:
+            # only a checkpoint's completion writes `latest`: the run saved checkpoints that are gone now
+            if has_latest(root):
+                raise CheckpointError(f"--resume auto: {root / LATEST_FILE} shows that this run saved checkpoints, "
+                                      f"but {root} holds no complete one (deleted or moved?); resume from a copy "
+                                      f"with --resume PATH, or remove {LATEST_FILE} to start from scratch")
             log.info("--resume auto: no complete checkpoint under %s, starting from scratch", root)
             return []
         return [CheckpointRef(root, tag) for tag in reversed(complete_checkpoints(root))]
