@@ -1,7 +1,9 @@
 """ZeRO-3 engine on 2 CPU ranks through the real `deepspeed` launcher: partitioning, activation
 checkpointing gradients, and the gathered bf16 export reproducing the engine's outputs; on one rank,
-that a skipped step's gradients are discarded under every ZeRO stage."""
+that a skipped step's gradients are discarded under every ZeRO stage, and that an fp16 engine's
+checkpoint, its dynamic loss scaler included, loads weights-only."""
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from helpers.trainer_launch import deepspeed_command, run, torchrun_command
+from helpers.trainer_launch import deepspeed_command, run
 from vidartrain.config import Config
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.model import WanModel
@@ -85,14 +87,30 @@ def fake_zero3_partition(module, config_dict_or_path):
             submodule._parameters[name] = nn.Parameter(parameter.data.to("meta"), parameter.requires_grad)
 
 
-def test_a_skipped_steps_gradients_do_not_reach_the_next_step_under_any_zero_stage(tmp_path):
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory) -> dict:
+    """The checks of tests/helpers/one_rank_engine_script.py, one process (a group of one) for all of them."""
+    log = tmp_path_factory.mktemp("one_rank") / "log.txt"
+    run([sys.executable, "tests/helpers/one_rank_engine_script.py"], log)
+    return json.loads(next(line for line in log.read_text().splitlines() if line.startswith("{")))
+
+
+def test_a_skipped_steps_gradients_do_not_reach_the_next_step_under_any_zero_stage(one_rank_run):
     """The trainer drops a step whose micro-batch went non-finite after earlier micro-batches were
     backpropagated (`discard_gradients`). ZeRO-2 kept their reduced gradients (all_grad_tensors) past
     zero_grad() and added them into the next step: the weights then differed by about an lr."""
-    log = tmp_path / "log.txt"
-    run(torchrun_command("tests/helpers/discarded_gradients_script.py", [], num_ranks=1), log)
-    differences = json.loads(next(line for line in log.read_text().splitlines() if line.startswith("{")))
-    assert differences == {"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.0}
+    assert one_rank_run["discarded_gradients"] == {"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.0}
+
+
+def test_an_fp16_checkpoint_resumes_with_its_dynamic_loss_scaler(one_rank_run):
+    """A real fp16 ZeRO-3 engine (DeepSpeed's default there: dynamic loss scaling) skips a step whose scaled
+    gradients overflow, and its checkpoint loads weights-only, as the trainer's resume and export read it:
+    the DynamicLossScaler was refused as 'a crafted or foreign file', so no fp16 run could resume."""
+    result = one_rank_run["fp16_resume"]
+    assert result["applied"] == [True, False, True]  # what the trainer's EMA asks (engine.was_step_applied)
+    assert result["loaded"] and result["loss_scaler"] == "DynamicLossScaler"
+    # the overflow used up one step of hysteresis (a fresh scaler has 2): the saved state came back
+    assert result["hysteresis"] == [1, 1] and result["same_loss_scaler"] and result["same_weights"]
 
 
 def test_build_engine_puts_buffers_on_the_device_of_the_zero3_parameters(monkeypatch):
