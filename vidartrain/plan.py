@@ -408,8 +408,10 @@ def all_to_all_bytes(shape: DitShape, tokens: int, checkpointing: str, sequence_
     return blocks + gather
 
 
+@functools.lru_cache(maxsize=8)
 def dit_parameters(shape: DitShape) -> tuple[int, int]:
-    """(total parameters, largest single layer) of the DiT, counted on the meta device."""
+    """(total parameters, largest single layer) of the DiT, counted on the meta device (once per shape:
+    `vidar-plan --table` plans the same DiT for every profile)."""
     model = meta_dit(shape)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
@@ -496,6 +498,7 @@ def plan_for_ds_config(config: Config, profile_name: str, ds: dict[str, Any], gp
     check_sequence_parallel_size(sp, world_size, shape.num_heads)
     params, largest = dit_parameters(shape)
     adapters = lora_parameters(shape, config.lora)
+    frozen = frozen_gib(config, precomputed)  # built once: memory_for runs for every micro-batch size tried
     zero = ds["zero_optimization"]
 
     def memory_for(m: int) -> dict[str, float]:
@@ -505,7 +508,7 @@ def plan_for_ds_config(config: Config, profile_name: str, ds: dict[str, Any], gp
                                 offloads(ds, "offload_optimizer"), offloads(ds, "offload_param"),
                                 trainable=adapters if config.lora.enabled else None)
         parts["activations"] = activation_gib(shape, tokens, m, checkpointing, sp)
-        parts["frozen_encoders"] = frozen_gib(config, precomputed)
+        parts["frozen_encoders"] = frozen
         parts["headroom"] = CUDA_CONTEXT_GIB + FRAGMENTATION * gpu.memory_gib
         return parts
 
