@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import (BIN, kill_launch, logged_steps, run, start, torchrun_command, wait_for_step,
-                                    write_shards)
+from helpers.trainer_launch import (BIN, kill_launch, logged_steps, one_rank_command, run, start, torchrun_command,
+                                    wait_for_step, write_shards)
 from vidartrain.distributed.checkpointing import tag_for_step
 
 STEPS = 3
@@ -61,7 +61,7 @@ def export_weights(output_dir):
 def test_two_sequence_parallel_ranks_train_as_one_rank(workspace, name):
     config, overrides = RUNS[name]
     single, parallel = workspace / f"{name}_sp1", workspace / f"{name}_sp2"
-    run(torchrun_command("launch/train.py", train_args(workspace, single, config, 1, 1, *overrides), num_ranks=1),
+    run(one_rank_command("launch/train.py", train_args(workspace, single, config, 1, 1, *overrides)),
         workspace / f"{name}_sp1.log")
     run(torchrun_command("launch/train.py", train_args(workspace, parallel, config, 2, 1, *overrides), num_ranks=2),
         workspace / f"{name}_sp2.log")

@@ -3,9 +3,9 @@ Wan2.2 checkpoint in the published layout and shards made by data_tools from syn
 
 One uninterrupted single-node 2-rank run (deepspeed launcher) is the reference for everything else:
 a 2-node run (two torchrun agents, one rank each, rendezvous on 127.0.0.1) preempted with SIGTERM,
-resumed on one node and killed with SIGKILL at an arbitrary moment, then resumed on two nodes to
-the end, must log exactly the reference's losses; a 1-rank run resumes from a universal checkpoint;
-the export loads strictly.
+resumed on one node (torchrun) and killed with SIGKILL at an arbitrary moment, then resumed on two
+nodes to the end, must log exactly the reference's losses; a 1-rank run (no launcher) resumes from a
+universal checkpoint; the export loads strictly.
 """
 import math
 import signal
@@ -17,8 +17,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data_tools.tiny_checkpoint import write_tiny_checkpoint
-from helpers.trainer_launch import (BIN, deepspeed_command, free_port, kill_launch, logged_steps, run, start, tail, wait,
-                            wait_for_step, write_shards)
+from helpers.trainer_launch import (BIN, deepspeed_command, free_port, kill_launch, logged_steps, one_rank_command, run,
+                                    start, tail, torchrun_command, wait, wait_for_step, write_shards)
 from vidartrain.config import load_config
 from vidartrain.data.shard_index import DataInfo, read_data_info
 from vidartrain.distributed.checkpointing import COMPLETE_MARKER, complete_checkpoints, tag_for_step
@@ -135,9 +135,9 @@ def test_two_nodes_preempted_killed_and_resumed_reproduce_the_single_node_losses
     stopped_at = max(logged_steps(output_dir))
     assert stopped_at < STEPS
     assert (output_dir / "checkpoints" / tag_for_step(stopped_at) / COMPLETE_MARKER).is_file()
-    # 2. resume on one node with the deepspeed launcher, then SIGKILL everything at an arbitrary
+    # 2. resume on one node (2 ranks under one torchrun agent), then SIGKILL everything at an arbitrary
     #    moment (possibly in the middle of a save)
-    process = start(deepspeed_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log)
+    process = start(torchrun_command("launch/train.py", train_args(workspace, output_dir, "--resume", "auto")), log)
     wait_for_step(process, output_dir, stopped_at + 3, log)
     kill_launch(process)
     # 3. resume on the two 'nodes' again, to the end
@@ -158,7 +158,7 @@ def test_universal_checkpoint_resumes_on_one_rank(workspace, reference_run):
     # one rank: the same global batch of 4 as micro 1 x accumulation 4
     args = train_args(workspace, output_dir, "--resume", str(universal), "--max_steps", "11",
                       "--set", "training.batch_size=1", "--set", "training.gradient_accumulation=4")
-    run(deepspeed_command("launch/train.py", args, num_ranks=1), log)
+    run(one_rank_command("launch/train.py", args), log)
     resumed, reference = logged_steps(output_dir), logged_steps(reference_run)
     assert sorted(resumed) == [11]
     # the data position continues: the same 4 samples as the 2-rank run's step 11, and the schedule
