@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from launch.forward_sigterm import ranks_under
-from helpers.trainer_launch import CPU_PROFILE, TINY_CONFIG, cpu_train_args, deepspeed_command, single_process, start
+import launch.train as train_cli
+from helpers.trainer_launch import (CPU_PROFILE, TINY_CONFIG, cpu_train_args, single_process, single_process_flags,
+                                    start, torchrun_command)
 from helpers.trainer_launch import BIN, REPO_ROOT, free_port, launcher_env, logged_steps, tail, wait, wait_for_step
 from vidartrain.config import ConfigError, load_config
 from vidartrain.distributed.checkpointing import (COMPLETE_MARKER, checkpoint_files, complete_checkpoints,
@@ -52,17 +54,18 @@ def metrics_steps(output_dir):
 
 @pytest.fixture(scope="module")
 def runs(pre_encoded, tmp_path_factory):
-    """first: 3 steps at lr 1e-3 (checkpoints 2 and 3), then resumed to step 4 as if never stopped.
-    changed_lr: a copy of the 3-step run that lost checkpoint 3 (step 3 is logged, then redone), resumed
-    from step 2 to 4 with --set training.lr=1e-5."""
+    """first: 4 steps at lr 1e-3, a checkpoint after each (2, 3 and 4 kept). changed_lr: a copy of it that lost
+    checkpoints 3 and 4 (steps 3 and 4 are logged, then redone), resumed from step 2 to 4 with
+    --set training.lr=1e-5."""
     root = tmp_path_factory.mktemp("runs")
     first, changed = root / "first", root / "changed_lr"
-    succeeded(train(pre_encoded, first, "--max_steps", "3"))
+    every_step = ("--set", "training.save_every=1")
+    succeeded(train(pre_encoded, first, *every_step))
     shutil.copytree(first, changed)
-    shutil.rmtree(changed / "checkpoints" / tag_for_step(3))
-    changed_log = succeeded(train(pre_encoded, changed, "--resume", "auto", "--set", "training.lr=1e-5",
-                                  "--max_steps", "4")).stderr
-    succeeded(train(pre_encoded, first, "--resume", "auto", "--max_steps", "4"))
+    for step in (3, 4):
+        shutil.rmtree(changed / "checkpoints" / tag_for_step(step))
+    changed_log = succeeded(train(pre_encoded, changed, *every_step, "--resume", "auto",
+                                  "--set", "training.lr=1e-5")).stderr
     return SimpleNamespace(first=first, changed=changed, changed_log=changed_log)
 
 
@@ -103,13 +106,17 @@ def test_resume_refuses_settings_that_cannot_change(pre_encoded, runs, tmp_path)
             and "DeepSpeed profile precision: bf16 -> fp32" in result.stderr)
 
 
-def test_a_run_that_does_not_resume_does_not_start_over_an_earlier_run(pre_encoded, runs, tmp_path):
+def test_a_run_that_does_not_resume_does_not_start_over_an_earlier_run(pre_encoded, runs, tmp_path, monkeypatch,
+                                                                      refused):
     shutil.copytree(runs.first, tmp_path, dirs_exist_ok=True)
     before = {tag: (tmp_path / "checkpoints" / tag / COMPLETE_MARKER).read_text() for tag in complete_checkpoints(
         tmp_path / "checkpoints")}
-    result = train(pre_encoded, tmp_path, "--set", "training.lr=5e-4")
-    assert result.returncode == 2, result.stderr[-4000:]
-    assert "holds 3 checkpoints of an earlier run (newest step_00000004): continue it with --resume auto" in result.stderr
+    # refused before the process group exists, so launch/train.py runs in this process
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setattr("vidartrain.trainers.base.init_distributed",
+                        lambda: pytest.fail("a process group was started over the earlier run"))
+    refused(r"holds 3 checkpoints of an earlier run \(newest step_00000004\): continue it with --resume auto",
+            train_cli.main, single_process_flags(pre_encoded, tmp_path, *SHORT_RUN, "--set", "training.lr=5e-4"))
     assert {tag: (tmp_path / "checkpoints" / tag / COMPLETE_MARKER).read_text()
             for tag in complete_checkpoints(tmp_path / "checkpoints")} == before
     assert metrics_steps(tmp_path) == metrics_steps(runs.first)
@@ -335,8 +342,7 @@ def test_a_sigterm_after_the_ranks_agreed_to_go_on_stops_them_all_at_the_next_st
         f"model.ckpt_dir={pre_encoded / 'ckpt'}", f"data.shards={pre_encoded / 'shards'}", "data.val_shards=null",
         "training.val_every=0", "validation.every=0", "training.save_every=3", "training.log_every=1",
         "training.num_steps=3", "training.warmup=1", f"output.save_path={tmp_path / 'export' / 'vidar.pt'}"])
-    code = wait(start(deepspeed_command(FAULTY_TRAINER, ["late_sigterm", *flags], local_rank_flag=False), log),
-                log, timeout=240)
+    code = wait(start(torchrun_command(FAULTY_TRAINER, ["late_sigterm", *flags]), log), log, timeout=240)
     assert code == 0, tail(log)
     assert log.read_text().count("SIGTERM received: saving a checkpoint at step 3") == 2, tail(log)
     assert max(logged_steps(tmp_path)) == 3
