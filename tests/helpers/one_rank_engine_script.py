@@ -7,7 +7,7 @@ discarded_gradients: for each ZeRO stage, a step whose first micro-batch was bac
 fp16_resume: a ZeRO-3 fp16 engine takes three steps, the second with gradients that overflow under the loss
     scale (DeepSpeed skips that update), saves a checkpoint, and a fresh engine loads it weights-only, as
     `Trainer.load_checkpoint` does: which steps were applied, the loss scaler's class and whether its state
-    and the weights came back.
+    and the weights came back, and the dtype of the weights of a model built in float32.
 """
 import json
 import sys
@@ -32,8 +32,7 @@ def engine_for(stage: int, accumulation: int = 2, fp16: bool = False):
     model = torch.nn.Linear(8, 4)
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": accumulation,
                  "train_batch_size": accumulation, "zero_optimization": {"stage": stage}}
-    if fp16:  # what a bf16 profile gets from build_engine: the weights in the profile's 16-bit type
-        model.half()
+    if fp16:  # float32 weights: build_engine must put them in the profile's 16-bit type before ZeRO-3 partitions
         ds_config["fp16"] = {"enabled": True, "initial_scale_power": 8}  # dynamic loss scaling from 2^8
     return build_engine(model, ds_config, config)
 
@@ -84,7 +83,8 @@ def fp16_resume() -> dict[str, object]:
     return {"applied": applied, "loaded": load_dir is not None, "loss_scaler": type(resumed_scaler).__name__,
             "hysteresis": [scaler.cur_hysteresis, resumed_scaler.cur_hysteresis],
             "same_loss_scaler": vars(scaler) == vars(resumed_scaler),
-            "same_weights": all(torch.equal(a, b) for a, b in zip(gathered(engine), gathered(resumed)))}
+            "same_weights": all(torch.equal(a, b) for a, b in zip(gathered(engine), gathered(resumed))),
+            "weight_dtypes": sorted({str(p.dtype) for p in gathered(engine)})}
 
 
 def gathered(engine) -> list[torch.Tensor]:

@@ -93,7 +93,7 @@ from vidartrain.distributed.checkpointing import (
     CheckpointRef, checkpoint_files, checkpoint_problems, checkpoints_dir, file_digests, first_intact,
     latest_complete, mark_complete, prune_checkpoints, recorded_run, remove_checkpoints, resume_candidates,
     save_failure, saved_checkpoints, set_aside_checkpoints_after, tag_for_step, weights_only_loads)
-from vidartrain.distributed.ds_config import checkpointing_mode, fixed_by_checkpoint
+from vidartrain.distributed.ds_config import checkpointing_mode, fixed_by_checkpoint, precision_of
 from vidartrain.distributed.export import gather_state_dict
 from vidartrain.distributed.sequence_parallel import (ParallelLayout, SequenceParallel, apply_sequence_parallel,
                                                       new_sequence_parallel_groups)
@@ -322,8 +322,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.o
 
 def build_engine(model: nn.Module, ds_config: dict[str, Any], config: Config) -> deepspeed.DeepSpeedEngine:
     """The DeepSpeed engine around `model`'s trainable parameters, with AdamW and the LR schedule."""
-    if ds_config.get("bf16", {}).get("enabled"):
-        model.to(torch.bfloat16)  # a no-op for checkpoints loaded in bf16
+    # The weights in the profile's 16-bit type (a no-op for bf16 checkpoints loaded in bf16): ZeRO-3
+    # partitions them in the dtype it finds, and a bf16 DiT under an fp16 profile failed at its first forward.
+    sixteen_bit = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision_of(ds_config))
+    if sixteen_bit is not None:
+        model.to(sixteen_bit)
     if ds_config["zero_optimization"].get("stage", 0) == 3:
         # Partition now, one parameter at a time (to the device, broadcast from rank 0, cut into
         # slices), so that the whole model never sits on one device.
