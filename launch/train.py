@@ -38,7 +38,7 @@ from vidartrain.data.shard_index import DataInfo, read_data_info  # noqa: E402
 from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile  # noqa: E402
 from vidartrain.errors import reports_errors  # noqa: E402
 from vidartrain.plan import GPUS, dit_shape_of, format_plan, plan_for_ds_config, resolve_gpu, unplannable  # noqa: E402
-from vidartrain.trainers.base import RunOptions, Stage, Trainer, world_size_of_launch  # noqa: E402
+from vidartrain.trainers.base import RunOptions, Stage, Trainer, end_distributed, world_size_of_launch  # noqa: E402
 from vidartrain.trainers.monitoring import peak_memory_bytes  # noqa: E402
 
 # loss.type -> (module, class) of the stage that trains it
@@ -127,12 +127,15 @@ def run(args: argparse.Namespace, profile_overrides: Callable[[dict[str, Any]], 
     ds_config, _ = build_deepspeed_config(config, profile, world_size_of_launch())
     check_inputs_exist(config)
     stage = stage_for(config, read_data_info(config.data.shards, config.data.val_shards))
-    if args.dry_run:
-        return dry_run(config, stage, ds_path, ds_config, args)
-    options = RunOptions(ds_config=ds_config, output_dir=args.output_dir, resume=args.resume,
-                         max_steps=args.max_steps, overwrite=args.overwrite)
-    Trainer(config, stage, options).train()
-    return 0
+    try:
+        if args.dry_run:
+            return dry_run(config, stage, ds_path, ds_config, args)
+        options = RunOptions(ds_config=ds_config, output_dir=args.output_dir, resume=args.resume,
+                             max_steps=args.max_steps, overwrite=args.overwrite)
+        Trainer(config, stage, options).train()
+        return 0
+    finally:
+        end_distributed()
 
 
 def dry_run(config: Config, stage: Stage, ds_path: str, ds_config: dict[str, Any], args: argparse.Namespace) -> int:

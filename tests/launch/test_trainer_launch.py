@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import launch.train as train_cli
 from launch.stage_flags import debug_overrides
@@ -14,6 +15,8 @@ from helpers.trainer_launch import CPU_PROFILE, REPO_ROOT, TINY_CONFIG, logged_s
 from vidartrain.config import load_config
 from vidartrain.data.shard_index import INDEX_FORMAT
 from vidartrain.distributed.checkpointing import COMPLETE_MARKER, tag_for_step
+from vidartrain.errors import ConfigError
+from vidartrain.trainers.base import free_port, init_distributed
 
 
 @pytest.fixture
@@ -72,6 +75,35 @@ def test_an_export_onto_the_runs_own_weights_is_refused_before_anything_is_built
     with pytest.raises(AssertionError, match="was built"):  # --overwrite: the run goes on to start
         train_cli.main([*args, "--overwrite"])
     assert (tmp_path / "vidar.pt").read_bytes() == b"the published weights"
+
+
+def test_a_run_refused_after_its_process_group_started_destroys_it(tmp_path, capsys, monkeypatch):
+    # Left to the destructors at exit, gloo's threads could abort the process ("terminate called without an
+    # active exception"), and a refusal's exit status 2 became a crash.
+    monkeypatch.chdir(REPO_ROOT)
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "index.json").write_text(json.dumps({
+        "format": INDEX_FORMAT, "complete": True, "mode": "raw", "settings": {}, "shards": [], "episodes": [],
+        "skipped": []}))
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+
+    class RefusedOnceStarted:
+        def __init__(self, *args, **kwargs):
+            init_distributed()
+            raise ConfigError("refused once the process group has started")
+
+    monkeypatch.setattr(train_cli, "Trainer", RefusedOnceStarted)
+    args = ["--config", TINY_CONFIG, "--ds-config", CPU_PROFILE, "--output_dir", str(tmp_path / "run"),
+            "--set", f"data.shards={tmp_path / 'shards'}", "--set", "data.val_shards=null",
+            "--set", "validation.every=0", "--set", "training.val_every=0", "--set", "training.batch_size=2",
+            "--set", f"model.ckpt_dir={tmp_path / 'ckpt'}"]
+    assert train_cli.main(args) == 2
+    assert "refused once the process group has started" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()
 
 
 def test_one_gpu_profile_trains_with_the_optimizer_offloaded(pre_encoded, tmp_path):

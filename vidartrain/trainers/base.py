@@ -229,6 +229,14 @@ def init_distributed() -> None:
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def end_distributed() -> None:
+    """Destroy the process group before the interpreter exits. Left to the destructors, its threads
+    (gloo's, NCCL's watchdog) can abort the process at exit ("terminate called without an active
+    exception"), turning a refusal's exit status 2 into a crash, and NCCL warns of lost operations."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def skip_cpu_shared_memory_allreduce() -> None:
     """CPU process groups start without DeepSpeed's shared-memory allreduce op. Only DeepSpeed's
     inference all-reduce uses it (ZeRO's collectives go through torch.distributed and gloo), yet
