@@ -129,6 +129,54 @@ def test_build_engine_puts_buffers_on_the_device_of_the_zero3_parameters(monkeyp
     assert {p.device.type for p in engine.module.parameters()} == {"meta"}
 
 
+def fake_offloaded_zero3_partition(module, config_dict_or_path):
+    """`deepspeed.zero.Init(module=...)` under zero_optimization.offload_param: each parameter's data is
+    released on the accelerator ("meta" here), its partition (`ds_tensor`) kept in CPU memory."""
+    for submodule in module.modules():
+        for name, parameter in list(submodule._parameters.items()):
+            partitioned = nn.Parameter(parameter.data.to("meta"), parameter.requires_grad)
+            partitioned.ds_tensor = parameter.data.detach().flatten().clone()
+            submodule._parameters[name] = partitioned
+
+
+def fake_engine(monkeypatch, device: str) -> None:
+    """deepspeed.initialize and the accelerator faked around `build_engine`, the engine on `device`."""
+    accelerator = SimpleNamespace(current_device_name=lambda: device)
+    monkeypatch.setattr(base, "get_accelerator", lambda: accelerator)
+    monkeypatch.setattr(deepspeed, "initialize", lambda model, **_: (
+        SimpleNamespace(module=model, device=torch.device(device)), None, None, None))
+
+
+def test_build_engine_accepts_parameter_partitions_offloaded_to_the_cpu(monkeypatch):
+    """`distributed.cpu_offload: true` under ZeRO-3 offloads the parameters: their partitions live in CPU
+    memory by design, and the placement check refused every such run on a GPU before its first step."""
+    fake_engine(monkeypatch, "meta")
+    monkeypatch.setattr(deepspeed.zero, "Init", fake_offloaded_zero3_partition)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    zero = {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": True}}
+    engine = base.build_engine(model, {"zero_optimization": zero}, Config())
+    assert {p.ds_tensor.device.type for p in engine.module.parameters()} == {"cpu"}
+    assert {b.device.type for b in engine.module.buffers()} == {"meta"}
+    # without offload_param such partitions are misplaced; buffers belong on the device with it too
+    with pytest.raises(RuntimeError, match=r"0\.weight \(cpu\)"):
+        base.check_placement(engine.module, torch.device("meta"))
+    engine.module[1].running_mean = torch.zeros(4)
+    with pytest.raises(RuntimeError, match=r"1\.running_mean \(cpu\)"):
+        base.check_placement(engine.module, torch.device("meta"), offloaded_partitions=True)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16),
+                                              (None, torch.float32)])
+def test_build_engine_puts_the_weights_in_the_profiles_precision(monkeypatch, precision, dtype):
+    """DeepSpeed casts nothing under fp32: the DiT, loaded in bf16, kept training bf16 weights there (under
+    ZeRO 0-2 with torch's AdamW stepping them directly)."""
+    fake_engine(monkeypatch, "cpu")
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).to(torch.bfloat16)
+    profile = {"zero_optimization": {"stage": 1}, **({precision: {"enabled": True}} if precision else {})}
+    engine = base.build_engine(model, profile, Config())
+    assert {p.dtype for p in engine.module.parameters()} == {dtype}
+
+
 def test_check_placement_names_the_tensors_off_the_engine_device():
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     base.check_placement(model, torch.device("cpu"))

@@ -93,7 +93,7 @@ from vidartrain.distributed.checkpointing import (
     CheckpointRef, checkpoint_files, checkpoint_problems, checkpoints_dir, file_digests, first_intact,
     latest_complete, mark_complete, prune_checkpoints, recorded_run, remove_checkpoints, resume_candidates,
     save_failure, saved_checkpoints, set_aside_checkpoints_after, tag_for_step, weights_only_loads)
-from vidartrain.distributed.ds_config import checkpointing_mode, fixed_by_checkpoint, precision_of
+from vidartrain.distributed.ds_config import checkpointing_mode, fixed_by_checkpoint, offloads, precision_of
 from vidartrain.distributed.export import gather_state_dict
 from vidartrain.distributed.sequence_parallel import (ParallelLayout, SequenceParallel, apply_sequence_parallel,
                                                       new_sequence_parallel_groups)
@@ -328,13 +328,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.o
         optimizer, lambda step: lr_factor(step, t.warmup, t.num_steps, t.lr_schedule, min_ratio))
 
 
+# The weights' dtype under each precision of a DeepSpeed profile (`precision_of`).
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def build_engine(model: nn.Module, ds_config: dict[str, Any], config: Config) -> deepspeed.DeepSpeedEngine:
     """The DeepSpeed engine around `model`'s trainable parameters, with AdamW and the LR schedule."""
-    # The weights in the profile's 16-bit type (a no-op for bf16 checkpoints loaded in bf16): ZeRO-3
-    # partitions them in the dtype it finds, and a bf16 DiT under an fp16 profile failed at its first forward.
-    sixteen_bit = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision_of(ds_config))
-    if sixteen_bit is not None:
-        model.to(sixteen_bit)
+    # The weights in the profile's precision (a no-op for bf16 checkpoints loaded in bf16): ZeRO-3 partitions
+    # them in the dtype it finds and DeepSpeed casts nothing under fp32, so a bf16 DiT under an fp16 profile
+    # failed at its first forward, and under an fp32 one trained bf16 weights (at ZeRO 0-2 without a master copy).
+    model.to(PRECISION_DTYPES[precision_of(ds_config)])
     if ds_config["zero_optimization"].get("stage", 0) == 3:
         # Partition now, one parameter at a time (to the device, broadcast from rank 0, cut into
         # slices), so that the whole model never sits on one device.
@@ -347,7 +350,7 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any], config: Config) ->
         model=model, model_parameters=trainable, config=ds_config,
         optimizer=lambda params: build_optimizer(params, config),
         lr_scheduler=lambda optimizer: build_scheduler(optimizer, config))
-    check_placement(engine.module, engine.device)
+    check_placement(engine.module, engine.device, offloaded_partitions=offloads(ds_config, "offload_param"))
     return engine
 
 
@@ -390,12 +393,18 @@ def move_buffers(module: nn.Module, device: torch.device) -> None:
                 submodule._buffers[name] = buffer.to(device)
 
 
-def check_placement(module: nn.Module, device: torch.device) -> None:
-    """Fail, naming them, if parameters (their ZeRO-3 slice) or buffers of `module` are not on `device`."""
-    tensors = [(name, getattr(p, "ds_tensor", p)) for name, p in module.named_parameters()]
-    tensors += list(module.named_buffers())
-    misplaced = [f"{name} ({tensor.device})" for name, tensor in tensors
-                 if tensor.device.type != device.type or tensor.device.index not in (None, device.index)]
+def check_placement(module: nn.Module, device: torch.device, offloaded_partitions: bool = False) -> None:
+    """Fail, naming them, if parameters (their ZeRO-3 slice) or buffers of `module` are not on `device`.
+    `offloaded_partitions` (zero_optimization.offload_param): the slices may be in CPU memory too, where
+    ZeRO-3 keeps all but the small persistent ones (NVMe offload swaps through CPU buffers)."""
+    def placed(tensor: torch.Tensor, partition: bool) -> bool:
+        if partition and offloaded_partitions and tensor.device.type == "cpu":
+            return True
+        return tensor.device.type == device.type and tensor.device.index in (None, device.index)
+
+    tensors = [(name, getattr(p, "ds_tensor", p), hasattr(p, "ds_tensor")) for name, p in module.named_parameters()]
+    tensors += [(name, buffer, False) for name, buffer in module.named_buffers()]
+    misplaced = [f"{name} ({tensor.device})" for name, tensor, partition in tensors if not placed(tensor, partition)]
     if misplaced:
         raise RuntimeError(f"{len(misplaced)} tensors of the engine's module are not on its device {device}: "
                            + ", ".join(misplaced[:8]))
