@@ -9,6 +9,7 @@ from conftest import fixture_path
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from vidartrain.models.wan import model as wan_model
 from vidartrain.models.wan.checkpoint import write_checkpoint_dir
 from vidartrain.models.wan.model import (CHECKPOINTING_MODES, WanModel, group_timesteps, num_tokens,
                                          recompute_in_backward, rope_axis_dims)
@@ -200,6 +201,35 @@ def test_recompute_in_backward_gradients_match_autograd():
     expected = torch.autograd.grad(fn(*partial).sum(), [inputs[0], inputs[2]])
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e)
+
+
+@pytest.fixture(scope="module")
+def fake_flash_attn_forward():
+    """An operator named as flash-attn's forward (the package is for CUDA only), counting its calls."""
+    if hasattr(torch.ops.flash_attn, "_flash_attn_forward"):
+        pytest.skip("flash-attn's operator is registered here (the package is installed)")
+    calls = []
+
+    @torch.library.custom_op(wan_model.FLASH_ATTN_FORWARD, mutates_args=())
+    def forward(q: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return q * 2
+
+    forward.register_autograd(lambda ctx, grad: grad * 2)
+    return forward, calls
+
+
+def test_selective_checkpointing_keeps_the_flash_attn_kernels_output(monkeypatch, fake_flash_attn_forward):
+    """Where flash-attn is installed it is the attention kernel on CUDA, and the policy kept only SDPA's:
+    every backward of a selectively checkpointed block ran flash attention a second time."""
+    forward, calls = fake_flash_attn_forward
+    monkeypatch.setattr(wan_model, "flash_attn_func", lambda q, k, v: forward(q))
+    q = torch.randn(4, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(lambda x: forward(x).sin(), q, use_reentrant=False,
+                                            context_fn=wan_model._selective_checkpoint_context)
+    out.sum().backward()
+    assert len(calls) == 1  # the forward's, none in backward
+    torch.testing.assert_close(q.grad, 2 * (2 * q).detach().cos())
 
 
 def test_unknown_checkpointing_mode_is_refused():

@@ -137,10 +137,13 @@ KEPT_BY_SELECTIVE_CHECKPOINTING = {
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
 }
+# The flash-attn package's kernel (`attention` on CUDA where it is installed) as the operator it registers
+# (flash-attn >= 2.6 on torch >= 2.4), kept like SDPA's: unlisted, backward recomputed every attention.
+FLASH_ATTN_FORWARD = "flash_attn::_flash_attn_forward"
 
 
 def _keep_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in KEPT_BY_SELECTIVE_CHECKPOINTING:
+    if op in KEPT_BY_SELECTIVE_CHECKPOINTING or (flash_attn_func is not None and op.name() == FLASH_ATTN_FORWARD):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
