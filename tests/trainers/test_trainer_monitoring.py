@@ -2,21 +2,36 @@
 resumed run leaves in TensorBoard and metrics.jsonl."""
 import json
 import logging
+import resource
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from vidartrain.trainers import monitoring
 from vidartrain.trainers.base import ValidationSample
-from vidartrain.trainers.monitoring import TrainingMonitor
+from vidartrain.trainers.monitoring import TrainingMonitor, peak_memory_bytes
 
 
 def record(step):
     return {"step": step, "loss": 1.0, "lr": 1e-3, "grad_norm": 0.5, "nonfinite_total": 0, "data_wait": 0.1,
             "compute": 0.9, "samples": 4, "tokens": 64, "peak_memory": 2**30, "finite": True, "keys": [],
             "skipped_samples": 0, "metrics": {}}
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", "cuda"])
+def test_peak_memory_is_the_runs_devices(monkeypatch, accelerator):
+    """On a machine with a GPU, a run on the CPU accelerator (the demo sets DS_ACCELERATOR=cpu) logged the idle
+    GPU's allocator peak, 0 bytes, as its peak memory at every step and in the dry run."""
+    monkeypatch.setattr(monitoring, "get_accelerator", lambda: SimpleNamespace(device_name=lambda: accelerator))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 123)
+    resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert peak_memory_bytes() == (123 if accelerator == "cuda" else resident)
 
 
 def test_without_a_terminal_a_progress_line_comes_every_log_seconds(tmp_path, caplog):

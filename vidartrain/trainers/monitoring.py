@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from deepspeed.accelerator import get_accelerator
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def peak_memory_bytes() -> int:
-    """Peak GPU allocator memory on a GPU; peak resident set size of the process on CPU."""
-    if torch.cuda.is_available():
+    """Peak GPU allocator memory where DeepSpeed runs on CUDA; peak resident set size of the process on
+    the CPU, also on a machine with a GPU that the run leaves alone (DS_ACCELERATOR=cpu, as the demo sets)."""
+    if get_accelerator().device_name() == "cuda":
         return int(torch.cuda.max_memory_allocated())
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
