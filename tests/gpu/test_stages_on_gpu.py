@@ -24,7 +24,8 @@ def train_command(config: str, output_dir, data, *overrides: str) -> list[str]:
 
 
 def train(command: list[str], output_dir) -> dict[int, dict]:
-    result = subprocess.run(command, cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO_ROOT, env=launcher_env(accelerator=None), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
     steps = logged_steps(output_dir)
     assert steps and all(record["finite"] for record in steps.values())
@@ -82,10 +83,10 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_losses(data, stage1, tmp_pat
     command = train_command("configs/debug/tiny_vidar.yaml", tmp_path, data, "--set", "training.num_steps=4",
                             "--set", "training.save_every=1")
     log = tmp_path / "log.txt"
-    process = start(command, log)
+    process = start(command, log, accelerator=None)
     wait_for_step(process, tmp_path, 2, log)
     kill_launch(process)
-    assert wait(start([*command, "--resume", "auto"], log), log) == 0, tail(log)
+    assert wait(start([*command, "--resume", "auto"], log, accelerator=None), log) == 0, tail(log)
     resumed = logged_steps(tmp_path)
     assert sorted(resumed) == [1, 2, 3, 4]
     assert [resumed[s]["loss"] for s in range(1, 5)] == [reference[s]["loss"] for s in range(1, 5)]

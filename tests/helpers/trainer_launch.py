@@ -43,11 +43,17 @@ def tiny_idm() -> IDM:
     return IDM(architecture=IdmArchitecture.from_config(widths, "configs/debug/tiny_idm.yaml"))
 
 
-def launcher_env() -> dict[str, str]:
+def launcher_env(accelerator: str | None = "cpu") -> dict[str, str]:
+    """The environment of a launched run. `accelerator`: DeepSpeed's (DS_ACCELERATOR): "cpu" for the CPU
+    suite, whose multi-rank runs must stay on gloo and the CPU on a machine with a GPU too; None for the GPU
+    lane, which must not run on the CPU because the caller's shell said so."""
     # The repository first; paths already set stay (where the packages themselves come from PYTHONPATH).
     python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONPATH=python_path, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("WORLD_SIZE", None)
+    env.pop("DS_ACCELERATOR", None)
+    if accelerator is not None:
+        env["DS_ACCELERATOR"] = accelerator
     return env
 
 
@@ -73,11 +79,11 @@ def one_rank_command(script: str, args: list[str]) -> list[str]:
     return [str(BIN / "python"), script, *args]
 
 
-def start(command: list[str], log_path: Path) -> subprocess.Popen:
-    """Start a launcher in its own process group, output to log_path."""
+def start(command: list[str], log_path: Path, accelerator: str | None = "cpu") -> subprocess.Popen:
+    """Start a launcher in its own process group, output to log_path (`accelerator`: as `launcher_env`)."""
     log = open(log_path, "ab")
-    return subprocess.Popen(command, cwd=REPO_ROOT, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=launcher_env(accelerator), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def kill_launch(process: subprocess.Popen) -> None:
