@@ -251,8 +251,8 @@ def idm_precision(wanted: str | None, profile: str) -> str:
         raise ConfigError(f"`distributed.mixed_precision` = {wanted!r}: the IDM trains float32 weights "
                           f"(BatchNorm statistics are float32; bf16 autocast applies on GPUs); set it to fp32")
     if profile != "fp32":
-        log.info("IDM: float32 weights, the profile's %s as autocast on GPUs (BatchNorm statistics are float32)",
-                 profile)
+        log.info("IDM: float32 weights under the %s profile, its forward under bf16 autocast on GPUs (BatchNorm "
+                 "statistics are float32)", profile)
     return "fp32"
 
 
