@@ -187,10 +187,15 @@ def test_state_from_another_seed_is_refused(shards):
         other.load_state_dict(state)
 
 
-def test_too_few_samples_for_one_batch_is_a_data_error(shards):
-    loader = build_loader(shards, config(shards), 100, rank=0, world_size=1)
+def test_too_few_samples_for_one_batch_on_every_rank_are_refused_when_the_loader_is_built(shards):
+    # refused at once, not at the first batch: on 64 GPUs that comes after the model and the engine
     with pytest.raises(DataError, match="8 samples cannot fill one batch of 100 on each of 1 ranks"):
-        next(iter(loader))
+        build_loader(shards, config(shards), 100, rank=0, world_size=1)
+    with pytest.raises(DataError, match=r"8 samples cannot fill one batch of 1 on each of 64 ranks \(64 samples"):
+        build_loader(shards, config(shards), 1, rank=63, world_size=64)
+    with pytest.raises(DataError, match="on each of 9 ranks"):  # an evaluation: the last rank would read none
+        build_loader(shards, config(shards), 1, rank=8, world_size=9, train=False)
+    assert len(list(build_loader(shards, config(shards), 1, rank=7, world_size=8, epochs=1))) == 1
 
 
 def test_text_dropout(shards):

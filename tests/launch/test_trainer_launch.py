@@ -13,10 +13,13 @@ from launch.stage_flags import debug_overrides
 from vidartrain.distributed.ds_config import load_profile
 from helpers.trainer_launch import CPU_PROFILE, REPO_ROOT, TINY_CONFIG, logged_steps, single_process
 from vidartrain.config import load_config
-from vidartrain.data.shard_index import INDEX_FORMAT
+from vidartrain.data.shard_index import INDEX_FORMAT, read_data_info
 from vidartrain.distributed.checkpointing import COMPLETE_MARKER, tag_for_step
-from vidartrain.errors import ConfigError
-from vidartrain.trainers.base import free_port, init_distributed
+from vidartrain.distributed.ds_config import build_deepspeed_config
+from vidartrain.errors import ConfigError, DataError
+from vidartrain.trainers import base
+from vidartrain.trainers.base import RunOptions, free_port, init_distributed
+from vidartrain.trainers.vidar_trainer import VidarStage
 
 
 @pytest.fixture
@@ -104,6 +107,24 @@ def test_a_run_refused_after_its_process_group_started_destroys_it(tmp_path, cap
     assert train_cli.main(args) == 2
     assert "refused once the process group has started" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()
+
+
+def test_too_few_samples_for_64_ranks_are_refused_before_any_model_is_built(pre_encoded, tmp_path, monkeypatch,
+                                                                          nothing_may_be_built):
+    # Rank 63 of 64 (no process group: its rank and world size are faked) on 4 samples. Found at the first
+    # step, the shortage would cost building the model and the engine on 64 GPUs first.
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setenv("WORLD_SIZE", "64")
+    monkeypatch.setattr(base, "init_distributed", lambda: None)
+    monkeypatch.setattr(base.dist, "get_rank", lambda group=None: 63)
+    monkeypatch.setattr(base.dist, "get_world_size", lambda group=None: 64)
+    config = load_config(TINY_CONFIG, [f"model.ckpt_dir={pre_encoded / 'ckpt'}", f"data.shards={pre_encoded / 'shards'}",
+                                       "data.val_shards=null", "training.val_every=0", "validation.every=0",
+                                       "training.batch_size=128", f"output.save_path={tmp_path / 'vidar.pt'}"])
+    ds_config, _ = build_deepspeed_config(config, load_profile(CPU_PROFILE), 64)
+    stage = VidarStage(config, read_data_info(config.data.shards))
+    with pytest.raises(DataError, match="4 samples cannot fill one batch of 1 on each of 64 ranks"):
+        base.Trainer(config, stage, RunOptions(ds_config=ds_config, output_dir=str(tmp_path / "run")))
 
 
 def test_one_gpu_profile_trains_with_the_optimizer_offloaded(pre_encoded, tmp_path):

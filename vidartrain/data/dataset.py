@@ -20,7 +20,8 @@ substitute drawn with (seed, epoch, its key): batches keep their size, and the s
 the same batch on a resumed run. `ShardLoader.skipped_samples` counts them; the trainer stops a
 run with a checkpoint once more than `max_bad_samples` failed over all ranks (a loader stops by
 itself, with BadSampleLimitError, only when the bad samples of one batch pass the limit: every
-sample bad). Shards missing or of another size than index.json says are refused at start.
+sample bad). Shards missing or of another size than index.json says are refused at start, and so are
+too few samples to give every rank one batch.
 
 Pre-encoded shards (index.json mode "latents") hold VAE latents, the pooled IDM mask and a
 reference to the instruction's umT5 embedding: they are read as tensors, with no video decoding and
@@ -359,6 +360,7 @@ class ShardStream(IterableDataset):
         pairs = spec.frames_per_sample if spec.mode == "frames" else 1
         self.samples_per_batch = micro_batch_size // pairs
         self.start_epoch, self.start_consumed = 0, 0
+        self.check_fills_one_batch()
 
     def batches_in_epoch(self, epoch: int, consumed: int) -> list[np.ndarray]:
         """Sample indices of each of this rank's remaining batches in the epoch."""
@@ -370,14 +372,21 @@ class ShardStream(IterableDataset):
             batches.pop()
         return batches
 
+    def check_fills_one_batch(self) -> None:
+        """Refuse a dataset whose epoch cannot give this rank one batch (every epoch is as long), when the
+        loader is built: on many ranks a small dataset would otherwise fail at the first step, after the
+        model and the engine were built on every GPU."""
+        if not self.batches_in_epoch(0, 0):
+            raise DataError(f"{self.mixture.epoch_length} samples cannot fill one batch of {self.samples_per_batch} "
+                            f"on each of {self.world_size} ranks ({self.samples_per_batch * self.world_size} samples "
+                            f"per micro-step over the data-parallel ranks): add episodes, or train on fewer ranks "
+                            f"or with a smaller micro-batch")
+
     def schedule(self) -> Iterator[tuple[int, np.ndarray]]:
         """(epoch, sample indices) of every batch from the start position on, in the order they are yielded."""
         epoch, consumed = self.start_epoch, self.start_consumed
         while self.epochs is None or epoch < self.epochs:
             batches = self.batches_in_epoch(epoch, consumed)
-            if not batches and consumed == 0:
-                raise DataError(f"{len(self.refs)} samples cannot fill one batch of {self.samples_per_batch} "
-                                f"on each of {self.world_size} ranks")
             for batch in batches:
                 yield epoch, batch
             epoch, consumed = epoch + 1, 0

@@ -447,6 +447,11 @@ class Trainer:
         self.layout = ParallelLayout.of(self.rank, self.world_size, config.distributed.sequence_parallel_size)
         self.validates = bool(config.training.val_every) and config.data.val_shards is not None
         self.val_samples = self.validation_sample_count() if self.validates else 0
+        # The loader before any model: too few samples for this many ranks is refused here (workers fork later).
+        self.micro_batch_size = self.ds_config["train_micro_batch_size_per_gpu"]
+        self.accumulation = self.ds_config["gradient_accumulation_steps"]
+        self.train_loader = stage.build_loader("train", self.micro_batch_size, self.layout.dp_rank,
+                                               self.layout.dp_size)
         sequence_parallel_group = new_sequence_parallel_groups(self.layout)
         if self.replaces_earlier_run and self.rank == 0:
             removed = remove_checkpoints(checkpoints_dir(self.output_dir))
@@ -490,10 +495,6 @@ class Trainer:
         if config.validation.every:
             stage.load_validation(self.device)
 
-        self.micro_batch_size = self.engine.train_micro_batch_size_per_gpu()
-        self.accumulation = self.engine.gradient_accumulation_steps()
-        self.train_loader = stage.build_loader("train", self.micro_batch_size, self.layout.dp_rank,
-                                               self.layout.dp_size)
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
         self.monitor = TrainingMonitor(self.output_dir, enabled=self.rank == 0, start_step=self.step,
