@@ -19,13 +19,15 @@ from vidartrain.config import load_config, resume_changes
 from vidartrain.data.shard_index import DataInfo
 from vidartrain.distributed.ds_config import build_deepspeed_config, load_profile
 from vidartrain.distributed.sequence_parallel import (ParallelLayout, SequenceParallel, apply_sequence_parallel,
-                                                      check_sequence_parallel_size, new_sequence_parallel_groups)
+                                                      check_sequence_parallel_size, group_leaves_node,
+                                                      new_sequence_parallel_groups)
 from vidartrain.errors import ConfigError
 from vidartrain.models.wan.causal import WanModelCausal
 from vidartrain.models.wan.kv_cache import StaticKVCache
 from vidartrain.models.wan.model import WanModel
 from vidartrain.plan import DitShape, saved_activation_bytes, saved_bytes
 from vidartrain.rollouts import closed_loop_rollout, closed_loop_schedule, rollout, RolloutWindow
+from vidartrain.trainers import base
 from vidartrain.trainers.base import free_port
 from vidartrain.trainers.idm_trainer import IdmStage
 from vidartrain.trainers.vidar_trainer import VidarStage
@@ -239,6 +241,46 @@ def test_sequence_parallel_size_must_divide_world_and_heads():
 def test_layout_groups_consecutive_ranks():
     assert [ParallelLayout.of(r, 4, 2) for r in range(4)] == [
         ParallelLayout(2, 0, 2, 0), ParallelLayout(2, 1, 2, 0), ParallelLayout(2, 0, 2, 1), ParallelLayout(2, 1, 2, 1)]
+
+
+def groups_leaving_their_node(world_size: int, sp: int, ranks_per_node: list[int]) -> list[int]:
+    """The ranks whose SP group reaches beyond their node, nodes holding consecutive ranks."""
+    node_start = [sum(ranks_per_node[:i]) for i in range(len(ranks_per_node))]
+    node_of = [i for i, count in enumerate(ranks_per_node) for _ in range(count)]
+    return [rank for rank in range(world_size)
+            if group_leaves_node(ParallelLayout.of(rank, world_size, sp), rank, rank - node_start[node_of[rank]],
+                                 ranks_per_node[node_of[rank]])]
+
+
+def test_sequence_parallel_groups_that_reach_across_nodes_are_found():
+    assert all(groups_leaving_their_node(64, sp, [8] * 8) == [] for sp in (1, 2, 4, 8))
+    assert groups_leaving_their_node(48, 3, [8] * 6)[:6] == [6, 7, 8, 15, 16, 17]  # groups 6-8, 15-17, ...
+    assert groups_leaving_their_node(64, 16, [8] * 8) == list(range(64))  # every group spans two nodes
+    assert groups_leaving_their_node(6, 3, [6]) == []  # one node: any size stays inside
+    assert groups_leaving_their_node(12, 4, [8, 4]) == []  # a hostfile with 8 and 4 slots
+    assert groups_leaving_their_node(12, 4, [6, 6]) == [4, 5, 6, 7]
+
+
+def test_the_trainer_refuses_sequence_parallel_groups_across_nodes_before_any_model(monkeypatch):
+    # rank 6 of 48 on its node of 8 (LOCAL_RANK 6): SP 3 puts ranks 6, 7 and 8 in one group over two nodes
+    trainer = object.__new__(base.Trainer)
+    trainer.rank, trainer.world_size, trainer.device = 6, 48, torch.device("cpu")
+    trainer.layout = ParallelLayout.of(6, 48, 3)
+    # the sum over the 48 ranks: the groups 6-8, 15-17, 30-32 and 39-41 leave their node
+    assert len(groups_leaving_their_node(48, 3, [8] * 6)) == 12
+    monkeypatch.setattr(base.dist, "all_reduce", lambda tensor, op=None: tensor.mul_(12))
+    monkeypatch.setenv("LOCAL_RANK", "6")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(ConfigError, match=r"= 3: 12 of the 48 ranks are in groups .* across nodes \(this one has 8 "
+                                          r"ranks\).* one of \[1, 2, 4, 8\]"):
+        trainer.check_sequence_parallel_groups_within_nodes()
+    trainer.layout = ParallelLayout.of(6, 48, 2)
+    trainer.check_sequence_parallel_groups_within_nodes()  # SP 2: ranks 6 and 7, one node
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("LOCAL_SIZE", "8")  # the deepspeed launcher's name
+    trainer.layout = ParallelLayout.of(6, 48, 3)
+    with pytest.raises(ConfigError, match="reach across nodes"):
+        trainer.check_sequence_parallel_groups_within_nodes()
 
 
 def test_resuming_with_another_sequence_parallel_size_is_refused():

@@ -72,6 +72,15 @@ class ParallelLayout:
         return cls(sp_size, rank % sp_size, world_size // sp_size, rank // sp_size)
 
 
+def group_leaves_node(layout: ParallelLayout, rank: int, local_rank: int, ranks_on_node: int) -> bool:
+    """Whether the SP group of `rank` reaches beyond its node, which holds ranks rank - local_rank ..
+    rank - local_rank + ranks_on_node - 1 (deepspeed and torchrun number a node's ranks consecutively).
+    Such a group's all-to-alls, two per block and pass, cross the network instead of NVLink."""
+    first_on_node = rank - local_rank
+    first_in_group = layout.dp_rank * layout.sp_size
+    return first_in_group < first_on_node or first_in_group + layout.sp_size > first_on_node + ranks_on_node
+
+
 def new_sequence_parallel_groups(layout: ParallelLayout) -> dist.ProcessGroup | None:
     """The process group of this rank's SP group (None for SP = 1). Every rank creates every group,
     as torch.distributed requires."""

@@ -96,7 +96,7 @@ from vidartrain.distributed.checkpointing import (
 from vidartrain.distributed.ds_config import checkpointing_mode, fixed_by_checkpoint, offloads, precision_of
 from vidartrain.distributed.export import gather_state_dict
 from vidartrain.distributed.sequence_parallel import (ParallelLayout, SequenceParallel, apply_sequence_parallel,
-                                                      new_sequence_parallel_groups)
+                                                      group_leaves_node, new_sequence_parallel_groups)
 from vidartrain.errors import CheckpointError, DataError
 from vidartrain.models.wan.lora import add_lora, export_lora
 from vidartrain.models.wan.model import WanModel
@@ -254,6 +254,15 @@ def world_size_of_launch() -> int:
     """The number of ranks the launcher started (deepspeed, torchrun and SLURM via torchrun set
     WORLD_SIZE; none: one process)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def node_position_of_launch() -> tuple[int, int] | None:
+    """(local rank, ranks on this node) as the launcher set them (torchrun: LOCAL_WORLD_SIZE, deepspeed:
+    LOCAL_SIZE); None when it says nothing of nodes (one process without a launcher)."""
+    ranks_on_node = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE"))
+    if ranks_on_node is None or "LOCAL_RANK" not in os.environ:
+        return None
+    return int(os.environ["LOCAL_RANK"]), int(ranks_on_node)
 
 
 def free_port() -> int:
@@ -440,6 +449,7 @@ class Trainer:
         log.info("starting the process group of %d rank(s)", self.world_size)
         init_distributed()
         self.rank = dist.get_rank()
+        self.device = torch.device(get_accelerator().device_name())
         if dist.get_world_size() != self.world_size:
             raise RuntimeError(f"WORLD_SIZE={self.world_size} but the process group has {dist.get_world_size()} ranks")
         # Ranks of a sequence-parallel group work on the same samples: the loader, the noise and the
@@ -452,6 +462,7 @@ class Trainer:
         self.accumulation = self.ds_config["gradient_accumulation_steps"]
         self.train_loader = stage.build_loader("train", self.micro_batch_size, self.layout.dp_rank,
                                                self.layout.dp_size)
+        self.check_sequence_parallel_groups_within_nodes()
         sequence_parallel_group = new_sequence_parallel_groups(self.layout)
         if self.replaces_earlier_run and self.rank == 0:
             removed = remove_checkpoints(checkpoints_dir(self.output_dir))
@@ -462,7 +473,6 @@ class Trainer:
             self.check_resumable(self.resume_from)
         if self.resume_from is not None and self.resume_from.universal:
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        self.device = torch.device(get_accelerator().device_name())
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -510,6 +520,25 @@ class Trainer:
         log.info("lora: rank %d, alpha %g on %d linear layers (%s ...): %s adapter parameters trained, the %s of the "
                  "base frozen", self.config.lora.rank, self.config.lora.effective_alpha, len(names),
                  ", ".join(names[:3]), f"{adapters:,}", f"{sum(p.numel() for p in model.parameters()) - adapters:,}")
+
+    def check_sequence_parallel_groups_within_nodes(self) -> None:
+        """Refuse, on every rank, SP groups that reach across nodes (SP 3 or 16 on nodes of 8 GPUs): their
+        all-to-alls, two per block and pass, would run over the network at a fraction of NVLink's speed,
+        which the planner does not count on."""
+        position = node_position_of_launch()
+        if self.layout.sp_size == 1 or position is None:
+            return
+        local_rank, ranks_on_node = position
+        leaving = torch.tensor([float(group_leaves_node(self.layout, self.rank, local_rank, ranks_on_node))],
+                               device=self.device)
+        dist.all_reduce(leaving)  # nodes may differ in size (a hostfile's slots): every rank learns the verdict
+        if leaving.item() > 0:
+            divisors = [d for d in range(1, ranks_on_node + 1) if ranks_on_node % d == 0]
+            raise ConfigError(f"`distributed.sequence_parallel_size` = {self.layout.sp_size}: {int(leaving.item())} "
+                              f"of the {self.world_size} ranks are in groups of consecutive ranks that reach across "
+                              f"nodes (this one has {ranks_on_node} ranks), whose all-to-alls in every self-attention "
+                              f"would cross the network; use a size that divides the ranks per node, one of "
+                              f"{divisors}")
 
     # ------------------------------------------------------------------------------------------
     # The loop
