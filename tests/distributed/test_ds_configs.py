@@ -84,6 +84,15 @@ def test_wrong_world_size_states_the_three_numbers():
     message = str(err.value)
     assert "global batch of 128" in message
     assert "micro-batch 2 x gradient accumulation 8 x world size 4 = 64" in message
+    # with sequence parallelism the data-parallel groups count, and the message says what they are of
+    sequence_parallel = load_config(REPO / "configs/vidar_finetune.yaml", ["distributed.sequence_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"micro-batch 2 x gradient accumulation 1 x 32 data-parallel groups "
+                                          r"\(64 ranks / sequence_parallel_size 2\) = 64\."):
+        build_deepspeed_config(sequence_parallel, load_profile(REPO / "ds_configs/zero3_64xh100.json"), 64)
+    accumulating = load_config(REPO / "configs/vidarc_2xh200.yaml", ["distributed.sequence_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"`training.batch_size` = 16 .* not divisible by the 3 data-parallel "
+                                          r"groups \(6 ranks / sequence_parallel_size 2\)"):
+        build_deepspeed_config(accumulating, load_profile(REPO / "ds_configs/zero3_2xh200.json"), 6)
 
 
 def test_2xh200_yaml_batch_words_match_its_profile(monkeypatch):

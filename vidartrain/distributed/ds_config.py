@@ -113,7 +113,7 @@ def build_deepspeed_config(config: Config, profile: dict[str, Any], world_size: 
     apply_activation_checkpointing(config, warnings)
     sequence_parallel = config.distributed.sequence_parallel_size
     check_sequence_parallel_size(sequence_parallel, world_size)
-    apply_batch_sizes(config, ds, world_size // sequence_parallel, warnings)
+    apply_batch_sizes(config, ds, world_size, warnings)
     # DeepSpeed counts every rank of a sequence-parallel group as a data-parallel rank (they see the
     # same samples; distributed/sequence_parallel.py says why its gradient average is still right).
     ds["train_batch_size"] *= sequence_parallel
@@ -275,17 +275,22 @@ def apply_activation_checkpointing(config: Config, warnings: list[str]) -> None:
 
 
 def apply_batch_sizes(config: Config, ds: dict[str, Any], world_size: int, warnings: list[str]) -> None:
-    """Check global batch = micro x accumulation x world size, with the numbers in the error. Under
-    sequence parallelism `world_size` is the number of data-parallel groups (world / SP)."""
+    """Check global batch = micro x accumulation x data-parallel ranks, with the numbers in the error.
+    Under sequence parallelism the data-parallel ranks are the world / SP groups, and the errors say so:
+    "world size 32" would puzzle whoever launched 64 ranks."""
     micro = ds["train_micro_batch_size_per_gpu"]
     accumulation = ds["gradient_accumulation_steps"]
     training = config.training
+    sequence_parallel = config.distributed.sequence_parallel_size
+    data_parallel = world_size // sequence_parallel
+    ranks = (f"world size {world_size}" if sequence_parallel == 1 else
+             f"{data_parallel} data-parallel groups ({world_size} ranks / sequence_parallel_size {sequence_parallel})")
     if training.gradient_accumulation is not None:
-        # The YAML fixes the per-step batch over all ranks and the accumulation itself.
-        if training.batch_size % world_size:
+        # The YAML fixes the per-step batch over all data-parallel ranks and the accumulation itself.
+        if training.batch_size % data_parallel:
             raise ConfigError(f"`training.batch_size` = {training.batch_size} (one micro-step over all ranks) "
-                              f"is not divisible by the world size {world_size}")
-        yaml_micro = training.batch_size // world_size
+                              f"is not divisible by the {ranks}")
+        yaml_micro = training.batch_size // data_parallel
         if yaml_micro != micro:
             disagree(warnings, "training.batch_size / world size", yaml_micro, "train_micro_batch_size_per_gpu", micro)
             micro = yaml_micro
@@ -294,11 +299,11 @@ def apply_batch_sizes(config: Config, ds: dict[str, Any], world_size: int, warni
                      "gradient_accumulation_steps", accumulation)
             accumulation = training.gradient_accumulation
     global_batch = config.global_batch_size
-    if micro * accumulation * world_size != global_batch:
+    if micro * accumulation * data_parallel != global_batch:
         raise ConfigError(
             f"batch mismatch: the YAML asks for a global batch of {global_batch}, but micro-batch {micro} "
-            f"x gradient accumulation {accumulation} x world size {world_size} = "
-            f"{micro * accumulation * world_size}. Use the profile written for this world size, or set "
+            f"x gradient accumulation {accumulation} x {ranks} = "
+            f"{micro * accumulation * data_parallel}. Use the profile written for this world size, or set "
             f"training.batch_size / training.gradient_accumulation to match")
     written = ds.get("train_batch_size")  # the profile's global batch, for the world size it is written for
     if written is not None and written != global_batch:
