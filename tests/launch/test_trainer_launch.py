@@ -109,6 +109,28 @@ def test_a_run_refused_after_its_process_group_started_destroys_it(tmp_path, cap
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.parametrize("manager", [
+    {"SLURM_STEP_NUM_TASKS": "64", "SLURM_PROCID": "63"},
+    {"OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_RANK": "3"},
+    {"PMI_SIZE": "8", "PMI_RANK": "7"},
+])
+def test_a_task_of_srun_or_mpirun_without_a_torch_launcher_is_refused(manager, refused, monkeypatch,
+                                                                      nothing_may_be_built):
+    # `srun python launch/train.py` on 8 nodes x 8 tasks: no RANK, so each of the 64 tasks was a group of one
+    # and trained alone, all of them into the same output_dir; a global batch that one rank makes (here 2 = 1 x 2
+    # x 1; --debug's follows the ranks launched) left the batch check nothing to catch
+    monkeypatch.chdir(REPO_ROOT)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in manager.items():
+        monkeypatch.setenv(name, value)
+    refused(r"task \d+ of \d+ that (srun|mpirun).* no launcher set RANK and WORLD_SIZE: each task would train alone",
+            train_cli.main, ["--config", TINY_CONFIG, "--ds-config", CPU_PROFILE, "--set", "training.batch_size=2"])
+    monkeypatch.setenv("RANK", "3")  # under torchrun (one per node, as launch/slurm_multi_node.sbatch runs it)
+    monkeypatch.setenv("WORLD_SIZE", "64")
+    assert base.world_size_of_launch() == 64
+
+
 def test_too_few_samples_for_64_ranks_are_refused_before_any_model_is_built(pre_encoded, tmp_path, monkeypatch,
                                                                           nothing_may_be_built):
     # Rank 63 of 64 (no process group: its rank and world size are faked) on 4 samples. Found at the first

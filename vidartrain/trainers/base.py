@@ -250,9 +250,26 @@ def skip_cpu_shared_memory_allreduce() -> None:
     backend.build_shm_op = lambda: None
 
 
+# What process managers that start many copies of a command set in each (task count first, then the
+# copy's place): srun, Open MPI's mpirun, MPICH's / Intel MPI's.
+PROCESS_MANAGER_TASKS = (("srun", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID"),
+                         ("mpirun (Open MPI)", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+                         ("mpirun (MPICH / Intel MPI)", "PMI_SIZE", "PMI_RANK"))
+
+
 def world_size_of_launch() -> int:
     """The number of ranks the launcher started (deepspeed, torchrun and SLURM via torchrun set
-    WORLD_SIZE; none: one process)."""
+    WORLD_SIZE; none: one process). A copy of many that srun or mpirun started without a torch
+    launcher is refused: with no RANK it would be a group of one (`init_distributed`), and every copy
+    would train alone, all of them into the same output_dir."""
+    if "RANK" not in os.environ:
+        for manager, tasks, place in PROCESS_MANAGER_TASKS:
+            if int(os.environ.get(tasks, "1")) > 1:
+                raise ConfigError(f"this process is task {os.environ.get(place, '?')} of {os.environ[tasks]} that "
+                                  f"{manager} started ({tasks}), but no launcher set RANK and WORLD_SIZE: each task "
+                                  f"would train alone, into the same output_dir. Start one torchrun per node under "
+                                  f"{manager} (launch/slurm_multi_node.sbatch, launch/torchrun_node.sh) or use the "
+                                  f"deepspeed launcher (launch/multi_node.sh)")
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
