@@ -1,8 +1,10 @@
 """launch/torchrun_node.sh refuses what would leave every node waiting for a rendezvous that never comes,
-before torchrun starts; launch/slurm_multi_node.sbatch requeues a job stopped at its time limit, and only that."""
+before torchrun starts; launch/multi_node.sh lets the ranks meet where rank 0 runs; launch/slurm_multi_node.sbatch
+requeues a job stopped at its time limit, and only that."""
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -31,6 +33,27 @@ def test_the_process_count_is_required():
 def test_one_node_needs_no_master_addr():
     done = run_script("2", NNODES="1")  # past the checks: the (absent) torchrun is what fails
     assert done.returncode == 127 and "/nonexistent/bin/torchrun" in done.stderr
+
+
+def test_multi_node_leaves_the_meeting_address_to_deepspeed_unless_master_addr_is_set(tmp_path):
+    # DeepSpeed's runner takes the hostfile's first host, where rank 0 runs; the script passed the address
+    # of the host it ran on, so from a login node every rank waited for a rank 0 that is not there
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text(f'#!/usr/bin/env bash\nexec {sys.executable} "$@"\n')
+    (tmp_path / "bin" / "deepspeed").write_text(f'#!/usr/bin/env bash\necho "$@" > {tmp_path / "args"}\n')
+    for name in ("python", "deepspeed"):
+        (tmp_path / "bin" / name).chmod(0o755)
+
+    def launched(**env: str) -> str:
+        environment = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+        done = subprocess.run(["bash", "launch/multi_node.sh", "launch/hostfile.example", "--config", "c.yaml"],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                              env={**environment, "VIDARTRAIN_VENV": str(tmp_path), **env})
+        assert done.returncode == 0, done.stderr
+        return (tmp_path / "args").read_text().strip()
+
+    assert launched() == "--hostfile launch/hostfile.example --master_port 29500 launch/train.py --config c.yaml"
+    assert launched(MASTER_ADDR="node-01").startswith("--hostfile launch/hostfile.example --master_addr node-01 ")
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
