@@ -10,9 +10,10 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 from vidartrain.distributed.checkpointing import (
     COMPLETE_MARKER, LATEST_FILE, CheckpointRef, checkpoint_files, checkpoint_problems, complete_checkpoints,
     file_digests, latest_complete, mark_complete, prune_checkpoints, recorded_run, resolve_resume,
-    set_aside_checkpoints_after, tag_for_step, weights_only_loads)
+    sees_shared_marker, set_aside_checkpoints_after, tag_for_step, weights_only_loads)
 from vidartrain.config import load_config
 from vidartrain.errors import CheckpointError, ConfigError
+from vidartrain.trainers import base
 from vidartrain.trainers.base import RunOptions, Trainer, check_fresh_start, lr_factor
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -144,6 +145,28 @@ def test_a_fresh_run_does_not_replace_an_earlier_runs_export(tmp_path, monkeypat
     with pytest.raises(ConfigError, match="would overwrite an earlier run's export"):
         Trainer(config, SimpleNamespace(name="vidar"), RunOptions(ds_config={}, output_dir=str(tmp_path / "run")))
     assert (tmp_path / "vidar.pt").read_bytes() == b"the demo's export"
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_an_output_dir_that_is_each_nodes_own_disk_is_refused(shared, tmp_path, monkeypatch):
+    # Rank 0 of 64 on 8 nodes; the 56 ranks of nodes 1-7 look at `elsewhere`: the same folder on shared storage,
+    # a folder of their own on node-local disks, where their checkpoint partitions would be out of rank 0's sight
+    # (its COMPLETE record, its checksums, --resume auto) and resumes would see other checkpoints than rank 0.
+    here = tmp_path / "node0" / "run"
+    elsewhere = here if shared else tmp_path / "node7" / "run"
+    trainer = object.__new__(Trainer)
+    trainer.rank, trainer.world_size, trainer.device, trainer.output_dir = 0, 64, torch.device("cpu"), here
+    token, seen_elsewhere = [], []
+    monkeypatch.setattr(base.dist, "broadcast_object_list", lambda objects, src: token.append(objects[0]))
+    monkeypatch.setattr(base.dist, "barrier", lambda: seen_elsewhere.append(sees_shared_marker(elsewhere, token[0])))
+    monkeypatch.setattr(base.dist, "all_reduce", lambda tensor: tensor.add_(0 if seen_elsewhere[0] else 56))
+    if shared:
+        trainer.check_output_dir_shared()
+    else:
+        with pytest.raises(ConfigError, match=r"output_dir .*node0/run is not the same folder on every node: 56 of the "
+                                              r"64 ranks do not see what rank 0 wrote there"):
+            trainer.check_output_dir_shared()
+    assert list(here.iterdir()) == []  # the marker is gone either way
 
 
 def test_resume_resolution(tmp_path):

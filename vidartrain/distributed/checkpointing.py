@@ -11,6 +11,9 @@
                                   --input_folder .../step_00000010 --output_folder .../step_00000010_universal`,
                                   loadable with any number of ranks (`--resume` that folder)
 
+The output dir is one folder for all ranks (storage every node shares); the trainer checks that at
+start with a marker rank 0 writes and every rank reads (`write_shared_marker`, `sees_shared_marker`).
+
 A checkpoint whose save was interrupted has no COMPLETE marker and is never picked by `--resume auto`.
 One whose files no longer match the sizes and checksums in COMPLETE (a disk error, a truncated copy, a
 deleted file) is skipped with a warning naming the file by `--resume auto`, which falls back to the
@@ -73,6 +76,25 @@ class CheckpointRef:
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
+
+
+SHARED_MARKER = ".every_rank_sees_this"  # rank 0 writes it at start, every rank reads it (then it is removed)
+
+
+def write_shared_marker(output_dir: Path, token: str) -> None:
+    """Rank 0's half of the check that `output_dir` is one folder for all ranks (`sees_shared_marker`)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(output_dir / SHARED_MARKER, lambda tmp: tmp.write_text(token))
+
+
+def sees_shared_marker(output_dir: Path, token: str) -> bool:
+    """Whether this rank sees the marker rank 0 wrote with `token`. A node whose `output_dir` is a disk of
+    its own does not: its ranks would write their checkpoint partitions where rank 0's COMPLETE record,
+    its checksums and `--resume auto` never look, and see other checkpoints than rank 0 on a resume."""
+    try:
+        return (output_dir / SHARED_MARKER).read_text() == token
+    except OSError:
+        return False
 
 
 def tag_for_step(step: int) -> str:

@@ -71,6 +71,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import signal
 import socket
 import time
@@ -90,9 +91,10 @@ from vidartrain.config import (
 from vidartrain.data.dataset import BadSampleLimitError, build_loader
 from vidartrain.data.shard_index import DataInfo
 from vidartrain.distributed.checkpointing import (
-    CheckpointRef, checkpoint_files, checkpoint_problems, checkpoints_dir, file_digests, first_intact,
+    SHARED_MARKER, CheckpointRef, checkpoint_files, checkpoint_problems, checkpoints_dir, file_digests, first_intact,
     latest_complete, mark_complete, prune_checkpoints, recorded_run, remove_checkpoints, resume_candidates,
-    save_failure, saved_checkpoints, set_aside_checkpoints_after, tag_for_step, weights_only_loads)
+    save_failure, saved_checkpoints, sees_shared_marker, set_aside_checkpoints_after, tag_for_step, weights_only_loads,
+    write_shared_marker)
 from vidartrain.distributed.ds_config import checkpointing_mode, fixed_by_checkpoint, offloads, precision_of
 from vidartrain.distributed.export import gather_state_dict
 from vidartrain.distributed.sequence_parallel import (ParallelLayout, SequenceParallel, apply_sequence_parallel,
@@ -469,6 +471,7 @@ class Trainer:
         self.device = torch.device(get_accelerator().device_name())
         if dist.get_world_size() != self.world_size:
             raise RuntimeError(f"WORLD_SIZE={self.world_size} but the process group has {dist.get_world_size()} ranks")
+        self.check_output_dir_shared()
         # Ranks of a sequence-parallel group work on the same samples: the loader, the noise and the
         # seeds follow the data-parallel index `layout.dp_rank`, not the global rank.
         self.layout = ParallelLayout.of(self.rank, self.world_size, config.distributed.sequence_parallel_size)
@@ -537,6 +540,25 @@ class Trainer:
         log.info("lora: rank %d, alpha %g on %d linear layers (%s ...): %s adapter parameters trained, the %s of the "
                  "base frozen", self.config.lora.rank, self.config.lora.effective_alpha, len(names),
                  ", ".join(names[:3]), f"{adapters:,}", f"{sum(p.numel() for p in model.parameters()) - adapters:,}")
+
+    def check_output_dir_shared(self) -> None:
+        """Refuse, on every rank, an output_dir that is not one folder for all ranks (each node's own
+        disk): checkpoints would be split over the nodes and never complete, resumes would disagree."""
+        if self.world_size == 1:
+            return
+        token = [secrets.token_hex(16) if self.rank == 0 else None]
+        dist.broadcast_object_list(token, src=0)
+        if self.rank == 0:
+            write_shared_marker(self.output_dir, token[0])
+        dist.barrier()
+        blind = torch.tensor([0.0 if sees_shared_marker(self.output_dir, token[0]) else 1.0], device=self.device)
+        dist.all_reduce(blind)
+        if self.rank == 0:
+            (self.output_dir / SHARED_MARKER).unlink(missing_ok=True)  # every rank has looked (the all-reduce)
+        if blind.item() > 0:
+            raise ConfigError(f"output_dir {self.output_dir} is not the same folder on every node: {int(blind.item())} "
+                              f"of the {self.world_size} ranks do not see what rank 0 wrote there. Checkpoints need "
+                              f"storage all nodes share (the same path on each, e.g. NFS or Lustre)")
 
     def check_sequence_parallel_groups_within_nodes(self) -> None:
         """Refuse, on every rank, SP groups that reach across nodes (SP 3 or 16 on nodes of 8 GPUs): their
