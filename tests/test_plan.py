@@ -11,9 +11,9 @@ from data_tools.tiny_checkpoint import TINY_DIT
 from vidartrain.config import ConfigError, load_config
 from vidartrain.distributed.ds_config import load_profile
 from vidartrain.models.wan.model import WanModel
-from vidartrain.plan import (GIB, DitShape, activation_gib, attended_pairs, dit_parameters, dit_shape_of,
-                             forward_flops, hardware_table, latent_grid, main, make_plan, measure_activation_model,
-                             model_state_gib)
+from vidartrain.plan import (GIB, GPUS, DitShape, activation_gib, attended_pairs, check_groups_within_nodes,
+                             dit_parameters, dit_shape_of, forward_flops, hardware_table, latent_grid, main, make_plan,
+                             measure_activation_model, model_state_gib)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,6 +107,19 @@ def test_zero3_model_states_on_a_world_size_that_is_no_multiple_of_8():
     parts = model_state_gib(params, largest, stage=3, world=12, offload_optimizer=False)
     assert parts["parameters"] * GIB == pytest.approx(2 * params / 12)
     assert parts["optimizer"] * GIB == pytest.approx(12 * params / 12)
+
+
+def test_sequence_parallel_groups_across_nodes_are_not_planned_on_nvlink():
+    # 48 H100s (6 nodes of 8) with SP 3 (it divides the 24 heads and stage 1's 9,660 tokens): groups 6-8,
+    # 15-17, ... span two nodes, where the all-to-alls cross the network; the plan timed them on NVLink
+    config = load_config(REPO / "configs/vidar_finetune.yaml", [
+        "distributed.sequence_parallel_size=3", "training.batch_size=32", "training.gradient_accumulation=4"])
+    profile = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "bf16": {"enabled": True},
+               "zero_optimization": {"stage": 3}}
+    with pytest.raises(ConfigError, match=r"= 3 on 48 H100-80G SXM: groups .* across nodes of 8 GPUs.* \[1, 2, 4, 8\]"):
+        make_plan(config, "custom", profile, "h100", 48, checkpointing="full")
+    for sequence_parallel, world in ((2, 64), (4, 64), (8, 64), (3, 6), (6, 6)):  # 6 GPUs: one node
+        check_groups_within_nodes(sequence_parallel, world, GPUS["h100"])
 
 
 def test_offloading_the_optimizer_keeps_only_bf16_parameters_on_one_gpu():

@@ -12,7 +12,8 @@ Sequence parallelism (distributed.sequence_parallel_size = SP) divides what the 
 by SP (each rank holds 1/SP of a sample's tokens; what runs outside the blocks - the
 patch embedding's input, the gathered residual stream and the head - stays whole), divides the FLOPs
 per GPU by SP, and adds the all-to-all traffic of self-attention, timed on NVLink (SP groups are
-consecutive ranks, inside one node) and not overlapped with compute.
+consecutive ranks, inside one node: groups that would reach across nodes are refused) and not
+overlapped with compute.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from torch.utils._pytree import tree_flatten
 from vidartrain.config import Config, ConfigError, LoraConfig, load_config
 from vidartrain.distributed.ds_config import (build_deepspeed_config, checkpointing_mode, load_profile, offloads,
                                               precision_of, profile_world_size)
-from vidartrain.distributed.sequence_parallel import check_sequence_parallel_size
+from vidartrain.distributed.sequence_parallel import ParallelLayout, check_sequence_parallel_size, group_leaves_node
 from vidartrain.errors import reports_errors
 from vidartrain.models.idm import IDM
 from vidartrain.models.wan.checkpoint import CONFIG_FILE, constructor_defaults, read_model_config
@@ -53,6 +54,7 @@ class Gpu:
     memory_gib: float
     bf16_tflops: float  # dense peak
     nvlink_gb_s: float  # NVLink bandwidth per GPU and direction, as rated (NVLink 4: 900 GB/s both ways)
+    gpus_per_node: int = 8  # one NVLink domain (an HGX board): SP groups must stay inside it
 
 
 GPUS = {
@@ -303,6 +305,18 @@ class Plan:
                 f"(margin {self.margin_gib:+.1f} GiB); largest micro-batch that fits: {self.max_micro_batch}")
 
 
+def check_groups_within_nodes(sequence_parallel: int, world_size: int, gpu: Gpu) -> None:
+    """The all-to-alls are timed on NVLink: refuse SP groups that would reach across nodes of
+    `gpu.gpus_per_node` (the trainer refuses them too, from the launcher's ranks per node)."""
+    per_node = min(world_size, gpu.gpus_per_node)
+    if any(group_leaves_node(ParallelLayout.of(rank, world_size, sequence_parallel), rank, rank % per_node, per_node)
+           for rank in range(world_size)):
+        divisors = [d for d in range(1, per_node + 1) if per_node % d == 0]
+        raise ConfigError(f"`distributed.sequence_parallel_size` = {sequence_parallel} on {world_size} {gpu.name}: "
+                          f"groups of consecutive ranks would reach across nodes of {per_node} GPUs, whose "
+                          f"all-to-alls cross the network (the trainer refuses them); use one of {divisors}")
+
+
 def sample_layout(config: Config) -> tuple[int, int, str]:
     """(latent frames, tokens per frame, attention layout) of one training sample."""
     data = config.data
@@ -496,6 +510,7 @@ def plan_for_ds_config(config: Config, profile_name: str, ds: dict[str, Any], gp
     tokens = sequence_tokens(frames, per_frame, layout)
     sp = config.distributed.sequence_parallel_size
     check_sequence_parallel_size(sp, world_size, shape.num_heads)
+    check_groups_within_nodes(sp, world_size, gpu)
     params, largest = dit_parameters(shape)
     adapters = lora_parameters(shape, config.lora)
     frozen = frozen_gib(config, precomputed)  # built once: memory_for runs for every micro-batch size tried
