@@ -373,6 +373,24 @@ def test_mixture_resumes_exactly_and_refuses_other_weights(two_sources):
         build_loader(other.shards, other, 2, rank=0, world_size=1).load_state_dict(state)
 
 
+def test_mixture_counts_stay_exact_across_a_resume_on_another_world_size(two_sources):
+    # 9 samples on 1 rank (epoch 0: all 8, epoch 1: 1), resumed on 3 ranks, whose whole epoch is 6 samples
+    # (2 batches x 3 ranks): epoch 0 was counted as 6 of them, and epoch 1 (1 + 6 read, the last one dropped)
+    # as 6 too
+    data = mixture_config(two_sources)
+    first = build_loader(data.shards, data, 1, rank=0, world_size=1)
+    head = keys_of(islice(first, 9))
+    three = [build_loader(data.shards, data, 1, rank=rank, world_size=3) for rank in range(3)]
+    for loader in three:
+        loader.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert three[0].samples_by_source() == first.samples_by_source()
+    tails = [keys_of(islice(loader, 3)) for loader in three]  # the rest of epoch 1, then 1 batch of epoch 2
+    counts = three[0].samples_by_source()
+    assert sum(counts.values()) == 9 + 9
+    used = head + [key for step in zip(*tails) for key in step]
+    assert counts[two_sources[0]["path"]] == sum(key.startswith("0:") for key in used)
+
+
 def test_a_mixture_of_robots_with_other_action_spaces_gives_clips_without_actions(two_sources, tmp_path):
     # a one-arm robot (7 action dimensions) beside the two-arm sources (14): the DiT stages train on it
     write_synthetic_episodes(tmp_path / "episodes", 2, frames=6, height=32, width=32, seed=3, action_dim=7)

@@ -499,13 +499,13 @@ class ShardLoader:
         self.source_names = source_names
         self.epoch, self.consumed = 0, 0
         self.skipped_samples = 0
-        self.counted_epochs, self.counted = 0, np.zeros(len(source_names), dtype=np.int64)
+        self.finished = np.zeros(len(source_names), dtype=np.int64)  # samples per source of the finished epochs
 
     def __iter__(self) -> Iterator[dict]:
         if not self.stream.batches_in_epoch(self.epoch, self.consumed):
             # resumed on more ranks than the rest of the epoch can feed: that rest is dropped, as
             # the last few samples of every epoch are
-            self.epoch, self.consumed = self.epoch + 1, 0
+            self.finish_epoch()
         self.stream.start_epoch, self.stream.start_consumed = self.epoch, self.consumed
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=2 if self.num_workers else None, persistent_workers=False,
@@ -519,7 +519,7 @@ class ShardLoader:
             self.consumed += per_step
             remaining_in_epoch -= 1
             if remaining_in_epoch == 0:
-                self.epoch, self.consumed = self.epoch + 1, 0
+                self.finish_epoch()
                 remaining_in_epoch = len(self.stream.batches_in_epoch(self.epoch, 0))
             yield batch
 
@@ -532,16 +532,21 @@ class ShardLoader:
     def batches_per_epoch(self) -> int:
         return len(self.stream.batches_in_epoch(self.epoch, 0))
 
+    def used_in_epoch(self, epoch: int, consumed: int) -> np.ndarray:
+        """Samples per source among the first `consumed` of epoch `epoch`'s order."""
+        stream = self.stream
+        used = stream.mixture.source_of(stream.mixture.order(stream.seed, epoch, stream.shuffle)[:consumed])
+        return np.bincount(used, minlength=len(self.source_names))
+
+    def finish_epoch(self) -> None:
+        """Count the epoch's samples as consumed - exactly: an epoch resumed on another world size ends
+        after another number of them than a whole epoch on either - and move to the next one."""
+        self.finished += self.used_in_epoch(self.epoch, self.consumed)
+        self.epoch, self.consumed = self.epoch + 1, 0
+
     def samples_by_source(self) -> dict[str, int]:
         """Samples handed out so far (all ranks, since the first step) per source directory."""
-        stream, mixture = self.stream, self.stream.mixture
-        per_epoch = len(stream.batches_in_epoch(0, 0)) * stream.samples_per_batch * stream.world_size
-        for epoch in range(self.counted_epochs, self.epoch):  # finished epochs, each counted once
-            used = mixture.source_of(mixture.order(stream.seed, epoch, stream.shuffle)[:per_epoch])
-            self.counted += np.bincount(used, minlength=len(self.source_names))
-        self.counted_epochs = max(self.counted_epochs, self.epoch)
-        current = mixture.source_of(mixture.order(stream.seed, self.epoch, stream.shuffle)[: self.consumed])
-        counts = self.counted + np.bincount(current, minlength=len(self.source_names))
+        counts = self.finished + self.used_in_epoch(self.epoch, self.consumed)
         return dict(zip(self.source_names, map(int, counts)))
 
     def state_dict(self) -> dict:
@@ -550,7 +555,8 @@ class ShardLoader:
                 "samples_consumed_per_rank": self.consumed // stream.world_size,
                 "seed": stream.seed, "world_size": stream.world_size, "num_samples": len(stream.refs),
                 "samples_per_batch": stream.samples_per_batch, "skipped_samples": self.skipped_samples,
-                "sources": [[size, weight] for size, weight in zip(stream.mixture.sizes, stream.mixture.weights)]}
+                "sources": [[size, weight] for size, weight in zip(stream.mixture.sizes, stream.mixture.weights)],
+                "finished_epochs_by_source": self.finished.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` stopped. The world size may differ: the rest of the epoch's order
@@ -566,7 +572,12 @@ class ShardLoader:
                                 f"would not continue the same sample sequence. Resume with the data as it was, or "
                                 f"start a new run from the checkpoint's weights (vidar-export, then model.pt_dir)")
         self.epoch, self.consumed = int(state["epoch"]), int(state["samples_consumed"])
-        self.counted_epochs, self.counted = 0, np.zeros(len(self.source_names), dtype=np.int64)
+        if "finished_epochs_by_source" in state:
+            self.finished = np.asarray(state["finished_epochs_by_source"], dtype=np.int64)
+        else:  # saved before it existed: whole epochs of this world size (exact unless it changed)
+            per_epoch = len(stream.batches_in_epoch(0, 0)) * stream.samples_per_batch * stream.world_size
+            self.finished = sum((self.used_in_epoch(epoch, per_epoch) for epoch in range(self.epoch)),
+                                np.zeros(len(self.source_names), dtype=np.int64))
         self.skipped_samples = int(state.get("skipped_samples", 0))  # absent in states saved before it existed
 
 
