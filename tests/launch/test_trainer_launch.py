@@ -14,7 +14,7 @@ from vidartrain.distributed.ds_config import load_profile
 from helpers.trainer_launch import CPU_PROFILE, REPO_ROOT, TINY_CONFIG, logged_steps, single_process
 from vidartrain.config import load_config
 from vidartrain.data.shard_index import INDEX_FORMAT, read_data_info
-from vidartrain.distributed.checkpointing import COMPLETE_MARKER, tag_for_step
+from vidartrain.distributed.checkpointing import COMPLETE_MARKER, resume_candidates, tag_for_step
 from vidartrain.distributed.ds_config import build_deepspeed_config
 from vidartrain.errors import ConfigError, DataError
 from vidartrain.trainers import base
@@ -131,15 +131,23 @@ def test_a_task_of_srun_or_mpirun_without_a_torch_launcher_is_refused(manager, r
     assert base.world_size_of_launch() == 64
 
 
+def as_rank_of(monkeypatch, rank: int, world_size: int) -> None:
+    """Build a Trainer in this process as rank `rank` of `world_size`, with no process group: the collectives
+    of its start give rank 0's answers (the output dir is shared, rank 0's checkpoints are this rank's)."""
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setattr(base, "init_distributed", lambda: None)
+    monkeypatch.setattr(base.dist, "get_rank", lambda group=None: rank)
+    monkeypatch.setattr(base.dist, "get_world_size", lambda group=None: world_size)
+    monkeypatch.setattr(base.dist, "broadcast_object_list", lambda objects, src: None)
+    monkeypatch.setattr(base.Trainer, "check_output_dir_shared", lambda self: None)
+
+
 def test_too_few_samples_for_64_ranks_are_refused_before_any_model_is_built(pre_encoded, tmp_path, monkeypatch,
                                                                           nothing_may_be_built):
     # Rank 63 of 64 (no process group: its rank and world size are faked) on 4 samples. Found at the first
     # step, the shortage would cost building the model and the engine on 64 GPUs first.
-    monkeypatch.chdir(REPO_ROOT)
-    monkeypatch.setenv("WORLD_SIZE", "64")
-    monkeypatch.setattr(base, "init_distributed", lambda: None)
-    monkeypatch.setattr(base.dist, "get_rank", lambda group=None: 63)
-    monkeypatch.setattr(base.dist, "get_world_size", lambda group=None: 64)
+    as_rank_of(monkeypatch, 63, 64)
     config = load_config(TINY_CONFIG, [f"model.ckpt_dir={pre_encoded / 'ckpt'}", f"data.shards={pre_encoded / 'shards'}",
                                        "data.val_shards=null", "training.val_every=0", "validation.every=0",
                                        "training.batch_size=128", f"output.save_path={tmp_path / 'vidar.pt'}"])
@@ -147,6 +155,35 @@ def test_too_few_samples_for_64_ranks_are_refused_before_any_model_is_built(pre_
     stage = VidarStage(config, read_data_info(config.data.shards))
     with pytest.raises(DataError, match="4 samples cannot fill one batch of 1 on each of 64 ranks"):
         base.Trainer(config, stage, RunOptions(ds_config=ds_config, output_dir=str(tmp_path / "run")))
+
+
+def test_every_rank_resumes_the_checkpoint_rank_0_sees(pre_encoded, tmp_path, monkeypatch, nothing_may_be_built):
+    # Rank 3 of 4 lists the shared checkpoints folder with a lag (step 20 is not in its listing yet): it resumed
+    # step 10 while rank 0 resumed step 20, each loading its ZeRO partition of another step, silently
+    root = tmp_path / "run" / "checkpoints"
+    for step in (10, 20):
+        (root / tag_for_step(step)).mkdir(parents=True)
+        (root / tag_for_step(step) / COMPLETE_MARKER).write_text("{}")
+    rank_zeros_view = resume_candidates("auto", root)
+    shutil.rmtree(root / tag_for_step(20))  # rank 3's view
+    as_rank_of(monkeypatch, 3, 4)
+    monkeypatch.setattr(base.dist, "broadcast_object_list", lambda objects, src: objects.__setitem__(0, rank_zeros_view))
+    monkeypatch.setattr(base.Trainer, "checkpoint_problems", lambda self, path: [])
+
+    class Resumes(Exception):
+        pass
+
+    def check_resumable(self, ref):
+        raise Resumes(ref.tag)
+
+    monkeypatch.setattr(base.Trainer, "check_resumable", check_resumable)
+    config = load_config(TINY_CONFIG, [f"model.ckpt_dir={pre_encoded / 'ckpt'}", f"data.shards={pre_encoded / 'shards'}",
+                                       "data.val_shards=null", "training.val_every=0", "validation.every=0",
+                                       "training.batch_size=8", f"output.save_path={tmp_path / 'vidar.pt'}"])
+    ds_config, _ = build_deepspeed_config(config, load_profile(CPU_PROFILE), 4)
+    stage = VidarStage(config, read_data_info(config.data.shards))
+    with pytest.raises(Resumes, match=tag_for_step(20)):
+        base.Trainer(config, stage, RunOptions(ds_config=ds_config, output_dir=str(tmp_path / "run"), resume="auto"))
 
 
 def test_one_gpu_profile_trains_with_the_optimizer_offloaded(pre_encoded, tmp_path):

@@ -472,6 +472,11 @@ class Trainer:
         if dist.get_world_size() != self.world_size:
             raise RuntimeError(f"WORLD_SIZE={self.world_size} but the process group has {dist.get_world_size()} ranks")
         self.check_output_dir_shared()
+        # Which checkpoints exist is rank 0's view, on every rank: a node whose listing of the shared folder lags
+        # (NFS caches directory entries) would resume another checkpoint, or pair other files in the checks below.
+        shared = [candidates]
+        dist.broadcast_object_list(shared, src=0)
+        candidates = shared[0]
         # Ranks of a sequence-parallel group work on the same samples: the loader, the noise and the
         # seeds follow the data-parallel index `layout.dp_rank`, not the global rank.
         self.layout = ParallelLayout.of(self.rank, self.world_size, config.distributed.sequence_parallel_size)
