@@ -9,7 +9,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
 from vidartrain.distributed.checkpointing import (
     COMPLETE_MARKER, LATEST_FILE, CheckpointRef, checkpoint_files, checkpoint_problems, complete_checkpoints,
-    file_digests, latest_complete, mark_complete, prune_checkpoints, recorded_run, resolve_resume,
+    file_digests, hashing_shares, latest_complete, mark_complete, prune_checkpoints, recorded_run, resolve_resume,
     sees_shared_marker, set_aside_checkpoints_after, tag_for_step, weights_only_loads)
 from vidartrain.config import load_config
 from vidartrain.errors import CheckpointError, ConfigError
@@ -145,6 +145,24 @@ def test_a_fresh_run_does_not_replace_an_earlier_runs_export(tmp_path, monkeypat
     with pytest.raises(ConfigError, match="would overwrite an earlier run's export"):
         Trainer(config, SimpleNamespace(name="vidar"), RunOptions(ds_config={}, output_dir=str(tmp_path / "run")))
     assert (tmp_path / "vidar.pt").read_bytes() == b"the demo's export"
+
+
+def test_every_file_any_rank_lists_is_hashed_once_by_a_rank_that_sees_it():
+    # 64 ranks on 8 nodes, 2 files each (as ZeRO-3 writes them); nodes 1-7 list the folder with a lag and see
+    # only their own node's files, node 0 sees all. Each rank hashing every 64th file of its own listing
+    # recorded 18 of the 128 files in COMPLETE.
+    written_by = {name: rank for rank in range(64) for name in (f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                                                                   f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")}
+    files = sorted(written_by)
+    listings = [files if rank < 8 else [name for name in files if written_by[name] // 8 == rank // 8]
+                for rank in range(64)]
+    assert len({name for rank in range(64) for name in listings[rank][rank::64]}) == 18
+    shares = hashing_shares(listings)
+    assert sorted(name for share in shares for name in share) == sorted(files)
+    assert all(name in listings[rank] for rank, share in enumerate(shares) for name in share)
+    assert max(map(len, shares)) <= 3  # still spread over the ranks (2 each at best)
+    same = hashing_shares([sorted(files)] * 64)
+    assert same == [sorted(files)[rank::64] for rank in range(64)]  # where every rank sees every file: as before
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -143,18 +143,25 @@ def as_rank_of(monkeypatch, rank: int, world_size: int) -> None:
     monkeypatch.setattr(base.Trainer, "check_output_dir_shared", lambda self: None)
 
 
+def stage_1_run(pre_encoded, tmp_path, world_size: int, resume: str | None = None) -> tuple:
+    """Trainer arguments of the tiny stage 1 on the 4 pre-encoded samples, over `world_size` ranks (cpu_debug's
+    micro-batch 1 x accumulation 2), into tmp_path/run."""
+    config = load_config(TINY_CONFIG, [
+        f"model.ckpt_dir={pre_encoded / 'ckpt'}", f"data.shards={pre_encoded / 'shards'}", "data.val_shards=null",
+        "training.val_every=0", "validation.every=0", f"training.batch_size={2 * world_size}",
+        f"output.save_path={tmp_path / 'vidar.pt'}"])
+    ds_config, _ = build_deepspeed_config(config, load_profile(CPU_PROFILE), world_size)
+    stage = VidarStage(config, read_data_info(config.data.shards))
+    return config, stage, RunOptions(ds_config=ds_config, output_dir=str(tmp_path / "run"), resume=resume)
+
+
 def test_too_few_samples_for_64_ranks_are_refused_before_any_model_is_built(pre_encoded, tmp_path, monkeypatch,
                                                                           nothing_may_be_built):
     # Rank 63 of 64 (no process group: its rank and world size are faked) on 4 samples. Found at the first
     # step, the shortage would cost building the model and the engine on 64 GPUs first.
     as_rank_of(monkeypatch, 63, 64)
-    config = load_config(TINY_CONFIG, [f"model.ckpt_dir={pre_encoded / 'ckpt'}", f"data.shards={pre_encoded / 'shards'}",
-                                       "data.val_shards=null", "training.val_every=0", "validation.every=0",
-                                       "training.batch_size=128", f"output.save_path={tmp_path / 'vidar.pt'}"])
-    ds_config, _ = build_deepspeed_config(config, load_profile(CPU_PROFILE), 64)
-    stage = VidarStage(config, read_data_info(config.data.shards))
     with pytest.raises(DataError, match="4 samples cannot fill one batch of 1 on each of 64 ranks"):
-        base.Trainer(config, stage, RunOptions(ds_config=ds_config, output_dir=str(tmp_path / "run")))
+        base.Trainer(*stage_1_run(pre_encoded, tmp_path, 64))
 
 
 def test_every_rank_resumes_the_checkpoint_rank_0_sees(pre_encoded, tmp_path, monkeypatch, nothing_may_be_built):
@@ -167,7 +174,8 @@ def test_every_rank_resumes_the_checkpoint_rank_0_sees(pre_encoded, tmp_path, mo
     rank_zeros_view = resume_candidates("auto", root)
     shutil.rmtree(root / tag_for_step(20))  # rank 3's view
     as_rank_of(monkeypatch, 3, 4)
-    monkeypatch.setattr(base.dist, "broadcast_object_list", lambda objects, src: objects.__setitem__(0, rank_zeros_view))
+    monkeypatch.setattr(base.dist, "broadcast_object_list",
+                        lambda objects, src: objects.__setitem__(0, rank_zeros_view))
     monkeypatch.setattr(base.Trainer, "checkpoint_problems", lambda self, path: [])
 
     class Resumes(Exception):
@@ -177,13 +185,8 @@ def test_every_rank_resumes_the_checkpoint_rank_0_sees(pre_encoded, tmp_path, mo
         raise Resumes(ref.tag)
 
     monkeypatch.setattr(base.Trainer, "check_resumable", check_resumable)
-    config = load_config(TINY_CONFIG, [f"model.ckpt_dir={pre_encoded / 'ckpt'}", f"data.shards={pre_encoded / 'shards'}",
-                                       "data.val_shards=null", "training.val_every=0", "validation.every=0",
-                                       "training.batch_size=8", f"output.save_path={tmp_path / 'vidar.pt'}"])
-    ds_config, _ = build_deepspeed_config(config, load_profile(CPU_PROFILE), 4)
-    stage = VidarStage(config, read_data_info(config.data.shards))
     with pytest.raises(Resumes, match=tag_for_step(20)):
-        base.Trainer(config, stage, RunOptions(ds_config=ds_config, output_dir=str(tmp_path / "run"), resume="auto"))
+        base.Trainer(*stage_1_run(pre_encoded, tmp_path, 4, resume="auto"))
 
 
 def test_one_gpu_profile_trains_with_the_optimizer_offloaded(pre_encoded, tmp_path):

@@ -150,6 +150,23 @@ def checkpoint_files(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
 
 
+def hashing_shares(listings: list[list[str]]) -> list[list[str]]:
+    """Every file that some rank lists (`checkpoint_files` on each rank), shared out among the ranks for
+    hashing: file i goes to the rank with the fewest files so far among those that list it, the first
+    from rank i mod world on (where all ranks see every file: rank r hashes files r, r + world, ...). A
+    rank always sees the files it wrote, but its listing of the others' may lag (NFS caches directory
+    entries): each rank hashing every world-th file of its own listing hashed some files twice and
+    left others out of COMPLETE, unverified."""
+    world_size = len(listings)
+    visible = [set(listing) for listing in listings]
+    shares: list[list[str]] = [[] for _ in listings]
+    for i, name in enumerate(sorted(set().union(*visible))):
+        seeing = [rank for rank in range(world_size) if name in visible[rank]]
+        owner = min(seeing, key=lambda rank: (len(shares[rank]), (rank - i) % world_size))
+        shares[owner].append(name)
+    return shares
+
+
 def file_digests(path: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """name -> {"size", "sha256"} of the files `names` of checkpoint folder `path`."""
     digests = {}

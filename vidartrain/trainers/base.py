@@ -92,9 +92,9 @@ from vidartrain.data.dataset import BadSampleLimitError, build_loader
 from vidartrain.data.shard_index import DataInfo
 from vidartrain.distributed.checkpointing import (
     SHARED_MARKER, CheckpointRef, checkpoint_files, checkpoint_problems, checkpoints_dir, file_digests, first_intact,
-    latest_complete, mark_complete, prune_checkpoints, recorded_run, remove_checkpoints, resume_candidates,
-    save_failure, saved_checkpoints, sees_shared_marker, set_aside_checkpoints_after, tag_for_step, weights_only_loads,
-    write_shared_marker)
+    hashing_shares, latest_complete, mark_complete, prune_checkpoints, recorded_run, remove_checkpoints,
+    resume_candidates, save_failure, saved_checkpoints, sees_shared_marker, set_aside_checkpoints_after, tag_for_step,
+    weights_only_loads, write_shared_marker)
 from vidartrain.distributed.ds_config import checkpointing_mode, fixed_by_checkpoint, offloads, precision_of
 from vidartrain.distributed.export import gather_state_dict
 from vidartrain.distributed.sequence_parallel import (ParallelLayout, SequenceParallel, apply_sequence_parallel,
@@ -837,8 +837,10 @@ class Trainer:
         except (OSError, RuntimeError) as err:
             raise save_failure(root / tag, err) from err
         dist.barrier()  # every rank's files are on disk before the checkpoint counts
-        # Every rank hashes its share of the files (the checkpoint folder is on storage all ranks see).
-        digests = file_digests(root / tag, checkpoint_files(root / tag)[self.rank::self.world_size])
+        # Every rank hashes its share of the files any rank lists (the folder is on storage all ranks see).
+        listings: list[list[str] | None] = [None] * self.world_size
+        dist.all_gather_object(listings, checkpoint_files(root / tag))
+        digests = file_digests(root / tag, hashing_shares(listings)[self.rank])
         gathered: list[dict[str, Any] | None] = [None] * self.world_size
         dist.all_gather_object(gathered, digests)
         if self.rank == 0:
