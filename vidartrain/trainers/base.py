@@ -482,11 +482,6 @@ class Trainer:
         self.layout = ParallelLayout.of(self.rank, self.world_size, config.distributed.sequence_parallel_size)
         self.validates = bool(config.training.val_every) and config.data.val_shards is not None
         self.val_samples = self.validation_sample_count() if self.validates else 0
-        # The loader before any model: too few samples for this many ranks is refused here (workers fork later).
-        self.micro_batch_size = self.ds_config["train_micro_batch_size_per_gpu"]
-        self.accumulation = self.ds_config["gradient_accumulation_steps"]
-        self.train_loader = stage.build_loader("train", self.micro_batch_size, self.layout.dp_rank,
-                                               self.layout.dp_size)
         self.check_sequence_parallel_groups_within_nodes()
         sequence_parallel_group = new_sequence_parallel_groups(self.layout)
         if self.replaces_earlier_run and self.rank == 0:
@@ -498,6 +493,12 @@ class Trainer:
             self.check_resumable(self.resume_from)
         if self.resume_from is not None and self.resume_from.universal:
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        # The loader before any model: too few samples for this many ranks is refused here (workers fork
+        # later); after the resume's check, which names every setting that changed (data.height among them).
+        self.micro_batch_size = self.ds_config["train_micro_batch_size_per_gpu"]
+        self.accumulation = self.ds_config["gradient_accumulation_steps"]
+        self.train_loader = stage.build_loader("train", self.micro_batch_size, self.layout.dp_rank,
+                                               self.layout.dp_size)
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
