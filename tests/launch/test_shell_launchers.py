@@ -80,7 +80,8 @@ def start_slurm_script(tmp_path):
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path),
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "VIDARTRAIN_VENV")}
+    env = {**inherited, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path),
            "SLURM_SUBMIT_DIR": str(REPO_ROOT), "SLURM_JOB_NODELIST": "node-[01-02]", "SLURM_NNODES": "2",
            "SLURM_JOB_ID": "4242"}
     script = subprocess.Popen(["bash", "launch/slurm_multi_node.sbatch"], cwd=REPO_ROOT, env=env,
@@ -99,7 +100,9 @@ def events(tmp_path) -> list[str]:
 
 def test_slurm_job_near_its_time_limit_stops_the_ranks_then_requeues_itself(tmp_path):
     script = start_slurm_script(tmp_path)
-    assert "--rdzv_endpoint node-01:29500" in (tmp_path / "srun_args").read_text()
+    # the job's own port (29500 + job id mod 1000), and the venv the setup script made
+    assert "--rdzv_endpoint node-01:29742" in (tmp_path / "srun_args").read_text()
+    assert (tmp_path / "srun_args").read_text().startswith(f"--kill-on-bad-exit=1 {REPO_ROOT / '.venv'}/bin/torchrun")
     assert "--resume auto" in (tmp_path / "srun_args").read_text()
     script.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends
     _, stderr = script.communicate(timeout=30)
