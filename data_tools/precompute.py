@@ -92,8 +92,8 @@ def dimensions_hint(option: str, given: dict | None) -> Iterator[None]:
         if given is not None:
             raise
         raise ArchitectureMismatch(f"{error}. Without {option} the converter builds the published model's "
-                              f"dimensions; for other ones (a tiny debug checkpoint) give them with {option} "
-                              f"(the training config's model.{option[2:].replace('-', '_')})") from error
+                                   f"dimensions; for other ones (a tiny debug checkpoint) give them with {option} "
+                                   f"(the training config's model.{option[2:].replace('-', '_')})") from error
 
 
 class Precomputer:
