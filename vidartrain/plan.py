@@ -36,7 +36,8 @@ from torch.utils._pytree import tree_flatten
 from vidartrain.config import Config, ConfigError, LoraConfig, load_config
 from vidartrain.distributed.ds_config import (build_deepspeed_config, checkpointing_mode, load_profile, offloads,
                                               precision_of, profile_world_size)
-from vidartrain.distributed.sequence_parallel import ParallelLayout, check_sequence_parallel_size, group_leaves_node
+from vidartrain.distributed.sequence_parallel import (ParallelLayout, check_sequence_parallel_size, divisors,
+                                                      group_leaves_node)
 from vidartrain.errors import reports_errors
 from vidartrain.models.idm import IDM
 from vidartrain.models.wan.checkpoint import CONFIG_FILE, constructor_defaults, read_model_config
@@ -311,10 +312,9 @@ def check_groups_within_nodes(sequence_parallel: int, world_size: int, gpu: Gpu)
     per_node = min(world_size, gpu.gpus_per_node)
     if any(group_leaves_node(ParallelLayout.of(rank, world_size, sequence_parallel), rank, rank % per_node, per_node)
            for rank in range(world_size)):
-        divisors = [d for d in range(1, per_node + 1) if per_node % d == 0]
         raise ConfigError(f"`distributed.sequence_parallel_size` = {sequence_parallel} on {world_size} {gpu.name}: "
                           f"groups of consecutive ranks would reach across nodes of {per_node} GPUs, whose "
-                          f"all-to-alls cross the network (the trainer refuses them); use one of {divisors}")
+                          f"all-to-alls cross the network (the trainer refuses them); use one of {divisors(per_node)}")
 
 
 def sample_layout(config: Config) -> tuple[int, int, str]:

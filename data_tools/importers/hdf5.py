@@ -35,9 +35,9 @@ def check_cameras(paths: list[Path], camera_dataset: str, cameras: tuple[str, ..
     by one. Files that do not open are passed over (each is skipped as its episode is imported)."""
     for path in paths:
         try:
-            with h5py.File(path, "r") as file:
+            with open_hdf5(path) as file:
                 present = cameras_in(file, camera_dataset)
-        except OSError:
+        except EpisodeError:
             continue
         missing = [camera for camera in cameras if camera not in present]
         if missing:

@@ -44,6 +44,11 @@ import torch.distributed as dist
 from vidartrain.errors import ConfigError
 
 
+def divisors(n: int) -> list[int]:
+    """The sizes that split `n` (heads, ranks of a node) evenly: what an error offers instead."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def check_sequence_parallel_size(size: int, world_size: int | None = None, num_heads: int | None = None) -> None:
     """Refuse an SP size that cannot split the world into groups or the heads across a group."""
     if size < 1:
@@ -52,9 +57,9 @@ def check_sequence_parallel_size(size: int, world_size: int | None = None, num_h
         raise ConfigError(f"`distributed.sequence_parallel_size` = {size} does not divide the world size "
                           f"{world_size}: ranks form groups of {size} consecutive ranks")
     if num_heads is not None and num_heads % size:
-        divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
         raise ConfigError(f"`distributed.sequence_parallel_size` = {size} does not divide the DiT's {num_heads} "
-                          f"attention heads (each rank attends with heads / SP of them); use one of {divisors}")
+                          f"attention heads (each rank attends with heads / SP of them); use one of "
+                          f"{divisors(num_heads)}")
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ from vidartrain.distributed.checkpointing import (
 from vidartrain.distributed.ds_config import checkpointing_mode, fixed_by_checkpoint, offloads, precision_of
 from vidartrain.distributed.export import gather_state_dict
 from vidartrain.distributed.sequence_parallel import (ParallelLayout, SequenceParallel, apply_sequence_parallel,
-                                                      group_leaves_node, new_sequence_parallel_groups)
+                                                      divisors, group_leaves_node, new_sequence_parallel_groups)
 from vidartrain.errors import CheckpointError, DataError
 from vidartrain.models.wan.lora import add_lora, export_lora
 from vidartrain.models.wan.model import WanModel
@@ -578,12 +578,11 @@ class Trainer:
                                device=self.device)
         dist.all_reduce(leaving)  # nodes may differ in size (a hostfile's slots): every rank learns the verdict
         if leaving.item() > 0:
-            divisors = [d for d in range(1, ranks_on_node + 1) if ranks_on_node % d == 0]
             raise ConfigError(f"`distributed.sequence_parallel_size` = {self.layout.sp_size}: {int(leaving.item())} "
                               f"of the {self.world_size} ranks are in groups of consecutive ranks that reach across "
                               f"nodes (this one has {ranks_on_node} ranks), whose all-to-alls in every self-attention "
                               f"would cross the network; use a size that divides the ranks per node, one of "
-                              f"{divisors}")
+                              f"{divisors(ranks_on_node)}")
 
     # ------------------------------------------------------------------------------------------
     # The loop
